@@ -1,0 +1,214 @@
+"""Headless ProxSparse: the same configuration as the app, from a shell.
+
+    python -m proxsparse_core learn --preset quick-demo --out runs/demo
+    python -m proxsparse_core eval --masks runs/demo --prompt "What is the capital of France?"
+    python -m proxsparse_core presets
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+from dataclasses import fields
+from pathlib import Path
+
+from .config import PRESETS, RunConfig
+from .errors import UserError
+
+EXIT_USAGE = 2
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one clear line and exit code 2, as for every bad input
+        self.exit(EXIT_USAGE, f"error: {message} (see --help)\n")
+
+
+def _add_config_flags(p: argparse.ArgumentParser, only: set[str] | None = None):
+    for f in fields(RunConfig):
+        if only is not None and f.name not in only:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        default = f.default
+        if isinstance(default, bool):
+            p.add_argument(flag, action="store_true", default=argparse.SUPPRESS,
+                           help=f.metadata["help"])
+        else:
+            p.add_argument(flag, type=type(default), default=argparse.SUPPRESS, metavar=f.name.upper(),
+                           help=f"{f.metadata['help']} (default: {default})")
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    cfg = RunConfig()
+    if getattr(args, "recipe", None):
+        from .artifacts import load_recipe
+        cfg = load_recipe(args.recipe)
+    if getattr(args, "preset", None):
+        cfg = cfg.with_preset(args.preset)
+    given = {f.name: getattr(args, f.name) for f in fields(RunConfig) if hasattr(args, f.name)}
+    cfg = RunConfig(**{**cfg.to_dict(), **given})
+    return cfg.validate()
+
+
+def _bar(done: int, total: int, width: int = 24) -> str:
+    k = int(width * done / max(total, 1))
+    return "[" + "#" * k + "." * (width - k) + "]"
+
+
+def _out_folder(path: str | None, overwrite: bool) -> Path:
+    out = Path(path) if path else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+        raise UserError(f"output folder {str(out)!r} exists and is not empty; "
+                        f"pick another --out or pass --overwrite")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create output folder {str(out)!r}: {exc.strerror}") from exc
+    return out
+
+
+def _print_compare(ws, names, prompt, max_new_tokens):
+    from .evaluate import GenerationSettings
+    s = GenerationSettings(max_new_tokens=max_new_tokens)
+    for n in names:
+        print(f"--- {n}: {ws.generate(n, prompt, s)!r}")
+
+
+def cmd_learn(args) -> int:
+    from .artifacts import save_events, save_json, save_masks, save_recipe
+    from .workspace import DENSE, Workspace
+
+    cfg = config_from_args(args)
+    out = _out_folder(args.out, args.overwrite)
+    ws = Workspace()
+    print(f"loading {cfg.model} …", flush=True)
+    lm = ws.load(cfg)
+    print(lm.describe())
+    print(f"data: {ws.data.source}: {ws.data.calibration.shape[0]} calibration samples × {cfg.ctx} tokens, "
+          f"{ws.data.held_out.shape[0]} held-out windows × {cfg.eval_ctx} tokens")
+    print(f"λ1={cfg.lambda1} (not scaled by lr)  λ2={cfg.lambda2}  ε={cfg.eps}  lr={cfg.lr}  "
+          f"steps={cfg.steps}  batch={cfg.batch}  seed={cfg.seed}", flush=True)
+    stop = threading.Event()
+
+    def on_sigint(signum, frame):
+        print("\nstopping after this step … (Ctrl-C again to abort)", flush=True)
+        stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous = signal.signal(signal.SIGINT, on_sigint)
+
+    def on_event(ev):
+        print(f"{_bar(ev.step, ev.total_steps)} {ev.line()}", flush=True)
+    try:
+        result = ws.learn(cfg, on_event, stop)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    print(result.message)
+    save_events(out / "events.jsonl", result.events)
+    if result.steps_done == 0:
+        print("no step finished: no mask to save", file=sys.stderr)
+        return 1
+    save_masks(out / "masks.npz", result.masks)
+    save_recipe(out, cfg)
+    check = ws.verify("proxsparse")
+    print(check)
+    metrics = {"status": result.status, "message": result.message, "steps": result.steps_done,
+               "learned_share_24": result.learned_share_24, "verification": str(check),
+               "verified": check.ok, "model": lm.describe(), "data": ws.data.source,
+               "calibration_tokens": int(ws.data.calibration.numel()),
+               "held_out_tokens": int(ws.data.held_out.numel())}
+    if not args.no_eval:
+        metrics["perplexity"] = {DENSE: ws.perplexity(DENSE), "proxsparse": ws.perplexity("proxsparse")}
+        print("held-out perplexity: " + "  ".join(f"{k} {v:.3f}" for k, v in metrics["perplexity"].items()))
+    if args.prompt:
+        _print_compare(ws, [DENSE, "proxsparse"], args.prompt, args.max_new_tokens)
+    save_json(out / "metrics.json", metrics)
+    print(f"wrote {out}/: masks.npz recipe.json metrics.json events.jsonl")
+    return 0 if check.ok else 1
+
+
+def cmd_eval(args) -> int:
+    from .artifacts import load_masks
+    from .workspace import DENSE, Pruning, Workspace
+
+    cfg = config_from_args(args)
+    ws = Workspace()
+    lm = ws.load(cfg)
+    print(lm.describe())
+    names = [DENSE]
+    if args.masks:
+        masks = load_masks(args.masks)
+        missing = set(lm.prunable.names) ^ set(masks)
+        if missing:
+            raise UserError(f"the masks do not match this model ({len(missing)} layers differ, "
+                            f"e.g. {sorted(missing)[0]})")
+        ws.add_result("pruned", Pruning("masks", masks))
+        names.append("pruned")
+        print(ws.verify("pruned"))
+    result = {}
+    if not args.no_eval:
+        for n in names:
+            result[n] = ws.perplexity(n)
+        print("held-out perplexity: " + "  ".join(f"{k} {v:.3f}" for k, v in result.items()))
+    if args.prompt:
+        _print_compare(ws, names, args.prompt, args.max_new_tokens)
+    if args.json:
+        print(json.dumps({"perplexity": result}))
+    return 0
+
+
+def cmd_presets(args) -> int:
+    for name, p in PRESETS.items():
+        s = p["settings"]
+        print(f"{name:18s} {s['model']:36s} λ1={s['lambda1']:<5} λ2={s.get('lambda2', 0):<5} "
+              f"lr={s['lr']:<7} steps={s['steps']:<4} ctx={s['ctx']:<5} {p['note']}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m proxsparse_core",
+                description="Learn 2:4 semi-structured sparsity masks for causal LMs (ProxSparse).")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    learn = sub.add_parser("learn", help="learn a 2:4 mask with ProxSparse",
+                           description="Learn a 2:4 mask. Flags override the preset, which overrides "
+                                       "the recipe, which overrides the defaults.")
+    learn.add_argument("--preset", choices=None, metavar="NAME",
+                       help=f"published or demo settings: {', '.join(PRESETS)}")
+    learn.add_argument("--recipe", metavar="PATH", help="recipe.json (or its run folder) to reproduce")
+    _add_config_flags(learn)
+    learn.add_argument("--out", metavar="DIR", help="run folder (default runs/<time>)")
+    learn.add_argument("--overwrite", action="store_true", help="allow a non-empty --out folder")
+    learn.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
+    learn.add_argument("--prompt", help="also compare dense and pruned generations for this prompt")
+    learn.add_argument("--max-new-tokens", type=int, default=48)
+    learn.set_defaults(func=cmd_learn)
+
+    ev = sub.add_parser("eval", help="perplexity and generation of a dense or pruned model")
+    ev.add_argument("--masks", metavar="PATH", help="a run folder or masks.npz to apply to the model")
+    ev.add_argument("--recipe", metavar="PATH", help="take model and data settings from a recipe")
+    ev.add_argument("--preset", metavar="NAME", help=argparse.SUPPRESS)
+    _add_config_flags(ev, {"model", "device", "dtype", "trust_remote_code", "device_map", "data",
+                           "data_field", "eval_ctx", "eval_windows", "seed"})
+    ev.add_argument("--prompt", help="generate from this prompt with each model (greedy)")
+    ev.add_argument("--max-new-tokens", type=int, default=48)
+    ev.add_argument("--no-eval", action="store_true", help="skip perplexity")
+    ev.add_argument("--json", action="store_true", help="print the perplexities as JSON too")
+    ev.set_defaults(func=cmd_eval)
+
+    pr = sub.add_parser("presets", help="list the presets")
+    pr.set_defaults(func=cmd_presets)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("aborted", file=sys.stderr)
+        return 130

@@ -1,0 +1,154 @@
+"""The run configuration shared by the CLI, the app and the recipe file, and the presets.
+
+One flat dataclass: every field is a CLI flag (``--lambda1``), a widget in the app, and a key
+in ``recipe.json``, so a recipe reproduces a run exactly.
+"""
+from __future__ import annotations
+
+import math
+import shlex
+from dataclasses import asdict, dataclass, field, fields
+
+from .errors import UserError
+from .models import BUNDLED
+
+
+def _f(default, help, **kw):
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class RunConfig:
+    # model
+    model: str = _f(BUNDLED, "bundled:smollm2-135m, a Hugging Face id, or a local folder")
+    device: str = _f("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
+    dtype: str = _f("auto", "auto (bf16 on GPUs that support it, else fp32), float32, bfloat16, float16")
+    trust_remote_code: bool = _f(False, "allow a model's own Python code (only for authors you trust)")
+    device_map: str = _f("", "'auto' spreads a model too large for one GPU over all GPUs (accelerate)")
+    # data
+    data: str = _f("builtin", "builtin, a .txt/.jsonl file, or hf:NAME[:CONFIG[:SPLIT[:FIELD]]]")
+    data_field: str = _f("text", "the text field of a .jsonl file or HF dataset")
+    samples: int = _f(64, "calibration samples (each one context long)")
+    ctx: int = _f(128, "context length of a calibration sample, in tokens")
+    eval_ctx: int = _f(256, "context length of a held-out perplexity window")
+    eval_windows: int = _f(40, "held-out windows for perplexity (0 = all)")
+    # method (SPEC §1)
+    lambda1: float = _f(2.0, "2:4 regulariser strength λ1 (used as is, NOT multiplied by the learning rate)")
+    lambda2: float = _f(0.0, "frozen-weight regulariser strength λ2 (0 = off)")
+    eps: float = _f(0.5, "ε in the λ2 term W·(W−W0)/(|W0|+ε)")
+    lr: float = _f(1e-4, "AdamW learning rate (linear warm-up, then constant)")
+    steps: int = _f(30, "optimizer steps (each followed by the prox)")
+    batch: int = _f(1, "calibration samples per step")
+    warmup: float = _f(0.1, "share of steps with linear learning-rate warm-up")
+    seed: int = _f(0, "seed for sampling and any randomness")
+    # engineering
+    grad_ckpt: bool = _f(False, "gradient checkpointing (less memory, ~30% slower)")
+    train_all: bool = _f(False, "train every parameter, not only the prunable weights")
+    w0_offload: bool = _f(False, "keep the λ2 copy of W0 in CPU memory instead of on the GPU")
+    layer_stats_every: int = _f(5, "emit per-layer 2:4 shares every N steps")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise UserError(f"unknown setting(s) in recipe: {', '.join(sorted(unknown))}")
+        cfg = cls(**{k: v for k, v in d.items() if k in names})
+        cfg.validate()
+        return cfg
+
+    def with_preset(self, name: str) -> "RunConfig":
+        if name not in PRESETS:
+            raise UserError(f"unknown preset {name!r}; choose from: {', '.join(PRESETS)}")
+        d = self.to_dict()
+        d.update(PRESETS[name]["settings"])
+        return RunConfig(**d)
+
+    def validate(self, max_positions: int | None = None) -> "RunConfig":
+        """Raise UserError with one clear line for the first bad value."""
+        def num(name, lo=None, hi=None, lo_open=False):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+                raise UserError(f"{name} must be a finite number, got {v!r}")
+            if lo is not None and (v <= lo if lo_open else v < lo):
+                raise UserError(f"{name} must be {'>' if lo_open else '≥'} {lo}, got {v}")
+            if hi is not None and v > hi:
+                raise UserError(f"{name} = {v} is out of range (at most {hi})")
+
+        def integer(name, lo, hi):
+            v = getattr(self, name)
+            if isinstance(v, float) and v.is_integer():
+                setattr(self, name, int(v))
+                v = int(v)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise UserError(f"{name} must be a whole number, got {v!r}")
+            if not lo <= v <= hi:
+                raise UserError(f"{name} must be between {lo} and {hi}, got {v}")
+
+        num("lambda1", 0, 1e4)
+        num("lambda2", 0, 1e4)
+        num("eps", 0, 1e3, lo_open=True)
+        num("lr", 0, 1.0, lo_open=True)
+        num("warmup", 0, 0.99)
+        integer("steps", 1, 1_000_000)
+        integer("batch", 1, 4096)
+        integer("samples", 1, 1_000_000)
+        integer("ctx", 8, 1_048_576)
+        integer("eval_ctx", 8, 1_048_576)
+        integer("eval_windows", 0, 1_000_000)
+        integer("seed", 0, 2**32 - 1)
+        integer("layer_stats_every", 1, 1_000_000)
+        if self.batch > self.samples:
+            raise UserError(f"batch ({self.batch}) cannot exceed the number of samples ({self.samples})")
+        if max_positions:
+            for name in ("ctx", "eval_ctx"):
+                if getattr(self, name) > max_positions:
+                    raise UserError(f"{name} = {getattr(self, name)} is longer than the model "
+                                    f"allows ({max_positions} tokens)")
+        if self.device_map not in ("", "auto"):
+            raise UserError("device_map must be empty or 'auto'")
+        return self
+
+    def cli_command(self, verb: str = "learn") -> str:
+        """The CLI command that reproduces this configuration (non-default values only)."""
+        default = RunConfig()
+        parts = ["python", "-m", "proxsparse_core", verb]
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v == getattr(default, f.name):
+                continue
+            flag = "--" + f.name.replace("_", "-")
+            if isinstance(v, bool):
+                parts.append(flag)
+            else:
+                parts += [flag, str(v)]
+        return shlex.join(parts)
+
+
+def _preset(model, note, **settings):
+    return {"note": note, "settings": {"model": model, **settings}}
+
+
+_PAPER = dict(samples=400, ctx=4096, steps=400, batch=1, warmup=0.1, grad_ckpt=True)
+
+PRESETS: dict[str, dict] = {
+    "quick-demo": _preset(BUNDLED, "bundled SmolLM2-135M; about two minutes on a 2-core CPU",
+                          samples=64, ctx=128, steps=30, batch=1, lambda1=2.0, lambda2=0.0, lr=1e-4),
+    "llama-2-7b": _preset("meta-llama/Llama-2-7b-hf", "paper: λ1=0.25, lr=1e-4",
+                          lambda1=0.25, lambda2=0.0, lr=1e-4, **_PAPER),
+    "llama-2-13b": _preset("meta-llama/Llama-2-13b-hf", "paper: λ1=0.5, λ2=0.25, ε=0.5, lr=1e-4",
+                           lambda1=0.5, lambda2=0.25, eps=0.5, lr=1e-4, **_PAPER),
+    "llama-3.1-8b": _preset("meta-llama/Llama-3.1-8B", "paper: λ1=0.85, lr=5e-5",
+                            lambda1=0.85, lambda2=0.0, lr=5e-5, **_PAPER),
+    "mistral-7b-v0.1": _preset("mistralai/Mistral-7B-v0.1", "paper: λ1=20, lr=5e-5",
+                               lambda1=20.0, lambda2=0.0, lr=5e-5, **_PAPER),
+    "mistral-7b-v0.3": _preset("mistralai/Mistral-7B-v0.3", "paper: λ1=25, lr=5e-5",
+                               lambda1=25.0, lambda2=0.0, lr=5e-5, **_PAPER),
+    "openllama-v2-7b": _preset("openlm-research/open_llama_7b_v2", "paper: λ1=1.0, lr=1e-4, ctx 2048",
+                               lambda1=1.0, lambda2=0.0, lr=1e-4, **{**_PAPER, "ctx": 2048}),
+    "qwen2.5-14b": _preset("Qwen/Qwen2.5-14B", "paper: λ1=0.2, lr=1e-4",
+                           lambda1=0.2, lambda2=0.0, lr=1e-4, **_PAPER),
+}

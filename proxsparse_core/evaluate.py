@@ -1,0 +1,113 @@
+"""Evaluation: perplexity on held-out windows and text generation (SPEC §3)."""
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+
+@torch.no_grad()
+def perplexity(model, windows: torch.Tensor, batch: int = 4,
+               progress: Callable[[int, int], None] | None = None,
+               stop: threading.Event | None = None) -> float:
+    """exp(mean next-token NLL) over non-overlapping windows ([n, ctx] token ids). Every method
+    compared gets the same windows, so the numbers are comparable."""
+    device = model.get_input_embeddings().weight.device
+    nll, count = 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        for i in range(0, windows.shape[0], batch):
+            if stop is not None and stop.is_set():
+                raise InterruptedError("perplexity stopped by the user")
+            x = windows[i:i + batch].to(device)
+            logits = model(input_ids=x).logits.float()
+            loss = torch.nn.functional.cross_entropy(
+                logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
+            nll += float(loss)
+            count += x[:, 1:].numel()
+            if progress:
+                progress(min(i + batch, windows.shape[0]), windows.shape[0])
+    finally:
+        model.train(was_training)
+    return math.exp(nll / count)
+
+
+@dataclass
+class GenerationSettings:
+    max_new_tokens: int = 64
+    do_sample: bool = False       # greedy by default
+    temperature: float = 0.7
+    top_p: float = 0.9
+    seed: int = 0
+    chat: bool = True             # wrap the prompt in the tokenizer's chat template when it has one
+
+
+def _encode(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
+    if chat and getattr(tokenizer, "chat_template", None):
+        enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+                                            add_generation_prompt=True, return_tensors="pt")
+        return enc if torch.is_tensor(enc) else enc["input_ids"]
+    return tokenizer(prompt, return_tensors="pt")["input_ids"]
+
+
+def _gen_kwargs(tokenizer, s: GenerationSettings) -> dict:
+    kw = dict(max_new_tokens=s.max_new_tokens, do_sample=s.do_sample,
+              pad_token_id=tokenizer.pad_token_id)
+    if s.do_sample:
+        kw.update(temperature=s.temperature, top_p=s.top_p)
+    else:
+        kw.update(temperature=None, top_p=None, top_k=None)
+    return kw
+
+
+@torch.no_grad()
+def generate(model, tokenizer, prompt: str, settings: GenerationSettings | None = None) -> str:
+    s = settings or GenerationSettings()
+    ids = _encode(tokenizer, prompt, s.chat).to(model.get_input_embeddings().weight.device)
+    torch.manual_seed(s.seed)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), **_gen_kwargs(tokenizer, s))
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+
+
+def generate_stream(model, tokenizer, prompt: str,
+                    settings: GenerationSettings | None = None) -> Iterator[str]:
+    """Yield the growing completion as tokens arrive (generation runs in a thread)."""
+    from transformers import TextIteratorStreamer
+
+    s = settings or GenerationSettings()
+    ids = _encode(tokenizer, prompt, s.chat).to(model.get_input_embeddings().weight.device)
+    streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
+    errors: list[BaseException] = []
+
+    def work():
+        try:
+            torch.manual_seed(s.seed)
+            with torch.no_grad():
+                model.generate(ids, attention_mask=torch.ones_like(ids), streamer=streamer,
+                               **_gen_kwargs(tokenizer, s))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+            errors.append(exc)
+            streamer.end()
+
+    t = threading.Thread(target=work, daemon=True)
+    t.start()
+    text = ""
+    for piece in streamer:
+        text += piece
+        yield text
+    t.join()
+    if errors:
+        raise errors[0]
+
+
+def first_divergence(a: str, b: str) -> int:
+    """Index of the first character where two texts differ (len of the shorter if one is a prefix)."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n if len(a) != len(b) else -1

@@ -1,0 +1,228 @@
+"""The ProxSparse learner: proximal gradient on the causal-LM loss (SPEC §1).
+
+Each step: LM loss (+ λ2 frozen-weight term) → backward → AdamW step (linear warm-up) → the 2:4
+prox with λ1 on every prunable weight. After the last step the mask is the top-2 |W| of every
+group. The learner emits one plain `StepEvent` per step (the UI plots them, the CLI prints them),
+stops cleanly between steps when asked, and always gives back a mask from the last good state.
+The model's weights are restored to W0 when it returns, so the caller still holds the dense model.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from .config import RunConfig
+from .masks import extract_masks, load_weights, nnz_histogram, snapshot
+from .prox import prox_2to4_
+
+
+@dataclass
+class StepEvent:
+    step: int
+    total_steps: int
+    lm_loss: float
+    l2_term: float              # λ2 · L2 (0 when λ2 is off)
+    loss: float
+    lr: float
+    share_24: float             # share of prunable groups with ≤ 2 non-zeros
+    nnz_hist: list[int]         # groups with 0, 1, 2, 3, 4 non-zeros
+    layer_share: list[float] | None  # per prunable layer (order of LearnResult.layer_names), every N steps
+    t_fwd_bwd: float
+    t_opt: float
+    t_prox: float
+    t_step: float
+    tokens_per_s: float
+    mem_bytes: int              # peak device memory (CUDA) or resident memory (CPU)
+    elapsed: float
+    eta: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def line(self) -> str:
+        return (f"step {self.step}/{self.total_steps}  loss {self.lm_loss:.4f}"
+                + (f" + λ2·L2 {self.l2_term:.4f}" if self.l2_term else "")
+                + f"  2:4 {100 * self.share_24:5.1f}%  nnz/group {self.nnz_hist}"
+                + f"  fwd+bwd {self.t_fwd_bwd:.2f}s opt {self.t_opt:.2f}s prox {self.t_prox:.2f}s"
+                + f"  {self.tokens_per_s:.0f} tok/s  mem {self.mem_bytes / 2**30:.2f} GiB"
+                + f"  eta {self.eta:.0f}s")
+
+
+@dataclass
+class LearnResult:
+    status: str                  # "finished", "stopped" or "failed"
+    message: str
+    steps_done: int
+    masks: dict                  # name → bool mask (CPU), from the last good learned state
+    layer_names: list[str]
+    events: list[StepEvent] = field(default_factory=list)
+    learned_share_24: float = 0.0  # share of groups already 2:4 in the learned weights
+
+
+def memory_in_use(device: str) -> int:
+    if str(device).startswith("cuda") and torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    try:
+        with open("/proc/self/statm") as f:
+            import os
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
+
+
+def _sync(device: str):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+@torch.no_grad()
+def frozen_weight_term_(weights: dict, w0: dict, lam2: float, eps: float) -> float:
+    """λ2 · Σ (W·(W−W0)/(|W0|+ε))², with its gradient added to W.grad analytically (no autograd
+    graph, and W0 may live on another device: it is moved one matrix at a time)."""
+    total = 0.0
+    for n, w in weights.items():
+        ref = w0[n].to(w.device, torch.float32, non_blocking=True)
+        wf = w.detach().float()
+        d = ref.abs().add_(eps)
+        u = wf * (wf - ref) / d
+        total += float((u * u).sum())
+        g = (2 * lam2) * u * (2 * wf - ref) / d
+        if w.grad is None:
+            w.grad = g.to(w.dtype)
+        else:
+            w.grad.add_(g.to(w.grad.dtype))
+    return lam2 * total
+
+
+class ProxSparseLearner:
+    """Learns a 2:4 mask for `lm` (a models.LoadedModel) from calibration samples."""
+
+    def __init__(self, lm, cfg: RunConfig, samples: torch.Tensor,
+                 on_event: Callable[[StepEvent], None] | None = None,
+                 stop: threading.Event | None = None):
+        self.lm, self.cfg, self.samples = lm, cfg, samples
+        self.on_event = on_event or (lambda e: None)
+        self.stop = stop or threading.Event()
+        self.names = list(lm.prunable.names)
+
+    def _input_device(self):
+        return self.lm.model.get_input_embeddings().weight.device
+
+    def run(self) -> LearnResult:
+        cfg, model, prunable = self.cfg, self.lm.model, self.lm.prunable
+        device = str(self._input_device())
+        torch.manual_seed(cfg.seed)
+        weights = prunable.weights()
+        originals = snapshot(prunable)                      # W0, on the CPU
+        w0 = None
+        if cfg.lambda2 > 0:
+            w0 = originals if cfg.w0_offload else {n: originals[n].to(weights[n].device) for n in self.names}
+        saved_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        prunable_ids = {id(w) for w in weights.values()}
+        for p in model.parameters():
+            p.requires_grad_(cfg.train_all or id(p) in prunable_ids)
+        params = [p for p in model.parameters() if p.requires_grad]
+        # with train_all, the other trained parameters are restored too (the pruned model is W0*mask)
+        others = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()
+                  if p.requires_grad and id(p) not in prunable_ids}
+        if cfg.grad_ckpt:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        use_cache = getattr(model.config, "use_cache", None)
+        model.config.use_cache = False
+        fused = device.startswith("cuda")
+        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, fused=fused)
+        warm = max(1, int(round(cfg.warmup * cfg.steps)))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        order = torch.randperm(self.samples.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
+        if device.startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+        total_groups = sum(w.numel() // 4 for w in weights.values())
+        events: list[StepEvent] = []
+        status, message, done = "finished", f"finished {cfg.steps} steps", 0
+        t_start = time.perf_counter()
+        model.train()
+        try:
+            for step in range(1, cfg.steps + 1):
+                if self.stop.is_set():
+                    status, message = "stopped", f"stopped by the user after {done} steps"
+                    break
+                t0 = time.perf_counter()
+                pos = ((step - 1) * cfg.batch + torch.arange(cfg.batch)) % self.samples.shape[0]
+                batch = self.samples[order[pos]].to(device)
+                lm_loss = model(input_ids=batch, labels=batch).loss
+                if not torch.isfinite(lm_loss):
+                    status = "failed"
+                    message = (f"the loss became {float(lm_loss.detach())} at step {step}: the run stopped and "
+                               f"kept the state after step {done}. Lower the learning rate or λ.")
+                    break
+                lm_loss.backward()
+                _sync(device)
+                t1 = time.perf_counter()
+                l2 = frozen_weight_term_(weights, w0, cfg.lambda2, cfg.eps) if w0 is not None else 0.0
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                _sync(device)
+                t2 = time.perf_counter()
+                hist = torch.zeros(5, dtype=torch.long)
+                want_layers = step % cfg.layer_stats_every == 0 or step == cfg.steps
+                layer_share = [] if want_layers else None
+                with torch.no_grad():
+                    for n in self.names:
+                        prox_2to4_(weights[n], cfg.lambda1)
+                    _sync(device)
+                    t3 = time.perf_counter()
+                    for n in self.names:
+                        h = nnz_histogram(weights[n]).cpu()
+                        hist += h
+                        if want_layers:
+                            layer_share.append(float(h[:3].sum()) / max(1, int(h.sum())))
+                done = step
+                t_step = time.perf_counter() - t0
+                elapsed = time.perf_counter() - t_start
+                lm_val = float(lm_loss.detach())
+                ev = StepEvent(
+                    step=step, total_steps=cfg.steps, lm_loss=lm_val, l2_term=l2, loss=lm_val + l2,
+                    lr=sched.get_last_lr()[0], share_24=float(hist[:3].sum()) / max(1, total_groups),
+                    nnz_hist=hist.tolist(), layer_share=layer_share,
+                    t_fwd_bwd=t1 - t0, t_opt=t2 - t1, t_prox=t3 - t2, t_step=t_step,
+                    tokens_per_s=batch.numel() / max(t_step, 1e-9),
+                    mem_bytes=memory_in_use(device), elapsed=elapsed,
+                    eta=elapsed / step * (cfg.steps - step))
+                events.append(ev)
+                self.on_event(ev)
+        except torch.OutOfMemoryError:
+            status = "failed"
+            message = (f"out of memory at step {done + 1}: lower ctx or batch, turn on gradient "
+                       f"checkpointing, keep W0 on the CPU (w0_offload) or turn λ2 off. "
+                       f"The state after step {done} was kept.")
+        finally:
+            opt.zero_grad(set_to_none=True)
+            del opt
+            model.eval()
+            if cfg.grad_ckpt:
+                model.gradient_checkpointing_disable()
+            model.config.use_cache = use_cache
+            for n, p in model.named_parameters():
+                p.requires_grad_(saved_grad.get(n, True))
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+        with torch.no_grad():
+            for w in weights.values():   # a diverged weight must not poison the mask ranking
+                torch.nan_to_num_(w.data, nan=0.0, posinf=0.0, neginf=0.0)
+            learned_hist = sum(nnz_histogram(w).cpu() for w in weights.values())
+            masks = extract_masks(prunable)
+            load_weights(prunable, originals)   # back to the dense W0
+            if others:
+                named = dict(model.named_parameters())
+                for n, v in others.items():
+                    named[n].data.copy_(v)
+        share = float(learned_hist[:3].sum()) / max(1, total_groups)
+        if status == "finished":
+            message = f"finished {done} steps; {100 * share:.1f}% of groups were already 2:4"
+        return LearnResult(status, message, done, masks, self.names, events, share)

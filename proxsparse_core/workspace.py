@@ -1,0 +1,123 @@
+"""A workspace holds one loaded model, its data, and every pruning result made from it.
+
+It is the single entry point the CLI and the app share: load → learn (or a one-shot method) →
+evaluate / generate / verify → save. The model always rests with its dense weights W0; a pruned
+variant is swapped in only while it is evaluated.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from .config import RunConfig
+from .data import Data, prepare_data
+from .errors import UserError
+from .evaluate import GenerationSettings, generate, generate_stream, perplexity
+from .learner import LearnResult, ProxSparseLearner
+from .masks import Verification, pruned_weights, snapshot, swapped, verify
+from .models import LoadedModel, load_model
+
+DENSE = "dense"
+
+
+@dataclass
+class Pruning:
+    """One 2:4 result: masks, and updated weights only for methods that change weights."""
+    method: str
+    masks: dict
+    weights: dict | None = None
+    info: dict = field(default_factory=dict)
+
+
+class Workspace:
+    def __init__(self):
+        self.lm: LoadedModel | None = None
+        self.data: Data | None = None
+        self.originals: dict | None = None       # W0 of the prunable layers, on the CPU
+        self.results: dict[str, Pruning] = {}
+        self.ppl: dict[str, float] = {}
+        self._model_key = None
+        self._data_key = None
+        self.lock = threading.RLock()            # one heavy job at a time on this model
+
+    # ------------------------------------------------------------------ loading
+    def load(self, cfg: RunConfig) -> LoadedModel:
+        key = (cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code, cfg.device_map)
+        if self.lm is None or key != self._model_key:
+            self.lm = None
+            self.results, self.ppl, self.data, self._data_key = {}, {}, None, None
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            self.lm = load_model(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code,
+                                 cfg.device_map or None)
+            self.originals = snapshot(self.lm.prunable)
+            self._model_key = key
+        cfg.validate(self.lm.max_positions)
+        dkey = (cfg.data, cfg.data_field, cfg.samples, cfg.ctx, cfg.seed, cfg.eval_ctx, cfg.eval_windows)
+        if self.data is None or dkey != self._data_key:
+            self.data = prepare_data(self.lm.tokenizer, cfg.data, cfg.samples, cfg.ctx, cfg.seed,
+                                     cfg.eval_ctx, cfg.eval_windows or None, cfg.data_field)
+            self.ppl = {}
+            self._data_key = dkey
+        return self.lm
+
+    def _need(self):
+        if self.lm is None or self.data is None:
+            raise UserError("load a model first")
+
+    # ------------------------------------------------------------------ pruning
+    def learn(self, cfg: RunConfig, on_event=None, stop: threading.Event | None = None,
+              name: str = "proxsparse") -> LearnResult:
+        self.load(cfg)
+        with self.lock:
+            result = ProxSparseLearner(self.lm, cfg, self.data.calibration, on_event, stop).run()
+        if result.steps_done > 0:
+            self.results[name] = Pruning("proxsparse", result.masks, None,
+                                         {"status": result.status, "steps": result.steps_done,
+                                          "message": result.message, "config": cfg.to_dict()})
+            self.ppl.pop(name, None)
+        return result
+
+    def add_result(self, name: str, pruning: Pruning):
+        self.results[name] = pruning
+        self.ppl.pop(name, None)
+
+    def weights_of(self, name: str) -> dict:
+        r = self.results.get(name)
+        if r is None:
+            raise UserError(f"no pruning result named {name!r} yet")
+        return r.weights if r.weights is not None else pruned_weights(self.originals, r.masks)
+
+    def variant(self, name: str):
+        """Context manager: the model with `name`'s weights ('dense' = unchanged)."""
+        self._need()
+        if name == DENSE:
+            from contextlib import nullcontext
+            return nullcontext()
+        return swapped(self.lm.prunable, self.weights_of(name), self.originals)
+
+    # ------------------------------------------------------------------ evaluation
+    def perplexity(self, name: str = DENSE, progress=None, stop=None) -> float:
+        self._need()
+        if name not in self.ppl:
+            with self.lock, self.variant(name):
+                self.ppl[name] = perplexity(self.lm.model, self.data.held_out, progress=progress, stop=stop)
+        return self.ppl[name]
+
+    def verify(self, name: str) -> Verification:
+        self._need()
+        r = self.results[name]
+        with self.lock, self.variant(name):
+            return verify(self.lm.prunable, r.masks, self.originals, updated_ok=r.weights is not None)
+
+    def generate(self, name: str, prompt: str, settings: GenerationSettings | None = None) -> str:
+        self._need()
+        with self.lock, self.variant(name):
+            return generate(self.lm.model, self.lm.tokenizer, prompt, settings)
+
+    def generate_stream(self, name: str, prompt: str, settings: GenerationSettings | None = None):
+        self._need()
+        with self.lock, self.variant(name):
+            yield from generate_stream(self.lm.model, self.lm.tokenizer, prompt, settings)
