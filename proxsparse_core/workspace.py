@@ -80,6 +80,19 @@ class Workspace:
             self.ppl.pop(name, None)
         return result
 
+    def prune(self, method: str, cfg: RunConfig, progress=None, stop: threading.Event | None = None) -> Pruning:
+        """A one-shot baseline (baselines.METHODS) on this workspace's calibration samples,
+        stored as `results[method]`."""
+        from .baselines import METHODS
+        if method not in METHODS:
+            raise UserError(f"unknown pruning method {method!r}; choose from: {', '.join(METHODS)}")
+        self.load(cfg)
+        with self.lock:
+            pruning = METHODS[method](self.lm, self.data.calibration, progress, stop)
+        pruning.info["config"] = cfg.to_dict()
+        self.add_result(method, pruning)
+        return pruning
+
     def add_result(self, name: str, pruning: Pruning):
         self.results[name] = pruning
         self.ppl.pop(name, None)

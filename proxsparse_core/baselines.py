@@ -1,0 +1,213 @@
+"""One-shot 2:4 baselines that ProxSparse is compared with (SPEC §2).
+
+Every method has the same signature, ``prune_<method>(lm, calibration, progress=None, stop=None)
+-> Pruning`` (lm: models.LoadedModel, calibration: [n, ctx] token ids), uses the same prunable
+layers and groups as ProxSparse, and leaves the model with its dense weights W0:
+
+* magnitude — keep the 2 largest |W| of every group (no data);
+* wanda — keep the 2 largest |W_ij|·‖X_j‖₂, X_j: input channel j over all calibration tokens;
+* sparsegpt — layer-wise optimal-brain-surgeon pruning that also updates the kept weights;
+* sparsegpt-maskonly — SparseGPT's mask applied to W0 (no weight update).
+
+Wanda and SparseGPT run block by block through the decoder, like their published code: the
+calibration activations entering one block are collected, its layers are pruned from them, and
+the *pruned* block's outputs feed the next block. Only one block's activations are held at once.
+``progress(done, total)`` is called after every block; setting ``stop`` ends the run between
+blocks with InterruptedError (the model is restored to W0 either way).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from typing import Callable
+
+import torch
+
+from .masks import load_weights, mask_2to4, snapshot
+from .prunable import find_decoder_blocks
+from .sparsegpt import SparseGPTLayer
+from .workspace import Pruning
+
+Progress = Callable[[int, int], None] | None
+
+
+class _Captured(Exception):
+    """Raised by the hook on the first decoder block once its inputs are recorded."""
+
+
+def _move(x, device):
+    if torch.is_tensor(x):
+        return x.to(device)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_move(v, device) for v in x)
+    if isinstance(x, dict):
+        return {k: _move(v, device) for k, v in x.items()}
+    return x
+
+
+def _first_block_inputs(model, blocks, calibration: torch.Tensor, batch: int):
+    """Hidden states and keyword arguments entering block 0, one entry per calibration batch."""
+    entries = []
+
+    def hook(module, args, kwargs):
+        entries.append((args[0].detach(), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        raise _Captured
+
+    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+    device = model.get_input_embeddings().weight.device
+    try:
+        for i in range(0, calibration.shape[0], batch):
+            try:
+                model(input_ids=calibration[i:i + batch].to(device), use_cache=False)
+            except _Captured:
+                pass
+    finally:
+        handle.remove()
+    return entries
+
+
+def _run_block(block, entries):
+    """Outputs of `block` for every captured entry (same structure, hidden states replaced)."""
+    device = next(block.parameters()).device
+    out = []
+    for hidden, kwargs in entries:
+        y = block(hidden.to(device), **_move(kwargs, device))
+        out.append((y[0] if isinstance(y, tuple) else y, kwargs))
+    return out
+
+
+@torch.no_grad()
+def _sequential(lm, calibration: torch.Tensor, make_collector, finish_layer,
+                progress: Progress, stop: threading.Event | None, batch: int = 8):
+    """Walk the decoder block by block: collect statistics of every prunable layer of a block
+    from its inputs (`make_collector(layer)` returns an object with add_batch), prune them
+    (`finish_layer(name, collector)` returns the weight to install), then move on with the
+    pruned block's outputs. The caller restores W0."""
+    model, prunable = lm.model, lm.prunable
+    path, blocks = find_decoder_blocks(model)
+    use_cache = getattr(model.config, "use_cache", None)
+    model.config.use_cache = False
+    was_training = model.training
+    model.eval()
+    try:
+        entries = _first_block_inputs(model, blocks, calibration, batch)
+        for b, block in enumerate(blocks):
+            if stop is not None and stop.is_set():
+                raise InterruptedError("pruning stopped by the user")
+            names = [n for n in prunable.names if n.startswith(f"{path}.{b}.")]
+            collectors = {n: make_collector(prunable.modules[n]) for n in names}
+            handles = [prunable.modules[n].register_forward_hook(
+                lambda m, args, out, c=collectors[n]: c.add_batch(args[0].detach()))
+                for n in names]
+            try:
+                _run_block(block, entries)
+            finally:
+                for h in handles:
+                    h.remove()
+            for n in names:
+                prunable.modules[n].weight.data.copy_(finish_layer(n, collectors[n]))
+            del collectors
+            entries = _run_block(block, entries)
+            if progress:
+                progress(b + 1, len(blocks))
+    finally:
+        model.config.use_cache = use_cache
+        model.train(was_training)
+
+
+def _info(method: str, calibration: torch.Tensor, t0: float, **extra) -> dict:
+    return {"method": method, "calibration_samples": int(calibration.shape[0]),
+            "calibration_tokens": int(calibration.numel()),
+            "seconds": round(time.perf_counter() - t0, 2), **extra}
+
+
+# ----------------------------------------------------------------------------- methods
+
+def prune_magnitude(lm, calibration: torch.Tensor, progress: Progress = None,
+                    stop: threading.Event | None = None) -> Pruning:
+    """Keep the two largest |W| of every group; the calibration data is not used."""
+    t0 = time.perf_counter()
+    names = lm.prunable.names
+    masks = {}
+    for i, n in enumerate(names):
+        if stop is not None and stop.is_set():
+            raise InterruptedError("pruning stopped by the user")
+        masks[n] = mask_2to4(lm.prunable.modules[n].weight.detach()).cpu()
+        if progress:
+            progress(i + 1, len(names))
+    return Pruning("magnitude", masks, None, _info("magnitude", calibration, t0))
+
+
+class _InputNorms:
+    """Running Σ x_j² per input channel j of one layer (Wanda's activation statistic)."""
+
+    def __init__(self, layer: torch.nn.Linear):
+        self.sq = torch.zeros(layer.weight.shape[1], device=layer.weight.device, dtype=torch.float32)
+
+    def add_batch(self, x: torch.Tensor):
+        self.sq += x.reshape(-1, x.shape[-1]).float().pow(2).sum(0)
+
+
+def wanda_score(weight: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
+    """|W_ij| · ‖X_j‖₂ — a weight matters more when its input channel carries large values."""
+    return weight.detach().float().abs() * sq_norms.sqrt().unsqueeze(0)
+
+
+def prune_wanda(lm, calibration: torch.Tensor, progress: Progress = None,
+                stop: threading.Event | None = None) -> Pruning:
+    t0 = time.perf_counter()
+    originals = snapshot(lm.prunable)
+    masks = {}
+
+    def finish(name, norms):
+        w = lm.prunable.modules[name].weight.detach()
+        m = mask_2to4(w, wanda_score(w, norms.sq))
+        masks[name] = m.cpu()
+        return w * m
+
+    try:
+        _sequential(lm, calibration, _InputNorms, finish, progress, stop)
+    finally:
+        load_weights(lm.prunable, originals)
+    return Pruning("wanda", masks, None, _info("wanda", calibration, t0))
+
+
+def _sparsegpt(lm, calibration, progress, stop) -> tuple[dict, dict]:
+    originals = snapshot(lm.prunable)
+    masks, weights = {}, {}
+
+    def finish(name, layer: SparseGPTLayer):
+        w, keep = layer.prune()
+        masks[name], weights[name] = keep.cpu(), w.cpu()
+        return w
+
+    try:
+        _sequential(lm, calibration, SparseGPTLayer, finish, progress, stop)
+    finally:
+        load_weights(lm.prunable, originals)
+    return masks, weights
+
+
+def prune_sparsegpt(lm, calibration: torch.Tensor, progress: Progress = None,
+                    stop: threading.Event | None = None) -> Pruning:
+    """SparseGPT 2:4 with its weight update: `Pruning.weights` holds the updated weights."""
+    t0 = time.perf_counter()
+    masks, weights = _sparsegpt(lm, calibration, progress, stop)
+    return Pruning("sparsegpt", masks, weights,
+                   _info("sparsegpt", calibration, t0, updates_weights=True))
+
+
+def prune_sparsegpt_maskonly(lm, calibration: torch.Tensor, progress: Progress = None,
+                             stop: threading.Event | None = None) -> Pruning:
+    """SparseGPT's 2:4 mask on the original weights W0 (its weight update dropped)."""
+    t0 = time.perf_counter()
+    masks, _ = _sparsegpt(lm, calibration, progress, stop)
+    return Pruning("sparsegpt-maskonly", masks, None, _info("sparsegpt-maskonly", calibration, t0))
+
+
+METHODS: dict[str, Callable[..., Pruning]] = {
+    "magnitude": prune_magnitude,
+    "wanda": prune_wanda,
+    "sparsegpt": prune_sparsegpt,
+    "sparsegpt-maskonly": prune_sparsegpt_maskonly,
+}
