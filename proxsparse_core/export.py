@@ -1,0 +1,299 @@
+"""Export a 2:4 result in forms people take home.
+
+An export folder is a normal Hugging Face model folder (safetensors, config, tokenizer) holding
+the pruned weights, plus a model card README and a `proxsparse/` folder of small artefacts:
+the masks alone (bit-packed), the recipe that reproduces the run, and a report (metrics,
+perplexity table, plots as SVG and HTML, environment).
+
+Writes are atomic: everything goes to a hidden temporary folder next to the target, which is
+renamed into place only when complete. A failure, a full disk or a Stop removes the temporary
+folder, so a target is either absent or complete. An existing non-empty folder is replaced only
+when the caller says so.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import re
+import shutil
+import tempfile
+import threading
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .artifacts import EVENTS_FILE, METRICS_FILE, load_masks, load_recipe, save_masks, save_recipe
+from .config import RunConfig
+from .errors import UserError
+from .masks import mask_stats, verify
+from .report import environment, model_card, write_report
+
+ARTEFACTS = "proxsparse"          # sub-folder with masks, recipe and report
+MAX_NAME = 100
+
+
+class ExportStopped(UserError):
+    """The user stopped an export; nothing was written."""
+
+
+@dataclass
+class ExportResult:
+    folder: Path
+    files: list[str]              # relative paths inside the folder
+    metrics: dict
+
+    def summary(self) -> str:
+        size = sum((self.folder / f).stat().st_size for f in self.files)
+        return (f"exported {self.metrics['result']} to {self.folder} ({len(self.files)} files, "
+                f"{size / 2**20:.1f} MiB); {self.metrics['verification']}")
+
+
+# ---------------------------------------------------------------------------------- names
+def safe_name(name: str) -> str:
+    """A folder name that cannot leave its parent: letters, digits, '.', '_' and '-' only,
+    no leading dot, at most MAX_NAME characters."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", (name or "").strip())
+    cleaned = re.sub(r"\.{2,}", ".", cleaned).strip(".-")[:MAX_NAME].strip(".-")
+    if not cleaned:
+        raise UserError(f"{name!r} is not usable as a folder name; use letters, digits, '.', '_' or '-'")
+    return cleaned
+
+
+def target_in(root, name: str) -> Path:
+    """The export folder for a user-typed `name` under `root` (sanitised; never outside root)."""
+    root = Path(root).expanduser().resolve()
+    target = root / safe_name(name)
+    if target.resolve().parent != root:
+        raise UserError(f"{name!r} would leave the export folder {str(root)!r}")
+    return target
+
+
+def _check_target(out: Path, overwrite: bool):
+    if out.exists() and not out.is_dir():
+        raise UserError(f"{str(out)!r} exists and is a file; choose another folder name")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise UserError(f"export folder {str(out)!r} already exists; choose another name or allow "
+                        f"overwriting")
+
+
+def _os_message(exc: OSError, where: Path) -> UserError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        text = f"the disk is full while exporting to {str(where)!r}"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        text = f"cannot write to {str(where)!r} ({exc.strerror.lower()})"
+    else:
+        text = f"cannot write the export to {str(where)!r}: {exc.strerror or exc}"
+    return UserError(text + "; nothing was written. Free some space or choose another folder.")
+
+
+def _bytes_needed(model: torch.nn.Module, masks: dict) -> int:
+    """About what the export writes: each distinct tensor once, the bit-packed masks, a margin."""
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total + sum(m.numel() for m in masks.values()) // 8 + 8 * 2**20
+
+
+def _check_space(parent: Path, need: int):
+    free = shutil.disk_usage(parent).free
+    if free < need:
+        raise UserError(f"not enough disk space in {str(parent)!r}: the export needs about "
+                        f"{need / 2**20:.0f} MiB, {free / 2**20:.0f} MiB are free; nothing was written")
+
+
+# ---------------------------------------------------------------------------------- export
+def export_result(ws, name: str, out, *, cfg: RunConfig | None = None, events=None,
+                  evaluate: bool = True, overwrite: bool = False,
+                  stop: threading.Event | None = None,
+                  progress: Callable[[str], None] | None = None) -> ExportResult:
+    """Export the workspace result `name` (a pruning.Pruning) to the folder `out`.
+
+    SparseGPT-like results carry updated weights and those are exported; masks-only results
+    export W0 · mask. `cfg` is the run's configuration for the recipe (default: the one stored
+    with the result). With `evaluate`, dense and pruned perplexity are measured first (cached
+    in the workspace). Raises UserError (ExportStopped on Stop) and leaves nothing behind."""
+    from .workspace import DENSE
+
+    out = Path(out).expanduser()
+    say = progress or (lambda text: None)
+    stop = stop or threading.Event()
+    _check_target(out, overwrite)
+    if name not in ws.results:
+        raise UserError(f"no pruning result named {name!r} to export")
+    result, lm = ws.results[name], ws.lm
+    if cfg is None and result.info.get("config"):
+        cfg = RunConfig.from_dict(result.info["config"])
+
+    if evaluate:
+        try:
+            for n in (DENSE, name):
+                say(f"measuring {n} perplexity …")
+                ws.perplexity(n, stop=stop)
+        except InterruptedError:
+            raise ExportStopped("export stopped during evaluation; nothing was written")
+
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        _check_space(parent, _bytes_needed(lm.model, result.masks))
+        tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.partial-"))
+    except OSError as exc:
+        raise _os_message(exc, parent) from exc
+    try:
+        _stopped(stop)
+        say("writing the pruned model …")
+        with ws.lock, ws.variant(name):
+            check = verify(lm.prunable, result.masks, ws.originals, updated_ok=result.weights is not None)
+            lm.model.save_pretrained(tmp)
+        lm.tokenizer.save_pretrained(tmp)
+        _stopped(stop)
+        say("writing masks, recipe and report …")
+        art = tmp / ARTEFACTS
+        art.mkdir()
+        save_masks(art / "masks.npz", result.masks)
+        recipe = None
+        if cfg is not None:
+            recipe = json.loads(save_recipe(art, cfg, extra={"method": result.method, "result": name})
+                                .read_text())
+        metrics = _metrics(ws, name, check, recipe)
+        write_report(art, metrics, events)
+        (tmp / "README.md").write_text(model_card(metrics, ARTEFACTS), encoding="utf-8")
+        _stopped(stop)
+        files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        _commit(tmp, out, overwrite)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise _os_message(exc, parent) from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    say(f"exported to {out}")
+    return ExportResult(out, files, metrics)
+
+
+def _stopped(stop: threading.Event):
+    if stop.is_set():
+        raise ExportStopped("export stopped by the user; nothing was written")
+
+
+def _commit(tmp: Path, out: Path, overwrite: bool):
+    """Rename the finished temporary folder into place; an old folder is kept until then."""
+    _check_target(out, overwrite)           # it may have appeared while we were writing
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+        os.rename(out, old / "previous")
+    try:
+        os.rename(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.rename(old / "previous", out)
+        raise
+    finally:
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+
+
+def _metrics(ws, name: str, check, recipe: dict | None) -> dict:
+    result, lm = ws.results[name], ws.lm
+    info = {k: v for k, v in result.info.items() if k != "config" and not isinstance(v, (dict, list))}
+    return {"result": name, "method": result.method, "model_label": lm.label, "base_model": lm.source,
+            "model": lm.describe(), "dtype": str(lm.dtype).replace("torch.", ""),
+            **info, "verified": check.ok, "verification": str(check),
+            "weights_updated": result.weights is not None,
+            "skipped_layers": [f"{n} ({why})" for n, why in lm.prunable.skipped],
+            "mask_stats": mask_stats(result.masks), "perplexity": dict(ws.ppl),
+            "data": ws.data.source if ws.data else None,
+            "calibration_tokens": int(ws.data.calibration.numel()) if ws.data else None,
+            "held_out_tokens": int(ws.data.held_out.numel()) if ws.data else None,
+            "recipe": recipe, "environment": environment()}
+
+
+def bundle(folder, dest) -> Path:
+    """The small artefacts of an export (README, masks, recipe, report) as one zip at `dest`,
+    written atomically."""
+    folder, dest = Path(folder), Path(dest)
+    members = [folder / "README.md"] + sorted(p for p in (folder / ARTEFACTS).rglob("*") if p.is_file())
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
+    os.close(fd)
+    try:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
+            for p in members:
+                z.write(p, f"{folder.name}/{p.relative_to(folder)}")
+        os.replace(tmp, dest)
+    except OSError as exc:
+        raise _os_message(exc, dest.parent) from exc
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return dest
+
+
+# ---------------------------------------------------------------------------------- masks
+def check_masks_match(prunable, masks: dict):
+    differ = set(prunable.names) ^ set(masks)
+    if differ:
+        raise UserError(f"the masks do not match this model ({len(differ)} layers differ, "
+                        f"e.g. {sorted(differ)[0]})")
+    for n in prunable.names:
+        if tuple(masks[n].shape) != tuple(prunable.modules[n].weight.shape):
+            raise UserError(f"the mask of {n} has shape {tuple(masks[n].shape)}, the layer "
+                            f"{tuple(prunable.modules[n].weight.shape)}")
+
+
+@torch.no_grad()
+def apply_masks(prunable, masks: dict) -> None:
+    """W ← W · mask in place: on the original weights this gives exactly the exported W0 · mask."""
+    check_masks_match(prunable, masks)
+    for n, m in masks.items():
+        w = prunable.modules[n].weight
+        w.data.mul_(m.to(w.device, w.dtype))
+
+
+def load_with_masks(source: str, masks, device: str = "auto", dtype: str = "auto",
+                    trust_remote_code: bool = False):
+    """The original model with a mask file (or dict) applied: the pruned model, re-created from
+    the 1-bit masks. Returns a models.LoadedModel."""
+    from .models import load_model
+
+    lm = load_model(source, device, dtype, trust_remote_code)
+    apply_masks(lm.prunable, load_masks(masks) if not isinstance(masks, dict) else masks)
+    return lm
+
+
+# ---------------------------------------------------------------------------------- run folders
+def export_run(run, out, *, overwrite: bool = False, evaluate: bool = True,
+               overrides: dict | None = None, stop: threading.Event | None = None,
+               progress: Callable[[str], None] | None = None) -> ExportResult:
+    """Export a CLI run folder (recipe.json + masks.npz [+ events.jsonl, metrics.json]): reload
+    the model and data named in the recipe, apply the masks, export."""
+    from .workspace import Pruning, Workspace
+
+    run, out = Path(run).expanduser(), Path(out).expanduser()
+    if not run.is_dir():
+        raise UserError(f"run folder {str(run)!r} does not exist")
+    _check_target(out, overwrite)           # fail before the slow model load
+    cfg = load_recipe(run)
+    cfg = RunConfig(**{**cfg.to_dict(), **(overrides or {})})
+    masks = load_masks(run)
+    ws = Workspace()
+    (progress or (lambda t: None))(f"loading {cfg.model} …")
+    ws.load(cfg)
+    check_masks_match(ws.lm.prunable, masks)
+    info = {"config": cfg.to_dict()}
+    if (run / METRICS_FILE).exists():
+        old = json.loads((run / METRICS_FILE).read_text())
+        info.update({k: old[k] for k in ("status", "steps", "message") if k in old})
+    ws.add_result("proxsparse", Pruning("proxsparse", masks, None, info))
+    events = None
+    if (run / EVENTS_FILE).exists():
+        events = [json.loads(line) for line in (run / EVENTS_FILE).read_text().splitlines() if line.strip()]
+    return export_result(ws, "proxsparse", out, cfg=cfg, events=events, evaluate=evaluate,
+                         overwrite=overwrite, stop=stop, progress=progress)

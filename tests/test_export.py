@@ -1,0 +1,276 @@
+"""Export: the Hugging Face folder round-trips, the mask file re-creates it bit for bit, and the
+writes are atomic, sanitised and never overwrite silently."""
+import errno
+import json
+import re
+import shutil
+import threading
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+
+from proxsparse_core import export as ex
+from proxsparse_core.artifacts import load_masks, load_recipe
+from proxsparse_core.config import RunConfig
+from proxsparse_core.errors import UserError
+from proxsparse_core.evaluate import perplexity
+from proxsparse_core.prunable import find_prunable
+from proxsparse_core.workspace import DENSE, Workspace
+
+
+def word_tokenizer(vocab_size: int = 256):
+    """A real (saveable, AutoTokenizer-loadable) word-level tokenizer built offline from the
+    built-in text, small enough for a tiny model."""
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    text = " ".join(topics[k] for k in sorted(topics))
+    special = ["[PAD]", "[EOS]", "[UNK]"]
+    words = [w for w, _ in Counter(re.findall(r"\w+|[^\w\s]", text)).most_common(vocab_size - len(special))]
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(special + words)}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", eos_token="[EOS]",
+                                   unk_token="[UNK]")
+
+
+def save_tiny_model(folder: Path, hidden: int = 64, heads: int = 4, kv_heads: int = 2, inter: int = 128,
+                    max_pos: int = 512) -> Path:
+    """A tiny random Llama with a real tokenizer, saved as a normal model folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=2,
+                      num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=256,
+                      max_position_embeddings=max_pos, tie_word_embeddings=False,
+                      head_dim=hidden // heads)
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def tiny_cfg(folder, **kw) -> RunConfig:
+    base = dict(model=str(folder), device="cpu", dtype="float32", samples=8, ctx=32, eval_ctx=32,
+                eval_windows=4, steps=3, lambda1=0.5, lr=1e-3, layer_stats_every=1)
+    return RunConfig(**{**base, **kw})
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+@pytest.fixture(scope="module")
+def learned(tiny_folder):
+    """A workspace with a 3-step ProxSparse result and its events."""
+    cfg = tiny_cfg(tiny_folder)
+    ws = Workspace()
+    events = []
+    res = ws.learn(cfg, events.append)
+    assert res.status == "finished"
+    return ws, cfg, events
+
+
+def _weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+    out = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
+
+
+def test_export_round_trips_with_transformers(learned, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    ws, cfg, events = learned
+    res = ex.export_result(ws, "proxsparse", tmp_path / "exports" / "run1", events=events)
+    folder = res.folder
+    assert folder == tmp_path / "exports" / "run1" and folder.is_dir()
+    for f in ("config.json", "README.md", "proxsparse/masks.npz", "proxsparse/recipe.json",
+              "proxsparse/report.html", "proxsparse/loss.svg", "proxsparse/sparsity.svg",
+              "proxsparse/metrics.json", "proxsparse/events.jsonl"):
+        assert (folder / f).is_file(), f
+    assert list(folder.glob("*.safetensors"))
+    assert [p.name for p in folder.parent.iterdir()] == ["run1"]       # no temporary leftovers
+
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert tok("the object").input_ids == ws.lm.tokenizer("the object").input_ids
+    prunable = find_prunable(model)
+    assert prunable.names == ws.lm.prunable.names
+    masks = ws.results["proxsparse"].masks
+    for n in prunable.names:
+        w = prunable.modules[n].weight.detach()
+        assert int(((w.reshape(-1, 4) != 0).sum(1) > 2).sum()) == 0, n
+        assert torch.equal(w, ws.originals[n] * masks[n]), n
+    # the same perplexity as the workspace measured, on the same windows
+    assert perplexity(model, ws.data.held_out) == pytest.approx(ws.ppl["proxsparse"], rel=1e-5)
+    assert ws.ppl["proxsparse"] != pytest.approx(ws.ppl[DENSE], rel=1e-3)
+    # the workspace model is still dense afterwards
+    for n in ws.lm.prunable.names:
+        assert torch.equal(ws.lm.prunable.modules[n].weight.detach(), ws.originals[n])
+
+    metrics = json.loads((folder / "proxsparse/metrics.json").read_text())
+    assert metrics["verified"] and metrics["method"] == "proxsparse"
+    assert metrics["perplexity"]["proxsparse"] == pytest.approx(ws.ppl["proxsparse"])
+    assert metrics["environment"]["packages"]["torch"] == torch.__version__
+    assert load_recipe(folder / "proxsparse").to_dict() == cfg.to_dict()
+    recipe = json.loads((folder / "proxsparse/recipe.json").read_text())
+    assert recipe["command"] == cfg.cli_command()
+    card = (folder / "README.md").read_text()
+    assert card.startswith("---\nlibrary_name: transformers") and cfg.cli_command() in card
+    html = (folder / "proxsparse/report.html").read_text()
+    assert "<svg" in html and "plotly" in html.lower() and "Held-out perplexity" in html
+    svg = (folder / "proxsparse/loss.svg").read_text()
+    assert svg.count("<polyline") == 1 and svg.strip().endswith("</svg>")
+
+
+def test_mask_file_recreates_the_export_bit_for_bit(learned, tmp_path, tiny_folder):
+    ws, cfg, events = learned
+    folder = ex.export_result(ws, "proxsparse", tmp_path / "e", events=events, evaluate=False).folder
+    exported = _weights(folder)
+    masks_file = folder / "proxsparse/masks.npz"
+    lm = ex.load_with_masks(str(tiny_folder), masks_file, device="cpu", dtype="float32")
+    for n in lm.prunable.names:
+        ours = lm.prunable.modules[n].weight.detach()
+        theirs = exported[n + ".weight"]
+        assert ours.dtype == theirs.dtype
+        assert torch.equal(ours.view(torch.int32), theirs.view(torch.int32)), n   # bits, -0.0 included
+    prunable_bytes = sum(w.numel() * w.element_size() for w in ws.originals.values())
+    assert masks_file.stat().st_size < prunable_bytes / 16
+    # the masks loaded back are the workspace's masks
+    assert all(torch.equal(load_masks(masks_file)[n], m) for n, m in ws.results["proxsparse"].masks.items())
+
+
+def test_weight_updating_method_exports_its_weights(learned, tmp_path):
+    ws, cfg, _ = learned
+    pruning = ws.prune("sparsegpt", cfg)
+    folder = ex.export_result(ws, "sparsegpt", tmp_path / "sgpt", evaluate=False).folder
+    exported = _weights(folder)
+    changed = 0
+    for n, w in pruning.weights.items():
+        assert torch.equal(exported[n + ".weight"], w), n
+        assert int(((w.reshape(-1, 4) != 0).sum(1) > 2).sum()) == 0
+        changed += int((w != ws.originals[n] * pruning.masks[n]).sum())
+    assert changed > 0                                     # really the updated weights, not W0·mask
+    metrics = json.loads((folder / "proxsparse/metrics.json").read_text())
+    assert metrics["weights_updated"] and metrics["verified"]
+    assert "not the updated values" in (folder / "README.md").read_text()
+
+
+def test_existing_folder_is_never_overwritten_silently(learned, tmp_path):
+    ws, _, events = learned
+    out = tmp_path / "x"
+    ex.export_result(ws, "proxsparse", out, evaluate=False)
+    (out / "mine.txt").write_text("keep me")
+    with pytest.raises(UserError, match="already exists"):
+        ex.export_result(ws, "proxsparse", out, evaluate=False)
+    assert (out / "mine.txt").read_text() == "keep me"
+    ex.export_result(ws, "proxsparse", out, evaluate=False, overwrite=True)
+    assert not (out / "mine.txt").exists() and (out / "config.json").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x"]          # old copy cleaned up
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(UserError, match="is a file"):
+        ex.export_result(ws, "proxsparse", tmp_path / "afile", evaluate=False, overwrite=True)
+
+
+@pytest.mark.parametrize("name,expected", [("my run", "my-run"), ("../../etc/passwd", "etc-passwd"),
+                                           ("/abs/olute", "abs-olute"), ("a..b", "a.b"),
+                                           (".hidden", "hidden"), ("ok_name-1.0", "ok_name-1.0")])
+def test_names_are_sanitised_and_stay_under_the_root(tmp_path, name, expected):
+    target = ex.target_in(tmp_path, name)
+    assert target.name == expected and target.parent == tmp_path.resolve()
+
+
+@pytest.mark.parametrize("name", ["", "..", "///", "../..", " . "])
+def test_unusable_names_are_refused(tmp_path, name):
+    with pytest.raises(UserError, match="not usable as a folder name"):
+        ex.target_in(tmp_path, name)
+
+
+def test_stop_during_export_leaves_nothing(learned, tmp_path):
+    ws, _, _ = learned
+    stop = threading.Event()
+
+    def progress(text):
+        if text.startswith("writing masks"):   # after the model files were written
+            stop.set()
+    with pytest.raises(ex.ExportStopped, match="nothing was written"):
+        ex.export_result(ws, "proxsparse", tmp_path / "out" / "s", evaluate=False, stop=stop, progress=progress)
+    assert list((tmp_path / "out").iterdir()) == []
+    for n in ws.lm.prunable.names:                            # the model is dense again
+        assert torch.equal(ws.lm.prunable.modules[n].weight.detach(), ws.originals[n])
+    # stop during the evaluation that precedes the export
+    ws.ppl.pop("proxsparse", None)
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(ex.ExportStopped, match="during evaluation"):
+        ex.export_result(ws, "proxsparse", tmp_path / "out" / "s", stop=stop)
+    assert list((tmp_path / "out").iterdir()) == [] and "proxsparse" not in ws.ppl
+    ex.export_result(ws, "proxsparse", tmp_path / "out" / "s")              # still usable
+    assert (tmp_path / "out" / "s" / "config.json").exists()
+
+
+def test_disk_full_midway_leaves_nothing_and_says_so(learned, tmp_path, monkeypatch):
+    ws, _, _ = learned
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(ex, "save_masks", full)
+    with pytest.raises(UserError, match="disk is full.*nothing was written"):
+        ex.export_result(ws, "proxsparse", tmp_path / "d" / "full", evaluate=False)
+    assert list((tmp_path / "d").iterdir()) == []
+
+
+def test_not_enough_space_is_caught_before_writing(learned, tmp_path, monkeypatch):
+    ws, _, _ = learned
+    real = shutil.disk_usage
+    monkeypatch.setattr(ex.shutil, "disk_usage", lambda p: real(p)._replace(free=1024))
+    with pytest.raises(UserError, match="not enough disk space"):
+        ex.export_result(ws, "proxsparse", tmp_path / "d" / "x", evaluate=False)
+    assert list((tmp_path / "d").iterdir()) == []
+
+
+def test_unwritable_export_folder(learned, tmp_path, monkeypatch):
+    ws, _, _ = learned
+    (tmp_path / "plainfile").write_text("")
+    with pytest.raises(UserError, match="cannot write"):
+        ex.export_result(ws, "proxsparse", tmp_path / "plainfile" / "x", evaluate=False)
+
+    def denied(*a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied")
+    monkeypatch.setattr(ex.tempfile, "mkdtemp", denied)
+    with pytest.raises(UserError, match="permission denied"):
+        ex.export_result(ws, "proxsparse", tmp_path / "ro" / "x", evaluate=False)
+
+
+def test_bundle_zip_holds_the_small_artefacts(learned, tmp_path):
+    ws, _, events = learned
+    folder = ex.export_result(ws, "proxsparse", tmp_path / "b", events=events, evaluate=False).folder
+    z = ex.bundle(folder, tmp_path / "dl" / "b.zip")
+    names = zipfile.ZipFile(z).namelist()
+    assert "b/README.md" in names and "b/proxsparse/masks.npz" in names
+    assert "b/proxsparse/recipe.json" in names and "b/proxsparse/report.html" in names
+    assert not any(n.endswith(".safetensors") for n in names)
+    assert [p.name for p in (tmp_path / "dl").iterdir()] == ["b.zip"]
+
+
+def test_cli_learn_then_export(tiny_folder, tmp_path, capsys):
+    from proxsparse_core.cli import main
+
+    run = tmp_path / "run"
+    flags = ["--model", str(tiny_folder), "--device", "cpu", "--dtype", "float32", "--samples", "8",
+             "--ctx", "32", "--eval-ctx", "32", "--eval-windows", "2", "--steps", "2", "--lr", "1e-3"]
+    assert main(["learn", *flags, "--out", str(run), "--no-eval"]) == 0
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "exp")]) == 0
+    out = capsys.readouterr().out
+    assert "exported proxsparse to" in out and "verified" in out
+    assert (tmp_path / "exp" / "proxsparse" / "masks.npz").exists()
+    assert main(["export", "--run", str(run), "--out", str(tmp_path / "exp")]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert main(["export", "--run", str(tmp_path / "nope"), "--out", str(tmp_path / "e2")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "does not exist" in err and err.count("\n") == 1
