@@ -2,6 +2,7 @@
 
     python -m proxsparse_core learn --preset quick-demo --out runs/demo
     python -m proxsparse_core eval --masks runs/demo --prompt "What is the capital of France?"
+    python -m proxsparse_core export --run runs/demo --out exports/demo
     python -m proxsparse_core presets
 """
 from __future__ import annotations
@@ -158,6 +159,29 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export_run
+
+    overrides = {k: getattr(args, k) for k in ("device", "dtype") if hasattr(args, k)}
+    stop = threading.Event()
+
+    def on_sigint(signum, frame):
+        print("\nstopping the export … (nothing will be left half-written)", flush=True)
+        stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        res = export_run(args.run, args.out, overwrite=args.overwrite, evaluate=not args.no_eval,
+                         overrides=overrides, stop=stop, progress=lambda t: print(t, flush=True))
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    print(res.summary())
+    ppl = res.metrics.get("perplexity") or {}
+    if ppl:
+        print("held-out perplexity: " + "  ".join(f"{k} {v:.3f}" for k, v in ppl.items()))
+    return 0 if res.metrics["verified"] else 1
+
+
 def cmd_presets(args) -> int:
     for name, p in PRESETS.items():
         s = p["settings"]
@@ -196,6 +220,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--no-eval", action="store_true", help="skip perplexity")
     ev.add_argument("--json", action="store_true", help="print the perplexities as JSON too")
     ev.set_defaults(func=cmd_eval)
+
+    exp = sub.add_parser("export", help="export a run as a Hugging Face folder with masks, recipe and report",
+                         description="Write the 2:4-pruned model (safetensors, config, tokenizer), a model "
+                                     "card, and proxsparse/ (masks.npz, recipe.json, report.html, plots) "
+                                     "to a new folder, atomically.")
+    exp.add_argument("--run", required=True, metavar="RUN_FOLDER", help="a run folder written by learn")
+    exp.add_argument("--out", required=True, metavar="DIR", help="the export folder to create")
+    exp.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    exp.add_argument("--no-eval", action="store_true", help="skip the perplexity table")
+    _add_config_flags(exp, {"device", "dtype"})
+    exp.set_defaults(func=cmd_export)
 
     pr = sub.add_parser("presets", help="list the presets")
     pr.set_defaults(func=cmd_presets)
