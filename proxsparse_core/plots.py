@@ -1,0 +1,127 @@
+"""Plotly figures of a learning run, built from the plain event dicts the learner emits.
+
+The app streams them live and the export report saves them, so the signatures stay simple:
+lists of `StepEvent.to_dict()` in, a `plotly.graph_objects.Figure` out. Plotly is imported
+inside each function so that `proxsparse_core` does not need it unless a figure is drawn.
+Nothing here computes anything about the method; it only arranges numbers for the eye.
+"""
+from __future__ import annotations
+
+import re
+
+NNZ_COLOURS = ["#1b7837", "#5aae61", "#a6dba0", "#f4a582", "#bababa"]  # 0,1,2 kept-2 greens; 3 orange; 4 grey
+NNZ_LABELS = ["0 non-zeros", "1 non-zero", "2 non-zeros", "3 non-zeros", "4 non-zeros"]
+
+
+def _layout(fig, title: str, height: int = 320, **kw):
+    fig.update_layout(title=dict(text=title, x=0.02, font=dict(size=15)), template="plotly_white",
+                      height=height, margin=dict(l=55, r=20, t=45, b=40),
+                      legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0),
+                      hovermode="x unified", **kw)
+    return fig
+
+
+def _waiting(fig, text: str):
+    fig.add_annotation(text=text, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper",
+                       font=dict(size=14, color="#888"))
+    fig.update_xaxes(visible=False)
+    fig.update_yaxes(visible=False)
+    return fig
+
+
+def loss_figure(events: list[dict]):
+    """Causal-LM loss per step, and the λ2 frozen-weight term on its own axis when it is on."""
+    import plotly.graph_objects as go
+    from plotly.subplots import make_subplots
+
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    _layout(fig, "Loss")
+    if not events:
+        return _waiting(fig, "the loss appears here after the first step")
+    steps = [e["step"] for e in events]
+    fig.add_trace(go.Scatter(x=steps, y=[e["lm_loss"] for e in events], name="LM loss",
+                             mode="lines+markers" if len(events) < 60 else "lines",
+                             line=dict(color="#2166ac", width=2)), secondary_y=False)
+    if any(e.get("l2_term") for e in events):
+        fig.add_trace(go.Scatter(x=steps, y=[e["l2_term"] for e in events], name="λ2 term",
+                                 line=dict(color="#b2182b", width=2, dash="dot")), secondary_y=True)
+        fig.update_yaxes(title_text="λ2 · L2", secondary_y=True, showgrid=False)
+    fig.update_yaxes(title_text="LM loss", secondary_y=False)
+    fig.update_xaxes(title_text="step")
+    return fig
+
+
+def sparsity_figure(events: list[dict]):
+    """How the weights move towards 2:4: the share of groups of 4 that hold 0…4 non-zeros (stacked,
+    greens = already 2:4) and, as a line, the share that is already 2:4."""
+    import plotly.graph_objects as go
+
+    fig = _layout(go.Figure(), "Groups of 4 weights by non-zeros")
+    if not events:
+        return _waiting(fig, "the 2:4 share appears here after the first step")
+    steps = [e["step"] for e in events]
+    totals = [max(1, sum(e["nnz_hist"])) for e in events]
+    for k in (2, 1, 0, 3, 4):   # greens at the bottom so their top edge is the 2:4 share
+        share = [100 * e["nnz_hist"][k] / t for e, t in zip(events, totals)]
+        if k < 2 and not any(share):
+            continue
+        fig.add_trace(go.Scatter(x=steps, y=share, name=NNZ_LABELS[k], stackgroup="nnz", mode="lines",
+                                 line=dict(width=0.5, color=NNZ_COLOURS[k]), fillcolor=NNZ_COLOURS[k],
+                                 hovertemplate="%{y:.1f}%"))
+    fig.add_trace(go.Scatter(x=steps, y=[100 * e["share_24"] for e in events], name="already 2:4",
+                             mode="lines", line=dict(color="#00441b", width=2.5, dash="dash"),
+                             hovertemplate="%{y:.1f}%"))
+    fig.update_yaxes(title_text="% of groups", range=[0, 100], ticksuffix="%")
+    fig.update_xaxes(title_text="step")
+    return fig
+
+
+_BLOCK = re.compile(r"\.(\d+)\.(.+)$")
+
+
+def _grid(layer_names: list[str]):
+    """(row labels, column labels, cell of each layer) when names look like <blocks>.<i>.<path>."""
+    cells, kinds, rows = [], [], []
+    for n in layer_names:
+        m = _BLOCK.search(n)
+        if m is None:
+            return None
+        kind = m.group(2).split(".")[-1]
+        cells.append((int(m.group(1)), kind))
+        if kind not in kinds:
+            kinds.append(kind)
+        if int(m.group(1)) not in rows:
+            rows.append(int(m.group(1)))
+    if len(set(cells)) != len(cells):
+        return None
+    return sorted(rows), kinds, cells
+
+
+def layer_heatmap(layer_names: list[str], layer_share: list[float] | None):
+    """Share of groups already 2:4 in every prunable layer: decoder block × projection."""
+    import plotly.graph_objects as go
+
+    fig = _layout(go.Figure(), "Already 2:4, per layer", height=340)
+    fig.update_layout(hovermode="closest")
+    if not layer_names or not layer_share:
+        return _waiting(fig, "per-layer shares appear every few steps")
+    grid = _grid(layer_names)
+    if grid is None:   # unknown naming: one row, one cell per layer in model order
+        z = [[100 * s for s in layer_share]]
+        text = [layer_names]
+        x, y = list(range(len(layer_names))), ["layers"]
+    else:
+        rows, kinds, cells = grid
+        z = [[None] * len(kinds) for _ in rows]
+        text = [[""] * len(kinds) for _ in rows]
+        for name, (r, k), s in zip(layer_names, cells, layer_share):
+            z[rows.index(r)][kinds.index(k)] = 100 * s
+            text[rows.index(r)][kinds.index(k)] = name
+        x, y = kinds, [f"block {r}" for r in rows]
+    fig.add_trace(go.Heatmap(z=z, x=x, y=y, text=text, zmin=0, zmax=100, colorscale="Greens",
+                             colorbar=dict(title="2:4 %", ticksuffix="%", thickness=12),
+                             hovertemplate="%{text}<br>%{z:.1f}% of groups already 2:4<extra></extra>",
+                             xgap=1, ygap=1))
+    fig.update_yaxes(autorange="reversed", showgrid=False)
+    fig.update_xaxes(showgrid=False, side="top" if grid else "bottom")
+    return fig

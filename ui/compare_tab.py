@@ -1,0 +1,247 @@
+"""Compare tab: dense and 2:4 generations side by side, and a held-out perplexity table.
+
+Generation runs in a worker thread that holds the model for its whole duration (both models
+share one set of weights, swapped in turn) and hands growing texts to the page through a
+queue; the page marks where the two outputs first part ways. Perplexity rows are computed on
+demand; one-shot baselines come from `proxsparse_core.baselines` when it is installed.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+
+import gradio as gr
+import pandas as pd
+
+from proxsparse_core.errors import UserError
+from proxsparse_core.evaluate import GenerationSettings, first_divergence
+from proxsparse_core.workspace import DENSE
+
+from .feedback import esc, explain, guarded, notify
+from .jobs import LEARNED, JobManager
+
+EXAMPLES = [
+    "What is the capital of France?",
+    "Explain in two sentences what a neural network is.",
+    "Write a short poem about the sea.",
+    "Give three tips for writing clean Python code.",
+]
+TITLES = {DENSE: "Dense (unpruned)", LEARNED: "ProxSparse (learned 2:4)", "magnitude": "Magnitude 2:4 (one-shot)",
+          "wanda": "Wanda 2:4 (one-shot)", "sparsegpt": "SparseGPT 2:4 (one-shot, updates weights)",
+          "sparsegpt-maskonly": "SparseGPT 2:4 mask on original weights"}
+COLUMNS = ["method", "held-out perplexity", "× dense", "weights", "2:4 verified"]
+
+
+def baseline_methods() -> list[str]:
+    """One-shot methods offered by the baselines module, if it is installed."""
+    try:
+        from proxsparse_core.baselines import METHODS
+    except ImportError:
+        return []
+    return list(METHODS)
+
+
+def variant_choices(jobs: JobManager) -> list[tuple[str, str]]:
+    return [(TITLES.get(n, n), n) for n in jobs.ws.results]
+
+
+# ---------------------------------------------------------------------------- generation
+
+def settings_from_form(sample, temperature, top_p, max_new_tokens, chat) -> GenerationSettings:
+    try:
+        n = int(max_new_tokens)
+        t, p = float(temperature), float(top_p)
+    except (TypeError, ValueError):
+        raise UserError("max tokens, temperature and top-p must be numbers")
+    if not 1 <= n <= 2048:
+        raise UserError(f"max new tokens must be between 1 and 2048, got {n}")
+    if sample and not (0 < t <= 10 and 0 < p <= 1):
+        raise UserError("sampling needs 0 < temperature ≤ 10 and 0 < top-p ≤ 1")
+    return GenerationSettings(max_new_tokens=n, do_sample=bool(sample), temperature=t, top_p=p,
+                              chat=bool(chat))
+
+
+def _panel(text: str, cut: int | None, streaming: bool) -> str:
+    """Generated text with the part after the first divergence highlighted."""
+    if cut is None or cut >= len(text):
+        body = esc(text)
+    else:
+        body = esc(text[:cut]) + f'<mark class="ps-diff">{esc(text[cut:])}</mark>'
+    cursor = '<span class="ps-cursor">▍</span>' if streaming else ""
+    return f'<div class="ps-gen">{body or "<span class=ps-muted>…</span>"}{cursor}</div>'
+
+
+def render_pair(dense: str, pruned: str, variant: str | None, streaming: str | None = None) -> tuple:
+    """(dense panel, pruned panel, summary). `streaming` names the side still growing."""
+    cut = None
+    summary = ""
+    if variant and pruned:
+        i = first_divergence(dense, pruned)
+        if streaming is None:
+            if i == -1:
+                summary = "✅ **Identical outputs.**"
+            else:
+                words = len(dense[:i].split())
+                summary = (f"The outputs agree on the first **{i} characters** (~{words} words) "
+                           f"and then diverge (highlighted).")
+                cut = i
+        elif i < len(pruned):           # mark only what has really diverged so far
+            cut = i
+    elif not variant and streaming is None:
+        summary = "No 2:4 result yet: start a run in the **Learn** tab (or compute a baseline below)."
+    return (_panel(dense, cut, streaming == DENSE), _panel(pruned, cut, streaming == "pruned")
+            if variant else '<div class="ps-gen ps-muted">no 2:4 model to show yet</div>', summary)
+
+
+def generate_pair(jobs: JobManager, variant, prompt, sample, temperature, top_p, max_new_tokens, chat):
+    """Stream the dense model's completion, then the chosen 2:4 model's, same settings."""
+    prompt = (prompt or "").strip()
+    if not prompt:
+        raise UserError("type a prompt (or click an example) first")
+    settings = settings_from_form(sample, temperature, top_p, max_new_tokens, chat)
+    if variant not in jobs.ws.results:
+        variant = LEARNED if LEARNED in jobs.ws.results else next(iter(jobs.ws.results), None)
+    release = jobs.release_later("generating text")
+    updates: queue.Queue = queue.Queue()
+
+    def work():
+        try:
+            jobs.ensure_loaded()
+            for side, name in ((DENSE, DENSE), ("pruned", variant)):
+                if name is None:
+                    continue
+                for text in jobs.ws.generate_stream(name, prompt, settings):
+                    updates.put((side, text))
+        except BaseException as exc:  # noqa: BLE001 - shown in the page by the consumer
+            updates.put(("error", exc))
+        finally:
+            release()
+            updates.put(("done", None))
+
+    threading.Thread(target=work, daemon=True, name="generate").start()
+    texts = {DENSE: "", "pruned": ""}
+    while True:
+        side, value = updates.get()
+        if side == "done":
+            break
+        if side == "error":
+            try:
+                raise value
+            except BaseException as exc:  # noqa: BLE001
+                raise UserError(explain(exc)) from exc
+        texts[side] = value
+        yield render_pair(texts[DENSE], texts["pruned"], variant, streaming=side)
+    yield render_pair(texts[DENSE], texts["pruned"], variant)
+
+
+# ---------------------------------------------------------------------------- perplexity
+
+def perplexity_table(jobs: JobManager) -> pd.DataFrame:
+    """Rows for every result with a known perplexity: dense first, then learned, then baselines."""
+    ws = jobs.ws
+    order = [DENSE, LEARNED] + baseline_methods()
+    names = [n for n in order if n in ws.ppl] + [n for n in ws.ppl if n not in order]
+    rows = []
+    dense = ws.ppl.get(DENSE)
+    for n in names:
+        r = ws.results.get(n)
+        weights = "original" if n == DENSE else ("updated" if r is not None and r.weights is not None
+                                                 else "original × mask")
+        rows.append([TITLES.get(n, n), round(ws.ppl[n], 3),
+                     round(ws.ppl[n] / dense, 2) if dense else None, weights,
+                     "—" if n == DENSE else {True: "✓", False: "✗"}.get(jobs.verified.get(n), "?")])
+    return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def compute_perplexities(jobs: JobManager, methods, progress=None):
+    """Dense, every existing result, and each selected baseline (pruned first when missing).
+    Stop keeps every row already finished."""
+    jobs.eval_stop.clear()
+    report = progress or (lambda frac, desc="": None)
+    done_msg = "all rows computed"
+    with jobs.claim("computing perplexities") as ws:
+        jobs.ensure_loaded()
+        try:
+            for m in methods or []:
+                if m not in ws.results:
+                    report(0.0, f"pruning with {m} …")
+                    ws.prune(m, jobs.cfg, progress=lambda d, t, *_: report(d / max(t, 1), f"pruning with {m}"),
+                             stop=jobs.eval_stop)
+            names = [DENSE] + list(ws.results)
+            for i, n in enumerate(names):
+                if n != DENSE:
+                    jobs.verified[n] = ws.verify(n).ok
+                report(i / len(names), f"perplexity of {n}")
+                ws.perplexity(n, stop=jobs.eval_stop,
+                              progress=lambda d, t: report((i + d / max(t, 1)) / len(names), f"perplexity of {n}"))
+        except InterruptedError:
+            done_msg = "stopped; the rows already computed are kept"
+    data = ws.data
+    return perplexity_table(jobs), (f"{done_msg}. {data.held_out.shape[0]} held-out windows × "
+                                    f"{data.held_out.shape[1]} tokens of {data.source}; the same token ids "
+                                    f"for every row (lower is better).")
+
+
+# ---------------------------------------------------------------------------- layout
+
+def build_compare_tab(jobs: JobManager, tab: gr.Tab):
+    gr.Markdown("Same prompt, same decoding settings: the dense model first, then the 2:4 model. "
+                "Highlighted text starts where the two outputs first differ.")
+    with gr.Row():
+        with gr.Column(scale=3):
+            prompt = gr.Textbox(label="Prompt", value=EXAMPLES[0], lines=2, elem_id="ps-prompt")
+            gr.Examples(EXAMPLES, prompt, label="Example prompts")
+        with gr.Column(scale=2):
+            variant = gr.Dropdown(variant_choices(jobs), label="2:4 model", info="learned mask or a baseline",
+                                  allow_custom_value=False)
+            with gr.Accordion("Decoding", open=False):
+                sample = gr.Checkbox(False, label="Sample (off = greedy)")
+                temperature = gr.Slider(0.05, 2.0, 0.7, step=0.05, label="Temperature")
+                top_p = gr.Slider(0.05, 1.0, 0.9, step=0.05, label="Top-p")
+                chat = gr.Checkbox(True, label="Use the model's chat template")
+            max_new = gr.Slider(8, 256, 64, step=8, label="Max new tokens")
+            go = gr.Button("Generate both", variant="primary", elem_id="ps-generate")
+    with gr.Row(equal_height=True):
+        with gr.Column():
+            gr.Markdown("**Dense**")
+            dense_out = gr.HTML(_panel("", None, False), elem_id="ps-dense")
+        with gr.Column():
+            gr.Markdown("**2:4 pruned**")
+            pruned_out = gr.HTML(_panel("", None, False), elem_id="ps-pruned")
+    summary = gr.Markdown(elem_id="ps-divergence")
+
+    gr.Markdown("### Held-out perplexity")
+    methods = baseline_methods()
+    with gr.Row():
+        chosen = gr.CheckboxGroup(methods, value=methods, label="One-shot baselines to add",
+                                  info="computed on the same calibration data" if methods
+                                  else "the baselines module is not installed yet", interactive=bool(methods))
+        with gr.Column(min_width=200):
+            table_btn = gr.Button("Compute perplexities", variant="primary", elem_id="ps-ppl")
+            stop_btn = gr.Button("Stop", variant="stop", size="sm")
+    table = gr.Dataframe(perplexity_table(jobs), headers=COLUMNS, interactive=False, elem_id="ps-table")
+    table_note = gr.Markdown()
+
+    def on_generate(v, p, s, t, tp, mx, c):
+        yield from guarded(3)(generate_pair)(jobs, v, p, s, t, tp, mx, c)
+
+    @guarded(2)
+    def on_table(m, progress=gr.Progress()):
+        return compute_perplexities(jobs, m, lambda frac, desc="": progress(frac, desc=desc))
+
+    def on_stop():
+        jobs.eval_stop.set()
+        notify("stopping after the current window …", "info")
+
+    def on_select():
+        choices = variant_choices(jobs)
+        value = LEARNED if LEARNED in jobs.ws.results else (choices[0][1] if choices else None)
+        return gr.update(choices=choices, value=value), perplexity_table(jobs)
+
+    go.click(on_generate, [variant, prompt, sample, temperature, top_p, max_new, chat],
+             [dense_out, pruned_out, summary], api_name="generate", concurrency_id="model",
+             show_progress="hidden")
+    table_btn.click(on_table, chosen, [table, table_note], api_name="perplexity", concurrency_id="model",
+                    show_progress_on=table)
+    stop_btn.click(on_stop, None, None, queue=False, api_name="stop_eval")
+    tab.select(on_select, None, [variant, table], api_name="refresh_compare", queue=False)

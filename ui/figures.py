@@ -1,0 +1,61 @@
+"""Figures only the app shows: the one-group prox demo and a real weight block before/after 2:4.
+
+The learning-run figures (loss, sparsity, per-layer heatmap) live in `proxsparse_core.plots`,
+because the export report draws them too.
+"""
+from __future__ import annotations
+
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+KEPT, PRUNED, INPUT = "#1b7837", "#d6604d", "#bdbdbd"
+PATH_COLOURS = ["#2166ac", "#4393c3", "#f4a582", "#d6604d"]
+
+
+def prox_group_figure(z: list[float], w: list[float], kept: list[bool],
+                      lambdas: list[float], path: list[list[float]], lam: float):
+    """Left: the four weights before (grey) and after the prox (green = survives the 2:4 mask,
+    red = pruned). Right: each weight's prox output as λ grows, with the chosen λ marked."""
+    fig = make_subplots(rows=1, cols=2, column_widths=[0.45, 0.55], horizontal_spacing=0.12,
+                        subplot_titles=("one group of 4 weights", "prox output as λ grows"))
+    names = [f"w{i + 1}" for i in range(4)]
+    fig.add_trace(go.Bar(x=names, y=z, name="input z", marker_color=INPUT, opacity=0.9), 1, 1)
+    fig.add_trace(go.Bar(x=names, y=w, name="prox output", marker_color=[KEPT if k else PRUNED for k in kept],
+                         text=[f"{v:+.2f}" for v in w], textposition="outside", cliponaxis=False), 1, 1)
+    for i in range(4):
+        fig.add_trace(go.Scatter(x=lambdas, y=[p[i] for p in path], name=names[i], mode="lines",
+                                 line=dict(color=PATH_COLOURS[i], width=2.5), showlegend=False,
+                                 hovertemplate=f"{names[i]}: %{{y:+.3f}} at λ=%{{x:.2f}}<extra></extra>"), 1, 2)
+        fig.add_annotation(x=lambdas[-1], y=path[-1][i], text=names[i], showarrow=False, xanchor="left",
+                           font=dict(color=PATH_COLOURS[i]), row=1, col=2)
+    fig.add_vline(x=lam, line=dict(color="#333", dash="dash"), row=1, col=2)
+    top = max(1e-6, max(abs(v) for v in z)) * 1.25
+    fig.update_yaxes(range=[-top, top], zeroline=True, zerolinecolor="#888", row=1, col=1)
+    fig.update_yaxes(range=[-top, top], zeroline=True, zerolinecolor="#888", row=1, col=2)
+    fig.update_xaxes(title_text="λ", row=1, col=2)
+    fig.update_layout(template="plotly_white", height=360, barmode="group", bargap=0.25,
+                      margin=dict(l=40, r=40, t=50, b=40),
+                      legend=dict(orientation="h", yanchor="bottom", y=-0.25, x=0))
+    return fig
+
+
+def weight_block_figure(title: str, panels: list[tuple[str, list[list[float]]]]):
+    """Heatmaps of the same weight block under several masks; pruned weights show as white.
+    Thin lines mark the groups of 4 along the input dimension."""
+    fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[p[0] for p in panels],
+                        horizontal_spacing=0.04, shared_yaxes=True)
+    values = [abs(v) for _, block in panels for row in block for v in row]
+    top = max(values) if values else 1.0
+    for c, (_, block) in enumerate(panels, 1):
+        cols = len(block[0]) if block else 0
+        fig.add_trace(go.Heatmap(z=block, zmin=-top, zmax=top, zmid=0, colorscale="RdBu",
+                                 showscale=c == len(panels), xgap=0.5, ygap=0.5,
+                                 colorbar=dict(thickness=10, title="weight"),
+                                 hovertemplate="row %{y}, input %{x}: %{z:+.4f}<extra></extra>"), 1, c)
+        for x in range(4, cols, 4):
+            fig.add_vline(x=x - 0.5, line=dict(color="#444", width=1), row=1, col=c)
+        fig.update_xaxes(title_text="input dimension →", showgrid=False, row=1, col=c)
+    fig.update_yaxes(autorange="reversed", showgrid=False)
+    fig.update_layout(template="plotly_white", height=380, margin=dict(l=40, r=20, t=70, b=40),
+                      title=dict(text=title, x=0.01, font=dict(size=14)))
+    return fig

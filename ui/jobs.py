@@ -1,0 +1,194 @@
+"""The server-side job manager: one workspace (one loaded model) and one learning job at a time.
+
+Heavy objects live here, not in `gr.State`, so every visitor and every reload sees the same
+model, results and running job. The learning job runs in its own thread and only appends plain
+event dicts to a list; pages stream from that list, so a closed tab never stops or loses a run,
+and a reloaded page simply re-attaches to it.
+
+One heavy activity at a time (learning, perplexity, baselines, generation): `claim()` refuses a
+second one with a clear message instead of queueing behind a long run. The guard is a plain
+`threading.Lock`, which may be released by another thread than the one that took it — Gradio
+runs each step of a generator handler on whichever worker thread is free.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+from proxsparse_core.config import RunConfig
+from proxsparse_core.errors import UserError
+from proxsparse_core.learner import LearnResult
+from proxsparse_core.workspace import DENSE, Workspace
+
+log = logging.getLogger("proxsparse.ui")
+
+LEARNED = "proxsparse"
+ACTIVE = ("starting", "loading", "running", "evaluating")
+MAX_LOG_LINES = 400
+
+
+class Busy(UserError):
+    """Another heavy activity holds the model."""
+
+
+@dataclass
+class LearnJob:
+    id: int
+    cfg: RunConfig
+    evaluate: bool = True
+    stop: threading.Event = field(default_factory=threading.Event)
+    events: list[dict] = field(default_factory=list)
+    log: list[str] = field(default_factory=list)
+    status: str = "starting"         # starting → loading → running → evaluating → finished|stopped|failed
+    message: str = ""
+    model_info: str = ""
+    data_info: str = ""
+    layer_names: list[str] = field(default_factory=list)
+    result: LearnResult | None = None
+    verification: str = ""
+    perplexity: dict = field(default_factory=dict)
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE
+
+    def say(self, line: str):
+        self.log.append(line)
+        del self.log[:-MAX_LOG_LINES]
+
+    def version(self) -> tuple:
+        """Changes whenever something a page shows changes (cheap to compare while polling)."""
+        return (self.status, len(self.events), len(self.log), len(self.perplexity))
+
+
+class JobManager:
+    def __init__(self, workspace: Workspace | None = None):
+        self.ws = workspace or Workspace()
+        self.job: LearnJob | None = None
+        self.cfg: RunConfig | None = None      # the configuration the workspace was last loaded with
+        self.activity: str | None = None
+        self.eval_stop = threading.Event()     # Stop for perplexity / baselines in the Compare tab
+        self.verified: dict[str, bool] = {}    # result name → passed the 2:4 verification
+        self._busy = threading.Lock()
+        self._ids = itertools.count(1)
+
+    # ------------------------------------------------------------------ the one-at-a-time guard
+    def _acquire(self, what: str):
+        if not self._busy.acquire(blocking=False):
+            raise Busy(f"the machine is busy {self.activity or 'with another task'}; "
+                       f"wait for it to finish (or stop it) and try again")
+        self.activity = what
+
+    def _release(self):
+        self.activity = None
+        self._busy.release()
+
+    @contextmanager
+    def claim(self, what: str):
+        """Hold the model for one heavy activity, or raise Busy at once."""
+        self._acquire(what)
+        try:
+            yield self.ws
+        finally:
+            self._release()
+
+    def release_later(self, what: str):
+        """Take the guard now and return the function that frees it (for worker threads)."""
+        self._acquire(what)
+        return self._release
+
+    @property
+    def learning(self) -> bool:
+        return self.job is not None and self.job.active
+
+    # ------------------------------------------------------------------ workspace loading
+    def ensure_loaded(self, cfg: RunConfig | None = None):
+        """Load the model and data (of `cfg`, else of the last run, else the defaults). Call it
+        while holding the guard."""
+        cfg = cfg or self.cfg or RunConfig()
+        before = self.ws.lm
+        lm = self.ws.load(cfg)
+        if lm is not before:
+            self.verified = {}                 # a new model starts without results
+        self.cfg = cfg
+        return lm
+
+    # ------------------------------------------------------------------ learning
+    def start_learning(self, cfg: RunConfig, evaluate: bool = True) -> LearnJob:
+        cfg.validate()
+        self._acquire("learning a mask")
+        job = LearnJob(next(self._ids), cfg, evaluate)
+        self.job = job
+        try:
+            threading.Thread(target=self._learn, args=(job,), daemon=True, name=f"learn-{job.id}").start()
+        except BaseException:
+            job.status, job.finished = "failed", time.time()
+            self._release()
+            raise
+        return job
+
+    def stop(self) -> str:
+        job = self.job
+        if job is None or not job.active:
+            return "nothing is running"
+        job.stop.set()
+        job.say("stop requested: the run ends after the current step")
+        return "stopping after the current step …"
+
+    def _on_event(self, job: LearnJob, ev):
+        job.events.append(ev.to_dict())
+        job.say(ev.line())
+
+    def _learn(self, job: LearnJob):
+        try:
+            job.status = "loading"
+            job.say(f"$ {job.cfg.cli_command()}")
+            job.say(f"loading {job.cfg.model} and tokenising the calibration data …")
+            lm = self.ensure_loaded(job.cfg)
+            data = self.ws.data
+            job.layer_names = list(lm.prunable.names)
+            job.model_info = lm.describe()
+            job.data_info = (f"{data.source}: {data.calibration.shape[0]} calibration samples × "
+                             f"{data.calibration.shape[1]} tokens; {data.held_out.shape[0]} held-out "
+                             f"windows × {data.held_out.shape[1]} tokens")
+            job.say(job.model_info)
+            job.say(job.data_info)
+            job.status = "running"
+            result = self.ws.learn(job.cfg, lambda ev: self._on_event(job, ev), job.stop, name=LEARNED)
+            job.result = result
+            job.say(result.message)
+            if result.steps_done:
+                check = self.ws.verify(LEARNED)
+                self.verified[LEARNED] = check.ok
+                job.verification = str(check)
+                job.say(job.verification)
+                if job.evaluate and not job.stop.is_set():
+                    job.status = "evaluating"
+                    self._evaluate(job)
+            job.message = result.message
+            job.status = result.status
+        except UserError as exc:
+            job.message, job.status = str(exc), "failed"
+            job.say(f"error: {exc}")
+        except Exception as exc:  # noqa: BLE001 - the page shows one line; the server log has the trace
+            log.exception("learning job %s failed", job.id)
+            job.message, job.status = f"unexpected error: {type(exc).__name__}: {exc}", "failed"
+            job.say(f"error: {job.message}")
+        finally:
+            job.finished = time.time()
+            self._release()
+
+    def _evaluate(self, job: LearnJob):
+        try:
+            for name in (DENSE, LEARNED):
+                job.say(f"held-out perplexity of {name} …")
+                job.perplexity[name] = self.ws.perplexity(name, stop=job.stop)
+            job.say("held-out perplexity: " + "  ".join(f"{k} {v:.3f}" for k, v in job.perplexity.items()))
+        except InterruptedError:
+            job.say("perplexity skipped (stopped); compute it in the Compare tab")

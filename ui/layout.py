@@ -1,0 +1,78 @@
+"""The whole page: a header and the tabs (Learn, Compare, How 2:4 works, and Export when that
+module is present). Theme and CSS are passed to `launch()`, as Gradio 6 expects."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import gradio as gr
+import torch
+
+from proxsparse_core.config import RunConfig
+
+from .compare_tab import build_compare_tab
+from .explain_tab import build_explain_tab
+from .jobs import JobManager
+from .learn_tab import build_learn_tab
+
+ASSETS = Path(__file__).resolve().parent.parent / "assets"
+THEME = gr.themes.Soft(primary_hue="emerald", secondary_hue="slate", neutral_hue="slate",
+                       font=["system-ui", "Segoe UI", "Helvetica", "Arial", "sans-serif"],
+                       font_mono=["ui-monospace", "Menlo", "Consolas", "monospace"])
+
+
+def css() -> str:
+    return (ASSETS / "style.css").read_text()
+
+
+def machine_summary() -> str:
+    if torch.cuda.is_available():
+        names = {torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())}
+        where = f"{torch.cuda.device_count()} × {', '.join(sorted(names))}"
+    else:
+        where = f"CPU only ({os.cpu_count()} cores)"
+    return f"{where} · torch {torch.__version__.split('+')[0]} · gradio {gr.__version__}"
+
+
+def _header() -> str:
+    return f"""
+<div class="ps-header">
+  <div class="ps-title">ProxSparse <span>Studio</span></div>
+  <div class="ps-sub">Learn which half of an LLM's weights to drop: a 2:4 sparsity mask chosen by the
+  model's own loss (ProxSparse, ICML 2025), compared against one-shot pruning.</div>
+  <div class="ps-machine">{machine_summary()}</div>
+</div>"""
+
+
+def build_app(jobs: JobManager | None = None, defaults: RunConfig | None = None,
+              preset: str = "quick-demo") -> gr.Blocks:
+    jobs = jobs or JobManager()
+    defaults = defaults or RunConfig().with_preset(preset)
+    with gr.Blocks(title="ProxSparse Studio") as demo:
+        gr.HTML(_header())
+        with gr.Tabs():
+            with gr.Tab("Learn a 2:4 mask", id="learn"):
+                build_learn_tab(jobs, demo, defaults, preset)
+            with gr.Tab("Compare", id="compare", elem_id="ps-tab-compare") as compare:
+                build_compare_tab(jobs, compare)
+            with gr.Tab("How 2:4 works", id="explain", elem_id="ps-tab-explain") as explain:
+                build_explain_tab(jobs, explain)
+            _export_tab(jobs)
+    demo.jobs = jobs
+    return demo
+
+
+def _export_tab(jobs: JobManager):
+    """The Export tab, written in ui/export_tab.py, when it exists."""
+    try:
+        from .export_tab import build_export_tab
+    except ImportError:
+        return
+    with gr.Tab("Export", id="export", elem_id="ps-tab-export"):
+        build_export_tab(jobs)
+
+
+def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False, **kw):
+    demo.queue(default_concurrency_limit=1)
+    return demo.launch(server_name=host, server_port=port, share=share, theme=THEME, css=css(),
+                       footer_links=["api", "settings"], **kw)

@@ -1,0 +1,332 @@
+"""Learn tab: pick a model, data and hyper-parameters, start a run, watch it learn a 2:4 mask.
+
+The form is generated from `RunConfig`, so every CLI flag has a widget and a new field shows
+up here by itself. The charts are fed by polling the server-side job (ui.jobs): the Start
+handler and the page-load handler both just follow the current job, which is why a reload
+re-attaches to a running job and a second visitor sees the same run.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import fields
+
+import gradio as gr
+
+from proxsparse_core import plots
+from proxsparse_core.config import PRESETS, RunConfig
+from proxsparse_core.errors import UserError
+from proxsparse_core.models import BUNDLED, BUNDLED_LABEL
+
+from .feedback import esc, explain, fmt_bytes, fmt_duration, guarded, notify
+from .jobs import Busy, JobManager, LearnJob
+
+FORM = [f.name for f in fields(RunConfig) if f.name != "data"]   # data has its own three widgets
+DATA_MODES = ["built-in text", "upload a file", "HF dataset"]
+KEEP_ON_PRESET = ("device", "dtype", "device_map", "trust_remote_code", "data_field")
+POLL_S = 0.5
+
+LABELS = {
+    "model": "Model", "device": "Device", "dtype": "Precision", "trust_remote_code": "Trust remote code",
+    "device_map": "Multi-GPU placement", "data_field": "Text field", "samples": "Calibration samples",
+    "ctx": "Tokens per sample", "eval_ctx": "Perplexity window (tokens)", "eval_windows": "Perplexity windows",
+    "lambda1": "λ1 · 2:4 regulariser", "lambda2": "λ2 · frozen-weight regulariser", "eps": "ε (λ2 term)",
+    "lr": "Learning rate", "steps": "Steps", "batch": "Batch size", "warmup": "Warm-up share",
+    "seed": "Seed", "grad_ckpt": "Gradient checkpointing", "train_all": "Train all parameters",
+    "w0_offload": "Keep W0 on the CPU", "layer_stats_every": "Per-layer stats every N steps",
+}
+MAIN = ("lambda1", "lambda2", "lr", "steps")            # shown open; the rest sit in "Advanced"
+DATA = ("samples", "ctx")
+MODEL = ("model", "device", "dtype")
+
+
+# ---------------------------------------------------------------------------- plain handlers
+
+def data_source(mode: str, upload, hf_spec: str) -> str:
+    """The RunConfig.data string for the data widgets."""
+    if mode == DATA_MODES[1]:
+        path = getattr(upload, "name", upload)
+        if not path:
+            raise UserError("choose a .txt or .jsonl file to upload, or pick the built-in text")
+        return str(path)
+    if mode == DATA_MODES[2]:
+        spec = (hf_spec or "").strip()
+        if not spec:
+            raise UserError("type an HF dataset, e.g. hf:wikitext:wikitext-2-raw-v1:train:text")
+        return spec if spec.startswith("hf:") else "hf:" + spec
+    return "builtin"
+
+
+def config_from_form(values: dict, data: str = "builtin") -> RunConfig:
+    """A validated RunConfig from widget values (names as in FORM)."""
+    clean = {}
+    for f in fields(RunConfig):
+        if f.name not in values:
+            continue
+        v = values[f.name]
+        if v is None or (isinstance(v, str) and not v.strip() and f.name in ("model", "device", "dtype")):
+            raise UserError(f"{LABELS.get(f.name, f.name)} is empty")
+        if isinstance(f.default, int) and not isinstance(f.default, bool) and isinstance(v, float) \
+                and v.is_integer():
+            v = int(v)
+        clean[f.name] = v.strip() if isinstance(v, str) else v
+    return RunConfig(**{**clean, "data": data}).validate()
+
+
+def preset_values(name: str, current: dict) -> tuple[list, str]:
+    """Widget values for a preset: its settings over the defaults, keeping the user's
+    environment choices (device, precision, …); and the preset's note."""
+    if name not in PRESETS:
+        raise UserError(f"unknown preset {name!r}")
+    cfg = RunConfig(**{k: current[k] for k in KEEP_ON_PRESET if k in current}).with_preset(name)
+    return [getattr(cfg, f) for f in FORM], preset_note(name)
+
+
+def preset_note(name: str) -> str:
+    return f"*{esc(PRESETS[name]['note'])}*" if name in PRESETS else ""
+
+
+def _rate(events: list[dict]) -> float:
+    recent = events[-5:]
+    return len(recent) / max(1e-9, sum(e["t_step"] for e in recent)) if recent else 0.0
+
+
+def progress_html(job: LearnJob | None, note: str = "") -> str:
+    """Status badge, progress bar with ETA, and speed/memory figures."""
+    if job is None:
+        return (f'<div class="ps-progress"><span class="ps-badge ps-idle">ready</span> '
+                f'Press <b>Start</b> to learn a 2:4 mask with these settings.{_note(note)}</div>')
+    total = job.cfg.steps
+    done = job.events[-1]["step"] if job.events else 0
+    pct = 100.0 * done / max(1, total)
+    head = f"step <b>{done} / {total}</b> · {pct:.0f}%"
+    stats = ""
+    if job.events:
+        last = job.events[-1]
+        on_gpu = str(job.cfg.device).startswith("cuda") or "cuda" in job.model_info
+        stats = (f"{_rate(job.events):.2f} steps/s · {last['tokens_per_s']:,.0f} tokens/s · "
+                 f"{'GPU peak' if on_gpu else 'process'} memory {fmt_bytes(last['mem_bytes'])} · "
+                 f"per step: fwd+bwd {last['t_fwd_bwd']:.2f}s, AdamW {last['t_opt']:.2f}s, prox {last['t_prox']:.2f}s")
+    if job.active:
+        if job.status == "running" and job.events:
+            head += f" · ETA {fmt_duration(job.events[-1]['eta'])}"
+        elif job.status == "loading":
+            head = "loading the model and data …"
+        elif job.status == "evaluating":
+            head += " · measuring held-out perplexity …"
+        if job.stop.is_set():
+            head += " · stopping after this step"
+    else:
+        head += f" · {esc(job.message)}" if job.message else ""
+    return (f'<div class="ps-progress"><div class="ps-head"><span class="ps-badge ps-{job.status}">'
+            f'{job.status}</span> {head}</div>'
+            f'<div class="ps-bar"><div style="width:{pct:.1f}%"></div></div>'
+            f'<div class="ps-stats">{stats}</div>{_note(note)}</div>')
+
+
+def _note(note: str) -> str:
+    return f'<div class="ps-note">{esc(note)}</div>' if note else ""
+
+
+def info_markdown(job: LearnJob | None) -> str:
+    if job is None:
+        return ""
+    lines = []
+    if job.model_info:
+        lines.append(f"**Model** · {esc(job.model_info)}")
+    if job.data_info:
+        lines.append(f"**Data** · {esc(job.data_info)}")
+    if job.verification:
+        lines.append(f"**Mask** · {esc(job.verification)}")
+    if job.perplexity:
+        ppl = job.perplexity
+        text = " · ".join(f"{k} **{v:.2f}**" for k, v in ppl.items())
+        if "dense" in ppl and "proxsparse" in ppl:
+            text += f" (×{ppl['proxsparse'] / ppl['dense']:.2f})"
+        lines.append(f"**Held-out perplexity** · {text} — more rows in the Compare tab")
+    if not job.active and job.status == "failed":
+        lines.append(f"**Error** · {esc(job.message)}")
+    return "\n\n".join(lines)
+
+
+def _last_layer_share(events: list[dict]):
+    for e in reversed(events):
+        if e.get("layer_share"):
+            return e["layer_share"]
+    return None
+
+
+def render(job: LearnJob | None, note: str = "") -> tuple:
+    """Everything the Learn tab shows for a job: progress, three charts, log, info."""
+    events = list(job.events) if job else []
+    layer_names = job.layer_names if job else []
+    return (progress_html(job, note), plots.loss_figure(events), plots.sparsity_figure(events),
+            plots.layer_heatmap(layer_names, _last_layer_share(events)),
+            "\n".join(job.log[-200:]) if job else "", info_markdown(job))
+
+
+def follow(job: LearnJob, note: str = "", poll: float = POLL_S):
+    """Yield render(job) whenever it changes, until the job ends (the final state included)."""
+    seen = None
+    while True:
+        active = job.active
+        version = job.version()
+        if version != seen:
+            seen = version
+            yield render(job, note)
+        if not active:
+            return
+        time.sleep(poll)
+
+
+def start_run(jobs: JobManager, mode, upload, hf_spec, evaluate, *values):
+    """Start a run with the form's values and stream it. If another run holds the machine, say
+    so and show that run instead; bad settings are reported and nothing starts."""
+    try:
+        cfg = config_from_form(dict(zip(FORM, values)), data_source(mode, upload, hf_spec))
+        job = jobs.start_learning(cfg, evaluate=bool(evaluate))
+    except Busy as exc:
+        notify(str(exc))
+        if jobs.learning:
+            yield from follow(jobs.job, note="Another run is using the machine; you are watching it live.")
+        else:
+            yield (progress_html(jobs.job, str(exc)),) + (gr.skip(),) * 5
+        return
+    except Exception as exc:  # noqa: BLE001 - bad settings: one line, the page stays as it is
+        message = explain(exc)
+        notify(message)
+        yield (progress_html(jobs.job, message),) + (gr.skip(),) * 5
+        return
+    yield from follow(job)
+
+
+def attach(jobs: JobManager):
+    """Page load: show (and keep streaming) the current or last job."""
+    if jobs.job is None:
+        yield render(None)
+        return
+    yield from follow(jobs.job)
+
+
+def stop_run(jobs: JobManager) -> str:
+    return jobs.stop()
+
+
+@guarded(1)
+def inspect_model(jobs: JobManager, model, device, dtype, trust_remote_code, device_map) -> str:
+    """Load the chosen model (no learning) to show its size, device, precision and prunable layers."""
+    chosen = dict(model=(model or "").strip() or BUNDLED, device=device, dtype=dtype,
+                  trust_remote_code=bool(trust_remote_code), device_map=device_map or "")
+    cfg = RunConfig(**{**(jobs.cfg or RunConfig()).to_dict(), **chosen})
+    with jobs.claim("loading a model"):
+        lm = jobs.ensure_loaded(cfg)
+    return f"**Model** · {esc(lm.describe())}"
+
+
+# ---------------------------------------------------------------------------- layout
+
+def _widget(name: str, value):
+    f = next(f for f in fields(RunConfig) if f.name == name)
+    label, info = LABELS.get(name, name), f.metadata["help"]
+    if name == "model":
+        choices = [(BUNDLED_LABEL, BUNDLED)] + ([(value, value)] if value != BUNDLED else [])
+        return gr.Dropdown(choices=choices, value=value, allow_custom_value=True, label=label,
+                           info="the bundled offline model, or type a Hugging Face id or a local folder")
+    if name == "device":
+        return gr.Dropdown(["auto", "cpu", "cuda", "mps"], value=value, allow_custom_value=True,
+                           label=label, info="auto: CUDA, then MPS, then CPU")
+    if name == "dtype":
+        return gr.Dropdown(["auto", "float32", "bfloat16", "float16"], value=value, label=label,
+                           info="auto: bf16 on GPUs that support it, else fp32")
+    if name == "device_map":
+        return gr.Dropdown([("one device", ""), ("spread over all GPUs (accelerate)", "auto")],
+                           value=value, label=label)
+    if isinstance(f.default, bool):
+        return gr.Checkbox(value=value, label=label, info=info)
+    if isinstance(f.default, int):
+        return gr.Number(value=value, precision=0, label=label, info=info)
+    if isinstance(f.default, float):
+        return gr.Number(value=value, label=label, info=info)
+    return gr.Textbox(value=value, label=label, info=info)
+
+
+def build_learn_tab(jobs: JobManager, demo: gr.Blocks, defaults: RunConfig, preset: str = "quick-demo"):
+    widgets: dict[str, gr.components.Component] = {}
+
+    def add(names):
+        for n in names:
+            widgets[n] = _widget(n, getattr(defaults, n))
+
+    with gr.Row(equal_height=False):
+        with gr.Column(scale=4, min_width=340, elem_classes="ps-panel"):
+            gr.Markdown("#### 1 · Model")
+            add(MODEL[:1])
+            with gr.Row():
+                add(MODEL[1:])
+            with gr.Row():
+                inspect_btn = gr.Button("Inspect model", size="sm", variant="secondary")
+            model_info = gr.Markdown(elem_classes="ps-info")
+            gr.Markdown("#### 2 · Calibration data")
+            mode = gr.Radio(DATA_MODES, value=DATA_MODES[0], label="Text", show_label=False,
+                            info="built-in: Python's own documentation (offline); ¼ of it is held out")
+            upload = gr.File(label=".txt or .jsonl file", file_types=[".txt", ".jsonl"], type="filepath",
+                             visible=False, height=90)
+            hf_spec = gr.Textbox(label="HF dataset", visible=False,
+                                 placeholder="hf:NAME[:CONFIG[:SPLIT[:FIELD]]]  e.g. hf:wikitext:wikitext-2-raw-v1")
+            with gr.Row():
+                add(DATA)
+            gr.Markdown("#### 3 · ProxSparse")
+            preset_box = gr.Dropdown([(f"{k} — {v['settings']['model'].split('/')[-1]}", k)
+                                      for k, v in PRESETS.items()], value=preset, label="Preset",
+                                     info="published settings for large models, or the CPU demo")
+            note = gr.Markdown(preset_note(preset), elem_classes="ps-note")
+            with gr.Row():
+                add(MAIN[:2])
+            with gr.Row():
+                add(MAIN[2:])
+            with gr.Accordion("Advanced", open=False):
+                evaluate = gr.Checkbox(value=True, label="Measure held-out perplexity after learning")
+                add([n for n in FORM if n not in MODEL + DATA + MAIN])
+            with gr.Row():
+                start = gr.Button("Start", variant="primary", elem_id="ps-start")
+                stop = gr.Button("Stop", variant="stop", elem_id="ps-stop")
+        with gr.Column(scale=8):
+            progress = gr.HTML(progress_html(None), elem_id="ps-progress")
+            with gr.Row():
+                loss = gr.Plot(plots.loss_figure([]), show_label=False, elem_id="ps-loss")
+                sparsity = gr.Plot(plots.sparsity_figure([]), show_label=False, elem_id="ps-sparsity")
+            heatmap = gr.Plot(plots.layer_heatmap([], None), show_label=False, elem_id="ps-heatmap")
+            info = gr.Markdown(elem_classes="ps-info", elem_id="ps-info")
+            log_box = gr.Textbox(label="Log", lines=8, max_lines=8, autoscroll=True, interactive=False,
+                                 elem_id="ps-log")
+
+    form = [widgets[n] for n in FORM]
+    stream_out = [progress, loss, sparsity, heatmap, log_box, info]
+
+    def on_start(mode_v, upload_v, hf_v, evaluate_v, *values):
+        yield from start_run(jobs, mode_v, upload_v, hf_v, evaluate_v, *values)
+
+    def on_attach():
+        yield from attach(jobs)
+
+    def on_stop():
+        notify(stop_run(jobs), "info")
+
+    def on_mode(m):
+        return gr.update(visible=m == DATA_MODES[1]), gr.update(visible=m == DATA_MODES[2])
+
+    @guarded(len(FORM) + 1)
+    def on_preset(name, *values):
+        new, text = preset_values(name, dict(zip(FORM, values)))
+        return (*new, text)
+
+    # Observers of the one job: no concurrency limit, or a second page would wait for the first.
+    start.click(on_start, [mode, upload, hf_spec, evaluate] + form, stream_out, api_name="start",
+                concurrency_limit=None, show_progress="hidden")
+    demo.load(on_attach, None, stream_out, api_name="attach", concurrency_limit=None, show_progress="hidden")
+    stop.click(on_stop, None, None, api_name="stop", queue=False)
+    mode.change(on_mode, mode, [upload, hf_spec], api_visibility="private", queue=False)
+    preset_box.input(on_preset, [preset_box] + form, form + [note], api_visibility="private")
+    inspect_btn.click(lambda *v: inspect_model(jobs, *v),
+                      [widgets[n] for n in ("model", "device", "dtype", "trust_remote_code", "device_map")],
+                      model_info, api_name="inspect_model", concurrency_id="model")
+    return widgets
