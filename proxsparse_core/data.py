@@ -2,8 +2,9 @@
 
 Sources:
 * ``builtin`` — English prose that every Python install has offline: the standard library's
-  ``pydoc_data.topics``. Topics are sorted by name; every 5th topic is held out, the rest is
-  calibration text, so the two parts never overlap.
+  ``pydoc_data.topics``. Topics are sorted by name and dealt in order: a topic is held out while
+  the held-out part is under 20% of the text so far, the rest is calibration text; paragraphs
+  that repeat across topics are removed from the calibration part, so the two never overlap.
 * a ``.txt`` file, or a ``.jsonl`` file with a ``text`` field (or another field you name);
 * ``hf:NAME[:CONFIG[:SPLIT[:FIELD]]]`` — a Hugging Face dataset (needs the optional ``datasets``
   package and a reachable hub).
@@ -20,7 +21,7 @@ import torch
 
 from .errors import UserError
 
-HELD_OUT_EVERY = 5
+HELD_OUT_SHARE = 0.2
 MAX_FILE_BYTES = 200 * 1024 * 1024
 
 
@@ -35,8 +36,23 @@ def _split_documents(docs: list[str], source: str) -> TextSplit:
     docs = [d for d in docs if d and d.strip()]
     if len(docs) < 2:
         raise UserError(f"{source}: not enough text (need at least two documents or paragraphs)")
-    cal = [d for i, d in enumerate(docs) if i % HELD_OUT_EVERY != HELD_OUT_EVERY - 1]
-    held = [d for i, d in enumerate(docs) if i % HELD_OUT_EVERY == HELD_OUT_EVERY - 1]
+    # walk the documents in order; a document is held out while the held-out part is under
+    # its share of the text seen so far (deterministic, interleaved, ~HELD_OUT_SHARE of the text)
+    cal, held, held_chars, seen = [], [], 0, 0
+    for d in docs:
+        seen += len(d)
+        if held_chars < HELD_OUT_SHARE * seen:
+            held.append(d)
+            held_chars += len(d)
+        else:
+            cal.append(d)
+    # Documents can repeat paragraphs (pydoc topics do): drop from the calibration part every
+    # paragraph that also appears in the held-out part, so the two never share text.
+    held_paras = {p.strip() for d in held for p in d.split("\n\n") if p.strip()}
+    cal = ["\n\n".join(p for p in d.split("\n\n") if p.strip() not in held_paras) for d in cal]
+    cal = [d for d in cal if d.strip()]
+    if not cal:
+        raise UserError(f"{source}: no calibration text left after holding out the evaluation part")
     return TextSplit("\n\n".join(cal), "\n\n".join(held), source)
 
 

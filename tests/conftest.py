@@ -1,0 +1,52 @@
+"""Shared test fixtures: offline, CPU, tiny random models built in the test."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def make_tiny_llama(seed: int = 0, hidden: int = 64, inter: int = 128, layers: int = 2, vocab: int = 256):
+    """A random Llama small enough to train in milliseconds, with real Llama structure."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, vocab_size=vocab,
+                      max_position_embeddings=512, tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
+class TinyTokenizer:
+    """Byte-level stand-in for a tokenizer: enough for data preparation and generation."""
+    pad_token_id = 0
+    eos_token_id = 1
+    chat_template = None
+
+    def __call__(self, text, add_special_tokens=False, return_attention_mask=False, return_tensors=None):
+        ids = [2 + (b % 250) for b in text.encode("utf-8")]
+        if return_tensors == "pt":
+            return {"input_ids": torch.tensor([ids])}
+        return {"input_ids": ids}
+
+    def decode(self, ids, skip_special_tokens=True):
+        return bytes(int(i) - 2 for i in ids if int(i) >= 2).decode("utf-8", "replace")
+
+
+@pytest.fixture
+def tiny_llama():
+    return make_tiny_llama()
+
+
+@pytest.fixture
+def tiny_lm():
+    """A models.LoadedModel around a tiny random Llama (no files, no network)."""
+    from proxsparse_core.models import LoadedModel
+    from proxsparse_core.prunable import find_prunable
+
+    model = make_tiny_llama()
+    return LoadedModel(model, TinyTokenizer(), "tiny", "tiny-llama", "cpu", torch.float32,
+                       find_prunable(model), 512)

@@ -1,0 +1,62 @@
+"""The CLI: bad arguments give one clear line and exit code 2; a learn run writes its artefacts."""
+import json
+import subprocess
+import sys
+
+import pytest
+
+from proxsparse_core.cli import main
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["learn", "--lambda1", "-1"], "lambda1 must be ≥ 0"),
+    (["learn", "--lambda1", "nan"], "lambda1 must be a finite number"),
+    (["learn", "--lr", "0"], "lr must be > 0"),
+    (["learn", "--lr", "1e9"], "out of range"),
+    (["learn", "--steps", "0"], "steps must be between 1"),
+    (["learn", "--preset", "nope"], "unknown preset"),
+    (["learn", "--data", "/nonexistent/file.txt", "--out", "OUT"], "does not exist"),
+    (["learn", "--model", "/nonexistent/model", "--out", "OUT"], "does not exist"),
+    (["learn", "--ctx", "100000", "--out", "OUT"], "longer than the model allows"),
+    (["eval", "--masks", "/nonexistent/masks.npz"], "no mask file"),
+    (["learn", "--steps", "many"], "invalid int value"),
+])
+def test_bad_arguments_one_line_exit_2(argv, needle, capsys, tmp_path):
+    argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    try:
+        code = main(argv)
+    except SystemExit as e:  # argparse type errors exit from inside the parser
+        code = e.code
+    err = capsys.readouterr().err.strip()
+    assert code == 2
+    assert needle in err and len(err.splitlines()) == 1 and "Traceback" not in err
+
+
+def test_help_lists_every_hyper_parameter():
+    out = subprocess.run([sys.executable, "-m", "proxsparse_core", "learn", "--help"],
+                         capture_output=True, text=True, check=True).stdout
+    for flag in ("--lambda1", "--lambda2", "--eps", "--lr", "--steps", "--batch", "--ctx", "--data",
+                 "--samples", "--seed", "--preset", "--out", "--model", "--device", "--dtype"):
+        assert flag in out
+
+
+def test_learn_writes_mask_recipe_metrics_and_recipe_reproduces(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(["learn", "--steps", "2", "--samples", "2", "--ctx", "32", "--eval-ctx", "64",
+                 "--eval-windows", "2", "--lambda1", "0.05", "--out", str(out)])
+    text = capsys.readouterr().out
+    assert code == 0, text
+    assert "step 2/2" in text and "verified" in text
+    for f in ("masks.npz", "recipe.json", "metrics.json", "events.jsonl"):
+        assert (out / f).exists()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["verified"] and metrics["perplexity"]["proxsparse"] > metrics["perplexity"]["dense"]
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert recipe["config"]["lambda1"] == 0.05 and "--lambda1 0.05" in recipe["command"]
+    # the same folder is not overwritten silently
+    assert main(["learn", "--steps", "1", "--out", str(out)]) == 2
+    assert "exists" in capsys.readouterr().err
+    # eval applies the saved masks and reports both perplexities
+    assert main(["eval", "--masks", str(out), "--eval-ctx", "64", "--eval-windows", "2", "--json"]) == 0
+    ppl = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["perplexity"]
+    assert ppl["pruned"] == pytest.approx(metrics["perplexity"]["proxsparse"], rel=1e-6)
