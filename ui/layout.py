@@ -68,8 +68,8 @@ def _export_tab(jobs: JobManager):
         from .export_tab import build_export_tab
     except ImportError:
         return
-    with gr.Tab("Export", id="export", elem_id="ps-tab-export"):
-        build_export_tab(jobs)
+    with gr.Tab("Export", id="export", elem_id="ps-tab-export") as tab:
+        build_export_tab(jobs, tab)
 
 
 def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False, **kw):

@@ -1,0 +1,128 @@
+"""Export tab: write a 2:4 result as a Hugging Face folder on this machine, and download its small
+artefacts (model card, masks, recipe, report) as one zip.
+
+Exports go under one root folder (`$PROXSPARSE_EXPORTS`, default `./exports`); the folder name a
+visitor types is sanitised so nothing is written outside it. The export itself is atomic (see
+`proxsparse_core.export`): Stop, a full disk or an error leave no half-written folder.
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import gradio as gr
+
+from proxsparse_core.errors import UserError
+from proxsparse_core.export import bundle, export_result, target_in
+
+from .compare_tab import TITLES
+from .feedback import esc, fmt_bytes, guarded, notify
+from .jobs import LEARNED, JobManager
+
+STAGES = ("measuring dense", "measuring", "writing the pruned model", "writing masks", "exported")
+
+
+def export_root() -> Path:
+    return Path(os.environ.get("PROXSPARSE_EXPORTS", "exports")).expanduser().resolve()
+
+
+def result_choices(jobs: JobManager) -> list[tuple[str, str]]:
+    return [(TITLES.get(n, n), n) for n in jobs.ws.results]
+
+
+def default_name(jobs: JobManager, result: str | None) -> str:
+    label = jobs.ws.lm.label if jobs.ws.lm is not None else "model"
+    return f"{label}-{result or LEARNED}-2to4-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def _events_for(jobs: JobManager, result: str) -> list[dict] | None:
+    """The learning curve of the learned mask (the last run's events), if that run made it."""
+    job = jobs.job
+    if result == LEARNED and job is not None and job.result is not None and job.result.steps_done:
+        return list(job.events)
+    return None
+
+
+def run_export(jobs: JobManager, result: str, folder_name: str, overwrite: bool, evaluate: bool,
+               stop: threading.Event, progress=None) -> tuple[str, str]:
+    """Export `result` to <root>/<folder_name> and zip its small artefacts for download.
+    Returns (markdown summary, path of the zip)."""
+    say = progress or (lambda frac, desc="": None)
+    if not jobs.ws.results:
+        raise UserError("nothing to export yet: learn a mask in the Learn tab (or compute a baseline "
+                        "in the Compare tab) first")
+    if result not in jobs.ws.results:
+        raise UserError(f"no result named {result!r}; pick one from the list")
+    target = target_in(export_root(), folder_name or default_name(jobs, result))
+    stop.clear()
+
+    def stage(text: str):
+        i = next((k for k, s in enumerate(STAGES) if text.startswith(s)), 0)
+        say(i / len(STAGES), desc=text)
+    with jobs.claim("exporting") as ws:
+        res = export_result(ws, result, target, events=_events_for(jobs, result), evaluate=evaluate,
+                            overwrite=overwrite, stop=stop, progress=stage)
+    zip_path = bundle(res.folder, Path(tempfile.mkdtemp(prefix="proxsparse-download-"))
+                      / f"{res.folder.name}-artefacts.zip")
+    return summary_markdown(res), str(zip_path)
+
+
+def summary_markdown(res) -> str:
+    m = res.metrics
+    size = sum((res.folder / f).stat().st_size for f in res.files)
+    lines = [f"**Exported** {esc(m['result'])} to `{res.folder}` ({len(res.files)} files, {fmt_bytes(size)}).",
+             "", f"{'✅' if m['verified'] else '❌'} {esc(m['verification'])}", ""]
+    if m.get("perplexity"):
+        lines += ["| model | held-out perplexity |", "|---|---|"]
+        lines += [f"| {esc(k)} | {v:.3f} |" for k, v in m["perplexity"].items()]
+        lines.append("")
+    lines += ["Load it with `AutoModelForCausalLM.from_pretrained(\"" + str(res.folder) + "\")`; "
+              "`proxsparse/masks.npz` re-creates it from the original model "
+              "(`proxsparse_core.export.load_with_masks`)."]
+    return "\n".join(lines)
+
+
+def build_export_tab(jobs: JobManager, tab: gr.Tab | None = None):
+    """The tab's content; `tab` (the enclosing gr.Tab) refreshes the result list when selected."""
+    stop = threading.Event()
+    gr.Markdown("Write the 2:4 model as a normal Hugging Face folder (safetensors, config, tokenizer) "
+                "with a model card, the masks alone (1 bit per weight), the recipe that reproduces the "
+                f"run, and a report. Folders are created under `{export_root()}`; nothing is ever "
+                "half-written or overwritten without your say.")
+    with gr.Row():
+        with gr.Column(scale=3):
+            result = gr.Dropdown(result_choices(jobs), label="Result to export", allow_custom_value=True,
+                                 info="the learned mask or a one-shot baseline", elem_id="ps-export-result")
+            name = gr.Textbox(label="Folder name", placeholder="leave empty for an automatic name",
+                              info=f"created inside {export_root()}", elem_id="ps-export-name")
+            with gr.Row():
+                evaluate = gr.Checkbox(True, label="Measure perplexity for the report")
+                overwrite = gr.Checkbox(False, label="Replace an existing folder of that name")
+        with gr.Column(scale=2, min_width=220):
+            go = gr.Button("Export", variant="primary", elem_id="ps-export")
+            stop_btn = gr.Button("Stop", variant="stop", size="sm", elem_id="ps-export-stop")
+            download = gr.File(label="Masks, recipe and report (zip)", interactive=False,
+                               elem_id="ps-export-zip")
+    status = gr.Markdown(elem_id="ps-export-status")
+
+    @guarded(2)
+    def on_export(r, n, ow, ev, progress=gr.Progress()):
+        return run_export(jobs, r, n, ow, ev, stop, progress)
+
+    def on_stop():
+        stop.set()
+        notify("stopping the export: nothing will be left half-written", "info")
+
+    def on_select():
+        choices = result_choices(jobs)
+        value = LEARNED if LEARNED in jobs.ws.results else (choices[0][1] if choices else None)
+        return gr.update(choices=choices, value=value), gr.update(placeholder=default_name(jobs, value))
+
+    go.click(on_export, [result, name, overwrite, evaluate], [status, download], api_name="export",
+             concurrency_id="model")
+    stop_btn.click(on_stop, None, None, queue=False, api_name="stop_export")
+    if tab is not None:
+        tab.select(on_select, None, [result, name], api_name="refresh_export", queue=False)
