@@ -108,6 +108,10 @@ class RunConfig:
                 if getattr(self, name) > max_positions:
                     raise UserError(f"{name} = {getattr(self, name)} is longer than the model "
                                     f"allows ({max_positions} tokens)")
+        if self.data not in ("", "builtin") and not self.data.startswith("hf:"):
+            from pathlib import Path
+            if not Path(self.data).expanduser().is_file():
+                raise UserError(f"data file {self.data!r} does not exist")
         if self.device_map not in ("", "auto"):
             raise UserError("device_map must be empty or 'auto'")
         return self

@@ -138,7 +138,9 @@ def load_model(source: str = BUNDLED, device: str = "auto", dtype: str = "auto",
     device_map="auto" spreads a model too large for one GPU over all GPUs (and CPU) with
     accelerate; the model then stays where accelerate put it."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()   # our own progress reporting is enough
     source = (source or BUNDLED).strip()
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
