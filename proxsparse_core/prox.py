@@ -18,10 +18,12 @@ order are restored at the end.
 
 Two schedules:
 
-* ``mode="fast"`` (default): groups are iterated in blocks of a few sweeps by one fused
-  elementwise kernel (``torch.compile`` where it works, plain PyTorch otherwise); after each
-  block every group tests its *own* convergence and only the unconverged ones go on. Groups that
-  already have ≤ 2 non-zeros are their own prox and are skipped.
+* ``mode="fast"`` (default): every group is iterated until *its own* sweep moves it by no more
+  than tol·max|z| (a global stopping test over a whole matrix either wastes work or stops too
+  early); groups that already have ≤ 2 non-zeros are their own prox and are skipped. It runs as
+  one in-place pass over the weight: a C kernel on the CPU (prox_native.py), a Triton kernel on
+  CUDA (prox_triton.py), and plain PyTorch elsewhere (blocks of sweeps with the unconverged groups
+  compacted between blocks), all with the same results up to float rounding.
 * ``mode="reference"``: the published schedule (every group iterated together, up to 100 sweeps,
   one global stopping test). It exists for benchmarks and tests.
 
@@ -30,15 +32,14 @@ Both share the sweep cap, so the fast mode's objective is never worse than the r
 """
 from __future__ import annotations
 
-import os
-import warnings
-
 import torch
+
+from . import prox_native
 
 GROUP = 4
 DEFAULT_CHUNK_GROUPS = 1 << 20
 MAX_SWEEPS = 100       # the published cap, shared by both modes
-BLOCK_SWEEPS = 6       # sweeps per fused block in the fast mode
+BLOCK_SWEEPS = 6       # sweeps per block in the PyTorch fast schedule
 FAST_TOL = 1e-7        # per-group: stop when a sweep moves no coordinate by more than tol·max|z|
 REFERENCE_TOL = 1e-8   # global: stop when a sweep moves no coordinate anywhere by more than this
 
@@ -111,47 +112,26 @@ def _select(z1, z2, z3, z4, a1, a2, a3, a4, i1, i2, i3, i4,
     return out
 
 
-_KERNELS = {"sort4": _sort4, "sweeps": _sweeps, "select": _select}
-_compiled: dict | None = None
-
-
-def _kernels() -> dict:
-    """The fused kernels: compiled once per process where torch.compile works, else eager.
-
-    Set PROXSPARSE_COMPILE=0 to force the eager path (same results, slower)."""
-    global _compiled
-    if _compiled is None:
-        _compiled = dict(_KERNELS)
-        if os.environ.get("PROXSPARSE_COMPILE", "1") != "0":
-            try:
-                trial = {k: torch.compile(f, dynamic=True) for k, f in _KERNELS.items()}
-                x = torch.rand(64, 4)
-                _prox_cols(x, 0.5, trial)  # compile now; fall back if the toolchain is missing
-                _compiled = trial
-            except Exception as exc:  # noqa: BLE001 - any compiler failure means "use eager"
-                warnings.warn(f"torch.compile unavailable for the prox ({exc!s:.120}); using eager")
-    return _compiled
-
-
-def _prox_cols(zf: torch.Tensor, lam: float, k: dict, tol: float = FAST_TOL,
+def _prox_cols(zf: torch.Tensor, lam: float, tol: float = FAST_TOL,
                max_sweeps: int = MAX_SWEEPS) -> torch.Tensor:
+    """The portable fast schedule in plain PyTorch (devices without a native or Triton kernel)."""
     z = [c.contiguous() for c in zf.unbind(1)]
-    a1, a2, a3, a4, i1, i2, i3, i4 = k["sort4"](*z)
+    a1, a2, a3, a4, i1, i2, i3, i4 = _sort4(*z)
     u = [a1.clone(), a2.clone(), a3.clone()]
     v = [a1.clone(), a2.clone(), a3.clone(), a4.clone()]
     # groups with ≤ 2 non-zeros (a3 == 0) are fixed points: never iterate them
     work = (a3 > 0).nonzero().squeeze(1)
     done = 0
     while work.numel() and done < max_sweeps:
-        # always a whole block (one compiled shape); sweeps past the cap only lower the objective
+        # whole blocks of sweeps: sweeps past the cap only lower the objective
         n = BLOCK_SWEEPS
         cols = [c[work] for c in (a1, a2, a3, a4, *u, *v)]
-        *res, change = k["sweeps"](*cols, lam, n)
+        *res, change = _sweeps(*cols, lam, n)
         for full, part in zip(u + v, res):
             full[work] = part
         done += n
         work = work[change > tol * cols[0]]
-    return torch.stack(k["select"](*z, a1, a2, a3, a4, i1, i2, i3, i4, *u, *v, lam), 1)
+    return torch.stack(_select(*z, a1, a2, a3, a4, i1, i2, i3, i4, *u, *v, lam), 1)
 
 
 def _prox_reference(zf: torch.Tensor, lam: float, tol: float = REFERENCE_TOL,
@@ -168,37 +148,88 @@ def _prox_reference(zf: torch.Tensor, lam: float, tol: float = REFERENCE_TOL,
     return torch.stack(_select(*z, a1, a2, a3, a4, i1, i2, i3, i4, *u, *v, lam), 1)
 
 
+def _triton():
+    """prox_triton, imported only when CUDA and Triton exist (None otherwise)."""
+    global _TRITON
+    if _TRITON is False:
+        _TRITON = None
+        if torch.cuda.is_available():
+            try:
+                from . import prox_triton as _TRITON
+            except ImportError:
+                _TRITON = None
+    return _TRITON
+
+
+_TRITON = False
+
+
+def _in_place_kernel(groups: torch.Tensor):
+    """The one-pass in-place kernel for these groups, or None (then the PyTorch schedule runs)."""
+    if prox_native.supports(groups) and prox_native.available():
+        return prox_native.prox_
+    if groups.is_cuda and (tri := _triton()) is not None and tri.supports(groups):
+        return tri.prox_
+    return None
+
+
+def _check(lam: float, mode: str):
+    if not lam >= 0:
+        raise ValueError(f"λ must be ≥ 0, got {lam}")
+    if mode not in ("fast", "reference"):
+        raise ValueError(f"unknown prox mode {mode!r} (use 'fast' or 'reference')")
+
+
+def count_nonzeros(groups: torch.Tensor) -> torch.Tensor:
+    """Groups with 0..4 non-zeros (int64 [5], on the groups' device)."""
+    return (groups != 0).sum(1).bincount(minlength=5)
+
+
 def prox_groups(z: torch.Tensor, lam: float, mode: str = "fast") -> torch.Tensor:
     """Proximal operator on groups z of shape [G, 4]; returns a new tensor of z's dtype.
 
     Computation runs in float32 (bf16/fp16 inputs are up-cast and the result rounded back)."""
     if z.ndim != 2 or z.shape[1] != GROUP:
         raise ValueError(f"prox_groups expects [G, 4] groups, got {tuple(z.shape)}")
-    if not lam >= 0:
-        raise ValueError(f"λ must be ≥ 0, got {lam}")
+    _check(lam, mode)
     if lam == 0 or z.numel() == 0:
         return z.clone()
-    zf = z.float()
-    if mode == "fast":
-        out = _prox_cols(zf, float(lam), _kernels())
-    elif mode == "reference":
-        out = _prox_reference(zf, float(lam))
-    else:
-        raise ValueError(f"unknown prox mode {mode!r} (use 'fast' or 'reference')")
-    return out.to(z.dtype)
+    if mode == "reference":
+        return _prox_reference(z.float(), float(lam)).to(z.dtype)
+    # the kernels work in place on float32 or bfloat16; anything else goes through a float32 copy
+    work_dtype = z.dtype if z.dtype in (torch.float32, torch.bfloat16, torch.float16) else torch.float32
+    work = z.to(work_dtype, memory_format=torch.contiguous_format, copy=True)
+    kernel = _in_place_kernel(work)
+    if kernel is None and work.dtype != torch.float32:
+        work = work.float()
+        kernel = _in_place_kernel(work)
+    if kernel is None:
+        return _prox_cols(z.float(), float(lam)).to(z.dtype)
+    kernel(work, float(lam), FAST_TOL, MAX_SWEEPS)
+    return work.to(z.dtype)
 
 
 @torch.no_grad()
 def prox_2to4_(weight: torch.Tensor, lam: float, mode: str = "fast",
-               chunk_groups: int = DEFAULT_CHUNK_GROUPS) -> torch.Tensor:
-    """Apply the prox in place to a weight of shape [out, in] (in % 4 == 0), chunk by chunk,
-    so temporary memory stays bounded whatever the matrix size."""
+               chunk_groups: int = DEFAULT_CHUNK_GROUPS, hist: torch.Tensor | None = None) -> torch.Tensor:
+    """Apply the prox in place to a weight of shape [out, in] (in % 4 == 0).
+
+    The fast mode runs one in-place kernel over the whole matrix where one exists (CPU float32/
+    bfloat16, CUDA); otherwise the matrix goes chunk by chunk, so temporary memory stays bounded
+    whatever its size. When `hist` (int64 [5], on the weight's device) is given, the groups of the
+    result with 0..4 non-zeros are added to it (free with the kernels: the learner's statistics)."""
     if weight.shape[-1] % GROUP:
         raise ValueError(f"input dimension {weight.shape[-1]} is not divisible by 4")
-    if lam == 0:
-        return weight
+    _check(lam, mode)
     groups = weight.data.view(-1, GROUP)
-    for start in range(0, groups.shape[0], chunk_groups):
-        block = groups[start:start + chunk_groups]
-        block.copy_(prox_groups(block, lam, mode=mode))
+    kernel = _in_place_kernel(groups) if mode == "fast" and lam > 0 else None
+    if kernel is not None:
+        kernel(groups, float(lam), FAST_TOL, MAX_SWEEPS, hist)
+        return weight
+    if lam > 0:
+        for start in range(0, groups.shape[0], chunk_groups):
+            block = groups[start:start + chunk_groups]
+            block.copy_(prox_groups(block, lam, mode=mode))
+    if hist is not None:
+        hist += count_nonzeros(groups)
     return weight
