@@ -193,7 +193,7 @@ def build_compare_tab(jobs: JobManager, tab: gr.Tab):
             gr.Examples(EXAMPLES, prompt, label="Example prompts")
         with gr.Column(scale=2):
             variant = gr.Dropdown(variant_choices(jobs), label="2:4 model", info="learned mask or a baseline",
-                                  allow_custom_value=False)
+                                  allow_custom_value=True)   # choices change as results arrive
             with gr.Accordion("Decoding", open=False):
                 sample = gr.Checkbox(False, label="Sample (off = greedy)")
                 temperature = gr.Slider(0.05, 2.0, 0.7, step=0.05, label="Temperature")

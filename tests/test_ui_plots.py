@@ -1,0 +1,47 @@
+"""proxsparse_core.plots: the run figures the app streams and the export report saves."""
+import pytest
+
+from proxsparse_core import plots
+
+
+def event(step, hist, l2=0.0, layer_share=None):
+    total = sum(hist)
+    return dict(step=step, total_steps=3, lm_loss=3.0 - 0.1 * step, l2_term=l2, loss=3.0 - 0.1 * step + l2,
+                lr=1e-4, share_24=sum(hist[:3]) / total, nnz_hist=hist, layer_share=layer_share)
+
+
+EVENTS = [event(1, [0, 0, 10, 50, 40]), event(2, [0, 5, 45, 30, 20]), event(3, [1, 9, 70, 15, 5], 0.2)]
+
+
+def test_empty_runs_draw_a_waiting_figure_not_an_error():
+    for fig in (plots.loss_figure([]), plots.sparsity_figure([]), plots.layer_heatmap([], None)):
+        assert not fig.data and fig.layout.annotations
+
+
+def test_loss_figure_plots_lm_loss_and_the_lambda2_term_only_when_on():
+    fig = plots.loss_figure(EVENTS)
+    assert list(fig.data[0].x) == [1, 2, 3] and list(fig.data[0].y) == [e["lm_loss"] for e in EVENTS]
+    assert [t.name for t in fig.data] == ["LM loss", "λ2 term"]
+    assert [t.name for t in plots.loss_figure(EVENTS[:2]).data] == ["LM loss"]
+
+
+def test_sparsity_figure_stacks_to_100_percent_and_its_green_top_is_the_2to4_share():
+    fig = plots.sparsity_figure(EVENTS)
+    stacked = [t for t in fig.data if t.stackgroup]
+    for i, e in enumerate(EVENTS):
+        assert sum(t.y[i] for t in stacked) == pytest.approx(100)
+        greens = sum(t.y[i] for t in stacked if t.name in plots.NNZ_LABELS[:3])
+        assert greens == pytest.approx(100 * e["share_24"])
+    assert list(fig.data[-1].y) == pytest.approx([100 * e["share_24"] for e in EVENTS])
+
+
+def test_layer_heatmap_is_block_by_projection():
+    names = [f"model.layers.{i}.{p}" for i in range(3) for p in
+             ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")]
+    share = [i / len(names) for i in range(len(names))]
+    hm = plots.layer_heatmap(names, share).data[0]
+    assert list(hm.x) == ["q_proj", "o_proj", "up_proj", "down_proj"] and len(hm.y) == 3
+    assert hm.z[2][3] == pytest.approx(100 * share[-1]) and hm.text[1][0] == "model.layers.1.self_attn.q_proj"
+    # names without a block index fall back to one row in model order
+    odd = plots.layer_heatmap(["a", "b"], [0.25, 0.5]).data[0]
+    assert list(odd.z[0]) == [25.0, 50.0]
