@@ -18,7 +18,7 @@ import torch
 
 from .config import RunConfig
 from .masks import extract_masks, load_weights, nnz_histogram, snapshot
-from .prox import prox_2to4_
+from .prox import prox_2to4_, triton_kernels
 
 
 @dataclass
@@ -83,20 +83,30 @@ def _sync(device: str):
 @torch.no_grad()
 def frozen_weight_term_(weights: dict, w0: dict, lam2: float, eps: float) -> float:
     """λ2 · Σ (W·(W−W0)/(|W0|+ε))², with its gradient added to W.grad analytically (no autograd
-    graph, and W0 may live on another device: it is moved one matrix at a time)."""
-    total = 0.0
+    graph, and W0 may live on another device: it is moved one matrix at a time, in its own dtype).
+    On CUDA one fused Triton pass per matrix does it; the sum is read back once, not per matrix."""
+    total = None
+    tri = triton_kernels()
     for n, w in weights.items():
-        ref = w0[n].to(w.device, torch.float32, non_blocking=True)
+        ref = w0[n].to(w.device, non_blocking=True)
+        if tri is not None and tri.frozen_supports(w, ref, w.grad):
+            if total is None or total.device != w.device:
+                total = (total.to(w.device) if total is not None
+                         else torch.zeros(1, dtype=torch.float32, device=w.device))
+            tri.frozen_grad_(w.detach(), ref, w.grad, lam2, eps, total)
+            continue
+        ref = ref.float()
         wf = w.detach().float()
         d = ref.abs().add_(eps)
         u = wf * (wf - ref) / d
-        total += float((u * u).sum())
+        s = (u * u).sum()
+        total = s if total is None else total + s.to(total.device)
         g = (2 * lam2) * u * (2 * wf - ref) / d
         if w.grad is None:
             w.grad = g.to(w.dtype)
         else:
             w.grad.add_(g.to(w.grad.dtype))
-    return lam2 * total
+    return lam2 * float(total.sum()) if total is not None else 0.0
 
 
 class ProxSparseLearner:
@@ -121,7 +131,10 @@ class ProxSparseLearner:
         originals = snapshot(prunable)                      # W0, on the CPU
         w0 = None
         if cfg.lambda2 > 0:
-            w0 = originals if cfg.w0_offload else {n: originals[n].to(weights[n].device) for n in self.names}
+            if cfg.w0_offload:   # pinned, so each step's copy to the GPU is a fast DMA
+                w0 = {n: t.pin_memory() for n, t in originals.items()} if device.startswith("cuda") else originals
+            else:
+                w0 = {n: originals[n].to(weights[n].device) for n in self.names}
         saved_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         prunable_ids = {id(w) for w in weights.values()}
         for p in model.parameters():
@@ -169,19 +182,21 @@ class ProxSparseLearner:
                 opt.zero_grad(set_to_none=True)
                 _sync(device)
                 t2 = time.perf_counter()
-                hist = torch.zeros(5, dtype=torch.long)
                 want_layers = step % cfg.layer_stats_every == 0 or step == cfg.steps
-                layer_share = [] if want_layers else None
+                # the prox kernels count each result's non-zeros per group as they go: one row per
+                # layer on its device, read back in one transfer (no per-layer synchronisation)
+                rows = {}
                 with torch.no_grad():
                     for n in self.names:
-                        prox_2to4_(weights[n], cfg.lambda1)
+                        dev = weights[n].device
+                        rows[n] = torch.zeros(5, dtype=torch.long, device=dev)
+                        prox_2to4_(weights[n], cfg.lambda1, hist=rows[n])
                     _sync(device)
                     t3 = time.perf_counter()
-                    for n in self.names:
-                        h = nnz_histogram(weights[n]).cpu()
-                        hist += h
-                        if want_layers:
-                            layer_share.append(float(h[:3].sum()) / max(1, int(h.sum())))
+                    per_layer = torch.stack([r.to(device) for r in rows.values()]).cpu()
+                hist = per_layer.sum(0)
+                layer_share = ((per_layer[:, :3].sum(1).double() / per_layer.sum(1).clamp_min(1)).tolist()
+                               if want_layers else None)
                 done = step
                 t_step = time.perf_counter() - t0
                 elapsed = time.perf_counter() - t_start

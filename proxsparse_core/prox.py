@@ -148,7 +148,7 @@ def _prox_reference(zf: torch.Tensor, lam: float, tol: float = REFERENCE_TOL,
     return torch.stack(_select(*z, a1, a2, a3, a4, i1, i2, i3, i4, *u, *v, lam), 1)
 
 
-def _triton():
+def triton_kernels():
     """prox_triton, imported only when CUDA and Triton exist (None otherwise)."""
     global _TRITON
     if _TRITON is False:
@@ -168,7 +168,7 @@ def _in_place_kernel(groups: torch.Tensor):
     """The one-pass in-place kernel for these groups, or None (then the PyTorch schedule runs)."""
     if prox_native.supports(groups) and prox_native.available():
         return prox_native.prox_
-    if groups.is_cuda and (tri := _triton()) is not None and tri.supports(groups):
+    if groups.is_cuda and (tri := triton_kernels()) is not None and tri.supports(groups):
         return tri.prox_
     return None
 
