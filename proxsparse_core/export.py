@@ -166,6 +166,7 @@ def export_result(ws, name: str, out, *, cfg: RunConfig | None = None, events=No
         (tmp / "README.md").write_text(model_card(metrics, ARTEFACTS), encoding="utf-8")
         _stopped(stop)
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        _readable(tmp)
         _commit(tmp, out, overwrite)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -180,6 +181,13 @@ def export_result(ws, name: str, out, *, cfg: RunConfig | None = None, events=No
 def _stopped(stop: threading.Event):
     if stop.is_set():
         raise ExportStopped("export stopped by the user; nothing was written")
+
+
+def _readable(folder: Path):
+    """Temporary files and folders are private (0600/0700); a finished export is a normal folder."""
+    folder.chmod(0o755)
+    for p in folder.rglob("*"):
+        p.chmod(0o755 if p.is_dir() else 0o644)
 
 
 def _commit(tmp: Path, out: Path, overwrite: bool):
@@ -227,6 +235,7 @@ def bundle(folder, dest) -> Path:
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_DEFLATED) as z:
             for p in members:
                 z.write(p, f"{folder.name}/{p.relative_to(folder)}")
+        os.chmod(tmp, 0o644)
         os.replace(tmp, dest)
     except OSError as exc:
         raise _os_message(exc, dest.parent) from exc

@@ -95,6 +95,8 @@ def test_export_round_trips_with_transformers(learned, tmp_path):
         assert (folder / f).is_file(), f
     assert list(folder.glob("*.safetensors"))
     assert [p.name for p in folder.parent.iterdir()] == ["run1"]       # no temporary leftovers
+    assert folder.stat().st_mode & 0o777 == 0o755                        # not the private temp mode
+    assert (folder / "proxsparse/masks.npz").stat().st_mode & 0o777 == 0o644
 
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(folder)

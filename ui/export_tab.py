@@ -51,18 +51,18 @@ def run_export(jobs: JobManager, result: str, folder_name: str, overwrite: bool,
     """Export `result` to <root>/<folder_name> and zip its small artefacts for download.
     Returns (markdown summary, path of the zip)."""
     say = progress or (lambda frac, desc="": None)
-    if not jobs.ws.results:
-        raise UserError("nothing to export yet: learn a mask in the Learn tab (or compute a baseline "
-                        "in the Compare tab) first")
-    if result not in jobs.ws.results:
-        raise UserError(f"no result named {result!r}; pick one from the list")
-    target = target_in(export_root(), folder_name or default_name(jobs, result))
-    stop.clear()
 
     def stage(text: str):
         i = next((k for k, s in enumerate(STAGES) if text.startswith(s)), 0)
         say(i / len(STAGES), desc=text)
-    with jobs.claim("exporting") as ws:
+    with jobs.claim("exporting") as ws:       # a running job is reported as busy, not as "nothing"
+        if not ws.results:
+            raise UserError("nothing to export yet: learn a mask in the Learn tab (or compute a "
+                            "baseline in the Compare tab) first")
+        if result not in ws.results:
+            raise UserError(f"no result named {result!r}; pick one from the list")
+        target = target_in(export_root(), folder_name or default_name(jobs, result))
+        stop.clear()
         res = export_result(ws, result, target, events=_events_for(jobs, result), evaluate=evaluate,
                             overwrite=overwrite, stop=stop, progress=stage)
     zip_path = bundle(res.folder, Path(tempfile.mkdtemp(prefix="proxsparse-download-"))
