@@ -13,10 +13,10 @@ NNZ_COLOURS = ["#1b7837", "#5aae61", "#a6dba0", "#f4a582", "#bababa"]  # 0,1,2 k
 NNZ_LABELS = ["0 non-zeros", "1 non-zero", "2 non-zeros", "3 non-zeros", "4 non-zeros"]
 
 
-def _layout(fig, title: str, height: int = 320, **kw):
+def _layout(fig, title: str, height: int = 340, **kw):
     fig.update_layout(title=dict(text=title, x=0.02, font=dict(size=15)), template="plotly_white",
                       height=height, margin=dict(l=55, r=20, t=45, b=40),
-                      legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0),
+                      legend=dict(orientation="h", yanchor="top", y=-0.2, xanchor="left", x=0, font=dict(size=11)),
                       hovermode="x unified", **kw)
     return fig
 
@@ -101,7 +101,8 @@ def layer_heatmap(layer_names: list[str], layer_share: list[float] | None):
     """Share of groups already 2:4 in every prunable layer: decoder block × projection."""
     import plotly.graph_objects as go
 
-    fig = _layout(go.Figure(), "Already 2:4, per layer", height=340)
+    blocks = len({m.group(1) for m in map(_BLOCK.search, layer_names or []) if m})
+    fig = _layout(go.Figure(), "Already 2:4, per layer", height=max(240, min(720, 110 + 20 * blocks)))
     fig.update_layout(hovermode="closest")
     if not layer_names or not layer_share:
         return _waiting(fig, "per-layer shares appear every few steps")

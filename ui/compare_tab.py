@@ -80,10 +80,13 @@ def render_pair(dense: str, pruned: str, variant: str | None, streaming: str | N
         if streaming is None:
             if i == -1:
                 summary = "✅ **Identical outputs.**"
+            elif i == 0:
+                summary = "The outputs differ from the very first character (highlighted)."
+                cut = i
             else:
                 words = len(dense[:i].split())
-                summary = (f"The outputs agree on the first **{i} characters** (~{words} words) "
-                           f"and then diverge (highlighted).")
+                summary = (f"The outputs agree on the first **{i} characters** (~{words} "
+                           f"word{'s' if words != 1 else ''}) and then diverge (highlighted).")
                 cut = i
         elif i < len(pruned):           # mark only what has really diverged so far
             cut = i
@@ -148,7 +151,7 @@ def perplexity_table(jobs: JobManager) -> pd.DataFrame:
         weights = "original" if n == DENSE else ("updated" if r is not None and r.weights is not None
                                                  else "original × mask")
         rows.append([TITLES.get(n, n), round(ws.ppl[n], 3),
-                     round(ws.ppl[n] / dense, 2) if dense else None, weights,
+                     f"{ws.ppl[n] / dense:.2f}×" if dense else "", weights,
                      "—" if n == DENSE else {True: "✓", False: "✗"}.get(jobs.verified.get(n), "?")])
     return pd.DataFrame(rows, columns=COLUMNS)
 

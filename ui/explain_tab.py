@@ -88,6 +88,12 @@ def _read(name: str) -> torch.Tensor:
     raise UserError(f"no weight named {name!r} in the bundled model")
 
 
+def _masked(block: torch.Tensor, mask: torch.Tensor) -> list[list[float | None]]:
+    """The block with pruned positions as None (drawn as holes)."""
+    keep = mask[:block.shape[0], :block.shape[1]]
+    return [[v if k else None for v, k in zip(row, krow)] for row, krow in zip(block.tolist(), keep.tolist())]
+
+
 def weight_block(jobs: JobManager, name: str) -> tuple:
     """Heatmaps of the top-left block of a real layer: original, magnitude 2:4 and, when a run on
     the bundled model finished, the learned ProxSparse mask."""
@@ -97,15 +103,15 @@ def weight_block(jobs: JobManager, name: str) -> tuple:
     block = w[:BLOCK_ROWS, :BLOCK_COLS]
     magnitude = mask_2to4(w)
     panels = [("original", block.tolist()),
-              ("magnitude 2:4 (keep the 2 largest |w|)", (block * magnitude[:BLOCK_ROWS, :BLOCK_COLS]).tolist())]
+              ("magnitude 2:4 (keep the 2 largest |w|)", _masked(block, magnitude))]
     text = (f"`{name}` is {w.shape[0]} × {w.shape[1]}; shown: its top-left {BLOCK_ROWS} × {BLOCK_COLS} block. "
             f"Every row is cut into groups of 4 inputs (thin lines); each group keeps exactly 2 weights, "
-            f"so half of the weights become exact zeros (white).")
+            f"so half of the weights become exact zeros (grey).")
     learned = jobs.ws.results.get(LEARNED)
     layer = name.removesuffix(".weight")
     if learned is not None and jobs.cfg is not None and jobs.cfg.model == BUNDLED and layer in learned.masks:
         mask = learned.masks[layer]
-        panels.append(("ProxSparse learned mask", (block * mask[:BLOCK_ROWS, :BLOCK_COLS]).tolist()))
+        panels.append(("ProxSparse learned mask", _masked(block, mask)))
         same = (mask.view(-1, 4) == magnitude.view(-1, 4)).all(1).float().mean().item()
         text += (f"\n\nThe learned mask picks a different pair than magnitude in **{100 * (1 - same):.1f}%** of "
                  f"this layer's groups: the loss, not only |w|, decided which weights matter.")

@@ -39,13 +39,14 @@ def prox_group_figure(z: list[float], w: list[float], kept: list[bool],
     return fig
 
 
-def weight_block_figure(title: str, panels: list[tuple[str, list[list[float]]]]):
-    """Heatmaps of the same weight block under several masks; pruned weights show as white.
-    Thin lines mark the groups of 4 along the input dimension."""
+def weight_block_figure(title: str, panels: list[tuple[str, list[list[float | None]]]]):
+    """Heatmaps of the same weight block under several masks; pruned weights (None) are left
+    blank, so they show as grey holes. Thin lines mark the groups of 4 along the input
+    dimension. The colour range ignores the few largest weights so the rest stay visible."""
     fig = make_subplots(rows=1, cols=len(panels), subplot_titles=[p[0] for p in panels],
                         horizontal_spacing=0.04, shared_yaxes=True)
-    values = [abs(v) for _, block in panels for row in block for v in row]
-    top = max(values) if values else 1.0
+    values = sorted(abs(v) for _, block in panels for row in block for v in row if v is not None)
+    top = values[int(0.98 * (len(values) - 1))] if values else 1.0
     for c, (_, block) in enumerate(panels, 1):
         cols = len(block[0]) if block else 0
         fig.add_trace(go.Heatmap(z=block, zmin=-top, zmax=top, zmid=0, colorscale="RdBu",
@@ -56,6 +57,6 @@ def weight_block_figure(title: str, panels: list[tuple[str, list[list[float]]]])
             fig.add_vline(x=x - 0.5, line=dict(color="#444", width=1), row=1, col=c)
         fig.update_xaxes(title_text="input dimension →", showgrid=False, row=1, col=c)
     fig.update_yaxes(autorange="reversed", showgrid=False)
-    fig.update_layout(template="plotly_white", height=380, margin=dict(l=40, r=20, t=70, b=40),
+    fig.update_layout(template="plotly_white", height=380, plot_bgcolor="#9ca3af", margin=dict(l=40, r=20, t=70, b=40),
                       title=dict(text=title, x=0.01, font=dict(size=14)))
     return fig

@@ -161,7 +161,7 @@ def render(job: LearnJob | None, note: str = "") -> tuple:
     layer_names = job.layer_names if job else []
     return (progress_html(job, note), plots.loss_figure(events), plots.sparsity_figure(events),
             plots.layer_heatmap(layer_names, _last_layer_share(events)),
-            "\n".join(job.log[-200:]) if job else "", info_markdown(job))
+            "\n".join(reversed(job.log[-200:])) if job else "", info_markdown(job))
 
 
 def follow(job: LearnJob, note: str = "", poll: float = POLL_S):
@@ -296,7 +296,7 @@ def build_learn_tab(jobs: JobManager, demo: gr.Blocks, defaults: RunConfig, pres
                 sparsity = gr.Plot(plots.sparsity_figure([]), show_label=False, elem_id="ps-sparsity")
             heatmap = gr.Plot(plots.layer_heatmap([], None), show_label=False, elem_id="ps-heatmap")
             info = gr.Markdown(elem_classes="ps-info", elem_id="ps-info")
-            log_box = gr.Textbox(label="Log", lines=8, max_lines=8, autoscroll=True, interactive=False,
+            log_box = gr.Textbox(label="Log (newest first)", lines=8, max_lines=8, autoscroll=False, interactive=False,
                                  elem_id="ps-log")
 
     form = [widgets[n] for n in FORM]
