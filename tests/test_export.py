@@ -19,6 +19,7 @@ from proxsparse_core.errors import UserError
 from proxsparse_core.evaluate import perplexity
 from proxsparse_core.prunable import find_prunable
 from proxsparse_core.workspace import DENSE, Workspace
+from test_app_e2e import app  # noqa: F401 - the launched-app fixture (python app.py on a tiny model)
 
 
 def word_tokenizer(vocab_size: int = 256):
@@ -276,3 +277,51 @@ def test_cli_learn_then_export(tiny_folder, tmp_path, capsys):
     assert main(["export", "--run", str(tmp_path / "nope"), "--out", str(tmp_path / "e2")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "does not exist" in err and err.count("\n") == 1
+
+
+# ----------------------------------------------------------------------------- in the browser
+@pytest.fixture(scope="module", autouse=True)
+def exports_root(tmp_path_factory):
+    """Exports of the launched app go to a temporary root. Autouse, so it is set before the
+    module-scoped `app` fixture starts the server (the app reads it at export time)."""
+    import os
+    root = tmp_path_factory.mktemp("app-exports")
+    old = os.environ.get("PROXSPARSE_EXPORTS")
+    os.environ["PROXSPARSE_EXPORTS"] = str(root)
+    yield root
+    if old is None:
+        os.environ.pop("PROXSPARSE_EXPORTS")
+    else:
+        os.environ["PROXSPARSE_EXPORTS"] = old
+
+
+def test_browser_exports_a_run_and_downloads_the_zip(app, exports_root, tmp_path):  # noqa: F811
+    if not Path("/usr/bin/chromium").exists():
+        pytest.skip("Debian chromium is not installed (apt-get install chromium)")
+    sync_api = pytest.importorskip("playwright.sync_api")
+    url, _ = app
+    with sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path="/usr/bin/chromium",
+                                     args=["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                                           "--disable-component-update", "--disable-sync", "--no-first-run"])
+        page = browser.new_page(viewport={"width": 1400, "height": 1100})
+        page.set_default_timeout(90_000)
+        page.goto(url)
+        page.get_by_label("Steps").fill("3")
+        page.get_by_label("Steps").press("Tab")
+        page.click("#ps-start")
+        page.wait_for_function("() => document.querySelector('#ps-progress').innerText.includes('finished')")
+        page.get_by_role("tab", name="Export").click()
+        page.fill("#ps-export-name textarea, #ps-export-name input", "../browser run")
+        page.click("#ps-export")
+        link = page.locator("#ps-export-zip a").first
+        link.wait_for()
+        assert "exported" in page.inner_text("#ps-export-status").lower()
+        with page.expect_download() as dl:
+            link.click()
+        saved = tmp_path / "download.zip"
+        dl.value.save_as(saved)
+        browser.close()
+    names = zipfile.ZipFile(saved).namelist()
+    assert "browser-run/proxsparse/masks.npz" in names and "browser-run/README.md" in names
+    assert (exports_root / "browser-run" / "config.json").exists()      # sanitised, inside the root
