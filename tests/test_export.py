@@ -317,6 +317,9 @@ def test_browser_exports_a_run_and_downloads_the_zip(app, exports_root, tmp_path
         link = page.locator("#ps-export-zip a").first
         link.wait_for()
         assert "exported" in page.inner_text("#ps-export-status").lower()
+        shots = Path(__file__).resolve().parent.parent / "test-output"
+        shots.mkdir(exist_ok=True)
+        page.screenshot(path=str(shots / "export.png"), full_page=True)
         with page.expect_download() as dl:
             link.click()
         saved = tmp_path / "download.zip"

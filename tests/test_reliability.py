@@ -80,6 +80,16 @@ def test_unknown_or_private_model_id(capsys, monkeypatch, tmp_path):
     rc, err = _cli(capsys, "learn", "--model", "someone/private-model", "--out", str(tmp_path / "r"))
     assert rc == 2 and "was not found" in _one_line_error(err) and "login" in err
     assert not any((tmp_path / "r").glob("*"))          # nothing written
+    pytest.importorskip("gradio")                       # the app: a toast, and the page stays usable
+    from ui import feedback, learn_tab
+    from ui.jobs import JobManager
+    said = []
+    monkeypatch.setattr(feedback, "notify", lambda m, *a, **k: said.append(m))
+    jobs = JobManager()
+    out = learn_tab.inspect_model(jobs, "someone/private-model", "cpu", "float32", False, "")
+    assert said and "was not found" in said[0] and not isinstance(out, str)
+    with jobs.claim("checking"):
+        pass
 
 
 def test_offline_hub_gives_a_clear_message():

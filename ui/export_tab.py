@@ -16,7 +16,7 @@ from pathlib import Path
 import gradio as gr
 
 from proxsparse_core.errors import UserError
-from proxsparse_core.export import bundle, export_result, target_in
+from proxsparse_core.export import bundle, export_result, safe_name, target_in
 
 from .compare_tab import TITLES
 from .feedback import esc, fmt_bytes, guarded, notify
@@ -35,7 +35,7 @@ def result_choices(jobs: JobManager) -> list[tuple[str, str]]:
 
 def default_name(jobs: JobManager, result: str | None) -> str:
     label = jobs.ws.lm.label if jobs.ws.lm is not None else "model"
-    return f"{label}-{result or LEARNED}-2to4-{time.strftime('%Y%m%d-%H%M%S')}"
+    return safe_name(f"{label}-{result or LEARNED}-2to4-{time.strftime('%Y%m%d-%H%M%S')}")
 
 
 def _events_for(jobs: JobManager, result: str) -> list[dict] | None:
@@ -74,7 +74,7 @@ def summary_markdown(res) -> str:
     m = res.metrics
     size = sum((res.folder / f).stat().st_size for f in res.files)
     lines = [f"**Exported** {esc(m['result'])} to `{res.folder}` ({len(res.files)} files, {fmt_bytes(size)}).",
-             "", f"{'✅' if m['verified'] else '❌'} {esc(m['verification'])}", ""]
+             "", f"{'✓' if m['verified'] else '✗'} {esc(m['verification'])}", ""]
     if m.get("perplexity"):
         lines += ["| model | held-out perplexity |", "|---|---|"]
         lines += [f"| {esc(k)} | {v:.3f} |" for k, v in m["perplexity"].items()]
