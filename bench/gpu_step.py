@@ -1,0 +1,156 @@
+"""One learning step on a 7B-shaped Llama on one GPU: plain AdamW fine-tuning vs ProxSparse.
+
+Random-initialised Llama-2-7B shapes (hidden 4096, MLP 11008, 32 layers, 32 heads, vocab 32000),
+bf16, context 4096, batch 1, gradient checkpointing, fused AdamW, only the prunable weights
+trained (the same parameters in every variant). Variants:
+
+  adamw        plain fine-tuning step: fwd+bwd, AdamW (what the network costs by itself)
+  prox         ProxSparseLearner, λ2 off
+  prox_l2      ProxSparseLearner, λ2 on, W0 copy on the GPU
+  prox_l2_off  ProxSparseLearner, λ2 on, W0 kept in pinned CPU memory (w0_offload)
+
+The ProxSparse variants run the project's real learner (proxsparse_core.learner), so its step
+events give the fwd+bwd / optimizer / prox split and the peak memory. Reported: median step time
+over the steps after the first, prox share of the step, peak GiB, ratio to adamw, and the
+projection for 400 steps.
+
+    python bench/gpu_step.py [--layers 32] [--ctx 4096] [--steps 6] [--json out.json]
+    python bench/gpu_step.py --device cpu --layers 2 --hidden 256 --inter 512 --vocab 1000 --ctx 64   # smoke test
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from proxsparse_core.config import RunConfig  # noqa: E402
+from proxsparse_core.learner import ProxSparseLearner, memory_in_use  # noqa: E402
+from proxsparse_core.models import LoadedModel  # noqa: E402
+from proxsparse_core.prunable import find_prunable  # noqa: E402
+
+
+def _sync(dev: str):
+    if dev == "cuda":
+        torch.cuda.synchronize()
+
+
+def build(layers: int, ctx: int, hidden: int, inter: int, vocab: int, dev: str):
+    from transformers import LlamaConfig, LlamaForCausalLM
+    cfg = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=32, num_key_value_heads=32, vocab_size=vocab,
+                      max_position_embeddings=max(4096, ctx), tie_word_embeddings=False)
+    torch.manual_seed(0)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device(dev):
+        model = LlamaForCausalLM(cfg)
+    torch.set_default_dtype(prev)
+    model.config.use_cache = False
+    return model.eval()
+
+
+def adamw_steps(lm: LoadedModel, samples: torch.Tensor, steps: int, lr: float, dev: str) -> dict:
+    """Plain fine-tuning of the same parameters with the same settings, no prox, no stats."""
+    model = lm.model
+    ids = {id(m.weight) for m in lm.prunable.modules.values()}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in ids)
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=dev == "cuda")
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times, fb, op = [], [], []
+    for s in range(steps):
+        batch = samples[s % samples.shape[0]].unsqueeze(0).to(dev)
+        _sync(dev)
+        t0 = time.perf_counter()
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        _sync(dev)
+        t1 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(dev)
+        t2 = time.perf_counter()
+        times.append(t2 - t0); fb.append(t1 - t0); op.append(t2 - t1)
+    peak = memory_in_use(dev)
+    del opt
+    model.gradient_checkpointing_disable()
+    model.eval()
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+    return dict(step_s=statistics.median(times[1:]), fwd_bwd_s=statistics.median(fb[1:]),
+                opt_s=statistics.median(op[1:]), prox_s=0.0, peak_gib=peak / 2**30)
+
+
+def prox_steps(lm: LoadedModel, samples: torch.Tensor, steps: int, lr: float, lam2: float,
+               offload: bool) -> dict:
+    cfg = RunConfig(lambda1=0.25, lambda2=lam2, eps=0.5, lr=lr, steps=steps, batch=1, warmup=0.1,
+                    grad_ckpt=True, w0_offload=offload, layer_stats_every=1, ctx=samples.shape[1])
+    t0 = time.perf_counter()
+    res = ProxSparseLearner(lm, cfg, samples).run()
+    wall = time.perf_counter() - t0
+    ev = res.events[1:]
+    assert res.status == "finished", res.message
+    med = lambda k: statistics.median(getattr(e, k) for e in ev)  # noqa: E731
+    return dict(step_s=med("t_step"), fwd_bwd_s=med("t_fwd_bwd"), opt_s=med("t_opt"), prox_s=med("t_prox"),
+                peak_gib=max(e.mem_bytes for e in res.events) / 2**30, run_wall_s=wall,
+                setup_s=wall - sum(e.t_step for e in res.events), share_24=res.events[-1].share_24,
+                loss_first=res.events[0].lm_loss, loss_last=res.events[-1].lm_loss)
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--layers", type=int, default=32)
+    ap.add_argument("--ctx", type=int, default=4096)
+    ap.add_argument("--steps", type=int, default=6)
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--variants", default="adamw,prox,prox_l2,prox_l2_off")
+    ap.add_argument("--hidden", type=int, default=4096)
+    ap.add_argument("--inter", type=int, default=11008)
+    ap.add_argument("--vocab", type=int, default=32000)
+    ap.add_argument("--device", default="cuda", help="cuda; cpu only for a smoke test with small shapes")
+    ap.add_argument("--json", default="")
+    args = ap.parse_args()
+    dev = args.device
+    model = build(args.layers, args.ctx, args.hidden, args.inter, args.vocab, dev)
+    prunable = find_prunable(model)
+    lm = LoadedModel(model, None, "random-7b-shape", "Llama-2-7B shape (random)", dev,
+                     torch.bfloat16, prunable, args.ctx)
+    n = sum(p.numel() for p in model.parameters())
+    name = torch.cuda.get_device_name() if dev == "cuda" else "CPU"
+    print(f"{name}: {n / 1e9:.2f} G parameters, {len(prunable.names)} prunable "
+          f"matrices, bf16, ctx {args.ctx}, batch 1, gradient checkpointing")
+    samples = torch.randint(0, args.vocab, (8, args.ctx), generator=torch.Generator().manual_seed(0))
+    rows = {}
+    for v in args.variants.split(","):
+        if v == "adamw":
+            r = adamw_steps(lm, samples, args.steps, args.lr, dev)
+        else:
+            r = prox_steps(lm, samples, args.steps, args.lr, lam2=0.25 if "l2" in v else 0.0,
+                           offload=v.endswith("_off"))
+        rows[v] = r
+        base = rows.get("adamw", {}).get("step_s")
+        r["ratio_to_adamw"] = r["step_s"] / base if base else None
+        r["prox_share"] = r["prox_s"] / r["step_s"]
+        r["projected_400_steps_min"] = 400 * r["step_s"] / 60
+        print(f"  {v:12} step {r['step_s']:.3f} s (fwd+bwd {r['fwd_bwd_s']:.3f}, opt {r['opt_s']:.3f}, "
+              f"prox {r['prox_s']:.4f} = {100 * r['prox_share']:.1f}%)  peak {r['peak_gib']:.1f} GiB  "
+              + (f"{r['ratio_to_adamw']:.3f}× adamw  " if r["ratio_to_adamw"] else "")
+              + f"400 steps ≈ {r['projected_400_steps_min']:.1f} min"
+              + (f" (+ setup {r['setup_s']:.0f} s)" if "setup_s" in r else ""), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(dict(device=name, args=vars(args), rows=rows), f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

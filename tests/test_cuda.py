@@ -1,0 +1,131 @@
+"""CUDA paths (skipped without a GPU): the Triton prox equals the CPU kernel, the fused λ2 gradient
+equals its formula, the learner runs on the GPU, and 2:4 sparse linears match dense outputs."""
+import pytest
+import torch
+
+from proxsparse_core import prox, prox_native
+from proxsparse_core.prox import FAST_TOL, MAX_SWEEPS, count_nonzeros, objective
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def _groups(dtype, seed, n=20000, sparse_share=0.3):
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(n, 4, generator=g) * 0.3
+    z[torch.rand(n, generator=g) < sparse_share, 2:] = 0       # some groups already 2:4
+    return z.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("lam", [0.25, 1.0, 20.0])
+def test_triton_prox_equals_cpu_path(dtype, lam):
+    tri = prox.triton_kernels()
+    assert tri is not None, "Triton is missing on this CUDA machine"
+    z = _groups(dtype, seed=int(lam * 10))
+    gpu = z.cuda()
+    hist = torch.zeros(5, dtype=torch.long, device="cuda")
+    tri.prox_(gpu, lam, FAST_TOL, MAX_SWEEPS, hist)
+    cpu = prox.prox_groups(z, lam)                 # the C kernel (or the PyTorch schedule)
+    gpu = gpu.cpu()
+    # same mathematics; only float rounding (FMA contraction) may differ: ≤ 2 ulp of the dtype
+    ulp = torch.finfo(dtype).eps * z.float().abs().amax(1, keepdim=True)
+    assert bool(((gpu.float() - cpu.float()).abs() <= 2 * ulp + 1e-30).all())
+    assert torch.equal(hist.cpu(), count_nonzeros(gpu))
+    ref = prox.prox_groups(z, lam, mode="reference")
+    scale = z.double().abs().amax(1) ** 2
+    tol = 1e-6 if dtype == torch.float32 else 4 * torch.finfo(dtype).eps
+    assert bool((objective(gpu, z, lam) <= objective(ref, z, lam) + tol * scale).all())
+
+
+def test_prox_2to4_dispatches_to_triton_in_place():
+    w = (torch.randn(256, 512, device="cuda") * 0.3).bfloat16()
+    ptr, before = w.data_ptr(), w.clone()
+    prox.prox_2to4_(w, 2.0)
+    assert w.data_ptr() == ptr and not torch.equal(w, before)
+    expected = prox.prox_groups(before.cpu().view(-1, 4), 2.0).view(256, 512)
+    assert float((w.cpu().float() - expected.float()).abs().max()) <= 2 * 2 ** -8 * float(before.abs().max())
+
+
+def test_fused_frozen_gradient_equals_formula():
+    tri = prox.triton_kernels()
+    torch.manual_seed(0)
+    w = torch.randn(64, 128, device="cuda") * 0.1
+    w0 = w + 0.01 * torch.randn_like(w)
+    grad = torch.randn_like(w) * 1e-3
+    lam2, eps = 0.25, 0.5
+    d = w0.abs() + eps
+    u = w * (w - w0) / d
+    expected_grad = grad + 2 * lam2 * u * (2 * w - w0) / d
+    total = torch.zeros(1, device="cuda")
+    g = grad.clone()
+    tri.frozen_grad_(w, w0, g, lam2, eps, total)
+    torch.testing.assert_close(g, expected_grad, rtol=1e-5, atol=1e-8)
+    torch.testing.assert_close(total, (u * u).sum().reshape(1), rtol=1e-4, atol=1e-10)
+
+
+@pytest.mark.parametrize("lam2,offload", [(0.0, False), (0.25, False), (0.25, True)])
+def test_learner_on_cuda_bf16(lam2, offload):
+    from conftest import make_tiny_llama
+    from proxsparse_core.config import RunConfig
+    from proxsparse_core.learner import ProxSparseLearner
+    from proxsparse_core.models import LoadedModel
+    from proxsparse_core.prunable import find_prunable
+
+    model = make_tiny_llama().cuda().to(torch.bfloat16)
+    lm = LoadedModel(model, None, "tiny", "tiny", "cuda", torch.bfloat16, find_prunable(model), 512)
+    before = {n: lm.prunable.modules[n].weight.detach().clone() for n in lm.prunable.names}
+    cfg = RunConfig(lambda1=5.0, lambda2=lam2, lr=1e-3, steps=4, grad_ckpt=True, w0_offload=offload,
+                    layer_stats_every=2, ctx=32)
+    samples = torch.randint(2, 256, (4, 32))
+    res = ProxSparseLearner(lm, cfg, samples).run()
+    assert res.status == "finished", res.message
+    assert len(res.events) == 4 and res.events[1].layer_share is not None
+    assert all(e.nnz_hist[0] + sum(e.nnz_hist[1:]) > 0 for e in res.events)
+    assert res.events[-1].share_24 >= res.events[0].share_24
+    for n in lm.prunable.names:     # W0 restored, masks are exactly 2:4
+        assert torch.equal(lm.prunable.modules[n].weight, before[n])
+        assert bool((res.masks[n].view(-1, 4).sum(1) == 2).all())
+
+
+def test_sparse_linears_match_dense():
+    from proxsparse_core import sparse_infer
+    ok, why = sparse_infer.status()
+    if not ok:
+        pytest.skip(why)
+    for o, i in [(64, 128), (4096, 4096), (11008, 4096)]:
+        w = sparse_infer.random_24_weight(o, i)
+        x = torch.randn(300, i, device="cuda", dtype=torch.bfloat16)
+        assert sparse_infer.relative_error(w, x) <= 1e-2
+
+
+def test_sparsified_model_matches_dense():
+    from conftest import make_tiny_llama
+    from proxsparse_core import sparse_infer
+    from proxsparse_core.masks import mask_2to4
+    from proxsparse_core.prunable import find_prunable
+    ok, why = sparse_infer.status()
+    if not ok:
+        pytest.skip(why)
+    model = make_tiny_llama(hidden=128, inter=256).cuda().to(torch.bfloat16)
+    prunable = find_prunable(model)
+    with torch.no_grad():
+        for n in prunable.names:
+            w = prunable.modules[n].weight
+            w.mul_(mask_2to4(w).to(w.dtype))
+        ids = torch.randint(2, 256, (2, 64), device="cuda")
+        dense = model(input_ids=ids).logits.float()
+        done, skipped = sparse_infer.sparsify_(prunable)
+        assert done and not skipped
+        sparse = model(input_ids=ids).logits.float()
+    assert float((sparse - dense).norm() / dense.norm()) <= 1e-2
+
+
+def test_native_and_triton_agree_on_a_real_shape():
+    if not prox_native.available():
+        pytest.skip("no C compiler for the CPU kernel")
+    w = (torch.randn(576, 1536) * 0.15)
+    cpu = w.clone()
+    prox.prox_2to4_(cpu, 1.0)
+    gpu = w.cuda()
+    prox.prox_2to4_(gpu, 1.0)
+    assert float((gpu.cpu() - cpu).abs().max()) <= 4 * torch.finfo(torch.float32).eps * float(w.abs().max())
