@@ -25,6 +25,7 @@ def _atomic_write(path: Path, write):
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o644)   # mkstemp makes files private; run files are ordinary files
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 import threading
@@ -63,10 +64,12 @@ def _out_folder(path: str | None, overwrite: bool) -> Path:
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise UserError(f"output folder {str(out)!r} exists and is not empty; "
                         f"pick another --out or pass --overwrite")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UserError(f"cannot create output folder {str(out)!r}: {exc.strerror}") from exc
+    # checked now, created only when there is something to save (a failed load leaves nothing)
+    parent = out
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"cannot create output folder {str(out)!r}: {str(parent)!r} is not a writable folder")
     return out
 
 
