@@ -98,31 +98,35 @@ def _grid(layer_names: list[str]):
 
 
 def layer_heatmap(layer_names: list[str], layer_share: list[float] | None):
-    """Share of groups already 2:4 in every prunable layer: decoder block × projection."""
+    """Share of groups already 2:4 in every prunable layer: projection (rows) × decoder block
+    (columns), so a 30-block model stays a compact strip."""
     import plotly.graph_objects as go
 
-    blocks = len({m.group(1) for m in map(_BLOCK.search, layer_names or []) if m})
-    fig = _layout(go.Figure(), "Already 2:4, per layer", height=max(240, min(720, 110 + 20 * blocks)))
+    grid = _grid(layer_names or [])
+    rows = len(grid[1]) if grid else 1
+    fig = _layout(go.Figure(), "Already 2:4, per layer", height=max(220, 120 + 26 * rows))
     fig.update_layout(hovermode="closest")
     if not layer_names or not layer_share:
         return _waiting(fig, "per-layer shares appear every few steps")
-    grid = _grid(layer_names)
     if grid is None:   # unknown naming: one row, one cell per layer in model order
         z = [[100 * s for s in layer_share]]
         text = [layer_names]
         x, y = list(range(len(layer_names))), ["layers"]
     else:
-        rows, kinds, cells = grid
-        z = [[None] * len(kinds) for _ in rows]
-        text = [[""] * len(kinds) for _ in rows]
-        for name, (r, k), s in zip(layer_names, cells, layer_share):
-            z[rows.index(r)][kinds.index(k)] = 100 * s
-            text[rows.index(r)][kinds.index(k)] = name
-        x, y = kinds, [f"block {r}" for r in rows]
-    fig.add_trace(go.Heatmap(z=z, x=x, y=y, text=text, zmin=0, zmax=100, colorscale="Greens",
+        blocks, kinds, cells = grid
+        z = [[None] * len(blocks) for _ in kinds]
+        text = [[""] * len(blocks) for _ in kinds]
+        for name, (b, k), s in zip(layer_names, cells, layer_share):
+            z[kinds.index(k)][blocks.index(b)] = 100 * s
+            text[kinds.index(k)][blocks.index(b)] = name
+        x, y = [str(b) for b in blocks], kinds
+    # colours span the observed range (in steps of 5%), so late in a run, when every layer is
+    # above 90%, the layers that lag behind still stand out
+    low = min(v for row in z for v in row if v is not None)
+    fig.add_trace(go.Heatmap(z=z, x=x, y=y, text=text, zmin=min(95, 5 * (low // 5)), zmax=100, colorscale="Greens",
                              colorbar=dict(title="2:4 %", ticksuffix="%", thickness=12),
                              hovertemplate="%{text}<br>%{z:.1f}% of groups already 2:4<extra></extra>",
                              xgap=1, ygap=1))
     fig.update_yaxes(autorange="reversed", showgrid=False)
-    fig.update_xaxes(showgrid=False, side="top" if grid else "bottom")
+    fig.update_xaxes(showgrid=False, type="category", title_text="decoder block" if grid else "layer")
     return fig

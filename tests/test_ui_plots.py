@@ -35,13 +35,13 @@ def test_sparsity_figure_stacks_to_100_percent_and_its_green_top_is_the_2to4_sha
     assert list(fig.data[-1].y) == pytest.approx([100 * e["share_24"] for e in EVENTS])
 
 
-def test_layer_heatmap_is_block_by_projection():
+def test_layer_heatmap_is_projection_by_block():
     names = [f"model.layers.{i}.{p}" for i in range(3) for p in
              ("self_attn.q_proj", "self_attn.o_proj", "mlp.up_proj", "mlp.down_proj")]
     share = [i / len(names) for i in range(len(names))]
     hm = plots.layer_heatmap(names, share).data[0]
-    assert list(hm.x) == ["q_proj", "o_proj", "up_proj", "down_proj"] and len(hm.y) == 3
-    assert hm.z[2][3] == pytest.approx(100 * share[-1]) and hm.text[1][0] == "model.layers.1.self_attn.q_proj"
+    assert list(hm.y) == ["q_proj", "o_proj", "up_proj", "down_proj"] and list(hm.x) == ["0", "1", "2"]
+    assert hm.z[3][2] == pytest.approx(100 * share[-1]) and hm.text[0][1] == "model.layers.1.self_attn.q_proj"
     # names without a block index fall back to one row in model order
     odd = plots.layer_heatmap(["a", "b"], [0.25, 0.5]).data[0]
     assert list(odd.z[0]) == [25.0, 50.0]
