@@ -1,6 +1,7 @@
 """Headless ProxSparse: the same configuration as the app, from a shell.
 
     python -m proxsparse_core learn --preset quick-demo --out runs/demo
+    python -m proxsparse_core prune --method wanda --out runs/wanda
     python -m proxsparse_core eval --masks runs/demo --prompt "What is the capital of France?"
     python -m proxsparse_core export --run runs/demo --out exports/demo
     python -m proxsparse_core presets
@@ -132,6 +133,64 @@ def cmd_learn(args) -> int:
     return 0 if check.ok else 1
 
 
+# the settings a one-shot method uses: model, data and calibration (no learning settings)
+PRUNE_SETTINGS = {"model", "device", "dtype", "trust_remote_code", "device_map", "data", "data_field",
+                  "samples", "ctx", "eval_ctx", "eval_windows", "seed"}
+
+
+def cmd_prune(args) -> int:
+    from .artifacts import save_json, save_masks, save_recipe
+    from .workspace import DENSE, Workspace
+
+    cfg = config_from_args(args)
+    out = _out_folder(args.out, args.overwrite)
+    method = args.method
+    ws = Workspace()
+    print(f"loading {cfg.model} …", flush=True)
+    lm = ws.load(cfg)
+    print(lm.describe())
+    print(f"{method}: {ws.data.calibration.shape[0]} calibration samples × {cfg.ctx} tokens "
+          f"from {ws.data.source}", flush=True)
+    stop = threading.Event()
+
+    def on_sigint(signum, frame):
+        print("\nstopping after this block … (Ctrl-C again to abort)", flush=True)
+        stop.set()
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        result = ws.prune(method, cfg, lambda d, t: print(f"{_bar(d, t)} {d}/{t}", flush=True), stop)
+    except InterruptedError:
+        print("stopped by the user: nothing was saved", file=sys.stderr)
+        return 1
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    command = cfg.cli_command("prune", ("--method", method), PRUNE_SETTINGS)
+    updates = result.weights is not None
+    note = ("SparseGPT also updated the kept weights; masks.npz holds only the mask (applied to the "
+            "original weights it is the sparsegpt-maskonly model). The updated weights are "
+            f"deterministic given this recipe: rerun `{command}` to get them.") if updates else \
+        "the pruned model is the original weights times masks.npz"
+    save_masks(out / "masks.npz", result.masks)
+    save_recipe(out, cfg, verb="prune", extra={"method": method, "command": command,
+                                               "updates_weights": updates, "weights": note})
+    check = ws.verify(method)
+    print(check)
+    metrics = {"method": method, "seconds": result.info["seconds"], "updates_weights": updates,
+               "weights": note, "verification": str(check), "verified": check.ok,
+               "model": lm.describe(), "data": ws.data.source,
+               "calibration_tokens": int(ws.data.calibration.numel()),
+               "held_out_tokens": int(ws.data.held_out.numel())}
+    if not args.no_eval:
+        metrics["perplexity"] = {DENSE: ws.perplexity(DENSE), method: ws.perplexity(method)}
+        print("held-out perplexity: " + "  ".join(f"{k} {v:.3f}" for k, v in metrics["perplexity"].items()))
+    if args.prompt:
+        _print_compare(ws, [DENSE, method], args.prompt, args.max_new_tokens)
+    save_json(out / "metrics.json", metrics)
+    print(f"wrote {out}/: masks.npz recipe.json metrics.json")
+    return 0 if check.ok else 1
+
+
 def cmd_eval(args) -> int:
     from .artifacts import load_masks
     from .workspace import DENSE, Pruning, Workspace
@@ -211,6 +270,21 @@ def build_parser() -> argparse.ArgumentParser:
     learn.add_argument("--prompt", help="also compare dense and pruned generations for this prompt")
     learn.add_argument("--max-new-tokens", type=int, default=48)
     learn.set_defaults(func=cmd_learn)
+
+    from .baselines import METHODS
+    pru = sub.add_parser("prune", help="a one-shot 2:4 baseline: magnitude, wanda, sparsegpt(-maskonly)",
+                         description="Prune with a one-shot method on the same calibration samples as "
+                                     "learn and write the same artefacts (masks.npz, recipe.json, metrics.json).")
+    pru.add_argument("--method", required=True, choices=list(METHODS))
+    pru.add_argument("--recipe", metavar="PATH", help="take model and data settings from a recipe")
+    pru.add_argument("--preset", metavar="NAME", help=argparse.SUPPRESS)
+    _add_config_flags(pru, PRUNE_SETTINGS)
+    pru.add_argument("--out", metavar="DIR", help="run folder (default runs/<time>)")
+    pru.add_argument("--overwrite", action="store_true", help="allow a non-empty --out folder")
+    pru.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
+    pru.add_argument("--prompt", help="also compare dense and pruned generations for this prompt")
+    pru.add_argument("--max-new-tokens", type=int, default=48)
+    pru.set_defaults(func=cmd_prune)
 
     ev = sub.add_parser("eval", help="perplexity and generation of a dense or pruned model")
     ev.add_argument("--masks", metavar="PATH", help="a run folder or masks.npz to apply to the model")

@@ -116,13 +116,14 @@ class RunConfig:
             raise UserError("device_map must be empty or 'auto'")
         return self
 
-    def cli_command(self, verb: str = "learn") -> str:
-        """The CLI command that reproduces this configuration (non-default values only)."""
+    def cli_command(self, verb: str = "learn", extra: tuple = (), only: set | None = None) -> str:
+        """The CLI command that reproduces this configuration (non-default values only; `only`
+        limits it to the settings a subcommand accepts, `extra` are its own arguments)."""
         default = RunConfig()
-        parts = ["python", "-m", "proxsparse_core", verb]
+        parts = ["python", "-m", "proxsparse_core", verb, *extra]
         for f in fields(self):
             v = getattr(self, f.name)
-            if v == getattr(default, f.name):
+            if v == getattr(default, f.name) or (only is not None and f.name not in only):
                 continue
             flag = "--" + f.name.replace("_", "-")
             if isinstance(v, bool):

@@ -124,3 +124,29 @@ def test_sparsegpt_reconstructs_layer_outputs_better_than_magnitude():
     err_mask_only = (x @ (w * keep).t() - dense_out).pow(2).sum()
     assert err_sgpt < 0.9 * err_mag, (float(err_sgpt), float(err_mag))
     assert err_sgpt < err_mask_only      # the weight update is what reduces the error
+
+
+def test_cli_prune_writes_the_learn_artefacts_and_rejects_bad_methods(tmp_path, capsys):
+    import json
+
+    from proxsparse_core.artifacts import load_masks, load_recipe
+    from proxsparse_core.cli import main
+
+    with pytest.raises(SystemExit) as exc:
+        main(["prune", "--method", "nope"])
+    assert exc.value.code == 2
+    assert "error: argument --method" in capsys.readouterr().err
+    out = tmp_path / "wanda"
+    code = main(["prune", "--method", "wanda", "--device", "cpu", "--samples", "2", "--ctx", "32",
+                 "--eval-ctx", "64", "--eval-windows", "2", "--out", str(out)])
+    assert code == 0
+    assert {p.name for p in out.iterdir()} >= {"masks.npz", "recipe.json", "metrics.json"}
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["verified"] and metrics["method"] == "wanda"
+    assert metrics["perplexity"]["wanda"] > metrics["perplexity"]["dense"]
+    recipe = json.loads((out / "recipe.json").read_text())
+    assert recipe["method"] == "wanda" and "--method wanda" in recipe["command"]
+    assert "--lambda1" not in recipe["command"]
+    assert load_recipe(out).samples == 2
+    masks = load_masks(out)
+    assert all((m.reshape(-1, 4).sum(1) == 2).all() for m in masks.values())
