@@ -9,7 +9,7 @@ source and the CPU, and runs in place on float32 or bfloat16 weights.
 
 What it does for each group of 4 (same mathematics and stopping rule as prox.py):
   * groups with ≤ 2 non-zeros are their own prox and are skipped (learning makes most groups so);
-  * the other groups are processed 16 at a time, one group per SIMD lane: sort |z| by a 5-comparator
+  * the other groups are processed 32 at a time, one group per SIMD lane: sort |z| by a 5-comparator
     network, run Gauss-Seidel sweeps of keep-3 and keep-4 until *that lane* moves by no more than
     tol·max|z| (a converged lane is frozen, so a group's result never depends on its neighbours),
     pick the best of keep-2/3/4, restore order and signs, round back to the weight's dtype;
@@ -33,7 +33,7 @@ import torch
 _SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
-#define L 16
+#define L 32
 
 static inline float from_bf16(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
 static inline uint16_t to_bf16(float f) {            /* round to nearest even, like torch */
@@ -105,9 +105,11 @@ static void block(float z[4][L], int n, float lam, float tol, int max_sweeps) {
         w[1] = t4 ? v2[l] : (t3 ? u2[l] : a2);
         w[2] = t4 ? v3[l] : (t3 ? u3[l] : 0.f);
         w[3] = t4 ? v4[l] : 0.f;
-        float out[4] = {0.f, 0.f, 0.f, 0.f};
-        for (int k = 0; k < 4; k++) out[(int)ix[k][l]] = w[k];
-        for (int k = 0; k < 4; k++) { float zk = z[k][l]; z[k][l] = zk > 0 ? out[k] : (zk < 0 ? -out[k] : 0.f); }
+        for (int j = 0; j < 4; j++) {         /* back to original position j (selects, no scatter) */
+            float m = ix[0][l] == j ? w[0] : (ix[1][l] == j ? w[1] : (ix[2][l] == j ? w[2] : w[3]));
+            float zj = z[j][l];
+            z[j][l] = zj > 0 ? m : (zj < 0 ? -m : 0.f);
+        }
     }
 }
 
