@@ -227,3 +227,13 @@ def test_weight_block_shows_a_real_2to4_pattern(tiny_dir, monkeypatch):
     assert "Finish a run" in text
     with pytest.raises(UserError):
         explain_tab.weight_block(JobManager(), "model.no.such.weight")
+
+
+def test_perplexity_rows_stream_one_at_a_time(finished):
+    jobs, _ = finished
+    jobs.ws.ppl.clear()
+    frames = list(compare_tab.stream_perplexities(jobs, []))
+    sizes = [len(table) for table, _ in frames]
+    assert sizes[:-1] == list(range(1, len(sizes))) and sizes[-1] == sizes[-2] >= 2
+    assert "done; computing the next row" in frames[0][1] and frames[-1][1].startswith("all rows computed")
+    assert jobs.activity is None

@@ -7,18 +7,16 @@ demand; one-shot baselines come from `proxsparse_core.baselines` when it is inst
 """
 from __future__ import annotations
 
-import queue
-import threading
-
 import gradio as gr
 import pandas as pd
+import torch
 
 from proxsparse_core.errors import UserError
 from proxsparse_core.evaluate import GenerationSettings, first_divergence
 from proxsparse_core.workspace import DENSE
 
 from .feedback import esc, explain, guarded, notify
-from .jobs import LEARNED, JobManager
+from .jobs import LEARNED, JobManager, in_worker
 
 EXAMPLES = [
     "What is the capital of France?",
@@ -104,35 +102,18 @@ def generate_pair(jobs: JobManager, variant, prompt, sample, temperature, top_p,
     settings = settings_from_form(sample, temperature, top_p, max_new_tokens, chat)
     if variant not in jobs.ws.results:
         variant = LEARNED if LEARNED in jobs.ws.results else next(iter(jobs.ws.results), None)
-    release = jobs.release_later("generating text")
-    updates: queue.Queue = queue.Queue()
 
-    def work():
-        try:
+    def work(emit):
+        with jobs.claim("generating text"):
             jobs.ensure_loaded()
             for side, name in ((DENSE, DENSE), ("pruned", variant)):
-                if name is None:
-                    continue
-                for text in jobs.ws.generate_stream(name, prompt, settings):
-                    updates.put((side, text))
-        except BaseException as exc:  # noqa: BLE001 - shown in the page by the consumer
-            updates.put(("error", exc))
-        finally:
-            release()
-            updates.put(("done", None))
+                if name is not None:
+                    for text in jobs.ws.generate_stream(name, prompt, settings):
+                        emit((side, text))
 
-    threading.Thread(target=work, daemon=True, name="generate").start()
     texts = {DENSE: "", "pruned": ""}
-    while True:
-        side, value = updates.get()
-        if side == "done":
-            break
-        if side == "error":
-            try:
-                raise value
-            except BaseException as exc:  # noqa: BLE001
-                raise UserError(explain(exc)) from exc
-        texts[side] = value
+    for side, text in in_worker(work):
+        texts[side] = text
         yield render_pair(texts[DENSE], texts["pruned"], variant, streaming=side)
     yield render_pair(texts[DENSE], texts["pruned"], variant)
 
@@ -156,33 +137,50 @@ def perplexity_table(jobs: JobManager) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def compute_perplexities(jobs: JobManager, methods, progress=None):
-    """Dense, every existing result, and each selected baseline (pruned first when missing).
-    Stop keeps every row already finished."""
+def compute_perplexities(jobs: JobManager, methods, progress=None, on_row=None):
+    """Perplexity of dense, every existing result and each selected baseline (pruned first when
+    missing), one row at a time (`on_row(name)` after each). Stop keeps the finished rows."""
     jobs.eval_stop.clear()
     report = progress or (lambda frac, desc="": None)
     done_msg = "all rows computed"
     with jobs.claim("computing perplexities") as ws:
         jobs.ensure_loaded()
+        names = [DENSE] + list(ws.results) + [m for m in methods or [] if m not in ws.results]
         try:
-            for m in methods or []:
-                if m not in ws.results:
-                    report(0.0, f"pruning with {m} …")
-                    ws.prune(m, jobs.cfg, progress=lambda d, t, *_: report(d / max(t, 1), f"pruning with {m}"),
-                             stop=jobs.eval_stop)
-            names = [DENSE] + list(ws.results)
             for i, n in enumerate(names):
+                def share(done, total, i=i):           # progress within this row's slice of the bar
+                    return (i + done / max(total, 1)) / len(names)
+                if n not in ws.results and n != DENSE:
+                    report(share(0, 1), f"pruning with {n} …")
+                    ws.prune(n, jobs.cfg, progress=lambda d, t: report(share(d, 2 * t), f"pruning with {n}"),
+                             stop=jobs.eval_stop)
                 if n != DENSE:
                     jobs.verified[n] = ws.verify(n).ok
-                report(i / len(names), f"perplexity of {n}")
-                ws.perplexity(n, stop=jobs.eval_stop,
-                              progress=lambda d, t: report((i + d / max(t, 1)) / len(names), f"perplexity of {n}"))
+                report(share(0, 1), f"perplexity of {n}")
+                ws.perplexity(n, stop=jobs.eval_stop, progress=lambda d, t: report(share(d, t), f"perplexity of {n}"))
+                if on_row:
+                    on_row(n)
         except InterruptedError:
             done_msg = "stopped; the rows already computed are kept"
     data = ws.data
     return perplexity_table(jobs), (f"{done_msg}. {data.held_out.shape[0]} held-out windows × "
                                     f"{data.held_out.shape[1]} tokens of {data.source}; the same token ids "
                                     f"for every row (lower is better).")
+
+
+def stream_perplexities(jobs: JobManager, methods, progress=None):
+    """compute_perplexities for the page: the table grows row by row while the rest is computed."""
+    def work(emit):
+        emit(("done", compute_perplexities(jobs, methods, lambda f, desc="": emit(("progress", f, desc)),
+                                           lambda n: emit(("row", n)))))
+
+    for kind, *rest in in_worker(work):
+        if kind == "progress" and progress:
+            progress(*rest)
+        elif kind == "row":
+            yield perplexity_table(jobs), f"{TITLES.get(rest[0], rest[0])}: done; computing the next row …"
+        elif kind == "done":
+            yield rest[0]
 
 
 # ---------------------------------------------------------------------------- layout
@@ -215,10 +213,12 @@ def build_compare_tab(jobs: JobManager, tab: gr.Tab):
 
     gr.Markdown("### Held-out perplexity")
     methods = baseline_methods()
+    quick = methods if torch.cuda.is_available() else [m for m in methods if m == "magnitude"]
     with gr.Row():
-        chosen = gr.CheckboxGroup(methods, value=methods, label="One-shot baselines to add",
-                                  info="computed on the same calibration data" if methods
-                                  else "the baselines module is not installed yet", interactive=bool(methods))
+        chosen = gr.CheckboxGroup(methods, value=quick, label="One-shot baselines to add",
+                                  info=("same calibration samples as the learned mask; on a CPU Wanda takes "
+                                        "minutes and SparseGPT longer" if methods
+                                        else "the baselines module is not installed"), interactive=bool(methods))
         with gr.Column(min_width=200):
             table_btn = gr.Button("Compute perplexities", variant="primary", elem_id="ps-ppl")
             stop_btn = gr.Button("Stop", variant="stop", size="sm")
@@ -228,9 +228,8 @@ def build_compare_tab(jobs: JobManager, tab: gr.Tab):
     def on_generate(v, p, s, t, tp, mx, c):
         yield from guarded(3)(generate_pair)(jobs, v, p, s, t, tp, mx, c)
 
-    @guarded(2)
     def on_table(m, progress=gr.Progress()):
-        return compute_perplexities(jobs, m, lambda frac, desc="": progress(frac, desc=desc))
+        yield from guarded(2)(stream_perplexities)(jobs, m, lambda frac, desc="": progress(frac, desc=desc))
 
     def on_stop():
         jobs.eval_stop.set()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import queue
 import threading
 import time
 from contextlib import contextmanager
@@ -67,6 +68,32 @@ class LearnJob:
         return (self.status, len(self.events), len(self.log), len(self.perplexity))
 
 
+_DONE = object()
+
+
+def in_worker(work):
+    """Run `work(emit)` in a daemon thread and yield whatever it emits; its exception is
+    re-raised here. Gradio may run each step of a generator handler on a different thread, so
+    anything that holds a lock across steps runs in one worker thread instead; and a page that
+    goes away mid-stream leaves the worker to finish and free the lock."""
+    updates: queue.Queue = queue.Queue()
+    failure: list[BaseException] = []
+
+    def run():
+        try:
+            work(updates.put)
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the consumer
+            failure.append(exc)
+        finally:
+            updates.put(_DONE)
+
+    threading.Thread(target=run, daemon=True, name="ui-worker").start()
+    while (item := updates.get()) is not _DONE:
+        yield item
+    if failure:
+        raise failure[0]
+
+
 class JobManager:
     def __init__(self, workspace: Workspace | None = None):
         self.ws = workspace or Workspace()
@@ -97,11 +124,6 @@ class JobManager:
             yield self.ws
         finally:
             self._release()
-
-    def release_later(self, what: str):
-        """Take the guard now and return the function that frees it (for worker threads)."""
-        self._acquire(what)
-        return self._release
 
     @property
     def learning(self) -> bool:
