@@ -2,6 +2,7 @@
 import math
 import time
 
+import gradio as gr
 import pytest
 
 from proxsparse_core.config import RunConfig
@@ -237,3 +238,12 @@ def test_perplexity_rows_stream_one_at_a_time(finished):
     assert sizes[:-1] == list(range(1, len(sizes))) and sizes[-1] == sizes[-2] >= 2
     assert "done; computing the next row" in frames[0][1] and frames[-1][1].startswith("all rows computed")
     assert jobs.activity is None
+
+
+def test_inspect_model_shows_device_precision_and_prunable_layers(tiny_dir):
+    jobs = JobManager()
+    text = learn_tab.inspect_model(jobs, str(tiny_dir), "cpu", "float32", False, "")
+    assert "on cpu in float32" in text and "14 prunable linear layers" in text
+    with pytest.warns(UserWarning, match="does not exist"):       # a toast, not a trace
+        out = learn_tab.inspect_model(jobs, str(tiny_dir / "nope"), "cpu", "float32", False, "")
+    assert out == gr.skip() and jobs.activity is None
