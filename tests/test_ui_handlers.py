@@ -105,7 +105,8 @@ def test_stop_ends_within_a_step_keeps_a_mask_and_second_start_is_refused(tiny_d
         jobs.start_learning(tiny_cfg(tiny_dir))
     # a second visitor pressing Start is told, and watches the running job instead
     second = learn_tab.start_run(jobs, learn_tab.DATA_MODES[0], None, "", False, *form_values(tiny_cfg(tiny_dir)))
-    first = next(second)
+    with pytest.warns(UserWarning, match="busy learning"):          # the toast
+        first = next(second)
     assert "Another run" in first[0] and "running" in first[0]
     second.close()
     steps_at_stop = len(job.events)
@@ -122,7 +123,8 @@ def test_bad_settings_start_nothing_and_say_why(tiny_dir):
     jobs = JobManager()
     values = form_values(tiny_cfg(tiny_dir, lambda1=2.0))
     values[learn_tab.FORM.index("lambda1")] = -3.0
-    out = list(learn_tab.start_run(jobs, learn_tab.DATA_MODES[0], None, "", False, *values))
+    with pytest.warns(UserWarning, match="lambda1"):
+        out = list(learn_tab.start_run(jobs, learn_tab.DATA_MODES[0], None, "", False, *values))
     assert len(out) == 1 and "lambda1" in out[0][0] and jobs.job is None
     # a model that does not exist fails inside the job, with one line and no trace
     job = jobs.start_learning(tiny_cfg(tiny_dir, model=str(tiny_dir / "missing")))
