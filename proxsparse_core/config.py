@@ -39,6 +39,8 @@ class RunConfig:
     lr: float = _f(1e-4, "AdamW learning rate (linear warm-up, then constant)")
     steps: int = _f(30, "optimizer steps (each followed by the prox)")
     batch: int = _f(1, "calibration samples per step")
+    lambda_scale: str = _f("none", "none (published: one λ1 and lr for every layer) or layer (scale-free: "
+                                   "λ1/rms(W0) and lr·rms(W0) per layer, for models whose layers differ in scale)")
     warmup: float = _f(0.1, "share of steps with linear learning-rate warm-up")
     seed: int = _f(0, "seed for sampling and any randomness")
     # engineering
@@ -112,6 +114,8 @@ class RunConfig:
             from pathlib import Path
             if not Path(self.data).expanduser().is_file():
                 raise UserError(f"data file {self.data!r} does not exist")
+        if self.lambda_scale not in ("none", "layer"):
+            raise UserError(f"lambda_scale must be 'none' or 'layer', got {self.lambda_scale!r}")
         if self.device_map not in ("", "auto"):
             raise UserError("device_map must be empty or 'auto'")
         return self

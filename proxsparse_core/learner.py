@@ -148,9 +148,21 @@ class ProxSparseLearner:
         use_cache = getattr(model.config, "use_cache", None)
         model.config.use_cache = False
         fused = device.startswith("cuda")
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0, fused=fused)
+        # per-layer λ1 and learning rate. "none" is the published method. "layer" makes the step
+        # scale-free: prox_λ(s·y) = s·prox_{λs}(y), so λ1/s shrinks every layer by the same share of
+        # its own scale s = rms(W0), and lr·s moves every layer by the same share under Adam.
+        scale = {n: (float(originals[n].float().pow(2).mean().sqrt()) if cfg.lambda_scale == "layer" else 1.0)
+                 for n in self.names}
+        lam = {n: cfg.lambda1 / max(scale[n], 1e-12) for n in self.names}
+        groups = [{"params": [weights[n]], "lr": cfg.lr * scale[n]} for n in self.names if weights[n].requires_grad]
+        rest = [p for p in params if id(p) not in prunable_ids]
+        if rest:
+            groups.append({"params": rest, "lr": cfg.lr})
+        opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0, fused=fused)
         warm = max(1, int(round(cfg.warmup * cfg.steps)))
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm))
+        def ramp(s):   # linear warm-up over the first `warmup` share of steps, then constant
+            return min(1.0, (s + 1) / warm)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, ramp)
         order = torch.randperm(self.samples.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
@@ -190,7 +202,7 @@ class ProxSparseLearner:
                     for n in self.names:
                         dev = weights[n].device
                         rows[n] = torch.zeros(5, dtype=torch.long, device=dev)
-                        prox_2to4_(weights[n], cfg.lambda1, hist=rows[n])
+                        prox_2to4_(weights[n], lam[n], hist=rows[n])
                     _sync(device)
                     t3 = time.perf_counter()
                     per_layer = torch.stack([r.to(device) for r in rows.values()]).cpu()
@@ -203,7 +215,7 @@ class ProxSparseLearner:
                 lm_val = float(lm_loss.detach())
                 ev = StepEvent(
                     step=step, total_steps=cfg.steps, lm_loss=lm_val, l2_term=l2, loss=lm_val + l2,
-                    lr=sched.get_last_lr()[0], share_24=float(hist[:3].sum()) / max(1, total_groups),
+                    lr=cfg.lr * ramp(sched.last_epoch), share_24=float(hist[:3].sum()) / max(1, total_groups),
                     nnz_hist=hist.tolist(), layer_share=layer_share,
                     t_fwd_bwd=t1 - t0, t_opt=t2 - t1, t_prox=t3 - t2, t_step=t_step,
                     tokens_per_s=batch.numel() / max(t_step, 1e-9),

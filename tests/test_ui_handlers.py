@@ -249,3 +249,11 @@ def test_inspect_model_shows_device_precision_and_prunable_layers(tiny_dir):
     with pytest.warns(UserWarning, match="does not exist"):       # a toast, not a trace
         out = learn_tab.inspect_model(jobs, str(tiny_dir / "nope"), "cpu", "float32", False, "")
     assert out == gr.skip() and jobs.activity is None
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU message")
+def test_speedup_panel_explains_why_not_on_cpu(finished):
+    text = compare_tab.measure_speedup(finished)
+    assert "needs a CUDA GPU" in text and "mask is still valid" in text
+    text = compare_tab.measure_speedup(JobManager())
+    assert "needs a CUDA GPU" in text

@@ -183,6 +183,19 @@ def stream_perplexities(jobs: JobManager, methods, progress=None):
             yield rest[0]
 
 
+def measure_speedup(jobs: JobManager) -> str:
+    """Time dense vs 2:4 sparse products for the loaded model's shapes (CUDA only; says why not)."""
+    from proxsparse_core import sparse_infer
+
+    ok, why = sparse_infer.status()
+    if not ok or jobs.ws.lm is None:
+        return esc(why if not ok else "load a model first (Learn tab)") + \
+            ". The learned mask is still valid; it just runs as dense weights with zeros here."
+    with jobs.claim("measuring 2:4 speed"):
+        _, text = sparse_infer.speedup_report(jobs.ws.lm.prunable)
+    return "<pre>" + esc(text) + "</pre>"
+
+
 # ---------------------------------------------------------------------------- layout
 
 def build_compare_tab(jobs: JobManager, tab: gr.Tab):
@@ -225,6 +238,12 @@ def build_compare_tab(jobs: JobManager, tab: gr.Tab):
     table = gr.Dataframe(perplexity_table(jobs), headers=COLUMNS, interactive=False, elem_id="ps-table")
     table_note = gr.Markdown()
 
+    gr.Markdown("### 2:4 speed on this machine")
+    with gr.Row():
+        speed_note = gr.Markdown("Sparse tensor cores run 2:4 products on NVIDIA GPUs (compute capability "
+                                 "8.0+). This measures dense vs 2:4 products for this model's layer shapes.")
+        speed_btn = gr.Button("Measure 2:4 speed-up", size="sm", elem_id="ps-speed")
+
     def on_generate(v, p, s, t, tp, mx, c):
         yield from guarded(3)(generate_pair)(jobs, v, p, s, t, tp, mx, c)
 
@@ -234,6 +253,9 @@ def build_compare_tab(jobs: JobManager, tab: gr.Tab):
     def on_stop():
         jobs.eval_stop.set()
         notify("stopping after the current window …", "info")
+
+    def on_speed():
+        return measure_speedup(jobs)
 
     def on_select():
         choices = variant_choices(jobs)
@@ -246,4 +268,5 @@ def build_compare_tab(jobs: JobManager, tab: gr.Tab):
     table_btn.click(on_table, chosen, [table, table_note], api_name="perplexity", concurrency_id="model",
                     show_progress_on=table)
     stop_btn.click(on_stop, None, None, queue=False, api_name="stop_eval")
+    speed_btn.click(guarded(1)(on_speed), None, speed_note, api_name="speedup", concurrency_id="model")
     tab.select(on_select, None, [variant, table], api_name="refresh_compare", queue=False)
