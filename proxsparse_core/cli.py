@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -81,34 +82,67 @@ def _print_compare(ws, names, prompt, max_new_tokens):
         print(f"--- {n}: {ws.generate(n, prompt, s)!r}")
 
 
-def cmd_learn(args) -> int:
-    from .artifacts import save_events, save_json, save_masks, save_recipe
-    from .workspace import DENSE, Workspace
+def _load(cfg):
+    from .workspace import Workspace
 
-    cfg = config_from_args(args)
-    out = _out_folder(args.out, args.overwrite)
     ws = Workspace()
     print(f"loading {cfg.model} …", flush=True)
     lm = ws.load(cfg)
     print(lm.describe())
     print(f"data: {ws.data.source}: {ws.data.calibration.shape[0]} calibration samples × {cfg.ctx} tokens, "
-          f"{ws.data.held_out.shape[0]} held-out windows × {cfg.eval_ctx} tokens")
-    print(f"λ1={cfg.lambda1} (not scaled by lr)  λ2={cfg.lambda2}  ε={cfg.eps}  lr={cfg.lr}  "
-          f"steps={cfg.steps}  batch={cfg.batch}  seed={cfg.seed}", flush=True)
+          f"{ws.data.held_out.shape[0]} held-out windows × {cfg.eval_ctx} tokens", flush=True)
+    return ws
+
+
+@contextlib.contextmanager
+def _stop_on_ctrl_c(unit: str):
+    """Ctrl-C sets the yielded Event (the work stops after the current `unit`); a second one aborts."""
     stop = threading.Event()
 
     def on_sigint(signum, frame):
-        print("\nstopping after this step … (Ctrl-C again to abort)", flush=True)
+        print(f"\nstopping after this {unit} … (Ctrl-C again to abort)", flush=True)
         stop.set()
         signal.signal(signal.SIGINT, signal.default_int_handler)
     previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        yield stop
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _finish(ws, args, out: Path, name: str, metrics: dict) -> int:
+    """Verify, evaluate and compare the result `name`, then write metrics.json."""
+    from .artifacts import save_json
+    from .workspace import DENSE
+
+    check = ws.verify(name)
+    print(check)
+    metrics.update({"verification": str(check), "verified": check.ok, "model": ws.lm.describe(),
+                    "data": ws.data.source, "calibration_tokens": int(ws.data.calibration.numel()),
+                    "held_out_tokens": int(ws.data.held_out.numel())})
+    if not args.no_eval:
+        metrics["perplexity"] = {DENSE: ws.perplexity(DENSE), name: ws.perplexity(name)}
+        print("held-out perplexity: " + "  ".join(f"{k} {v:.3f}" for k, v in metrics["perplexity"].items()))
+    if args.prompt:
+        _print_compare(ws, [DENSE, name], args.prompt, args.max_new_tokens)
+    save_json(out / "metrics.json", metrics)
+    print(f"wrote {out}/: " + " ".join(sorted(p.name for p in out.iterdir())))
+    return 0 if check.ok else 1
+
+
+def cmd_learn(args) -> int:
+    from .artifacts import save_events, save_masks, save_recipe
+
+    cfg = config_from_args(args)
+    out = _out_folder(args.out, args.overwrite)
+    ws = _load(cfg)
+    print(f"λ1={cfg.lambda1} (not scaled by lr)  λ2={cfg.lambda2}  ε={cfg.eps}  lr={cfg.lr}  "
+          f"steps={cfg.steps}  batch={cfg.batch}  seed={cfg.seed}", flush=True)
 
     def on_event(ev):
         print(f"{_bar(ev.step, ev.total_steps)} {ev.line()}", flush=True)
-    try:
+    with _stop_on_ctrl_c("step") as stop:
         result = ws.learn(cfg, on_event, stop)
-    finally:
-        signal.signal(signal.SIGINT, previous)
     print(result.message)
     save_events(out / "events.jsonl", result.events)
     if result.steps_done == 0:
@@ -116,21 +150,9 @@ def cmd_learn(args) -> int:
         return 1
     save_masks(out / "masks.npz", result.masks)
     save_recipe(out, cfg)
-    check = ws.verify("proxsparse")
-    print(check)
-    metrics = {"status": result.status, "message": result.message, "steps": result.steps_done,
-               "learned_share_24": result.learned_share_24, "verification": str(check),
-               "verified": check.ok, "model": lm.describe(), "data": ws.data.source,
-               "calibration_tokens": int(ws.data.calibration.numel()),
-               "held_out_tokens": int(ws.data.held_out.numel())}
-    if not args.no_eval:
-        metrics["perplexity"] = {DENSE: ws.perplexity(DENSE), "proxsparse": ws.perplexity("proxsparse")}
-        print("held-out perplexity: " + "  ".join(f"{k} {v:.3f}" for k, v in metrics["perplexity"].items()))
-    if args.prompt:
-        _print_compare(ws, [DENSE, "proxsparse"], args.prompt, args.max_new_tokens)
-    save_json(out / "metrics.json", metrics)
-    print(f"wrote {out}/: masks.npz recipe.json metrics.json events.jsonl")
-    return 0 if check.ok else 1
+    return _finish(ws, args, out, "proxsparse", {
+        "status": result.status, "message": result.message, "steps": result.steps_done,
+        "learned_share_24": result.learned_share_24})
 
 
 # the settings a one-shot method uses: model, data and calibration (no learning settings)
@@ -139,32 +161,19 @@ PRUNE_SETTINGS = {"model", "device", "dtype", "trust_remote_code", "device_map",
 
 
 def cmd_prune(args) -> int:
-    from .artifacts import save_json, save_masks, save_recipe
-    from .workspace import DENSE, Workspace
+    from .artifacts import save_masks, save_recipe
 
     cfg = config_from_args(args)
     out = _out_folder(args.out, args.overwrite)
     method = args.method
-    ws = Workspace()
-    print(f"loading {cfg.model} …", flush=True)
-    lm = ws.load(cfg)
-    print(lm.describe())
-    print(f"{method}: {ws.data.calibration.shape[0]} calibration samples × {cfg.ctx} tokens "
-          f"from {ws.data.source}", flush=True)
-    stop = threading.Event()
-
-    def on_sigint(signum, frame):
-        print("\nstopping after this block … (Ctrl-C again to abort)", flush=True)
-        stop.set()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    previous = signal.signal(signal.SIGINT, on_sigint)
+    ws = _load(cfg)
+    print(f"{method}: {ws.data.calibration.shape[0]} calibration samples", flush=True)
     try:
-        result = ws.prune(method, cfg, lambda d, t: print(f"{_bar(d, t)} {d}/{t}", flush=True), stop)
+        with _stop_on_ctrl_c("block") as stop:
+            result = ws.prune(method, cfg, lambda d, t: print(f"{_bar(d, t)} {d}/{t}", flush=True), stop)
     except InterruptedError:
         print("stopped by the user: nothing was saved", file=sys.stderr)
         return 1
-    finally:
-        signal.signal(signal.SIGINT, previous)
     command = cfg.cli_command("prune", ("--method", method), PRUNE_SETTINGS)
     updates = result.weights is not None
     note = ("SparseGPT also updated the kept weights; masks.npz holds only the mask (applied to the "
@@ -174,21 +183,8 @@ def cmd_prune(args) -> int:
     save_masks(out / "masks.npz", result.masks)
     save_recipe(out, cfg, verb="prune", extra={"method": method, "command": command,
                                                "updates_weights": updates, "weights": note})
-    check = ws.verify(method)
-    print(check)
-    metrics = {"method": method, "seconds": result.info["seconds"], "updates_weights": updates,
-               "weights": note, "verification": str(check), "verified": check.ok,
-               "model": lm.describe(), "data": ws.data.source,
-               "calibration_tokens": int(ws.data.calibration.numel()),
-               "held_out_tokens": int(ws.data.held_out.numel())}
-    if not args.no_eval:
-        metrics["perplexity"] = {DENSE: ws.perplexity(DENSE), method: ws.perplexity(method)}
-        print("held-out perplexity: " + "  ".join(f"{k} {v:.3f}" for k, v in metrics["perplexity"].items()))
-    if args.prompt:
-        _print_compare(ws, [DENSE, method], args.prompt, args.max_new_tokens)
-    save_json(out / "metrics.json", metrics)
-    print(f"wrote {out}/: masks.npz recipe.json metrics.json")
-    return 0 if check.ok else 1
+    return _finish(ws, args, out, method, {"method": method, "seconds": result.info["seconds"],
+                                           "updates_weights": updates, "weights": note})
 
 
 def cmd_eval(args) -> int:
