@@ -248,6 +248,15 @@ def cmd_presets(args) -> int:
     return 0
 
 
+def _add_output_flags(p: argparse.ArgumentParser):
+    """What learn and prune share: where the run folder goes and what to evaluate at the end."""
+    p.add_argument("--out", metavar="DIR", help="run folder (default runs/<time>)")
+    p.add_argument("--overwrite", action="store_true", help="allow a non-empty --out folder")
+    p.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
+    p.add_argument("--prompt", help="also compare dense and pruned generations for this prompt")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m proxsparse_core",
                 description="Learn 2:4 semi-structured sparsity masks for causal LMs (ProxSparse).")
@@ -260,11 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help=f"published or demo settings: {', '.join(PRESETS)}")
     learn.add_argument("--recipe", metavar="PATH", help="recipe.json (or its run folder) to reproduce")
     _add_config_flags(learn)
-    learn.add_argument("--out", metavar="DIR", help="run folder (default runs/<time>)")
-    learn.add_argument("--overwrite", action="store_true", help="allow a non-empty --out folder")
-    learn.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
-    learn.add_argument("--prompt", help="also compare dense and pruned generations for this prompt")
-    learn.add_argument("--max-new-tokens", type=int, default=48)
+    _add_output_flags(learn)
     learn.set_defaults(func=cmd_learn)
 
     from .baselines import METHODS
@@ -275,11 +280,7 @@ def build_parser() -> argparse.ArgumentParser:
     pru.add_argument("--recipe", metavar="PATH", help="take model and data settings from a recipe")
     pru.add_argument("--preset", metavar="NAME", help=argparse.SUPPRESS)
     _add_config_flags(pru, PRUNE_SETTINGS)
-    pru.add_argument("--out", metavar="DIR", help="run folder (default runs/<time>)")
-    pru.add_argument("--overwrite", action="store_true", help="allow a non-empty --out folder")
-    pru.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
-    pru.add_argument("--prompt", help="also compare dense and pruned generations for this prompt")
-    pru.add_argument("--max-new-tokens", type=int, default=48)
+    _add_output_flags(pru)
     pru.set_defaults(func=cmd_prune)
 
     ev = sub.add_parser("eval", help="perplexity and generation of a dense or pruned model")
