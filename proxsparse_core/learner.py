@@ -8,7 +8,6 @@ The model's weights are restored to W0 when it returns, so the caller still hold
 """
 from __future__ import annotations
 
-import math
 import threading
 import time
 from dataclasses import asdict, dataclass, field

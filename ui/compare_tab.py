@@ -15,7 +15,7 @@ from proxsparse_core.errors import UserError
 from proxsparse_core.evaluate import GenerationSettings, first_divergence
 from proxsparse_core.workspace import DENSE
 
-from .feedback import esc, explain, guarded, notify
+from .feedback import esc, guarded, notify
 from .jobs import LEARNED, JobManager, in_worker
 
 EXAMPLES = [
