@@ -326,6 +326,9 @@ def test_two_visitors_starting_runs_at_once(jobs, tiny_folder, monkeypatch):
     second_page.close()
     with pytest.raises(Busy):
         run_export(jobs, LEARNED, "x", False, False, threading.Event())
+    t0 = time.time()
+    while not first.events and time.time() - t0 < 60:   # Stop after A's first step, not before it
+        time.sleep(0.01)
     jobs.stop()
     _wait(first)
     assert first.status == "stopped" and first.result.steps_done >= 1 and LEARNED in jobs.ws.results
