@@ -64,3 +64,11 @@ def test_user_learns_stops_and_compares(app, browser):  # noqa: F811
     page.wait_for_selector("#ps-prox .js-plotly-plot")
     page.screenshot(path=str(SHOTS / "explain.png"), full_page=True)
     page.close()
+
+    # a reload shows the stopped run and the settings it ran with, not the defaults
+    from playwright.sync_api import expect
+    again = browser.new_page(viewport={"width": 1440, "height": 1200})
+    again.goto(url)
+    expect(again.get_by_label("Steps")).to_have_value("100000", timeout=30_000)
+    expect(again.locator("#ps-progress")).to_contain_text("stopped by the user", timeout=30_000)
+    again.close()

@@ -94,6 +94,26 @@ def test_finished_run_streams_charts_and_yields_a_verified_mask(finished):
     assert len(list(learn_tab.attach(jobs))) == 1
 
 
+def test_reloaded_page_shows_the_settings_of_the_last_run(finished, tmp_path):
+    assert all(v is gr.skip() or v == gr.skip() for v in learn_tab.form_of_last_run(JobManager()))
+    jobs, job = finished
+    out = learn_tab.form_of_last_run(jobs)
+    got = dict(zip(learn_tab.FORM + ["mode", "upload", "hf"], out))
+    assert got["model"]["value"] == job.cfg.model and (job.cfg.model, job.cfg.model) in got["model"]["choices"]
+    assert (got["steps"], got["lambda1"], got["lr"], got["samples"]) == (3, 0.5, 1e-2, 8)
+    assert got["mode"] == learn_tab.DATA_MODES[0]
+    # the restored values make the same config again
+    values = {n: (v["value"] if isinstance(v, dict) else v) for n, v in got.items() if n in learn_tab.FORM}
+    assert learn_tab.config_from_form(values, "builtin") == job.cfg
+    for data, mode, idx in [("hf:wikitext:raw", 2, "hf"), (str(tmp_path / "a.txt"), 1, "upload")]:
+        job.cfg, saved = RunConfig(**{**job.cfg.to_dict(), "data": data}), job.cfg
+        try:
+            got = dict(zip(learn_tab.FORM + ["mode", "upload", "hf"], learn_tab.form_of_last_run(jobs)))
+        finally:
+            job.cfg = saved
+        assert got["mode"] == learn_tab.DATA_MODES[mode] and got[idx] == data
+
+
 def test_stop_ends_within_a_step_keeps_a_mask_and_second_start_is_refused(tiny_dir):
     jobs = JobManager()
     job = jobs.start_learning(tiny_cfg(tiny_dir, steps=100_000, layer_stats_every=50))

@@ -207,6 +207,24 @@ def attach(jobs: JobManager):
     yield from follow(jobs.job)
 
 
+def form_of_last_run(jobs: JobManager) -> list:
+    """Page load: the form shows the settings of the current or last run (so a reload, or a second
+    visitor, sees what is running), or stays as it is when nothing has run yet. Values in the order
+    FORM, then the data mode, the uploaded file and the HF dataset widgets."""
+    if jobs.job is None:
+        return [gr.skip()] * (len(FORM) + 3)
+    cfg = jobs.job.cfg
+    values = [getattr(cfg, n) for n in FORM]
+    values[FORM.index("model")] = gr.update(choices=model_choices(cfg.model), value=cfg.model)
+    if cfg.data == "builtin":
+        data = [DATA_MODES[0], gr.skip(), gr.skip()]
+    elif cfg.data.startswith("hf:"):
+        data = [DATA_MODES[2], gr.skip(), cfg.data]
+    else:
+        data = [DATA_MODES[1], cfg.data, gr.skip()]
+    return values + data
+
+
 def stop_run(jobs: JobManager) -> str:
     return jobs.stop()
 
@@ -224,12 +242,15 @@ def inspect_model(jobs: JobManager, model, device, dtype, trust_remote_code, dev
 
 # ---------------------------------------------------------------------------- layout
 
+def model_choices(current: str) -> list[tuple[str, str]]:
+    return [(BUNDLED_LABEL, BUNDLED)] + ([(current, current)] if current != BUNDLED else [])
+
+
 def _widget(name: str, value):
     f = next(f for f in fields(RunConfig) if f.name == name)
     label, info = LABELS.get(name, name), f.metadata["help"]
     if name == "model":
-        choices = [(BUNDLED_LABEL, BUNDLED)] + ([(value, value)] if value != BUNDLED else [])
-        return gr.Dropdown(choices=choices, value=value, allow_custom_value=True, label=label,
+        return gr.Dropdown(choices=model_choices(value), value=value, allow_custom_value=True, label=label,
                            info="the bundled offline model, or type a Hugging Face id or a local folder")
     if name == "device":
         return gr.Dropdown(["auto", "cpu", "cuda", "mps"], value=value, allow_custom_value=True,
@@ -323,6 +344,8 @@ def build_learn_tab(jobs: JobManager, demo: gr.Blocks, defaults: RunConfig, pres
     start.click(on_start, [mode, upload, hf_spec, evaluate] + form, stream_out, api_name="start",
                 concurrency_limit=None, show_progress="hidden")
     demo.load(on_attach, None, stream_out, api_name="attach", concurrency_limit=None, show_progress="hidden")
+    demo.load(lambda: form_of_last_run(jobs), None, form + [mode, upload, hf_spec], api_visibility="private",
+              queue=False, show_progress="hidden")
     stop.click(on_stop, None, None, api_name="stop", queue=False)
     mode.change(on_mode, mode, [upload, hf_spec], api_visibility="private", queue=False)
     preset_box.input(on_preset, [preset_box] + form, form + [note], api_visibility="private")
