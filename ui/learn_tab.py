@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import fields
+from pathlib import Path
 
 import gradio as gr
 
@@ -220,8 +221,8 @@ def form_of_last_run(jobs: JobManager) -> list:
         data = [DATA_MODES[0], gr.skip(), gr.skip()]
     elif cfg.data.startswith("hf:"):
         data = [DATA_MODES[2], gr.skip(), cfg.data]
-    else:
-        data = [DATA_MODES[1], cfg.data, gr.skip()]
+    else:   # an uploaded file: offered again while it still exists
+        data = [DATA_MODES[1], cfg.data if Path(cfg.data).is_file() else gr.skip(), gr.skip()]
     return values + data
 
 
