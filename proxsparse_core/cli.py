@@ -40,8 +40,8 @@ def _add_config_flags(p: argparse.ArgumentParser, only: set[str] | None = None):
             p.add_argument(flag, action="store_true", default=argparse.SUPPRESS,
                            help=f.metadata["help"])
         else:
-            p.add_argument(flag, type=type(default), default=argparse.SUPPRESS, metavar=f.name.upper(),
-                           help=f"{f.metadata['help']} (default: {default})")
+            p.add_argument(flag, type=type(default), default=argparse.SUPPRESS, choices=f.metadata.get("choices"),
+                           metavar=f.name.upper(), help=f"{f.metadata['help']} (default: {default})")
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:

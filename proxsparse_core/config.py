@@ -36,12 +36,16 @@ class RunConfig:
     lambda1: float = _f(2.0, "2:4 regulariser strength λ1 (used as is, NOT multiplied by the learning rate)")
     lambda2: float = _f(0.0, "frozen-weight regulariser strength λ2 (0 = off)")
     eps: float = _f(0.5, "ε in the λ2 term W·(W−W0)/(|W0|+ε)")
-    lr: float = _f(1e-4, "AdamW learning rate (linear warm-up, then constant)")
+    lr: float = _f(1e-4, "AdamW learning rate (after a linear warm-up; see lr_schedule)")
     steps: int = _f(30, "optimizer steps (each followed by the prox)")
     batch: int = _f(1, "calibration samples per step")
     lambda_scale: str = _f("none", "none (published: one λ1 and lr for every layer) or layer (scale-free: "
-                                   "λ1/rms(W0) and lr·rms(W0) per layer, for models whose layers differ in scale)")
+                                   "λ1/rms(W0) and lr·rms(W0) per layer, for models whose layers differ in scale)",
+                           choices=("none", "layer"))
     warmup: float = _f(0.1, "share of steps with linear learning-rate warm-up")
+    lr_schedule: str = _f("constant", "learning rate after the warm-up: constant (published) or cosine "
+                                      "(decays to 0 at the last step, so the mask settles before it is read)",
+                           choices=("constant", "cosine"))
     seed: int = _f(0, "seed for sampling and any randomness")
     # engineering
     grad_ckpt: bool = _f(False, "gradient checkpointing (less memory, ~30% slower)")
@@ -114,8 +118,10 @@ class RunConfig:
             from pathlib import Path
             if not Path(self.data).expanduser().is_file():
                 raise UserError(f"data file {self.data!r} does not exist")
-        if self.lambda_scale not in ("none", "layer"):
-            raise UserError(f"lambda_scale must be 'none' or 'layer', got {self.lambda_scale!r}")
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise UserError(f"{f.name} must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}")
         if self.device_map not in ("", "auto"):
             raise UserError("device_map must be empty or 'auto'")
         return self

@@ -8,6 +8,7 @@ The model's weights are restored to W0 when it returns, so the caller still hold
 """
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -159,8 +160,12 @@ class ProxSparseLearner:
             groups.append({"params": rest, "lr": cfg.lr})
         opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0, fused=fused)
         warm = max(1, int(round(cfg.warmup * cfg.steps)))
-        def ramp(s):   # linear warm-up over the first `warmup` share of steps, then constant
-            return min(1.0, (s + 1) / warm)
+        def ramp(s):   # linear warm-up over the first `warmup` share of steps, then constant or cosine
+            if s + 1 <= warm:
+                return (s + 1) / warm
+            if cfg.lr_schedule == "cosine":    # step s+1 of cfg.steps; the last one still moves a little
+                return 0.5 * (1 + math.cos(math.pi * (s + 1 - warm) / (cfg.steps - warm + 1)))
+            return 1.0
         sched = torch.optim.lr_scheduler.LambdaLR(opt, ramp)
         order = torch.randperm(self.samples.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
         if device.startswith("cuda"):
@@ -214,7 +219,7 @@ class ProxSparseLearner:
                 lm_val = float(lm_loss.detach())
                 ev = StepEvent(
                     step=step, total_steps=cfg.steps, lm_loss=lm_val, l2_term=l2, loss=lm_val + l2,
-                    lr=cfg.lr * ramp(sched.last_epoch), share_24=float(hist[:3].sum()) / max(1, total_groups),
+                    lr=cfg.lr * ramp(step - 1), share_24=float(hist[:3].sum()) / max(1, total_groups),
                     nnz_hist=hist.tolist(), layer_share=layer_share,
                     t_fwd_bwd=t1 - t0, t_opt=t2 - t1, t_prox=t3 - t2, t_step=t_step,
                     tokens_per_s=batch.numel() / max(t_step, 1e-9),

@@ -20,6 +20,8 @@ from proxsparse_core.cli import main
     (["learn", "--ctx", "100000", "--out", "OUT"], "longer than the model allows"),
     (["eval", "--masks", "/nonexistent/masks.npz"], "no mask file"),
     (["learn", "--steps", "many"], "invalid int value"),
+    (["learn", "--lr-schedule", "linear"], "invalid choice: 'linear' (choose from 'constant', 'cosine')"),
+    (["learn", "--lambda-scale", "global"], "invalid choice"),
 ])
 def test_bad_arguments_one_line_exit_2(argv, needle, capsys, tmp_path):
     argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]
@@ -60,3 +62,12 @@ def test_learn_writes_mask_recipe_metrics_and_recipe_reproduces(tmp_path, capsys
     assert main(["eval", "--masks", str(out), "--eval-ctx", "64", "--eval-windows", "2", "--json"]) == 0
     ppl = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["perplexity"]
     assert ppl["pruned"] == pytest.approx(metrics["perplexity"]["proxsparse"], rel=1e-6)
+
+
+def test_recipe_with_an_unknown_choice_is_one_clear_line(tmp_path, capsys):
+    recipe = tmp_path / "recipe.json"
+    recipe.write_text(json.dumps({"config": {"lambda_scale": "global", "steps": 3}}))
+    assert main(["learn", "--recipe", str(recipe), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "error: lambda_scale must be one of none, layer; got 'global'"
+    assert not (tmp_path / "out").exists()

@@ -36,6 +36,27 @@ def test_events_every_step_and_model_restored(tiny_lm):
     assert all(p.requires_grad for p in tiny_lm.model.parameters()), "requires_grad must be restored"
 
 
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_learning_rate_schedule_is_the_one_applied_and_reported(tiny_lm, monkeypatch, schedule):
+    applied = []
+    step = torch.optim.AdamW.step
+
+    def spy(self, *a, **k):
+        applied.append(self.param_groups[0]["lr"])
+        return step(self, *a, **k)
+    monkeypatch.setattr(torch.optim.AdamW, "step", spy)
+    events = []
+    _run(tiny_lm, on_event=events.append, steps=10, warmup=0.2, lr=1e-2, lr_schedule=schedule)
+    reported = [e.lr for e in events]
+    assert reported == pytest.approx(applied)
+    assert reported[:2] == pytest.approx([5e-3, 1e-2])                  # warm-up over 2 steps
+    if schedule == "constant":
+        assert reported[2:] == pytest.approx([1e-2] * 8)
+    else:   # decays every step after the warm-up, ends near 0 but still moving
+        assert all(a > b for a, b in zip(reported[1:], reported[2:]))
+        assert 0 < reported[-1] < 0.05 * 1e-2
+
+
 def test_share_of_24_groups_grows_with_lambda(tiny_lm):
     shares = [_run(tiny_lm, lambda1=lam).learned_share_24 for lam in (0.0, 2.0, 20.0)]
     assert shares[0] < shares[1] < shares[2]

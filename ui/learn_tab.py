@@ -34,6 +34,7 @@ LABELS = {
     "lr": "Learning rate", "steps": "Steps", "batch": "Batch size", "warmup": "Warm-up share",
     "seed": "Seed", "grad_ckpt": "Gradient checkpointing", "train_all": "Train all parameters",
     "w0_offload": "Keep W0 on the CPU", "layer_stats_every": "Per-layer stats every N steps",
+    "lambda_scale": "λ1 / lr scaling", "lr_schedule": "Learning-rate schedule",
 }
 MAIN = ("lambda1", "lambda2", "lr", "steps")            # shown open; the rest sit in "Advanced"
 DATA = ("samples", "ctx")
@@ -262,6 +263,8 @@ def _widget(name: str, value):
     if name == "device_map":
         return gr.Dropdown([("one device", ""), ("spread over all GPUs (accelerate)", "auto")],
                            value=value, label=label)
+    if f.metadata.get("choices"):
+        return gr.Dropdown(list(f.metadata["choices"]), value=value, label=label, info=info)
     if isinstance(f.default, bool):
         return gr.Checkbox(value=value, label=label, info=info)
     if isinstance(f.default, int):
