@@ -147,14 +147,20 @@ def _preset(model, note, **settings):
     return {"note": note, "settings": {"model": model, **settings}}
 
 
-_PAPER = dict(samples=400, ctx=4096, steps=400, batch=1, warmup=0.1, grad_ckpt=True, lambda_scale="none")
+_PAPER = dict(samples=400, ctx=4096, steps=400, batch=1, warmup=0.1, grad_ckpt=True, lambda_scale="none",
+              lr_schedule="constant")
 
 PRESETS: dict[str, dict] = {
     # chosen from bench/quality.py (bench/RESULTS.md): per-layer scaling is what makes the
     # bundled model learn at all (its layers differ ~6× in scale, see README)
-    "quick-demo": _preset(BUNDLED, "bundled SmolLM2-135M, per-layer scaled λ1/lr; a few minutes on a 2-core CPU",
+    "quick-demo": _preset(BUNDLED, "bundled SmolLM2-135M, per-layer scaled λ1/lr, 60 steps: ≈ 1 min on a 2-core "
+                                   "CPU; measured held-out ppl 82.3 (Wanda 83.0)",
                           samples=150, ctx=128, steps=60, batch=1, lambda1=0.01, lambda2=0.0, lr=0.01,
-                          lambda_scale="layer", warmup=0.1, grad_ckpt=False),
+                          lambda_scale="layer", lr_schedule="constant", warmup=0.1, grad_ckpt=False),
+    "bundled-quality": _preset(BUNDLED, "bundled SmolLM2-135M, per-layer scaled, cosine lr, 300 steps: ≈ 5 min "
+                                        "on a 2-core CPU; measured held-out ppl 58.9 (SparseGPT mask-only 76.0)",
+                               samples=150, ctx=128, steps=300, batch=1, lambda1=0.01, lambda2=0.0, lr=0.01,
+                               lambda_scale="layer", lr_schedule="cosine", warmup=0.1, grad_ckpt=False),
     "llama-2-7b": _preset("meta-llama/Llama-2-7b-hf", "paper: λ1=0.25, lr=1e-4",
                           lambda1=0.25, lambda2=0.0, lr=1e-4, **_PAPER),
     "llama-2-13b": _preset("meta-llama/Llama-2-13b-hf", "paper: λ1=0.5, λ2=0.25, ε=0.5, lr=1e-4",

@@ -71,3 +71,16 @@ def test_recipe_with_an_unknown_choice_is_one_clear_line(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err == "error: lambda_scale must be one of none, layer; got 'global'"
     assert not (tmp_path / "out").exists()
+
+
+def test_every_preset_is_a_valid_config_and_is_listed(capsys):
+    from proxsparse_core.config import PRESETS, RunConfig
+    assert main(["presets"]) == 0
+    listed = capsys.readouterr().out
+    for name, preset in PRESETS.items():
+        cfg = RunConfig().with_preset(name).validate()
+        assert name in listed and cfg.model == preset["settings"]["model"]
+        # the published settings are the published method: one λ1 and lr, constant after warm-up
+        if name.startswith(("llama", "mistral", "qwen", "openllama")):
+            assert (cfg.lambda_scale, cfg.lr_schedule, cfg.steps, cfg.ctx in (2048, 4096)) == ("none", "constant", 400, True)
+    assert RunConfig().with_preset("bundled-quality").lr_schedule == "cosine"
