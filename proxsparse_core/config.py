@@ -44,7 +44,7 @@ class RunConfig:
                            choices=("none", "layer"))
     warmup: float = _f(0.1, "share of steps with linear learning-rate warm-up")
     lr_schedule: str = _f("constant", "learning rate after the warm-up: constant (published) or cosine "
-                                      "(decays to 0 at the last step, so the mask settles before it is read)",
+                                      "(decays towards 0 by the last step, so the mask settles before it is read)",
                            choices=("constant", "cosine"))
     seed: int = _f(0, "seed for sampling and any randomness")
     # engineering
