@@ -36,7 +36,7 @@ class RunConfig:
     lambda1: float = _f(2.0, "2:4 regulariser strength λ1 (used as is, NOT multiplied by the learning rate)")
     lambda2: float = _f(0.0, "frozen-weight regulariser strength λ2 (0 = off)")
     eps: float = _f(0.5, "ε in the λ2 term W·(W−W0)/(|W0|+ε)")
-    lr: float = _f(1e-4, "AdamW learning rate (after a linear warm-up; see lr_schedule)")
+    lr: float = _f(1e-4, "AdamW learning rate (its peak, reached after the linear warm-up)")
     steps: int = _f(30, "optimizer steps (each followed by the prox)")
     batch: int = _f(1, "calibration samples per step")
     lambda_scale: str = _f("none", "none (published: one λ1 and lr for every layer) or layer (scale-free: "
