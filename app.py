@@ -20,21 +20,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=7860, help="port (0 = any free port)")
     p.add_argument("--share", action="store_true", help="also create a public gradio.live link")
     p.add_argument("--model", help="model preselected in the Learn tab (default: the bundled SmolLM2)")
-    p.add_argument("--preset", default="quick-demo", help="preset preselected in the Learn tab")
+    p.add_argument("--preset", help="preset preselected in the Learn tab (default: bundled-quality, the bundled "
+                                     "model's best measured setting; quick-demo is its one-minute version)")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
-    from proxsparse_core.config import PRESETS, RunConfig
+    from proxsparse_core.config import DEFAULT_PRESET, PRESETS, RunConfig
     from ui.layout import build_app, launch
 
-    if args.preset not in PRESETS:
-        raise SystemExit(f"error: unknown preset {args.preset!r}; choose from: {', '.join(PRESETS)}")
-    defaults = RunConfig().with_preset(args.preset)
+    preset = args.preset or DEFAULT_PRESET
+    if preset not in PRESETS:
+        raise SystemExit(f"error: unknown preset {preset!r}; choose from: {', '.join(PRESETS)}")
+    defaults = RunConfig().with_preset(preset)
     if args.model:
         defaults.model = args.model
-    demo = build_app(defaults=defaults, preset=args.preset)
+    demo = build_app(defaults=defaults, preset=preset)
     launch(demo, host=args.host, port=args.port or free_port(args.host), share=args.share)
 
 

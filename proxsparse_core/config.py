@@ -150,6 +150,10 @@ def _preset(model, note, **settings):
 _PAPER = dict(samples=400, ctx=4096, steps=400, batch=1, warmup=0.1, grad_ckpt=True, lambda_scale="none",
               lr_schedule="constant")
 
+# the app's preselected preset: the bundled model's best measured setting (bench/RESULTS.md);
+# quick-demo is the one-minute version for live demos
+DEFAULT_PRESET = "bundled-quality"
+
 PRESETS: dict[str, dict] = {
     # chosen from bench/quality.py (bench/RESULTS.md): per-layer scaling is what makes the
     # bundled model learn at all (its layers differ ~6× in scale, see README)

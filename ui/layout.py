@@ -8,7 +8,7 @@ from pathlib import Path
 import gradio as gr
 import torch
 
-from proxsparse_core.config import RunConfig
+from proxsparse_core.config import DEFAULT_PRESET, RunConfig
 
 from .compare_tab import build_compare_tab
 from .explain_tab import build_explain_tab
@@ -45,7 +45,7 @@ def _header() -> str:
 
 
 def build_app(jobs: JobManager | None = None, defaults: RunConfig | None = None,
-              preset: str = "quick-demo") -> gr.Blocks:
+              preset: str = DEFAULT_PRESET) -> gr.Blocks:
     jobs = jobs or JobManager()
     defaults = defaults or RunConfig().with_preset(preset)
     with gr.Blocks(title="ProxSparse Studio") as demo:

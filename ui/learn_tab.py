@@ -14,7 +14,7 @@ from pathlib import Path
 import gradio as gr
 
 from proxsparse_core import plots
-from proxsparse_core.config import PRESETS, RunConfig
+from proxsparse_core.config import DEFAULT_PRESET, PRESETS, RunConfig
 from proxsparse_core.errors import UserError
 from proxsparse_core.models import BUNDLED, BUNDLED_LABEL
 
@@ -274,7 +274,7 @@ def _widget(name: str, value):
     return gr.Textbox(value=value, label=label, info=info)
 
 
-def build_learn_tab(jobs: JobManager, demo: gr.Blocks, defaults: RunConfig, preset: str = "quick-demo"):
+def build_learn_tab(jobs: JobManager, demo: gr.Blocks, defaults: RunConfig, preset: str = DEFAULT_PRESET):
     widgets: dict[str, gr.components.Component] = {}
 
     def add(names):
