@@ -161,7 +161,7 @@ PRESETS: dict[str, dict] = {
                                    "CPU; measured held-out ppl 82.3 (Wanda 83.0)",
                           samples=150, ctx=128, steps=60, batch=1, lambda1=0.01, lambda2=0.0, lr=0.01,
                           lambda_scale="layer", lr_schedule="constant", warmup=0.1, grad_ckpt=False),
-    "bundled-quality": _preset(BUNDLED, "bundled SmolLM2-135M, per-layer scaled, cosine lr, 300 steps: ≈ 5 min "
+    "bundled-quality": _preset(BUNDLED, "bundled SmolLM2-135M, per-layer scaled, cosine lr, 300 steps: 5–9 min "
                                         "on a 2-core CPU; measured held-out ppl 58.9 (SparseGPT mask-only 76.0)",
                                samples=150, ctx=128, steps=300, batch=1, lambda1=0.01, lambda2=0.0, lr=0.01,
                                lambda_scale="layer", lr_schedule="cosine", warmup=0.1, grad_ckpt=False),
