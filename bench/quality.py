@@ -1,4 +1,4 @@
-"""Quality benchmark: ProxSparse against the one-shot 2:4 baselines (SPEC §3).
+"""Quality benchmark: ProxSparse against the one-shot 2:4 baselines.
 
 The bundled SmolLM2-135M and the built-in corpus; every method gets the same calibration tokens
 and is scored on the same held-out windows. A "job" is one row: a baseline, or ProxSparse with
@@ -30,7 +30,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from proxsparse_core.config import RunConfig  # noqa: E402
-from proxsparse_core.workspace import DENSE, Pruning, Workspace  # noqa: E402
+from proxsparse_core.results import DENSE, Pruning  # noqa: E402
+from proxsparse_core.workspace import Workspace  # noqa: E402
 
 BASELINES = ["magnitude", "wanda", "sparsegpt"]   # sparsegpt also yields the mask-only row
 

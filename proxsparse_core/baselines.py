@@ -1,4 +1,4 @@
-"""One-shot 2:4 baselines that ProxSparse is compared with (SPEC §2).
+"""One-shot 2:4 baselines that ProxSparse is compared with.
 
 Every method has the same signature, ``prune_<method>(lm, calibration, progress=None, stop=None)
 -> Pruning`` (lm: models.LoadedModel, calibration: [n, ctx] token ids), uses the same prunable
@@ -13,20 +13,25 @@ Wanda and SparseGPT run block by block through the decoder, like their published
 calibration activations entering one block are collected, its layers are pruned from them, and
 the *pruned* block's outputs feed the next block. Only one block's activations are held at once.
 ``progress(done, total)`` is called after every block; setting ``stop`` ends the run between
-blocks with InterruptedError (the model is restored to W0 either way).
+blocks with errors.Stopped (the model is restored to W0 either way).
+
+``METHODS`` is the registry the CLI, the app and the benchmark read: adding a baseline means
+writing its function and one ``Method`` entry.
 """
 from __future__ import annotations
 
 import threading
 import time
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
+from .errors import Stopped
 from .masks import load_weights, mask_2to4, snapshot
 from .prunable import find_decoder_blocks
+from .results import TITLES, Pruning
 from .sparsegpt import SparseGPTLayer
-from .workspace import Pruning
 
 Progress = Callable[[int, int], None] | None
 
@@ -93,7 +98,7 @@ def _sequential(lm, calibration: torch.Tensor, make_collector, finish_layer,
         entries = _first_block_inputs(model, blocks, calibration, batch)
         for b, block in enumerate(blocks):
             if stop is not None and stop.is_set():
-                raise InterruptedError("pruning stopped by the user")
+                raise Stopped("pruning stopped by the user")
             names = [n for n in prunable.names if n.startswith(f"{path}.{b}.")]
             collectors = {n: make_collector(prunable.modules[n]) for n in names}
             handles = [prunable.modules[n].register_forward_hook(
@@ -131,7 +136,7 @@ def prune_magnitude(lm, calibration: torch.Tensor, progress: Progress = None,
     masks = {}
     for i, n in enumerate(names):
         if stop is not None and stop.is_set():
-            raise InterruptedError("pruning stopped by the user")
+            raise Stopped("pruning stopped by the user")
         masks[n] = mask_2to4(lm.prunable.modules[n].weight.detach()).cpu()
         if progress:
             progress(i + 1, len(names))
@@ -205,9 +210,24 @@ def prune_sparsegpt_maskonly(lm, calibration: torch.Tensor, progress: Progress =
     return Pruning("sparsegpt-maskonly", masks, None, _info("sparsegpt-maskonly", calibration, t0))
 
 
-METHODS: dict[str, Callable[..., Pruning]] = {
-    "magnitude": prune_magnitude,
-    "wanda": prune_wanda,
-    "sparsegpt": prune_sparsegpt,
-    "sparsegpt-maskonly": prune_sparsegpt_maskonly,
-}
+@dataclass(frozen=True)
+class Method:
+    """A one-shot pruning method: every one has the same signature, so the UI and CLI treat them alike."""
+    name: str
+    prune: Callable[..., Pruning]     # prune(lm, calibration, progress=None, stop=None) -> Pruning
+    updates_weights: bool             # its pruned model is not W0 * mask
+    uses_data: bool                   # reads the calibration samples
+    cpu_default: bool                 # preselected in the app on a CPU-only machine (fast there)
+
+    @property
+    def title(self) -> str:
+        return TITLES[self.name]
+
+
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("magnitude", prune_magnitude, updates_weights=False, uses_data=False, cpu_default=True),
+    Method("wanda", prune_wanda, updates_weights=False, uses_data=True, cpu_default=False),
+    Method("sparsegpt", prune_sparsegpt, updates_weights=True, uses_data=True, cpu_default=False),
+    Method("sparsegpt-maskonly", prune_sparsegpt_maskonly, updates_weights=False, uses_data=True,
+           cpu_default=False),
+)}

@@ -20,7 +20,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from .config import PRESETS, RunConfig
-from .errors import UserError
+from .errors import Stopped, UserError
 
 EXIT_USAGE = 2
 
@@ -113,7 +113,7 @@ def _stop_on_ctrl_c(unit: str):
 def _finish(ws, args, out: Path, name: str, metrics: dict) -> int:
     """Verify, evaluate and compare the result `name`, then write metrics.json."""
     from .artifacts import save_json
-    from .workspace import DENSE
+    from .results import DENSE
 
     check = ws.verify(name)
     print(check)
@@ -171,7 +171,7 @@ def cmd_prune(args) -> int:
     try:
         with _stop_on_ctrl_c("block") as stop:
             result = ws.prune(method, cfg, lambda d, t: print(f"{_bar(d, t)} {d}/{t}", flush=True), stop)
-    except InterruptedError:
+    except Stopped:
         print("stopped by the user: nothing was saved", file=sys.stderr)
         return 1
     command = cfg.cli_command("prune", ("--method", method), PRUNE_SETTINGS)
@@ -189,7 +189,8 @@ def cmd_prune(args) -> int:
 
 def cmd_eval(args) -> int:
     from .artifacts import load_masks
-    from .workspace import DENSE, Pruning, Workspace
+    from .results import DENSE, Pruning
+    from .workspace import Workspace
 
     cfg = config_from_args(args)
     ws = Workspace()

@@ -32,7 +32,7 @@ class RunConfig:
     ctx: int = _f(128, "context length of a calibration sample, in tokens")
     eval_ctx: int = _f(256, "context length of a held-out perplexity window")
     eval_windows: int = _f(40, "held-out windows for perplexity (0 = all)")
-    # method (SPEC §1)
+    # method
     lambda1: float = _f(2.0, "2:4 regulariser strength λ1 (used as is, NOT multiplied by the learning rate)")
     lambda2: float = _f(0.0, "frozen-weight regulariser strength λ2 (0 = off)")
     eps: float = _f(0.5, "ε in the λ2 term W·(W−W0)/(|W0|+ε)")

@@ -1,4 +1,4 @@
-"""Evaluation: perplexity on held-out windows and text generation (SPEC §3)."""
+"""Evaluation: perplexity on held-out windows and text generation."""
 from __future__ import annotations
 
 import math
@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from typing import Callable, Iterator
 
 import torch
+
+from .errors import Stopped
 
 
 @torch.no_grad()
@@ -22,7 +24,7 @@ def perplexity(model, windows: torch.Tensor, batch: int = 4,
     try:
         for i in range(0, windows.shape[0], batch):
             if stop is not None and stop.is_set():
-                raise InterruptedError("perplexity stopped by the user")
+                raise Stopped("perplexity stopped by the user")
             x = windows[i:i + batch].to(device)
             logits = model(input_ids=x).logits.float()
             loss = torch.nn.functional.cross_entropy(

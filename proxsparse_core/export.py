@@ -28,16 +28,13 @@ import torch
 
 from .artifacts import EVENTS_FILE, METRICS_FILE, load_masks, load_recipe, save_masks, save_recipe
 from .config import RunConfig
-from .errors import UserError
+from .errors import Stopped, UserError
 from .masks import mask_stats, verify
 from .report import environment, model_card, write_report
+from .results import DENSE, Pruning
 
 ARTEFACTS = "proxsparse"          # sub-folder with masks, recipe and report
 MAX_NAME = 100
-
-
-class ExportStopped(UserError):
-    """The user stopped an export; nothing was written."""
 
 
 @dataclass
@@ -117,9 +114,7 @@ def export_result(ws, name: str, out, *, cfg: RunConfig | None = None, events=No
     SparseGPT-like results carry updated weights and those are exported; masks-only results
     export W0 · mask. `cfg` is the run's configuration for the recipe (default: the one stored
     with the result). With `evaluate`, dense and pruned perplexity are measured first (cached
-    in the workspace). Raises UserError (ExportStopped on Stop) and leaves nothing behind."""
-    from .workspace import DENSE
-
+    in the workspace). Raises UserError (errors.Stopped on Stop) and leaves nothing behind."""
     out = Path(out).expanduser()
     say = progress or (lambda text: None)
     stop = stop or threading.Event()
@@ -135,8 +130,8 @@ def export_result(ws, name: str, out, *, cfg: RunConfig | None = None, events=No
             for n in (DENSE, name):
                 say(f"measuring {n} perplexity …")
                 ws.perplexity(n, stop=stop)
-        except InterruptedError:
-            raise ExportStopped("export stopped during evaluation; nothing was written")
+        except Stopped:
+            raise Stopped("export stopped during evaluation; nothing was written") from None
 
     parent = out.parent
     try:
@@ -180,7 +175,7 @@ def export_result(ws, name: str, out, *, cfg: RunConfig | None = None, events=No
 
 def _stopped(stop: threading.Event):
     if stop.is_set():
-        raise ExportStopped("export stopped by the user; nothing was written")
+        raise Stopped("export stopped by the user; nothing was written")
 
 
 def _readable(folder: Path):
@@ -283,7 +278,7 @@ def export_run(run, out, *, overwrite: bool = False, evaluate: bool = True,
                progress: Callable[[str], None] | None = None) -> ExportResult:
     """Export a CLI run folder (recipe.json + masks.npz [+ events.jsonl, metrics.json]): reload
     the model and data named in the recipe, apply the masks, export."""
-    from .workspace import Pruning, Workspace
+    from .workspace import Workspace
 
     run, out = Path(run).expanduser(), Path(out).expanduser()
     if not run.is_dir():

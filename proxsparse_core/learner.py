@@ -1,4 +1,4 @@
-"""The ProxSparse learner: proximal gradient on the causal-LM loss (SPEC §1).
+"""The ProxSparse learner: proximal gradient on the causal-LM loss.
 
 Each step: LM loss (+ λ2 frozen-weight term) → backward → AdamW step (linear warm-up) → the 2:4
 prox with λ1 on every prunable weight. After the last step the mask is the top-2 |W| of every

@@ -1,4 +1,4 @@
-"""The 2:4 proximal operator of ProxSparse (SPEC §1).
+"""The 2:4 proximal operator of ProxSparse.
 
 For every group z of 4 consecutive weights (row-major along the input dimension) it solves
 

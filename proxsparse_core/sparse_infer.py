@@ -3,7 +3,7 @@
 A 2:4 mask only pays off at inference when the matrix products run on sparse tensor cores.
 PyTorch reaches them through `torch.sparse.to_sparse_semi_structured` (fp16/bf16, CUDA compute
 capability ≥ 8.0). On Hopper (H100/H200) only the cuSPARSELt backend works; the CUTLASS one
-raises "Supported only on GPUs with compute capability 8.x" (SPEC §4), so we never force it.
+raises "Supported only on GPUs with compute capability 8.x" (measured), so we never force it.
 
 Measured on an H200 (bench/RESULTS.md): sparse products are faster than dense only for large
 token counts per product (prefill of long prompts, big batches). Each sparse call has a fixed

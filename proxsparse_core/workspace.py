@@ -7,7 +7,6 @@ variant is swapped in only while it is evaluated.
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass, field
 
 import torch
 
@@ -18,17 +17,7 @@ from .evaluate import GenerationSettings, generate, generate_stream, perplexity
 from .learner import LearnResult, ProxSparseLearner
 from .masks import Verification, pruned_weights, snapshot, swapped, verify
 from .models import LoadedModel, load_model
-
-DENSE = "dense"
-
-
-@dataclass
-class Pruning:
-    """One 2:4 result: masks, and updated weights only for methods that change weights."""
-    method: str
-    masks: dict
-    weights: dict | None = None
-    info: dict = field(default_factory=dict)
+from .results import DENSE, LEARNED, Pruning
 
 
 class Workspace:
@@ -69,12 +58,12 @@ class Workspace:
 
     # ------------------------------------------------------------------ pruning
     def learn(self, cfg: RunConfig, on_event=None, stop: threading.Event | None = None,
-              name: str = "proxsparse") -> LearnResult:
+              name: str = LEARNED) -> LearnResult:
         self.load(cfg)
         with self.lock:
             result = ProxSparseLearner(self.lm, cfg, self.data.calibration, on_event, stop).run()
         if result.steps_done > 0:
-            self.results[name] = Pruning("proxsparse", result.masks, None,
+            self.results[name] = Pruning(LEARNED, result.masks, None,
                                          {"status": result.status, "steps": result.steps_done,
                                           "message": result.message, "config": cfg.to_dict()})
             self.ppl.pop(name, None)
@@ -88,7 +77,7 @@ class Workspace:
             raise UserError(f"unknown pruning method {method!r}; choose from: {', '.join(METHODS)}")
         self.load(cfg)
         with self.lock:
-            pruning = METHODS[method](self.lm, self.data.calibration, progress, stop)
+            pruning = METHODS[method].prune(self.lm, self.data.calibration, progress, stop)
         pruning.info["config"] = cfg.to_dict()
         self.add_result(method, pruning)
         return pruning

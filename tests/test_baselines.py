@@ -2,6 +2,8 @@
 import threading
 
 import pytest
+
+from proxsparse_core.errors import Stopped
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -28,7 +30,7 @@ def calibration(n=6, ctx=16, seed=1):
 def test_every_baseline_gives_a_verified_2to4_model_and_restores_w0(method):
     lm = tiny_lm()
     w0 = snapshot(lm.prunable)
-    result = METHODS[method](lm, calibration())
+    result = METHODS[method].prune(lm, calibration())
     assert set(result.masks) == set(lm.prunable.names)
     for n, m in result.masks.items():
         assert m.dtype == torch.bool and m.shape == w0[n].shape
@@ -50,9 +52,9 @@ def test_every_baseline_gives_a_verified_2to4_model_and_restores_w0(method):
 
 def test_data_driven_baselines_differ_from_magnitude_on_a_model():
     lm = tiny_lm()
-    mag = METHODS["magnitude"](lm, calibration()).masks
+    mag = METHODS["magnitude"].prune(lm, calibration()).masks
     for method in ("wanda", "sparsegpt-maskonly"):
-        other = METHODS[method](lm, calibration()).masks
+        other = METHODS[method].prune(lm, calibration()).masks
         assert any(not torch.equal(mag[n], other[n]) for n in mag), method
 
 
@@ -65,8 +67,8 @@ def test_stop_interrupts_and_restores_the_dense_weights():
     def progress(done, total):
         seen.append(done)
         stop.set()           # ask to stop after the first block
-    with pytest.raises(InterruptedError):
-        METHODS["sparsegpt"](lm, calibration(), progress, stop)
+    with pytest.raises(Stopped):
+        METHODS["sparsegpt"].prune(lm, calibration(), progress, stop)
     assert seen == [1]
     for n in lm.prunable.names:
         assert torch.equal(lm.prunable.modules[n].weight, w0[n])

@@ -10,6 +10,8 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+
+from proxsparse_core.errors import Stopped
 import torch
 
 from proxsparse_core import export as ex
@@ -18,7 +20,8 @@ from proxsparse_core.config import RunConfig
 from proxsparse_core.errors import UserError
 from proxsparse_core.evaluate import perplexity
 from proxsparse_core.prunable import find_prunable
-from proxsparse_core.workspace import DENSE, Workspace
+from proxsparse_core.results import DENSE
+from proxsparse_core.workspace import Workspace
 from test_app_e2e import app  # noqa: F401 - the launched-app fixture (python app.py on a tiny model)
 
 
@@ -201,7 +204,7 @@ def test_stop_during_export_leaves_nothing(learned, tmp_path):
     def progress(text):
         if text.startswith("writing masks"):   # after the model files were written
             stop.set()
-    with pytest.raises(ex.ExportStopped, match="nothing was written"):
+    with pytest.raises(Stopped, match="nothing was written"):
         ex.export_result(ws, "proxsparse", tmp_path / "out" / "s", evaluate=False, stop=stop, progress=progress)
     assert list((tmp_path / "out").iterdir()) == []
     for n in ws.lm.prunable.names:                            # the model is dense again
@@ -210,7 +213,7 @@ def test_stop_during_export_leaves_nothing(learned, tmp_path):
     ws.ppl.pop("proxsparse", None)
     stop = threading.Event()
     stop.set()
-    with pytest.raises(ex.ExportStopped, match="during evaluation"):
+    with pytest.raises(Stopped, match="during evaluation"):
         ex.export_result(ws, "proxsparse", tmp_path / "out" / "s", stop=stop)
     assert list((tmp_path / "out").iterdir()) == [] and "proxsparse" not in ws.ppl
     ex.export_result(ws, "proxsparse", tmp_path / "out" / "s")              # still usable

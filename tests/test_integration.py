@@ -4,7 +4,8 @@ import torch
 
 from proxsparse_core.config import RunConfig
 from proxsparse_core.evaluate import GenerationSettings
-from proxsparse_core.workspace import DENSE, Workspace
+from proxsparse_core.results import DENSE
+from proxsparse_core.workspace import Workspace
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""The 2:4 proximal operator (SPEC §1): optimality, edge cases, dtypes, and fast vs reference."""
+"""The 2:4 proximal operator : optimality, edge cases, dtypes, and fast vs reference."""
 import itertools
 
 import pytest

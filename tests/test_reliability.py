@@ -10,9 +10,10 @@ import torch
 
 from proxsparse_core.cli import main
 from proxsparse_core.config import RunConfig
-from proxsparse_core.errors import UserError
+from proxsparse_core.errors import Stopped, UserError
 from proxsparse_core.models import load_model
-from proxsparse_core.workspace import DENSE, Workspace
+from proxsparse_core.results import DENSE
+from proxsparse_core.workspace import Workspace
 from test_export import save_tiny_model, tiny_cfg
 
 LEARNED = "proxsparse"
@@ -256,7 +257,7 @@ def test_stop_during_evaluation_keeps_the_model_dense_and_usable(tiny_folder):
     cfg = tiny_cfg(tiny_folder, eval_windows=12)       # three batches of windows
     ws.learn(cfg)
     stop = threading.Event()
-    with pytest.raises(InterruptedError):
+    with pytest.raises(Stopped):
         ws.perplexity(LEARNED, progress=lambda done, total: stop.set(), stop=stop)
     assert LEARNED not in ws.ppl
     for n in ws.lm.prunable.names:
@@ -335,7 +336,6 @@ def test_two_visitors_starting_runs_at_once(jobs, tiny_folder, monkeypatch):
 
 
 def test_stop_during_export_in_the_app(jobs, tiny_folder, tmp_path, monkeypatch):
-    from proxsparse_core.export import ExportStopped
     from ui import export_tab
 
     monkeypatch.setenv("PROXSPARSE_EXPORTS", str(tmp_path / "exports"))
@@ -345,7 +345,7 @@ def test_stop_during_export_in_the_app(jobs, tiny_folder, tmp_path, monkeypatch)
     def progress(frac, desc=""):
         if desc.startswith("writing masks"):
             stop.set()
-    with pytest.raises(ExportStopped, match="nothing was written"):
+    with pytest.raises(Stopped, match="nothing was written"):
         export_tab.run_export(jobs, LEARNED, "mine", False, False, stop, progress)
     assert list((tmp_path / "exports").iterdir()) == []
     text, zip_path = export_tab.run_export(jobs, LEARNED, "../../mine", False, True, stop)   # Stop is reset

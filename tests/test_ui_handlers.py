@@ -5,6 +5,7 @@ import time
 import gradio as gr
 import pytest
 
+from proxsparse_core.results import title
 from proxsparse_core.config import RunConfig
 from proxsparse_core.errors import UserError
 from test_ui_tiny_model import save_tiny_model
@@ -209,9 +210,9 @@ def test_perplexity_table_has_dense_learned_and_a_baseline(finished):
         pytest.skip("baselines module not installed")
     table, note = compare_tab.compute_perplexities(jobs, ["magnitude"])
     rows = {r["method"]: r for _, r in table.iterrows()}
-    assert list(rows)[:3] == [compare_tab.TITLES[n] for n in ("dense", LEARNED, "magnitude")]
-    assert rows[compare_tab.TITLES["dense"]]["× dense"] == "1.00×"
-    assert rows[compare_tab.TITLES["magnitude"]]["2:4 verified"] == "✓"
+    assert list(rows)[:3] == [title(n) for n in ("dense", LEARNED, "magnitude")]
+    assert rows[title("dense")]["× dense"] == "1.00×"
+    assert rows[title("magnitude")]["2:4 verified"] == "✓"
     assert all(math.isfinite(v) and v > 1 for v in table["held-out perplexity"])
     assert "held-out windows" in note
 
@@ -224,8 +225,8 @@ def test_perplexity_stop_keeps_finished_rows(finished):
         if LEARNED in desc:
             jobs.eval_stop.set()
     table, note = compare_tab.compute_perplexities(jobs, [], progress)
-    assert note.startswith("stopped") and compare_tab.TITLES["dense"] in set(table["method"])
-    assert compare_tab.TITLES[LEARNED] not in set(table["method"])
+    assert note.startswith("stopped") and title("dense") in set(table["method"])
+    assert title(LEARNED) not in set(table["method"])
 
 
 # ---------------------------------------------------------------------------- how 2:4 works

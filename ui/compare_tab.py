@@ -11,12 +11,13 @@ import gradio as gr
 import pandas as pd
 import torch
 
-from proxsparse_core.errors import UserError
+from proxsparse_core.errors import Stopped, UserError
 from proxsparse_core.evaluate import GenerationSettings, first_divergence
-from proxsparse_core.workspace import DENSE
+from proxsparse_core.baselines import METHODS
+from proxsparse_core.results import DENSE, LEARNED, title
 
 from .feedback import esc, guarded, notify
-from .jobs import LEARNED, JobManager, in_worker
+from .jobs import JobManager, in_worker
 
 EXAMPLES = [
     "What is the capital of France?",
@@ -24,23 +25,16 @@ EXAMPLES = [
     "Write a short poem about the sea.",
     "Give three tips for writing clean Python code.",
 ]
-TITLES = {DENSE: "Dense (unpruned)", LEARNED: "ProxSparse (learned 2:4)", "magnitude": "Magnitude 2:4 (one-shot)",
-          "wanda": "Wanda 2:4 (one-shot)", "sparsegpt": "SparseGPT 2:4 (one-shot, updates weights)",
-          "sparsegpt-maskonly": "SparseGPT 2:4 mask on original weights"}
 COLUMNS = ["method", "held-out perplexity", "× dense", "weights", "2:4 verified"]
 
 
 def baseline_methods() -> list[str]:
-    """One-shot methods offered by the baselines module, if it is installed."""
-    try:
-        from proxsparse_core.baselines import METHODS
-    except ImportError:
-        return []
+    """The one-shot methods of the registry (proxsparse_core.baselines.METHODS)."""
     return list(METHODS)
 
 
 def variant_choices(jobs: JobManager) -> list[tuple[str, str]]:
-    return [(TITLES.get(n, n), n) for n in jobs.ws.results]
+    return [(title(n), n) for n in jobs.ws.results]
 
 
 # ---------------------------------------------------------------------------- generation
@@ -131,7 +125,7 @@ def perplexity_table(jobs: JobManager) -> pd.DataFrame:
         r = ws.results.get(n)
         weights = "original" if n == DENSE else ("updated" if r is not None and r.weights is not None
                                                  else "original × mask")
-        rows.append([TITLES.get(n, n), round(ws.ppl[n], 3),
+        rows.append([title(n), round(ws.ppl[n], 3),
                      f"{ws.ppl[n] / dense:.2f}×" if dense else "", weights,
                      "—" if n == DENSE else {True: "✓", False: "✗"}.get(jobs.verified.get(n), "?")])
     return pd.DataFrame(rows, columns=COLUMNS)
@@ -160,7 +154,7 @@ def compute_perplexities(jobs: JobManager, methods, progress=None, on_row=None):
                 ws.perplexity(n, stop=jobs.eval_stop, progress=lambda d, t: report(share(d, t), f"perplexity of {n}"))
                 if on_row:
                     on_row(n)
-        except InterruptedError:
+        except Stopped:
             done_msg = "stopped; the rows already computed are kept"
     data = ws.data
     return perplexity_table(jobs), (f"{done_msg}. {data.held_out.shape[0]} held-out windows × "
@@ -178,7 +172,7 @@ def stream_perplexities(jobs: JobManager, methods, progress=None):
         if kind == "progress" and progress:
             progress(*rest)
         elif kind == "row":
-            yield perplexity_table(jobs), f"{TITLES.get(rest[0], rest[0])}: done; computing the next row …"
+            yield perplexity_table(jobs), f"{title(rest[0])}: done; computing the next row …"
         elif kind == "done":
             yield rest[0]
 
@@ -226,12 +220,11 @@ def build_compare_tab(jobs: JobManager, tab: gr.Tab):
 
     gr.Markdown("### Held-out perplexity")
     methods = baseline_methods()
-    quick = methods if torch.cuda.is_available() else [m for m in methods if m == "magnitude"]
+    quick = methods if torch.cuda.is_available() else [m for m in methods if METHODS[m].cpu_default]
     with gr.Row():
-        chosen = gr.CheckboxGroup(methods, value=quick, label="One-shot baselines to add",
-                                  info=("same calibration samples as the learned mask; on a CPU Wanda takes "
-                                        "minutes and SparseGPT longer" if methods
-                                        else "the baselines module is not installed"), interactive=bool(methods))
+        chosen = gr.CheckboxGroup([(title(m), m) for m in methods], value=quick, label="One-shot baselines to add",
+                                  info="same calibration samples as the learned mask; on a CPU Wanda takes "
+                                       "minutes and SparseGPT longer")
         with gr.Column(min_width=200):
             table_btn = gr.Button("Compute perplexities", variant="primary", elem_id="ps-ppl")
             stop_btn = gr.Button("Stop", variant="stop", size="sm")

@@ -16,10 +16,11 @@ from proxsparse_core.errors import UserError
 from proxsparse_core.masks import mask_2to4
 from proxsparse_core.models import BUNDLED, bundled_folder
 from proxsparse_core.prox import objective, prox_groups
+from proxsparse_core.results import LEARNED
 
 from .feedback import guarded
 from .figures import prox_group_figure, weight_block_figure
-from .jobs import LEARNED, JobManager
+from .jobs import JobManager
 
 BLOCK_ROWS, BLOCK_COLS = 16, 32
 DEFAULT_GROUP = (0.9, -0.7, 0.5, 0.3)

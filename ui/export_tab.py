@@ -17,10 +17,10 @@ import gradio as gr
 
 from proxsparse_core.errors import UserError
 from proxsparse_core.export import bundle, export_result, safe_name, target_in
+from proxsparse_core.results import LEARNED, title
 
-from .compare_tab import TITLES
 from .feedback import esc, fmt_bytes, guarded, notify
-from .jobs import LEARNED, JobManager
+from .jobs import JobManager
 
 STAGES = ("measuring dense", "measuring", "writing the pruned model", "writing masks", "exported")
 
@@ -30,7 +30,7 @@ def export_root() -> Path:
 
 
 def result_choices(jobs: JobManager) -> list[tuple[str, str]]:
-    return [(TITLES.get(n, n), n) for n in jobs.ws.results]
+    return [(title(n), n) for n in jobs.ws.results]
 
 
 def default_name(jobs: JobManager, result: str | None) -> str:

@@ -21,13 +21,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 from proxsparse_core.config import RunConfig
-from proxsparse_core.errors import UserError
+from proxsparse_core.errors import Stopped, UserError
 from proxsparse_core.learner import LearnResult
-from proxsparse_core.workspace import DENSE, Workspace
+from proxsparse_core.results import DENSE, LEARNED
+from proxsparse_core.workspace import Workspace
 
 log = logging.getLogger("proxsparse.ui")
 
-LEARNED = "proxsparse"
 ACTIVE = ("starting", "loading", "running", "evaluating")
 MAX_LOG_LINES = 400
 
@@ -212,5 +212,5 @@ class JobManager:
                 job.say(f"held-out perplexity of {name} …")
                 job.perplexity[name] = self.ws.perplexity(name, stop=job.stop)
             job.say("held-out perplexity: " + "  ".join(f"{k} {v:.3f}" for k, v in job.perplexity.items()))
-        except InterruptedError:
+        except Stopped:
             job.say("perplexity skipped (stopped); compute it in the Compare tab")

@@ -1,5 +1,5 @@
-"""The whole page: a header and the tabs (Learn, Compare, How 2:4 works, and Export when that
-module is present). Theme and CSS are passed to `launch()`, as Gradio 6 expects."""
+"""The whole page: a header and the tabs (Learn, Compare, How 2:4 works, Export).
+Theme and CSS are passed to `launch()`, as Gradio 6 expects."""
 from __future__ import annotations
 
 import os
@@ -12,6 +12,7 @@ from proxsparse_core.config import DEFAULT_PRESET, RunConfig
 
 from .compare_tab import build_compare_tab
 from .explain_tab import build_explain_tab
+from .export_tab import build_export_tab
 from .jobs import JobManager
 from .learn_tab import build_learn_tab
 
@@ -57,19 +58,10 @@ def build_app(jobs: JobManager | None = None, defaults: RunConfig | None = None,
                 build_compare_tab(jobs, compare)
             with gr.Tab("How 2:4 works", id="explain", elem_id="ps-tab-explain") as explain:
                 build_explain_tab(jobs, explain)
-            _export_tab(jobs)
+            with gr.Tab("Export", id="export", elem_id="ps-tab-export") as export:
+                build_export_tab(jobs, export)
     demo.jobs = jobs
     return demo
-
-
-def _export_tab(jobs: JobManager):
-    """The Export tab, written in ui/export_tab.py, when it exists."""
-    try:
-        from .export_tab import build_export_tab
-    except ImportError:
-        return
-    with gr.Tab("Export", id="export", elem_id="ps-tab-export") as tab:
-        build_export_tab(jobs, tab)
 
 
 def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False, **kw):
