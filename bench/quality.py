@@ -11,6 +11,13 @@ some settings on top of the base configuration.
     python bench/quality.py --device cuda --baselines '' --workers 6 \\
         --grid "lambda1=0.05,0.1,0.2 lambda2=0,0.25"
 
+    # every row also on held-out texts of other domains (bench/texts.py), with recovery rows
+    python bench/quality.py --preset bundled-quality --heldout bench/texts/*.txt --recover both
+
+Each row is scored on the built-in held-out windows and on every --heldout text (the same
+windows for every row): perplexity, and the share of positions where the 2:4 model's top-1
+next token equals the dense model's ("agree").
+
 Rows go to --out (JSON lines, one per job) and a Markdown table is printed at the end, headed
 by the date, the machine and the command, ready for bench/RESULTS.md.
 """
@@ -30,6 +37,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from proxsparse_core.config import RunConfig  # noqa: E402
+from proxsparse_core.data import heldout_windows, special_prefix, tokenize  # noqa: E402
+from proxsparse_core.evaluate import agreement, score  # noqa: E402
+from proxsparse_core.recovery import RecoveryConfig, recovered_name  # noqa: E402
 from proxsparse_core.results import DENSE, Pruning  # noqa: E402
 from proxsparse_core.workspace import Workspace  # noqa: E402
 
@@ -66,11 +76,13 @@ def run_job(ws: Workspace, cfg: RunConfig, job: dict) -> list[dict]:
     method = job["method"]
     t0 = time.perf_counter()
     if method == DENSE:
-        return [{"job": _label(job), "method": DENSE, "ppl": ws.perplexity(DENSE), "seconds": 0.0}]
+        scores = _scores(ws, DENSE)
+        return [{"job": _label(job), "method": DENSE, "ppl": scores["builtin"][0], "scores": scores,
+                 "seconds": 0.0}]
     if method != "proxsparse":
         pruning = ws.prune(method, cfg)
         seconds = time.perf_counter() - t0
-        rows = [_row(ws, method, _label(job), seconds)]
+        rows = _recovered(ws, method, method, job) + [_row(ws, method, _label(job), seconds)]
         if method == "sparsegpt":   # the same run's mask on W0 = prune_sparsegpt_maskonly's result
             ws.add_result("sparsegpt-maskonly", Pruning("sparsegpt-maskonly", pruning.masks))
             rows.append(_row(ws, "sparsegpt-maskonly", "sparsegpt-maskonly", seconds))
@@ -85,16 +97,51 @@ def run_job(ws: Workspace, cfg: RunConfig, job: dict) -> list[dict]:
     if result.steps_done == 0:
         return [{"job": name, "method": "proxsparse", "ppl": float("nan"), "seconds": seconds,
                  "status": result.message}]
+    rows = _recovered(ws, name, name, job)
     row = _row(ws, name, name, seconds)
     row.update(method="proxsparse", settings={k: v for k, v in job.items() if k != "method"},
                status=result.status, learned_share_24=result.learned_share_24,
                final_lm_loss=result.events[-1].lm_loss)
+    return [row] + rows
+
+
+RECOVER: RecoveryConfig | None = None   # set from --recover
+
+
+def _recovered(ws: Workspace, name: str, label: str, job: dict) -> list[dict]:
+    """The recovery row of result `name` (when --recover is given and the mask is not magnitude's)."""
+    if RECOVER is None or job["method"] == "magnitude":
+        return []
+    t0 = time.perf_counter()
+    res = ws.recover(name, RECOVER)
+    if res.pruning is None:
+        return []
+    row = _row(ws, recovered_name(name), f"{label} + recovery ({RECOVER.method}, {RECOVER.steps} steps)",
+               time.perf_counter() - t0)
+    row["recovery_loss"] = res.events[-1].lm_loss if res.events else None
     return [row]
+
+
+EXTRA: dict = {}        # held-out text name → windows (set in run_shard from --heldout)
+_DENSE_TOP1: dict = {}  # held-out text name → the dense model's top-1 predictions
+
+
+def _scores(ws: Workspace, name: str) -> dict:
+    """{text: [perplexity, agreement with dense]} on the built-in held-out part and every extra text."""
+    out = {"builtin": [ws.perplexity(name), ws.agreement(name) if name != DENSE else 1.0]}
+    for text, windows in EXTRA.items():
+        with ws.lock, ws.variant(name):
+            s = score(ws.lm.model, windows)
+        if name == DENSE:
+            _DENSE_TOP1[text] = s.top1
+        out[text] = [s.ppl, agreement(s.top1, _DENSE_TOP1[text]) if text in _DENSE_TOP1 else float("nan")]
+    return out
 
 
 def _row(ws: Workspace, name: str, label: str, seconds: float) -> dict:
     check = ws.verify(name)
-    row = {"job": label, "method": ws.results[name].method, "ppl": ws.perplexity(name),
+    scores = _scores(ws, name)
+    row = {"job": label, "method": ws.results[name].method, "ppl": scores["builtin"][0], "scores": scores,
            "seconds": round(seconds, 1), "verified": check.ok}
     del ws.results[name]     # masks of a 135 M model are ~100 MB: keep memory flat over a sweep
     return row
@@ -105,8 +152,18 @@ def run_shard(args, base: RunConfig, jobs: list[dict]):
     torch.manual_seed(base.seed)
     ws = Workspace()
     ws.load(base)
-    print(f"{ws.lm.describe()}\ncalibration {tuple(ws.data.calibration.shape)}, "
-          f"held-out {tuple(ws.data.held_out.shape)}", flush=True)
+    prefix = special_prefix(ws.lm.tokenizer)
+    for path in args.heldout:
+        ids = tokenize(ws.lm.tokenizer, Path(path).read_text())
+        EXTRA[Path(path).stem] = heldout_windows(ids, base.eval_ctx, args.heldout_windows, prefix)
+    global RECOVER
+    if args.recover:
+        RECOVER = RecoveryConfig(method=args.recover, steps=args.recover_steps, lr=args.recover_lr,
+                                 seed=base.seed).validate()
+    print(f"{ws.lm.describe()}\ncalibration {tuple(ws.data.calibration.shape)} from {ws.data.source}, "
+          f"held-out {tuple(ws.data.held_out.shape)}; other held-out texts: "
+          + ", ".join(f"{k} {tuple(v.shape)}" for k, v in EXTRA.items()), flush=True)
+    _scores(ws, DENSE)                  # the dense top-1 choices every agreement is measured against
     with open(args.out, "a") as f:
         for job in jobs:
             for row in run_job(ws, base, job):
@@ -150,19 +207,22 @@ def machine() -> str:
 
 
 def markdown(rows: list[dict], base: RunConfig, command: str) -> str:
-    dense = next((r["ppl"] for r in rows if r["method"] == DENSE), None)
     lines = [f"Date: {time.strftime('%Y-%m-%d %H:%M')}; machine: {machine()}",
              f"Command: `{command}`",
              f"Model {base.model}, {base.dtype} on {base.device}; data {base.data}: {base.samples} calibration "
              f"samples × {base.ctx} tokens (seed {base.seed}); held-out perplexity on "
              f"{base.eval_windows or 'all'} windows × {base.eval_ctx} tokens.", "",
-             "| row | held-out ppl | × dense | seconds | verified 2:4 | ProxSparse: learned groups already 2:4 |",
-             "|---|---:|---:|---:|:-:|---:|"]
+             "Each text column: held-out perplexity / share of positions whose top-1 next token equals "
+             "the dense model's.", ""]
+    texts = list(next((r["scores"] for r in rows if "scores" in r), {"builtin": None}))
+    lines += ["| row | " + " | ".join(texts) + " | seconds | verified 2:4 | learned groups already 2:4 |",
+              "|---|" + "---:|" * len(texts) + "---:|:-:|---:|"]
     for r in rows:
-        ratio = f"{r['ppl'] / dense:.2f}" if dense else ""
+        sc = r.get("scores", {"builtin": [r["ppl"], float("nan")]})
+        cells = " | ".join(f"{sc[t][0]:.2f} / {100 * sc[t][1]:.1f}%" if t in sc else "" for t in texts)
         share = f"{100 * r['learned_share_24']:.1f}%" if "learned_share_24" in r else ""
         ver = "" if r["method"] == DENSE else ("yes" if r.get("verified") else "NO")
-        lines.append(f"| {r['job']} | {r['ppl']:.3f} | {ratio} | {r['seconds']:.0f} | {ver} | {share} |")
+        lines.append(f"| {r['job']} | {cells} | {r['seconds']:.0f} | {ver} | {share} |")
     return "\n".join(lines)
 
 
@@ -177,6 +237,11 @@ def main():
     p.add_argument("--workers", type=int, default=1)
     p.add_argument("--shard", default=None, help=argparse.SUPPRESS)
     p.add_argument("--out", default="bench/quality.jsonl")
+    p.add_argument("--heldout", nargs="*", default=[], help="more held-out text files (bench/texts.py)")
+    p.add_argument("--heldout-windows", type=int, default=40, help="windows per extra held-out text")
+    p.add_argument("--recover", default="", help="also recover each result: obs, finetune or both")
+    p.add_argument("--recover-steps", type=int, default=100)
+    p.add_argument("--recover-lr", type=float, default=1e-3)
     args = p.parse_args()
 
     base = RunConfig(device=args.device, eval_windows=0)

@@ -82,7 +82,7 @@ def _run_block(block, entries):
 
 
 @torch.no_grad()
-def _sequential(lm, calibration: torch.Tensor, make_collector, finish_layer,
+def layer_by_layer(lm, calibration: torch.Tensor, make_collector, finish_layer,
                 progress: Progress, stop: threading.Event | None, batch: int = 8):
     """Walk the decoder block by block: collect statistics of every prunable layer of a block
     from its inputs (`make_collector(layer)` returns an object with add_batch), prune them
@@ -171,23 +171,25 @@ def prune_wanda(lm, calibration: torch.Tensor, progress: Progress = None,
         return w * m
 
     try:
-        _sequential(lm, calibration, _InputNorms, finish, progress, stop)
+        layer_by_layer(lm, calibration, _InputNorms, finish, progress, stop)
     finally:
         load_weights(lm.prunable, originals)
     return Pruning("wanda", masks, None, _info("wanda", calibration, t0))
 
 
-def _sparsegpt(lm, calibration, progress, stop) -> tuple[dict, dict]:
+def sparsegpt_layers(lm, calibration, progress=None, stop=None, keep: dict | None = None) -> tuple[dict, dict]:
+    """SparseGPT over every prunable layer, block by block: (masks, updated weights), on the CPU.
+    With `keep` (name → mask) the masks are given and only the weight update runs."""
     originals = snapshot(lm.prunable)
     masks, weights = {}, {}
 
     def finish(name, layer: SparseGPTLayer):
-        w, keep = layer.prune()
-        masks[name], weights[name] = keep.cpu(), w.cpu()
+        w, keep_mask = layer.prune(keep=None if keep is None else keep[name])
+        masks[name], weights[name] = keep_mask.cpu(), w.cpu()
         return w
 
     try:
-        _sequential(lm, calibration, SparseGPTLayer, finish, progress, stop)
+        layer_by_layer(lm, calibration, SparseGPTLayer, finish, progress, stop)
     finally:
         load_weights(lm.prunable, originals)
     return masks, weights
@@ -197,7 +199,7 @@ def prune_sparsegpt(lm, calibration: torch.Tensor, progress: Progress = None,
                     stop: threading.Event | None = None) -> Pruning:
     """SparseGPT 2:4 with its weight update: `Pruning.weights` holds the updated weights."""
     t0 = time.perf_counter()
-    masks, weights = _sparsegpt(lm, calibration, progress, stop)
+    masks, weights = sparsegpt_layers(lm, calibration, progress, stop)
     return Pruning("sparsegpt", masks, weights,
                    _info("sparsegpt", calibration, t0, updates_weights=True))
 
@@ -206,7 +208,7 @@ def prune_sparsegpt_maskonly(lm, calibration: torch.Tensor, progress: Progress =
                              stop: threading.Event | None = None) -> Pruning:
     """SparseGPT's 2:4 mask on the original weights W0 (its weight update dropped)."""
     t0 = time.perf_counter()
-    masks, _ = _sparsegpt(lm, calibration, progress, stop)
+    masks, _ = sparsegpt_layers(lm, calibration, progress, stop)
     return Pruning("sparsegpt-maskonly", masks, None, _info("sparsegpt-maskonly", calibration, t0))
 
 

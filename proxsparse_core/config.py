@@ -26,7 +26,8 @@ class RunConfig:
     trust_remote_code: bool = _f(False, "allow a model's own Python code (only for authors you trust)")
     device_map: str = _f("", "'auto' spreads a model too large for one GPU over all GPUs (accelerate)")
     # data
-    data: str = _f("builtin", "builtin, a .txt/.jsonl file, or hf:NAME[:CONFIG[:SPLIT[:FIELD]]]")
+    data: str = _f("builtin", "builtin (Python's documentation), mix (half of it, half text the model writes "
+                              "itself), generated, a .txt/.jsonl file, or hf:NAME[:CONFIG[:SPLIT[:FIELD]]]")
     data_field: str = _f("text", "the text field of a .jsonl file or HF dataset")
     samples: int = _f(64, "calibration samples (each one context long)")
     ctx: int = _f(128, "context length of a calibration sample, in tokens")
@@ -36,6 +37,9 @@ class RunConfig:
     lambda1: float = _f(2.0, "2:4 regulariser strength λ1 (used as is, NOT multiplied by the learning rate)")
     lambda2: float = _f(0.0, "frozen-weight regulariser strength λ2 (0 = off)")
     eps: float = _f(0.5, "ε in the λ2 term W·(W−W0)/(|W0|+ε)")
+    loss: str = _f("lm", "what the learning minimises: lm (next-token loss on the calibration text, published) or "
+                         "distill (KL divergence to the dense model's own next-token distribution: masks that "
+                         "hold up on text unlike the calibration text)", choices=("lm", "distill"))
     lr: float = _f(1e-4, "AdamW learning rate (its peak, reached after the linear warm-up)")
     steps: int = _f(30, "optimizer steps (each followed by the prox)")
     batch: int = _f(1, "calibration samples per step")
@@ -114,7 +118,7 @@ class RunConfig:
                 if getattr(self, name) > max_positions:
                     raise UserError(f"{name} = {getattr(self, name)} is longer than the model "
                                     f"allows ({max_positions} tokens)")
-        if self.data not in ("", "builtin") and not self.data.startswith("hf:"):
+        if self.data not in ("", "builtin", "mix", "generated") and not self.data.startswith("hf:"):
             from pathlib import Path
             if not Path(self.data).expanduser().is_file():
                 raise UserError(f"data file {self.data!r} does not exist")

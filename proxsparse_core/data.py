@@ -1,6 +1,10 @@
 """Calibration and held-out text, tokenised into fixed-length samples.
 
 Sources:
+* ``mix`` — half the built-in text below, half text the dense model writes itself from a fixed
+  list of varied instructions (selfgen.py): the model's own kind of language (chat answers,
+  prose, lists) rather than one document's, so a mask learned on it transfers to other text;
+* ``generated`` — only the model's own text;
 * ``builtin`` — English prose that every Python install has offline: the standard library's
   ``pydoc_data.topics``. Topics are sorted by name and dealt in order: a topic is held out while
   the held-out part is under 20% of the text so far, the rest is calibration text; paragraphs
@@ -22,6 +26,7 @@ import torch
 from .errors import UserError
 
 HELD_OUT_SHARE = 0.2
+GENERATED_SOURCES = ("mix", "generated")   # calibration text written by the dense model itself
 MAX_FILE_BYTES = 200 * 1024 * 1024
 
 
@@ -124,28 +129,63 @@ def load_text(source: str = "builtin", field: str = "text") -> TextSplit:
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
+    """The text's token ids, without special tokens (those are added per window, see special_prefix)."""
     ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
     return torch.tensor(ids, dtype=torch.long)
 
 
-def calibration_samples(ids: torch.Tensor, n_samples: int, ctx: int, seed: int) -> torch.Tensor:
-    """n_samples windows of ctx tokens at seeded random offsets ([n_samples, ctx])."""
-    if ids.numel() < ctx + 1:
+def special_prefix(tokenizer) -> list[int]:
+    """The tokens the tokenizer puts before any text by its own convention (e.g. Gemma's and
+    Llama's start-of-text token; none for SmolLM2). Every calibration sample and held-out window
+    starts with them, as the model saw text in training: some models depend on it (Gemma's
+    held-out perplexity is ~4× worse without its <bos>)."""
+    probe = "Hello"
+    try:
+        with_special = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+        plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    except Exception:  # noqa: BLE001 - a tokenizer without special-token support has no prefix
+        return []
+    if not plain:
+        return []
+    for i in range(len(with_special) - len(plain) + 1):
+        if with_special[i:i + len(plain)] == plain:
+            return with_special[:i]
+    return []
+
+
+def _with_prefix(windows: torch.Tensor, prefix: list[int]) -> torch.Tensor:
+    if not prefix:
+        return windows
+    head = torch.tensor(prefix, dtype=windows.dtype).expand(windows.shape[0], len(prefix))
+    return torch.cat([head, windows], dim=1)
+
+
+def calibration_samples(ids: torch.Tensor, n_samples: int, ctx: int, seed: int,
+                        prefix: list[int] | None = None) -> torch.Tensor:
+    """n_samples windows of ctx tokens at seeded random offsets ([n_samples, ctx]); each starts
+    with `prefix` (the tokenizer's start-of-text tokens) followed by ctx − len(prefix) text tokens."""
+    prefix = prefix or []
+    body = ctx - len(prefix)
+    if body < 1 or ids.numel() < body + 1:
         raise UserError(f"the calibration text has {ids.numel()} tokens, fewer than one "
                         f"context of {ctx}; give more text or a shorter context")
     g = torch.Generator().manual_seed(seed)
-    starts = torch.randint(0, ids.numel() - ctx, (n_samples,), generator=g)
-    return torch.stack([ids[s:s + ctx] for s in starts.tolist()])
+    starts = torch.randint(0, ids.numel() - body, (n_samples,), generator=g)
+    return _with_prefix(torch.stack([ids[s:s + body] for s in starts.tolist()]), prefix)
 
 
-def heldout_windows(ids: torch.Tensor, ctx: int, max_windows: int | None = None) -> torch.Tensor:
-    """Non-overlapping windows of ctx tokens from the start of the held-out text."""
-    n = ids.numel() // ctx
+def heldout_windows(ids: torch.Tensor, ctx: int, max_windows: int | None = None,
+                    prefix: list[int] | None = None) -> torch.Tensor:
+    """Non-overlapping windows of ctx tokens from the start of the held-out text (each starting
+    with `prefix`, the tokenizer's start-of-text tokens)."""
+    prefix = prefix or []
+    body = ctx - len(prefix)
+    n = ids.numel() // body if body > 0 else 0
     if max_windows:
         n = min(n, max_windows)
     if n == 0:
         raise UserError(f"the held-out text has {ids.numel()} tokens, fewer than one window of {ctx}")
-    return ids[: n * ctx].view(n, ctx)
+    return _with_prefix(ids[: n * body].view(n, body), prefix)
 
 
 @dataclass
@@ -160,10 +200,30 @@ class Data:
 
 def prepare_data(tokenizer, source: str, n_samples: int, ctx: int, seed: int,
                  eval_ctx: int | None = None, eval_windows: int | None = None,
-                 field: str = "text") -> Data:
-    split = load_text(source, field)
-    cal_ids = tokenize(tokenizer, split.calibration)
+                 field: str = "text", model=None) -> Data:
+    """Calibration samples and held-out windows for `source`.
+
+    ``mix`` (and ``generated``) add text the dense model writes itself (selfgen.py; needs
+    `model`): half the calibration samples come from it, half from the built-in documentation.
+    Held-out windows always come from a text's held-out part, never from generated text."""
+    prefix = special_prefix(tokenizer)
+    mode = (source or "builtin").strip()
+    split = load_text("builtin" if mode in GENERATED_SOURCES else mode, field)
     held_ids = tokenize(tokenizer, split.held_out)
-    return Data(calibration_samples(cal_ids, n_samples, ctx, seed),
-                heldout_windows(held_ids, eval_ctx or ctx, eval_windows),
-                split.source, cal_ids.numel(), held_ids.numel())
+    held = heldout_windows(held_ids, eval_ctx or ctx, eval_windows, prefix)
+    cal_ids = tokenize(tokenizer, split.calibration)
+    if mode not in GENERATED_SOURCES:
+        return Data(calibration_samples(cal_ids, n_samples, ctx, seed, prefix), held,
+                    split.source, cal_ids.numel(), held_ids.numel())
+    if model is None:
+        raise UserError(f"data {mode!r} needs the model to write its own calibration text")
+    from .selfgen import generated_ids
+
+    n_gen = n_samples if mode == "generated" else n_samples // 2
+    gen_ids = generated_ids(model, tokenizer, tokens=n_gen * ctx, seed=seed)
+    parts = [calibration_samples(gen_ids, n_gen, ctx, seed, prefix)]
+    if n_samples - n_gen:
+        parts.insert(0, calibration_samples(cal_ids, n_samples - n_gen, ctx, seed, prefix))
+    name = ("text the model wrote itself" if mode == "generated"
+            else f"{split.source} + text the model wrote itself")
+    return Data(torch.cat(parts), held, name, cal_ids.numel() + gen_ids.numel(), held_ids.numel())

@@ -11,14 +11,22 @@ import torch
 from .errors import Stopped
 
 
+@dataclass
+class Score:
+    """A model on the held-out windows: perplexity, and its top-1 next-token choice at every
+    position (to compare a pruned model's choices with the dense model's)."""
+    ppl: float
+    top1: torch.Tensor          # [windows, ctx − 1] int32, argmax of the next-token logits
+
+
 @torch.no_grad()
-def perplexity(model, windows: torch.Tensor, batch: int = 4,
-               progress: Callable[[int, int], None] | None = None,
-               stop: threading.Event | None = None) -> float:
-    """exp(mean next-token NLL) over non-overlapping windows ([n, ctx] token ids). Every method
-    compared gets the same windows, so the numbers are comparable."""
+def score(model, windows: torch.Tensor, batch: int = 4,
+          progress: Callable[[int, int], None] | None = None,
+          stop: threading.Event | None = None) -> Score:
+    """exp(mean next-token NLL) over non-overlapping windows ([n, ctx] token ids), and the
+    top-1 predictions. Every method compared gets the same windows, so the numbers compare."""
     device = model.get_input_embeddings().weight.device
-    nll, count = 0.0, 0
+    nll, count, top1 = 0.0, 0, []
     was_training = model.training
     model.eval()
     try:
@@ -26,16 +34,28 @@ def perplexity(model, windows: torch.Tensor, batch: int = 4,
             if stop is not None and stop.is_set():
                 raise Stopped("perplexity stopped by the user")
             x = windows[i:i + batch].to(device)
-            logits = model(input_ids=x).logits.float()
+            logits = model(input_ids=x, use_cache=False).logits[:, :-1].float()
             loss = torch.nn.functional.cross_entropy(
-                logits[:, :-1].reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
+                logits.reshape(-1, logits.shape[-1]), x[:, 1:].reshape(-1), reduction="sum")
             nll += float(loss)
             count += x[:, 1:].numel()
+            top1.append(logits.argmax(-1).to("cpu", torch.int32))
             if progress:
                 progress(min(i + batch, windows.shape[0]), windows.shape[0])
     finally:
         model.train(was_training)
-    return math.exp(nll / count)
+    return Score(math.exp(nll / count), torch.cat(top1))
+
+
+def perplexity(model, windows: torch.Tensor, batch: int = 4,
+               progress: Callable[[int, int], None] | None = None,
+               stop: threading.Event | None = None) -> float:
+    return score(model, windows, batch, progress, stop).ppl
+
+
+def agreement(top1: torch.Tensor, reference: torch.Tensor) -> float:
+    """Share of positions where two models choose the same next token (1.0 = always)."""
+    return float((top1 == reference).double().mean())
 
 
 @dataclass

@@ -17,6 +17,7 @@ from typing import Callable
 import torch
 
 from .config import RunConfig
+from .distill import distill_loss, teacher_targets
 from .masks import extract_masks, load_weights, nnz_histogram, snapshot
 from .prox import prox_2to4_, triton_kernels
 
@@ -40,12 +41,14 @@ class StepEvent:
     mem_bytes: int              # peak device memory (CUDA) or resident memory (CPU)
     elapsed: float
     eta: float
+    objective: str = "lm"       # what lm_loss is: "lm" (next-token loss) or "distill" (KL to the dense model)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def line(self) -> str:
-        return (f"step {self.step}/{self.total_steps}  loss {self.lm_loss:.4f}"
+        return (f"step {self.step}/{self.total_steps}  {'KL to dense' if self.objective == 'distill' else 'loss'} "
+                f"{self.lm_loss:.4f}"
                 + (f" + λ2·L2 {self.l2_term:.4f}" if self.l2_term else "")
                 + f"  2:4 {100 * self.share_24:5.1f}%  nnz/group {self.nnz_hist}"
                 + f"  fwd+bwd {self.t_fwd_bwd:.2f}s opt {self.t_opt:.2f}s prox {self.t_prox:.2f}s"
@@ -168,6 +171,12 @@ class ProxSparseLearner:
             return 1.0
         sched = torch.optim.lr_scheduler.LambdaLR(opt, ramp)
         order = torch.randperm(self.samples.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
+        teacher = None
+        if cfg.loss == "distill":   # the dense model's distributions, read once before any weight moves
+            used = order[:min(self.samples.shape[0], cfg.steps * cfg.batch)]
+            teacher = teacher_targets(model, self.samples[used], stop=self.stop)
+            slot = torch.full((self.samples.shape[0],), -1, dtype=torch.long)
+            slot[used] = torch.arange(used.numel())
         if device.startswith("cuda"):
             torch.cuda.reset_peak_memory_stats()
         total_groups = sum(w.numel() // 4 for w in weights.values())
@@ -182,8 +191,12 @@ class ProxSparseLearner:
                     break
                 t0 = time.perf_counter()
                 pos = ((step - 1) * cfg.batch + torch.arange(cfg.batch)) % self.samples.shape[0]
-                batch = self.samples[order[pos]].to(device)
-                lm_loss = model(input_ids=batch, labels=batch).loss
+                picked = order[pos]
+                batch = self.samples[picked].to(device)
+                if teacher is not None:
+                    lm_loss = distill_loss(model, batch, *teacher.batch(slot[picked], device))
+                else:
+                    lm_loss = model(input_ids=batch, labels=batch).loss
                 if not torch.isfinite(lm_loss):
                     status = "failed"
                     message = (f"the loss became {float(lm_loss.detach())} at step {step}: the run stopped and "
@@ -224,7 +237,7 @@ class ProxSparseLearner:
                     t_fwd_bwd=t1 - t0, t_opt=t2 - t1, t_prox=t3 - t2, t_step=t_step,
                     tokens_per_s=batch.numel() / max(t_step, 1e-9),
                     mem_bytes=memory_in_use(device), elapsed=elapsed,
-                    eta=elapsed / step * (cfg.steps - step))
+                    eta=elapsed / step * (cfg.steps - step), objective=cfg.loss)
                 events.append(ev)
                 self.on_event(ev)
         except torch.OutOfMemoryError:

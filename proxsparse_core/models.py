@@ -64,17 +64,24 @@ def _bundled_gguf() -> Path:
 
 def bundled_folder() -> Path:
     """The safetensors copy of the bundled model, made from the GGUF file on first use."""
-    target = cache_dir() / "smollm2-135m-instruct"
+    return gguf_to_folder(_bundled_gguf(), cache_dir() / "smollm2-135m-instruct")
+
+
+def gguf_to_folder(gguf: Path, target: Path) -> Path:
+    """A plain Hugging Face folder (safetensors, config, tokenizer) made once from a GGUF file.
+
+    transformers de-quantises GGUF weights on load, but the loaded model refuses save_pretrained
+    while it carries a quantization_config, so a plain model is rebuilt from the config without
+    it and the weights are moved over. The folder is written next to `target` and renamed into
+    place when complete; an existing complete folder is returned as is."""
     if (target / "config.json").exists() and any(target.glob("*.safetensors")):
         return target
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    gguf = _bundled_gguf()
+    gguf = Path(gguf)
     quantised = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                      dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    # The de-quantised model refuses save_pretrained while it carries a quantization_config:
-    # rebuild a plain model from the config without it and move the weights over.
     config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     if hasattr(config, "quantization_config"):
         del config.quantization_config

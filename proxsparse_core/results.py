@@ -34,6 +34,12 @@ class Pruning:
         return self.weights is not None
 
 
+RECOVERED = "+recovery"   # suffix of a result whose survivors were recovered (recovery.py)
+
+
 def title(name: str) -> str:
     """The human title of a result name ('wanda' → 'Wanda 2:4 (one-shot)'); unknown names as is."""
+    if name.endswith(RECOVERED):
+        base = name[: -len(RECOVERED)]
+        return f"{TITLES.get(base, base).split(' (')[0]} + recovery (weights updated)"
     return TITLES.get(name, name)

@@ -39,10 +39,13 @@ class SparseGPTLayer:
         self.H.addmm_(x.t(), x)
 
     @torch.no_grad()
-    def prune(self, damp: float = DAMP, block: int = BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
+    def prune(self, damp: float = DAMP, block: int = BLOCK,
+              keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (updated weight, keep mask), both shaped like the weight; the layer is unchanged.
 
-        Exactly 2 of every 4 consecutive input columns are kept in each row."""
+        Exactly 2 of every 4 consecutive input columns are kept in each row: SparseGPT's choice,
+        or the given `keep` mask (then only the weight update runs: the optimal-brain-surgeon
+        reconstruction of the layer's outputs with that mask held fixed, used for recovery)."""
         W = self.layer.weight.detach().float().clone()
         rows, cols = W.shape
         H = self.H.clone()
@@ -52,7 +55,8 @@ class SparseGPTLayer:
         H.diagonal().add_(damp * H.diagonal().mean())
         # Upper Cholesky factor of H⁻¹: row i holds the OBS update of column i onto columns > i.
         Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-        pruned = torch.zeros_like(W, dtype=torch.bool)
+        fixed = keep is not None
+        pruned = (~keep.to(W.device, torch.bool)) if fixed else torch.zeros_like(W, dtype=torch.bool)
         for i1 in range(0, cols, block):
             i2 = min(i1 + block, cols)
             W1 = W[:, i1:i2].clone()
@@ -60,7 +64,7 @@ class SparseGPTLayer:
             d = Hinv1.diagonal()
             Err1 = torch.zeros_like(W1)
             for i in range(i2 - i1):
-                if i % 4 == 0:   # choose this group's 2 pruned columns from the current weights
+                if i % 4 == 0 and not fixed:   # choose this group's 2 pruned columns from the current weights
                     score = W1[:, i:i + 4] ** 2 / d[i:i + 4] ** 2
                     drop = torch.topk(score, 2, dim=1, largest=False).indices
                     pruned[:, i1 + i:i1 + i + 4].scatter_(1, drop, True)

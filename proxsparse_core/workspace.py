@@ -13,7 +13,7 @@ import torch
 from .config import RunConfig
 from .data import Data, prepare_data
 from .errors import UserError
-from .evaluate import GenerationSettings, generate, generate_stream, perplexity
+from .evaluate import GenerationSettings, agreement, generate, generate_stream, score
 from .learner import LearnResult, ProxSparseLearner
 from .masks import Verification, pruned_weights, snapshot, swapped, verify
 from .models import LoadedModel, load_model
@@ -27,6 +27,7 @@ class Workspace:
         self.originals: dict | None = None       # W0 of the prunable layers, on the CPU
         self.results: dict[str, Pruning] = {}
         self.ppl: dict[str, float] = {}
+        self.top1: dict = {}                     # name → held-out top-1 predictions (for agreement)
         self._model_key = None
         self._data_key = None
         self.lock = threading.RLock()            # one heavy job at a time on this model
@@ -36,7 +37,7 @@ class Workspace:
         key = (cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code, cfg.device_map)
         if self.lm is None or key != self._model_key:
             self.lm = None
-            self.results, self.ppl, self.data, self._data_key = {}, {}, None, None
+            self.results, self.ppl, self.top1, self.data, self._data_key = {}, {}, {}, None, None
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             self.lm = load_model(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code,
@@ -47,8 +48,8 @@ class Workspace:
         dkey = (cfg.data, cfg.data_field, cfg.samples, cfg.ctx, cfg.seed, cfg.eval_ctx, cfg.eval_windows)
         if self.data is None or dkey != self._data_key:
             self.data = prepare_data(self.lm.tokenizer, cfg.data, cfg.samples, cfg.ctx, cfg.seed,
-                                     cfg.eval_ctx, cfg.eval_windows or None, cfg.data_field)
-            self.ppl = {}
+                                     cfg.eval_ctx, cfg.eval_windows or None, cfg.data_field, self.lm.model)
+            self.ppl, self.top1 = {}, {}
             self._data_key = dkey
         return self.lm
 
@@ -67,6 +68,7 @@ class Workspace:
                                          {"status": result.status, "steps": result.steps_done,
                                           "message": result.message, "config": cfg.to_dict()})
             self.ppl.pop(name, None)
+            self.top1.pop(name, None)
         return result
 
     def prune(self, method: str, cfg: RunConfig, progress=None, stop: threading.Event | None = None) -> Pruning:
@@ -82,9 +84,24 @@ class Workspace:
         self.add_result(method, pruning)
         return pruning
 
+    def recover(self, name: str, rcfg, on_event=None, stop: threading.Event | None = None, progress=None):
+        """Recover the survivors of result `name` (recovery.py); the recovered model is stored as
+        `name + "+recovery"` when anything was recovered. Returns the RecoveryResult."""
+        from .recovery import recover, recovered_name
+        self._need()
+        if name not in self.results:
+            raise UserError(f"no pruning result named {name!r} to recover")
+        with self.lock:
+            res = recover(self.lm, self.data.calibration, self.results[name], name, self.originals, rcfg,
+                          on_event, stop, progress)
+        if res.pruning is not None:
+            self.add_result(recovered_name(name), res.pruning)
+        return res
+
     def add_result(self, name: str, pruning: Pruning):
         self.results[name] = pruning
         self.ppl.pop(name, None)
+        self.top1.pop(name, None)
 
     def weights_of(self, name: str) -> dict:
         r = self.results.get(name)
@@ -102,11 +119,19 @@ class Workspace:
 
     # ------------------------------------------------------------------ evaluation
     def perplexity(self, name: str = DENSE, progress=None, stop=None) -> float:
+        """Held-out perplexity of a result (cached until the data or the result changes)."""
         self._need()
         if name not in self.ppl:
             with self.lock, self.variant(name):
-                self.ppl[name] = perplexity(self.lm.model, self.data.held_out, progress=progress, stop=stop)
+                s = score(self.lm.model, self.data.held_out, progress=progress, stop=stop)
+            self.ppl[name], self.top1[name] = s.ppl, s.top1
         return self.ppl[name]
+
+    def agreement(self, name: str, stop=None) -> float:
+        """Share of held-out positions where `name` picks the same next token as the dense model."""
+        self.perplexity(DENSE, stop=stop)
+        self.perplexity(name, stop=stop)
+        return agreement(self.top1[name], self.top1[DENSE])
 
     def verify(self, name: str) -> Verification:
         self._need()

@@ -1,0 +1,85 @@
+"""Self-distillation: the dense model is the teacher of its own 2:4 version.
+
+Instead of the next *token* of the calibration text (the LM loss), the student matches the
+dense model's whole next-token *distribution* at every position. That carries far more signal
+per token than one label and, above all, it asks the pruned model to behave like the dense one
+rather than to fit the calibration text: masks learned this way hold up better on text of other
+domains (measured in bench/RESULTS.md).
+
+The teacher is the same model with its original weights W0, run once over the calibration
+samples before learning starts. Storing whole distributions would cost samples × ctx × vocab
+floats, so each position keeps its top-k tokens' log-probabilities and the rest is one "tail"
+bucket. The loss is the KL divergence between the teacher's and the student's distributions
+over those k + 1 buckets: zero exactly when the student assigns the same probability to each
+of the teacher's top-k tokens (and hence to the tail), a lower bound of the full KL otherwise.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+TOP_K = 64            # teacher tokens kept per position (≥ 95% of the mass for typical LMs)
+_TINY = 1e-12
+
+
+@dataclass
+class TeacherTargets:
+    """The teacher's top-k next-token log-probabilities for every calibration sample."""
+    logp: torch.Tensor      # [n, ctx, k] float16, log-probabilities of the top-k tokens
+    index: torch.Tensor     # [n, ctx, k] int32, their token ids
+
+    def batch(self, rows: torch.Tensor, device) -> tuple[torch.Tensor, torch.Tensor]:
+        return (self.logp[rows].to(device, torch.float32, non_blocking=True),
+                self.index[rows].to(device, torch.long, non_blocking=True))
+
+
+@torch.no_grad()
+def teacher_targets(model, samples: torch.Tensor, k: int = TOP_K, batch: int = 4,
+                    progress=None, stop=None) -> TeacherTargets:
+    """Run the (dense) model over `samples` [n, ctx] and keep each position's top-k log-probs."""
+    from .errors import Stopped
+
+    device = model.get_input_embeddings().weight.device
+    was_training = model.training
+    model.eval()
+    logps, idxs = [], []
+    try:
+        for i in range(0, samples.shape[0], batch):
+            if stop is not None and stop.is_set():
+                raise Stopped("stopped while the teacher read the calibration samples")
+            x = samples[i:i + batch].to(device)
+            logits = model(input_ids=x, use_cache=False).logits.float()
+            lp = torch.log_softmax(logits, dim=-1)
+            top = lp.topk(min(k, lp.shape[-1]), dim=-1)
+            logps.append(top.values.to("cpu", torch.float16))
+            idxs.append(top.indices.to("cpu", torch.int32))
+            if progress:
+                progress(min(i + batch, samples.shape[0]), samples.shape[0])
+    finally:
+        model.train(was_training)
+    return TeacherTargets(torch.cat(logps), torch.cat(idxs))
+
+
+def bucket_kl(student_logits: torch.Tensor, t_logp: torch.Tensor, t_index: torch.Tensor) -> torch.Tensor:
+    """Mean KL(teacher ‖ student) over positions, on the teacher's top-k tokens plus one tail bucket.
+
+    student_logits [b, t, vocab]; t_logp, t_index [b, t, k]. Differentiable in the student."""
+    s_logp = torch.log_softmax(student_logits.float(), dim=-1).gather(-1, t_index)     # [b, t, k]
+    p = t_logp.exp()
+    p_tail = (1 - p.sum(-1)).clamp_min(0)
+    q_tail = (1 - s_logp.exp().sum(-1)).clamp_min(0)
+    head = (p * (t_logp - s_logp)).sum(-1)
+    tail = p_tail * (torch.log(p_tail + _TINY) - torch.log(q_tail + _TINY))
+    return (head + tail).mean()
+
+
+def distill_loss(model, batch: torch.Tensor, t_logp: torch.Tensor, t_index: torch.Tensor) -> torch.Tensor:
+    """The student's bucket KL to the teacher on one batch of calibration token ids."""
+    logits = model(input_ids=batch, use_cache=False).logits
+    return bucket_kl(logits, t_logp, t_index)
+
+
+def targets_bytes(n: int, ctx: int, k: int = TOP_K) -> int:
+    """Memory the teacher targets of n samples take (float16 values + int32 ids)."""
+    return n * ctx * k * 6

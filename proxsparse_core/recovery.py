@@ -1,0 +1,227 @@
+"""Recovery: after the 2:4 mask is fixed, adjust the surviving weights so the model works again.
+
+ProxSparse (and magnitude, Wanda) choose *which* weights to drop and keep the survivors at W0.
+Practitioners then recover: they change the survivors, never the mask, to make up for what was
+dropped. Two ways, usable alone or in sequence, for any 2:4 result (learned or one-shot):
+
+* ``obs`` — the optimal-brain-surgeon update of SparseGPT with the mask held fixed: layer by
+  layer, the survivors are solved so that the layer's outputs on calibration inputs change as
+  little as possible (sparsegpt.py, given a mask instead of choosing one). Seconds on a GPU.
+* ``finetune`` — masked fine-tuning by self-distillation: the survivors are trained so the
+  model's next-token distributions match the dense model's (distill.py) on the calibration
+  samples, with every pruned weight held at exactly zero after each step. Live events, Stop
+  and ETA work like learning.
+* ``both`` — obs first, then finetune from its weights.
+
+The result is a new `Pruning` with the same masks and updated weights; the model itself goes
+back to W0, like after every other method.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import asdict, dataclass, fields
+
+import torch
+
+from .distill import distill_loss, teacher_targets
+from .errors import Stopped, UserError
+from .learner import StepEvent, memory_in_use
+from .masks import load_weights
+from .results import RECOVERED as SUFFIX, Pruning
+
+RECOVERY_METHODS = ("obs", "finetune", "both")
+
+
+@dataclass
+class RecoveryConfig:
+    """Settings of a recovery run (CLI flags of `recover`, widgets of the app)."""
+    method: str = "both"          # obs | finetune | both
+    steps: int = 100              # fine-tuning steps
+    lr: float = 1e-3              # fine-tuning lr, relative to each layer's rms(W0) (scale-free)
+    batch: int = 1                # calibration samples per fine-tuning step
+    seed: int = 0
+
+    HELP = {"method": "obs (weight update with the mask fixed), finetune (masked distillation from the "
+                      "dense model) or both",
+            "steps": "fine-tuning steps", "lr": "fine-tuning learning rate, relative to each layer's "
+                                                "weight scale rms(W0) (cosine decay)",
+            "batch": "calibration samples per fine-tuning step", "seed": "seed for the sample order"}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def validate(self) -> "RecoveryConfig":
+        if not isinstance(self.method, str) or self.method not in RECOVERY_METHODS:
+            raise UserError(f"recovery method must be one of {', '.join(RECOVERY_METHODS)}; got {self.method!r}")
+        for name, lo, hi in (("steps", 1, 100_000), ("batch", 1, 4096), ("seed", 0, 2**32 - 1)):
+            v = getattr(self, name)
+            if isinstance(v, float) and v.is_integer():
+                v = int(v)
+                setattr(self, name, v)
+            if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+                raise UserError(f"recovery {name} must be a whole number from {lo} to {hi}; got {v!r}")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) \
+                or not 0 < self.lr <= 1:
+            raise UserError(f"recovery learning rate must be a number in (0, 1]; got {self.lr!r}")
+        return self
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RecoveryConfig":
+        if not isinstance(d, dict):
+            raise UserError("recovery settings must be a JSON object")
+        names = {f.name for f in fields(cls)}
+        unknown = set(d) - names
+        if unknown:
+            raise UserError(f"unknown recovery setting(s): {', '.join(sorted(map(str, unknown)))}")
+        return cls(**d).validate()
+
+
+@dataclass
+class RecoveryResult:
+    status: str                   # finished | stopped | failed
+    message: str
+    pruning: Pruning | None       # None only when nothing was recovered (stopped before any work)
+    events: list
+
+
+def recovered_name(base: str) -> str:
+    return base if base.endswith(SUFFIX) else base + SUFFIX
+
+
+@torch.no_grad()
+def _masked(weights: dict, masks: dict) -> dict:
+    return {n: w * masks[n].to(w.dtype) for n, w in weights.items()}
+
+
+def obs_update(lm, calibration: torch.Tensor, masks: dict, progress=None, stop=None) -> dict:
+    """Survivors re-solved layer by layer with the masks fixed (SparseGPT's update); CPU weights."""
+    from .baselines import sparsegpt_layers
+
+    _, weights = sparsegpt_layers(lm, calibration, progress, stop, keep=masks)
+    return weights
+
+
+class MaskedFinetuner:
+    """Fine-tunes the survivors of a 2:4 model by distillation from the dense model (W0)."""
+
+    def __init__(self, lm, cfg: RecoveryConfig, samples: torch.Tensor, masks: dict, originals: dict,
+                 on_event=None, stop: threading.Event | None = None):
+        self.lm, self.cfg, self.samples, self.masks, self.originals = lm, cfg, samples, masks, originals
+        self.on_event = on_event or (lambda e: None)
+        self.stop = stop or threading.Event()
+
+    def run(self, start: dict) -> tuple[dict, list, str, str]:
+        """Train from the weights `start` (name → CPU weight, 2:4). Returns (weights, events,
+        status, message); the model is back at W0 afterwards, whatever happens."""
+        cfg, model, prunable = self.cfg, self.lm.model, self.lm.prunable
+        names = list(prunable.names)
+        device = str(model.get_input_embeddings().weight.device)
+        order = torch.randperm(self.samples.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
+        used = order[:min(self.samples.shape[0], cfg.steps * cfg.batch)]
+        teacher = teacher_targets(model, self.samples[used], stop=self.stop)   # the model is dense here
+        weights = prunable.weights()
+        saved_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        use_cache = getattr(model.config, "use_cache", None)
+        events, status, message, done = [], "finished", "", 0
+        best = {n: w.clone() for n, w in start.items()}             # last good state (CPU)
+        try:
+            load_weights(prunable, start)
+            ids = {id(w) for w in weights.values()}
+            for p in model.parameters():
+                p.requires_grad_(id(p) in ids)
+            keep = {n: self.masks[n].to(weights[n].device, weights[n].dtype) for n in names}
+            scale = {n: float(self.originals[n].float().pow(2).mean().sqrt()) for n in names}
+            opt = torch.optim.AdamW([{"params": [weights[n]], "lr": cfg.lr * scale[n]} for n in names],
+                                    lr=cfg.lr, weight_decay=0.0, fused=device.startswith("cuda"))
+            warm = max(1, cfg.steps // 10)
+
+            def ramp(s):   # linear warm-up, then cosine decay towards 0
+                if s + 1 <= warm:
+                    return (s + 1) / warm
+                return 0.5 * (1 + math.cos(math.pi * (s + 1 - warm) / (cfg.steps - warm + 1)))
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, ramp)
+            hist = [0, 0, sum(m.numel() // 4 for m in self.masks.values()), 0, 0]   # 2:4 by construction
+            model.config.use_cache = False
+            model.train()
+            t_start = time.perf_counter()
+            for step in range(1, cfg.steps + 1):
+                if self.stop.is_set():
+                    status, message = "stopped", f"stopped by the user after {done} fine-tuning steps"
+                    break
+                t0 = time.perf_counter()
+                pos = ((step - 1) * cfg.batch + torch.arange(cfg.batch)) % used.numel()
+                batch = self.samples[used[pos]].to(device)
+                loss = distill_loss(model, batch, *teacher.batch(pos, device))
+                if not torch.isfinite(loss):
+                    status = "failed"
+                    message = f"the loss became {float(loss)} at step {step}; kept the weights after step {done}"
+                    break
+                loss.backward()
+                t1 = time.perf_counter()
+                torch.nn.utils.clip_grad_norm_(list(weights.values()), 1.0)
+                lr_now = cfg.lr * ramp(step - 1)
+                opt.step()
+                sched.step()
+                opt.zero_grad(set_to_none=True)
+                with torch.no_grad():
+                    for n in names:
+                        weights[n].mul_(keep[n])          # pruned weights stay exactly zero
+                t2 = time.perf_counter()
+                done = step
+                if step % max(1, cfg.steps // 20) == 0 or step == cfg.steps:
+                    best = {n: weights[n].detach().to("cpu", copy=True) for n in names}
+                elapsed = time.perf_counter() - t_start
+                ev = StepEvent(step=step, total_steps=cfg.steps, lm_loss=float(loss.detach()), l2_term=0.0,
+                               loss=float(loss.detach()), lr=lr_now, share_24=1.0, nnz_hist=hist,
+                               layer_share=None, t_fwd_bwd=t1 - t0, t_opt=t2 - t1, t_prox=0.0,
+                               t_step=time.perf_counter() - t0, tokens_per_s=batch.numel() / max(t2 - t0, 1e-9),
+                               mem_bytes=memory_in_use(device), elapsed=elapsed,
+                               eta=elapsed / step * (cfg.steps - step), objective="distill")
+                events.append(ev)
+                self.on_event(ev)
+            if status == "finished":
+                message = f"fine-tuned the survivors for {done} steps"
+            if status != "failed" and done:
+                best = {n: weights[n].detach().to("cpu", copy=True) for n in names}
+        finally:
+            model.eval()
+            model.config.use_cache = use_cache
+            for n, p in model.named_parameters():
+                p.requires_grad_(saved_grad.get(n, True))
+                p.grad = None
+            load_weights(prunable, self.originals)              # back to the dense W0
+        return best, events, status, message
+
+
+def recover(lm, calibration: torch.Tensor, base: Pruning, base_name: str, originals: dict,
+            cfg: RecoveryConfig, on_event=None, stop: threading.Event | None = None,
+            progress=None) -> RecoveryResult:
+    """Recover the survivors of the result `base` (named `base_name`) with `cfg.method`."""
+    cfg.validate()
+    stop = stop or threading.Event()
+    t0 = time.perf_counter()
+    start = base.weights if base.weights is not None else _masked(originals, base.masks)
+    info = {"base": base_name, "base_method": base.method, "recovery": cfg.to_dict()}
+    events, status, message = [], "finished", ""
+    if cfg.method in ("obs", "both"):
+        try:
+            start = obs_update(lm, calibration, base.masks, progress, stop)
+        except Stopped:
+            return RecoveryResult("stopped", "stopped during the weight update; nothing was recovered", None, [])
+        info["obs"] = True
+        message = "survivors re-solved layer by layer with the mask fixed (OBS update)"
+    if cfg.method in ("finetune", "both"):
+        tuner = MaskedFinetuner(lm, cfg, calibration, base.masks, originals, on_event, stop)
+        try:
+            start, events, status, ft_message = tuner.run(start)
+        except Stopped as exc:
+            if cfg.method == "finetune":
+                return RecoveryResult("stopped", str(exc), None, [])
+            status, ft_message = "stopped", "stopped before fine-tuning; kept the OBS update"
+        info["finetune_steps"] = len(events)
+        message = f"{message}; {ft_message}" if message else ft_message
+    info.update(status=status, message=message, seconds=round(time.perf_counter() - t0, 2))
+    pruning = Pruning(f"{base.method}{SUFFIX}", base.masks, _masked(start, base.masks), info)
+    return RecoveryResult(status, message, pruning, events)

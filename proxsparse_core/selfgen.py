@@ -1,0 +1,133 @@
+"""Calibration text the dense model writes itself.
+
+A mask learned on one document fits that document's kind of language. Text the model samples
+itself covers its own distribution instead (answers, explanations, lists, stories, code) with
+no data to download, and teaches the pruned model to keep doing what the dense one does. The
+prompts below are a fixed, varied list of instructions (none of them is one of the app's
+example prompts); answers are sampled with a seeded generator, so the same model and seed always
+give the same text. Generation runs in batches with the KV cache; the stream is cached on disk
+(cache folder, selfgen/) per model, seed and size, so only the first run of a model pays for it.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+
+PROMPTS = [
+    "Describe how a rainbow forms.", "Tell a short story about a lighthouse keeper.",
+    "What are the main causes of inflation?", "Explain photosynthesis to a ten-year-old.",
+    "Write a recipe for a simple vegetable soup.", "Summarise the history of the printing press.",
+    "How does a bicycle stay upright?", "Give advice to someone starting their first job.",
+    "Compare cats and dogs as pets.", "Explain what a database index is.",
+    "Write a letter thanking a teacher.", "What should I pack for a week of hiking?",
+    "Why do leaves change colour in autumn?", "Explain the rules of chess briefly.",
+    "Describe a busy market in the morning.", "How do vaccines train the immune system?",
+    "Write a function in Python that reverses a list, and explain it.",
+    "What is the difference between weather and climate?", "Tell me about the Roman aqueducts.",
+    "How can I improve my sleep?", "Explain how interest on a loan works.",
+    "Write a haiku about winter, then explain its imagery.", "What does a project manager do?",
+    "Describe the water cycle step by step.", "How do airplanes generate lift?",
+    "Give a brief biography of Marie Curie.", "What are good habits for learning a language?",
+    "Explain recursion with an everyday example.", "Why is the sky blue?",
+    "Write a product description for a reusable water bottle.", "How do earthquakes happen?",
+    "What is a healthy breakfast and why?", "Explain the difference between a virus and a bacterium.",
+    "Describe your ideal weekend.", "How does a search engine find web pages?",
+    "Write a dialogue between a customer and a shop assistant.", "What is the role of the moon in tides?",
+    "List five facts about the ocean.", "Explain what an API is to a non-programmer.",
+    "How do bees make honey?", "What were the causes of the First World War?",
+    "Give tips for a good job interview.", "Explain how a refrigerator keeps food cold.",
+    "Write a short news report about a local festival.", "What is machine learning?",
+    "Describe the taste of a lemon to someone who has never had one.",
+    "How should I prepare for a marathon?", "Explain the basics of supply and demand.",
+]
+MAX_NEW = 128          # tokens per answer
+BATCH = 16
+MAX_TOKENS = 200_000   # enough for any calibration set: longer runs reuse windows of it
+
+
+def _prompt_ids(tokenizer, text: str) -> list[int]:
+    if getattr(tokenizer, "chat_template", None):
+        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
+        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
+        return list(ids)
+    return list(tokenizer(text + "\n", add_special_tokens=True)["input_ids"])
+
+
+def _cache_file(model, tokens: int, seed: int, max_new: int, batch: int) -> Path:
+    """Where the stream for this model (identified by its config and a checksum of its first and
+    last weight matrices), seed and size is kept, so a second run does not generate again."""
+    from .models import cache_dir
+    from .prunable import find_prunable
+
+    prunable = find_prunable(model)
+    probe = [prunable.modules[n].weight for n in (prunable.names[0], prunable.names[-1])]
+    ident = [model.config.to_json_string(use_diff=False), *(f"{float(w.double().sum()):.10e}" for w in probe),
+             tokens, seed, max_new, batch, "\n".join(PROMPTS)]
+    key = hashlib.sha256(repr(ident).encode()).hexdigest()[:24]
+    return cache_dir() / "selfgen" / f"{key}.pt"
+
+
+def generated_ids(model, tokenizer, tokens: int, seed: int = 0, max_new: int = MAX_NEW,
+                  batch: int = BATCH) -> torch.Tensor:
+    """About `tokens` token ids of prompts and the model's sampled answers, one stream
+    (sequences separated by the end-of-text token), deterministic for a model and seed.
+    Made once per model, seed and size, then read from the cache folder."""
+    tokens = min(tokens, MAX_TOKENS)
+    path = _cache_file(model, tokens, seed, max_new, batch)
+    if path.exists():
+        try:
+            return torch.load(path, weights_only=True)
+        except Exception:  # noqa: BLE001 - a damaged cache file is simply made again
+            pass
+    ids = _generate(model, tokenizer, tokens, seed, max_new, batch)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(ids, tmp)
+    os.replace(tmp, path)
+    return ids
+
+
+@torch.no_grad()
+def _generate(model, tokenizer, tokens: int, seed: int, max_new: int, batch: int) -> torch.Tensor:
+    device = model.get_input_embeddings().weight.device
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    g = torch.Generator().manual_seed(seed)
+    order = torch.randperm(len(PROMPTS), generator=g).tolist()
+    stream: list[int] = []
+    was_training = model.training
+    model.eval()
+    use_cache = getattr(model.config, "use_cache", None)
+    model.config.use_cache = True
+    try:
+        i = 0
+        rounds = 0
+        while len(stream) < tokens and rounds < 4 * (tokens // (batch * max_new) + 1):
+            rounds += 1
+            texts = [PROMPTS[order[(i + j) % len(order)]] for j in range(batch)]
+            i += batch
+            prompts = [_prompt_ids(tokenizer, t) for t in texts]
+            width = max(len(p) for p in prompts)
+            ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+            attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+            torch.manual_seed(seed * 1_000_003 + i)
+            out = model.generate(ids, attention_mask=attn, do_sample=True, temperature=0.8, top_p=0.95,
+                                 top_k=0, max_new_tokens=max_new, pad_token_id=pad)
+            for p, row in zip(prompts, out.tolist()):
+                answer = row[width:]
+                if eos in answer:
+                    answer = answer[:answer.index(eos)]
+                answer = [t for t in answer if t != pad]
+                if len(answer) >= 8:          # a sequence the model ended at once teaches nothing
+                    stream += p + answer + ([eos] if eos is not None else [])
+    finally:
+        model.config.use_cache = use_cache
+        model.train(was_training)
+    if len(stream) < 2 * max_new:
+        from .errors import UserError
+        raise UserError("the model ended almost every answer at once: it cannot write its own "
+                        "calibration text; use the built-in text or a file")
+    return torch.tensor(stream, dtype=torch.long)
