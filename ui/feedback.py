@@ -2,6 +2,11 @@
 
 Every handler turns a `UserError` into its message as is, and any other exception into one
 line (the full trace goes to the server log only), so a mistake never breaks the page.
+
+Inside a request a failed handler raises `gr.Error` with that line: the page shows it as a
+toast and keeps its outputs as they were, and an API client gets it as the response's
+"error" (Gradio sends the message of a `gr.Error`, and hides every other exception). Called
+as a plain function (tests, scripts), a handler warns instead and leaves its outputs as they are.
 """
 from __future__ import annotations
 
@@ -30,9 +35,24 @@ def notify(message: str, level: str = "warning"):
     (gr.Info if level == "info" else gr.Warning)(message)
 
 
+def in_request() -> bool:
+    """True while Gradio runs an event handler (the test Gradio itself uses for toasts)."""
+    from gradio.context import LocalContext
+
+    return LocalContext.blocks.get(None) is not None and LocalContext.event_id.get(None) is not None
+
+
+def fail(message: str, skip=None):
+    """Report a failed request: raise gr.Error inside a request, else warn and return `skip`."""
+    if in_request():
+        raise gr.Error(message, print_exception=False)
+    notify(message)
+    return skip
+
+
 def guarded(n_outputs: int):
-    """Decorator for a handler (plain or generator): on error show a toast and leave its
-    `n_outputs` outputs as they are."""
+    """Decorator for a handler (plain or generator): on error report one line (`fail`) and
+    leave its `n_outputs` outputs as they are."""
     def wrap(fn):
         skip = tuple(gr.skip() for _ in range(n_outputs)) if n_outputs != 1 else gr.skip()
         if inspect.isgeneratorfunction(fn):
@@ -41,8 +61,7 @@ def guarded(n_outputs: int):
                 try:
                     yield from fn(*args, **kwargs)
                 except Exception as exc:  # noqa: BLE001
-                    notify(explain(exc))
-                    yield skip
+                    yield fail(explain(exc), skip)
             return gen
 
         @functools.wraps(fn)
@@ -50,8 +69,7 @@ def guarded(n_outputs: int):
             try:
                 return fn(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001
-                notify(explain(exc))
-                return skip
+                return fail(explain(exc), skip)
         return plain
     return wrap
 
