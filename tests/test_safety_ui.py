@@ -202,7 +202,7 @@ BAD_START = [   # (setting, value, message)
     ("lr", NAN, "Learning rate must be a number, got nan"),
     ("lambda1", [0.1], "λ1 · 2:4 regulariser must be a number, got [0.1]"),
     ("lambda1", None, "λ1 · 2:4 regulariser is empty"),
-    ("lambda1", -3, "λ1 · 2:4 regulariser (--lambda1) must be ≥ 0, got -3.0"),
+    ("lambda1", -3, "λ1 · 2:4 regulariser: lambda1 must be ≥ 0, got -3.0"),
     ("grad_ckpt", "no", "Gradient checkpointing must be true or false, got 'no'"),
     ("model", 5, "Model must be text, got 5"),
     ("evaluate", "false", "Measure held-out perplexity after learning must be true or false, got 'false'"),
@@ -247,6 +247,41 @@ def test_bad_values_in_other_endpoints_name_the_widget(live, api, change, messag
     event, out = http_call(url, api, data)
     assert event == "error" and str(out.get("error")).startswith(message), out
     assert jobs.activity is None
+
+
+def page_event(url: str, api: str, data: list, timeout: float = 60) -> list[dict]:
+    """Fire an event as the page's own widget does (the browser sends the id of the widget that
+    triggered it); returns the messages the page receives."""
+    config = json.load(urllib.request.urlopen(f"{url}config", timeout=timeout))
+    dep = next(d for d in config["dependencies"] if d.get("api_name") == api)
+    session = uuid.uuid4().hex
+    body = json.dumps({"data": data, "fn_index": dep["id"], "trigger_id": dep["targets"][0][0],
+                       "session_hash": session, "event_data": None}).encode()
+    urllib.request.urlopen(urllib.request.Request(f"{url}gradio_api/queue/join", body,
+                                                  {"Content-Type": "application/json"}), timeout=timeout)
+    messages = []
+    with urllib.request.urlopen(f"{url}gradio_api/queue/data?session_hash={session}", timeout=timeout) as stream:
+        for line in stream:
+            if line.startswith(b"data: "):
+                messages.append(json.loads(line[6:]))
+                if messages[-1].get("msg") == "process_completed":
+                    return messages
+    raise AssertionError(f"no process_completed in {messages}")
+
+
+def test_in_the_page_a_refusal_is_a_toast_and_the_outputs_stay(live):
+    """The same refusal, fired by the page's Generate button: a warning toast, and the three
+    outputs untouched (a gr.Error would cover them with an "Error" pane until dismissed)."""
+    url, _ = live
+    messages = page_event(url, "generate", [None, "x" * 40_000, False, 0.7, 0.9, 16, False])
+    toasts = [m for m in messages if m.get("msg") == "log"]
+    assert [(t["level"], t["log"]) for t in toasts] == [
+        ("warning", "Prompt is 40,000 characters long; the limit is 4,000")]
+    done = messages[-1]
+    assert done["success"] is True
+    outputs = done["output"]["data"]
+    assert len(outputs) == 3 and all(o["__type__"] == "update" and "value" not in o.get("props", o)
+                                     for o in outputs)                 # gr.skip(): nothing changes
 
 
 def test_prox_demo_refuses_what_it_cannot_draw():
@@ -334,30 +369,57 @@ def upload(url: str, name: str, content: bytes):
 def test_uploads_over_the_limit_are_refused_before_they_are_stored(live):
     from gradio.utils import get_upload_folder
 
+    from ui.learn_tab import remove_upload
+
     url, _ = live
-    status, body = upload(url, "huge.txt", b"a" * (51 * 2**20))
+    huge = f"huge-{uuid.uuid4().hex}.txt"
+    status, body = upload(url, huge, b"a" * (51 * 2**20))
     assert (status, body) == (413, "File size exceeded maximum allowed size of 52428800 bytes.")
-    assert not list(Path(get_upload_folder()).rglob("huge.txt"))
+    assert not list(Path(get_upload_folder()).rglob(huge))
     status, body = upload(url, "small.txt", b"some calibration text\n")
     assert status == 200 and Path(body[0]).read_text() == "some calibration text\n"
+    remove_upload(body[0])
     config = json.load(urllib.request.urlopen(f"{url}config", timeout=30))
     assert config["max_file_size"] == 50 * 2**20               # the page refuses it before sending
 
 
 def test_a_replaced_upload_is_removed_unless_a_run_uses_it(live, tmp_path):
     from ui.jobs import JobManager
-    from ui.learn_tab import forget_upload
+    from ui.learn_tab import forget_upload, remove_upload
 
     url, _ = live
-    first, second, third = (upload(url, f"{n}.txt", b"text\n")[1][0] for n in ("first", "second", "third"))
+    first, second, third = (upload(url, f"{n}.txt", f"{n} {uuid.uuid4()}\n".encode())[1][0]
+                            for n in ("first", "second", "third"))
     jobs = JobManager()
     assert forget_upload(jobs, {"path": second}, first) == second       # the page's widget sends a record
-    assert not Path(first).exists() and Path(second).exists()
+    assert not Path(first).exists() and not Path(first).parent.exists() and Path(second).exists()
     jobs.cfg = RunConfig(data=second)                                    # the last run read it: keep it
     assert forget_upload(jobs, None, second) is None and Path(second).exists()
     mine = tmp_path / "mine.txt"                                         # never a file of the user's own
     mine.write_text("mine")
     assert forget_upload(jobs, third, str(mine)) == third and mine.exists()
+    for path in (second, third):
+        remove_upload(path)
+        assert not Path(path).exists() and not Path(path).parent.exists()
+
+
+def test_a_run_still_starts_from_an_uploaded_file(live, tiny_dir, tmp_path):
+    """The widgets hand their values over as sent (preprocess=False): a file arrives as the
+    upload's record, and a run reads the uploaded copy."""
+    from gradio_client import Client, handle_file
+    from pydoc_data.topics import topics
+
+    from ui.learn_tab import DATA_MODES, remove_upload
+
+    url, jobs = live
+    data = tmp_path / "calibration.txt"
+    data.write_text("\n\n".join(topics[k] for k in sorted(topics)[:30]))
+    client = Client(url, verbose=False)
+    out = client.predict(*start_args(tiny_cfg(tiny_dir, steps=2), mode=DATA_MODES[1], upload=handle_file(str(data))),
+                         api_name="/start")
+    assert "finished" in out[0] and jobs.job.cfg.data.endswith("calibration.txt")
+    assert jobs.job.cfg.data != str(data)                  # the server's copy, not the client's path
+    remove_upload(jobs.job.cfg.data)
 
 
 # ----------------------------------------------------------------------------- 9. downloads

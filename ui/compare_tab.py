@@ -19,7 +19,7 @@ from proxsparse_core.baselines import METHODS
 from proxsparse_core.results import DENSE, LEARNED, title
 
 from . import inputs
-from .feedback import esc, guarded, notify
+from .feedback import esc, from_page, guarded, notify
 from .jobs import JobManager, in_worker
 
 MAX_PROMPT = 4000            # characters; a page or API request with more is refused at once
@@ -252,18 +252,19 @@ def build_compare_tab(jobs: JobManager, tab: gr.Tab):
                                  "8.0+). This measures dense vs 2:4 products for this model's layer shapes.")
         speed_btn = gr.Button("Measure 2:4 speed-up", size="sm", elem_id="ps-speed")
 
-    def on_generate(v, p, s, t, tp, mx, c):
-        yield from guarded(3)(generate_pair)(jobs, v, p, s, t, tp, mx, c)
+    def on_generate(v, p, s, t, tp, mx, c, evt: gr.EventData):
+        yield from guarded(3)(generate_pair)(jobs, v, p, s, t, tp, mx, c, page=from_page(evt))
 
-    def on_table(m, progress=gr.Progress()):
-        yield from guarded(2)(stream_perplexities)(jobs, m, lambda frac, desc="": progress(frac, desc=desc))
+    def on_table(m, evt: gr.EventData, progress=gr.Progress()):
+        yield from guarded(2)(stream_perplexities)(jobs, m, lambda frac, desc="": progress(frac, desc=desc),
+                                                   page=from_page(evt))
 
     def on_stop():
         jobs.eval_stop.set()
         notify("stopping after the current token or window …", "info")
 
-    def on_speed():
-        return measure_speedup(jobs)
+    def on_speed(evt: gr.EventData):
+        return guarded(1)(measure_speedup)(jobs, page=from_page(evt))
 
     def on_select():
         choices = variant_choices(jobs)
@@ -280,5 +281,5 @@ def build_compare_tab(jobs: JobManager, tab: gr.Tab):
                     show_progress_on=table, preprocess=False)
     stop_btn.click(on_stop, None, None, queue=False, api_name="stop_eval")
     gen_stop.click(on_stop, None, None, queue=False, api_visibility="private")
-    speed_btn.click(guarded(1)(on_speed), None, speed_note, api_name="speedup", concurrency_limit=None)
+    speed_btn.click(on_speed, None, speed_note, api_name="speedup", concurrency_limit=None)
     tab.select(on_select, None, [variant, table], api_name="refresh_compare", queue=False)

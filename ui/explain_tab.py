@@ -19,7 +19,7 @@ from proxsparse_core.prox import objective, prox_groups
 from proxsparse_core.results import LEARNED
 
 from . import inputs
-from .feedback import guarded
+from .feedback import from_page, guarded
 from .figures import prox_group_figure, weight_block_figure
 from .jobs import JobManager
 
@@ -125,6 +125,13 @@ def weight_block(jobs: JobManager, name: str) -> tuple:
     return weight_block_figure(f"{name} — one block, before and after 2:4", panels), text
 
 
+def select_layer(jobs: JobManager, current: str | None) -> tuple:
+    """The tab was opened: the layer list, and the chosen (or first) layer's block."""
+    choices = layer_choices()
+    name = current if current in choices else (choices[0] if choices else None)
+    return (gr.update(choices=choices, value=name), *weight_block(jobs, name))
+
+
 # ---------------------------------------------------------------------------- why 2:4 is fast
 
 def _cells(values, cls) -> str:
@@ -183,19 +190,14 @@ def build_explain_tab(jobs: JobManager, tab: gr.Tab):
     gr.Markdown("### 3 · Why 2:4 can run faster")
     gr.HTML(tensor_core_html())
 
-    @guarded(2)
-    def on_prox(*values):
-        return prox_demo(*values)
+    def on_prox(z1, z2, z3, z4, lam, evt: gr.EventData):
+        return guarded(2)(prox_demo)(z1, z2, z3, z4, lam, page=from_page(evt))
 
-    @guarded(2)
-    def on_block(name):
-        return weight_block(jobs, name)
+    def on_block(name, evt: gr.EventData):
+        return guarded(2)(weight_block)(jobs, name, page=from_page(evt))
 
-    @guarded(3)
-    def on_select(current):
-        choices = layer_choices()
-        name = current if current in choices else (choices[0] if choices else None)
-        return (gr.update(choices=choices, value=name), *weight_block(jobs, name))
+    def on_select(current, evt: gr.EventData):
+        return guarded(3)(select_layer)(jobs, current, page=from_page(evt))
 
     # inputs arrive as sent (preprocess=False) and are checked in prox_demo, so NaN or text from
     # an API client gets a message naming the slider

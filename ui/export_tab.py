@@ -26,7 +26,7 @@ from proxsparse_core.export import bundle, export_result, safe_name, target_in
 from proxsparse_core.results import LEARNED, title
 
 from . import inputs
-from .feedback import esc, fmt_bytes, guarded, notify
+from .feedback import esc, fmt_bytes, from_page, guarded, notify
 from .jobs import JobManager
 
 STAGES = ("measuring dense", "measuring", "writing the pruned model", "writing masks", "exported")
@@ -138,9 +138,8 @@ def build_export_tab(jobs: JobManager, tab: gr.Tab | None = None):
                                elem_id="ps-export-zip")
     status = gr.Markdown(elem_id="ps-export-status")
 
-    @guarded(2)
-    def on_export(r, n, ow, ev, progress=gr.Progress()):
-        return run_export(jobs, r, n, ow, ev, stop, progress)
+    def on_export(r, n, ow, ev, evt: gr.EventData, progress=gr.Progress()):
+        return guarded(2)(run_export)(jobs, r, n, ow, ev, stop, progress, page=from_page(evt))
 
     def on_stop():
         stop.set()

@@ -3,10 +3,13 @@
 Every handler turns a `UserError` into its message as is, and any other exception into one
 line (the full trace goes to the server log only), so a mistake never breaks the page.
 
-Inside a request a failed handler raises `gr.Error` with that line: the page shows it as a
-toast and keeps its outputs as they were, and an API client gets it as the response's
-"error" (Gradio sends the message of a `gr.Error`, and hides every other exception). Called
-as a plain function (tests, scripts), a handler warns instead and leaves its outputs as they are.
+Where the line goes depends on who asked. An event fired by a widget of the page shows it as a
+toast and leaves its outputs as they were. A client calling an endpoint by name (gradio_client,
+plain HTTP) gets `gr.Error`, whose message Gradio sends as the response's "error" (it hides
+every other exception, which is how API clients used to get `{"error": null}`). A gr.Error in
+the page would also cover the outputs with an "Error" pane until dismissed, hiding results
+such as the perplexity table; hence the two paths. Outside a request (tests, scripts) a
+handler warns, as in the page.
 """
 from __future__ import annotations
 
@@ -42,9 +45,16 @@ def in_request() -> bool:
     return LocalContext.blocks.get(None) is not None and LocalContext.event_id.get(None) is not None
 
 
-def fail(message: str, skip=None):
-    """Report a failed request: raise gr.Error inside a request, else warn and return `skip`."""
-    if in_request():
+def from_page(evt) -> bool:
+    """True when a widget of the page fired the event (`evt`: the handler's gr.EventData);
+    False when a client called the endpoint by name (no widget triggered it)."""
+    return getattr(evt, "target", None) is not None
+
+
+def fail(message: str, skip=None, page: bool = False):
+    """Report a failed request: an API call gets gr.Error; the page (`page`) or a plain call
+    gets a toast and `skip`, so the outputs stay as they were."""
+    if in_request() and not page:
         raise gr.Error(message, print_exception=False)
     notify(message)
     return skip
@@ -52,24 +62,25 @@ def fail(message: str, skip=None):
 
 def guarded(n_outputs: int):
     """Decorator for a handler (plain or generator): on error report one line (`fail`) and
-    leave its `n_outputs` outputs as they are."""
+    leave its `n_outputs` outputs as they are. The wrapped handler takes one more keyword,
+    `page` (see `from_page`)."""
     def wrap(fn):
         skip = tuple(gr.skip() for _ in range(n_outputs)) if n_outputs != 1 else gr.skip()
         if inspect.isgeneratorfunction(fn):
             @functools.wraps(fn)
-            def gen(*args, **kwargs):
+            def gen(*args, page: bool = False, **kwargs):
                 try:
                     yield from fn(*args, **kwargs)
                 except Exception as exc:  # noqa: BLE001
-                    yield fail(explain(exc), skip)
+                    yield fail(explain(exc), skip, page)
             return gen
 
         @functools.wraps(fn)
-        def plain(*args, **kwargs):
+        def plain(*args, page: bool = False, **kwargs):
             try:
                 return fn(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001
-                return fail(explain(exc), skip)
+                return fail(explain(exc), skip, page)
         return plain
     return wrap
 

@@ -14,6 +14,7 @@ from collections.abc import Iterable
 from proxsparse_core.errors import UserError
 
 MAX_TEXT = 1000          # characters in a one-line setting (a model id or path, a device, a name)
+MAX_UPLOAD_MB = 50       # an uploaded file (Gradio refuses a larger one before storing it)
 SHOWN = 40               # characters of a bad value repeated in a message
 
 

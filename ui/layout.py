@@ -14,12 +14,13 @@ from proxsparse_core.config import DEFAULT_PRESET, RunConfig
 
 from .compare_tab import build_compare_tab
 from .explain_tab import build_explain_tab
+from .inputs import MAX_UPLOAD_MB
 from .export_tab import build_export_tab
 from .jobs import JobManager
 from .learn_tab import build_learn_tab
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
-MAX_UPLOAD = "50mb"                 # a calibration text file is a few MB; anything larger is refused
+MAX_UPLOAD = f"{MAX_UPLOAD_MB}mb"   # a calibration text file is a few MB; anything larger is refused
 CACHE_CLEANUP = (3600, 86400)       # every hour, delete this app's temporary files older than a day
 THEME = gr.themes.Soft(primary_hue="emerald", secondary_hue="slate", neutral_hue="slate",
                        font=["system-ui", "Segoe UI", "Helvetica", "Arial", "sans-serif"],

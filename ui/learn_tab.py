@@ -19,7 +19,7 @@ from proxsparse_core.errors import UserError
 from proxsparse_core.models import BUNDLED, BUNDLED_LABEL
 
 from . import inputs
-from .feedback import esc, explain, fail, fmt_bytes, fmt_duration, guarded, notify
+from .feedback import esc, explain, fail, fmt_bytes, fmt_duration, from_page, guarded, notify
 from .jobs import Busy, JobManager, LearnJob
 
 FORM = [f.name for f in fields(RunConfig) if f.name != "data"]   # data has its own three widgets
@@ -76,12 +76,11 @@ def form_value(name: str, v):
 
 
 def labelled(message: str) -> str:
-    """A RunConfig message ("lambda1 must be ≥ 0 …") with the widget's label in front of the
-    setting's name, as the page shows it."""
+    """A RunConfig message ("lambda1 must be ≥ 0 …") led by the widget's label as the page shows
+    it ("λ1 · 2:4 regulariser: lambda1 must be ≥ 0 …"); the setting's name stays, as the CLI
+    flag and the recipe use it."""
     name = message.split(" ", 1)[0]
-    if name not in LABELS:
-        return message
-    return f"{LABELS[name]} (--{name.replace('_', '-')}){message[len(name):]}"
+    return f"{LABELS[name]}: {message}" if name in LABELS else message
 
 
 def config_from_form(values: dict, data: str = "builtin") -> RunConfig:
@@ -100,6 +99,12 @@ def preset_values(name: str, current: dict) -> tuple[list, str]:
         raise UserError(f"unknown preset {name!r}")
     cfg = RunConfig(**{k: current[k] for k in KEEP_ON_PRESET if k in current}).with_preset(name)
     return [getattr(cfg, f) for f in FORM], preset_note(name)
+
+
+def preset_form(name: str, *values) -> tuple:
+    """The Preset dropdown changed: the form's new values, then the preset's note."""
+    new, text = preset_values(name, dict(zip(FORM, values)))
+    return (*new, text)
 
 
 def preset_note(name: str) -> str:
@@ -199,9 +204,9 @@ def follow(job: LearnJob, note: str = "", poll: float = POLL_S):
         time.sleep(poll)
 
 
-def start_run(jobs: JobManager, mode, upload, hf_spec, evaluate, *values):
+def start_run(jobs: JobManager, mode, upload, hf_spec, evaluate, *values, page: bool = False):
     """Start a run with the form's values and stream it. If another run holds the machine, say
-    so and show that run instead; bad settings are reported and nothing starts."""
+    so and show that run instead; bad settings are reported (`fail`) and nothing starts."""
     try:
         if len(values) != len(FORM):
             raise UserError(f"the form has {len(FORM)} settings, got {len(values)}")
@@ -218,7 +223,7 @@ def start_run(jobs: JobManager, mode, upload, hf_spec, evaluate, *values):
     except Exception as exc:  # noqa: BLE001 - bad settings: one line, the page stays as it is
         message = explain(exc)
         yield (progress_html(jobs.job, message),) + (gr.skip(),) * 5
-        fail(message)           # a toast; an API client gets it as the response's error
+        fail(message, page=page)        # a toast; an API client gets it as the response's error
         return
     yield from follow(job)
 
@@ -251,7 +256,9 @@ def form_of_last_run(jobs: JobManager) -> list:
 
 def forget_upload(jobs: JobManager, new, old: str | None) -> str | None:
     """The data file widget changed: delete the file it held before (a copy in Gradio's upload
-    folder) unless a run uses it, so replaced uploads do not pile up. Returns the new path."""
+    folder) unless the current or last run reads it, so replaced uploads do not pile up.
+    Returns the new path. (Gradio files uploads by content and name, so a second page that
+    uploaded the very same file loses it too; starting a run then asks for it again.)"""
     try:
         new = inputs.upload("upload", new)
     except UserError:
@@ -353,8 +360,8 @@ def build_learn_tab(jobs: JobManager, demo: gr.Blocks, defaults: RunConfig, pres
             gr.Markdown("#### 2 · Calibration data")
             mode = gr.Radio(DATA_MODES, value=DATA_MODES[0], label="Text", show_label=False,
                             info="built-in: Python's own documentation (offline); ¼ of it is held out")
-            upload = gr.File(label=".txt or .jsonl file", file_types=[".txt", ".jsonl"], type="filepath",
-                             visible=False, height=90)
+            upload = gr.File(label=f".txt or .jsonl file (at most {inputs.MAX_UPLOAD_MB} MB)", type="filepath",
+                             file_types=[".txt", ".jsonl"], visible=False, height=90)
             last_upload = gr.State(None)        # this page's previous upload, removed when replaced
             hf_spec = gr.Textbox(label="HF dataset", visible=False,
                                  placeholder="hf:NAME[:CONFIG[:SPLIT[:FIELD]]]  e.g. hf:wikitext:wikitext-2-raw-v1")
@@ -388,8 +395,11 @@ def build_learn_tab(jobs: JobManager, demo: gr.Blocks, defaults: RunConfig, pres
     form = [widgets[n] for n in FORM]
     stream_out = [progress, loss, sparsity, heatmap, log_box, info]
 
-    def on_start(mode_v, upload_v, hf_v, evaluate_v, *values):
-        yield from start_run(jobs, mode_v, upload_v, hf_v, evaluate_v, *values)
+    def on_start(evt: gr.EventData, mode_v, upload_v, hf_v, evaluate_v, *values):
+        yield from start_run(jobs, mode_v, upload_v, hf_v, evaluate_v, *values, page=from_page(evt))
+
+    def on_inspect(model, device, dtype, trust, device_map, evt: gr.EventData):
+        return inspect_model(jobs, model, device, dtype, trust, device_map, page=from_page(evt))
 
     def on_attach():
         yield from attach(jobs)
@@ -400,10 +410,8 @@ def build_learn_tab(jobs: JobManager, demo: gr.Blocks, defaults: RunConfig, pres
     def on_mode(m):
         return gr.update(visible=m == DATA_MODES[1]), gr.update(visible=m == DATA_MODES[2])
 
-    @guarded(len(FORM) + 1)
-    def on_preset(name, *values):
-        new, text = preset_values(name, dict(zip(FORM, values)))
-        return (*new, text)
+    def on_preset(evt: gr.EventData, name, *values):
+        return guarded(len(FORM) + 1)(preset_form)(name, *values, page=from_page(evt))
 
     # Observers of the one job: no concurrency limit, or a second page would wait for the first.
     # Inputs arrive as sent (preprocess=False) and are checked by the handlers (ui.inputs), so a
@@ -417,7 +425,7 @@ def build_learn_tab(jobs: JobManager, demo: gr.Blocks, defaults: RunConfig, pres
     mode.change(on_mode, mode, [upload, hf_spec], api_visibility="private", queue=False)
     preset_box.input(on_preset, [preset_box] + form, form + [note], api_visibility="private")
     # heavy, but no queue of its own: the job manager answers "busy" at once while another runs
-    inspect_btn.click(lambda *v: inspect_model(jobs, *v),
+    inspect_btn.click(on_inspect,
                       [widgets[n] for n in ("model", "device", "dtype", "trust_remote_code", "device_map")],
                       model_info, api_name="inspect_model", concurrency_limit=None, preprocess=False)
     upload.change(lambda new, old: forget_upload(jobs, new, old), [upload, last_upload], last_upload,
