@@ -205,13 +205,14 @@ BAD_START = [   # (setting, value, message)
     ("lambda1", -3, "λ1 · 2:4 regulariser: lambda1 must be ≥ 0, got -3.0"),
     ("grad_ckpt", "no", "Gradient checkpointing must be true or false, got 'no'"),
     ("model", 5, "Model must be text, got 5"),
+    ("model", "m" * 5000, "Model is 5,000 characters long; the limit is 1,000"),
     ("evaluate", "false", "Measure held-out perplexity after learning must be true or false, got 'false'"),
     ("mode", "everything", "Calibration data must be one of: built-in text, upload a file, HF dataset; "
                            "got 'everything'"),
 ]
 
 
-@pytest.mark.parametrize("name,value,message", BAD_START, ids=[f"{n}={v!r}" for n, v, _ in BAD_START])
+@pytest.mark.parametrize("name,value,message", BAD_START, ids=[f"{n}={v!r:.12}" for n, v, _ in BAD_START])
 def test_bad_learn_settings_through_the_api_name_the_widget(live, tiny_dir, name, value, message):
     url, jobs = live
     event, data = http_call(url, "start", start_args(tiny_cfg(tiny_dir), **{name: value}))
@@ -235,12 +236,13 @@ BAD_OTHER = [   # (endpoint, inputs, message)
     ("export", {2: "false"}, "Replace an existing folder of that name must be true or false, got 'false'"),
     ("perplexity", {0: "magnitude"}, "One-shot baselines to add must be a list of: "),
     ("inspect_model", {1: 5}, "Device must be text, got 5"),
+    ("inspect_model", {0: "m" * 5000}, "Model is 5,000 characters long; the limit is 1,000"),
 ]
 BASE = {"generate": GEN, "prox_demo": [0.9, -0.7, 0.5, 0.3, 0.6], "export": [LEARNED, "x", False, False],
         "perplexity": [[]], "inspect_model": ["", "cpu", "float32", False, ""]}
 
 
-@pytest.mark.parametrize("api,change,message", BAD_OTHER, ids=[f"{a}-{c}" for a, c, _ in BAD_OTHER])
+@pytest.mark.parametrize("api,change,message", BAD_OTHER, ids=[f"{a}-{c!s:.16}" for a, c, _ in BAD_OTHER])
 def test_bad_values_in_other_endpoints_name_the_widget(live, api, change, message):
     url, jobs = live
     data = [change.get(i, v) for i, v in enumerate(BASE[api])]

@@ -3,9 +3,9 @@
 Generation runs in a worker thread that holds the model for its whole duration (both models
 share one set of weights, swapped in turn) and hands growing texts to the page through a
 queue; the page marks where the two outputs first part ways. Prompts are capped in length and
-the tab's Stop ends a generation after the current token, so one long request never holds
-the machine for minutes. Perplexity rows are computed on
-demand; one-shot baselines come from `proxsparse_core.baselines` when it is installed.
+the tab's Stop ends a generation after the current token, so one long request never holds the
+machine for minutes. Perplexity rows are computed on demand; one-shot baselines come from
+`proxsparse_core.baselines`.
 """
 from __future__ import annotations
 
