@@ -5,48 +5,137 @@
     python app.py --host 0.0.0.0       # listen on the network (you choose to)
     python app.py --share              # public Gradio link (opt-in)
     python app.py --model ./my-model   # preselect another model (HF id or local folder)
+    python app.py --allow-remote-code  # let visitors load models that ship their own Python code
+
+Without --host / --port, GRADIO_SERVER_NAME and GRADIO_SERVER_PORT are honoured, as in any
+Gradio app. Mistakes in the command line (a bad port, a port already in use) are one line on
+stderr and exit code 2.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import signal
+import socket
+import sys
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
+DEFAULT_HOST, DEFAULT_PORT = "127.0.0.1", 7860
+EXIT_USAGE = 2
 
-def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="ProxSparse Studio (Gradio app)")
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
-    p.add_argument("--port", type=int, default=7860, help="port (0 = any free port)")
+
+class UsageError(Exception):
+    """A bad command line or environment, said in one line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one clear line and exit code 2, like the CLI
+        self.exit(EXIT_USAGE, f"error: {message} (see --help)\n")
+
+
+def port_number(text: str) -> int:
+    try:
+        port = int(text)
+    except (TypeError, ValueError):
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port is a whole number from 0 to 65535, got {text!r}")
+    return port
+
+
+def parse_args(argv=None, env=None) -> argparse.Namespace:
+    """The command line, with host and port resolved (flags, else the environment, else defaults)."""
+    p = _Parser(description="ProxSparse Studio (Gradio app)")
+    p.add_argument("--host", help=f"address to listen on (default $GRADIO_SERVER_NAME, else {DEFAULT_HOST}: "
+                                  "this machine only)")
+    p.add_argument("--port", type=port_number, help=f"port (default $GRADIO_SERVER_PORT, else {DEFAULT_PORT}; "
+                                                    "0 = any free port)")
     p.add_argument("--share", action="store_true", help="also create a public gradio.live link")
     p.add_argument("--model", help="model preselected in the Learn tab (default: the bundled SmolLM2)")
     p.add_argument("--preset", help="preset preselected in the Learn tab (default: bundled-quality, the bundled "
                                      "model's best measured setting; quick-demo is its one-minute version)")
-    return p.parse_args(argv)
+    p.add_argument("--allow-remote-code", action="store_true",
+                   help="allow 'Trust remote code': a model folder's own Python then runs inside this server "
+                        "when a visitor asks for it (off by default; only for models you trust)")
+    args = p.parse_args(argv)
+    args.host, args.port = address(args.host, args.port, os.environ if env is None else env)
+    return args
 
 
-def main(argv=None):
+def address(host: str | None, port: int | None, env) -> tuple[str, int]:
+    """(host, port): the flags, else GRADIO_SERVER_NAME / GRADIO_SERVER_PORT, else the defaults."""
+    host = host if host is not None else (env.get("GRADIO_SERVER_NAME", "").strip() or DEFAULT_HOST)
+    if port is not None:
+        return host, port
+    raw = env.get("GRADIO_SERVER_PORT", "").strip()
+    if not raw:
+        return host, DEFAULT_PORT
+    try:
+        return host, port_number(raw)
+    except argparse.ArgumentTypeError as exc:
+        raise UsageError(f"GRADIO_SERVER_PORT: {exc}") from None
+
+
+def check_listen(host: str, port: int) -> int:
+    """The port to listen on (port 0: any free one); fails early, in one line, when nothing
+    could listen on host:port."""
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+    except (socket.gaierror, UnicodeError):
+        raise UsageError(f"cannot listen on {host!r}: not an address or name of this machine") from None
+    with socket.socket(family, kind, proto) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind(addr)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise UsageError(f"port {port} on {host} is already in use; choose another with --port "
+                                 f"(0 = any free port)") from None
+            raise UsageError(f"cannot listen on {host}:{port} ({exc.strerror or exc})") from None
+        return s.getsockname()[1]
+
+
+def _stop_on_sigterm():
+    """`kill` ends the app like Ctrl-C: Gradio closes its server and exit-time cleanup runs."""
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, interrupt)
+
+
+def run(argv=None):
     args = parse_args(argv)
     from proxsparse_core.config import DEFAULT_PRESET, PRESETS, RunConfig
+    from ui.jobs import JobManager
     from ui.layout import build_app, launch
 
     preset = args.preset or DEFAULT_PRESET
     if preset not in PRESETS:
-        raise SystemExit(f"error: unknown preset {preset!r}; choose from: {', '.join(PRESETS)}")
+        raise UsageError(f"unknown preset {preset!r}; choose from: {', '.join(PRESETS)}")
+    host = args.host
+    port = check_listen(host, args.port)
+    if args.allow_remote_code:
+        from proxsparse_core import models
+        if hasattr(models, "allow_remote_code"):       # the process-wide gate of proxsparse_core
+            models.allow_remote_code(True)
     defaults = RunConfig().with_preset(preset)
     if args.model:
         defaults.model = args.model
-    demo = build_app(defaults=defaults, preset=preset)
-    launch(demo, host=args.host, port=args.port or free_port(args.host), share=args.share)
+    demo = build_app(JobManager(allow_remote_code=args.allow_remote_code), defaults=defaults, preset=preset)
+    _stop_on_sigterm()
+    try:
+        launch(demo, host=host, port=port, share=args.share)
+    except OSError as exc:      # lost a race for the port, or the address vanished
+        raise UsageError(f"could not start the server on {host}:{port}: {str(exc).splitlines()[0]}") from None
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nobody listens on right now (for --port 0)."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+def main(argv=None):
+    try:
+        run(argv)
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_USAGE)
 
 
 if __name__ == "__main__":

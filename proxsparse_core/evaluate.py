@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
@@ -66,6 +66,7 @@ class GenerationSettings:
     top_p: float = 0.9
     seed: int = 0
     chat: bool = True             # wrap the prompt in the tokenizer's chat template when it has one
+    stop: threading.Event | None = field(default=None, compare=False, repr=False)   # set: end after this token
 
 
 def _encode(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
@@ -76,9 +77,22 @@ def _encode(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
     return tokenizer(prompt, return_tensors="pt")["input_ids"]
 
 
+def _stopping(stop: threading.Event):
+    """A transformers StoppingCriteria that ends generation once `stop` is set."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class OnEvent(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), stop.is_set(), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([OnEvent()])
+
+
 def _gen_kwargs(tokenizer, s: GenerationSettings) -> dict:
     kw = dict(max_new_tokens=s.max_new_tokens, do_sample=s.do_sample,
               pad_token_id=tokenizer.pad_token_id)
+    if s.stop is not None:
+        kw["stopping_criteria"] = _stopping(s.stop)
     if s.do_sample:
         kw.update(temperature=s.temperature, top_p=s.top_p)
     else:

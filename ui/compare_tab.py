@@ -2,8 +2,10 @@
 
 Generation runs in a worker thread that holds the model for its whole duration (both models
 share one set of weights, swapped in turn) and hands growing texts to the page through a
-queue; the page marks where the two outputs first part ways. Perplexity rows are computed on
-demand; one-shot baselines come from `proxsparse_core.baselines` when it is installed.
+queue; the page marks where the two outputs first part ways. Prompts are capped in length and
+the tab's Stop ends a generation after the current token, so one long request never holds the
+machine for minutes. Perplexity rows are computed on demand; one-shot baselines come from
+`proxsparse_core.baselines`.
 """
 from __future__ import annotations
 
@@ -16,8 +18,11 @@ from proxsparse_core.evaluate import GenerationSettings, first_divergence
 from proxsparse_core.baselines import METHODS
 from proxsparse_core.results import DENSE, LEARNED, title
 
-from .feedback import esc, guarded, notify
+from . import inputs
+from .feedback import esc, from_page, guarded, notify
 from .jobs import JobManager, in_worker
+
+MAX_PROMPT = 4000            # characters; a page or API request with more is refused at once
 
 EXAMPLES = [
     "What is the capital of France?",
@@ -40,17 +45,13 @@ def variant_choices(jobs: JobManager) -> list[tuple[str, str]]:
 # ---------------------------------------------------------------------------- generation
 
 def settings_from_form(sample, temperature, top_p, max_new_tokens, chat) -> GenerationSettings:
-    try:
-        n = int(max_new_tokens)
-        t, p = float(temperature), float(top_p)
-    except (TypeError, ValueError):
-        raise UserError("max tokens, temperature and top-p must be numbers")
-    if not 1 <= n <= 2048:
-        raise UserError(f"max new tokens must be between 1 and 2048, got {n}")
+    sample = inputs.flag("Sample (off = greedy)", sample)
+    t, p = inputs.number("Temperature", temperature), inputs.number("Top-p", top_p)
+    n = inputs.whole("Max new tokens", max_new_tokens, 1, 2048)
+    chat = inputs.flag("Use the model's chat template", chat)
     if sample and not (0 < t <= 10 and 0 < p <= 1):
         raise UserError("sampling needs 0 < temperature ≤ 10 and 0 < top-p ≤ 1")
-    return GenerationSettings(max_new_tokens=n, do_sample=bool(sample), temperature=t, top_p=p,
-                              chat=bool(chat))
+    return GenerationSettings(max_new_tokens=n, do_sample=sample, temperature=t, top_p=p, chat=chat)
 
 
 def _panel(text: str, cut: int | None, streaming: bool) -> str:
@@ -89,27 +90,36 @@ def render_pair(dense: str, pruned: str, variant: str | None, streaming: str | N
 
 
 def generate_pair(jobs: JobManager, variant, prompt, sample, temperature, top_p, max_new_tokens, chat):
-    """Stream the dense model's completion, then the chosen 2:4 model's, same settings."""
-    prompt = (prompt or "").strip()
+    """Stream the dense model's completion, then the chosen 2:4 model's, same settings. Stop
+    (`jobs.eval_stop`) ends it after the current token and keeps what was generated."""
+    prompt = inputs.text("Prompt", prompt, MAX_PROMPT).strip()
     if not prompt:
         raise UserError("type a prompt (or click an example) first")
+    variant = inputs.text("2:4 model", variant) or None
     settings = settings_from_form(sample, temperature, top_p, max_new_tokens, chat)
     if variant not in jobs.ws.results:
         variant = LEARNED if LEARNED in jobs.ws.results else next(iter(jobs.ws.results), None)
+    stopped = []
 
     def work(emit):
         with jobs.claim("generating text"):
+            jobs.eval_stop.clear()                  # only once the machine is ours
+            settings.stop = jobs.eval_stop
             jobs.ensure_loaded()
             for side, name in ((DENSE, DENSE), ("pruned", variant)):
-                if name is not None:
+                if name is not None and not jobs.eval_stop.is_set():
                     for text in jobs.ws.generate_stream(name, prompt, settings):
                         emit((side, text))
+            if jobs.eval_stop.is_set():
+                stopped.append(True)
 
     texts = {DENSE: "", "pruned": ""}
     for side, text in in_worker(work):
         texts[side] = text
         yield render_pair(texts[DENSE], texts["pruned"], variant, streaming=side)
-    yield render_pair(texts[DENSE], texts["pruned"], variant)
+    dense, pruned, summary = render_pair(texts[DENSE], texts["pruned"], variant)
+    yield dense, pruned, ("⏹ **Stopped**: the text above is what was generated before Stop." if stopped
+                          else summary)
 
 
 # ---------------------------------------------------------------------------- perplexity
@@ -134,10 +144,10 @@ def perplexity_table(jobs: JobManager) -> pd.DataFrame:
 def compute_perplexities(jobs: JobManager, methods, progress=None, on_row=None):
     """Perplexity of dense, every existing result and each selected baseline (pruned first when
     missing), one row at a time (`on_row(name)` after each). Stop keeps the finished rows."""
-    jobs.eval_stop.clear()
     report = progress or (lambda frac, desc="": None)
     done_msg = "all rows computed"
     with jobs.claim("computing perplexities") as ws:
+        jobs.eval_stop.clear()                      # only once the machine is ours
         jobs.ensure_loaded()
         names = [DENSE] + list(ws.results) + [m for m in methods or [] if m not in ws.results]
         try:
@@ -164,6 +174,8 @@ def compute_perplexities(jobs: JobManager, methods, progress=None, on_row=None):
 
 def stream_perplexities(jobs: JobManager, methods, progress=None):
     """compute_perplexities for the page: the table grows row by row while the rest is computed."""
+    methods = inputs.some_of("One-shot baselines to add", methods, baseline_methods())
+
     def work(emit):
         emit(("done", compute_perplexities(jobs, methods, lambda f, desc="": emit(("progress", f, desc)),
                                            lambda n: emit(("row", n)))))
@@ -197,7 +209,8 @@ def build_compare_tab(jobs: JobManager, tab: gr.Tab):
                 "Highlighted text starts where the two outputs first differ.")
     with gr.Row():
         with gr.Column(scale=3):
-            prompt = gr.Textbox(label="Prompt", value=EXAMPLES[0], lines=2, elem_id="ps-prompt")
+            prompt = gr.Textbox(label="Prompt", value=EXAMPLES[0], lines=2, max_length=MAX_PROMPT,
+                                elem_id="ps-prompt", info=f"up to {MAX_PROMPT:,} characters")
             gr.Examples(EXAMPLES, prompt, label="Example prompts")
         with gr.Column(scale=2):
             variant = gr.Dropdown(variant_choices(jobs), label="2:4 model", info="learned mask or a baseline",
@@ -208,7 +221,9 @@ def build_compare_tab(jobs: JobManager, tab: gr.Tab):
                 top_p = gr.Slider(0.05, 1.0, 0.9, step=0.05, label="Top-p")
                 chat = gr.Checkbox(True, label="Use the model's chat template")
             max_new = gr.Slider(8, 256, 64, step=8, label="Max new tokens")
-            go = gr.Button("Generate both", variant="primary", elem_id="ps-generate")
+            with gr.Row():
+                go = gr.Button("Generate both", variant="primary", elem_id="ps-generate")
+                gen_stop = gr.Button("Stop", variant="stop", elem_id="ps-generate-stop", min_width=80)
     with gr.Row(equal_height=True):
         with gr.Column():
             gr.Markdown("**Dense**")
@@ -237,29 +252,34 @@ def build_compare_tab(jobs: JobManager, tab: gr.Tab):
                                  "8.0+). This measures dense vs 2:4 products for this model's layer shapes.")
         speed_btn = gr.Button("Measure 2:4 speed-up", size="sm", elem_id="ps-speed")
 
-    def on_generate(v, p, s, t, tp, mx, c):
-        yield from guarded(3)(generate_pair)(jobs, v, p, s, t, tp, mx, c)
+    def on_generate(v, p, s, t, tp, mx, c, evt: gr.EventData):
+        yield from guarded(3)(generate_pair)(jobs, v, p, s, t, tp, mx, c, page=from_page(evt))
 
-    def on_table(m, progress=gr.Progress()):
-        yield from guarded(2)(stream_perplexities)(jobs, m, lambda frac, desc="": progress(frac, desc=desc))
+    def on_table(m, evt: gr.EventData, progress=gr.Progress()):
+        yield from guarded(2)(stream_perplexities)(jobs, m, lambda frac, desc="": progress(frac, desc=desc),
+                                                   page=from_page(evt))
 
     def on_stop():
         jobs.eval_stop.set()
-        notify("stopping after the current window …", "info")
+        notify("stopping after the current token or window …", "info")
 
-    def on_speed():
-        return measure_speedup(jobs)
+    def on_speed(evt: gr.EventData):
+        return guarded(1)(measure_speedup)(jobs, page=from_page(evt))
 
     def on_select():
         choices = variant_choices(jobs)
         value = LEARNED if LEARNED in jobs.ws.results else (choices[0][1] if choices else None)
         return gr.update(choices=choices, value=value), perplexity_table(jobs)
 
+    # Heavy events have no queue of their own (concurrency_limit=None): the job manager answers
+    # "busy" at once while another one holds the model, instead of a silent wait. Inputs arrive
+    # as sent (preprocess=False) and are checked in the handlers (ui.inputs).
     go.click(on_generate, [variant, prompt, sample, temperature, top_p, max_new, chat],
-             [dense_out, pruned_out, summary], api_name="generate", concurrency_id="model",
-             show_progress="hidden")
-    table_btn.click(on_table, chosen, [table, table_note], api_name="perplexity", concurrency_id="model",
-                    show_progress_on=table)
+             [dense_out, pruned_out, summary], api_name="generate", concurrency_limit=None,
+             show_progress="hidden", preprocess=False)
+    table_btn.click(on_table, chosen, [table, table_note], api_name="perplexity", concurrency_limit=None,
+                    show_progress_on=table, preprocess=False)
     stop_btn.click(on_stop, None, None, queue=False, api_name="stop_eval")
-    speed_btn.click(guarded(1)(on_speed), None, speed_note, api_name="speedup", concurrency_id="model")
+    gen_stop.click(on_stop, None, None, queue=False, api_visibility="private")
+    speed_btn.click(on_speed, None, speed_note, api_name="speedup", concurrency_limit=None)
     tab.select(on_select, None, [variant, table], api_name="refresh_compare", queue=False)

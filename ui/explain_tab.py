@@ -18,21 +18,24 @@ from proxsparse_core.models import BUNDLED, bundled_folder
 from proxsparse_core.prox import objective, prox_groups
 from proxsparse_core.results import LEARNED
 
-from .feedback import guarded
+from . import inputs
+from .feedback import from_page, guarded
 from .figures import prox_group_figure, weight_block_figure
 from .jobs import JobManager
 
 BLOCK_ROWS, BLOCK_COLS = 16, 32
 DEFAULT_GROUP = (0.9, -0.7, 0.5, 0.3)
 DEFAULT_LAMBDA = 0.6
+Z_RANGE = (-1.5, 1.5)        # the sliders' ranges, which the handler also enforces for API calls
+LAMBDA_RANGE = (0.0, 5.0)
 
 
 # ---------------------------------------------------------------------------- the prox on one group
 
 def prox_demo(z1, z2, z3, z4, lam) -> tuple:
     """Figure and summary of prox_{λR}(z) for one group z."""
-    lam = float(lam)
-    z = torch.tensor([[float(z1), float(z2), float(z3), float(z4)]])
+    lam = inputs.number("λ (regulariser strength)", lam, *LAMBDA_RANGE)
+    z = torch.tensor([[inputs.number(f"w{i + 1}", v, *Z_RANGE) for i, v in enumerate((z1, z2, z3, z4))]])
     w = prox_groups(z, lam, mode="reference")       # one group: the published schedule is instant
     kept = mask_2to4(w)[0].tolist()
     top = max(3.0, 1.5 * lam)
@@ -98,6 +101,7 @@ def _masked(block: torch.Tensor, mask: torch.Tensor) -> list[list[float | None]]
 def weight_block(jobs: JobManager, name: str) -> tuple:
     """Heatmaps of the top-left block of a real layer: original, magnitude 2:4 and, when a run on
     the bundled model finished, the learned ProxSparse mask."""
+    name = inputs.text("Layer of the bundled SmolLM2 model", name)
     if not name:
         raise UserError("pick a layer")
     w = _read(name)
@@ -119,6 +123,13 @@ def weight_block(jobs: JobManager, name: str) -> tuple:
     else:
         text += "\n\nFinish a run on the bundled model to see the learned mask next to magnitude pruning."
     return weight_block_figure(f"{name} — one block, before and after 2:4", panels), text
+
+
+def select_layer(jobs: JobManager, current: str | None) -> tuple:
+    """The tab was opened: the layer list, and the chosen (or first) layer's block."""
+    choices = layer_choices()
+    name = current if current in choices else (choices[0] if choices else None)
+    return (gr.update(choices=choices, value=name), *weight_block(jobs, name))
 
 
 # ---------------------------------------------------------------------------- why 2:4 is fast
@@ -164,8 +175,8 @@ def build_explain_tab(jobs: JobManager, tab: gr.Tab):
                 "balances *staying close* against *being 2:4*. Move the sliders.")
     with gr.Row():
         with gr.Column(scale=1, min_width=240):
-            sliders = [gr.Slider(-1.5, 1.5, v, step=0.05, label=f"w{i + 1}") for i, v in enumerate(DEFAULT_GROUP)]
-            lam = gr.Slider(0.0, 5.0, DEFAULT_LAMBDA, step=0.05, label="λ (regulariser strength)")
+            sliders = [gr.Slider(*Z_RANGE, v, step=0.05, label=f"w{i + 1}") for i, v in enumerate(DEFAULT_GROUP)]
+            lam = gr.Slider(*LAMBDA_RANGE, DEFAULT_LAMBDA, step=0.05, label="λ (regulariser strength)")
         with gr.Column(scale=3):
             fig0, text0 = prox_demo(*DEFAULT_GROUP, DEFAULT_LAMBDA)
             prox_plot = gr.Plot(fig0, show_label=False, elem_id="ps-prox")
@@ -179,22 +190,20 @@ def build_explain_tab(jobs: JobManager, tab: gr.Tab):
     gr.Markdown("### 3 · Why 2:4 can run faster")
     gr.HTML(tensor_core_html())
 
-    @guarded(2)
-    def on_prox(*values):
-        return prox_demo(*values)
+    def on_prox(z1, z2, z3, z4, lam, evt: gr.EventData):
+        return guarded(2)(prox_demo)(z1, z2, z3, z4, lam, page=from_page(evt))
 
-    @guarded(2)
-    def on_block(name):
-        return weight_block(jobs, name)
+    def on_block(name, evt: gr.EventData):
+        return guarded(2)(weight_block)(jobs, name, page=from_page(evt))
 
-    @guarded(3)
-    def on_select(current):
-        choices = layer_choices()
-        name = current if current in choices else (choices[0] if choices else None)
-        return (gr.update(choices=choices, value=name), *weight_block(jobs, name))
+    def on_select(current, evt: gr.EventData):
+        return guarded(3)(select_layer)(jobs, current, page=from_page(evt))
 
+    # inputs arrive as sent (preprocess=False) and are checked in prox_demo, so NaN or text from
+    # an API client gets a message naming the slider
     gr.on([s.change for s in sliders + [lam]], on_prox, sliders + [lam], [prox_plot, prox_text],
-          api_name="prox_demo", show_progress="hidden", concurrency_limit=4, trigger_mode="always_last")
+          api_name="prox_demo", show_progress="hidden", concurrency_limit=4, trigger_mode="always_last",
+          preprocess=False)
     layer.input(on_block, layer, [block_plot, block_text], api_visibility="private")
-    show.click(on_block, layer, [block_plot, block_text], api_name="weight_block")
+    show.click(on_block, layer, [block_plot, block_text], api_name="weight_block", preprocess=False)
     tab.select(on_select, layer, [layer, block_plot, block_text], api_visibility="private")

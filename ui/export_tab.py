@@ -4,10 +4,16 @@ artefacts (model card, masks, recipe, report) as one zip.
 Exports go under one root folder (`$PROXSPARSE_EXPORTS`, default `./exports`); the folder name a
 visitor types is sanitised so nothing is written outside it. The export itself is atomic (see
 `proxsparse_core.export`): Stop, a full disk or an error leave no half-written folder.
+
+The zip offered for download is written to one folder the app owns (created on first use,
+removed when the app exits) and replaces the previous one there: Gradio serves a copy from its
+own cache, so downloads do not leave a temporary folder each.
 """
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
 import tempfile
 import threading
 import time
@@ -19,14 +25,35 @@ from proxsparse_core.errors import UserError
 from proxsparse_core.export import bundle, export_result, safe_name, target_in
 from proxsparse_core.results import LEARNED, title
 
-from .feedback import esc, fmt_bytes, guarded, notify
+from . import inputs
+from .feedback import esc, fmt_bytes, from_page, guarded, notify
 from .jobs import JobManager
 
 STAGES = ("measuring dense", "measuring", "writing the pruned model", "writing masks", "exported")
+_downloads: Path | None = None
 
 
 def export_root() -> Path:
     return Path(os.environ.get("PROXSPARSE_EXPORTS", "exports")).expanduser().resolve()
+
+
+def downloads_dir() -> Path:
+    """The app's one folder for download zips: created on first use, removed at exit."""
+    global _downloads
+    if _downloads is None or not _downloads.is_dir():
+        _downloads = Path(tempfile.mkdtemp(prefix="proxsparse-downloads-"))
+        atexit.register(shutil.rmtree, _downloads, ignore_errors=True)
+    return _downloads
+
+
+def download_zip(folder: Path) -> Path:
+    """Zip an export's small artefacts into the downloads folder, replacing the zip offered before."""
+    where = downloads_dir()
+    dest = where / f"{folder.name}-artefacts.zip"
+    for old in where.glob("*.zip"):
+        if old != dest:
+            old.unlink(missing_ok=True)
+    return bundle(folder, dest)
 
 
 def result_choices(jobs: JobManager) -> list[tuple[str, str]]:
@@ -51,6 +78,10 @@ def run_export(jobs: JobManager, result: str, folder_name: str, overwrite: bool,
     """Export `result` to <root>/<folder_name> and zip its small artefacts for download.
     Returns (markdown summary, path of the zip)."""
     say = progress or (lambda frac, desc="": None)
+    result = inputs.text("Result to export", result)
+    folder_name = inputs.text("Folder name", folder_name).strip()
+    overwrite = inputs.flag("Replace an existing folder of that name", overwrite)
+    evaluate = inputs.flag("Measure perplexity for the report", evaluate)
 
     def stage(text: str):
         i = next((k for k, s in enumerate(STAGES) if text.startswith(s)), 0)
@@ -65,8 +96,7 @@ def run_export(jobs: JobManager, result: str, folder_name: str, overwrite: bool,
         stop.clear()
         res = export_result(ws, result, target, events=_events_for(jobs, result), evaluate=evaluate,
                             overwrite=overwrite, stop=stop, progress=stage)
-    zip_path = bundle(res.folder, Path(tempfile.mkdtemp(prefix="proxsparse-download-"))
-                      / f"{res.folder.name}-artefacts.zip")
+        zip_path = download_zip(res.folder)     # under the claim: one export replaces its zip at a time
     return summary_markdown(res), str(zip_path)
 
 
@@ -108,9 +138,8 @@ def build_export_tab(jobs: JobManager, tab: gr.Tab | None = None):
                                elem_id="ps-export-zip")
     status = gr.Markdown(elem_id="ps-export-status")
 
-    @guarded(2)
-    def on_export(r, n, ow, ev, progress=gr.Progress()):
-        return run_export(jobs, r, n, ow, ev, stop, progress)
+    def on_export(r, n, ow, ev, evt: gr.EventData, progress=gr.Progress()):
+        return guarded(2)(run_export)(jobs, r, n, ow, ev, stop, progress, page=from_page(evt))
 
     def on_stop():
         stop.set()
@@ -121,8 +150,9 @@ def build_export_tab(jobs: JobManager, tab: gr.Tab | None = None):
         value = LEARNED if LEARNED in jobs.ws.results else (choices[0][1] if choices else None)
         return gr.update(choices=choices, value=value), gr.update(placeholder=default_name(jobs, value))
 
+    # no queue of its own: the job manager answers "busy" at once; inputs are checked in run_export
     go.click(on_export, [result, name, overwrite, evaluate], [status, download], api_name="export",
-             concurrency_id="model")
+             concurrency_limit=None, preprocess=False)
     stop_btn.click(on_stop, None, None, queue=False, api_name="stop_export")
     if tab is not None:
         tab.select(on_select, None, [result, name], api_name="refresh_export", queue=False)

@@ -2,6 +2,14 @@
 
 Every handler turns a `UserError` into its message as is, and any other exception into one
 line (the full trace goes to the server log only), so a mistake never breaks the page.
+
+Where the line goes depends on who asked. An event fired by a widget of the page shows it as a
+toast and leaves its outputs as they were. A client calling an endpoint by name (gradio_client,
+plain HTTP) gets `gr.Error`, whose message Gradio sends as the response's "error" (it hides
+every other exception, which is how API clients used to get `{"error": null}`). A gr.Error in
+the page would also cover the outputs with an "Error" pane until dismissed, hiding results
+such as the perplexity table; hence the two paths. Outside a request (tests, scripts) a
+handler warns, as in the page.
 """
 from __future__ import annotations
 
@@ -30,28 +38,49 @@ def notify(message: str, level: str = "warning"):
     (gr.Info if level == "info" else gr.Warning)(message)
 
 
+def in_request() -> bool:
+    """True while Gradio runs an event handler (the test Gradio itself uses for toasts)."""
+    from gradio.context import LocalContext
+
+    return LocalContext.blocks.get(None) is not None and LocalContext.event_id.get(None) is not None
+
+
+def from_page(evt) -> bool:
+    """True when a widget of the page fired the event (`evt`: the handler's gr.EventData);
+    False when a client called the endpoint by name (no widget triggered it)."""
+    return getattr(evt, "target", None) is not None
+
+
+def fail(message: str, skip=None, page: bool = False):
+    """Report a failed request: an API call gets gr.Error; the page (`page`) or a plain call
+    gets a toast and `skip`, so the outputs stay as they were."""
+    if in_request() and not page:
+        raise gr.Error(message, print_exception=False)
+    notify(message)
+    return skip
+
+
 def guarded(n_outputs: int):
-    """Decorator for a handler (plain or generator): on error show a toast and leave its
-    `n_outputs` outputs as they are."""
+    """Decorator for a handler (plain or generator): on error report one line (`fail`) and
+    leave its `n_outputs` outputs as they are. The wrapped handler takes one more keyword,
+    `page` (see `from_page`)."""
     def wrap(fn):
         skip = tuple(gr.skip() for _ in range(n_outputs)) if n_outputs != 1 else gr.skip()
         if inspect.isgeneratorfunction(fn):
             @functools.wraps(fn)
-            def gen(*args, **kwargs):
+            def gen(*args, page: bool = False, **kwargs):
                 try:
                     yield from fn(*args, **kwargs)
                 except Exception as exc:  # noqa: BLE001
-                    notify(explain(exc))
-                    yield skip
+                    yield fail(explain(exc), skip, page)
             return gen
 
         @functools.wraps(fn)
-        def plain(*args, **kwargs):
+        def plain(*args, page: bool = False, **kwargs):
             try:
                 return fn(*args, **kwargs)
             except Exception as exc:  # noqa: BLE001
-                notify(explain(exc))
-                return skip
+                return fail(explain(exc), skip, page)
         return plain
     return wrap
 

@@ -5,8 +5,13 @@ model, results and running job. The learning job runs in its own thread and only
 event dicts to a list; pages stream from that list, so a closed tab never stops or loses a run,
 and a reloaded page simply re-attaches to it.
 
-One heavy activity at a time (learning, perplexity, baselines, generation): `claim()` refuses a
-second one with a clear message instead of queueing behind a long run. The guard is a plain
+One heavy activity at a time (learning, perplexity, baselines, generation, export, loading a
+model): `claim()` refuses a second one with a clear message instead of queueing behind a long
+run, which is why those events have no concurrency limit of their own in Gradio.
+
+Whether a model's own Python code (`trust_remote_code`) may run is decided by whoever starts
+the server (`app.py --allow-remote-code`), never by a request: every configuration is checked
+here before a model is loaded. The guard is a plain
 `threading.Lock`, which may be released by another thread than the one that took it — Gradio
 runs each step of a generator handler on whichever worker thread is free.
 """
@@ -30,6 +35,10 @@ log = logging.getLogger("proxsparse.ui")
 
 ACTIVE = ("starting", "loading", "running", "evaluating")
 MAX_LOG_LINES = 400
+
+
+REMOTE_CODE_OFF = ("Trust remote code is off: this server was started without --allow-remote-code, "
+                   "so a model's own Python code never runs here")
 
 
 class Busy(UserError):
@@ -95,12 +104,15 @@ def in_worker(work):
 
 
 class JobManager:
-    def __init__(self, workspace: Workspace | None = None):
+    def __init__(self, workspace: Workspace | None = None, allow_remote_code: bool = False):
+        if allow_remote_code is not True and allow_remote_code is not False:
+            raise TypeError(f"allow_remote_code takes True or False, got {allow_remote_code!r}")
         self.ws = workspace or Workspace()
+        self.allow_remote_code = allow_remote_code
         self.job: LearnJob | None = None
         self.cfg: RunConfig | None = None      # the configuration the workspace was last loaded with
         self.activity: str | None = None
-        self.eval_stop = threading.Event()     # Stop for perplexity / baselines in the Compare tab
+        self.eval_stop = threading.Event()     # Stop in the Compare tab: generation, perplexity, baselines
         self.verified: dict[str, bool] = {}    # result name → passed the 2:4 verification
         self._busy = threading.Lock()
         self._ids = itertools.count(1)
@@ -130,10 +142,19 @@ class JobManager:
         return self.job is not None and self.job.active
 
     # ------------------------------------------------------------------ workspace loading
+    def check_remote_code(self, cfg: RunConfig) -> RunConfig:
+        """Refuse trust_remote_code unless it is exactly True and this server allows it."""
+        v = cfg.trust_remote_code
+        if v is not True and v is not False:
+            raise UserError(f"Trust remote code must be true or false, got {v!r}")
+        if v and not self.allow_remote_code:
+            raise UserError(REMOTE_CODE_OFF)
+        return cfg
+
     def ensure_loaded(self, cfg: RunConfig | None = None):
         """Load the model and data (of `cfg`, else of the last run, else the defaults). Call it
         while holding the guard."""
-        cfg = cfg or self.cfg or RunConfig()
+        cfg = self.check_remote_code(cfg or self.cfg or RunConfig())
         before = self.ws.lm
         lm = self.ws.load(cfg)
         if lm is not before:
@@ -143,7 +164,7 @@ class JobManager:
 
     # ------------------------------------------------------------------ learning
     def start_learning(self, cfg: RunConfig, evaluate: bool = True) -> LearnJob:
-        cfg.validate()
+        self.check_remote_code(cfg).validate()
         self._acquire("learning a mask")
         job = LearnJob(next(self._ids), cfg, evaluate)
         self.job = job

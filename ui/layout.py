@@ -1,5 +1,7 @@
 """The whole page: a header and the tabs (Learn, Compare, How 2:4 works, Export).
-Theme and CSS are passed to `launch()`, as Gradio 6 expects."""
+Theme and CSS are passed to `launch()`, as Gradio 6 expects, with the server's limits: uploads
+of at most MAX_UPLOAD (refused by Gradio before they are stored), and temporary files (uploads,
+download copies) removed once they are a day old."""
 from __future__ import annotations
 
 import os
@@ -12,11 +14,14 @@ from proxsparse_core.config import DEFAULT_PRESET, RunConfig
 
 from .compare_tab import build_compare_tab
 from .explain_tab import build_explain_tab
+from .inputs import MAX_UPLOAD_MB
 from .export_tab import build_export_tab
 from .jobs import JobManager
 from .learn_tab import build_learn_tab
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
+MAX_UPLOAD = f"{MAX_UPLOAD_MB}mb"   # a calibration text file is a few MB; anything larger is refused
+CACHE_CLEANUP = (3600, 86400)       # every hour, delete this app's temporary files older than a day
 THEME = gr.themes.Soft(primary_hue="emerald", secondary_hue="slate", neutral_hue="slate",
                        font=["system-ui", "Segoe UI", "Helvetica", "Arial", "sans-serif"],
                        font_mono=["ui-monospace", "Menlo", "Consolas", "monospace"])
@@ -49,7 +54,7 @@ def build_app(jobs: JobManager | None = None, defaults: RunConfig | None = None,
               preset: str = DEFAULT_PRESET) -> gr.Blocks:
     jobs = jobs or JobManager()
     defaults = defaults or RunConfig().with_preset(preset)
-    with gr.Blocks(title="ProxSparse Studio") as demo:
+    with gr.Blocks(title="ProxSparse Studio", delete_cache=CACHE_CLEANUP) as demo:
         gr.HTML(_header())
         with gr.Tabs():
             with gr.Tab("Learn a 2:4 mask", id="learn"):
@@ -67,4 +72,4 @@ def build_app(jobs: JobManager | None = None, defaults: RunConfig | None = None,
 def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False, **kw):
     demo.queue(default_concurrency_limit=1)
     return demo.launch(server_name=host, server_port=port, share=share, theme=THEME, css=css(),
-                       footer_links=["api", "settings"], **kw)
+                       footer_links=["api", "settings"], max_file_size=MAX_UPLOAD, **kw)

@@ -18,7 +18,8 @@ from proxsparse_core.config import DEFAULT_PRESET, PRESETS, RunConfig
 from proxsparse_core.errors import UserError
 from proxsparse_core.models import BUNDLED, BUNDLED_LABEL
 
-from .feedback import esc, explain, fmt_bytes, fmt_duration, guarded, notify
+from . import inputs
+from .feedback import esc, explain, fail, fmt_bytes, fmt_duration, from_page, guarded, notify
 from .jobs import Busy, JobManager, LearnJob
 
 FORM = [f.name for f in fields(RunConfig) if f.name != "data"]   # data has its own three widgets
@@ -36,6 +37,7 @@ LABELS = {
     "w0_offload": "Keep W0 on the CPU", "layer_stats_every": "Per-layer stats every N steps",
     "lambda_scale": "λ1 / lr scaling", "lr_schedule": "Learning-rate schedule",
 }
+FIELDS = {f.name: f for f in fields(RunConfig)}
 MAIN = ("lambda1", "lambda2", "lr", "steps")            # shown open; the rest sit in "Advanced"
 DATA = ("samples", "ctx")
 MODEL = ("model", "device", "dtype")
@@ -45,33 +47,49 @@ MODEL = ("model", "device", "dtype")
 
 def data_source(mode: str, upload, hf_spec: str) -> str:
     """The RunConfig.data string for the data widgets."""
+    mode = inputs.one_of("Calibration data", mode, DATA_MODES)
     if mode == DATA_MODES[1]:
-        path = getattr(upload, "name", upload)
+        path = inputs.upload(".txt or .jsonl file", getattr(upload, "name", upload))
         if not path:
             raise UserError("choose a .txt or .jsonl file to upload, or pick the built-in text")
-        return str(path)
+        return path
     if mode == DATA_MODES[2]:
-        spec = (hf_spec or "").strip()
+        spec = inputs.text("HF dataset", hf_spec).strip()
         if not spec:
             raise UserError("type an HF dataset, e.g. hf:wikitext:wikitext-2-raw-v1:train:text")
         return spec if spec.startswith("hf:") else "hf:" + spec
     return "builtin"
 
 
+def form_value(name: str, v):
+    """One widget value, checked against its field's type; messages name the widget's label."""
+    label, kind = LABELS.get(name, name), type(FIELDS[name].default)
+    if v is None or (isinstance(v, str) and not v.strip() and name in ("model", "device", "dtype")):
+        raise UserError(f"{label} is empty")
+    if kind is bool:
+        return inputs.flag(label, v)
+    if kind is int:
+        return inputs.whole(label, v)
+    if kind is float:
+        return inputs.number(label, v)
+    return inputs.text(label, v).strip()
+
+
+def labelled(message: str) -> str:
+    """A RunConfig message ("lambda1 must be ≥ 0 …") led by the widget's label as the page shows
+    it ("λ1 · 2:4 regulariser: lambda1 must be ≥ 0 …"); the setting's name stays, as the CLI
+    flag and the recipe use it."""
+    name = message.split(" ", 1)[0]
+    return f"{LABELS[name]}: {message}" if name in LABELS else message
+
+
 def config_from_form(values: dict, data: str = "builtin") -> RunConfig:
     """A validated RunConfig from widget values (names as in FORM)."""
-    clean = {}
-    for f in fields(RunConfig):
-        if f.name not in values:
-            continue
-        v = values[f.name]
-        if v is None or (isinstance(v, str) and not v.strip() and f.name in ("model", "device", "dtype")):
-            raise UserError(f"{LABELS.get(f.name, f.name)} is empty")
-        if isinstance(f.default, int) and not isinstance(f.default, bool) and isinstance(v, float) \
-                and v.is_integer():
-            v = int(v)
-        clean[f.name] = v.strip() if isinstance(v, str) else v
-    return RunConfig(**{**clean, "data": data}).validate()
+    clean = {name: form_value(name, v) for name, v in values.items() if name in FIELDS}
+    try:
+        return RunConfig(**{**clean, "data": data}).validate()
+    except UserError as exc:
+        raise UserError(labelled(str(exc))) from None
 
 
 def preset_values(name: str, current: dict) -> tuple[list, str]:
@@ -81,6 +99,12 @@ def preset_values(name: str, current: dict) -> tuple[list, str]:
         raise UserError(f"unknown preset {name!r}")
     cfg = RunConfig(**{k: current[k] for k in KEEP_ON_PRESET if k in current}).with_preset(name)
     return [getattr(cfg, f) for f in FORM], preset_note(name)
+
+
+def preset_form(name: str, *values) -> tuple:
+    """The Preset dropdown changed: the form's new values, then the preset's note."""
+    new, text = preset_values(name, dict(zip(FORM, values)))
+    return (*new, text)
 
 
 def preset_note(name: str) -> str:
@@ -180,12 +204,15 @@ def follow(job: LearnJob, note: str = "", poll: float = POLL_S):
         time.sleep(poll)
 
 
-def start_run(jobs: JobManager, mode, upload, hf_spec, evaluate, *values):
+def start_run(jobs: JobManager, mode, upload, hf_spec, evaluate, *values, page: bool = False):
     """Start a run with the form's values and stream it. If another run holds the machine, say
-    so and show that run instead; bad settings are reported and nothing starts."""
+    so and show that run instead; bad settings are reported (`fail`) and nothing starts."""
     try:
+        if len(values) != len(FORM):
+            raise UserError(f"the form has {len(FORM)} settings, got {len(values)}")
+        evaluate = inputs.flag("Measure held-out perplexity after learning", evaluate)
         cfg = config_from_form(dict(zip(FORM, values)), data_source(mode, upload, hf_spec))
-        job = jobs.start_learning(cfg, evaluate=bool(evaluate))
+        job = jobs.start_learning(cfg, evaluate=evaluate)
     except Busy as exc:
         notify(str(exc))
         if jobs.learning:
@@ -195,8 +222,8 @@ def start_run(jobs: JobManager, mode, upload, hf_spec, evaluate, *values):
         return
     except Exception as exc:  # noqa: BLE001 - bad settings: one line, the page stays as it is
         message = explain(exc)
-        notify(message)
         yield (progress_html(jobs.job, message),) + (gr.skip(),) * 5
+        fail(message, page=page)        # a toast; an API client gets it as the response's error
         return
     yield from follow(job)
 
@@ -227,6 +254,40 @@ def form_of_last_run(jobs: JobManager) -> list:
     return values + data
 
 
+def forget_upload(jobs: JobManager, new, old: str | None) -> str | None:
+    """The data file widget changed: delete the file it held before (a copy in Gradio's upload
+    folder) unless the current or last run reads it, so replaced uploads do not pile up.
+    Returns the new path. (Gradio files uploads by content and name, so a second page that
+    uploaded the very same file loses it too; starting a run then asks for it again.)"""
+    try:
+        new = inputs.upload("upload", new)
+    except UserError:
+        new = None
+    if old and old != new and old not in data_in_use(jobs):
+        remove_upload(old)
+    return new
+
+
+def data_in_use(jobs: JobManager) -> set[str]:
+    return {cfg.data for cfg in (jobs.cfg, jobs.job.cfg if jobs.job else None) if cfg is not None}
+
+
+def remove_upload(path: str):
+    """Delete a file only if it lies in Gradio's upload folder (never a user's own file), and
+    its folder when that is left empty."""
+    from gradio.utils import get_upload_folder
+
+    root, p = Path(get_upload_folder()).resolve(), Path(path).resolve()
+    if not p.is_relative_to(root) or p == root:
+        return
+    p.unlink(missing_ok=True)
+    if p.parent != root:
+        try:
+            p.parent.rmdir()              # Gradio keeps each upload in a folder of its own
+        except OSError:
+            pass
+
+
 def stop_run(jobs: JobManager) -> str:
     return jobs.stop()
 
@@ -234,9 +295,12 @@ def stop_run(jobs: JobManager) -> str:
 @guarded(1)
 def inspect_model(jobs: JobManager, model, device, dtype, trust_remote_code, device_map) -> str:
     """Load the chosen model (no learning) to show its size, device, precision and prunable layers."""
-    chosen = dict(model=(model or "").strip() or BUNDLED, device=device, dtype=dtype,
-                  trust_remote_code=bool(trust_remote_code), device_map=device_map or "")
-    cfg = RunConfig(**{**(jobs.cfg or RunConfig()).to_dict(), **chosen})
+    chosen = dict(model=inputs.text(LABELS["model"], model).strip() or BUNDLED,
+                  device=inputs.text(LABELS["device"], device).strip() or "auto",
+                  dtype=inputs.text(LABELS["dtype"], dtype).strip() or "auto",
+                  trust_remote_code=inputs.flag(LABELS["trust_remote_code"], trust_remote_code),
+                  device_map=inputs.text(LABELS["device_map"], device_map).strip())
+    cfg = jobs.check_remote_code(RunConfig(**{**(jobs.cfg or RunConfig()).to_dict(), **chosen}))
     with jobs.claim("loading a model"):
         lm = jobs.ensure_loaded(cfg)
     return f"**Model** · {esc(lm.describe())}"
@@ -248,9 +312,12 @@ def model_choices(current: str) -> list[tuple[str, str]]:
     return [(BUNDLED_LABEL, BUNDLED)] + ([(current, current)] if current != BUNDLED else [])
 
 
-def _widget(name: str, value):
-    f = next(f for f in fields(RunConfig) if f.name == name)
+def _widget(name: str, value, remote_code_allowed: bool = False):
+    f = FIELDS[name]
     label, info = LABELS.get(name, name), f.metadata["help"]
+    if name == "trust_remote_code" and not remote_code_allowed:
+        return gr.Checkbox(value=False, label=label, interactive=False,
+                           info="unavailable: this server was started without --allow-remote-code")
     if name == "model":
         return gr.Dropdown(choices=model_choices(value), value=value, allow_custom_value=True, label=label,
                            info="the bundled offline model, or type a Hugging Face id or a local folder")
@@ -279,7 +346,7 @@ def build_learn_tab(jobs: JobManager, demo: gr.Blocks, defaults: RunConfig, pres
 
     def add(names):
         for n in names:
-            widgets[n] = _widget(n, getattr(defaults, n))
+            widgets[n] = _widget(n, getattr(defaults, n), jobs.allow_remote_code)
 
     with gr.Row(equal_height=False):
         with gr.Column(scale=4, min_width=340, elem_classes="ps-panel"):
@@ -293,8 +360,9 @@ def build_learn_tab(jobs: JobManager, demo: gr.Blocks, defaults: RunConfig, pres
             gr.Markdown("#### 2 · Calibration data")
             mode = gr.Radio(DATA_MODES, value=DATA_MODES[0], label="Text", show_label=False,
                             info="built-in: Python's own documentation (offline); ¼ of it is held out")
-            upload = gr.File(label=".txt or .jsonl file", file_types=[".txt", ".jsonl"], type="filepath",
-                             visible=False, height=90)
+            upload = gr.File(label=f".txt or .jsonl file (at most {inputs.MAX_UPLOAD_MB} MB)", type="filepath",
+                             file_types=[".txt", ".jsonl"], visible=False, height=90)
+            last_upload = gr.State(None)        # this page's previous upload, removed when replaced
             hf_spec = gr.Textbox(label="HF dataset", visible=False,
                                  placeholder="hf:NAME[:CONFIG[:SPLIT[:FIELD]]]  e.g. hf:wikitext:wikitext-2-raw-v1")
             with gr.Row():
@@ -327,8 +395,11 @@ def build_learn_tab(jobs: JobManager, demo: gr.Blocks, defaults: RunConfig, pres
     form = [widgets[n] for n in FORM]
     stream_out = [progress, loss, sparsity, heatmap, log_box, info]
 
-    def on_start(mode_v, upload_v, hf_v, evaluate_v, *values):
-        yield from start_run(jobs, mode_v, upload_v, hf_v, evaluate_v, *values)
+    def on_start(evt: gr.EventData, mode_v, upload_v, hf_v, evaluate_v, *values):
+        yield from start_run(jobs, mode_v, upload_v, hf_v, evaluate_v, *values, page=from_page(evt))
+
+    def on_inspect(model, device, dtype, trust, device_map, evt: gr.EventData):
+        return inspect_model(jobs, model, device, dtype, trust, device_map, page=from_page(evt))
 
     def on_attach():
         yield from attach(jobs)
@@ -339,21 +410,24 @@ def build_learn_tab(jobs: JobManager, demo: gr.Blocks, defaults: RunConfig, pres
     def on_mode(m):
         return gr.update(visible=m == DATA_MODES[1]), gr.update(visible=m == DATA_MODES[2])
 
-    @guarded(len(FORM) + 1)
-    def on_preset(name, *values):
-        new, text = preset_values(name, dict(zip(FORM, values)))
-        return (*new, text)
+    def on_preset(evt: gr.EventData, name, *values):
+        return guarded(len(FORM) + 1)(preset_form)(name, *values, page=from_page(evt))
 
     # Observers of the one job: no concurrency limit, or a second page would wait for the first.
+    # Inputs arrive as sent (preprocess=False) and are checked by the handlers (ui.inputs), so a
+    # bad value from an API client gets a message naming its widget instead of a silent failure.
     start.click(on_start, [mode, upload, hf_spec, evaluate] + form, stream_out, api_name="start",
-                concurrency_limit=None, show_progress="hidden")
+                concurrency_limit=None, show_progress="hidden", preprocess=False)
     demo.load(on_attach, None, stream_out, api_name="attach", concurrency_limit=None, show_progress="hidden")
     demo.load(lambda: form_of_last_run(jobs), None, form + [mode, upload, hf_spec], api_visibility="private",
               queue=False, show_progress="hidden")
     stop.click(on_stop, None, None, api_name="stop", queue=False)
     mode.change(on_mode, mode, [upload, hf_spec], api_visibility="private", queue=False)
     preset_box.input(on_preset, [preset_box] + form, form + [note], api_visibility="private")
-    inspect_btn.click(lambda *v: inspect_model(jobs, *v),
+    # heavy, but no queue of its own: the job manager answers "busy" at once while another runs
+    inspect_btn.click(on_inspect,
                       [widgets[n] for n in ("model", "device", "dtype", "trust_remote_code", "device_map")],
-                      model_info, api_name="inspect_model", concurrency_id="model")
+                      model_info, api_name="inspect_model", concurrency_limit=None, preprocess=False)
+    upload.change(lambda new, old: forget_upload(jobs, new, old), [upload, last_upload], last_upload,
+                  api_visibility="private", queue=False, preprocess=False)
     return widgets
