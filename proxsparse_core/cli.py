@@ -205,8 +205,8 @@ def cmd_eval(args) -> int:
             raise UserError(f"the masks do not match this model ({len(missing)} layers differ, "
                             f"e.g. {sorted(missing)[0]})")
         ws.add_result("pruned", Pruning("masks", masks))
-        if Path(args.masks, "weights.safetensors").is_file():   # a `recover` folder: its updated weights
-            from .recovered_runs import load_weights_file
+        from .recovered_runs import WEIGHTS_FILE, load_weights_file
+        if Path(args.masks, WEIGHTS_FILE).is_file():              # a `recover` folder: its updated weights
             ws.results["pruned"].weights = load_weights_file(args.masks, lm.prunable, masks)
             print("using the recovered weights of weights.safetensors (masks.npz gives the pattern)")
         names.append("pruned")

@@ -297,7 +297,8 @@ def export_run(run, out, *, overwrite: bool = False, evaluate: bool = True,
     run, out = Path(run).expanduser(), Path(out).expanduser()
     if not run.is_dir():
         raise UserError(f"run folder {str(run)!r} does not exist")
-    if (run / "weights.safetensors").is_file():    # a `recover` run: its recovered weights
+    from .recovered_runs import WEIGHTS_FILE
+    if (run / WEIGHTS_FILE).is_file():             # a `recover` run: its recovered weights
         return _export_recovered_run(run, out, overwrite, evaluate, overrides, stop, progress)
     _check_target(out, overwrite)           # fail before the slow model load
     cfg = load_recipe(run)
