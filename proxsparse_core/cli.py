@@ -3,6 +3,7 @@
     python -m proxsparse_core learn --preset quick-demo --out runs/demo
     python -m proxsparse_core prune --method wanda --out runs/wanda
     python -m proxsparse_core eval --masks runs/demo --prompt "What is the capital of France?"
+    python -m proxsparse_core recover --run runs/demo --method both --out runs/demo-recovered
     python -m proxsparse_core export --run runs/demo --out exports/demo
     python -m proxsparse_core presets
 """
@@ -204,6 +205,10 @@ def cmd_eval(args) -> int:
             raise UserError(f"the masks do not match this model ({len(missing)} layers differ, "
                             f"e.g. {sorted(missing)[0]})")
         ws.add_result("pruned", Pruning("masks", masks))
+        from .recovered_runs import WEIGHTS_FILE, load_weights_file
+        if Path(args.masks, WEIGHTS_FILE).is_file():              # a `recover` folder: its updated weights
+            ws.results["pruned"].weights = load_weights_file(args.masks, lm.prunable, masks)
+            print("using the recovered weights of weights.safetensors (masks.npz gives the pattern)")
         names.append("pruned")
         print(ws.verify("pruned"))
     result = {}
@@ -239,6 +244,85 @@ def cmd_export(args) -> int:
     if ppl:
         print("held-out perplexity: " + "  ".join(f"{k} {v:.3f}" for k, v in ppl.items()))
     return 0 if res.metrics["verified"] else 1
+
+
+def cmd_recover(args) -> int:
+    """Recover the surviving weights of a learn/prune run folder; write a run folder of its own."""
+    from .artifacts import save_events, save_json, save_masks
+    from .recovered_runs import WEIGHTS_FILE, add_base_result, read_run, recover_command, save_weights
+    from .recovery import RecoveryConfig, recovered_name
+
+    rcfg = RecoveryConfig(args.method, args.steps, args.lr, args.batch, args.seed).validate()
+    overrides = {k: getattr(args, k) for k in ("device", "dtype") if hasattr(args, k)}
+    folder = read_run(args.run, overrides)
+    if folder.recovered:
+        raise UserError(f"{args.run!r} is already a recover run (it holds {WEIGHTS_FILE}); recover its "
+                        f"base run instead")
+    out = _out_folder(args.out, args.overwrite)
+    if out.resolve() == folder.path.resolve():
+        raise UserError("--out must be a new folder, not the run folder being recovered")
+    ws = _load(folder.cfg)
+
+    def on_block(done, total):
+        print(f"{_bar(done, total)} weight update (OBS): block {done}/{total}", flush=True)
+
+    def on_event(ev):
+        print(f"{_bar(ev.step, ev.total_steps)} {ev.line()}", flush=True)
+    with _stop_on_ctrl_c("step") as stop:
+        try:
+            base, note = add_base_result(ws, folder, on_block, stop)
+        except Stopped:
+            print("stopped by the user: nothing was saved", file=sys.stderr)
+            return 1
+        print(note)
+        if base == "sparsegpt" and rcfg.method == "obs":
+            print("note: SparseGPT's weights already are the OBS update with its mask, so --method obs "
+                  "gives them back unchanged; finetune or both change them")
+        print(f"recovering {base} with {rcfg.method}: steps={rcfg.steps} lr={rcfg.lr} (relative to each "
+              f"layer's rms(W0)) batch={rcfg.batch} seed={rcfg.seed}", flush=True)
+        result = ws.recover(base, rcfg, on_event, stop, on_block)
+    print(result.message)
+    if result.pruning is None:
+        print("nothing was recovered: nothing was saved", file=sys.stderr)
+        return 1
+    name = recovered_name(base)
+    # the weights first: whatever happens during verification and evaluation, they are kept
+    save_masks(out / "masks.npz", result.pruning.masks)
+    save_weights(out / WEIGHTS_FILE, result.pruning.weights, {"base_method": base, "method": name})
+    save_events(out / "events.jsonl", result.events)
+    save_json(out / "recipe.json", {
+        **folder.recipe, "method": name, "base_method": base, "base_run": str(folder.path),
+        "base_command": folder.recipe.get("command"), "recovery": rcfg.to_dict(),
+        "command": recover_command(folder.path, rcfg, out),
+        "weights": f"{WEIGHTS_FILE} holds the prunable layers' weights after recovery; masks.npz gives "
+                   f"the 2:4 pattern (the weights are not the original weights × mask)"})
+    info = result.pruning.info
+    metrics = {"method": name, "base_method": base, "base_weights": note,
+               **{k: info[k] for k in ("obs", "finetune_steps", "status", "message", "seconds") if k in info}}
+    return _finish_recovery(ws, args, out, base, name, metrics)
+
+
+def _finish_recovery(ws, args, out: Path, base: str, name: str, metrics: dict) -> int:
+    """Verify and evaluate a recovered result next to dense and its base; write metrics.json."""
+    from .artifacts import save_json
+    from .results import DENSE
+
+    check = ws.verify(name)
+    print(check)
+    metrics.update({"verification": str(check), "verified": check.ok, "model": ws.lm.describe(),
+                    "data": ws.data.source, "calibration_tokens": int(ws.data.calibration.numel()),
+                    "held_out_tokens": int(ws.data.held_out.numel())})
+    if not args.no_eval:
+        metrics["perplexity"] = {n: ws.perplexity(n) for n in (DENSE, base, name)}
+        metrics["top1_agreement"] = {n: ws.agreement(n) for n in (base, name)}
+        print("held-out perplexity: " + "  ".join(f"{k} {v:.3f}" for k, v in metrics["perplexity"].items()))
+        print("same top-1 next token as dense: " + "  ".join(f"{k} {100 * v:.1f}%"
+                                                            for k, v in metrics["top1_agreement"].items()))
+    if args.prompt:
+        _print_compare(ws, [DENSE, base, name], args.prompt, args.max_new_tokens)
+    save_json(out / "metrics.json", metrics)
+    print(f"wrote {out}/: " + " ".join(sorted(p.name for p in out.iterdir())))
+    return 0 if check.ok else 1
 
 
 def cmd_presets(args) -> int:
@@ -306,6 +390,22 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--no-eval", action="store_true", help="skip the perplexity table")
     _add_config_flags(exp, {"device", "dtype"})
     exp.set_defaults(func=cmd_export)
+
+    from .recovery import RECOVERY_METHODS, RecoveryConfig
+    rec = sub.add_parser("recover", help="recover the surviving weights of a 2:4 run (mask fixed)",
+                         description="Update the surviving weights of a learn or prune run folder with its "
+                                     "mask held fixed: obs (the optimal-brain-surgeon update layer by layer), "
+                                     "finetune (masked fine-tuning by distillation from the dense model) or "
+                                     "both. Writes masks.npz, weights.safetensors, recipe.json, events.jsonl "
+                                     "and metrics.json; `export --run` on that folder exports the recovered model.")
+    rec.add_argument("--run", required=True, metavar="RUN_FOLDER", help="a run folder written by learn or prune")
+    rec.add_argument("--method", required=True, choices=RECOVERY_METHODS, help=RecoveryConfig.HELP["method"])
+    for flag, kind in (("steps", int), ("lr", float), ("batch", int), ("seed", int)):
+        rec.add_argument(f"--{flag}", type=kind, default=getattr(RecoveryConfig, flag), metavar=flag.upper(),
+                         help=f"{RecoveryConfig.HELP[flag]} (default: {getattr(RecoveryConfig, flag)})")
+    _add_config_flags(rec, {"device", "dtype"})
+    _add_output_flags(rec)
+    rec.set_defaults(func=cmd_recover)
 
     pr = sub.add_parser("presets", help="list the presets")
     pr.set_defaults(func=cmd_presets)

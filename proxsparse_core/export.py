@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from .artifacts import EVENTS_FILE, METRICS_FILE, load_masks, load_recipe, save_masks, save_recipe
+from .artifacts import EVENTS_FILE, METRICS_FILE, load_masks, load_recipe, save_json, save_masks, save_recipe
 from .config import RunConfig
 from .errors import Stopped, UserError
 from .masks import mask_stats, verify
@@ -156,6 +156,12 @@ def export_result(ws, name: str, out, *, cfg: RunConfig | None = None, events=No
         if cfg is not None:
             recipe = json.loads(save_recipe(art, cfg, extra={"method": result.method, "result": name})
                                 .read_text())
+        if recipe is not None and "recovery" in result.info:      # how the survivors were recovered
+            recipe = {**recipe, "base_method": result.info.get("base_method"),
+                      "recovery": result.info["recovery"],
+                      **({"recover_command": result.info["recover_command"]}
+                         if "recover_command" in result.info else {})}
+            save_json(art / "recipe.json", recipe)
         metrics = _metrics(ws, name, check, recipe)
         write_report(art, metrics, events)
         (tmp / "README.md").write_text(model_card(metrics, ARTEFACTS), encoding="utf-8")
@@ -206,7 +212,15 @@ def _commit(tmp: Path, out: Path, overwrite: bool):
 def _metrics(ws, name: str, check, recipe: dict | None) -> dict:
     result, lm = ws.results[name], ws.lm
     info = {k: v for k, v in result.info.items() if k != "config" and not isinstance(v, (dict, list))}
+    top1 = {n: ws.agreement(n) for n in ws.ppl if n != DENSE and n in ws.top1 and DENSE in ws.top1}
+    if name in top1:
+        info["top1_agreement_with_dense"] = top1[name]
+    if "recovery" in result.info:
+        from .recovered_runs import recovery_summary
+        info["weights_note"] = (recovery_summary(result.info) + " masks.npz gives the 2:4 pattern; the "
+                                "weights are not the original weights × mask.")
     return {"result": name, "method": result.method, "model_label": lm.label, "base_model": lm.source,
+            "top1_agreement": top1,
             "model": lm.describe(), "dtype": str(lm.dtype).replace("torch.", ""),
             **info, "verified": check.ok, "verification": str(check),
             "weights_updated": result.weights is not None,
@@ -283,6 +297,9 @@ def export_run(run, out, *, overwrite: bool = False, evaluate: bool = True,
     run, out = Path(run).expanduser(), Path(out).expanduser()
     if not run.is_dir():
         raise UserError(f"run folder {str(run)!r} does not exist")
+    from .recovered_runs import WEIGHTS_FILE
+    if (run / WEIGHTS_FILE).is_file():             # a `recover` run: its recovered weights
+        return _export_recovered_run(run, out, overwrite, evaluate, overrides, stop, progress)
     _check_target(out, overwrite)           # fail before the slow model load
     cfg = load_recipe(run)
     cfg = RunConfig(**{**cfg.to_dict(), **(overrides or {})})
@@ -300,4 +317,23 @@ def export_run(run, out, *, overwrite: bool = False, evaluate: bool = True,
     if (run / EVENTS_FILE).exists():
         events = [json.loads(line) for line in (run / EVENTS_FILE).read_text().splitlines() if line.strip()]
     return export_result(ws, "proxsparse", out, cfg=cfg, events=events, evaluate=evaluate,
+                         overwrite=overwrite, stop=stop, progress=progress)
+
+
+def _export_recovered_run(run: Path, out: Path, overwrite, evaluate, overrides, stop, progress) -> ExportResult:
+    """Export a `recover` run folder: the model with its recovered weights (weights.safetensors),
+    named "<base method>+recovery"."""
+    from .recovered_runs import add_recovered_result, read_run
+    from .workspace import Workspace
+
+    _check_target(out, overwrite)           # fail before the slow model load
+    folder = read_run(run, overrides)
+    ws = Workspace()
+    (progress or (lambda t: None))(f"loading {folder.cfg.model} …")
+    ws.load(folder.cfg)
+    name = add_recovered_result(ws, folder)
+    events = None
+    if (run / EVENTS_FILE).exists():
+        events = [json.loads(line) for line in (run / EVENTS_FILE).read_text().splitlines() if line.strip()]
+    return export_result(ws, name, out, cfg=folder.cfg, events=events, evaluate=evaluate,
                          overwrite=overwrite, stop=stop, progress=progress)

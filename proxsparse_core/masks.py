@@ -65,8 +65,12 @@ class Verification:
     bad_groups: int            # groups with more than 2 non-zeros
     changed_survivors: int     # kept weights that differ from W0 (0 unless weights were updated)
     problems: list[str] = field(default_factory=list)
+    updated: bool = False      # the survivors were allowed to differ from W0 (SparseGPT, recovery)
 
     def __str__(self):
+        if self.ok and self.updated:
+            return (f"verified: all {self.groups:,} groups are 2:4 and every pruned weight is zero "
+                    f"(survivors updated, not W0)")
         if self.ok:
             return f"verified: all {self.groups:,} groups are 2:4 and every survivor equals W0"
         return "NOT verified: " + "; ".join(self.problems)
@@ -94,7 +98,7 @@ def verify(prunable: PrunableSet, masks: dict, originals: dict, updated_ok: bool
             if c:
                 changed += c
                 problems.append(f"{n}: {c} survivors differ from W0")
-    return Verification(not problems, groups, bad, changed, problems)
+    return Verification(not problems, groups, bad, changed, problems, updated_ok)
 
 
 def mask_stats(masks: dict) -> dict:

@@ -30,7 +30,8 @@ def _waiting(fig, text: str):
 
 
 def loss_figure(events: list[dict]):
-    """Causal-LM loss per step, and the λ2 frozen-weight term on its own axis when it is on."""
+    """Loss per step — the causal-LM loss, or the KL to the dense model for runs that distil
+    (objective "distill", e.g. recovery) — and the λ2 frozen-weight term on its own axis when on."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
@@ -39,14 +40,15 @@ def loss_figure(events: list[dict]):
     if not events:
         return _waiting(fig, "the loss appears here after the first step")
     steps = [e["step"] for e in events]
-    fig.add_trace(go.Scatter(x=steps, y=[e["lm_loss"] for e in events], name="LM loss",
+    label = "KL to the dense model" if events[-1].get("objective") == "distill" else "LM loss"
+    fig.add_trace(go.Scatter(x=steps, y=[e["lm_loss"] for e in events], name=label,
                              mode="lines+markers" if len(events) < 60 else "lines",
                              line=dict(color="#2166ac", width=2)), secondary_y=False)
     if any(e.get("l2_term") for e in events):
         fig.add_trace(go.Scatter(x=steps, y=[e["l2_term"] for e in events], name="λ2 term",
                                  line=dict(color="#b2182b", width=2, dash="dot")), secondary_y=True)
         fig.update_yaxes(title_text="λ2 · L2", secondary_y=True, showgrid=False)
-    fig.update_yaxes(title_text="LM loss", secondary_y=False)
+    fig.update_yaxes(title_text=label, secondary_y=False)
     fig.update_xaxes(title_text="step")
     return fig
 

@@ -125,7 +125,9 @@ class MaskedFinetuner:
         saved_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         use_cache = getattr(model.config, "use_cache", None)
         events, status, message, done = [], "finished", "", 0
-        best = {n: w.clone() for n, w in start.items()}             # last good state (CPU)
+        # the last good state (CPU): after the last completed step when the run finishes or is
+        # stopped (a step is never cut short); on a non-finite loss, the last periodic snapshot
+        best, best_step = {n: w.clone() for n, w in start.items()}, 0
         try:
             load_weights(prunable, start)
             ids = {id(w) for w in weights.values()}
@@ -156,7 +158,9 @@ class MaskedFinetuner:
                 loss = distill_loss(model, batch, *teacher.batch(pos, device))
                 if not torch.isfinite(loss):
                     status = "failed"
-                    message = f"the loss became {float(loss)} at step {step}; kept the weights after step {done}"
+                    message = (f"the loss became {float(loss)} at step {step}; kept the weights after "
+                               f"step {best_step}" if best_step else
+                               f"the loss became {float(loss)} at step {step}; kept the starting weights")
                     break
                 loss.backward()
                 t1 = time.perf_counter()
@@ -171,7 +175,7 @@ class MaskedFinetuner:
                 t2 = time.perf_counter()
                 done = step
                 if step % max(1, cfg.steps // 20) == 0 or step == cfg.steps:
-                    best = {n: weights[n].detach().to("cpu", copy=True) for n in names}
+                    best, best_step = {n: weights[n].detach().to("cpu", copy=True) for n in names}, step
                 elapsed = time.perf_counter() - t_start
                 ev = StepEvent(step=step, total_steps=cfg.steps, lm_loss=float(loss.detach()), l2_term=0.0,
                                loss=float(loss.detach()), lr=lr_now, share_24=1.0, nnz_hist=hist,

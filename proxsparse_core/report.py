@@ -117,7 +117,8 @@ def svg_line_chart(series: dict[str, tuple[list, list]], title: str, xlabel: str
 
 def loss_svg(events: list[dict]) -> str:
     steps = [e["step"] for e in events]
-    series = {"LM loss": (steps, [e["lm_loss"] for e in events])}
+    label = "KL to the dense model" if events and events[-1].get("objective") == "distill" else "LM loss"
+    series = {label: (steps, [e["lm_loss"] for e in events])}
     if any(e.get("l2_term") for e in events):
         series["LM loss + λ2·L2"] = (steps, [e["loss"] for e in events])
     return svg_line_chart(series, "Calibration loss", "step", "loss")
@@ -215,6 +216,14 @@ def model_card(metrics: dict, artefacts: str) -> str:
     if metrics.get("weights_updated"):
         lines += ["Because this method updated weights, the mask file reproduces the sparsity pattern "
                   "but not the updated values.", ""]
+    if metrics.get("weights_note"):            # a recovered result: say how its weights were changed
+        lines += ["## Recovery", "", metrics["weights_note"], ""]
+        if metrics.get("recover_command"):
+            lines += ["From the run folder of the mask (see Reproduce below):", "", "```",
+                      metrics["recover_command"], "```", ""]
+    if metrics.get("top1_agreement_with_dense") is not None:
+        lines += [f"On the held-out text this model picks the same next token as the dense model at "
+                  f"{100 * metrics['top1_agreement_with_dense']:.1f}% of positions.", ""]
     if ppl:
         lines += ["## Held-out perplexity", "", "| model | perplexity | vs dense |", "|---|---|---|"]
         lines += [f"| {r[0]} | {r[1]} | {r[2]} |" for r in _fmt_ppl(ppl_rows(ppl))]

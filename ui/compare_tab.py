@@ -5,21 +5,27 @@ share one set of weights, swapped in turn) and hands growing texts to the page t
 queue; the page marks where the two outputs first part ways. Prompts are capped in length and
 the tab's Stop ends a generation after the current token, so one long request never holds the
 machine for minutes. Perplexity rows are computed on demand; one-shot baselines come from
-`proxsparse_core.baselines`.
+`proxsparse_core.baselines`. Any 2:4 result can be recovered (its surviving weights updated with
+the mask fixed, `proxsparse_core.recovery`): the recovered model becomes a result of its own, with
+a row in the table, an entry in the generation dropdown and in Export.
 """
 from __future__ import annotations
+
+import time
 
 import gradio as gr
 import pandas as pd
 import torch
 
+from proxsparse_core import plots
 from proxsparse_core.errors import Stopped, UserError
 from proxsparse_core.evaluate import GenerationSettings, first_divergence
 from proxsparse_core.baselines import METHODS
-from proxsparse_core.results import DENSE, LEARNED, title
+from proxsparse_core.recovery import RECOVERY_METHODS, RecoveryConfig, recovered_name
+from proxsparse_core.results import DENSE, LEARNED, RECOVERED, title
 
 from . import inputs
-from .feedback import esc, from_page, guarded, notify
+from .feedback import esc, fmt_duration, from_page, guarded, notify
 from .jobs import JobManager, in_worker
 
 MAX_PROMPT = 4000            # characters; a page or API request with more is refused at once
@@ -30,7 +36,7 @@ EXAMPLES = [
     "Write a short poem about the sea.",
     "Give three tips for writing clean Python code.",
 ]
-COLUMNS = ["method", "held-out perplexity", "× dense", "weights", "2:4 verified"]
+COLUMNS = ["method", "held-out perplexity", "× dense", "same top-1 as dense", "weights", "2:4 verified"]
 
 
 def baseline_methods() -> list[str]:
@@ -127,16 +133,18 @@ def generate_pair(jobs: JobManager, variant, prompt, sample, temperature, top_p,
 def perplexity_table(jobs: JobManager) -> pd.DataFrame:
     """Rows for every result with a known perplexity: dense first, then learned, then baselines."""
     ws = jobs.ws
-    order = [DENSE, LEARNED] + baseline_methods()
+    order = [x for n in [DENSE, LEARNED] + baseline_methods() for x in (n, recovered_name(n))]
     names = [n for n in order if n in ws.ppl] + [n for n in ws.ppl if n not in order]
     rows = []
     dense = ws.ppl.get(DENSE)
     for n in names:
         r = ws.results.get(n)
-        weights = "original" if n == DENSE else ("updated" if r is not None and r.weights is not None
+        weights = "original" if n == DENSE else ("updated by recovery" if n.endswith(RECOVERED) else
+                                                 "updated" if r is not None and r.weights is not None
                                                  else "original × mask")
+        same = f"{100 * ws.agreement(n):.1f}%" if n in ws.top1 and DENSE in ws.top1 else ""
         rows.append([title(n), round(ws.ppl[n], 3),
-                     f"{ws.ppl[n] / dense:.2f}×" if dense else "", weights,
+                     f"{ws.ppl[n] / dense:.2f}×" if dense else "", same, weights,
                      "—" if n == DENSE else {True: "✓", False: "✗"}.get(jobs.verified.get(n), "?")])
     return pd.DataFrame(rows, columns=COLUMNS)
 
@@ -200,6 +208,116 @@ def measure_speedup(jobs: JobManager) -> str:
     with jobs.claim("measuring 2:4 speed"):
         _, text = sparse_infer.speedup_report(jobs.ws.lm.prunable)
     return "<pre>" + esc(text) + "</pre>"
+
+
+# ---------------------------------------------------------------------------- recovery
+
+RECOVERY_LABELS = {"both": "both: weight update, then fine-tune",
+                   "obs": "weight update (OBS, seconds)",
+                   "finetune": "fine-tune by distillation from the dense model"}
+MAX_RECOVERY_STEPS = 5000
+RENDER_EVERY_S = 0.25         # the live view redraws at most this often (the last state always)
+
+
+def recoverable_choices(jobs: JobManager) -> list[tuple[str, str]]:
+    """Results whose survivors can be recovered: every 2:4 result that is not itself recovered."""
+    return [(title(n), n) for n in jobs.ws.results if not n.endswith(RECOVERED)]
+
+
+def recovery_progress_html(state: dict | None) -> str:
+    """Status badge, progress bar with ETA and the last distillation loss of a recovery."""
+    if not state:
+        return ('<div class="ps-progress"><span class="ps-badge ps-idle">ready</span> Pick a result and '
+                'press <b>Recover</b>.</div>')
+    status, ev = state["status"], state.get("event")
+    done, total = state.get("done", 0), max(1, state.get("total", 1))
+    head = esc(state.get("phase", ""))
+    stats = ""
+    if ev is not None:
+        stats = (f"KL to the dense model {ev['lm_loss']:.4f} · {ev['tokens_per_s']:,.0f} tokens/s · "
+                 f"{ev['t_step']:.2f} s/step · elapsed {fmt_duration(ev['elapsed'])}")
+        if status == "running":
+            head += f" · ETA {fmt_duration(ev['eta'])}"
+    if state.get("stopping") and status == "running":
+        head += " · stopping after this step"
+    note = f'<div class="ps-note">{esc(state["message"])}</div>' if state.get("message") else ""
+    return (f'<div class="ps-progress"><div class="ps-head"><span class="ps-badge ps-{status}">{status}</span> '
+            f'{head}</div><div class="ps-bar"><div style="width:{100 * done / total:.1f}%"></div></div>'
+            f'<div class="ps-stats">{stats}</div>{note}</div>')
+
+
+def recovery_config(method, steps) -> RecoveryConfig:
+    method = inputs.one_of("Recovery", method, RECOVERY_METHODS)
+    steps = inputs.whole("Fine-tuning steps", steps, 1, MAX_RECOVERY_STEPS)
+    return RecoveryConfig(method=method, steps=steps).validate()
+
+
+def recover_result(jobs: JobManager, name, method, steps):
+    """Recover the survivors of result `name` (recovery.py) in a worker thread and stream its
+    progress: yields (progress HTML, loss figure, perplexity table, generation-dropdown update).
+    Stop (`jobs.eval_stop`) ends it after the current step and keeps the last good weights; the
+    recovered result then gets its perplexity row (skipped when Stop was pressed)."""
+    name = inputs.text("Result to recover", name)
+    rcfg = recovery_config(method, steps)
+    if not jobs.ws.results:
+        raise UserError("nothing to recover yet: learn a mask in the Learn tab (or compute a baseline "
+                        "above) first")
+    if name.endswith(RECOVERED):
+        raise UserError(f"{title(name)} is already recovered; pick the result it came from")
+    if name not in jobs.ws.results:
+        raise UserError(f"no result named {name!r}; pick one from the list")
+    new = recovered_name(name)
+    fine = rcfg.method != "obs"
+    state = {"status": "running", "done": 0, "total": 1, "phase": "starting …"}
+    events: list[dict] = []
+
+    def work(emit):
+        with jobs.claim("recovering weights") as ws:
+            jobs.eval_stop.clear()                  # only once the machine is ours
+            emit(("phase", "weight update (OBS), layer by layer …" if rcfg.method != "finetune" else
+                  "the dense model reads the calibration samples (the teacher) …"))
+
+            def on_block(d, t):
+                emit(("block", d, t))
+            res = ws.recover(name, rcfg, lambda ev: emit(("event", ev.to_dict())), jobs.eval_stop, on_block)
+            message = res.message
+            if res.pruning is not None:
+                jobs.verified[new] = ws.verify(new).ok
+                emit(("phase", "measuring held-out perplexity …"))
+                try:
+                    for n in (DENSE, name, new):
+                        ws.perplexity(n, stop=jobs.eval_stop)
+                except Stopped:
+                    message += "; perplexity skipped (Stop): press Compute perplexities for its row"
+            emit(("done", res.status, message, res.pruning is not None))
+
+    last = 0.0
+    for kind, *rest in in_worker(work):
+        if kind == "phase":
+            state["phase"] = rest[0]
+        elif kind == "block":
+            d, t = rest
+            state.update(done=d, total=t, phase=f"weight update (OBS): block {d}/{t}")
+            if d == t and fine:
+                state["phase"] = "the dense model reads the calibration samples (the teacher) …"
+        elif kind == "event":
+            events.append(rest[0])
+            ev = rest[0]
+            state.update(event=ev, done=ev["step"], total=ev["total_steps"],
+                         phase=f"fine-tuning: step {ev['step']} / {ev['total_steps']}")
+        elif kind == "done":
+            status, message, made = rest
+            state.update(status=status, message=message, phase=title(new) if made else "nothing was recovered")
+            if made:
+                state["done"] = state["total"]
+            choices = variant_choices(jobs)
+            yield (recovery_progress_html(state), plots.loss_figure(events), perplexity_table(jobs),
+                   gr.update(choices=choices, value=new) if made else gr.update(choices=choices))
+            return
+        state["stopping"] = jobs.eval_stop.is_set()
+        if time.perf_counter() - last >= RENDER_EVERY_S:
+            last = time.perf_counter()
+            yield recovery_progress_html(state), plots.loss_figure(events), gr.skip(), gr.skip()
 
 
 # ---------------------------------------------------------------------------- layout
@@ -283,3 +401,48 @@ def build_compare_tab(jobs: JobManager, tab: gr.Tab):
     gen_stop.click(on_stop, None, None, queue=False, api_visibility="private")
     speed_btn.click(on_speed, None, speed_note, api_name="speedup", concurrency_limit=None)
     tab.select(on_select, None, [variant, table], api_name="refresh_compare", queue=False)
+
+    # ------------------------------------------------------------------ recovery
+    gr.Markdown("### Recover the surviving weights")
+    gr.Markdown("A 2:4 mask fixes *which* weights stay. Recovery keeps that mask exactly and changes the "
+                "surviving weights so the 2:4 model behaves more like the dense one. **Weight update** "
+                "re-solves each layer's survivors so its outputs on the calibration text change as little as "
+                "possible (SparseGPT's update with this mask held fixed; seconds on a GPU). **Fine-tune** "
+                "trains the survivors to match the dense model's next-token distributions on the "
+                "calibration text (distillation; the loss below is the KL divergence to the dense model). "
+                "The recovered model gets its own row in the table above, and appears in the 2:4 model "
+                "list and in Export. Stop ends it after the current step and keeps the last good weights.")
+    recoverable = recoverable_choices(jobs)
+    with gr.Row():
+        with gr.Column(scale=2, min_width=260):
+            rec_choice = gr.Dropdown(recoverable, value=LEARNED if LEARNED in jobs.ws.results else None,
+                                     label="Result to recover", allow_custom_value=True,
+                                     info="the learned mask or any baseline computed above",
+                                     elem_id="ps-recover-result")
+            rec_method = gr.Radio([(RECOVERY_LABELS[m], m) for m in ("both", "obs", "finetune")], value="both",
+                                  label="Recovery")
+            rec_steps = gr.Slider(5, 1000, RecoveryConfig.steps, step=5, label="Fine-tuning steps",
+                                  info="on a CPU about as long per step as learning")
+            with gr.Row():
+                rec_go = gr.Button("Recover", variant="primary", elem_id="ps-recover")
+                rec_stop = gr.Button("Stop", variant="stop", elem_id="ps-recover-stop", min_width=80)
+        with gr.Column(scale=3):
+            rec_progress = gr.HTML(recovery_progress_html(None), elem_id="ps-recover-progress")
+            rec_loss = gr.Plot(plots.loss_figure([]), show_label=False, elem_id="ps-recover-loss")
+
+    def on_recover(r, m, st, evt: gr.EventData):
+        yield from guarded(4)(recover_result)(jobs, r, m, st, page=from_page(evt))
+
+    def on_recover_stop():
+        jobs.eval_stop.set()
+        notify("stopping after the current step; the last good weights are kept", "info")
+
+    def on_select_recoverable():
+        choices = recoverable_choices(jobs)
+        value = LEARNED if LEARNED in jobs.ws.results else (choices[0][1] if choices else None)
+        return gr.update(choices=choices, value=value)
+
+    rec_go.click(on_recover, [rec_choice, rec_method, rec_steps], [rec_progress, rec_loss, table, variant],
+                 api_name="recover", concurrency_limit=None, show_progress="hidden", preprocess=False)
+    rec_stop.click(on_recover_stop, None, None, queue=False, api_name="stop_recover")
+    tab.select(on_select_recoverable, None, rec_choice, api_visibility="private", queue=False)

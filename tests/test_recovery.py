@@ -1,0 +1,317 @@
+"""Recovery of the surviving weights: the mask stays exact, the OBS update lowers each layer's
+reconstruction error, the distillation loss measures distance to the dense model, Stop keeps the
+last good weights, and the recovered model travels through the CLI, export and the Compare tab."""
+import json
+import threading
+
+import pytest
+import torch
+
+from proxsparse_core.baselines import prune_sparsegpt
+from proxsparse_core.distill import bucket_kl, distill_loss, teacher_targets
+from proxsparse_core.errors import UserError
+from proxsparse_core.masks import mask_2to4, snapshot, swapped, verify
+from proxsparse_core.recovery import RecoveryConfig, obs_update, recover
+from proxsparse_core.results import Pruning, title
+from test_export import save_tiny_model, tiny_cfg
+
+
+@pytest.fixture
+def setup(tiny_lm):
+    """The tiny model, calibration token ids, W0 and a magnitude 2:4 result to recover."""
+    torch.manual_seed(1)
+    calibration = torch.randint(2, 256, (8, 32))
+    originals = snapshot(tiny_lm.prunable)
+    masks = {n: mask_2to4(w) for n, w in originals.items()}
+    return tiny_lm, calibration, originals, Pruning("magnitude", masks)
+
+
+def _dense_again(lm, originals):
+    return all(torch.equal(lm.prunable.modules[n].weight.detach(), w) for n, w in originals.items())
+
+
+# ----------------------------------------------------------------------------- the method
+
+@pytest.mark.parametrize("method", ["obs", "finetune", "both"])
+def test_recovery_keeps_the_mask_exactly_and_changes_the_survivors(setup, method):
+    lm, calibration, originals, base = setup
+    res = recover(lm, calibration, base, "magnitude", originals, RecoveryConfig(method=method, steps=4, lr=1e-2))
+    assert res.status == "finished" and res.pruning is not None
+    assert res.pruning.method == "magnitude+recovery" and res.pruning.masks is base.masks
+    assert len(res.events) == (0 if method == "obs" else 4)
+    changed = 0
+    for n, w in res.pruning.weights.items():
+        m = base.masks[n]
+        assert w.shape == originals[n].shape and torch.isfinite(w).all()
+        assert int((w[~m] != 0).sum()) == 0, n                                # pruned stays exactly zero
+        changed += int((w[m] != originals[n][m]).sum())
+    assert changed > 0                                                        # survivors were updated
+    with swapped(lm.prunable, res.pruning.weights, originals):
+        check = verify(lm.prunable, base.masks, originals, updated_ok=True)
+    assert check.ok and check.bad_groups == 0, check.problems
+    assert "survivors updated" in str(check)
+    assert _dense_again(lm, originals)                                       # the model rests at W0
+
+
+def _layer_inputs(lm, calibration) -> dict:
+    """Inputs X [tokens, in] of every prunable layer on the calibration samples (dense model)."""
+    xs, handles = {}, []
+    for n in lm.prunable.names:
+        handles.append(lm.prunable.modules[n].register_forward_hook(
+            lambda mod, args, out, n=n: xs.setdefault(n, []).append(args[0].detach().reshape(-1, args[0].shape[-1]))))
+    try:
+        with torch.no_grad():
+            lm.model(input_ids=calibration, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return {n: torch.cat(v) for n, v in xs.items()}
+
+
+def _error(w, w0, x) -> float:
+    """‖W0·X − W·X‖² relative to ‖W0·X‖²."""
+    ref = x @ w0.t()
+    return float((ref - x @ w.t()).pow(2).sum() / ref.pow(2).sum())
+
+
+def test_obs_lowers_the_layer_reconstruction_error(setup):
+    lm, calibration, originals, base = setup
+    weights = obs_update(lm, calibration, base.masks)
+    xs = _layer_inputs(lm, calibration)
+    first = [n for n in lm.prunable.names if ".layers.0." in n]
+    assert first
+    total_obs = total_mask = 0.0
+    for n in lm.prunable.names:
+        assert int((weights[n][~base.masks[n]] != 0).sum()) == 0
+        e_obs = _error(weights[n], originals[n], xs[n])
+        e_mask = _error(originals[n] * base.masks[n], originals[n], xs[n])
+        total_obs, total_mask = total_obs + e_obs, total_mask + e_mask
+        if n in first:        # the first block sees exactly the inputs OBS solved for
+            assert e_obs < 0.9 * e_mask, (n, e_obs, e_mask)
+    assert total_obs < 0.8 * total_mask
+    assert _dense_again(lm, originals)
+
+
+def test_obs_with_sparsegpts_mask_gives_sparsegpts_weights_bit_for_bit(setup):
+    """Why a sparsegpt run folder (mask only) can be recovered from its real weights."""
+    lm, calibration, originals, _ = setup
+    sgpt = prune_sparsegpt(lm, calibration)
+    rebuilt = obs_update(lm, calibration, sgpt.masks)
+    for n, w in sgpt.weights.items():
+        assert torch.equal(rebuilt[n], w), n
+
+
+def test_distillation_loss_is_zero_for_the_dense_model_and_positive_when_pruned(setup):
+    lm, calibration, originals, base = setup
+    teacher = teacher_targets(lm.model, calibration)
+    rows = torch.arange(4)
+    with torch.no_grad():
+        itself = float(distill_loss(lm.model, calibration[rows], *teacher.batch(rows, "cpu")))
+        assert abs(itself) <= 1e-6                                            # float16 teacher values
+        logits = lm.model(input_ids=calibration[rows]).logits                 # exact fp32 teacher too
+        top = torch.log_softmax(logits.float(), -1).topk(64, -1)
+        assert abs(float(bucket_kl(logits, top.values, top.indices))) <= 1e-6
+        with swapped(lm.prunable, {n: w * base.masks[n] for n, w in originals.items()}, originals):
+            pruned = float(distill_loss(lm.model, calibration[rows], *teacher.batch(rows, "cpu")))
+    assert pruned > 1e-4 and pruned > 100 * abs(itself)     # a random tiny model is close to uniform
+
+
+def test_stop_keeps_the_weights_of_the_last_finished_step(setup):
+    lm, calibration, originals, base = setup
+    stop, after = threading.Event(), {}
+
+    def on_event(ev):             # the model holds the weights of the step that just ended
+        after[ev.step] = {n: lm.prunable.modules[n].weight.detach().clone() for n in lm.prunable.names}
+        if ev.step == 2:
+            stop.set()
+    # 100 steps: the periodic snapshot (every 5 steps) would still be the start at step 2
+    res = recover(lm, calibration, base, "magnitude", originals,
+                  RecoveryConfig(method="finetune", steps=100, lr=1e-2), on_event, stop)
+    assert res.status == "stopped" and len(res.events) == 2 and "after 2" in res.message
+    for n, w in res.pruning.weights.items():
+        assert torch.equal(w, after[2][n]), n
+    assert any(not torch.equal(after[1][n], after[2][n]) for n in after[2])   # step 2 really changed them
+    assert _dense_again(lm, originals)
+
+
+def test_stop_before_any_step_recovers_nothing(setup):
+    lm, calibration, originals, base = setup
+    stop = threading.Event()
+    stop.set()
+    res = recover(lm, calibration, base, "magnitude", originals, RecoveryConfig(method="finetune", steps=5), None, stop)
+    assert res.status == "stopped" and res.pruning is None
+    assert _dense_again(lm, originals)
+
+
+@pytest.mark.parametrize("settings,needle", [(dict(method="sgd"), "recovery method"), (dict(steps=0), "steps"),
+                                             (dict(lr=float("nan")), "learning rate"), (dict(batch=True), "batch")])
+def test_bad_recovery_settings_are_one_line(settings, needle):
+    with pytest.raises(UserError, match=needle):
+        RecoveryConfig(**settings).validate()
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("tiny") / "tiny-llama")
+
+
+FLAGS = ["--device", "cpu", "--dtype", "float32", "--samples", "8", "--ctx", "32", "--eval-ctx", "32",
+         "--eval-windows", "2"]
+
+
+def _prunable_of(folder):
+    from safetensors.torch import load_file
+    return load_file(folder / "weights.safetensors")
+
+
+def test_cli_learn_recover_export_round_trips_bit_for_bit(tiny_folder, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from proxsparse_core.artifacts import load_masks
+    from proxsparse_core.cli import main
+    from proxsparse_core.prunable import find_prunable
+
+    run, rec, exp = tmp_path / "run", tmp_path / "rec", tmp_path / "exp"
+    assert main(["learn", "--model", str(tiny_folder), *FLAGS, "--steps", "2", "--lr", "1e-3",
+                 "--out", str(run), "--no-eval"]) == 0
+    capsys.readouterr()
+    assert main(["recover", "--run", str(run), "--method", "both", "--steps", "3", "--lr", "1e-2",
+                 "--out", str(rec)]) == 0
+    out = capsys.readouterr().out
+    assert "step 3/3  KL to dense" in out and "weight update (OBS): block 2/2" in out
+    assert "same top-1 next token as dense" in out
+    assert {p.name for p in rec.iterdir()} == {"masks.npz", "weights.safetensors", "recipe.json",
+                                               "events.jsonl", "metrics.json"}
+    recipe = json.loads((rec / "recipe.json").read_text())
+    assert recipe["method"] == "proxsparse+recovery" and recipe["base_method"] == "proxsparse"
+    assert recipe["recovery"] == RecoveryConfig(method="both", steps=3, lr=1e-2).to_dict()
+    assert recipe["command"].startswith("python -m proxsparse_core recover --run ")
+    assert recipe["config"] == json.loads((run / "recipe.json").read_text())["config"]
+    metrics = json.loads((rec / "metrics.json").read_text())
+    assert metrics["verified"] and set(metrics["perplexity"]) == {"dense", "proxsparse", "proxsparse+recovery"}
+    assert all(0 <= v <= 1 for v in metrics["top1_agreement"].values())
+    events = [json.loads(line) for line in (rec / "events.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events] == [1, 2, 3] and {e["objective"] for e in events} == {"distill"}
+
+    weights, masks = _prunable_of(rec), load_masks(rec)
+    assert torch.equal(masks["model.layers.0.mlp.up_proj"], load_masks(run)["model.layers.0.mlp.up_proj"])
+    assert main(["export", "--run", str(rec), "--out", str(exp)]) == 0
+    assert "exported proxsparse+recovery to" in capsys.readouterr().out
+    model = AutoModelForCausalLM.from_pretrained(exp, dtype=torch.float32).eval()
+    prunable = find_prunable(model)
+    assert set(prunable.names) == set(weights)
+    for n in prunable.names:
+        w = prunable.modules[n].weight.detach()
+        assert torch.equal(w.view(torch.int32), weights[n].view(torch.int32)), n      # bit for bit
+        assert int((w[~masks[n]] != 0).sum()) == 0
+    card = (exp / "README.md").read_text()
+    assert "## Recovery" in card and "not the original weights × mask" in card
+    assert recipe["command"] in card
+    exported = json.loads((exp / "proxsparse/metrics.json").read_text())
+    assert exported["result"] == "proxsparse+recovery" and exported["weights_updated"]
+    assert exported["top1_agreement_with_dense"] == pytest.approx(metrics["top1_agreement"]["proxsparse+recovery"])
+    assert exported["perplexity"]["proxsparse+recovery"] == pytest.approx(metrics["perplexity"]["proxsparse+recovery"])
+    assert json.loads((exp / "proxsparse/recipe.json").read_text())["recovery"] == recipe["recovery"]
+
+    # eval on the recover folder evaluates the recovered weights, not W0 × mask
+    assert main(["eval", "--masks", str(rec), "--model", str(tiny_folder), *FLAGS[:4], "--eval-ctx", "32",
+                 "--eval-windows", "2", "--json"]) == 0
+    ppl = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["perplexity"]
+    assert ppl["pruned"] == pytest.approx(metrics["perplexity"]["proxsparse+recovery"], rel=1e-6)
+
+    # bad inputs: one line each, nothing written
+    for argv, needle in ((["--run", str(rec), "--method", "obs", "--out", str(tmp_path / "x")], "already a recover run"),
+                         (["--run", str(tmp_path / "nope"), "--method", "obs", "--out", str(tmp_path / "x")],
+                          "does not exist"),
+                         (["--run", str(run), "--method", "obs", "--steps", "0", "--out", str(tmp_path / "x")],
+                          "steps"),
+                         (["--run", str(run), "--method", "obs", "--out", str(run), "--overwrite"], "new folder"),
+                         (["--run", str(run), "--method", "sgd", "--out", str(tmp_path / "x")], "invalid choice")):
+        try:
+            code = main(["recover", *argv])
+        except SystemExit as exc:                                # argparse's own errors
+            code = exc.code
+        assert code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and needle in err and err.count("\n") == 1, err
+    assert not (tmp_path / "x").exists()
+
+
+def test_cli_recovers_a_sparsegpt_run_from_its_real_weights(tiny_folder, tmp_path, capsys):
+    from proxsparse_core.cli import main
+    from proxsparse_core.workspace import Workspace
+
+    run, rec = tmp_path / "sgpt", tmp_path / "rec"
+    assert main(["prune", "--method", "sparsegpt", "--model", str(tiny_folder), *FLAGS, "--out", str(run),
+                 "--no-eval"]) == 0
+    assert main(["recover", "--run", str(run), "--method", "obs", "--out", str(rec), "--no-eval"]) == 0
+    out = capsys.readouterr().out
+    assert "rebuilt as the OBS update" in out and "gives them back unchanged" in out
+    ws = Workspace()
+    sgpt = ws.prune("sparsegpt", tiny_cfg(tiny_folder, eval_windows=2))
+    weights = _prunable_of(rec)
+    for n, w in sgpt.weights.items():
+        assert torch.equal(weights[n], w), n
+
+
+# ----------------------------------------------------------------------------- the Compare tab
+
+def test_compare_tab_recovers_a_result_and_shows_its_row(tiny_folder):
+    import gradio as gr  # noqa: F401 - gr.update dicts
+
+    from test_ui_handlers import wait
+    from ui import compare_tab
+    from ui.jobs import LEARNED, JobManager
+
+    jobs = JobManager()
+    job = jobs.start_learning(tiny_cfg(tiny_folder, eval_windows=2), evaluate=False)
+    wait(job)
+    assert compare_tab.recoverable_choices(jobs) == [(title(LEARNED), LEARNED)]
+    for args, needle in (((LEARNED, "sgd", 3), "Recovery must be one of"), ((LEARNED, "both", 0), "Fine-tuning steps"),
+                         (("nope", "both", 3), "no result named")):
+        with pytest.raises(UserError, match=needle):
+            list(compare_tab.recover_result(jobs, *args))
+
+    updates = list(compare_tab.recover_result(jobs, LEARNED, "both", 4.0))
+    progress, fig, table, variant = updates[-1]
+    new = LEARNED + "+recovery"
+    assert new in jobs.ws.results and jobs.verified[new] is True
+    assert "finished" in progress and "ETA" not in progress
+    assert fig.data[0].name == "KL to the dense model" and list(fig.data[0].x) == [1, 2, 3, 4]
+    assert fig.layout.yaxis.title.text == "KL to the dense model"
+    rows = {r["method"]: r for _, r in table.iterrows()}
+    assert list(rows) == [title("dense"), title(LEARNED), title(new)]
+    assert rows[title(new)]["weights"] == "updated by recovery" and rows[title(new)]["2:4 verified"] == "✓"
+    for name in (LEARNED, new):
+        share = rows[title(name)]["same top-1 as dense"]
+        assert share.endswith("%") and share == f"{100 * jobs.ws.agreement(name):.1f}%"
+    assert rows[title("dense")]["same top-1 as dense"] == "100.0%"
+    assert variant["value"] == new and (title(new), new) in variant["choices"]
+    assert all(n != new for _, n in compare_tab.recoverable_choices(jobs))
+    with pytest.raises(UserError, match="already recovered"):
+        list(compare_tab.recover_result(jobs, new, "obs", 5))
+
+
+def test_compare_tab_stop_keeps_the_recovered_weights_so_far(tiny_folder):
+    from test_ui_handlers import wait
+    from ui import compare_tab
+    from ui.jobs import LEARNED, JobManager
+
+    jobs = JobManager()
+    wait(jobs.start_learning(tiny_cfg(tiny_folder, eval_windows=2), evaluate=False))
+    final = None
+    for final in compare_tab.recover_result(jobs, LEARNED, "finetune", 200):
+        fig = final[1]
+        if fig.data and len(fig.data[0].x) >= 1:      # the first step is on the chart: press Stop
+            jobs.eval_stop.set()
+    progress, fig, table, variant = final
+    new = LEARNED + "+recovery"
+    steps = len(fig.data[0].x)
+    assert "stopped" in progress and "perplexity skipped" in progress and 1 <= steps < 200
+    assert new in jobs.ws.results and jobs.ws.results[new].info["finetune_steps"] == steps
+    assert jobs.verified[new] is True and variant["value"] == new
+    assert title(new) not in set(table["method"])                   # no row until it is measured
+    table, _ = compare_tab.compute_perplexities(jobs, [])            # the next Compute adds it
+    assert title(new) in set(table["method"])
