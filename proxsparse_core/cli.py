@@ -328,7 +328,7 @@ def _finish_recovery(ws, args, out: Path, base: str, name: str, metrics: dict) -
 def cmd_presets(args) -> int:
     for name, p in PRESETS.items():
         s = p["settings"]
-        print(f"{name:18s} {s['model']:36s} λ1={s['lambda1']:<5} λ2={s.get('lambda2', 0):<5} "
+        print(f"{name:18s} {s.get('model', '(any model)'):36s} λ1={s['lambda1']:<5} λ2={s.get('lambda2', 0):<5} "
               f"lr={s['lr']:<7} steps={s['steps']:<4} ctx={s['ctx']:<5} {p['note']}")
     return 0
 

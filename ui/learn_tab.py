@@ -368,7 +368,7 @@ def build_learn_tab(jobs: JobManager, demo: gr.Blocks, defaults: RunConfig, pres
             with gr.Row():
                 add(DATA)
             gr.Markdown("#### 3 · ProxSparse")
-            preset_box = gr.Dropdown([(f"{k} — {v['settings']['model'].split('/')[-1]}", k)
+            preset_box = gr.Dropdown([(f"{k} — {v['settings'].get('model', 'any model').split('/')[-1]}", k)
                                       for k, v in PRESETS.items()], value=preset, label="Preset",
                                      info="published settings for large models, or the CPU demo")
             note = gr.Markdown(preset_note(preset), elem_classes="ps-note")
