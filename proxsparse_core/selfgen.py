@@ -64,7 +64,7 @@ def _cache_file(model, tokens: int, seed: int, max_new: int, batch: int) -> Path
 
     prunable = find_prunable(model)
     probe = [prunable.modules[n].weight for n in (prunable.names[0], prunable.names[-1])]
-    ident = [model.config.to_json_string(use_diff=False), *(f"{float(w.double().sum()):.10e}" for w in probe),
+    ident = [model.config.to_json_string(use_diff=False), *(f"{float(w.detach().double().sum()):.10e}" for w in probe),
              tokens, seed, max_new, batch, "\n".join(PROMPTS)]
     key = hashlib.sha256(repr(ident).encode()).hexdigest()[:24]
     return cache_dir() / "selfgen" / f"{key}.pt"
