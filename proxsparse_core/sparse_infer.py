@@ -475,6 +475,10 @@ def prefill_speedup(model, prunable, token_counts, prompts: dict | None = None, 
     as CUDA graphs, which are the headline (`timing`). Agreement: share of positions whose argmax
     next token equals the dense model's."""
     report = progress or (lambda msg: None)
+    eligible = [n for n in prunable.names if convertible(prunable.modules[n].weight)
+                and is_24(prunable.modules[n].weight)]
+    if not eligible:
+        return [], [], list(prunable.names)
     vocab = model.get_input_embeddings().num_embeddings
     device = model.get_input_embeddings().weight.device
     g = torch.Generator().manual_seed(seed)

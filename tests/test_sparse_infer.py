@@ -145,6 +145,11 @@ def test_prefill_speedup_compares_dense_and_24_on_the_same_inputs(emulated, monk
     monkeypatch.setattr(si, "capture", no_graph)
     rows, _, _ = si.prefill_speedup(model, prunable, [16], reps=1)
     assert rows[0].timing == "eager" and "no CUDA graph" in rows[0].note
+    # float32 weights cannot go on sparse tensor cores: nothing is timed, and the report says why
+    model.float()
+    rows, done, skipped = si.prefill_speedup(model, prunable, [16], reps=1)
+    assert rows == [] and done == [] and skipped == prunable.names
+    assert "Load the model in bfloat16" in si.describe(rows, done, skipped)
 
 
 def test_next_tokens_equal_the_full_logits_argmax():
