@@ -9,6 +9,11 @@ CUDA: the same per-matrix comparison on a 7B-shaped 11008×4096 bf16 matrix, the
       every prunable weight of a 7B-shaped Llama (32 × q,k,v,o 4096², gate/up 11008×4096,
       down 4096×11008; 6.5 G weights in bf16).
 
+"groups worse": groups whose fast result has a higher objective (float64, on the stored values)
+than the reference schedule's by more than 1e-6·max|z|², which is float32 evaluation noise of the
+candidates' objectives (tests/test_prox_speed_paths.py). The fast path must show 0 everywhere;
+the last line sums them.
+
     python bench/prox_speed.py [--device cpu|cuda|both] [--threads N] [--json out.json]
 """
 from __future__ import annotations
@@ -171,6 +176,12 @@ def main():
     if args.json:
         with open(args.json, "w") as f:
             json.dump(out, f, indent=1)
+    checked = [r for r in out if "groups_worse" in r]
+    if checked:
+        worse = sum(r["groups_worse"] for r in checked)
+        print(f"fast prox worse than the reference on {worse} of {sum(r['groups'] for r in checked)} groups "
+              f"checked ({len(checked)} matrix × λ1 × state cases; max excess "
+              f"{max(r['max_obj_excess'] for r in checked):.1e}) → {'PASS' if worse == 0 else 'FAIL'}")
 
 
 if __name__ == "__main__":

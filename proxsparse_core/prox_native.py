@@ -12,8 +12,15 @@ What it does for each group of 4 (same mathematics and stopping rule as prox.py)
   * the other groups are processed 32 at a time, one group per SIMD lane: sort |z| by a 5-comparator
     network, run Gauss-Seidel sweeps of keep-3 and keep-4 until *that lane* moves by no more than
     tol·max|z| (a converged lane is frozen, so a group's result never depends on its neighbours),
-    pick the best of keep-2/3/4, restore order and signs, round back to the weight's dtype;
+    pick the best of keep-2/3/4, restore order and signs, write back in the weight's dtype;
+  * for a bfloat16 or float16 result it picks the best *representable* point: every coordinate of
+    the keep-3 and keep-4 candidates may round down or up to the output grid, and the lowest
+    objective of those 8 + 16 points and keep-2 wins (plain rounding to nearest can land on the
+    worse side of a rounding midpoint, and the stored result would then lose to another schedule's);
   * it counts the groups with 0..4 non-zeros of the result, which the learner reports every step.
+It is built with -ffp-contract=off: no fused multiply-adds, so every operation is rounded exactly as
+written, in the same order as the Triton kernel (launched with enable_fp_fusion=False) and the
+PyTorch schedule in prox.py. The three give bit-identical results.
 Without a C compiler prox.py falls back to its PyTorch kernels (same results, slower).
 """
 from __future__ import annotations
@@ -34,6 +41,8 @@ _SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
 #define L 32
+#define FP16_MIN_NORMAL 6.103515625e-05f      /* 2^-14 */
+#define FP16_SUBNORMAL_STEP 5.9604644775390625e-08f   /* 2^-24 */
 
 static inline float from_bf16(uint16_t h) { uint32_t u = (uint32_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
 static inline uint16_t to_bf16(float f) {            /* round to nearest even, like torch */
@@ -46,8 +55,39 @@ static inline float ld(const void *w, int bf, int64_t i) { return bf ? from_bf16
 static inline void st(void *w, int bf, int64_t i, float x) { if (bf) ((uint16_t *)w)[i] = to_bf16(x); else ((float *)w)[i] = x; }
 static inline float fmax0(float x) { return x > 0.f ? x : 0.f; }
 
-/* prox of n <= L groups whose indices are in gi; z holds their values (z[k][l]: entry k of lane l) */
-static void block(float z[4][L], int n, float lam, float tol, int max_sweeps) {
+/* Output grids (grid 1: bfloat16, grid 2: float16) for magnitudes x >= 0: the largest grid value
+   <= x and the next one up (equal to lo when x is on the grid). keep: the mantissa bits the grid
+   keeps, step: one unit of the last kept bit, f16: 1 for float16 (whose subnormals below 2^-14 are
+   steps of 2^-24). Branch-free, so the loops over lanes vectorise. */
+static inline float grid_lo(float x, uint32_t keep, int f16) {
+    uint32_t u;
+    float t, xs = x < FP16_MIN_NORMAL ? x : 0.f;
+    float sub = (float)(int32_t)(xs * 16777216.f) * FP16_SUBNORMAL_STEP;
+    memcpy(&u, &x, 4);
+    u &= keep;
+    memcpy(&t, &u, 4);
+    return (f16 & (x < FP16_MIN_NORMAL)) ? sub : t;
+}
+static inline float grid_hi(float lo, float x, uint32_t step, int f16) {
+    uint32_t u;
+    float t;
+    memcpy(&u, &lo, 4);
+    u += step;
+    memcpy(&t, &u, 4);
+    t = (f16 & (lo < FP16_MIN_NORMAL)) ? lo + FP16_SUBNORMAL_STEP : t;
+    return lo == x ? lo : t;
+}
+static inline float obj3(float w1, float w2, float w3, float a1, float a2, float a3, float a4, float lam) {
+    return 0.5f * ((w1 - a1) * (w1 - a1) + (w2 - a2) * (w2 - a2) + (w3 - a3) * (w3 - a3) + a4 * a4)
+           + lam * (w1 * w2 * w3);
+}
+static inline float obj4(float w1, float w2, float w3, float w4, float a1, float a2, float a3, float a4, float lam) {
+    return 0.5f * ((w1 - a1) * (w1 - a1) + (w2 - a2) * (w2 - a2) + (w3 - a3) * (w3 - a3) + (w4 - a4) * (w4 - a4))
+           + lam * (w1 * w2 * (w3 + w4) + w3 * w4 * (w1 + w2));
+}
+
+/* prox of n <= L groups; z holds their values (z[k][l]: entry k of lane l), replaced by the result */
+static void block(float z[4][L], int n, float lam, float tol, int max_sweeps, int grid) {
     float a[4][L], ix[4][L], u1[L], u2[L], u3[L], v1[L], v2[L], v3[L], v4[L], act[L];
     static const int P[5] = {0, 2, 0, 1, 1}, Q[5] = {1, 3, 2, 3, 2};
     for (int l = 0; l < L; l++)
@@ -92,31 +132,85 @@ static void block(float z[4][L], int n, float lam, float tol, int max_sweeps) {
             pending |= act[l] > 0.f;
         }
     }
+    /* the best candidate: keep-2, then keep-3, then keep-4 (a later one must be strictly better);
+       for a bfloat16/float16 result, every rounding down/up of keep-3's and keep-4's coordinates.
+       Loops run over lanes innermost so that they vectorise. */
+    float best[L], w0[L], w1[L], w2[L], w3[L], lo[4][L], hi[4][L];
     for (int l = 0; l < L; l++) {
-        float a1 = a[0][l], a2 = a[1][l], a3 = a[2][l], a4 = a[3][l];
-        float o2 = 0.5f * (a3 * a3 + a4 * a4);
-        float o3 = 0.5f * ((u1[l] - a1) * (u1[l] - a1) + (u2[l] - a2) * (u2[l] - a2) + (u3[l] - a3) * (u3[l] - a3) + a4 * a4)
-                   + lam * (u1[l] * u2[l] * u3[l]);
-        float o4 = 0.5f * ((v1[l] - a1) * (v1[l] - a1) + (v2[l] - a2) * (v2[l] - a2) + (v3[l] - a3) * (v3[l] - a3) + (v4[l] - a4) * (v4[l] - a4))
-                   + lam * (v1[l] * v2[l] * (v3[l] + v4[l]) + v3[l] * v4[l] * (v1[l] + v2[l]));
-        int t3 = o3 < o2, t4 = o4 < (t3 ? o3 : o2);
-        float w[4];
-        w[0] = t4 ? v1[l] : (t3 ? u1[l] : a1);
-        w[1] = t4 ? v2[l] : (t3 ? u2[l] : a2);
-        w[2] = t4 ? v3[l] : (t3 ? u3[l] : 0.f);
-        w[3] = t4 ? v4[l] : 0.f;
+        best[l] = 0.5f * (a[2][l] * a[2][l] + a[3][l] * a[3][l]);
+        w0[l] = a[0][l]; w1[l] = a[1][l]; w2[l] = 0.f; w3[l] = 0.f;
+    }
+    if (!grid) {
+        for (int l = 0; l < L; l++) {
+            float o = obj3(u1[l], u2[l], u3[l], a[0][l], a[1][l], a[2][l], a[3][l], lam);
+            int t = o < best[l];
+            best[l] = t ? o : best[l]; w0[l] = t ? u1[l] : w0[l]; w1[l] = t ? u2[l] : w1[l]; w2[l] = t ? u3[l] : w2[l];
+        }
+        for (int l = 0; l < L; l++) {
+            float o = obj4(v1[l], v2[l], v3[l], v4[l], a[0][l], a[1][l], a[2][l], a[3][l], lam);
+            int t = o < best[l];
+            best[l] = t ? o : best[l]; w0[l] = t ? v1[l] : w0[l]; w1[l] = t ? v2[l] : w1[l];
+            w2[l] = t ? v3[l] : w2[l]; w3[l] = t ? v4[l] : w3[l];
+        }
+    } else {
+        /* (x - a)^2 of each rounding, computed once: the same values obj3/obj4 would compute */
+        float dl[4][L], dh[4][L];
+        const uint32_t keep = grid == 1 ? 0xffff0000u : 0xffffe000u, step = grid == 1 ? 65536u : 8192u;
+        const int f16 = grid == 2;
+        for (int l = 0; l < L; l++) {
+            lo[0][l] = grid_lo(u1[l], keep, f16); hi[0][l] = grid_hi(lo[0][l], u1[l], step, f16);
+            lo[1][l] = grid_lo(u2[l], keep, f16); hi[1][l] = grid_hi(lo[1][l], u2[l], step, f16);
+            lo[2][l] = grid_lo(u3[l], keep, f16); hi[2][l] = grid_hi(lo[2][l], u3[l], step, f16);
+        }
+        for (int k = 0; k < 3; k++)
+            for (int l = 0; l < L; l++) {
+                dl[k][l] = (lo[k][l] - a[k][l]) * (lo[k][l] - a[k][l]);
+                dh[k][l] = (hi[k][l] - a[k][l]) * (hi[k][l] - a[k][l]);
+            }
+        for (int c = 0; c < 8; c++)
+            for (int l = 0; l < L; l++) {
+                float x1 = c & 1 ? hi[0][l] : lo[0][l], x2 = c & 2 ? hi[1][l] : lo[1][l], x3 = c & 4 ? hi[2][l] : lo[2][l];
+                float d1 = c & 1 ? dh[0][l] : dl[0][l], d2 = c & 2 ? dh[1][l] : dl[1][l], d3 = c & 4 ? dh[2][l] : dl[2][l];
+                float o = 0.5f * (d1 + d2 + d3 + a[3][l] * a[3][l]) + lam * (x1 * x2 * x3);
+                int t = o < best[l];
+                best[l] = t ? o : best[l]; w0[l] = t ? x1 : w0[l]; w1[l] = t ? x2 : w1[l];
+                w2[l] = t ? x3 : w2[l]; w3[l] = t ? 0.f : w3[l];
+            }
+        for (int l = 0; l < L; l++) {
+            lo[0][l] = grid_lo(v1[l], keep, f16); hi[0][l] = grid_hi(lo[0][l], v1[l], step, f16);
+            lo[1][l] = grid_lo(v2[l], keep, f16); hi[1][l] = grid_hi(lo[1][l], v2[l], step, f16);
+            lo[2][l] = grid_lo(v3[l], keep, f16); hi[2][l] = grid_hi(lo[2][l], v3[l], step, f16);
+            lo[3][l] = grid_lo(v4[l], keep, f16); hi[3][l] = grid_hi(lo[3][l], v4[l], step, f16);
+        }
+        for (int k = 0; k < 4; k++)
+            for (int l = 0; l < L; l++) {
+                dl[k][l] = (lo[k][l] - a[k][l]) * (lo[k][l] - a[k][l]);
+                dh[k][l] = (hi[k][l] - a[k][l]) * (hi[k][l] - a[k][l]);
+            }
+        for (int c = 0; c < 16; c++)
+            for (int l = 0; l < L; l++) {
+                float x1 = c & 1 ? hi[0][l] : lo[0][l], x2 = c & 2 ? hi[1][l] : lo[1][l];
+                float x3 = c & 4 ? hi[2][l] : lo[2][l], x4 = c & 8 ? hi[3][l] : lo[3][l];
+                float d1 = c & 1 ? dh[0][l] : dl[0][l], d2 = c & 2 ? dh[1][l] : dl[1][l];
+                float d3 = c & 4 ? dh[2][l] : dl[2][l], d4 = c & 8 ? dh[3][l] : dl[3][l];
+                float o = 0.5f * (d1 + d2 + d3 + d4) + lam * (x1 * x2 * (x3 + x4) + x3 * x4 * (x1 + x2));
+                int t = o < best[l];
+                best[l] = t ? o : best[l]; w0[l] = t ? x1 : w0[l]; w1[l] = t ? x2 : w1[l];
+                w2[l] = t ? x3 : w2[l]; w3[l] = t ? x4 : w3[l];
+            }
+    }
+    for (int l = 0; l < L; l++)
         for (int j = 0; j < 4; j++) {         /* back to original position j (selects, no scatter) */
-            float m = ix[0][l] == j ? w[0] : (ix[1][l] == j ? w[1] : (ix[2][l] == j ? w[2] : w[3]));
+            float m = ix[0][l] == j ? w0[l] : (ix[1][l] == j ? w1[l] : (ix[2][l] == j ? w2[l] : w3[l]));
             float zj = z[j][l];
             z[j][l] = zj > 0 ? m : (zj < 0 ? -m : 0.f);
         }
-    }
 }
 
 /* prox the gathered block, write it back and count the non-zeros of the result */
 static void flush(void *w, int bf, const int64_t *gi, float z[4][L], int n, float lam, float tol,
-                  int max_sweeps, int64_t *h) {
-    block(z, n, lam, tol, max_sweeps);
+                  int max_sweeps, int grid, int64_t *h) {
+    block(z, n, lam, tol, max_sweeps, grid);
     for (int l = 0; l < n; l++) {
         int c = 0;
         for (int k = 0; k < 4; k++) { st(w, bf, 4 * gi[l] + k, z[k][l]); c += ld(w, bf, 4 * gi[l] + k) != 0.f; }
@@ -124,9 +218,11 @@ static void flush(void *w, int bf, const int64_t *gi, float z[4][L], int n, floa
     }
 }
 
-/* In place on g groups of 4 (float32 if bf == 0, bfloat16 if bf == 1); hist[0..4] += groups with
-   0..4 non-zeros in the result. */
-void prox24(void *w, int bf, int64_t g, float lam, float tol, int max_sweeps, int threads, int64_t *hist) {
+/* In place on g groups of 4 (float32 if bf == 0, bfloat16 if bf == 1); grid: the result's number
+   format (0: float32, 1: bfloat16, 2: float16 values kept in float32 storage); hist[0..4] += groups
+   with 0..4 non-zeros in the result. */
+void prox24(void *w, int bf, int64_t g, float lam, float tol, int max_sweeps, int grid, int threads,
+            int64_t *hist) {
     int64_t total[5] = {0, 0, 0, 0, 0};
     #pragma omp parallel num_threads(threads)
     {
@@ -140,9 +236,9 @@ void prox24(void *w, int bf, int64_t g, float lam, float tol, int max_sweeps, in
             if (nz <= 2) { h[nz]++; continue; }      /* already 2:4: its own prox */
             gi[n] = i;
             for (int k = 0; k < 4; k++) z[k][n] = ld(w, bf, 4 * i + k);
-            if (++n == L) { flush(w, bf, gi, z, n, lam, tol, max_sweeps, h); n = 0; }
+            if (++n == L) { flush(w, bf, gi, z, n, lam, tol, max_sweeps, grid, h); n = 0; }
         }
-        if (n) flush(w, bf, gi, z, n, lam, tol, max_sweeps, h);
+        if (n) flush(w, bf, gi, z, n, lam, tol, max_sweeps, grid, h);
         #pragma omp critical
         for (int k = 0; k < 5; k++) total[k] += h[k];
     }
@@ -150,7 +246,7 @@ void prox24(void *w, int bf, int64_t g, float lam, float tol, int max_sweeps, in
 }
 """
 
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno"]
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=off"]
 _lib = None
 _lock = threading.Lock()
 _failed = False
@@ -185,7 +281,7 @@ def _build() -> ctypes.CDLL:
             os.replace(out, target)   # atomic: concurrent builders never see half a file
     lib = ctypes.CDLL(str(target))
     lib.prox24.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_float,
-                           ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
+                           ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     lib.prox24.restype = None
     return lib
 
@@ -209,14 +305,21 @@ def supports(t: torch.Tensor) -> bool:
     return t.device.type == "cpu" and t.dtype in (torch.float32, torch.bfloat16) and t.is_contiguous()
 
 
+GRIDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
 def prox_(groups: torch.Tensor, lam: float, tol: float, max_sweeps: int,
-          hist: torch.Tensor | None = None) -> torch.Tensor:
+          hist: torch.Tensor | None = None, out_dtype: torch.dtype | None = None) -> torch.Tensor:
     """In place on a contiguous CPU float32/bfloat16 tensor of shape [G, 4]; adds the non-zero
-    counts of the result to `hist` (int64 [5]) when given."""
+    counts of the result to `hist` (int64 [5]) when given. `out_dtype` (default: the tensor's) is
+    the number format the result must be exact in: float16 results can be computed in a float32
+    buffer and then converted without rounding."""
     assert supports(groups) and groups.shape[-1] == 4 and available()
+    grid = GRIDS[out_dtype or groups.dtype]
+    assert groups.dtype == torch.float32 or grid == 1, "bfloat16 storage holds bfloat16 results only"
     counts = torch.zeros(5, dtype=torch.int64)
     _lib.prox24(groups.data_ptr(), int(groups.dtype == torch.bfloat16), groups.numel() // 4,
-                float(lam), float(tol), int(max_sweeps), torch.get_num_threads(), counts.data_ptr())
+                float(lam), float(tol), int(max_sweeps), grid, torch.get_num_threads(), counts.data_ptr())
     if hist is not None:
         hist += counts.to(hist.device)
     return groups

@@ -197,17 +197,44 @@ def stream_perplexities(jobs: JobManager, methods, progress=None):
             yield rest[0]
 
 
-def measure_speedup(jobs: JobManager) -> str:
-    """Time dense vs 2:4 sparse products for the loaded model's shapes (CUDA only; says why not)."""
+def measure_speedup(jobs: JobManager, prompt: str = "", figure: bool = False):
+    """Time the loaded model's real prefill, dense vs 2:4 (the learned mask if there is one, else
+    top-2 magnitude), at the prompt's length and at long synthetic lengths (CUDA only; says why
+    not elsewhere). The workspace's model keeps its dense weights: the 2:4 weights are swapped in
+    for the measurement and the layers restored after. Returns the HTML text, or (text, plot or
+    None) with figure=True."""
     from proxsparse_core import sparse_infer
+    from proxsparse_core.masks import swapped
 
     ok, why = sparse_infer.status()
     if not ok or jobs.ws.lm is None:
-        return esc(why if not ok else "load a model first (Learn tab)") + \
+        text = esc(why if not ok else "load a model first (Learn tab)") + \
             ". The learned mask is still valid; it just runs as dense weights with zeros here."
-    with jobs.claim("measuring 2:4 speed"):
-        _, text = sparse_infer.speedup_report(jobs.ws.lm.prunable)
-    return "<pre>" + esc(text) + "</pre>"
+        return (text, None) if figure else text
+    with jobs.claim("measuring 2:4 speed") as ws:
+        lm = ws.lm
+        if LEARNED in ws.results:
+            source, weights = "the learned mask", ws.variant(LEARNED)
+        else:
+            source = "top-2 magnitude (no learned mask yet)"
+            weights = swapped(lm.prunable, sparse_infer.top2_weights(ws.originals), ws.originals)
+        prompt = (prompt or "").strip()
+        ids = lm.tokenizer(prompt, return_tensors="pt")["input_ids"] if prompt else None
+        n = int(ids.shape[1]) if ids is not None else 0
+        counts = sparse_infer.lengths_to_measure(n, lm.max_positions)
+        prompts = {n: ids} if n and n in counts else None
+        with weights:
+            rows, done, skipped = sparse_infer.prefill_speedup(lm.model, lm.prunable, counts, prompts=prompts)
+    text = sparse_infer.describe(rows, done, skipped, lm.prunable, sparse_infer.status()[1])
+    text = f"2:4 weights from {source}" + (f"; the prompt is {n} tokens" if n else "") + ".\n" + text
+    html = "<pre>" + esc(text) + "</pre>"
+    if not figure:
+        return html
+    from .figures import speedup_figure
+    done_rows = [r for r in rows if r.speedup is not None]
+    fig = speedup_figure([r.tokens for r in done_rows], [r.speedup for r in done_rows],
+                         [r.dense_ms for r in done_rows], [r.sparse_ms for r in done_rows]) if done_rows else None
+    return html, fig
 
 
 # ---------------------------------------------------------------------------- recovery
@@ -367,8 +394,10 @@ def build_compare_tab(jobs: JobManager, tab: gr.Tab):
     gr.Markdown("### 2:4 speed on this machine")
     with gr.Row():
         speed_note = gr.Markdown("Sparse tensor cores run 2:4 products on NVIDIA GPUs (compute capability "
-                                 "8.0+). This measures dense vs 2:4 products for this model's layer shapes.")
+                                 "8.0+). This times the model's real prefill, dense vs 2:4, at the prompt's "
+                                 "length and at 2 K, 8 K and 16 K tokens (as far as the model allows).")
         speed_btn = gr.Button("Measure 2:4 speed-up", size="sm", elem_id="ps-speed")
+    speed_plot = gr.Plot(visible=False, show_label=False, elem_id="ps-speed-plot")
 
     def on_generate(v, p, s, t, tp, mx, c, evt: gr.EventData):
         yield from guarded(3)(generate_pair)(jobs, v, p, s, t, tp, mx, c, page=from_page(evt))
@@ -381,8 +410,12 @@ def build_compare_tab(jobs: JobManager, tab: gr.Tab):
         jobs.eval_stop.set()
         notify("stopping after the current token or window …", "info")
 
-    def on_speed(evt: gr.EventData):
-        return guarded(1)(measure_speedup)(jobs, page=from_page(evt))
+    def speed(p):
+        text, fig = measure_speedup(jobs, inputs.text("Prompt", p, MAX_PROMPT), figure=True)
+        return text, (gr.update(value=fig, visible=True) if fig is not None else gr.update(visible=False))
+
+    def on_speed(p, evt: gr.EventData):
+        return guarded(2)(speed)(p, page=from_page(evt))
 
     def on_select():
         choices = variant_choices(jobs)
@@ -399,7 +432,8 @@ def build_compare_tab(jobs: JobManager, tab: gr.Tab):
                     show_progress_on=table, preprocess=False)
     stop_btn.click(on_stop, None, None, queue=False, api_name="stop_eval")
     gen_stop.click(on_stop, None, None, queue=False, api_visibility="private")
-    speed_btn.click(on_speed, None, speed_note, api_name="speedup", concurrency_limit=None)
+    speed_btn.click(on_speed, prompt, [speed_note, speed_plot], api_name="speedup", concurrency_limit=None,
+                    preprocess=False)
     tab.select(on_select, None, [variant, table], api_name="refresh_compare", queue=False)
 
     # ------------------------------------------------------------------ recovery

@@ -1,4 +1,5 @@
-"""Figures only the app shows: the one-group prox demo and a real weight block before/after 2:4.
+"""Figures only the app shows: the one-group prox demo, a real weight block before/after 2:4, and
+the measured 2:4 prefill speed-up.
 
 The learning-run figures (loss, sparsity, per-layer heatmap) live in `proxsparse_core.plots`,
 because the export report draws them too.
@@ -58,5 +59,30 @@ def weight_block_figure(title: str, panels: list[tuple[str, list[list[float | No
         fig.update_xaxes(title_text="input dimension →", showgrid=False, row=1, col=c)
     fig.update_yaxes(autorange="reversed", showgrid=False)
     fig.update_layout(template="plotly_white", height=380, plot_bgcolor="#9ca3af", margin=dict(l=40, r=20, t=70, b=40),
+                      title=dict(text=title, x=0.01, font=dict(size=14)))
+    return fig
+
+
+FASTER, SLOWER = "#1b7837", "#d6604d"
+
+
+def speedup_figure(tokens: list[int], speedups: list[float], dense_ms: list[float], sparse_ms: list[float],
+                   title: str = "2:4 prefill speed-up vs dense"):
+    """Speed-up (dense time / 2:4 time) against prompt length, log-scaled; the 1.0× line marks
+    where 2:4 stops being slower. Green points are faster than dense, red ones slower."""
+    fig = go.Figure()
+    fig.add_hline(y=1.0, line=dict(color="#555", dash="dash"), annotation_text="1.0× = dense speed",
+                  annotation_position="bottom right")
+    fig.add_trace(go.Scatter(
+        x=tokens, y=speedups, mode="lines+markers+text", line=dict(color="#888", width=1.5),
+        marker=dict(size=11, color=[FASTER if s >= 1 else SLOWER for s in speedups]),
+        text=[f"{s:.2f}×" for s in speedups], textposition="top center", cliponaxis=False,
+        customdata=list(zip(dense_ms, sparse_ms)), showlegend=False,
+        hovertemplate="%{x} tokens: %{y:.2f}×<br>dense %{customdata[0]:.2f} ms, 2:4 %{customdata[1]:.2f} ms<extra></extra>"))
+    top = max([1.2] + [s * 1.2 for s in speedups])
+    low = min([0.8] + [s * 0.8 for s in speedups])
+    fig.update_xaxes(type="log", title_text="prompt length (tokens)", tickvals=tokens, ticktext=[str(t) for t in tokens])
+    fig.update_yaxes(title_text="speed-up (× dense)", range=[low, top])
+    fig.update_layout(template="plotly_white", height=320, margin=dict(l=50, r=20, t=50, b=45),
                       title=dict(text=title, x=0.01, font=dict(size=14)))
     return fig
