@@ -393,9 +393,9 @@ def speedup_report(prunable=None, shapes=None, token_counts=(256, 2048, 8192, 16
 @dataclass
 class PrefillRow:
     tokens: int
-    dense_ms: float | None = None            # the headline: CUDA-graph times where both captured
+    dense_ms: float | None = None            # the headline: each side's faster of eager and CUDA graph
     sparse_ms: float | None = None
-    timing: str = ""                         # "CUDA graph" or "eager"
+    timing: str = ""                         # which timing each side's headline is
     agreement: float | None = None           # share of positions whose next token = dense's
     dense_eager_ms: float | None = None
     sparse_eager_ms: float | None = None
@@ -520,13 +520,18 @@ def prefill_speedup(model, prunable, token_counts, prompts: dict | None = None, 
 def _fill(row: PrefillRow, d: dict, s: dict):
     row.dense_eager_ms, row.sparse_eager_ms = d["eager"], s["eager"]
     row.dense_graph_ms, row.sparse_graph_ms = d["graph"], s["graph"]
-    if d["graph"] is not None and s["graph"] is not None:
-        row.dense_ms, row.sparse_ms, row.timing = d["graph"], s["graph"], "CUDA graph"
-    else:
-        row.dense_ms, row.sparse_ms, row.timing = d["eager"], s["eager"], "eager"
-        why = d["graph_error"] or s["graph_error"]
-        if why:
-            row.note = f"no CUDA graph ({'dense' if d['graph_error'] else '2:4'}): {why}"
+    # Headline: each side at its fastest of the two timings. On the H200 a captured dense prefill
+    # was slower than the eager one at 8-16 K tokens (234.9 vs 145.9 ms at 16 K), while the 2:4
+    # side gains most from the graph at short lengths (its per-call host cost): taking one timing
+    # for both would flatter one side.
+    def best(m):
+        return min((m[k], k) for k in ("eager", "graph") if m[k] is not None)
+    (row.dense_ms, dk), (row.sparse_ms, sk) = best(d), best(s)
+    names = {"eager": "eager", "graph": "CUDA graph"}
+    row.timing = names[dk] if dk == sk else f"dense {names[dk]}, 2:4 {names[sk]}"
+    why = d["graph_error"] or s["graph_error"]
+    if why:
+        row.note = f"no CUDA graph ({'dense' if d['graph_error'] else '2:4'}): {why}"
     row.agreement = float((d["next"] == s["next"]).float().mean())
     if "logits" in d:
         row.logits_rel_error = float((s["logits"] - d["logits"]).norm() / d["logits"].norm().clamp_min(1e-30))
