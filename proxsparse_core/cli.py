@@ -127,14 +127,15 @@ def _print_compare(ws, names, prompt, max_new_tokens):
         print(f"--- {n}: {ws.generate(n, prompt, s)!r}")
 
 
-def _load(cfg):
+def _load(cfg, uses_data: bool = True):
     from .workspace import Workspace
 
     ws = Workspace()
     print(f"loading {cfg.model} …", flush=True)
     lm = ws.load(cfg)
     print(lm.describe())
-    print(f"data: {ws.data.source}: {ws.data.calibration.shape[0]} calibration samples × {cfg.ctx} tokens, "
+    calibration = f"{ws.data.calibration.shape[0]} calibration samples × {cfg.ctx} tokens, " if uses_data else ""
+    print(f"data: {ws.data.source}: {calibration}"
           f"{ws.data.held_out.shape[0]} held-out windows × {cfg.eval_ctx} tokens", flush=True)
     return ws
 
@@ -230,7 +231,7 @@ def cmd_prune(args) -> int:
     method = args.method
     uses_data = METHODS[method].uses_data
     with _run_folder(args.out, args.overwrite) as out:
-        ws = _load(cfg)
+        ws = _load(cfg, uses_data)
         print(f"{method}: " + (f"{ws.data.calibration.shape[0]} calibration samples" if uses_data else
                                f"no calibration data ({method} uses none)"), flush=True)
         try:

@@ -120,6 +120,7 @@ def export_result(ws, name: str, out, *, cfg: RunConfig | None = None, events=No
     out = Path(out).expanduser()
     say = progress or (lambda text: None)
     stop = stop or threading.Event()
+    clean_stale(out)
     _check_target(out, overwrite)
     if name not in ws.results:
         raise UserError(f"no pruning result named {name!r} to export")
@@ -138,7 +139,6 @@ def export_result(ws, name: str, out, *, cfg: RunConfig | None = None, events=No
     parent = out.parent
     try:
         parent.mkdir(parents=True, exist_ok=True)
-        clean_stale(out)
         _check_space(parent, _bytes_needed(lm.model, result.masks))
         tmp = Path(tempfile.mkdtemp(dir=parent, prefix=_temp_prefix(out, "partial")))
     except OSError as exc:
@@ -199,17 +199,19 @@ def clean_stale(out: Path) -> list[Path]:
     Returns the folders removed."""
     pattern = re.compile(rf"\.{re.escape(out.name)}\.(partial|old)-(\d+)-[^/]*")
     removed = []
-    if not out.parent.is_dir():
-        return removed
-    for p in sorted(out.parent.iterdir()):
-        m = pattern.fullmatch(p.name)
-        if not m or not p.is_dir() or p.is_symlink() or _alive(int(m.group(2))):
-            continue
-        previous = p / "previous"
-        if m.group(1) == "old" and previous.is_dir() and not out.exists():
-            os.rename(previous, out)
-        shutil.rmtree(p, ignore_errors=True)
-        removed.append(p)
+    try:
+        entries = sorted(out.parent.iterdir()) if out.parent.is_dir() else []
+        for p in entries:
+            m = pattern.fullmatch(p.name)
+            if not m or not p.is_dir() or p.is_symlink() or _alive(int(m.group(2))):
+                continue
+            previous = p / "previous"
+            if m.group(1) == "old" and previous.is_dir() and not out.exists():
+                os.rename(previous, out)
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    except OSError:          # tidying is best effort: an unreadable folder is reported by the export itself
+        pass
     return removed
 
 
@@ -308,6 +310,7 @@ def export_run(run, out, *, overwrite: bool = False, evaluate: bool = True,
     run, out = Path(run).expanduser(), Path(out).expanduser()
     if not run.is_dir():
         raise UserError(f"run folder {str(run)!r} does not exist")
+    clean_stale(out)
     _check_target(out, overwrite)           # fail before the slow model load
     recipe = read_recipe(run)
     method = recipe.get("method", LEARNED)
