@@ -26,7 +26,8 @@ class RunConfig:
     model: str = _f(BUNDLED, "bundled:smollm2-135m, a Hugging Face id, or a local folder")
     device: str = _f("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
     dtype: str = _f("auto", "auto (bf16 on GPUs that support it, else fp32), float32, bfloat16, float16")
-    trust_remote_code: bool = _f(False, "allow a model's own Python code (only for authors you trust)")
+    trust_remote_code: bool = _f(False, "run a model's own Python code (only for authors you trust; "
+                                            "only whoever starts the app or CLI can allow it)")
     device_map: str = _f("", "'auto' spreads a model too large for one GPU over all GPUs (accelerate)")
     # data
     data: str = _f("builtin", "builtin, a .txt/.jsonl file, or hf:NAME[:CONFIG[:SPLIT[:FIELD]]]")

@@ -286,7 +286,8 @@ def bundle(folder, dest) -> Path:
 def load_with_masks(source: str, masks, device: str = "auto", dtype: str = "auto",
                     trust_remote_code: bool = False):
     """The original model with a mask file (or dict) applied: the pruned model, re-created from
-    the 1-bit masks. Returns a models.LoadedModel."""
+    the 1-bit masks. Returns a models.LoadedModel. A model that needs its own Python code also
+    needs `proxsparse_core.models.allow_remote_code(True)` first: that is the caller's decision."""
     from .models import load_model
 
     lm = load_model(source, device, dtype, trust_remote_code)
