@@ -7,10 +7,10 @@ values; with gradient checkpointing only each layer's input, plus one layer in f
 attention also the heads·ctx² attention weights per layer) and the logits (batch·ctx·vocab, plus
 three float32 copies: log-probabilities and gradients). Measured on the bundled SmolLM2-135M on
 a CPU, the estimate is within about 20% of the real peak (1.9 vs 1.9 GiB at ctx 128, batch 1;
-10.9 vs 10.5 GiB at ctx 1024, batch 4; 5.1 vs 5.4–6.0 GiB with gradient checkpointing). The estimate is compared with what the device has free
-(CUDA: torch.cuda.mem_get_info plus the allocator's unused cache; CPU: MemAvailable in
-/proc/meminfo) and a run that clearly cannot fit is refused with one line instead of failing
-(or swapping the machine to a halt) minutes later.
+10.9 vs 10.5 GiB at ctx 1024, batch 4; 5.1 vs 5.4–6.0 GiB with gradient checkpointing).
+The estimate is compared with what the device has free (CUDA: torch.cuda.mem_get_info plus the
+allocator's unused cache; CPU: MemAvailable in /proc/meminfo), and a run that clearly cannot fit
+is refused with one line instead of failing (or swapping the machine to a halt) minutes later.
 """
 from __future__ import annotations
 
