@@ -22,7 +22,7 @@ from proxsparse_core.cli import main
 from proxsparse_core.config import RunConfig
 from proxsparse_core.errors import UserError
 from proxsparse_core.learner import ProxSparseLearner
-from proxsparse_core.masks import mask_2to4, snapshot
+from proxsparse_core.masks import mask_2to4
 from proxsparse_core.models import allow_remote_code, load_model, remote_code_allowed
 from proxsparse_core.results import DENSE, LEARNED
 from proxsparse_core.workspace import Workspace
