@@ -9,14 +9,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import RunConfig
+from .config import RunConfig, reproduce_command
 from .errors import UserError
 from .masks import pack_masks, unpack_masks
+from .results import LEARNED
 
 MASKS_FILE = "masks.npz"
 RECIPE_FILE = "recipe.json"
 METRICS_FILE = "metrics.json"
 EVENTS_FILE = "events.jsonl"
+MAX_RECIPE_BYTES = 2**20          # a recipe is a few settings; refuse anything larger than 1 MiB
 
 
 def _atomic_write(path: Path, write):
@@ -68,21 +70,46 @@ def save_json(path: Path, obj) -> Path:
     return path
 
 
-def save_recipe(folder: Path, cfg: RunConfig, verb: str = "learn", extra: dict | None = None) -> Path:
-    return save_json(Path(folder) / RECIPE_FILE, {"config": cfg.to_dict(), "command": cfg.cli_command(verb),
-                                                  **(extra or {})})
+def save_recipe(folder: Path, cfg: RunConfig, method: str = LEARNED, extra: dict | None = None) -> Path:
+    """recipe.json: the settings, the method that made the result and the command that remakes it."""
+    return save_json(Path(folder) / RECIPE_FILE, {"config": cfg.to_dict(), "method": method,
+                                                  "command": reproduce_command(cfg, method), **(extra or {})})
 
 
-def load_recipe(path) -> RunConfig:
+def read_recipe(path) -> dict:
+    """The recipe.json of a run folder (or the file itself) as a dict with a "config" object;
+    anything else is one clear line: a missing, huge, non-UTF-8, malformed or too deeply nested file."""
     path = Path(path)
     if path.is_dir():
         path = path / RECIPE_FILE
     try:
-        return RunConfig.from_dict(json.loads(path.read_text())["config"])
+        size = path.stat().st_size
+        if size > MAX_RECIPE_BYTES:
+            raise UserError(f"{path.name} is {size / 2**20:.1f} MiB; a recipe is at most "
+                            f"{MAX_RECIPE_BYTES // 2**20} MiB (it holds a few settings)")
+        raw = path.read_bytes()
     except FileNotFoundError:
-        raise UserError(f"no recipe at {str(path)!r}")
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise UserError(f"{path.name} is not a ProxSparse recipe ({exc})") from exc
+        raise UserError(f"no recipe at {str(path)!r}") from None
+    except OSError as exc:
+        raise UserError(f"cannot read the recipe {str(path)!r} ({exc.strerror or exc})") from None
+    try:
+        recipe = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise UserError(f"{path.name} is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except json.JSONDecodeError as exc:
+        raise UserError(f"{path.name} is not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except RecursionError:
+        raise UserError(f"{path.name} is nested too deeply to be a ProxSparse recipe") from None
+    if not isinstance(recipe, dict):
+        raise UserError(f"{path.name} is not a ProxSparse recipe: it holds a JSON {type(recipe).__name__}, "
+                        f"not an object with a \"config\"")
+    if not isinstance(recipe.get("config"), dict):
+        raise UserError(f"{path.name} is not a ProxSparse recipe: \"config\" must be an object of settings")
+    return recipe
+
+
+def load_recipe(path) -> RunConfig:
+    return RunConfig.from_dict(read_recipe(path)["config"])
 
 
 def save_events(path: Path, events) -> Path:

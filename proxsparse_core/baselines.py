@@ -140,7 +140,8 @@ def prune_magnitude(lm, calibration: torch.Tensor, progress: Progress = None,
         masks[n] = mask_2to4(lm.prunable.modules[n].weight.detach()).cpu()
         if progress:
             progress(i + 1, len(names))
-    return Pruning("magnitude", masks, None, _info("magnitude", calibration, t0))
+    return Pruning("magnitude", masks, None, _info("magnitude", calibration, t0, calibration_samples=0,
+                                                   calibration_tokens=0))
 
 
 class _InputNorms:

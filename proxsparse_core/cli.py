@@ -20,8 +20,9 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-from .config import PRESETS, RunConfig
+from .config import PRESETS, PRUNE_SETTINGS, RunConfig, reproduce_command
 from .errors import Stopped, UserError
+from .models import allow_remote_code, remote_code_allowed
 
 EXIT_USAGE = 2
 
@@ -29,6 +30,11 @@ EXIT_USAGE = 2
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one clear line and exit code 2, as for every bad input
         self.exit(EXIT_USAGE, f"error: {message} (see --help)\n")
+
+
+def _help(text) -> str:
+    """argparse formats help with %: a literal % (as in "~30% slower") must be written %%."""
+    return str(text).replace("%", "%%")
 
 
 def _add_config_flags(p: argparse.ArgumentParser, only: set[str] | None = None):
@@ -39,13 +45,27 @@ def _add_config_flags(p: argparse.ArgumentParser, only: set[str] | None = None):
         default = f.default
         if isinstance(default, bool):
             p.add_argument(flag, action="store_true", default=argparse.SUPPRESS,
-                           help=f.metadata["help"])
+                           help=_help(f.metadata["help"]))
         else:
             p.add_argument(flag, type=type(default), default=argparse.SUPPRESS, choices=f.metadata.get("choices"),
-                           metavar=f.name.upper(), help=f"{f.metadata['help']} (default: {default})")
+                           metavar=f.name.upper(), help=_help(f"{f.metadata['help']} (default: {default})"))
+
+
+REMOTE_CODE_FROM_RECIPE = ("the recipe sets trust_remote_code: true, which runs the model's own Python "
+                           "code; pass --trust-remote-code on the command line to allow it (only for "
+                           "authors you trust)")
+
+
+def _remote_code_flag(args: argparse.Namespace) -> bool:
+    """--trust-remote-code typed on the command line is the one decision that opens the gate."""
+    if getattr(args, "trust_remote_code", False) is True:
+        allow_remote_code(True)
+        return True
+    return False
 
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
+    flag = _remote_code_flag(args)
     cfg = RunConfig()
     if getattr(args, "recipe", None):
         from .artifacts import load_recipe
@@ -53,8 +73,10 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     if getattr(args, "preset", None):
         cfg = cfg.with_preset(args.preset)
     given = {f.name: getattr(args, f.name) for f in fields(RunConfig) if hasattr(args, f.name)}
-    cfg = RunConfig(**{**cfg.to_dict(), **given})
-    return cfg.validate()
+    cfg = RunConfig(**{**cfg.to_dict(), **given}).validate()
+    if cfg.trust_remote_code and not flag:
+        raise UserError(REMOTE_CODE_FROM_RECIPE)
+    return cfg
 
 
 def _bar(done: int, total: int, width: int = 24) -> str:
@@ -62,18 +84,41 @@ def _bar(done: int, total: int, width: int = 24) -> str:
     return "[" + "#" * k + "." * (width - k) + "]"
 
 
-def _out_folder(path: str | None, overwrite: bool) -> Path:
+@contextlib.contextmanager
+def _run_folder(path: str | None, overwrite: bool):
+    """The run folder, created and proven writable (a probe file is written and removed) before
+    the slow model load. If the run ends without saving anything, the folders it created go again."""
     out = Path(path) if path else Path("runs") / time.strftime("%Y%m%d-%H%M%S")
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
-        raise UserError(f"output folder {str(out)!r} exists and is not empty; "
-                        f"pick another --out or pass --overwrite")
-    # checked now, created only when there is something to save (a failed load leaves nothing)
-    parent = out
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise UserError(f"cannot create output folder {str(out)!r}: {str(parent)!r} is not a writable folder")
-    return out
+    try:
+        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+            raise UserError(f"output folder {str(out)!r} exists and is not empty; "
+                            f"pick another --out or pass --overwrite")
+        top = out                      # the outermost folder this run creates
+        while not top.parent.exists() and top.parent != top:
+            top = top.parent
+        created = not out.exists()
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".proxsparse-write-test-{os.getpid()}"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write to output folder {str(out)!r} ({exc.strerror or exc}); "
+                        f"pick another --out") from exc
+    try:
+        yield out
+    finally:
+        if created:
+            _remove_if_empty(out, top)
+
+
+def _remove_if_empty(folder: Path, top: Path):
+    for d in [folder, *folder.parents]:
+        try:
+            d.rmdir()                  # only succeeds on an empty folder
+        except OSError:
+            return
+        if d == top:
+            return
 
 
 def _print_compare(ws, names, prompt, max_new_tokens):
@@ -83,14 +128,15 @@ def _print_compare(ws, names, prompt, max_new_tokens):
         print(f"--- {n}: {ws.generate(n, prompt, s)!r}")
 
 
-def _load(cfg):
+def _load(cfg, uses_data: bool = True):
     from .workspace import Workspace
 
     ws = Workspace()
     print(f"loading {cfg.model} …", flush=True)
     lm = ws.load(cfg)
     print(lm.describe())
-    print(f"data: {ws.data.source}: {ws.data.calibration.shape[0]} calibration samples × {cfg.ctx} tokens, "
+    calibration = f"{ws.data.calibration.shape[0]} calibration samples × {cfg.ctx} tokens, " if uses_data else ""
+    print(f"data: {ws.data.source}: {calibration}"
           f"{ws.data.held_out.shape[0]} held-out windows × {cfg.eval_ctx} tokens", flush=True)
     return ws
 
@@ -111,85 +157,105 @@ def _stop_on_ctrl_c(unit: str):
         signal.signal(signal.SIGINT, previous)
 
 
-def _finish(ws, args, out: Path, name: str, metrics: dict) -> int:
-    """Verify, evaluate and compare the result `name`, then write metrics.json."""
+INCOMPLETE = "verification, evaluation and generation had not finished when this file was written"
+
+
+def _finish(ws, args, out: Path, name: str, metrics: dict, uses_data: bool = True) -> int:
+    """Verify, evaluate and compare the result `name`. masks.npz and recipe.json are already
+    saved; metrics.json says "complete": false until everything here has finished, and a Ctrl-C
+    leaves it that way with the reason (exit code 130)."""
     from .artifacts import save_json
     from .results import DENSE
 
-    check = ws.verify(name)
-    print(check)
-    metrics.update({"verification": str(check), "verified": check.ok, "model": ws.lm.describe(),
-                    "data": ws.data.source, "calibration_tokens": int(ws.data.calibration.numel()),
+    metrics.update({"complete": False, "incomplete": INCOMPLETE, "model": ws.lm.describe(),
+                    "data": ws.data.source if uses_data else None,
+                    "calibration_tokens": int(ws.data.calibration.numel()) if uses_data else 0,
                     "held_out_tokens": int(ws.data.held_out.numel())})
-    if not args.no_eval:
-        metrics["perplexity"] = {DENSE: ws.perplexity(DENSE), name: ws.perplexity(name)}
-        print("held-out perplexity: " + "  ".join(f"{k} {v:.3f}" for k, v in metrics["perplexity"].items()))
-    if args.prompt:
-        _print_compare(ws, [DENSE, name], args.prompt, args.max_new_tokens)
+    save_json(out / "metrics.json", metrics)
+    try:
+        check = ws.verify(name)
+        print(check)
+        metrics.update({"verification": str(check), "verified": check.ok})
+        if not args.no_eval:
+            metrics["perplexity"] = {DENSE: ws.perplexity(DENSE), name: ws.perplexity(name)}
+            print("held-out perplexity: " + "  ".join(f"{k} {v:.3f}" for k, v in metrics["perplexity"].items()))
+        if args.prompt:
+            _print_compare(ws, [DENSE, name], args.prompt, args.max_new_tokens)
+    except KeyboardInterrupt:
+        metrics["incomplete"] = ("interrupted (Ctrl-C) during verification, evaluation or generation; "
+                                 "masks.npz and recipe.json are complete")
+        save_json(out / "metrics.json", metrics)
+        print(f"interrupted: the mask was saved in {out / 'masks.npz'}; metrics.json is marked incomplete",
+              file=sys.stderr)
+        return 130
+    metrics["complete"] = True
+    del metrics["incomplete"]
     save_json(out / "metrics.json", metrics)
     print(f"wrote {out}/: " + " ".join(sorted(p.name for p in out.iterdir())))
     return 0 if check.ok else 1
 
 
 def cmd_learn(args) -> int:
-    from .artifacts import save_events, save_masks, save_recipe
+    from .artifacts import save_events, save_json, save_masks, save_recipe
+    from .results import LEARNED
 
     cfg = config_from_args(args)
-    out = _out_folder(args.out, args.overwrite)
-    ws = _load(cfg)
-    print(f"λ1={cfg.lambda1} (not scaled by lr)  λ2={cfg.lambda2}  ε={cfg.eps}  lr={cfg.lr}  "
-          f"steps={cfg.steps}  batch={cfg.batch}  seed={cfg.seed}", flush=True)
+    with _run_folder(args.out, args.overwrite) as out:
+        ws = _load(cfg)
+        print(f"λ1={cfg.lambda1} (not scaled by lr)  λ2={cfg.lambda2}  ε={cfg.eps}  lr={cfg.lr}  "
+              f"steps={cfg.steps}  batch={cfg.batch}  seed={cfg.seed}", flush=True)
 
-    def on_event(ev):
-        print(f"{_bar(ev.step, ev.total_steps)} {ev.line()}", flush=True)
-    with _stop_on_ctrl_c("step") as stop:
-        result = ws.learn(cfg, on_event, stop)
-    print(result.message)
-    save_events(out / "events.jsonl", result.events)
-    if result.steps_done == 0:
-        print("no step finished: no mask to save", file=sys.stderr)
-        return 1
-    save_masks(out / "masks.npz", result.masks)
-    save_recipe(out, cfg)
-    return _finish(ws, args, out, "proxsparse", {
-        "status": result.status, "message": result.message, "steps": result.steps_done,
-        "learned_share_24": result.learned_share_24})
-
-
-# the settings a one-shot method uses: model, data and calibration (no learning settings)
-PRUNE_SETTINGS = {"model", "device", "dtype", "trust_remote_code", "device_map", "data", "data_field",
-                  "samples", "ctx", "eval_ctx", "eval_windows", "seed"}
+        def on_event(ev):
+            print(f"{_bar(ev.step, ev.total_steps)} {ev.line()}", flush=True)
+        with _stop_on_ctrl_c("step") as stop:
+            result = ws.learn(cfg, on_event, stop)
+        print(result.message)
+        metrics = {"method": LEARNED, "status": result.status, "message": result.message,
+                   "steps": result.steps_done, "learned_share_24": result.learned_share_24}
+        if result.steps_done == 0:
+            save_events(out / "events.jsonl", result.events)
+            save_json(out / "metrics.json", {**metrics, "complete": False, "incomplete": "no step finished: no mask"})
+            print("no step finished: no mask to save", file=sys.stderr)
+            return 1
+        # the mask first: whatever happens during verification and evaluation, it is kept
+        save_masks(out / "masks.npz", result.masks)
+        save_recipe(out, cfg)
+        save_events(out / "events.jsonl", result.events)
+        return _finish(ws, args, out, LEARNED, metrics)
 
 
 def cmd_prune(args) -> int:
     from .artifacts import save_masks, save_recipe
+    from .baselines import METHODS
 
     cfg = config_from_args(args)
-    out = _out_folder(args.out, args.overwrite)
     method = args.method
-    ws = _load(cfg)
-    print(f"{method}: {ws.data.calibration.shape[0]} calibration samples", flush=True)
-    try:
-        with _stop_on_ctrl_c("block") as stop:
-            result = ws.prune(method, cfg, lambda d, t: print(f"{_bar(d, t)} {d}/{t}", flush=True), stop)
-    except Stopped:
-        print("stopped by the user: nothing was saved", file=sys.stderr)
-        return 1
-    command = cfg.cli_command("prune", ("--method", method), PRUNE_SETTINGS)
-    updates = result.weights is not None
-    note = ("SparseGPT also updated the kept weights; masks.npz holds only the mask (applied to the "
-            "original weights it is the sparsegpt-maskonly model). The updated weights are "
-            f"deterministic given this recipe: rerun `{command}` to get them.") if updates else \
-        "the pruned model is the original weights times masks.npz"
-    save_masks(out / "masks.npz", result.masks)
-    save_recipe(out, cfg, verb="prune", extra={"method": method, "command": command,
-                                               "updates_weights": updates, "weights": note})
-    return _finish(ws, args, out, method, {"method": method, "seconds": result.info["seconds"],
-                                           "updates_weights": updates, "weights": note})
+    uses_data = METHODS[method].uses_data
+    with _run_folder(args.out, args.overwrite) as out:
+        ws = _load(cfg, uses_data)
+        print(f"{method}: " + (f"{ws.data.calibration.shape[0]} calibration samples" if uses_data else
+                               f"no calibration data ({method} uses none)"), flush=True)
+        try:
+            with _stop_on_ctrl_c("block") as stop:
+                result = ws.prune(method, cfg, lambda d, t: print(f"{_bar(d, t)} {d}/{t}", flush=True), stop)
+        except Stopped:
+            print("stopped by the user: nothing was saved", file=sys.stderr)
+            return 1
+        updates = result.weights is not None
+        command = reproduce_command(cfg, method)
+        note = ("SparseGPT also updated the kept weights; masks.npz holds only the mask (applied to the "
+                "original weights it is the sparsegpt-maskonly model). The updated weights are "
+                f"deterministic given this recipe: rerun `{command}` to get them.") if updates else \
+            "the pruned model is the original weights times masks.npz"
+        save_masks(out / "masks.npz", result.masks)
+        save_recipe(out, cfg, method=method, extra={"updates_weights": updates, "weights": note})
+        return _finish(ws, args, out, method, {"method": method, "seconds": result.info["seconds"],
+                                               "updates_weights": updates, "weights": note}, uses_data)
 
 
 def cmd_eval(args) -> int:
     from .artifacts import load_masks
+    from .masks import check_masks_match
     from .results import DENSE, Pruning
     from .workspace import Workspace
 
@@ -200,10 +266,7 @@ def cmd_eval(args) -> int:
     names = [DENSE]
     if args.masks:
         masks = load_masks(args.masks)
-        missing = set(lm.prunable.names) ^ set(masks)
-        if missing:
-            raise UserError(f"the masks do not match this model ({len(missing)} layers differ, "
-                            f"e.g. {sorted(missing)[0]})")
+        check_masks_match(lm.prunable, masks)
         ws.add_result("pruned", Pruning("masks", masks))
         from .recovered_runs import WEIGHTS_FILE, load_weights_file
         if Path(args.masks, WEIGHTS_FILE).is_file():              # a `recover` folder: its updated weights
@@ -226,7 +289,8 @@ def cmd_eval(args) -> int:
 def cmd_export(args) -> int:
     from .export import export_run
 
-    overrides = {k: getattr(args, k) for k in ("device", "dtype") if hasattr(args, k)}
+    _remote_code_flag(args)
+    overrides = {k: getattr(args, k) for k in ("device", "dtype", "trust_remote_code") if hasattr(args, k)}
     stop = threading.Event()
 
     def on_sigint(signum, frame):
@@ -388,7 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp.add_argument("--out", required=True, metavar="DIR", help="the export folder to create")
     exp.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
     exp.add_argument("--no-eval", action="store_true", help="skip the perplexity table")
-    _add_config_flags(exp, {"device", "dtype"})
+    _add_config_flags(exp, {"device", "dtype", "trust_remote_code"})
     exp.set_defaults(func=cmd_export)
 
     from .recovery import RECOVERY_METHODS, RecoveryConfig
@@ -414,6 +478,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    gate = remote_code_allowed()
     try:
         return args.func(args)
     except UserError as exc:
@@ -422,3 +487,10 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("aborted", file=sys.stderr)
         return 130
+    finally:
+        allow_remote_code(gate)         # a --trust-remote-code flag lasts for its own command only
+
+
+def main_entry():
+    """The `proxsparse` console command."""
+    sys.exit(main())

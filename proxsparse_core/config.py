@@ -10,7 +10,10 @@ import shlex
 from dataclasses import asdict, dataclass, field, fields
 
 from .errors import UserError
-from .models import BUNDLED
+from .models import BUNDLED, DTYPES, check_device
+from .results import LEARNED
+
+MAX_TEXT = 1000     # characters in any text setting (a model id or path, a data file, a field name)
 
 
 def _f(default, help, **kw):
@@ -23,7 +26,8 @@ class RunConfig:
     model: str = _f(BUNDLED, "bundled:smollm2-135m, a Hugging Face id, or a local folder")
     device: str = _f("auto", "auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:1, mps")
     dtype: str = _f("auto", "auto (bf16 on GPUs that support it, else fp32), float32, bfloat16, float16")
-    trust_remote_code: bool = _f(False, "allow a model's own Python code (only for authors you trust)")
+    trust_remote_code: bool = _f(False, "run a model's own Python code (only for authors you trust; "
+                                            "only whoever starts the app or CLI can allow it)")
     device_map: str = _f("", "'auto' spreads a model too large for one GPU over all GPUs (accelerate)")
     # data
     data: str = _f("builtin", "builtin (Python's documentation), mix (half of it, half text the model writes "
@@ -62,6 +66,8 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
+        if not isinstance(d, dict):
+            raise UserError(f"the settings must be a JSON object of name: value pairs, got {type(d).__name__}")
         names = {f.name for f in fields(cls)}
         unknown = set(d) - names
         if unknown:
@@ -78,7 +84,11 @@ class RunConfig:
         return RunConfig(**d)
 
     def validate(self, max_positions: int | None = None) -> "RunConfig":
-        """Raise UserError with one clear line for the first bad value."""
+        """Raise UserError with one clear line for the first bad value.
+
+        Every field must have its declared type (text, whole number, number, true/false) before
+        anything reads it: a recipe or an API request may hold anything."""
+        self._check_types()
         def num(name, lo=None, hi=None, lo_open=False):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
@@ -118,9 +128,16 @@ class RunConfig:
                 if getattr(self, name) > max_positions:
                     raise UserError(f"{name} = {getattr(self, name)} is longer than the model "
                                     f"allows ({max_positions} tokens)")
+        check_device(self.device)
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise UserError(f"unknown dtype {self.dtype!r}; use auto, float32, bfloat16 or float16")
         if self.data not in ("", "builtin", "mix", "generated") and not self.data.startswith("hf:"):
             from pathlib import Path
-            if not Path(self.data).expanduser().is_file():
+            try:
+                found = Path(self.data).expanduser().is_file()
+            except (OSError, ValueError):     # a name too long for the file system, a NUL byte
+                found = False
+            if not found:
                 raise UserError(f"data file {self.data!r} does not exist")
         for f in fields(self):
             choices = f.metadata.get("choices")
@@ -129,6 +146,26 @@ class RunConfig:
         if self.device_map not in ("", "auto"):
             raise UserError("device_map must be empty or 'auto'")
         return self
+
+    def _check_types(self):
+        for f in fields(self):
+            v, kind = getattr(self, f.name), type(f.default)
+            if kind is bool:
+                if not isinstance(v, bool):       # "false" and "no" are truthy strings
+                    raise UserError(f"{f.name} must be true or false, got {v!r}")
+            elif kind is str:
+                if not isinstance(v, str):
+                    raise UserError(f"{f.name} must be text, got {v!r}")
+                if len(v) > MAX_TEXT:
+                    raise UserError(f"{f.name} is {len(v):,} characters long; the limit is {MAX_TEXT:,}")
+            elif kind is int:
+                if isinstance(v, float) and v.is_integer():
+                    setattr(self, f.name, int(v))   # 3.0 from a number widget is 3
+                elif isinstance(v, bool) or not isinstance(v, int):
+                    raise UserError(f"{f.name} must be a whole number, got {v!r}")
+            elif kind is float:
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    raise UserError(f"{f.name} must be a number, got {v!r}")
 
     def cli_command(self, verb: str = "learn", extra: tuple = (), only: set | None = None) -> str:
         """The CLI command that reproduces this configuration (non-default values only; `only`
@@ -145,6 +182,19 @@ class RunConfig:
             else:
                 parts += [flag, str(v)]
         return shlex.join(parts)
+
+
+# the settings a one-shot method uses: model, data and calibration (no learning settings)
+PRUNE_SETTINGS = {"model", "device", "dtype", "trust_remote_code", "device_map", "data", "data_field",
+                  "samples", "ctx", "eval_ctx", "eval_windows", "seed"}
+
+
+def reproduce_command(cfg: RunConfig, method: str = LEARNED) -> str:
+    """The CLI command that makes the result `method` again: `learn …` for ProxSparse,
+    `prune --method NAME …` (with only the settings prune reads) for a one-shot method."""
+    if method == LEARNED:
+        return cfg.cli_command("learn")
+    return cfg.cli_command("prune", ("--method", method), PRUNE_SETTINGS)
 
 
 def _preset(model, note, **settings):

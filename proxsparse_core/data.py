@@ -89,9 +89,16 @@ def _read_file(path: Path, field: str) -> list[str]:
             if not line.strip():
                 continue
             try:
-                docs.append(str(json.loads(line)[field]))
-            except (json.JSONDecodeError, KeyError, TypeError):
-                raise UserError(f"{path.name}: line {i} is not a JSON object with a {field!r} field")
+                value = json.loads(line)[field]
+            except (json.JSONDecodeError, KeyError, TypeError, IndexError):
+                raise UserError(f"{path.name}: line {i} is not a JSON object with a {field!r} field") from None
+            except RecursionError:
+                raise UserError(f"{path.name}: line {i} is nested too deeply; give one flat JSON object "
+                                f"with a {field!r} text field per line") from None
+            if not isinstance(value, str):
+                raise UserError(f"{path.name}: line {i}: the {field!r} field must be text, "
+                                f"not a JSON {type(value).__name__}")
+            docs.append(value)
         return docs
     return [p for p in text.split("\n\n")] if text.count("\n\n") >= 1 else text.splitlines()
 

@@ -5,10 +5,12 @@ the pruned weights, plus a model card README and a `proxsparse/` folder of small
 the masks alone (bit-packed), the recipe that reproduces the run, and a report (metrics,
 perplexity table, plots as SVG and HTML, environment).
 
-Writes are atomic: everything goes to a hidden temporary folder next to the target, which is
-renamed into place only when complete. A failure, a full disk or a Stop removes the temporary
-folder, so a target is either absent or complete. An existing non-empty folder is replaced only
-when the caller says so.
+Writes are atomic: everything goes to a hidden temporary folder next to the target
+(`.NAME.partial-<pid>-…`), which is renamed into place only when complete. A failure, a full disk
+or a Stop removes the temporary folder, so a target is either absent or complete. An existing
+non-empty folder is replaced only when the caller says so. A process killed mid-export cannot
+clean up: the next export to the same target removes the temporary folders of processes that
+are no longer alive (and puts back a previous export that was being replaced).
 """
 from __future__ import annotations
 
@@ -26,12 +28,12 @@ from typing import Callable
 
 import torch
 
-from .artifacts import EVENTS_FILE, METRICS_FILE, load_masks, load_recipe, save_json, save_masks, save_recipe
+from .artifacts import EVENTS_FILE, METRICS_FILE, load_masks, read_recipe, save_json, save_masks, save_recipe
 from .config import RunConfig
 from .errors import Stopped, UserError
-from .masks import mask_stats, verify
+from .masks import apply_masks, check_masks_match, mask_stats, verify  # noqa: F401 - re-exported
 from .report import environment, model_card, write_report
-from .results import DENSE, Pruning
+from .results import DENSE, LEARNED, Pruning
 
 ARTEFACTS = "proxsparse"          # sub-folder with masks, recipe and report
 MAX_NAME = 100
@@ -118,6 +120,7 @@ def export_result(ws, name: str, out, *, cfg: RunConfig | None = None, events=No
     out = Path(out).expanduser()
     say = progress or (lambda text: None)
     stop = stop or threading.Event()
+    clean_stale(out)
     _check_target(out, overwrite)
     if name not in ws.results:
         raise UserError(f"no pruning result named {name!r} to export")
@@ -137,7 +140,7 @@ def export_result(ws, name: str, out, *, cfg: RunConfig | None = None, events=No
     try:
         parent.mkdir(parents=True, exist_ok=True)
         _check_space(parent, _bytes_needed(lm.model, result.masks))
-        tmp = Path(tempfile.mkdtemp(dir=parent, prefix=f".{out.name}.partial-"))
+        tmp = Path(tempfile.mkdtemp(dir=parent, prefix=_temp_prefix(out, "partial")))
     except OSError as exc:
         raise _os_message(exc, parent) from exc
     try:
@@ -154,8 +157,7 @@ def export_result(ws, name: str, out, *, cfg: RunConfig | None = None, events=No
         save_masks(art / "masks.npz", result.masks)
         recipe = None
         if cfg is not None:
-            recipe = json.loads(save_recipe(art, cfg, extra={"method": result.method, "result": name})
-                                .read_text())
+            recipe = json.loads(save_recipe(art, cfg, method=name).read_text())
         if recipe is not None and "recovery" in result.info:      # how the survivors were recovered
             recipe = {**recipe, "base_method": result.info.get("base_method"),
                       "recovery": result.info["recovery"],
@@ -179,6 +181,46 @@ def export_result(ws, name: str, out, *, cfg: RunConfig | None = None, events=No
     return ExportResult(out, files, metrics)
 
 
+def _temp_prefix(out: Path, kind: str) -> str:
+    """`.NAME.partial-<pid>-` / `.NAME.old-<pid>-`: the pid says whether its writer still lives."""
+    return f".{out.name}.{kind}-{os.getpid()}-"
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:               # e.g. EPERM: it exists, under another user
+        return True
+    return True
+
+
+def clean_stale(out: Path) -> list[Path]:
+    """Remove the temporary folders that exports to `out` by processes no longer alive left behind
+    (`.NAME.partial-<pid>-…`, `.NAME.old-<pid>-…`). A previous export that was being replaced when
+    its process died (`.NAME.old-<pid>-…/previous`, with `out` missing) is put back first.
+    Returns the folders removed."""
+    pattern = re.compile(rf"\.{re.escape(out.name)}\.(partial|old)-(\d+)-[^/]*")
+    removed = []
+    try:
+        entries = sorted(out.parent.iterdir()) if out.parent.is_dir() else []
+        for p in entries:
+            m = pattern.fullmatch(p.name)
+            if not m or not p.is_dir() or p.is_symlink() or _alive(int(m.group(2))):
+                continue
+            previous = p / "previous"
+            if m.group(1) == "old" and previous.is_dir() and not out.exists():
+                os.rename(previous, out)
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    except OSError:          # tidying is best effort: an unreadable folder is reported by the export itself
+        pass
+    return removed
+
+
 def _stopped(stop: threading.Event):
     if stop.is_set():
         raise Stopped("export stopped by the user; nothing was written")
@@ -196,7 +238,7 @@ def _commit(tmp: Path, out: Path, overwrite: bool):
     _check_target(out, overwrite)           # it may have appeared while we were writing
     old = None
     if out.exists():
-        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.old-"))
+        old = Path(tempfile.mkdtemp(dir=out.parent, prefix=_temp_prefix(out, "old")))
         os.rename(out, old / "previous")
     try:
         os.rename(tmp, out)
@@ -255,30 +297,11 @@ def bundle(folder, dest) -> Path:
 
 
 # ---------------------------------------------------------------------------------- masks
-def check_masks_match(prunable, masks: dict):
-    differ = set(prunable.names) ^ set(masks)
-    if differ:
-        raise UserError(f"the masks do not match this model ({len(differ)} layers differ, "
-                        f"e.g. {sorted(differ)[0]})")
-    for n in prunable.names:
-        if tuple(masks[n].shape) != tuple(prunable.modules[n].weight.shape):
-            raise UserError(f"the mask of {n} has shape {tuple(masks[n].shape)}, the layer "
-                            f"{tuple(prunable.modules[n].weight.shape)}")
-
-
-@torch.no_grad()
-def apply_masks(prunable, masks: dict) -> None:
-    """W ← W · mask in place: on the original weights this gives exactly the exported W0 · mask."""
-    check_masks_match(prunable, masks)
-    for n, m in masks.items():
-        w = prunable.modules[n].weight
-        w.data.mul_(m.to(w.device, w.dtype))
-
-
 def load_with_masks(source: str, masks, device: str = "auto", dtype: str = "auto",
                     trust_remote_code: bool = False):
     """The original model with a mask file (or dict) applied: the pruned model, re-created from
-    the 1-bit masks. Returns a models.LoadedModel."""
+    the 1-bit masks. Returns a models.LoadedModel. A model that needs its own Python code also
+    needs `proxsparse_core.models.allow_remote_code(True)` first: that is the caller's decision."""
     from .models import load_model
 
     lm = load_model(source, device, dtype, trust_remote_code)
@@ -290,33 +313,54 @@ def load_with_masks(source: str, masks, device: str = "auto", dtype: str = "auto
 def export_run(run, out, *, overwrite: bool = False, evaluate: bool = True,
                overrides: dict | None = None, stop: threading.Event | None = None,
                progress: Callable[[str], None] | None = None) -> ExportResult:
-    """Export a CLI run folder (recipe.json + masks.npz [+ events.jsonl, metrics.json]): reload
-    the model and data named in the recipe, apply the masks, export."""
+    """Export a run folder written by `learn` or `prune` (recipe.json + masks.npz [+ events.jsonl,
+    metrics.json]): reload the model and data named in the recipe, apply the masks, export under
+    the name of the method that made them (recipe "method"; "proxsparse" for older recipes).
+    A method that also updates weights (SparseGPT) is run again from the recipe, since masks.npz
+    holds only its mask; its mask must come out the same."""
+    from .baselines import METHODS
     from .workspace import Workspace
 
+    say = progress or (lambda t: None)
     run, out = Path(run).expanduser(), Path(out).expanduser()
     if not run.is_dir():
         raise UserError(f"run folder {str(run)!r} does not exist")
+    clean_stale(out)
     from .recovered_runs import WEIGHTS_FILE
     if (run / WEIGHTS_FILE).is_file():             # a `recover` run: its recovered weights
         return _export_recovered_run(run, out, overwrite, evaluate, overrides, stop, progress)
     _check_target(out, overwrite)           # fail before the slow model load
-    cfg = load_recipe(run)
-    cfg = RunConfig(**{**cfg.to_dict(), **(overrides or {})})
+    recipe = read_recipe(run)
+    method = recipe.get("method", LEARNED)
+    if method != LEARNED and method not in METHODS:
+        raise UserError(f"recipe.json names an unknown method {method!r}; known: "
+                        f"{', '.join([LEARNED, *METHODS])}")
+    cfg = RunConfig.from_dict({**recipe["config"], **(overrides or {})})
     masks = load_masks(run)
     ws = Workspace()
-    (progress or (lambda t: None))(f"loading {cfg.model} …")
+    say(f"loading {cfg.model} …")
     ws.load(cfg)
     check_masks_match(ws.lm.prunable, masks)
-    info = {"config": cfg.to_dict()}
-    if (run / METRICS_FILE).exists():
-        old = json.loads((run / METRICS_FILE).read_text())
-        info.update({k: old[k] for k in ("status", "steps", "message") if k in old})
-    ws.add_result("proxsparse", Pruning("proxsparse", masks, None, info))
+    if method != LEARNED and METHODS[method].updates_weights:
+        say(f"{method} updates weights that masks.npz does not hold: running it again from the recipe …")
+        pruning = ws.prune(method, cfg, stop=stop)
+        if any(not torch.equal(pruning.masks[n], masks[n]) for n in masks):
+            raise UserError(f"running {method} again gave a different mask than the run folder's "
+                            f"masks.npz (another machine or library version?); nothing was written")
+    else:
+        info = {"config": cfg.to_dict()}
+        if (run / METRICS_FILE).exists():
+            try:
+                old = json.loads((run / METRICS_FILE).read_text())
+            except (ValueError, RecursionError, OSError):
+                old = {}
+            if isinstance(old, dict):
+                info.update({k: old[k] for k in ("status", "steps", "message") if k in old})
+        ws.add_result(method, Pruning(method, masks, None, info))
     events = None
-    if (run / EVENTS_FILE).exists():
+    if method == LEARNED and (run / EVENTS_FILE).exists():
         events = [json.loads(line) for line in (run / EVENTS_FILE).read_text().splitlines() if line.strip()]
-    return export_result(ws, "proxsparse", out, cfg=cfg, events=events, evaluate=evaluate,
+    return export_result(ws, method, out, cfg=cfg, events=events, evaluate=evaluate,
                          overwrite=overwrite, stop=stop, progress=progress)
 
 

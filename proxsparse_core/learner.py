@@ -4,10 +4,12 @@ Each step: LM loss (+ λ2 frozen-weight term) → backward → AdamW step (linea
 prox with λ1 on every prunable weight. After the last step the mask is the top-2 |W| of every
 group. The learner emits one plain `StepEvent` per step (the UI plots them, the CLI prints them),
 stops cleanly between steps when asked, and always gives back a mask from the last good state.
-The model's weights are restored to W0 when it returns, so the caller still holds the dense model.
+The model's weights are restored to W0 however it ends (even on an exception), so the caller
+still holds the dense model.
 """
 from __future__ import annotations
 
+import gc
 import math
 import threading
 import time
@@ -127,28 +129,90 @@ class ProxSparseLearner:
         return self.lm.model.get_input_embeddings().weight.device
 
     def run(self) -> LearnResult:
+        """Learn, and give the model back exactly as it came, whatever happens.
+
+        On every exit (a normal end, Stop, a NaN loss, out of memory, and any other exception,
+        e.g. a kernel or CUDA error or Ctrl-C) the prunable weights are W0 again, parameters
+        trained with train_all are restored, and so are the requires_grad flags, use_cache,
+        gradient checkpointing and the train/eval mode; the optimizer state, the λ2 copy of W0
+        and all gradients are released. Out of memory and a NaN loss end the run as "failed" with
+        the mask of the last good step. Any other exception is re-raised after the restore: the
+        step it interrupted was half-applied, so no mask is made from it."""
         cfg, model, prunable = self.cfg, self.lm.model, self.lm.prunable
         device = str(self._input_device())
-        torch.manual_seed(cfg.seed)
         weights = prunable.weights()
         originals = snapshot(prunable)                      # W0, on the CPU
+        prunable_ids = {id(w) for w in weights.values()}
+        saved_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+        use_cache = getattr(model.config, "use_cache", None)
+        was_training = model.training
+        # with train_all, the other trained parameters are restored too (the pruned model is W0*mask)
+        others = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()
+                  if cfg.train_all and id(p) not in prunable_ids}
+        scratch: dict = {}       # optimizer and λ2 copy of W0: emptied in place when the run ends
+        try:
+            status, message, done, events = self._loop(weights, originals, prunable_ids, device, scratch)
+            total_groups = sum(w.numel() // 4 for w in weights.values())
+            with torch.no_grad():
+                for w in weights.values():   # a diverged weight must not poison the mask ranking
+                    torch.nan_to_num_(w.data, nan=0.0, posinf=0.0, neginf=0.0)
+                learned_hist = sum(nnz_histogram(w).cpu() for w in weights.values())
+                masks = extract_masks(prunable)
+        finally:
+            self._release(scratch)
+            if cfg.grad_ckpt:
+                model.gradient_checkpointing_disable()
+            model.config.use_cache = use_cache
+            model.train(was_training)
+            for n, p in model.named_parameters():
+                p.grad = None
+                p.requires_grad_(saved_grad.get(n, True))
+            load_weights(prunable, originals)   # back to the dense W0
+            if others:
+                named = dict(model.named_parameters())
+                with torch.no_grad():
+                    for n, v in others.items():
+                        named[n].data.copy_(v)
+            others.clear()
+            originals.clear()
+            gc.collect()
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+        share = float(learned_hist[:3].sum()) / max(1, total_groups)
+        if status == "finished":
+            message = f"finished {done} steps; {100 * share:.1f}% of groups were already 2:4"
+        return LearnResult(status, message, done, masks, self.names, events, share)
+
+    @staticmethod
+    def _release(scratch: dict):
+        """Free the optimizer state and the λ2 copy of W0 in place, so that nothing big stays
+        alive even while an exception's traceback still holds the loop's frame."""
+        opt = scratch.pop("opt", None)
+        if opt is not None:
+            opt.zero_grad(set_to_none=True)
+            opt.state.clear()
+        w0 = scratch.pop("w0", None)
+        if w0 is not None:
+            w0.clear()
+        scratch.clear()
+
+    def _loop(self, weights: dict, originals: dict, prunable_ids: set, device: str, scratch: dict):
+        """The optimisation itself; returns (status, message, steps done, events)."""
+        cfg, model = self.cfg, self.lm.model
+        torch.manual_seed(cfg.seed)
         w0 = None
         if cfg.lambda2 > 0:
             if cfg.w0_offload:   # pinned, so each step's copy to the GPU is a fast DMA
-                w0 = {n: t.pin_memory() for n, t in originals.items()} if device.startswith("cuda") else originals
+                w0 = ({n: t.pin_memory() for n, t in originals.items()} if device.startswith("cuda")
+                      else dict(originals))
             else:
                 w0 = {n: originals[n].to(weights[n].device) for n in self.names}
-        saved_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-        prunable_ids = {id(w) for w in weights.values()}
+            scratch["w0"] = w0
         for p in model.parameters():
             p.requires_grad_(cfg.train_all or id(p) in prunable_ids)
         params = [p for p in model.parameters() if p.requires_grad]
-        # with train_all, the other trained parameters are restored too (the pruned model is W0*mask)
-        others = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()
-                  if p.requires_grad and id(p) not in prunable_ids}
         if cfg.grad_ckpt:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        use_cache = getattr(model.config, "use_cache", None)
         model.config.use_cache = False
         fused = device.startswith("cuda")
         # per-layer λ1 and learning rate. "none" is the published method. "layer" makes the step
@@ -161,7 +225,7 @@ class ProxSparseLearner:
         rest = [p for p in params if id(p) not in prunable_ids]
         if rest:
             groups.append({"params": rest, "lr": cfg.lr})
-        opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0, fused=fused)
+        opt = scratch["opt"] = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0, fused=fused)
         warm = max(1, int(round(cfg.warmup * cfg.steps)))
         def ramp(s):   # linear warm-up over the first `warmup` share of steps, then constant or cosine
             if s + 1 <= warm:
@@ -245,28 +309,4 @@ class ProxSparseLearner:
             message = (f"out of memory at step {done + 1}: lower ctx or batch, turn on gradient "
                        f"checkpointing, keep W0 on the CPU (w0_offload) or turn λ2 off. "
                        f"The state after step {done} was kept.")
-        finally:
-            opt.zero_grad(set_to_none=True)
-            del opt
-            model.eval()
-            if cfg.grad_ckpt:
-                model.gradient_checkpointing_disable()
-            model.config.use_cache = use_cache
-            for n, p in model.named_parameters():
-                p.requires_grad_(saved_grad.get(n, True))
-            if device.startswith("cuda"):
-                torch.cuda.empty_cache()
-        with torch.no_grad():
-            for w in weights.values():   # a diverged weight must not poison the mask ranking
-                torch.nan_to_num_(w.data, nan=0.0, posinf=0.0, neginf=0.0)
-            learned_hist = sum(nnz_histogram(w).cpu() for w in weights.values())
-            masks = extract_masks(prunable)
-            load_weights(prunable, originals)   # back to the dense W0
-            if others:
-                named = dict(model.named_parameters())
-                for n, v in others.items():
-                    named[n].data.copy_(v)
-        share = float(learned_hist[:3].sum()) / max(1, total_groups)
-        if status == "finished":
-            message = f"finished {done} steps; {100 * share:.1f}% of groups were already 2:4"
-        return LearnResult(status, message, done, masks, self.names, events, share)
+        return status, message, done, events

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from .errors import UserError
 from .prunable import PrunableSet
 
 
@@ -99,6 +100,28 @@ def verify(prunable: PrunableSet, masks: dict, originals: dict, updated_ok: bool
                 changed += c
                 problems.append(f"{n}: {c} survivors differ from W0")
     return Verification(not problems, groups, bad, changed, problems, updated_ok)
+
+
+def check_masks_match(prunable: PrunableSet, masks: dict) -> None:
+    """The one check that a mask set fits a model: the same prunable layers, each mask shaped
+    like its weight. UserError (one line) otherwise."""
+    differ = set(prunable.names) ^ set(masks)
+    if differ:
+        raise UserError(f"the masks do not match this model ({len(differ)} layers differ, "
+                        f"e.g. {sorted(differ)[0]})")
+    for n in prunable.names:
+        if tuple(masks[n].shape) != tuple(prunable.modules[n].weight.shape):
+            raise UserError(f"the masks do not match this model: the mask of {n} has shape "
+                            f"{tuple(masks[n].shape)}, the layer {tuple(prunable.modules[n].weight.shape)}")
+
+
+@torch.no_grad()
+def apply_masks(prunable: PrunableSet, masks: dict) -> None:
+    """W ← W · mask in place: on the original weights this gives exactly W0 · mask."""
+    check_masks_match(prunable, masks)
+    for n, m in masks.items():
+        w = prunable.modules[n].weight
+        w.data.mul_(m.to(w.device, w.dtype))
 
 
 def mask_stats(masks: dict) -> dict:

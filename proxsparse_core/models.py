@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -19,18 +20,68 @@ from .errors import UserError
 from .prunable import PrunableSet, find_prunable
 
 BUNDLED = "bundled:smollm2-135m"
+MAX_SOURCE_CHARS = 1000        # a model id or folder path
 BUNDLED_LABEL = "SmolLM2-135M-Instruct (bundled, offline)"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# Remote code (a model folder's own Python, named by `auto_map` in its config.json) runs inside
+# this process with all its rights. Whether it may run is decided by whoever starts the process
+# (app.py --allow-remote-code, the CLI's --trust-remote-code flag), never by a request or a recipe.
+_REMOTE_CODE_ALLOWED = False
+
+
+def allow_remote_code(flag: bool) -> None:
+    """Open (True) or close (False) the process-wide gate for models' own Python code."""
+    global _REMOTE_CODE_ALLOWED
+    if not isinstance(flag, bool):
+        raise TypeError(f"allow_remote_code takes True or False, got {flag!r}")
+    _REMOTE_CODE_ALLOWED = flag
+
+
+def remote_code_allowed() -> bool:
+    return _REMOTE_CODE_ALLOWED
+
+
+REMOTE_CODE_REFUSED = ("trust_remote_code runs a model's own Python code inside this process; whoever "
+                       "starts the app/CLI must allow it with --allow-remote-code (app) / "
+                       "--trust-remote-code (CLI)")
+
+
+def check_remote_code(trust_remote_code) -> None:
+    """trust_remote_code must be exactly True or False, and True only while the gate is open."""
+    if trust_remote_code is not True and trust_remote_code is not False:
+        raise UserError(f"trust_remote_code must be true or false, got {trust_remote_code!r}")
+    if trust_remote_code and not remote_code_allowed():
+        raise UserError(REMOTE_CODE_REFUSED)
 
 
 def cache_dir() -> Path:
     return Path(os.environ.get("PROXSPARSE_CACHE", Path.home() / ".cache" / "proxsparse"))
 
 
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]{1,3})?")
+
+
+def check_device(device) -> str:
+    """auto, cpu, mps, cuda or cuda:N; anything else is refused before a model is touched."""
+    if not isinstance(device, str) or not DEVICE_PATTERN.fullmatch(device):
+        raise UserError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N (N = GPU number) or mps")
+    return device
+
+
 def pick_device(device: str = "auto") -> str:
+    check_device(device)
     if device != "auto":
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError("CUDA was requested but no CUDA GPU is available; use --device cpu")
+        if device.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise UserError("CUDA was requested but no CUDA GPU is available; use --device cpu")
+            index = int(device.partition(":")[2] or 0)
+            if index >= torch.cuda.device_count():
+                raise UserError(f"there is no GPU {device!r}: this machine has "
+                                f"{torch.cuda.device_count()} (cuda:0 … cuda:{torch.cuda.device_count() - 1})")
+        if device == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+            raise UserError("MPS was requested but is not available here; use --device cpu")
         return device
     if torch.cuda.is_available():
         return "cuda"
@@ -39,11 +90,14 @@ def pick_device(device: str = "auto") -> str:
     return "cpu"
 
 
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
 def pick_dtype(dtype: str, device: str) -> torch.dtype:
-    table = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    table = DTYPES
     if dtype != "auto":
-        if dtype not in table:
+        if not isinstance(dtype, str) or dtype not in table:
             raise UserError(f"unknown dtype {dtype!r}; use auto, float32, bfloat16 or float16")
         return table[dtype]
     if device.startswith("cuda") and torch.cuda.is_bf16_supported():
@@ -130,8 +184,8 @@ def _explain_load_error(source: str, exc: Exception) -> UserError:
         return UserError(f"{source!r} is not a causal language model that transformers can load "
                          f"as AutoModelForCausalLM")
     if "trust_remote_code" in text:
-        return UserError(f"{source!r} needs custom code; allow it with --trust-remote-code "
-                         f"only if you trust its author")
+        return UserError(f"{source!r} needs its own Python code; only if you trust its author, start "
+                         f"the app with --allow-remote-code (CLI: --trust-remote-code) and turn it on")
     if offline:
         return UserError(f"cannot download {source!r}: the Hugging Face hub is not reachable "
                          f"(offline). Use the bundled model or a local folder")
@@ -147,15 +201,24 @@ def load_model(source: str = BUNDLED, device: str = "auto", dtype: str = "auto",
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
+    check_remote_code(trust_remote_code)   # before anything reads the folder
     hf_logging.disable_progress_bar()   # our own progress reporting is enough
+    if source is not None and not isinstance(source, str):
+        raise UserError(f"the model must be given as text (an id or a folder), got {source!r}")
     source = (source or BUNDLED).strip()
+    if len(source) > MAX_SOURCE_CHARS:
+        raise UserError(f"the model name is {len(source):,} characters long; the limit is {MAX_SOURCE_CHARS:,}")
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     if source == BUNDLED:
         path, label = str(bundled_folder()), BUNDLED_LABEL
     else:
         p = Path(source).expanduser()
-        if p.exists():
+        try:
+            exists = p.exists()
+        except OSError as exc:     # e.g. a path component longer than the file system allows
+            raise UserError(f"{source[:80]!r}… is not a usable model folder or id ({exc.strerror})") from exc
+        if exists:
             if not (p / "config.json").exists():
                 raise UserError(f"{source!r} is a folder without config.json: not a model folder")
             path, label = str(p), p.name

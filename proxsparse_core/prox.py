@@ -42,6 +42,8 @@ Both share the sweep cap, so the fast mode's objective is never worse than the r
 """
 from __future__ import annotations
 
+import importlib.util
+
 import torch
 
 from . import prox_native
@@ -218,15 +220,13 @@ def _prox_reference(zf: torch.Tensor, lam: float, tol: float = REFERENCE_TOL,
 
 
 def triton_kernels():
-    """prox_triton, imported only when CUDA and Triton exist (None otherwise)."""
+    """prox_triton, imported only when CUDA and Triton exist (None otherwise). Whether Triton is
+    installed is asked first, so a real error inside prox_triton is not mistaken for its absence."""
     global _TRITON
     if _TRITON is False:
         _TRITON = None
-        if torch.cuda.is_available():
-            try:
-                from . import prox_triton as _TRITON
-            except ImportError:
-                _TRITON = None
+        if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
+            from . import prox_triton as _TRITON
     return _TRITON
 
 

@@ -191,14 +191,18 @@ def model_card(metrics: dict, artefacts: str) -> str:
         front.append(f"base_model: {source}")
     front.append("---")
     ppl = metrics.get("perplexity") or {}
+    method = metrics.get("method") or "proxsparse"
+    learned = method == "proxsparse"
     lines = front + [
         "", f"# {metrics.get('model_label', 'model')}: 2:4 semi-structured sparse ({metrics.get('method')})", "",
         f"Every prunable linear layer of the decoder blocks ({metrics.get('mask_stats', {}).get('layers', '?')} "
         "layers) keeps at most 2 non-zero weights in every group of 4 consecutive input weights, "
         "the pattern NVIDIA sparse tensor cores accelerate. Embeddings, `lm_head` and norms are dense.",
         "",
-        ("The surviving weights are exactly the original weights (W0 · mask): ProxSparse learns "
-         "*which* weights to keep, never their values." if not metrics.get("weights_updated") else
+        (("The surviving weights are exactly the original weights (W0 · mask): ProxSparse learns "
+          "*which* weights to keep, never their values." if learned else
+          f"The surviving weights are exactly the original weights (W0 · mask): {method} chooses "
+          "*which* weights to keep, never their values.") if not metrics.get("weights_updated") else
          "This method also updated the surviving weights, so they differ from the original model."),
         "", "## Use", "", "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
@@ -230,9 +234,9 @@ def model_card(metrics: dict, artefacts: str) -> str:
         lines += ["", f"Data: {metrics.get('data', '?')}, {metrics.get('held_out_tokens', '?')} held-out tokens.", ""]
     recipe = metrics.get("recipe") or {}
     if recipe.get("command"):
-        lines += ["## Reproduce", "", "```", recipe["command"], "```", "",
-                  f"λ1 is used as is (not multiplied by the learning rate). Full settings: "
-                  f"`{artefacts}/recipe.json`.", ""]
+        lines += ["## Reproduce", "", "```", recipe["command"], "```", ""]
+        lines += [("λ1 is used as is (not multiplied by the learning rate). " if learned else "")
+                  + f"Full settings: `{artefacts}/recipe.json`.", ""]
     lines += ["## Files", "",
               f"- `{artefacts}/report.html`: metrics, perplexity table, loss and sparsity plots, environment",
               f"- `{artefacts}/loss.svg`, `{artefacts}/sparsity.svg`: the plots as images",

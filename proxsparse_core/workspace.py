@@ -6,10 +6,12 @@ variant is swapped in only while it is evaluated.
 """
 from __future__ import annotations
 
+import gc
 import threading
 
 import torch
 
+from .budget import check_learning_memory
 from .config import RunConfig
 from .data import Data, prepare_data
 from .errors import UserError
@@ -34,23 +36,28 @@ class Workspace:
 
     # ------------------------------------------------------------------ loading
     def load(self, cfg: RunConfig) -> LoadedModel:
+        """Make `cfg`'s model and data the current ones. Nothing changes until both are ready: a
+        bad setting, an unknown model or unusable data raises UserError and leaves the loaded
+        model, its data and every result as they were. A new model replaces the results."""
+        cfg.validate()                     # types, device, dtype: before anything is touched
         key = (cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code, cfg.device_map)
-        if self.lm is None or key != self._model_key:
-            self.lm = None
-            self.results, self.ppl, self.top1, self.data, self._data_key = {}, {}, {}, None, None
+        new_model = self.lm is None or key != self._model_key
+        lm = load_model(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code,
+                        cfg.device_map or None) if new_model else self.lm
+        cfg.validate(lm.max_positions)
+        dkey = (cfg.data, cfg.data_field, cfg.samples, cfg.ctx, cfg.seed, cfg.eval_ctx, cfg.eval_windows)
+        data = self.data
+        if new_model or data is None or dkey != self._data_key:
+            data = prepare_data(lm.tokenizer, cfg.data, cfg.samples, cfg.ctx, cfg.seed,
+                                cfg.eval_ctx, cfg.eval_windows or None, cfg.data_field, lm.model)
+        if new_model:                      # the new model is ready: only now drop the old one
+            self.lm, self.originals, self.results, self.ppl, self.top1 = lm, snapshot(lm.prunable), {}, {}, {}
+            self._model_key = key
+            gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-            self.lm = load_model(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code,
-                                 cfg.device_map or None)
-            self.originals = snapshot(self.lm.prunable)
-            self._model_key = key
-        cfg.validate(self.lm.max_positions)
-        dkey = (cfg.data, cfg.data_field, cfg.samples, cfg.ctx, cfg.seed, cfg.eval_ctx, cfg.eval_windows)
-        if self.data is None or dkey != self._data_key:
-            self.data = prepare_data(self.lm.tokenizer, cfg.data, cfg.samples, cfg.ctx, cfg.seed,
-                                     cfg.eval_ctx, cfg.eval_windows or None, cfg.data_field, self.lm.model)
-            self.ppl, self.top1 = {}, {}
-            self._data_key = dkey
+        if data is not self.data:
+            self.data, self.ppl, self.top1, self._data_key = data, {}, {}, dkey
         return self.lm
 
     def _need(self):
@@ -61,6 +68,7 @@ class Workspace:
     def learn(self, cfg: RunConfig, on_event=None, stop: threading.Event | None = None,
               name: str = LEARNED) -> LearnResult:
         self.load(cfg)
+        check_learning_memory(self.lm, cfg)     # refuse settings that cannot fit, before any step
         with self.lock:
             result = ProxSparseLearner(self.lm, cfg, self.data.calibration, on_event, stop).run()
         if result.steps_done > 0:
