@@ -117,8 +117,7 @@ def run(argv=None):
     port = check_listen(host, args.port)
     if args.allow_remote_code:
         from proxsparse_core import models
-        if hasattr(models, "allow_remote_code"):       # the process-wide gate of proxsparse_core
-            models.allow_remote_code(True)
+        models.allow_remote_code(True)                 # the process-wide gate of proxsparse_core
     defaults = RunConfig().with_preset(preset)
     if args.model:
         defaults.model = args.model

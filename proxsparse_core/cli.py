@@ -312,9 +312,8 @@ def cmd_export(args) -> int:
 
 def cmd_recover(args) -> int:
     """Recover the surviving weights of a learn/prune run folder; write a run folder of its own."""
-    from .artifacts import save_events, save_json, save_masks
-    from .recovered_runs import WEIGHTS_FILE, add_base_result, read_run, recover_command, save_weights
-    from .recovery import RecoveryConfig, recovered_name
+    from .recovered_runs import WEIGHTS_FILE, read_run
+    from .recovery import RecoveryConfig
 
     rcfg = RecoveryConfig(args.method, args.steps, args.lr, args.batch, args.seed).validate()
     overrides = {k: getattr(args, k) for k in ("device", "dtype") if hasattr(args, k)}
@@ -322,9 +321,17 @@ def cmd_recover(args) -> int:
     if folder.recovered:
         raise UserError(f"{args.run!r} is already a recover run (it holds {WEIGHTS_FILE}); recover its "
                         f"base run instead")
-    out = _out_folder(args.out, args.overwrite)
-    if out.resolve() == folder.path.resolve():
+    if args.out and Path(args.out).resolve() == folder.path.resolve():
         raise UserError("--out must be a new folder, not the run folder being recovered")
+    with _run_folder(args.out, args.overwrite) as out:
+        return _recover_into(args, folder, rcfg, out)
+
+
+def _recover_into(args, folder, rcfg, out: Path) -> int:
+    from .artifacts import save_events, save_json, save_masks
+    from .recovered_runs import WEIGHTS_FILE, add_base_result, recover_command, save_weights
+    from .recovery import recovered_name
+
     ws = _load(folder.cfg)
 
     def on_block(done, total):
