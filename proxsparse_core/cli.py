@@ -443,7 +443,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--masks", metavar="PATH", help="a run folder or masks.npz to apply to the model")
     ev.add_argument("--recipe", metavar="PATH", help="take model and data settings from a recipe")
     ev.add_argument("--preset", metavar="NAME", help=argparse.SUPPRESS)
-    _add_config_flags(ev, {"model", "device", "dtype", "trust_remote_code", "device_map", "data",
+    _add_config_flags(ev, {"model", "device", "dtype", "trust_remote_code", "device_map", "max_memory", "data",
                            "data_field", "eval_ctx", "eval_windows", "seed"})
     ev.add_argument("--prompt", help="generate from this prompt with each model (greedy)")
     ev.add_argument("--max-new-tokens", type=int, default=48)

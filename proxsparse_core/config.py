@@ -28,7 +28,9 @@ class RunConfig:
     dtype: str = _f("auto", "auto (bf16 on GPUs that support it, else fp32), float32, bfloat16, float16")
     trust_remote_code: bool = _f(False, "run a model's own Python code (only for authors you trust; "
                                             "only whoever starts the app or CLI can allow it)")
-    device_map: str = _f("", "'auto' spreads a model too large for one GPU over all GPUs (accelerate)")
+    device_map: str = _f("", "'auto' spreads a model too large for one GPU over all GPUs, then the CPU (accelerate)")
+    max_memory: str = _f("", "with device_map auto: memory per device, e.g. 0=70GiB,1=70GiB,cpu=200GiB "
+                             "(a small GPU share forces a split)")
     # data
     data: str = _f("builtin", "builtin (Python's documentation), mix (half of it, half text the model writes "
                               "itself), generated, a .txt/.jsonl file, or hf:NAME[:CONFIG[:SPLIT[:FIELD]]]")
@@ -145,6 +147,9 @@ class RunConfig:
                 raise UserError(f"{f.name} must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}")
         if self.device_map not in ("", "auto"):
             raise UserError("device_map must be empty or 'auto'")
+        if self.max_memory:
+            from .placement import parse_max_memory
+            parse_max_memory(self.max_memory)
         return self
 
     def _check_types(self):
@@ -185,7 +190,7 @@ class RunConfig:
 
 
 # the settings a one-shot method uses: model, data and calibration (no learning settings)
-PRUNE_SETTINGS = {"model", "device", "dtype", "trust_remote_code", "device_map", "data", "data_field",
+PRUNE_SETTINGS = {"model", "device", "dtype", "trust_remote_code", "device_map", "max_memory", "data", "data_field",
                   "samples", "ctx", "eval_ctx", "eval_windows", "seed"}
 
 

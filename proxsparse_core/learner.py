@@ -44,6 +44,7 @@ class StepEvent:
     elapsed: float
     eta: float
     objective: str = "lm"       # what lm_loss is: "lm" (next-token loss) or "distill" (KL to the dense model)
+    mem_by_device: dict | None = None   # device → peak memory, when the model spans several devices
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -80,9 +81,22 @@ def memory_in_use(device: str) -> int:
         return 0
 
 
-def _sync(device: str):
-    if str(device).startswith("cuda"):
-        torch.cuda.synchronize()
+def memory_by_device(devices) -> dict[str, int]:
+    """Peak allocated memory of each CUDA device in `devices`, resident memory for "cpu". With a
+    model split over devices (accelerate's device_map) every device reports its own share."""
+    out = {}
+    for d in devices:
+        d = torch.device(d)
+        out[str(d)] = (int(torch.cuda.max_memory_allocated(d)) if d.type == "cuda" and torch.cuda.is_available()
+                       else memory_in_use("cpu"))
+    return out
+
+
+def _sync(device):
+    """Wait for the GPU work of `device` (a name, or a collection of names: every CUDA device used)."""
+    for d in ([device] if isinstance(device, str) else device):
+        if str(d).startswith("cuda"):
+            torch.cuda.synchronize(torch.device(d))
 
 
 @torch.no_grad()
@@ -199,6 +213,9 @@ class ProxSparseLearner:
     def _loop(self, weights: dict, originals: dict, prunable_ids: set, device: str, scratch: dict):
         """The optimisation itself; returns (status, message, steps done, events)."""
         cfg, model = self.cfg, self.lm.model
+        # with accelerate's device_map the layers live on several devices: every per-layer operation
+        # (prox, λ2 term, statistics) runs on its layer's own device; only small rows are gathered
+        devices = sorted({device} | {str(w.device) for w in weights.values()})
         torch.manual_seed(cfg.seed)
         w0 = None
         if cfg.lambda2 > 0:
@@ -214,7 +231,7 @@ class ProxSparseLearner:
         if cfg.grad_ckpt:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
-        fused = device.startswith("cuda")
+        fused = all(d.startswith("cuda") for d in devices)    # fused AdamW needs every parameter on a GPU
         # per-layer λ1 and learning rate. "none" is the published method. "layer" makes the step
         # scale-free: prox_λ(s·y) = s·prox_{λs}(y), so λ1/s shrinks every layer by the same share of
         # its own scale s = rms(W0), and lr·s moves every layer by the same share under Adam.
@@ -241,8 +258,9 @@ class ProxSparseLearner:
             teacher = teacher_targets(model, self.samples[used], stop=self.stop)
             slot = torch.full((self.samples.shape[0],), -1, dtype=torch.long)
             slot[used] = torch.arange(used.numel())
-        if device.startswith("cuda"):
-            torch.cuda.reset_peak_memory_stats()
+        for d in devices:
+            if d.startswith("cuda"):
+                torch.cuda.reset_peak_memory_stats(torch.device(d))
         total_groups = sum(w.numel() // 4 for w in weights.values())
         events: list[StepEvent] = []
         status, message, done = "finished", f"finished {cfg.steps} steps", 0
@@ -267,13 +285,13 @@ class ProxSparseLearner:
                                f"kept the state after step {done}. Lower the learning rate or λ.")
                     break
                 lm_loss.backward()
-                _sync(device)
+                _sync(devices)
                 t1 = time.perf_counter()
                 l2 = frozen_weight_term_(weights, w0, cfg.lambda2, cfg.eps) if w0 is not None else 0.0
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
-                _sync(device)
+                _sync(devices)
                 t2 = time.perf_counter()
                 want_layers = step % cfg.layer_stats_every == 0 or step == cfg.steps
                 # the prox kernels count each result's non-zeros per group as they go: one row per
@@ -284,7 +302,7 @@ class ProxSparseLearner:
                         dev = weights[n].device
                         rows[n] = torch.zeros(5, dtype=torch.long, device=dev)
                         prox_2to4_(weights[n], lam[n], hist=rows[n])
-                    _sync(device)
+                    _sync(devices)
                     t3 = time.perf_counter()
                     per_layer = torch.stack([r.to(device) for r in rows.values()]).cpu()
                 hist = per_layer.sum(0)
@@ -301,6 +319,7 @@ class ProxSparseLearner:
                     t_fwd_bwd=t1 - t0, t_opt=t2 - t1, t_prox=t3 - t2, t_step=t_step,
                     tokens_per_s=batch.numel() / max(t_step, 1e-9),
                     mem_bytes=memory_in_use(device), elapsed=elapsed,
+                    mem_by_device=memory_by_device(devices) if len(devices) > 1 else None,
                     eta=elapsed / step * (cfg.steps - step), objective=cfg.loss)
                 events.append(ev)
                 self.on_event(ev)

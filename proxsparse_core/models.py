@@ -193,11 +193,13 @@ def _explain_load_error(source: str, exc: Exception) -> UserError:
 
 
 def load_model(source: str = BUNDLED, device: str = "auto", dtype: str = "auto",
-               trust_remote_code: bool = False, device_map: str | None = None) -> LoadedModel:
+               trust_remote_code: bool = False, device_map: str | None = None,
+               max_memory: str = "") -> LoadedModel:
     """Load a causal LM and its tokenizer, ready for learning or evaluation.
 
-    device_map="auto" spreads a model too large for one GPU over all GPUs (and CPU) with
-    accelerate; the model then stays where accelerate put it."""
+    device_map="auto" spreads a model too large for one GPU over all GPUs (and the CPU) with
+    accelerate, within `max_memory` ("0=70GiB,cpu=200GiB"; placement.py); the model then stays
+    where accelerate put it, each layer computing on its own device."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -227,16 +229,16 @@ def load_model(source: str = BUNDLED, device: str = "auto", dtype: str = "auto",
         else:
             path, label = source, source
     try:
-        kwargs = dict(dtype=dt, trust_remote_code=trust_remote_code)
-        if device_map:
-            kwargs["device_map"] = device_map
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, trust_remote_code=trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - every load failure becomes one clear line
         raise _explain_load_error(source, exc) from exc
-    if not device_map:
+    if device_map:
+        from .placement import parse_max_memory, split_over_devices
+        model = split_over_devices(model, parse_max_memory(max_memory))
+    else:
         model.to(dev)
     model.eval()
     if tokenizer.pad_token_id is None:

@@ -40,10 +40,10 @@ class Workspace:
         bad setting, an unknown model or unusable data raises UserError and leaves the loaded
         model, its data and every result as they were. A new model replaces the results."""
         cfg.validate()                     # types, device, dtype: before anything is touched
-        key = (cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code, cfg.device_map)
+        key = (cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code, cfg.device_map, cfg.max_memory)
         new_model = self.lm is None or key != self._model_key
         lm = load_model(cfg.model, cfg.device, cfg.dtype, cfg.trust_remote_code,
-                        cfg.device_map or None) if new_model else self.lm
+                        cfg.device_map or None, cfg.max_memory) if new_model else self.lm
         cfg.validate(lm.max_positions)
         dkey = (cfg.data, cfg.data_field, cfg.samples, cfg.ctx, cfg.seed, cfg.eval_ctx, cfg.eval_windows)
         data = self.data

@@ -24,12 +24,12 @@ from .jobs import Busy, JobManager, LearnJob
 
 FORM = [f.name for f in fields(RunConfig) if f.name != "data"]   # data has its own three widgets
 DATA_MODES = ["built-in text", "upload a file", "HF dataset"]
-KEEP_ON_PRESET = ("device", "dtype", "device_map", "trust_remote_code", "data_field")
+KEEP_ON_PRESET = ("device", "dtype", "device_map", "max_memory", "trust_remote_code", "data_field")
 POLL_S = 0.5
 
 LABELS = {
     "model": "Model", "device": "Device", "dtype": "Precision", "trust_remote_code": "Trust remote code",
-    "device_map": "Multi-GPU placement", "data_field": "Text field", "samples": "Calibration samples",
+    "device_map": "Multi-GPU placement", "max_memory": "Memory per device", "data_field": "Text field", "samples": "Calibration samples",
     "ctx": "Tokens per sample", "eval_ctx": "Perplexity window (tokens)", "eval_windows": "Perplexity windows",
     "lambda1": "λ1 · 2:4 regulariser", "lambda2": "λ2 · frozen-weight regulariser", "eps": "ε (λ2 term)",
     "lr": "Learning rate", "steps": "Steps", "batch": "Batch size", "warmup": "Warm-up share",
