@@ -62,7 +62,8 @@ class Workspace:
               name: str = LEARNED) -> LearnResult:
         self.load(cfg)
         with self.lock:
-            result = ProxSparseLearner(self.lm, cfg, self.data.calibration, on_event, stop).run()
+            result = ProxSparseLearner(self.lm, cfg, self.data.calibration, on_event, stop,
+                                       held_out=self.data.held_out, originals=self.originals).run()
         if result.steps_done > 0:
             self.results[name] = Pruning(LEARNED, result.masks, None,
                                          {"status": result.status, "steps": result.steps_done,
