@@ -137,8 +137,8 @@ def test_held_out_if_stopped_now_is_w0_under_the_current_mask_and_does_not_distu
     # the measurement never touches the learned weights: same losses, same masks
     assert [e.lm_loss for e in measured] == [e.lm_loss for e in plain]
     assert all(torch.equal(res.masks[n], base.masks[n]) for n in res.masks)
-    assert [e.step for e in measured if e.heldout_loss_24 is not None] == [2, 4]
-    batch = held[:learner.HELDOUT_WINDOWS, :cfg.ctx]
+    assert [e.step for e in measured if e.heldout_loss_24 is not None] == [1, 2, 4]
+    batch = held[:learner.HELDOUT_WINDOWS, :cfg.ctx // 2]
     dense = learner.heldout_loss(tiny_lm.model, batch)
     assert all(e.heldout_loss_dense == pytest.approx(dense) for e in measured)
     with swapped(tiny_lm.prunable, pruned_weights(w0, res.masks), w0):    # the final mask, applied to W0
@@ -147,11 +147,11 @@ def test_held_out_if_stopped_now_is_w0_under_the_current_mask_and_does_not_distu
     assert "groups with 0/1/2/3/4 non-zeros: " in measured[-1].line() and "nnz/group" not in measured[-1].line()
     for n, w in tiny_lm.prunable.weights().items():
         assert torch.equal(w, w0[n])
-    # over budget: only the last step is measured
+    # over budget: only where the curve starts and ends
     monkeypatch.setattr(learner, "HELDOUT_BUDGET", 0.0)
     few = []
     ProxSparseLearner(tiny_lm, cfg, _samples(), few.append, held_out=held).run()
-    assert [e.step for e in few if e.heldout_loss_24 is not None] == [4]
+    assert [e.step for e in few if e.heldout_loss_24 is not None] == [1, 4]
 
 
 def test_masked_w0_restores_the_learned_weights_when_the_forward_fails(tiny_lm):

@@ -435,3 +435,37 @@ def test_a_gpu_preset_is_held_back_once_on_a_cpu_only_machine():
     assert "made for a GPU" in first and "Start again" in first
     assert learn_tab.gpu_warning(jobs, cfg) is None                     # pressed again: go ahead
     assert learn_tab.gpu_warning(JobManager(), RunConfig().with_preset("quick-demo")) is None
+
+
+def test_two_runs_in_a_row_do_not_keep_the_first_runs_tensors(tiny_dir):
+    """What a finished run no longer needs is freed at once: its optimizer moments, its copies of
+    W0, its masks once the next run replaced them. Garbage collection is off, so tensors that
+    only reference cycles hold would stay, and be counted."""
+    import gc
+    import weakref
+
+    import torch
+
+    def live() -> dict:
+        return {id(t): t for t in gc.get_objects() if isinstance(t, torch.Tensor) and t._base is None}
+
+    jobs = JobManager()
+    gc.collect()
+    gc.disable()
+    try:
+        wait(jobs.start_learning(tiny_cfg(tiny_dir, steps=4), evaluate=True))
+        after_first = live()
+        first_run = [weakref.ref(t) for t in after_first.values()]
+        first_bytes = sum(t.untyped_storage().nbytes() for t in after_first.values())
+        del after_first
+        wait(jobs.start_learning(tiny_cfg(tiny_dir, steps=4, seed=1), evaluate=True))
+        time.sleep(0.2)
+        now = live()
+        kept = [r() for r in first_run if r() is not None]
+        now_bytes = sum(t.untyped_storage().nbytes() for t in now.values())
+        first_masks = [t for t in kept if t.dtype == torch.bool]      # replaced by the second run's
+        assert not first_masks, f"{len(first_masks)} masks of the first run are still alive"
+        assert now_bytes <= first_bytes * 1.02, (now_bytes, first_bytes)
+        del now, kept, first_masks
+    finally:
+        gc.enable()

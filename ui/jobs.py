@@ -126,6 +126,21 @@ class LearnJob:
 _DONE = object()
 
 
+def release_free_memory():
+    """Hand the heap memory a finished run freed back to the operating system (glibc keeps it
+    otherwise, and each run's thread gets an arena of its own, so a process grows run by run)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+    except OSError:
+        pass
+
+
 def in_worker(work):
     """Run `work(emit)` in a daemon thread and yield whatever it emits; its exception is
     re-raised here. Gradio may run each step of a generator handler on a different thread, so
@@ -253,6 +268,7 @@ class JobManager:
         # caught while a model loaded) and would hold the run's tensors until Python's next full
         # collection, which may come only after the next run has allocated its own: collect now.
         gc.collect()
+        release_free_memory()
 
     def _learn(self, job: LearnJob):
         try:
