@@ -128,6 +128,14 @@ def frozen_weight_term_(weights: dict, w0: dict, lam2: float, eps: float) -> flo
     return lam2 * float(total.sum()) if total is not None else 0.0
 
 
+def held_gap(cost: float, step_times: list[float]) -> float:
+    """Steps until the next held-out measurement, so that measuring takes HELDOUT_BUDGET of the time."""
+    if HELDOUT_BUDGET <= 0:
+        return math.inf
+    per_step = statistics.median(step_times[-10:])
+    return max(1, math.ceil(cost / (HELDOUT_BUDGET * max(per_step, 1e-9))))
+
+
 def eta_seconds(step_times: list[float], total: int, held_spent: float = 0.0, held_cost: float = 0.0) -> float:
     """Seconds left: the median of the recent step times (the first step, which warms caches and
     allocates the optimizer state, is left out once there are others) for each step left, plus
@@ -143,8 +151,9 @@ def eta_seconds(step_times: list[float], total: int, held_spent: float = 0.0, he
 
 HELDOUT_WINDOWS = 2       # held-out windows of the "if stopped now" measurement, each cut to ctx/2 tokens:
                           # one forward pass over as many tokens as a step's batch of one, ~⅓ of a step
-HELDOUT_BUDGET = 0.06     # after step 1, it runs every layer_stats_every steps while it costs under this
-                          # share of the run; with the dense reference, step 1 and the last step, < 10%
+HELDOUT_BUDGET = 0.06     # between step 1 and the last step it runs at evenly spaced stats steps, spaced so
+                          # that it costs this share of the run; with the dense reference and the two
+                          # ends, < 10% of a run
 
 
 @contextlib.contextmanager
@@ -275,6 +284,7 @@ class ProxSparseLearner:
             dense_loss = heldout_loss(model, held)
             held_cost = held_spent = time.perf_counter() - t0
         step_times: list[float] = []     # per step, without the held-out measurement
+        next_held = 1                    # the first step at which the next held-out measurement may run
         t_start = time.perf_counter()
         model.train()
         try:
@@ -325,13 +335,13 @@ class ProxSparseLearner:
                 pruned_loss = None
                 # "if stopped now": where the curve starts, every few steps as long as it stays a
                 # small share of the run, and where it ends
-                if held is not None and (step in (1, cfg.steps) or (
-                        want_layers and held_spent + held_cost <= HELDOUT_BUDGET * sum(step_times))):
+                if held is not None and (step in (1, cfg.steps) or (want_layers and step >= next_held)):
                     th = time.perf_counter()
                     with masked_w0(prunable, originals):
                         pruned_loss = heldout_loss(model, held)
                     held_cost = time.perf_counter() - th
                     held_spent += held_cost
+                    next_held = step + held_gap(held_cost, step_times)
                 elapsed = time.perf_counter() - t_start
                 lm_val = float(lm_loss.detach())
                 ev = StepEvent(

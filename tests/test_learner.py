@@ -186,3 +186,12 @@ def test_eta_leaves_out_the_first_step_and_counts_held_out_time():
     assert eta_seconds([5.0], 3) == pytest.approx(10.0)
     assert eta_seconds([1.0, 1.0], 2) == 0.0
     assert eta_seconds([1.0, 1.0, 1.0], 5, held_spent=0.3, held_cost=0.5) == pytest.approx(2 * 1.1 + 0.5)
+
+
+def test_held_out_measurements_are_spaced_to_cost_a_small_share_of_the_run(monkeypatch):
+    from proxsparse_core import learner
+
+    monkeypatch.setattr(learner, "HELDOUT_BUDGET", 0.05)
+    assert learner.held_gap(0.5, [1.0] * 5) == 10          # half a step's cost, 5% of the time → every 10 steps
+    assert learner.held_gap(0.01, [1.0, 1.0]) == 1
+    assert learner.held_gap(1.0, [9.0] + [0.1] * 10) == 200  # the recent steps count, not the first one

@@ -129,8 +129,9 @@ def preset_note(name: str) -> str:
 
 def preset_label(name: str) -> str:
     model = PRESETS[name]["settings"]["model"]
-    where = "GPU + download" if name in GPU_PRESETS else "CPU, offline"
-    return f"{name} — {model.split('/')[-1]} · {where}"
+    if name in GPU_PRESETS:
+        return f"{name} — {model.split('/')[-1]} · GPU + download"
+    return f"{name} — {BUNDLED_LABEL.split(' (')[0]} · CPU, offline"
 
 
 def preset_choices() -> list[tuple[str, str]]:
