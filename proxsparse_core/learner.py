@@ -285,6 +285,7 @@ class ProxSparseLearner:
             held_cost = held_spent = time.perf_counter() - t0
         step_times: list[float] = []     # per step, without the held-out measurement
         next_held = 1                    # the first step at which the next held-out measurement may run
+        held_costs: list[float] = []     # seconds per "if stopped now" measurement
         t_start = time.perf_counter()
         model.train()
         try:
@@ -341,7 +342,8 @@ class ProxSparseLearner:
                         pruned_loss = heldout_loss(model, held)
                     held_cost = time.perf_counter() - th
                     held_spent += held_cost
-                    next_held = step + held_gap(held_cost, step_times)
+                    held_costs.append(held_cost)    # the least of the last few: one slow call (a busy
+                    next_held = step + held_gap(min(held_costs[-3:]), step_times)   # machine) is no rule
                 elapsed = time.perf_counter() - t_start
                 lm_val = float(lm_loss.detach())
                 ev = StepEvent(

@@ -92,12 +92,12 @@ def _label(v: float, percent: bool, whole: bool) -> str:
 
 
 def svg_line_chart(series: dict[str, tuple[list, list]], title: str, xlabel: str, ylabel: str,
-                   percent: bool = False, width: int = 640, height: int = 360,
+                   percent: bool = False, width: int = 700, height: int = 360,
                    colours: dict[str, str] | None = None, dashed: tuple = ()) -> str:
     """A small, dependency-free line chart as an SVG string (one polyline per series; a series
     with one point is drawn as a dot). The x axis counts steps: its ticks are whole numbers."""
     colours = colours or {}
-    left, right, top, bottom = 64, 190, 36, 48
+    left, right, top, bottom = 64, 230, 36, 48
     pw, ph = width - left - right, height - top - bottom
     xs = [x for xv, _ in series.values() for x in xv]
     ys = [y for _, yv in series.values() for y in yv if y == y]   # y == y drops NaN
@@ -162,16 +162,16 @@ def loss_svg(events: list[dict]) -> str:
     name = "KL to dense (training)" if distill else "training loss"
     series = {f"{name}, smoothed": (steps, smooth([e["lm_loss"] for e in events]))}
     if any(e.get("l2_term") for e in events):
-        series["+ λ2·L2, smoothed"] = (steps, smooth([e["loss"] for e in events]))
+        series["with λ2 term, smoothed"] = (steps, smooth([e["loss"] for e in events]))
     held = [(e["step"], e["heldout_loss_24"]) for e in events if e.get("heldout_loss_24") is not None]
     dense = next((e["heldout_loss_dense"] for e in events if e.get("heldout_loss_dense") is not None), None)
     if held:
-        series["2:4 if stopped now, held-out"] = ([s for s, _ in held], [v for _, v in held])
+        series["2:4 if stopped now (held-out)"] = ([s for s, _ in held], [v for _, v in held])
     if dense is not None:
-        series["dense, held-out"] = ([steps[0], steps[-1]], [dense, dense])
-    colours = {f"{name}, smoothed": "#2166ac", "+ λ2·L2, smoothed": "#b2182b",
-               "2:4 if stopped now, held-out": "#1b7837", "dense, held-out": "#6b7280"}
-    return svg_line_chart(series, "Loss", "training step", "loss", colours=colours, dashed=("dense, held-out",))
+        series["dense (held-out)"] = ([steps[0], steps[-1]], [dense, dense])
+    colours = {f"{name}, smoothed": "#2166ac", "with λ2 term, smoothed": "#b2182b",
+               "2:4 if stopped now (held-out)": "#1b7837", "dense (held-out)": "#6b7280"}
+    return svg_line_chart(series, "Loss", "training step", "loss", colours=colours, dashed=("dense (held-out)",))
 
 
 def sparsity_svg(events: list[dict]) -> str:
@@ -231,7 +231,7 @@ LABELS = {"result": "result", "method": "method", "model_label": "model", "base_
 
 def _cell(v) -> str:
     if isinstance(v, bool):
-        return '<span class="ok">yes</span>' if v else '<span class="bad">no</span>'
+        return "yes" if v else "no"
     if v is None:
         return "—"
     if isinstance(v, float):
@@ -241,16 +241,23 @@ def _cell(v) -> str:
     return html.escape(str(v))
 
 
-def _kv_table(d: dict, code: tuple = ()) -> str:
-    """A dict as a two-column table (nested dicts and lists one level down, readable)."""
+def _kv_table(d: dict, code: tuple = (), labels: dict | None = None) -> str:
+    """A dict as a two-column table (nested dicts and lists one level down, readable). Keys are
+    shown through `labels`, else as they are (the names the recipe and the CLI flags use)."""
+    labels = labels or {}
     rows = []
     for k, v in d.items():
         if isinstance(v, dict):
             v = ", ".join(f"{a} {b}" for a, b in v.items()) or "—"
         elif isinstance(v, list):
             v = ", ".join(str(x) for x in v) or "—"
-        value = f"<code>{html.escape(str(v))}</code>" if k in code else _cell(v)
-        rows.append(f'<tr><td class="k">{html.escape(LABELS.get(k, k.replace("_", " ")))}</td><td>{value}</td></tr>')
+        if k in code:
+            value = f"<code>{html.escape(str(v))}</code>"
+        elif k == "verified" and isinstance(v, bool):
+            value = '<span class="ok">yes</span>' if v else '<span class="bad">no</span>'
+        else:
+            value = _cell(v)
+        rows.append(f'<tr><td class="k">{html.escape(labels.get(k, k))}</td><td>{value}</td></tr>')
     return f"<table>{''.join(rows)}</table>"
 
 
@@ -275,7 +282,7 @@ def report_html(metrics: dict, events: list[dict], svgs: dict[str, str], interac
              '<header><div class="title">ProxSparse <span>Studio</span> · report</div>'
              f'<div class="sub">{html.escape(str(metrics.get("model_label", "")))}: a 2:4 semi-structured '
              f'sparse model ({html.escape(str(metrics.get("method", "")))})</div></header>',
-             f"<section><h2>Summary</h2>{_kv_table(summary)}</section>"]
+             f"<section><h2>Summary</h2>{_kv_table(summary, labels=LABELS)}</section>"]
     if metrics.get("perplexity"):
         parts.append("<section><h2>Held-out perplexity</h2>"
                      + _table(_fmt_ppl(ppl_rows(metrics["perplexity"])), ["model", "perplexity", "vs dense"])
@@ -288,14 +295,14 @@ def report_html(metrics: dict, events: list[dict], svgs: dict[str, str], interac
     if recipe:
         config = recipe.get("config") or {}
         rest = {k: v for k, v in recipe.items() if k != "config"}
-        parts.append("<section><h2>Recipe</h2>" + _kv_table(rest, code=("command",))
+        parts.append("<section><h2>Recipe</h2>" + _kv_table(rest, code=("command",), labels=LABELS)
                      + "<h2 style='margin-top:12px'>Settings</h2>" + _kv_table(config) + "</section>")
     if metrics.get("mask_stats"):
-        parts.append(f"<section><h2>Mask</h2>{_kv_table(metrics['mask_stats'])}</section>")
+        parts.append(f"<section><h2>Mask</h2>{_kv_table(metrics['mask_stats'], labels=LABELS)}</section>")
     if metrics.get("environment"):
         env = dict(metrics["environment"])
         packages = env.pop("packages", {}) or {}
-        parts.append("<section><h2>Environment</h2>" + _kv_table(env)
+        parts.append("<section><h2>Environment</h2>" + _kv_table(env, labels=LABELS)
                      + ("<h2 style='margin-top:12px'>Packages</h2>" + _table(sorted(packages.items()), ["package", "version"])
                         if packages else "") + "</section>")
     parts.append("</body></html>")

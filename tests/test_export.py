@@ -132,7 +132,7 @@ def test_export_round_trips_with_transformers(learned, tmp_path):
     assert "<svg" in html and "plotly" in html.lower() and "Held-out perplexity" in html
     svg = (folder / "proxsparse/loss.svg").read_text()
     assert svg.strip().endswith("</svg>") and "training loss, smoothed" in svg
-    assert "2:4 if stopped now, held-out" in svg and "dense, held-out" in svg     # measured at the last step
+    assert "2:4 if stopped now (held-out)" in svg and "dense (held-out)" in svg   # measured at the last step
     assert "<pre>" not in html and "recipe" in html.lower() and "<td class=\"k\">lambda1</td>" in html  # tables, not JSON
     from proxsparse_core.plots import NNZ_COLOURS
     assert NNZ_COLOURS[3] in (folder / "proxsparse/sparsity.svg").read_text()     # the app's colour for 3 non-zeros

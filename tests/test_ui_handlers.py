@@ -295,6 +295,12 @@ def test_weight_block_after_a_run_shows_learned_next_to_magnitude_and_counts_the
     assert f"choose {int(block.sum())} of its {rows * cols} weights differently" in text
     ringed = [t for t in fig.data if t.type == "scatter"]
     assert len(ringed) == 1 and len(ringed[0].x) == int(block.sum())
+    # opened after a run, the tab shows the layer where learning changed magnitude's choice most
+    share = {n: float((jobs.ws.results[LEARNED].masks[n] != explain_tab.mask_2to4(jobs.ws.originals[n]))
+                      .view(-1, 4).any(1).float().mean()) for n in jobs.ws.lm.prunable.names}
+    update = explain_tab.select_layer(jobs, None)[0]
+    assert update["value"] == max(share, key=share.get) + ".weight"
+    assert explain_tab.select_layer(jobs, names[0])[0]["value"] == names[0]      # a chosen layer stays
 
 
 def test_perplexity_rows_stream_one_at_a_time(finished):

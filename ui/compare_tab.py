@@ -79,7 +79,7 @@ def render_pair(dense: str, pruned: str, variant: str | None, streaming: str | N
                 cut = i
             else:
                 words = len(dense[:i].split())
-                summary = (f"The outputs agree on the first **{i} characters** (~{words} "
+                summary = (f"The outputs agree on the first **{i} character{'s' if i != 1 else ''}** (~{words} "
                            f"word{'s' if words != 1 else ''}) and then diverge (highlighted).")
                 cut = i
         elif i < len(pruned):           # mark only what has really diverged so far

@@ -164,20 +164,33 @@ def weight_block(jobs: JobManager, name: str) -> tuple:
         cells = [(r, c) for r, c in here.nonzero().tolist()]
         marks = (2, cells, "chosen differently from magnitude")
         groups = float(differ.view(-1, 4).any(1).float().mean())
+        layer_diff = int(differ.sum())
         text += (f"\n\n**On this block the two masks choose {len(cells)} of its {rows * cols} weights differently** "
                  f"({100 * len(cells) / (rows * cols):.1f}%, ringed): each group where they disagree swaps a weight "
-                 f"magnitude keeps for one it drops. Over the whole layer: {int(differ.sum()):,} of {w.numel():,} "
-                 f"weights ({100 * float(differ.float().mean()):.1f}%), in {100 * groups:.1f}% of its groups — "
-                 f"the loss, not only |w|, decided which weights matter.")
+                 f"magnitude keeps for one it drops. Over the whole layer: {layer_diff:,} of {w.numel():,} "
+                 f"weights ({100 * float(differ.float().mean()):.1f}%), in {100 * groups:.1f}% of its groups")
+        text += (" — the loss, not only |w|, decided which weights matter." if layer_diff else
+                 ": here learning kept magnitude's choice (a short run, or a layer where |w| already decides).")
     else:
         text += "\n\nAfter a run, the learned mask appears here next to magnitude's, on the same block."
     return weight_block_figure(f"{name} — one block, before and after 2:4", panels, marks), text
 
 
+def most_changed_layer(jobs: JobManager) -> str | None:
+    """After a run: the layer whose learned mask differs most from magnitude's (share of groups)."""
+    learned = _learned(jobs)
+    if learned is None:
+        return None
+    masks, w0 = learned
+    share = {n: float((masks[n] != mask_2to4(w0[n])).view(-1, 4).any(1).float().mean()) for n in masks if n in w0}
+    return f"{max(share, key=share.get)}.weight" if share else None
+
+
 def select_layer(jobs: JobManager, current: str | None) -> tuple:
-    """The tab was opened: the layer list, and the chosen (or first) layer's block."""
+    """The tab was opened: the layer list, and the chosen layer's block (at first, after a run, the
+    layer where the learned mask differs most from magnitude's; else the first)."""
     choices = layer_choices(jobs)
-    name = current if current in choices else (choices[0] if choices else None)
+    name = current if current in choices else (most_changed_layer(jobs) or (choices[0] if choices else None))
     return (gr.update(choices=choices, value=name), *weight_block(jobs, name))
 
 
