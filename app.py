@@ -4,7 +4,7 @@
     python app.py --port 0             # any free port
     python app.py --host 0.0.0.0       # listen on the network (you choose to)
     python app.py --share              # public Gradio link (opt-in)
-    python app.py --model ./my-model   # preselect another model (HF id or local folder)
+    python app.py --model ./my-model   # preselect another model (HF id or local folder; no preset then)
     python app.py --allow-remote-code  # let visitors load models that ship their own Python code
 
 Without --host / --port, GRADIO_SERVER_NAME and GRADIO_SERVER_PORT are honoured, as in any
@@ -119,7 +119,11 @@ def run(argv=None):
         from proxsparse_core import models
         models.allow_remote_code(True)                 # the process-wide gate of proxsparse_core
     defaults = RunConfig().with_preset(preset)
-    if args.model:
+    if args.model and args.model != defaults.model:
+        # a preset's settings are made for its model: another model starts from the plain,
+        # model-agnostic defaults (or the settings of a --preset asked for by name), and the
+        # Learn tab shows "custom" rather than a preset that does not fit
+        defaults = (RunConfig().with_preset(preset) if args.preset else RunConfig())
         defaults.model = args.model
     demo = build_app(JobManager(allow_remote_code=args.allow_remote_code), defaults=defaults, preset=preset)
     _stop_on_sigterm()

@@ -6,11 +6,18 @@ group. The learner emits one plain `StepEvent` per step (the UI plots them, the 
 stops cleanly between steps when asked, and always gives back a mask from the last good state.
 The model's weights are restored to W0 however it ends (even on an exception), so the caller
 still holds the dense model.
+
+Given a few held-out windows, it also measures now and then what the run would give if it stopped
+now: the held-out loss of W0 under the current top-2 mask, next to the dense model's loss on the
+same tokens. The training loss rises while the prox pushes groups towards 2:4; this curve shows
+the pruned model getting better at the same time, the gap to dense closing as groups settle.
 """
 from __future__ import annotations
 
 import gc
+import contextlib
 import math
+import statistics
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -20,7 +27,7 @@ import torch
 
 from .config import RunConfig
 from .distill import distill_loss, teacher_targets
-from .masks import extract_masks, load_weights, nnz_histogram, snapshot
+from .masks import extract_masks, load_weights, mask_2to4, nnz_histogram, snapshot
 from .prox import prox_2to4_, triton_kernels
 
 
@@ -45,15 +52,24 @@ class StepEvent:
     eta: float
     objective: str = "lm"       # what lm_loss is: "lm" (next-token loss) or "distill" (KL to the dense model)
     mem_by_device: dict | None = None   # device → peak memory, when the model spans several devices
+    heldout_loss_24: float | None = None     # held-out next-token loss of W0 · (current top-2 mask), when measured
+    heldout_loss_dense: float | None = None  # the dense model's on the same held-out tokens (measured once)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def line(self) -> str:
+        held = ""
+        if self.heldout_loss_24 is not None:
+            held = f"  held-out loss if stopped now {self.heldout_loss_24:.4f}"
+            if self.heldout_loss_dense is not None:
+                held += f" (dense {self.heldout_loss_dense:.4f})"
         return (f"step {self.step}/{self.total_steps}  {'KL to dense' if self.objective == 'distill' else 'loss'} "
                 f"{self.lm_loss:.4f}"
                 + (f" + λ2·L2 {self.l2_term:.4f}" if self.l2_term else "")
-                + f"  2:4 {100 * self.share_24:5.1f}%  nnz/group {self.nnz_hist}"
+                + f"  2:4 {100 * self.share_24:5.1f}%"
+                + f"  groups with 0/1/2/3/4 non-zeros: {' / '.join(f'{n:,}' for n in self.nnz_hist)}"
+                + held
                 + f"  fwd+bwd {self.t_fwd_bwd:.2f}s opt {self.t_opt:.2f}s prox {self.t_prox:.2f}s"
                 + f"  {self.tokens_per_s:.0f} tok/s  mem {self.mem_bytes / 2**30:.2f} GiB"
                 + f"  eta {self.eta:.0f}s")
@@ -128,16 +144,95 @@ def frozen_weight_term_(weights: dict, w0: dict, lam2: float, eps: float) -> flo
     return lam2 * float(total.sum()) if total is not None else 0.0
 
 
+def held_gap(cost: float, step_times: list[float]) -> float:
+    """Steps until the next held-out measurement, so that measuring takes HELDOUT_BUDGET of the time."""
+    if HELDOUT_BUDGET <= 0:
+        return math.inf
+    per_step = statistics.median(step_times[-10:])
+    return max(1, math.ceil(cost / (HELDOUT_BUDGET * max(per_step, 1e-9))))
+
+
+def eta_seconds(step_times: list[float], total: int, held_spent: float = 0.0, held_cost: float = 0.0) -> float:
+    """Seconds left: the median of the recent step times (the first step, which warms caches and
+    allocates the optimizer state, is left out once there are others) for each step left, plus
+    the held-out measurements' share of the time and the last one's cost."""
+    left = total - len(step_times)
+    if left <= 0 or not step_times:
+        return 0.0
+    recent = step_times[1:][-10:] or step_times
+    per_step = statistics.median(recent)
+    trained = sum(step_times)
+    return per_step * left * (1 + held_spent / max(trained, 1e-9)) + held_cost
+
+
+HELDOUT_WINDOWS = 2       # held-out windows of the "if stopped now" measurement, each cut to ctx/2 tokens:
+                          # one forward pass over as many tokens as a step's batch of one, ~⅓ of a step
+HELDOUT_BUDGET = 0.06     # between step 1 and the last step it runs at evenly spaced stats steps, spaced so
+                          # that it costs this share of the run; with the dense reference and the two
+                          # ends, < 10% of a run
+
+
+@contextlib.contextmanager
+def masked_w0(prunable, originals: dict):
+    """While inside, every prunable layer computes with W0 · (top-2 mask of its current weights),
+    built one layer at a time as the forward pass reaches it (no copy of the whole model). The
+    learned weights are never modified: each layer's tensor is swapped back right after its call,
+    and on the way out whatever a failed forward left swapped."""
+    learned: dict = {}
+
+    def before(name):
+        def hook(module, args):
+            w = module.weight
+            learned[name] = w.data
+            w.data = originals[name].to(w.device, w.dtype, non_blocking=True) * mask_2to4(w.data).to(w.dtype)
+        return hook
+
+    def after(name):
+        def hook(module, args, output):
+            module.weight.data = learned.pop(name)
+        return hook
+
+    handles = []
+    try:
+        for n in prunable.names:
+            m = prunable.modules[n]
+            handles += [m.register_forward_pre_hook(before(n)), m.register_forward_hook(after(n))]
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        for n, data in learned.items():
+            prunable.modules[n].weight.data = data
+
+
+@torch.no_grad()
+def heldout_loss(model, batch: torch.Tensor) -> float:
+    """Next-token loss of `model` on `batch` in eval mode (the training mode is put back)."""
+    was_training = model.training
+    model.eval()
+    try:
+        return float(model(input_ids=batch, labels=batch, use_cache=False).loss)
+    finally:
+        model.train(was_training)
+
+
 class ProxSparseLearner:
-    """Learns a 2:4 mask for `lm` (a models.LoadedModel) from calibration samples."""
+    """Learns a 2:4 mask for `lm` (a models.LoadedModel) from calibration samples.
+
+    `held_out` (token windows, optional): a few of them measure the "if stopped now" loss.
+    `originals` (optional): the caller's CPU copy of W0, used instead of taking another one."""
 
     def __init__(self, lm, cfg: RunConfig, samples: torch.Tensor,
                  on_event: Callable[[StepEvent], None] | None = None,
-                 stop: threading.Event | None = None):
+                 stop: threading.Event | None = None,
+                 held_out: torch.Tensor | None = None, originals: dict | None = None):
         self.lm, self.cfg, self.samples = lm, cfg, samples
         self.on_event = on_event or (lambda e: None)
         self.stop = stop or threading.Event()
         self.names = list(lm.prunable.names)
+        self.held_out = (held_out[:HELDOUT_WINDOWS, :min(held_out.shape[1], max(cfg.ctx // 2, 16))]
+                         if held_out is not None and held_out.numel() else None)
+        self.originals = originals
 
     def _input_device(self):
         return self.lm.model.get_input_embeddings().weight.device
@@ -155,7 +250,8 @@ class ProxSparseLearner:
         cfg, model, prunable = self.cfg, self.lm.model, self.lm.prunable
         device = str(self._input_device())
         weights = prunable.weights()
-        originals = snapshot(prunable)                      # W0, on the CPU
+        own_copy = self.originals is None
+        originals = snapshot(prunable) if own_copy else self.originals    # W0, on the CPU
         prunable_ids = {id(w) for w in weights.values()}
         saved_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         use_cache = getattr(model.config, "use_cache", None)
@@ -188,7 +284,8 @@ class ProxSparseLearner:
                     for n, v in others.items():
                         named[n].data.copy_(v)
             others.clear()
-            originals.clear()
+            if own_copy:
+                originals.clear()
             gc.collect()
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
@@ -264,6 +361,15 @@ class ProxSparseLearner:
         total_groups = sum(w.numel() // 4 for w in weights.values())
         events: list[StepEvent] = []
         status, message, done = "finished", f"finished {cfg.steps} steps", 0
+        held = self.held_out.to(device) if self.held_out is not None else None
+        dense_loss, held_cost, held_spent = None, 0.0, 0.0
+        if held is not None:             # the reference line, while the weights are still W0
+            t0 = time.perf_counter()
+            dense_loss = heldout_loss(model, held)
+            held_cost = held_spent = time.perf_counter() - t0
+        step_times: list[float] = []     # per step, without the held-out measurement
+        next_held = 1                    # the first step at which the next held-out measurement may run
+        held_costs: list[float] = []     # seconds per "if stopped now" measurement
         t_start = time.perf_counter()
         model.train()
         try:
@@ -310,6 +416,18 @@ class ProxSparseLearner:
                                if want_layers else None)
                 done = step
                 t_step = time.perf_counter() - t0
+                step_times.append(t_step)
+                pruned_loss = None
+                # "if stopped now": where the curve starts, every few steps as long as it stays a
+                # small share of the run, and where it ends
+                if held is not None and (step in (1, cfg.steps) or (want_layers and step >= next_held)):
+                    th = time.perf_counter()
+                    with masked_w0(self.lm.prunable, originals):
+                        pruned_loss = heldout_loss(model, held)
+                    held_cost = time.perf_counter() - th
+                    held_spent += held_cost
+                    held_costs.append(held_cost)    # the least of the last few: one slow call (a busy
+                    next_held = step + held_gap(min(held_costs[-3:]), step_times)   # machine) is no rule
                 elapsed = time.perf_counter() - t_start
                 lm_val = float(lm_loss.detach())
                 ev = StepEvent(
@@ -320,7 +438,8 @@ class ProxSparseLearner:
                     tokens_per_s=batch.numel() / max(t_step, 1e-9),
                     mem_bytes=memory_in_use(device), elapsed=elapsed,
                     mem_by_device=memory_by_device(devices) if len(devices) > 1 else None,
-                    eta=elapsed / step * (cfg.steps - step), objective=cfg.loss)
+                    eta=eta_seconds(step_times, cfg.steps, held_spent, held_cost if held is not None else 0.0),
+                    objective=cfg.loss, heldout_loss_24=pruned_loss, heldout_loss_dense=dense_loss)
                 events.append(ev)
                 self.on_event(ev)
         except torch.OutOfMemoryError:

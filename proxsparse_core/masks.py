@@ -16,11 +16,22 @@ from .prunable import PrunableSet
 
 def mask_2to4(w: torch.Tensor, score: torch.Tensor | None = None) -> torch.Tensor:
     """Exactly 2 kept per group of 4: the two largest scores (|w| by default). Ties are broken
-    deterministically in favour of the lower index (stable sort)."""
+    deterministically in favour of the lower index, as a stable descending sort would.
+
+    Six pairwise comparisons per group instead of a sort: about ten times faster on a CPU, which
+    matters when the learner reads the mask of a whole model every few steps."""
     s = (w.abs() if score is None else score).float().reshape(-1, 4)
-    order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :2]
-    mask = torch.zeros_like(s, dtype=torch.bool).scatter_(1, order, True)
-    return mask.view(w.shape)
+    if bool(torch.isnan(s).any()):      # NaN ranks highest in a sort; keep that rule exactly
+        order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :2]
+        return torch.zeros_like(s, dtype=torch.bool).scatter_(1, order, True).view(w.shape)
+    cols = s.unbind(1)
+    beaten = torch.zeros(s.shape, dtype=torch.uint8, device=s.device)   # how many in the group rank higher
+    for i in range(4):
+        for j in range(i + 1, 4):
+            j_wins = cols[j] > cols[i]          # on a tie the lower index i ranks higher
+            beaten[:, i] += j_wins
+            beaten[:, j] += ~j_wins
+    return (beaten < 2).view(w.shape)
 
 
 @torch.no_grad()

@@ -21,6 +21,11 @@ def _layout(fig, title: str, height: int = 340, **kw):
     return fig
 
 
+def _step_axis(fig, steps: list[int]):
+    """Steps are whole numbers: no 1.5 on the axis of a short run."""
+    fig.update_xaxes(title_text="training step", tickformat="d", **({"dtick": 1} if steps[-1] <= 12 else {}))
+
+
 def _waiting(fig, text: str):
     fig.add_annotation(text=text, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper",
                        font=dict(size=14, color="#888"))
@@ -29,27 +34,62 @@ def _waiting(fig, text: str):
     return fig
 
 
+SMOOTH_SPAN = 10   # steps in the moving average of the training curve
+
+
+def smooth(values: list[float], span: int = SMOOTH_SPAN) -> list[float]:
+    """Exponential moving average over about `span` steps, bias-corrected so the first points
+    are not pulled towards zero."""
+    alpha, avg, out = 2 / (span + 1), 0.0, []
+    for i, v in enumerate(values, 1):
+        avg = (1 - alpha) * avg + alpha * v
+        out.append(avg / (1 - (1 - alpha) ** i))
+    return out
+
+
+LOSS_AXIS = "next-token loss (lower is better)"
+
+
 def loss_figure(events: list[dict]):
-    """Loss per step — the causal-LM loss, or the KL to the dense model for runs that distil
-    (objective "distill", e.g. recovery) — and the λ2 frozen-weight term on its own axis when on."""
+    """The training objective per step (raw and smoothed), and on held-out text the loss of the
+    model you would get if you stopped now (W0 under the current top-2 mask) against the dense
+    model's (a reference line). A distillation run's KL to the dense model, and the λ2 term when
+    it is on, go on a second axis: they are not next-token losses."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     fig = make_subplots(specs=[[{"secondary_y": True}]])
-    _layout(fig, "Loss")
+    _layout(fig, "Loss: training, and the 2:4 model if you stopped now")
     if not events:
         return _waiting(fig, "the loss appears here after the first step")
     steps = [e["step"] for e in events]
-    label = "KL to the dense model" if events[-1].get("objective") == "distill" else "LM loss"
-    fig.add_trace(go.Scatter(x=steps, y=[e["lm_loss"] for e in events], name=label,
-                             mode="lines+markers" if len(events) < 60 else "lines",
-                             line=dict(color="#2166ac", width=2)), secondary_y=False)
+    distill = events[-1].get("objective") == "distill"
+    name = "KL to dense (training)" if distill else "training loss"
+    raw = [e["lm_loss"] for e in events]
+    fig.add_trace(go.Scatter(x=steps, y=raw, name=f"{name}, per step", mode="lines", opacity=0.3,
+                             line=dict(color="#2166ac", width=1)), secondary_y=distill)
+    fig.add_trace(go.Scatter(x=steps, y=smooth(raw), name=f"{name}, smoothed", mode="lines",
+                             line=dict(color="#2166ac", width=2.5)), secondary_y=distill)
+    held = [(e["step"], e["heldout_loss_24"]) for e in events if e.get("heldout_loss_24") is not None]
+    dense = next((e["heldout_loss_dense"] for e in events if e.get("heldout_loss_dense") is not None), None)
+    if dense is not None:
+        fig.add_trace(go.Scatter(x=[steps[0], steps[-1]], y=[dense, dense],
+                                 name="dense model, held-out", mode="lines",
+                                 line=dict(color="#6b7280", width=1.5, dash="dash"),
+                                 hovertemplate="dense: %{y:.3f}<extra></extra>"), secondary_y=False)
+    if held:
+        fig.add_trace(go.Scatter(x=[s for s, _ in held], y=[v for _, v in held], mode="lines+markers",
+                                 name="2:4 model if stopped now, held-out", line=dict(color="#1b7837", width=2.5),
+                                 marker=dict(size=7)), secondary_y=False)
     if any(e.get("l2_term") for e in events):
         fig.add_trace(go.Scatter(x=steps, y=[e["l2_term"] for e in events], name="λ2 term",
                                  line=dict(color="#b2182b", width=2, dash="dot")), secondary_y=True)
-        fig.update_yaxes(title_text="λ2 · L2", secondary_y=True, showgrid=False)
-    fig.update_yaxes(title_text=label, secondary_y=False)
-    fig.update_xaxes(title_text="step")
+    right = [t for t, on in (("KL divergence to the dense model", distill),
+                             ("λ2 · frozen-weight term", any(e.get("l2_term") for e in events))) if on]
+    if right:
+        fig.update_yaxes(title_text=" · ".join(right), secondary_y=True, showgrid=False)
+    fig.update_yaxes(title_text=LOSS_AXIS, secondary_y=False)
+    _step_axis(fig, steps)
     return fig
 
 
@@ -73,8 +113,8 @@ def sparsity_figure(events: list[dict]):
     fig.add_trace(go.Scatter(x=steps, y=[100 * e["share_24"] for e in events], name="already 2:4",
                              mode="lines", line=dict(color="#00441b", width=2.5, dash="dash"),
                              hovertemplate="%{y:.1f}%"))
-    fig.update_yaxes(title_text="% of groups", range=[0, 100], ticksuffix="%")
-    fig.update_xaxes(title_text="step")
+    fig.update_yaxes(title_text="share of groups of 4 weights", range=[0, 100], ticksuffix="%")
+    _step_axis(fig, steps)
     return fig
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import importlib.metadata
 import json
+import math
 import platform
 import subprocess
 import time
@@ -62,18 +63,49 @@ def ppl_rows(ppl: dict, dense: str = "dense") -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------- SVG plots
+LINE_COLOURS = ["#2166ac", "#1b7837", "#6b7280", "#b2182b", "#9467bd"]   # as in the app's loss chart
+
+
+def nice_ticks(lo: float, hi: float, count: int = 5, whole: bool = False) -> list[float]:
+    """About `count` round tick values (1, 2 or 5 × 10^k apart) covering lo…hi; whole numbers
+    only when `whole` (training steps)."""
+    span = max(hi - lo, 1e-12)
+    raw = span / max(1, count - 1)
+    mag = 10 ** math.floor(math.log10(raw))
+    step = next(m * mag for m in (1, 2, 5, 10) if m * mag >= raw)
+    if whole:
+        step = max(1, round(step))
+    first = math.ceil(lo / step - 1e-9) * step
+    ticks, v = [], first
+    while v <= hi + 1e-9 * step:
+        ticks.append(round(v, 10))
+        v += step
+    return ticks
+
+
+def _label(v: float, percent: bool, whole: bool) -> str:
+    if percent:
+        return f"{100 * v:.0f}%"
+    if whole:
+        return f"{int(round(v)):,}"
+    return f"{v:.4g}"
+
+
 def svg_line_chart(series: dict[str, tuple[list, list]], title: str, xlabel: str, ylabel: str,
-                   percent: bool = False, width: int = 640, height: int = 360) -> str:
-    """A small, dependency-free line chart as an SVG string (one polyline per series)."""
-    colours = ["#1f77b4", "#d62728", "#2ca02c", "#ff7f0e", "#9467bd"]
-    left, right, top, bottom = 64, 150, 36, 48
+                   percent: bool = False, width: int = 700, height: int = 360,
+                   colours: dict[str, str] | None = None, dashed: tuple = ()) -> str:
+    """A small, dependency-free line chart as an SVG string (one polyline per series; a series
+    with one point is drawn as a dot). The x axis counts steps: its ticks are whole numbers."""
+    colours = colours or {}
+    left, right, top, bottom = 64, 230, 36, 48
     pw, ph = width - left - right, height - top - bottom
     xs = [x for xv, _ in series.values() for x in xv]
     ys = [y for _, yv in series.values() for y in yv if y == y]   # y == y drops NaN
     out = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-           f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',
+           f'viewBox="0 0 {width} {height}" font-family="system-ui, Segoe UI, Helvetica, Arial, sans-serif" '
+           f'font-size="12" fill="#374151">',
            '<rect width="100%" height="100%" fill="white"/>',
-           f'<text x="{width / 2}" y="20" text-anchor="middle" font-size="14">{html.escape(title)}</text>']
+           f'<text x="{left}" y="20" font-size="14" font-weight="600" fill="#064e3b">{html.escape(title)}</text>']
     if not xs or not ys:
         out.append(f'<text x="{width / 2}" y="{height / 2}" text-anchor="middle" fill="#666">'
                    'no steps recorded</text></svg>')
@@ -86,6 +118,8 @@ def svg_line_chart(series: dict[str, tuple[list, list]], title: str, xlabel: str
         x0, x1 = x0 - 1, x1 + 1
     if y1 == y0:
         y0, y1 = y0 - 0.5, y1 + 0.5
+    pad = 0 if percent else 0.05 * (y1 - y0)
+    y0, y1 = y0 - pad, y1 + pad
 
     def px(x):
         return left + (x - x0) / (x1 - x0) * pw
@@ -93,46 +127,66 @@ def svg_line_chart(series: dict[str, tuple[list, list]], title: str, xlabel: str
     def py(y):
         return top + (1 - (y - y0) / (y1 - y0)) * ph
 
-    out.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#999"/>')
-    for i in range(5):                                           # grid and tick labels
-        yv = y0 + (y1 - y0) * i / 4
-        xv = x0 + (x1 - x0) * i / 4
-        label = f"{100 * yv:.0f}%" if percent else f"{yv:.3g}"
-        out.append(f'<line x1="{left}" x2="{left + pw}" y1="{py(yv):.1f}" y2="{py(yv):.1f}" stroke="#eee"/>')
-        out.append(f'<text x="{left - 6}" y="{py(yv) + 4:.1f}" text-anchor="end">{label}</text>')
-        out.append(f'<text x="{px(xv):.1f}" y="{top + ph + 16}" text-anchor="middle">{xv:.4g}</text>')
+    out.append(f'<rect x="{left}" y="{top}" width="{pw}" height="{ph}" fill="none" stroke="#d1d5db"/>')
+    for yv in nice_ticks(y0, y1, 5):
+        out.append(f'<line x1="{left}" x2="{left + pw}" y1="{py(yv):.1f}" y2="{py(yv):.1f}" stroke="#eef0f3"/>')
+        out.append(f'<text x="{left - 6}" y="{py(yv) + 4:.1f}" text-anchor="end">{_label(yv, percent, False)}</text>')
+    for xv in nice_ticks(x0, x1, 6, whole=True):
+        out.append(f'<text x="{px(xv):.1f}" y="{top + ph + 16}" text-anchor="middle">{_label(xv, False, True)}</text>')
     out.append(f'<text x="{left + pw / 2}" y="{height - 8}" text-anchor="middle">{html.escape(xlabel)}</text>')
     out.append(f'<text x="14" y="{top + ph / 2}" text-anchor="middle" '
                f'transform="rotate(-90 14 {top + ph / 2})">{html.escape(ylabel)}</text>')
     for k, (name, (xv, yv)) in enumerate(series.items()):
-        c = colours[k % len(colours)]
-        pts = " ".join(f"{px(x):.1f},{py(y):.1f}" for x, y in zip(xv, yv) if y == y)
-        out.append(f'<polyline points="{pts}" fill="none" stroke="{c}" stroke-width="2"/>')
+        c = colours.get(name, LINE_COLOURS[k % len(LINE_COLOURS)])
+        dash = ' stroke-dasharray="6 4"' if name in dashed else ""
+        pts = [(px(x), py(y)) for x, y in zip(xv, yv) if y == y]
+        if len(pts) == 1:
+            out.append(f'<circle cx="{pts[0][0]:.1f}" cy="{pts[0][1]:.1f}" r="3.5" fill="{c}"/>')
+        elif pts:
+            out.append(f'<polyline points="{" ".join(f"{a:.1f},{b:.1f}" for a, b in pts)}" fill="none" '
+                       f'stroke="{c}" stroke-width="2.2"{dash}/>')
         out.append(f'<line x1="{left + pw + 10}" x2="{left + pw + 30}" y1="{top + 10 + 18 * k}" '
-                   f'y2="{top + 10 + 18 * k}" stroke="{c}" stroke-width="2"/>')
+                   f'y2="{top + 10 + 18 * k}" stroke="{c}" stroke-width="2.5"{dash}/>')
         out.append(f'<text x="{left + pw + 34}" y="{top + 14 + 18 * k}">{html.escape(name)}</text>')
     out.append("</svg>")
     return "\n".join(out)
 
 
 def loss_svg(events: list[dict]) -> str:
+    """The training objective (smoothed, as in the app), the held-out loss of the 2:4 model if
+    stopped at that step, and the dense model's on the same tokens."""
+    from .plots import smooth
+
     steps = [e["step"] for e in events]
-    label = "KL to the dense model" if events and events[-1].get("objective") == "distill" else "LM loss"
-    series = {label: (steps, [e["lm_loss"] for e in events])}
+    distill = bool(events) and events[-1].get("objective") == "distill"
+    name = "KL to dense (training)" if distill else "training loss"
+    series = {f"{name}, smoothed": (steps, smooth([e["lm_loss"] for e in events]))}
     if any(e.get("l2_term") for e in events):
-        series["LM loss + λ2·L2"] = (steps, [e["loss"] for e in events])
-    return svg_line_chart(series, "Calibration loss", "step", "loss")
+        series["with λ2 term, smoothed"] = (steps, smooth([e["loss"] for e in events]))
+    held = [(e["step"], e["heldout_loss_24"]) for e in events if e.get("heldout_loss_24") is not None]
+    dense = next((e["heldout_loss_dense"] for e in events if e.get("heldout_loss_dense") is not None), None)
+    if held:
+        series["2:4 if stopped now (held-out)"] = ([s for s, _ in held], [v for _, v in held])
+    if dense is not None:
+        series["dense (held-out)"] = ([steps[0], steps[-1]], [dense, dense])
+    colours = {f"{name}, smoothed": "#2166ac", "with λ2 term, smoothed": "#b2182b",
+               "2:4 if stopped now (held-out)": "#1b7837", "dense (held-out)": "#6b7280"}
+    return svg_line_chart(series, "Loss", "training step", "loss", colours=colours, dashed=("dense (held-out)",))
 
 
 def sparsity_svg(events: list[dict]) -> str:
-    """Share of groups already 2:4 in the learned weights, and the groups with 3 or 4 non-zeros."""
+    """Share of groups already 2:4 in the learned weights, and the groups with 3 or 4 non-zeros,
+    in the colours of the app's chart (green 2:4, orange 3 non-zeros, grey 4)."""
+    from .plots import NNZ_COLOURS
+
     steps = [e["step"] for e in events]
     totals = [max(1, sum(e["nnz_hist"])) for e in events]
     series = {"≤ 2 non-zeros (2:4)": (steps, [e["share_24"] for e in events]),
               "3 non-zeros": (steps, [e["nnz_hist"][3] / t for e, t in zip(events, totals)]),
               "4 non-zeros": (steps, [e["nnz_hist"][4] / t for e, t in zip(events, totals)])}
-    return svg_line_chart(series, "Groups of 4 in the learned weights", "step", "share of groups",
-                          percent=True)
+    colours = {"≤ 2 non-zeros (2:4)": NNZ_COLOURS[0], "3 non-zeros": NNZ_COLOURS[3], "4 non-zeros": "#8c8c8c"}
+    return svg_line_chart(series, "Groups of 4 in the learned weights", "training step", "share of groups",
+                          percent=True, colours=colours)
 
 
 def _interactive_plots(events: list[dict]) -> str:
@@ -146,6 +200,67 @@ def _interactive_plots(events: list[dict]) -> str:
 
 
 # ---------------------------------------------------------------------------------- documents
+STYLE = """
+body { font-family: system-ui, "Segoe UI", Helvetica, Arial, sans-serif; color: #1f2937; background: #f8fafc;
+  max-width: 1040px; margin: 0 auto; padding: 24px 20px 60px; line-height: 1.5; }
+header { padding: 6px 4px 14px; }
+.title { font-size: 28px; font-weight: 800; letter-spacing: -0.5px; color: #064e3b; }
+.title span { color: #10b981; font-weight: 600; }
+.sub { font-size: 15px; color: #374151; }
+h2 { color: #065f46; font-size: 18px; margin: 0 0 8px; }
+section { background: #fff; border: 1px solid #e5e7eb; border-radius: 12px; padding: 14px 18px; margin: 14px 0; }
+table { border-collapse: collapse; margin: 4px 0; font-size: 14px; }
+td, th { border-bottom: 1px solid #eef0f3; padding: 5px 12px 5px 0; text-align: left; vertical-align: top; }
+th { color: #6b7280; font-weight: 600; font-size: 12.5px; text-transform: uppercase; letter-spacing: 0.3px; }
+td.k { color: #6b7280; white-space: nowrap; }
+code { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 13px; background: #f3f4f6;
+  border-radius: 4px; padding: 1px 4px; }
+.ok { color: #065f46; font-weight: 600; } .bad { color: #991b1b; font-weight: 600; }
+.charts svg { max-width: 100%; height: auto; }
+"""
+
+LABELS = {"result": "result", "method": "method", "model_label": "model", "base_model": "loaded from",
+          "model": "model details", "dtype": "precision", "status": "run status", "steps": "steps",
+          "message": "run message", "verified": "2:4 verified", "verification": "verification",
+          "weights_updated": "surviving weights updated", "data": "data", "calibration_tokens": "calibration tokens",
+          "held_out_tokens": "held-out tokens", "python": "Python", "platform": "platform", "cuda": "CUDA",
+          "gpu": "GPU", "created": "created", "proxsparse_studio_revision": "ProxSparse Studio revision",
+          "command": "command", "layers": "layers", "weights": "weights", "kept": "kept weights",
+          "sparsity": "sparsity"}
+
+
+def _cell(v) -> str:
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if v is None:
+        return "—"
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, int):
+        return f"{v:,}"
+    return html.escape(str(v))
+
+
+def _kv_table(d: dict, code: tuple = (), labels: dict | None = None) -> str:
+    """A dict as a two-column table (nested dicts and lists one level down, readable). Keys are
+    shown through `labels`, else as they are (the names the recipe and the CLI flags use)."""
+    labels = labels or {}
+    rows = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            v = ", ".join(f"{a} {b}" for a, b in v.items()) or "—"
+        elif isinstance(v, list):
+            v = ", ".join(str(x) for x in v) or "—"
+        if k in code:
+            value = f"<code>{html.escape(str(v))}</code>"
+        elif k == "verified" and isinstance(v, bool):
+            value = '<span class="ok">yes</span>' if v else '<span class="bad">no</span>'
+        else:
+            value = _cell(v)
+        rows.append(f'<tr><td class="k">{html.escape(labels.get(k, k))}</td><td>{value}</td></tr>')
+    return f"<table>{''.join(rows)}</table>"
+
+
 def _table(rows: list[list[str]], head: list[str]) -> str:
     h = "".join(f"<th>{html.escape(c)}</th>" for c in head)
     b = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in r) + "</tr>" for r in rows)
@@ -158,25 +273,38 @@ def _fmt_ppl(rows: list[dict]) -> list[list[str]]:
 
 
 def report_html(metrics: dict, events: list[dict], svgs: dict[str, str], interactive: bool = True) -> str:
-    """One self-contained page: summary, perplexity table, SVG plots, interactive plots, facts."""
+    """One self-contained page in the app's style: summary, perplexity table, plots, and the
+    recipe, mask statistics and environment as tables."""
     title = f"ProxSparse report: {metrics.get('model_label', '')}"
-    summary = [[k, v] for k, v in metrics.items() if not isinstance(v, (dict, list))]
+    summary = {k: v for k, v in metrics.items() if not isinstance(v, (dict, list))}
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
-             "<style>body{font-family:sans-serif;max-width:1000px;margin:2em auto}"
-             "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;padding:4px 8px;"
-             "text-align:left}pre{background:#f6f6f6;padding:8px;overflow-x:auto}</style></head><body>",
-             f"<h1>{html.escape(title)}</h1>", "<h2>Summary</h2>", _table(summary, ["metric", "value"])]
+             f"<style>{STYLE}</style></head><body>",
+             '<header><div class="title">ProxSparse <span>Studio</span> · report</div>'
+             f'<div class="sub">{html.escape(str(metrics.get("model_label", "")))}: a 2:4 semi-structured '
+             f'sparse model ({html.escape(str(metrics.get("method", "")))})</div></header>',
+             f"<section><h2>Summary</h2>{_kv_table(summary, labels=LABELS)}</section>"]
     if metrics.get("perplexity"):
-        parts += ["<h2>Held-out perplexity</h2>",
-                  _table(_fmt_ppl(ppl_rows(metrics["perplexity"])), ["model", "perplexity", "vs dense"])]
-    parts.append("<h2>Learning curves</h2>")
-    parts += [svgs[k] for k in ("loss", "sparsity") if k in svgs]
+        parts.append("<section><h2>Held-out perplexity</h2>"
+                     + _table(_fmt_ppl(ppl_rows(metrics["perplexity"])), ["model", "perplexity", "vs dense"])
+                     + "</section>")
+    parts.append('<section class="charts"><h2>Learning curves</h2>'
+                 + "".join(svgs[k] for k in ("loss", "sparsity") if k in svgs) + "</section>")
     if interactive and events:
-        parts += ["<h2>Interactive charts</h2>", _interactive_plots(events)]
-    for key in ("recipe", "environment", "mask_stats", "verification"):
-        if metrics.get(key) is not None:
-            parts += [f"<h2>{key.replace('_', ' ').capitalize()}</h2>",
-                      f"<pre>{html.escape(json.dumps(metrics[key], indent=2, default=str))}</pre>"]
+        parts += ["<section><h2>Interactive charts</h2>", _interactive_plots(events), "</section>"]
+    recipe = metrics.get("recipe")
+    if recipe:
+        config = recipe.get("config") or {}
+        rest = {k: v for k, v in recipe.items() if k != "config"}
+        parts.append("<section><h2>Recipe</h2>" + _kv_table(rest, code=("command",), labels=LABELS)
+                     + "<h2 style='margin-top:12px'>Settings</h2>" + _kv_table(config) + "</section>")
+    if metrics.get("mask_stats"):
+        parts.append(f"<section><h2>Mask</h2>{_kv_table(metrics['mask_stats'], labels=LABELS)}</section>")
+    if metrics.get("environment"):
+        env = dict(metrics["environment"])
+        packages = env.pop("packages", {}) or {}
+        parts.append("<section><h2>Environment</h2>" + _kv_table(env, labels=LABELS)
+                     + ("<h2 style='margin-top:12px'>Packages</h2>" + _table(sorted(packages.items()), ["package", "version"])
+                        if packages else "") + "</section>")
     parts.append("</body></html>")
     return "\n".join(parts)
 

@@ -70,7 +70,8 @@ class Workspace:
         self.load(cfg)
         check_learning_memory(self.lm, cfg)     # refuse settings that cannot fit, before any step
         with self.lock:
-            result = ProxSparseLearner(self.lm, cfg, self.data.calibration, on_event, stop).run()
+            result = ProxSparseLearner(self.lm, cfg, self.data.calibration, on_event, stop,
+                                       held_out=self.data.held_out, originals=self.originals).run()
         if result.steps_done > 0:
             self.results[name] = Pruning(LEARNED, result.masks, None,
                                          {"status": result.status, "steps": result.steps_done,

@@ -131,7 +131,11 @@ def test_export_round_trips_with_transformers(learned, tmp_path):
     html = (folder / "proxsparse/report.html").read_text()
     assert "<svg" in html and "plotly" in html.lower() and "Held-out perplexity" in html
     svg = (folder / "proxsparse/loss.svg").read_text()
-    assert svg.count("<polyline") == 1 and svg.strip().endswith("</svg>")
+    assert svg.strip().endswith("</svg>") and "training loss, smoothed" in svg
+    assert "2:4 if stopped now (held-out)" in svg and "dense (held-out)" in svg   # measured at the last step
+    assert "<pre>" not in html and "recipe" in html.lower() and "<td class=\"k\">lambda1</td>" in html  # tables, not JSON
+    from proxsparse_core.plots import NNZ_COLOURS
+    assert NNZ_COLOURS[3] in (folder / "proxsparse/sparsity.svg").read_text()     # the app's colour for 3 non-zeros
 
 
 def test_mask_file_recreates_the_export_bit_for_bit(learned, tmp_path, tiny_folder):
@@ -331,3 +335,15 @@ def test_browser_exports_a_run_and_downloads_the_zip(app, exports_root, tmp_path
     names = zipfile.ZipFile(saved).namelist()
     assert "browser-run/proxsparse/masks.npz" in names and "browser-run/README.md" in names
     assert (exports_root / "browser-run" / "config.json").exists()      # sanitised, inside the root
+
+
+def test_report_ticks_are_round_and_steps_whole():
+    from proxsparse_core.report import nice_ticks, svg_line_chart
+
+    assert nice_ticks(1, 3, 6, whole=True) == [1, 2, 3]
+    assert nice_ticks(1, 60, 6, whole=True) == [20, 40, 60]
+    assert nice_ticks(2.93, 3.61, 5) == pytest.approx([3.0, 3.2, 3.4, 3.6])
+    svg = svg_line_chart({"a": ([1, 2, 3], [3.0, 2.5, 2.0])}, "t", "training step", "loss")
+    import re
+    xs = re.findall(r'text-anchor="middle">([^<]+)</text>', svg)
+    assert "1.5" not in xs and {"1", "2", "3"} <= set(xs)

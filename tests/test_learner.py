@@ -6,7 +6,7 @@ import torch
 
 from proxsparse_core.config import RunConfig
 from proxsparse_core.learner import ProxSparseLearner, frozen_weight_term_
-from proxsparse_core.masks import snapshot
+from proxsparse_core.masks import mask_2to4, snapshot
 
 
 def _samples(n=8, ctx=32, vocab=256, seed=0):
@@ -121,3 +121,77 @@ def test_lambda2_run_reports_the_term(tiny_lm):
     assert events[0].l2_term == 0.0  # at step 1, before any update, W == W0
     assert events[-1].l2_term > 0
     assert events[-1].loss == pytest.approx(events[-1].lm_loss + events[-1].l2_term)
+
+
+def test_held_out_if_stopped_now_is_w0_under_the_current_mask_and_does_not_disturb_learning(tiny_lm, monkeypatch):
+    from proxsparse_core import learner
+    from proxsparse_core.masks import pruned_weights, swapped
+
+    held = _samples(n=3, ctx=40, seed=1)
+    w0 = snapshot(tiny_lm.prunable)
+    plain, measured = [], []
+    base = _run(tiny_lm, on_event=plain.append, steps=4)
+    monkeypatch.setattr(learner, "HELDOUT_BUDGET", 1e9)            # measure at every stats step
+    cfg = RunConfig(steps=4, lr=1e-3, lambda1=1.0, layer_stats_every=2)
+    res = ProxSparseLearner(tiny_lm, cfg, _samples(), measured.append, held_out=held, originals=w0).run()
+    # the measurement never touches the learned weights: same losses, same masks
+    assert [e.lm_loss for e in measured] == [e.lm_loss for e in plain]
+    assert all(torch.equal(res.masks[n], base.masks[n]) for n in res.masks)
+    assert [e.step for e in measured if e.heldout_loss_24 is not None] == [1, 2, 4]
+    batch = held[:learner.HELDOUT_WINDOWS, :cfg.ctx // 2]
+    dense = learner.heldout_loss(tiny_lm.model, batch)
+    assert all(e.heldout_loss_dense == pytest.approx(dense) for e in measured)
+    with swapped(tiny_lm.prunable, pruned_weights(w0, res.masks), w0):    # the final mask, applied to W0
+        assert measured[-1].heldout_loss_24 == pytest.approx(learner.heldout_loss(tiny_lm.model, batch), rel=1e-5)
+    assert "held-out loss if stopped now" in measured[-1].line()
+    assert "groups with 0/1/2/3/4 non-zeros: " in measured[-1].line() and "nnz/group" not in measured[-1].line()
+    for n, w in tiny_lm.prunable.weights().items():
+        assert torch.equal(w, w0[n])
+    # over budget: only where the curve starts and ends
+    monkeypatch.setattr(learner, "HELDOUT_BUDGET", 0.0)
+    few = []
+    ProxSparseLearner(tiny_lm, cfg, _samples(), few.append, held_out=held).run()
+    assert [e.step for e in few if e.heldout_loss_24 is not None] == [1, 4]
+
+
+def test_masked_w0_restores_the_learned_weights_when_the_forward_fails(tiny_lm):
+    from proxsparse_core.learner import masked_w0
+
+    ps = tiny_lm.prunable
+    w0 = snapshot(ps)
+    learned = {n: ps.modules[n].weight.data for n in ps.names}
+    where = {n: ps.modules[n].weight.data_ptr() for n in ps.names}
+    seen = {}
+
+    def fail(module, args, output):        # runs inside the layer's call, before masked_w0 swaps back
+        seen["w"] = module.weight.data.clone()
+        raise KeyboardInterrupt
+    failing = ps.modules[ps.names[3]]
+    handle = failing.register_forward_hook(fail)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            with masked_w0(ps, w0):
+                tiny_lm.model(input_ids=torch.tensor([[1, 2, 3, 4]]))
+    finally:
+        handle.remove()
+    assert torch.equal(seen["w"], w0[ps.names[3]] * mask_2to4(learned[ps.names[3]]))   # it computed with W0·mask
+    assert all(ps.modules[n].weight.data_ptr() == where[n] for n in ps.names)   # the very same tensors
+    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in ps.modules.values())
+
+
+def test_eta_leaves_out_the_first_step_and_counts_held_out_time():
+    from proxsparse_core.learner import eta_seconds
+
+    assert eta_seconds([30.0, 1.0, 1.2, 0.8], 10) == pytest.approx(6.0)      # 6 steps left × median 1 s
+    assert eta_seconds([5.0], 3) == pytest.approx(10.0)
+    assert eta_seconds([1.0, 1.0], 2) == 0.0
+    assert eta_seconds([1.0, 1.0, 1.0], 5, held_spent=0.3, held_cost=0.5) == pytest.approx(2 * 1.1 + 0.5)
+
+
+def test_held_out_measurements_are_spaced_to_cost_a_small_share_of_the_run(monkeypatch):
+    from proxsparse_core import learner
+
+    monkeypatch.setattr(learner, "HELDOUT_BUDGET", 0.05)
+    assert learner.held_gap(0.5, [1.0] * 5) == 10          # half a step's cost, 5% of the time → every 10 steps
+    assert learner.held_gap(0.01, [1.0, 1.0]) == 1
+    assert learner.held_gap(1.0, [9.0] + [0.1] * 10) == 200  # the recent steps count, not the first one

@@ -64,3 +64,17 @@ def test_pack_unpack_round_trip_is_exact_and_small(tiny_llama):
     back = unpack_masks(packed, {n: m.shape for n, m in masks.items()})
     assert all(torch.equal(back[n], masks[n]) for n in masks)
     assert sum(p.nbytes for p in packed.values()) * 8 == sum(m.numel() for m in masks.values())
+
+
+def test_fast_mask_matches_a_stable_sort_with_ties_zeros_and_nan():
+    def by_sort(w):
+        s = w.abs().float().reshape(-1, 4)
+        order = torch.sort(s, dim=1, descending=True, stable=True).indices[:, :2]
+        return torch.zeros_like(s, dtype=torch.bool).scatter_(1, order, True).view(w.shape)
+    g = torch.Generator().manual_seed(0)
+    w = torch.randint(-2, 3, (64, 32), generator=g).float()      # many ties, many zeros
+    w[:8] = torch.randn(8, 32, generator=g)
+    assert torch.equal(mask_2to4(w), by_sort(w))
+    assert torch.equal(mask_2to4(w.bfloat16()), by_sort(w.bfloat16()))
+    w[0, 1] = float("nan")
+    assert torch.equal(mask_2to4(w), by_sort(w)) and mask_2to4(w)[0, 1]

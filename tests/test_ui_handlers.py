@@ -147,9 +147,11 @@ def test_bad_settings_start_nothing_and_say_why(tiny_dir):
     jobs = JobManager()
     values = form_values(tiny_cfg(tiny_dir, lambda1=2.0))
     values[learn_tab.FORM.index("lambda1")] = -3.0
-    with pytest.warns(UserWarning, match="lambda1"):
+    with pytest.warns(UserWarning, match="λ1 · 2:4 regulariser must be"):      # the label the page shows
         out = list(learn_tab.start_run(jobs, learn_tab.DATA_MODES[0], None, "", False, *values))
-    assert len(out) == 1 and "lambda1" in out[0][0] and jobs.job is None
+    assert len(out) == 1 and "λ1 · 2:4 regulariser must be" in out[0][0] and jobs.job is None
+    assert "lambda1" not in out[0][0]
+    assert "λ1 · 2:4 regulariser" not in learn_tab.clear_note(jobs)     # an edited form drops the old message
     # a model that does not exist fails inside the job, with one line and no trace
     job = jobs.start_learning(tiny_cfg(tiny_dir, model=str(tiny_dir / "missing")))
     wait(job)
@@ -172,6 +174,9 @@ def test_render_pair_marks_the_first_divergence():
     assert '<mark class="ps-diff">Paris.</mark>' in dense and '<mark class="ps-diff">Rome.</mark>' in pruned
     assert "15 characters" in summary
     assert "Identical" in compare_tab.render_pair("same", "same", LEARNED)[2]
+    # different from the first character: only the pruned side is marked
+    dense, pruned, summary = compare_tab.render_pair("Paris.", "Rome.", LEARNED)
+    assert "ps-diff" not in dense and '<mark class="ps-diff">Rome.</mark>' in pruned and "first character" in summary
     # while the pruned side is still growing, a matching prefix is not marked as different
     assert "ps-diff" not in compare_tab.render_pair("The capital", "The", LEARNED, streaming="pruned")[0]
     assert "Learn" in compare_tab.render_pair("text", "", None)[2]
@@ -185,7 +190,7 @@ def test_generation_streams_dense_then_pruned_with_the_same_settings(finished):
     dense, pruned, summary = frames[-1]
     want_dense = jobs.ws.generate("dense", "What is the capital of France?",
                                   compare_tab.settings_from_form(False, 0.7, 0.9, 12, True))
-    assert compare_tab.esc(want_dense) in dense.replace('<mark class="ps-diff">', "").replace("</mark>", "")
+    assert compare_tab._panel(want_dense, None, False) == dense.replace('<mark class="ps-diff">', "").replace("</mark>", "")
     assert summary and jobs.activity is None
     with pytest.raises(UserError):
         list(compare_tab.generate_pair(jobs, LEARNED, "   ", False, 0.7, 0.9, 12, True))
@@ -222,7 +227,7 @@ def test_perplexity_stop_keeps_finished_rows(finished):
     jobs.ws.ppl.pop(LEARNED, None)
 
     def progress(frac, desc=""):                              # press Stop as the learned row starts
-        if LEARNED in desc:
+        if title(LEARNED) in desc:
             jobs.eval_stop.set()
     table, note = compare_tab.compute_perplexities(jobs, [], progress)
     assert note.startswith("stopped") and title("dense") in set(table["method"])
@@ -232,13 +237,31 @@ def test_perplexity_stop_keeps_finished_rows(finished):
 # ---------------------------------------------------------------------------- how 2:4 works
 
 def test_prox_demo_shows_the_prox_output_and_survivors():
+    def prox_out(fig):          # kept (green) and dropped (red) bars share one slot per weight
+        kept, dropped = fig.data[1].y, fig.data[2].y
+        return [k if k is not None else d for k, d in zip(kept, dropped)]
     fig, text = explain_tab.prox_demo(0.9, -0.7, 0.5, 0.3, 0.0)
-    assert list(fig.data[1].y) == pytest.approx([0.9, -0.7, 0.5, 0.3])     # λ = 0: nothing moves
+    assert prox_out(fig) == pytest.approx([0.9, -0.7, 0.5, 0.3])            # λ = 0: nothing moves
+    assert list(fig.data[2].y)[2:] == pytest.approx([0.5, 0.3]) and "dropped" in fig.data[2].name   # in the legend
+    assert fig.data[1].offsetgroup == fig.data[2].offsetgroup
     fig, text = explain_tab.prox_demo(0.9, -0.7, 0.5, 0.3, 3.0)
-    out = list(fig.data[1].y)
+    out = prox_out(fig)
     assert sum(v != 0 for v in out) <= 2 and "already 2:4" in text
     assert "w1, w2" in text                                              # the two largest survive
-    assert len(fig.data) == 2 + 4                                        # bars + one path per weight
+    assert len(fig.data) == 3 + 4                                        # bars + one path per weight
+    path_x = fig.data[3].x
+    assert path_x[0] == explain_tab.LAMBDA_RANGE[0] and path_x[-1] == explain_tab.LAMBDA_RANGE[1]   # the slider's range
+    labels = sorted(a.y for a in fig.layout.annotations if a.text in ("w1", "w2", "w3", "w4"))
+    assert all(b - a > 0.05 for a, b in zip(labels, labels[1:]))        # w3 and w4 end at 0: labels apart
+
+
+def test_explain_tab_opens_on_a_lambda_that_reaches_2to4():
+    lam = explain_tab.DEFAULT_LAMBDA
+    assert lam is not None and explain_tab.LAMBDA_RANGE[0] < lam <= explain_tab.LAMBDA_RANGE[1]
+    fig, text = explain_tab.prox_demo(*explain_tab.DEFAULT_GROUP, lam)
+    assert "already 2:4" in text and f"from λ = **{lam:.2f}**" in text
+    _, below = explain_tab.prox_demo(*explain_tab.DEFAULT_GROUP, lam - explain_tab.LAMBDA_STEP)
+    assert "not 2:4 yet" in below                                        # one step lower is not
 
 
 def test_weight_block_shows_a_real_2to4_pattern(tiny_dir, monkeypatch):
@@ -251,9 +274,33 @@ def test_weight_block_shows_a_real_2to4_pattern(tiny_dir, monkeypatch):
         for g in range(0, len(row_p), 4):
             kept = [v for v in row_p[g:g + 4] if v is not None]      # pruned cells are blank
             assert len(kept) == 2 and all(v in row_o[g:g + 4] for v in kept)
-    assert "Finish a run" in text
+    assert "After a run" in text
     with pytest.raises(UserError):
         explain_tab.weight_block(JobManager(), "model.no.such.weight")
+
+
+def test_weight_block_after_a_run_shows_learned_next_to_magnitude_and_counts_the_difference(finished):
+    jobs, _ = finished
+    names = explain_tab.layer_choices(jobs)                  # the layers of the model the mask was learned for
+    assert names == [f"{n}.weight" for n in jobs.ws.lm.prunable.names]
+    name = names[-1]
+    fig, text = explain_tab.weight_block(jobs, name)
+    heat = [t for t in fig.data if t.type == "heatmap"]
+    assert len(heat) == 3 and "learned" in fig.layout.annotations[2].text
+    layer = name.removesuffix(".weight")
+    learned, w0 = jobs.ws.results[LEARNED].masks[layer], jobs.ws.originals[layer]
+    magnitude = explain_tab.mask_2to4(w0)
+    block = (learned != magnitude)[:explain_tab.BLOCK_ROWS, :explain_tab.BLOCK_COLS]
+    rows, cols = block.shape
+    assert f"choose {int(block.sum())} of its {rows * cols} weights differently" in text
+    ringed = [t for t in fig.data if t.type == "scatter"]
+    assert len(ringed) == 1 and len(ringed[0].x) == int(block.sum())
+    # opened after a run, the tab shows the layer where learning changed magnitude's choice most
+    share = {n: float((jobs.ws.results[LEARNED].masks[n] != explain_tab.mask_2to4(jobs.ws.originals[n]))
+                      .view(-1, 4).any(1).float().mean()) for n in jobs.ws.lm.prunable.names}
+    update = explain_tab.select_layer(jobs, None)[0]
+    assert update["value"] == max(share, key=share.get) + ".weight"
+    assert explain_tab.select_layer(jobs, names[0])[0]["value"] == names[0]      # a chosen layer stays
 
 
 def test_perplexity_rows_stream_one_at_a_time(finished):
@@ -261,9 +308,26 @@ def test_perplexity_rows_stream_one_at_a_time(finished):
     jobs.ws.ppl.clear()
     frames = list(compare_tab.stream_perplexities(jobs, []))
     sizes = [len(table) for table, _ in frames]
-    assert sizes[:-1] == list(range(1, len(sizes))) and sizes[-1] == sizes[-2] >= 2
-    assert "done; computing the next row" in frames[0][1] and frames[-1][1].startswith("all rows computed")
+    assert sizes == sorted(sizes) and set(range(1, sizes[-1] + 1)) <= set(sizes) and sizes[-1] >= 2   # row by row
+    assert frames[-1][1].startswith("all rows computed")
+    assert f"✓ **{title('dense')}** — done" in frames[-1][1]          # each row's own line
+    # each task's progress never goes back (it is per task, not a share of the whole)
+    seen = {}
+    import re
+    for _, note in frames:
+        for name, done in re.findall(r"\*\*(.+?)\*\* — perplexity (\d+) /", note):
+            assert int(done) >= seen.get(name, 0)
+            seen[name] = int(done)
     assert jobs.activity is None
+
+
+def test_per_task_progress_lines():
+    text = compare_tab.tasks_markdown({"dense": ("done", 4, 4), LEARNED: ("perplexity", 1, 4),
+                                       "wanda": ("pruning", 2, 30), "magnitude": ("waiting", 0, 0)})
+    lines = text.split("  \n")
+    assert lines[0] == f"✓ **{title('dense')}** — done"
+    assert lines[1] == f"▶ **{title(LEARNED)}** — perplexity 1 / 4 windows (25%)"
+    assert "pruning 2 / 30 blocks" in lines[2] and lines[3].endswith("— waiting")
 
 
 def test_inspect_model_shows_device_precision_and_prunable_layers(tiny_dir):
@@ -281,3 +345,133 @@ def test_speedup_panel_explains_why_not_on_cpu(finished):
     assert "needs a CUDA GPU" in text and "mask is still valid" in text
     text = compare_tab.measure_speedup(JobManager())
     assert "needs a CUDA GPU" in text
+
+
+# ---------------------------------------------------------------------------- teaching details
+
+def test_finished_run_shows_each_phase_after_the_steps_and_the_held_out_curve(finished):
+    jobs, job = finished
+    assert [p.name for p in job.phases] == ["extracting the mask", "verifying the 2:4 pattern",
+                                            f"held-out perplexity · {title('dense')}",
+                                            f"held-out perplexity · {title(LEARNED)}"]
+    assert all(p.state == "done" for p in job.phases)
+    dense = job.phases[2]
+    assert dense.done == dense.total == jobs.ws.data.held_out.shape[0] and dense.unit == "windows"
+    html = learn_tab.progress_html(job)
+    assert html.count("ps-ph-done") == 4 and "after the steps" in html
+    assert job.events[-1]["heldout_loss_24"] is not None and job.events[0]["heldout_loss_dense"] is not None
+    loss = learn_tab.render(job)[1]
+    assert "2:4 model if stopped now, held-out" in [t.name for t in loss.data]
+    assert "learned in 3 of 3 steps" in learn_tab.info_markdown(job)
+    assert "groups with 0/1/2/3/4 non-zeros" in "\n".join(job.log)
+
+
+def test_a_running_phase_shows_its_own_progress(tiny_dir):
+    from ui.jobs import LearnJob
+
+    job = LearnJob(1, tiny_cfg(tiny_dir), evaluate=True)
+    job.status = "evaluating"
+    for p in job.phases[:3]:
+        p.start()
+        p.end()
+    last = job.phases[3]
+    last.start()
+    last.progress(3, 40)
+    last.progress(2, 40)                                  # a late, smaller report does not go back
+    html = learn_tab.progress_html(job)
+    assert "3 / 40 windows" in html and f"held-out perplexity · {title(LEARNED)} …" in html
+    assert "ETA" not in html
+
+
+def test_stopped_run_still_gets_its_held_out_perplexity_and_says_how_many_steps(tiny_dir):
+    jobs = JobManager()
+    job = jobs.start_learning(tiny_cfg(tiny_dir, steps=100_000, layer_stats_every=50), evaluate=True)
+    t0 = time.time()
+    while len(job.events) < 2 and time.time() - t0 < 60:
+        time.sleep(0.02)
+    assert "then held-out perplexity is measured" in jobs.stop()
+    wait(job)
+    n = job.result.steps_done
+    assert job.status == "stopped" and set(job.perplexity) == {"dense", LEARNED}
+    assert f"its mask was learned in {n} of 100000 steps" in job.message
+    assert f"learned in {n} of 100000 steps" in learn_tab.info_markdown(job)
+    assert "Held-out perplexity" in learn_tab.info_markdown(job)
+
+
+def test_second_stop_skips_the_perplexity(tiny_dir):
+    jobs = JobManager()
+    job = jobs.start_learning(tiny_cfg(tiny_dir, steps=100_000, layer_stats_every=50), evaluate=True)
+    t0 = time.time()
+    while len(job.events) < 2 and time.time() - t0 < 60:
+        time.sleep(0.02)
+    jobs.stop()
+    assert "skipped" in jobs.stop()
+    wait(job)
+    assert job.status == "stopped" and not job.perplexity
+    assert job.phases[2].state == "skipped" and LEARNED in jobs.ws.results
+
+
+def test_presets_fit_the_model_say_gpu_and_held_out_share():
+    from proxsparse_core.config import PRESETS
+    from proxsparse_core.models import BUNDLED
+
+    labels = dict((v, k) for k, v in learn_tab.preset_choices())
+    assert "GPU + download" in labels["llama-2-7b"] and "GPU + download" in labels["qwen2.5-14b"]
+    assert "CPU, offline" in labels["quick-demo"] and labels[learn_tab.CUSTOM].startswith("custom")
+    assert "Needs a GPU and a download" in learn_tab.preset_note("llama-2-13b")
+    # a preset is shown only for its own model
+    assert learn_tab.preset_for(RunConfig(model=BUNDLED), "quick-demo") == "quick-demo"
+    assert learn_tab.preset_for(RunConfig(model="./other-model"), "quick-demo") == learn_tab.CUSTOM
+    assert learn_tab.model_changed("./other-model", "quick-demo")[0] == learn_tab.CUSTOM
+    assert learn_tab.model_changed(BUNDLED, "quick-demo")[0] == gr.skip()
+    assert learn_tab.matching_preset(RunConfig().with_preset("quick-demo")) == "quick-demo"
+    assert learn_tab.matching_preset(RunConfig(model="./other")) == learn_tab.CUSTOM
+    values, note = learn_tab.preset_values(learn_tab.CUSTOM, {})
+    assert all(v == gr.skip() for v in values) and "custom" in note
+    assert set(learn_tab.GPU_PRESETS) == {k for k, v in PRESETS.items() if v["settings"].get("model", BUNDLED) != BUNDLED}
+    from proxsparse_core.data import HELD_OUT_SHARE
+    assert HELD_OUT_SHARE == 0.2 and learn_tab.held_out_words() == "⅕ of it (20%)"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the CPU-only warning")
+def test_a_gpu_preset_is_held_back_once_on_a_cpu_only_machine():
+    jobs = JobManager()
+    cfg = RunConfig().with_preset("llama-2-7b")
+    first = learn_tab.gpu_warning(jobs, cfg)
+    assert "made for a GPU" in first and "Start again" in first
+    assert learn_tab.gpu_warning(jobs, cfg) is None                     # pressed again: go ahead
+    assert learn_tab.gpu_warning(JobManager(), RunConfig().with_preset("quick-demo")) is None
+
+
+def test_two_runs_in_a_row_do_not_keep_the_first_runs_tensors(tiny_dir):
+    """What a finished run no longer needs is freed at once: its optimizer moments, its copies of
+    W0, its masks once the next run replaced them. Garbage collection is off, so tensors that
+    only reference cycles hold would stay, and be counted."""
+    import gc
+    import weakref
+
+    import torch
+
+    def live() -> dict:
+        return {id(t): t for t in gc.get_objects() if isinstance(t, torch.Tensor) and t._base is None}
+
+    jobs = JobManager()
+    gc.collect()
+    gc.disable()
+    try:
+        wait(jobs.start_learning(tiny_cfg(tiny_dir, steps=4), evaluate=True))
+        after_first = live()
+        first_run = [weakref.ref(t) for t in after_first.values()]
+        first_bytes = sum(t.untyped_storage().nbytes() for t in after_first.values())
+        del after_first
+        wait(jobs.start_learning(tiny_cfg(tiny_dir, steps=4, seed=1), evaluate=True))
+        time.sleep(0.2)
+        now = live()
+        kept = [r() for r in first_run if r() is not None]
+        now_bytes = sum(t.untyped_storage().nbytes() for t in now.values())
+        first_masks = [t for t in kept if t.dtype == torch.bool]      # replaced by the second run's
+        assert not first_masks, f"{len(first_masks)} masks of the first run are still alive"
+        assert now_bytes <= first_bytes * 1.02, (now_bytes, first_bytes)
+        del now, kept, first_masks
+    finally:
+        gc.enable()

@@ -21,8 +21,31 @@ def test_empty_runs_draw_a_waiting_figure_not_an_error():
 def test_loss_figure_plots_lm_loss_and_the_lambda2_term_only_when_on():
     fig = plots.loss_figure(EVENTS)
     assert list(fig.data[0].x) == [1, 2, 3] and list(fig.data[0].y) == [e["lm_loss"] for e in EVENTS]
-    assert [t.name for t in fig.data] == ["LM loss", "λ2 term"]
-    assert [t.name for t in plots.loss_figure(EVENTS[:2]).data] == ["LM loss"]
+    assert [t.name for t in fig.data] == ["training loss, per step", "training loss, smoothed", "λ2 term"]
+    assert fig.data[0].opacity < 0.5 and fig.data[1].line.width > fig.data[0].line.width   # raw one faint
+    assert [t.name for t in plots.loss_figure(EVENTS[:2]).data] == ["training loss, per step", "training loss, smoothed"]
+    assert fig.layout.xaxis.title.text == "training step" and "loss" in fig.layout.yaxis.title.text
+    assert fig.layout.xaxis.dtick == 1 and fig.layout.xaxis.tickformat == "d"                # whole steps
+
+
+def test_smoothing_follows_the_level_without_a_start_at_zero():
+    assert plots.smooth([4.0, 4.0, 4.0]) == pytest.approx([4.0, 4.0, 4.0])
+    out = plots.smooth([4.0] * 20 + [2.0] * 20)
+    assert out[0] == pytest.approx(4.0) and 2.0 < out[25] < 4.0 and out[-1] == pytest.approx(2.0, abs=0.1)
+
+
+def test_loss_figure_shows_held_out_if_stopped_now_against_dense_and_labels_a_distill_run():
+    evs = [dict(e, heldout_loss_dense=3.0, heldout_loss_24=(None if e["step"] == 2 else 3.5 - 0.1 * e["step"]))
+           for e in EVENTS]
+    fig = plots.loss_figure(evs)
+    by = {t.name: t for t in fig.data}
+    assert list(by["2:4 model if stopped now, held-out"].x) == [1, 3]
+    assert list(by["2:4 model if stopped now, held-out"].y) == pytest.approx([3.4, 3.2])
+    assert list(by["dense model, held-out"].y) == [3.0, 3.0] and list(by["dense model, held-out"].x) == [1, 3]
+    kl = plots.loss_figure([dict(e, objective="distill") for e in evs])
+    names = [t.name for t in kl.data]
+    assert names[:2] == ["KL to dense (training), per step", "KL to dense (training), smoothed"]
+    assert kl.data[0].yaxis == "y2" and "KL divergence" in kl.layout.yaxis2.title.text
 
 
 def test_sparsity_figure_stacks_to_100_percent_and_its_green_top_is_the_2to4_share():

@@ -24,7 +24,7 @@ from proxsparse_core.baselines import METHODS
 from proxsparse_core.recovery import RECOVERY_METHODS, RecoveryConfig, recovered_name
 from proxsparse_core.results import DENSE, LEARNED, RECOVERED, title
 
-from . import inputs
+from . import inputs, markdown
 from .feedback import esc, fmt_duration, from_page, guarded, notify
 from .jobs import JobManager, in_worker
 
@@ -61,17 +61,16 @@ def settings_from_form(sample, temperature, top_p, max_new_tokens, chat) -> Gene
 
 
 def _panel(text: str, cut: int | None, streaming: bool) -> str:
-    """Generated text with the part after the first divergence highlighted."""
-    if cut is None or cut >= len(text):
-        body = esc(text)
-    else:
-        body = esc(text[:cut]) + f'<mark class="ps-diff">{esc(text[cut:])}</mark>'
+    """Generated text rendered as (safe) Markdown, the part after the first divergence highlighted."""
+    body = markdown.render(text, cut if cut is not None and cut < len(text) else None)
     cursor = '<span class="ps-cursor">▍</span>' if streaming else ""
     return f'<div class="ps-gen">{body or "<span class=ps-muted>…</span>"}{cursor}</div>'
 
 
 def render_pair(dense: str, pruned: str, variant: str | None, streaming: str | None = None) -> tuple:
-    """(dense panel, pruned panel, summary). `streaming` names the side still growing."""
+    """(dense panel, pruned panel, summary). `streaming` names the side still growing. When the
+    outputs differ from the first character, only the pruned side is marked: the dense output
+    is the reference, and marking all of both would say nothing."""
     cut = None
     summary = ""
     if variant and pruned:
@@ -80,18 +79,19 @@ def render_pair(dense: str, pruned: str, variant: str | None, streaming: str | N
             if i == -1:
                 summary = "✅ **Identical outputs.**"
             elif i == 0:
-                summary = "The outputs differ from the very first character (highlighted)."
+                summary = "The 2:4 model's output differs from the dense one from the very first character."
                 cut = i
             else:
                 words = len(dense[:i].split())
-                summary = (f"The outputs agree on the first **{i} characters** (~{words} "
+                summary = (f"The outputs agree on the first **{i} character{'s' if i != 1 else ''}** (~{words} "
                            f"word{'s' if words != 1 else ''}) and then diverge (highlighted).")
                 cut = i
         elif i < len(pruned):           # mark only what has really diverged so far
             cut = i
     elif not variant and streaming is None:
         summary = "No 2:4 result yet: start a run in the **Learn** tab (or compute a baseline below)."
-    return (_panel(dense, cut, streaming == DENSE), _panel(pruned, cut, streaming == "pruned")
+    dense_cut = cut if cut else None    # from the first character on: the pruned side alone
+    return (_panel(dense, dense_cut, streaming == DENSE), _panel(pruned, cut, streaming == "pruned")
             if variant else '<div class="ps-gen ps-muted">no 2:4 model to show yet</div>', summary)
 
 
@@ -149,27 +149,36 @@ def perplexity_table(jobs: JobManager) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def compute_perplexities(jobs: JobManager, methods, progress=None, on_row=None):
+def compute_perplexities(jobs: JobManager, methods, progress=None, on_row=None, on_task=None):
     """Perplexity of dense, every existing result and each selected baseline (pruned first when
-    missing), one row at a time (`on_row(name)` after each). Stop keeps the finished rows."""
+    missing), one row at a time (`on_row(name)` after each). Stop keeps the finished rows.
+    Progress is per task and never goes back: `progress(share of this task, description)`, and
+    `on_task(name, stage, done, total)` with stage waiting, pruning, perplexity or done."""
     report = progress or (lambda frac, desc="": None)
+    task = on_task or (lambda name, stage, done=0, total=0: None)
     done_msg = "all rows computed"
     with jobs.claim("computing perplexities") as ws:
         jobs.eval_stop.clear()                      # only once the machine is ours
         jobs.ensure_loaded()
         names = [DENSE] + list(ws.results) + [m for m in methods or [] if m not in ws.results]
+        for n in names:
+            task(n, "waiting")
         try:
-            for i, n in enumerate(names):
-                def share(done, total, i=i):           # progress within this row's slice of the bar
-                    return (i + done / max(total, 1)) / len(names)
+            for n in names:
+                def tell(stage, unit, n=n):
+                    def update(d, t):
+                        task(n, stage, d, t)
+                        report(d / max(t, 1), f"{title(n)}: {stage} {d} / {t} {unit}")
+                    return update
                 if n not in ws.results and n != DENSE:
-                    report(share(0, 1), f"pruning with {n} …")
-                    ws.prune(n, jobs.cfg, progress=lambda d, t: report(share(d, 2 * t), f"pruning with {n}"),
-                             stop=jobs.eval_stop)
+                    tell("pruning", "blocks")(0, 1)
+                    ws.prune(n, jobs.cfg, progress=tell("pruning", "blocks"), stop=jobs.eval_stop)
                 if n != DENSE:
                     jobs.verified[n] = ws.verify(n).ok
-                report(share(0, 1), f"perplexity of {n}")
-                ws.perplexity(n, stop=jobs.eval_stop, progress=lambda d, t: report(share(d, t), f"perplexity of {n}"))
+                windows = ws.data.held_out.shape[0]
+                tell("perplexity", "windows")(0, windows)
+                ws.perplexity(n, stop=jobs.eval_stop, progress=tell("perplexity", "windows"))
+                task(n, "done")
                 if on_row:
                     on_row(n)
         except Stopped:
@@ -180,21 +189,53 @@ def compute_perplexities(jobs: JobManager, methods, progress=None, on_row=None):
                                     f"for every row (lower is better).")
 
 
+TASK_MARK = {"waiting": "·", "pruning": "▶", "perplexity": "▶", "done": "✓"}
+
+
+def tasks_markdown(tasks: dict) -> str:
+    """One line per row being computed: its stage and its own progress (which never goes back)."""
+    lines = []
+    for name, (stage, done, total) in tasks.items():
+        text = f"{TASK_MARK.get(stage, '·')} **{esc(title(name))}**"
+        if stage in ("pruning", "perplexity") and total:
+            unit = "blocks" if stage == "pruning" else "windows"
+            text += f" — {stage} {done} / {total} {unit} ({100 * done / total:.0f}%)"
+        elif stage == "done":
+            text += " — done"
+        else:
+            text += " — waiting"
+        lines.append(text)
+    return "  \n".join(lines)
+
+
 def stream_perplexities(jobs: JobManager, methods, progress=None):
-    """compute_perplexities for the page: the table grows row by row while the rest is computed."""
+    """compute_perplexities for the page: the table grows row by row while the rest is computed,
+    and the note under it shows each row's own progress (the table is never covered)."""
     methods = inputs.some_of("One-shot baselines to add", methods, baseline_methods())
+    tasks: dict = {}
 
     def work(emit):
+        def on_task(name, stage, done=0, total=0):
+            old = tasks.get(name)
+            if old and old[0] == stage:
+                done = max(done, old[1])                # never goes back
+            tasks[name] = (stage, done, total)
+            emit(("task",))
         emit(("done", compute_perplexities(jobs, methods, lambda f, desc="": emit(("progress", f, desc)),
-                                           lambda n: emit(("row", n)))))
+                                           lambda n: emit(("row", n)), on_task)))
 
+    shown = 0.0
     for kind, *rest in in_worker(work):
         if kind == "progress" and progress:
             progress(*rest)
-        elif kind == "row":
-            yield perplexity_table(jobs), f"{title(rest[0])}: done; computing the next row …"
+        elif kind in ("task", "row"):
+            now = time.monotonic()
+            if kind == "row" or now - shown > 0.25:     # at most four updates a second
+                shown = now
+                yield perplexity_table(jobs), tasks_markdown(tasks)
         elif kind == "done":
-            yield rest[0]
+            table, note = rest[0]
+            yield table, note + "\n\n" + tasks_markdown(tasks)
 
 
 def measure_speedup(jobs: JobManager, prompt: str = "", figure: bool = False):
@@ -369,7 +410,7 @@ def build_compare_tab(jobs: JobManager, tab: gr.Tab):
             with gr.Row():
                 go = gr.Button("Generate both", variant="primary", elem_id="ps-generate")
                 gen_stop = gr.Button("Stop", variant="stop", elem_id="ps-generate-stop", min_width=80)
-    with gr.Row(equal_height=True):
+    with gr.Row(equal_height=False, elem_classes="ps-outputs"):     # both panels start at the top
         with gr.Column():
             gr.Markdown("**Dense**")
             dense_out = gr.HTML(_panel("", None, False), elem_id="ps-dense")
@@ -389,7 +430,7 @@ def build_compare_tab(jobs: JobManager, tab: gr.Tab):
             table_btn = gr.Button("Compute perplexities", variant="primary", elem_id="ps-ppl")
             stop_btn = gr.Button("Stop", variant="stop", size="sm")
     table = gr.Dataframe(perplexity_table(jobs), headers=COLUMNS, interactive=False, elem_id="ps-table")
-    table_note = gr.Markdown()
+    table_note = gr.Markdown(elem_id="ps-table-note")
 
     gr.Markdown("### 2:4 speed on this machine")
     with gr.Row():
@@ -402,9 +443,8 @@ def build_compare_tab(jobs: JobManager, tab: gr.Tab):
     def on_generate(v, p, s, t, tp, mx, c, evt: gr.EventData):
         yield from guarded(3)(generate_pair)(jobs, v, p, s, t, tp, mx, c, page=from_page(evt))
 
-    def on_table(m, evt: gr.EventData, progress=gr.Progress()):
-        yield from guarded(2)(stream_perplexities)(jobs, m, lambda frac, desc="": progress(frac, desc=desc),
-                                                   page=from_page(evt))
+    def on_table(m, evt: gr.EventData):
+        yield from guarded(2)(stream_perplexities)(jobs, m, page=from_page(evt))
 
     def on_stop():
         jobs.eval_stop.set()
@@ -428,8 +468,9 @@ def build_compare_tab(jobs: JobManager, tab: gr.Tab):
     go.click(on_generate, [variant, prompt, sample, temperature, top_p, max_new, chat],
              [dense_out, pruned_out, summary], api_name="generate", concurrency_limit=None,
              show_progress="hidden", preprocess=False)
+    # progress is the note's per-row lines, never an overlay: rows stay visible as they arrive
     table_btn.click(on_table, chosen, [table, table_note], api_name="perplexity", concurrency_limit=None,
-                    show_progress_on=table, preprocess=False)
+                    show_progress="hidden", preprocess=False)
     stop_btn.click(on_stop, None, None, queue=False, api_name="stop_eval")
     gen_stop.click(on_stop, None, None, queue=False, api_visibility="private")
     speed_btn.click(on_speed, prompt, [speed_note, speed_plot], api_name="speedup", concurrency_limit=None,

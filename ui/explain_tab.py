@@ -3,7 +3,9 @@ pruning, and why the pattern can run faster on sparse tensor cores. Pictures ove
 
 The numbers all come from `proxsparse_core` (prox_groups, objective, mask_2to4); this module
 only arranges them. The weight block is read straight from the bundled model's safetensors
-file, so the tab works without loading the model and while a run is learning.
+file, so the tab works without loading the model and while a run is learning; once a mask has
+been learned, the layers are those of the model it was learned for (its W0, kept by the
+workspace), with the learned mask next to magnitude's.
 """
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import torch
 
 from proxsparse_core.errors import UserError
 from proxsparse_core.masks import mask_2to4
-from proxsparse_core.models import BUNDLED, bundled_folder
+from proxsparse_core.models import bundled_folder
 from proxsparse_core.prox import objective, prox_groups
 from proxsparse_core.results import LEARNED
 
@@ -25,9 +27,23 @@ from .jobs import JobManager
 
 BLOCK_ROWS, BLOCK_COLS = 16, 32
 DEFAULT_GROUP = (0.9, -0.7, 0.5, 0.3)
-DEFAULT_LAMBDA = 0.6
 Z_RANGE = (-1.5, 1.5)        # the sliders' ranges, which the handler also enforces for API calls
 LAMBDA_RANGE = (0.0, 5.0)
+LAMBDA_STEP = 0.05
+PATH_POINTS = 101            # λ values on the "prox output as λ grows" curve, over the slider's range
+
+
+def lambda_reaching_2to4(z: tuple, lo: float = LAMBDA_RANGE[0], hi: float = LAMBDA_RANGE[1]) -> float | None:
+    """The smallest λ on the slider's grid at which the prox of group `z` is 2:4 (None if none)."""
+    group = torch.tensor([list(z)], dtype=torch.float32)
+    for i in range(int(round((hi - lo) / LAMBDA_STEP)) + 1):
+        lam = round(lo + i * LAMBDA_STEP, 10)
+        if int((prox_groups(group, lam, mode="reference") != 0).sum()) <= 2:
+            return lam
+    return None
+
+
+DEFAULT_LAMBDA = lambda_reaching_2to4(DEFAULT_GROUP)     # the tab opens on a group that has just become 2:4
 
 
 # ---------------------------------------------------------------------------- the prox on one group
@@ -38,8 +54,8 @@ def prox_demo(z1, z2, z3, z4, lam) -> tuple:
     z = torch.tensor([[inputs.number(f"w{i + 1}", v, *Z_RANGE) for i, v in enumerate((z1, z2, z3, z4))]])
     w = prox_groups(z, lam, mode="reference")       # one group: the published schedule is instant
     kept = mask_2to4(w)[0].tolist()
-    top = max(3.0, 1.5 * lam)
-    lambdas = [top * i / 40 for i in range(41)]
+    lo, hi = LAMBDA_RANGE
+    lambdas = [lo + (hi - lo) * i / (PATH_POINTS - 1) for i in range(PATH_POINTS)]
     path = [prox_groups(z, lm, mode="reference")[0].tolist() for lm in lambdas]
     fig = prox_group_figure(z[0].tolist(), w[0].tolist(), kept, lambdas, path, lam)
     nnz = int((w != 0).sum())
@@ -47,11 +63,14 @@ def prox_demo(z1, z2, z3, z4, lam) -> tuple:
              "zero the two smallest": float(objective(z * mask_2to4(z), z, lam)),
              "the prox output": float(objective(w, z, lam))}
     survivors = ", ".join(f"w{i + 1}" for i, k in enumerate(kept) if k)
+    reach = lambda_reaching_2to4(tuple(z[0].tolist()))
+    where = (f" This group becomes 2:4 from λ = **{reach:.2f}**." if reach is not None
+             else " No λ on the slider makes this group 2:4 in one step.")
     verdict = ("**already 2:4** — the regulariser is zero" if nnz <= 2
                else f"{nnz} non-zeros — not 2:4 yet; a larger λ (or more steps) pushes it there")
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in costs.items())
-    text = (f"**Prox output** w = ({', '.join(f'{v:+.3f}' for v in w[0].tolist())}) → {verdict}.\n\n"
-            f"The mask keeps the two largest |w|: **{survivors}** (green).\n\n"
+    text = (f"**Prox output** w = ({', '.join(f'{v:+.3f}' for v in w[0].tolist())}) → {verdict}.{where}\n\n"
+            f"The mask keeps the two largest |w|: **{survivors}** (green); the red bars are dropped.\n\n"
             f"| candidate | ½‖w − z‖² + λ·R(w) |\n|---|---|\n{rows}\n\n"
             f"The prox finds the lowest cost: it trades moving the weights (first term) against the 2:4 "
             f"penalty R(w) = |w1w2w3| + |w1w2w4| + |w1w3w4| + |w2w3w4|, which is zero only when at most "
@@ -68,8 +87,23 @@ def _weight_files() -> list[Path]:
     return files
 
 
-def layer_choices() -> list[str]:
-    """2-D weights inside the decoder blocks of the bundled model whose input dim is divisible by 4."""
+def _learned(jobs: JobManager | None):
+    """(masks, W0) of the learned result on the loaded model, or None before any run."""
+    if jobs is None:
+        return None
+    ws = jobs.ws
+    result = ws.results.get(LEARNED)
+    if result is None or ws.originals is None:
+        return None
+    return result.masks, ws.originals
+
+
+def layer_choices(jobs: JobManager | None = None) -> list[str]:
+    """2-D weights inside the decoder blocks whose input dim is divisible by 4: of the model a mask
+    was learned for, else of the bundled model."""
+    learned = _learned(jobs)
+    if learned is not None:
+        return [f"{n}.weight" for n in learned[1]]
     from safetensors import safe_open
 
     names = []
@@ -82,7 +116,13 @@ def layer_choices() -> list[str]:
     return sorted(names, key=lambda k: [int(p) if p.isdigit() else p for p in k.split(".")])
 
 
-def _read(name: str) -> torch.Tensor:
+def _read(name: str, jobs: JobManager | None = None) -> torch.Tensor:
+    learned = _learned(jobs)
+    if learned is not None:
+        w0 = learned[1].get(name.removesuffix(".weight"))
+        if w0 is None:
+            raise UserError(f"no prunable layer named {name!r} in the loaded model")
+        return w0.float()
     from safetensors import safe_open
 
     for path in _weight_files():
@@ -99,36 +139,58 @@ def _masked(block: torch.Tensor, mask: torch.Tensor) -> list[list[float | None]]
 
 
 def weight_block(jobs: JobManager, name: str) -> tuple:
-    """Heatmaps of the top-left block of a real layer: original, magnitude 2:4 and, when a run on
-    the bundled model finished, the learned ProxSparse mask."""
-    name = inputs.text("Layer of the bundled SmolLM2 model", name)
+    """Heatmaps of the top-left block of a real layer: original, magnitude 2:4 and, once a mask
+    was learned, the learned ProxSparse mask on the same block, with the weights the two choose
+    differently ringed and counted."""
+    name = inputs.text("Layer", name)
     if not name:
         raise UserError("pick a layer")
-    w = _read(name)
+    w = _read(name, jobs)
     block = w[:BLOCK_ROWS, :BLOCK_COLS]
     magnitude = mask_2to4(w)
     panels = [("original", block.tolist()),
               ("magnitude 2:4 (keep the 2 largest |w|)", _masked(block, magnitude))]
-    text = (f"`{name}` is {w.shape[0]} × {w.shape[1]}; shown: its top-left {BLOCK_ROWS} × {BLOCK_COLS} block. "
+    rows, cols = block.shape
+    text = (f"`{name}` is {w.shape[0]} × {w.shape[1]}; shown: its top-left {rows} × {cols} block. "
             f"Every row is cut into groups of 4 inputs (thin lines); each group keeps exactly 2 weights, "
             f"so half of the weights become exact zeros (grey).")
-    learned = jobs.ws.results.get(LEARNED)
-    layer = name.removesuffix(".weight")
-    if learned is not None and jobs.cfg is not None and jobs.cfg.model == BUNDLED and layer in learned.masks:
-        mask = learned.masks[layer]
+    learned = _learned(jobs)
+    marks = None
+    if learned is not None:
+        mask = learned[0][name.removesuffix(".weight")]
         panels.append(("ProxSparse learned mask", _masked(block, mask)))
-        same = (mask.view(-1, 4) == magnitude.view(-1, 4)).all(1).float().mean().item()
-        text += (f"\n\nThe learned mask picks a different pair than magnitude in **{100 * (1 - same):.1f}%** of "
-                 f"this layer's groups: the loss, not only |w|, decided which weights matter.")
+        differ = mask != magnitude
+        here = differ[:rows, :cols]
+        cells = [(r, c) for r, c in here.nonzero().tolist()]
+        marks = (2, cells, "chosen differently from magnitude")
+        groups = float(differ.view(-1, 4).any(1).float().mean())
+        layer_diff = int(differ.sum())
+        text += (f"\n\n**On this block the two masks choose {len(cells)} of its {rows * cols} weights differently** "
+                 f"({100 * len(cells) / (rows * cols):.1f}%, ringed): each group where they disagree swaps a weight "
+                 f"magnitude keeps for one it drops. Over the whole layer: {layer_diff:,} of {w.numel():,} "
+                 f"weights ({100 * float(differ.float().mean()):.1f}%), in {100 * groups:.1f}% of its groups")
+        text += (" — the loss, not only |w|, decided which weights matter." if layer_diff else
+                 ": here learning kept magnitude's choice (a short run, or a layer where |w| already decides).")
     else:
-        text += "\n\nFinish a run on the bundled model to see the learned mask next to magnitude pruning."
-    return weight_block_figure(f"{name} — one block, before and after 2:4", panels), text
+        text += "\n\nAfter a run, the learned mask appears here next to magnitude's, on the same block."
+    return weight_block_figure(f"{name} — one block, before and after 2:4", panels, marks), text
+
+
+def most_changed_layer(jobs: JobManager) -> str | None:
+    """After a run: the layer whose learned mask differs most from magnitude's (share of groups)."""
+    learned = _learned(jobs)
+    if learned is None:
+        return None
+    masks, w0 = learned
+    share = {n: float((masks[n] != mask_2to4(w0[n])).view(-1, 4).any(1).float().mean()) for n in masks if n in w0}
+    return f"{max(share, key=share.get)}.weight" if share else None
 
 
 def select_layer(jobs: JobManager, current: str | None) -> tuple:
-    """The tab was opened: the layer list, and the chosen (or first) layer's block."""
-    choices = layer_choices()
-    name = current if current in choices else (choices[0] if choices else None)
+    """The tab was opened: the layer list, and the chosen layer's block (at first, after a run, the
+    layer where the learned mask differs most from magnitude's; else the first)."""
+    choices = layer_choices(jobs)
+    name = current if current in choices else (most_changed_layer(jobs) or (choices[0] if choices else None))
     return (gr.update(choices=choices, value=name), *weight_block(jobs, name))
 
 
@@ -176,17 +238,18 @@ def build_explain_tab(jobs: JobManager, tab: gr.Tab):
     with gr.Row():
         with gr.Column(scale=1, min_width=240):
             sliders = [gr.Slider(*Z_RANGE, v, step=0.05, label=f"w{i + 1}") for i, v in enumerate(DEFAULT_GROUP)]
-            lam = gr.Slider(*LAMBDA_RANGE, DEFAULT_LAMBDA, step=0.05, label="λ (regulariser strength)")
+            lam = gr.Slider(*LAMBDA_RANGE, DEFAULT_LAMBDA, step=LAMBDA_STEP, label="λ (regulariser strength)")
         with gr.Column(scale=3):
             fig0, text0 = prox_demo(*DEFAULT_GROUP, DEFAULT_LAMBDA)
             prox_plot = gr.Plot(fig0, show_label=False, elem_id="ps-prox")
-            prox_text = gr.Markdown(text0)
+            prox_text = gr.Markdown(text0, elem_id="ps-prox-text")
     gr.Markdown("### 2 · A real layer, before and after 2:4")
     with gr.Row():
-        layer = gr.Dropdown([], label="Layer of the bundled SmolLM2 model", allow_custom_value=True, scale=3)
+        layer = gr.Dropdown([], label="Layer", allow_custom_value=True, scale=3,
+                            info="of the bundled SmolLM2 model; after a run, of the model the mask was learned for")
         show = gr.Button("Show", scale=1)
     block_plot = gr.Plot(show_label=False, elem_id="ps-block")
-    block_text = gr.Markdown()
+    block_text = gr.Markdown(elem_id="ps-block-text")
     gr.Markdown("### 3 · Why 2:4 can run faster")
     gr.HTML(tensor_core_html())
 

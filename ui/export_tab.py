@@ -74,8 +74,9 @@ def _events_for(jobs: JobManager, result: str) -> list[dict] | None:
 
 
 def run_export(jobs: JobManager, result: str, folder_name: str, overwrite: bool, evaluate: bool,
-               stop: threading.Event, progress=None) -> tuple[str, str]:
-    """Export `result` to <root>/<folder_name> and zip its small artefacts for download.
+               stop: threading.Event, progress=None, shown_name: str | None = None) -> tuple[str, str]:
+    """Export `result` to <root>/<folder_name> and zip its small artefacts for download. An empty
+    folder name means `shown_name`, the automatic name the page shows (else a fresh one).
     Returns (markdown summary, path of the zip)."""
     say = progress or (lambda frac, desc="": None)
     result = inputs.text("Result to export", result)
@@ -92,7 +93,7 @@ def run_export(jobs: JobManager, result: str, folder_name: str, overwrite: bool,
                             "baseline in the Compare tab) first")
         if result not in ws.results:
             raise UserError(f"no result named {result!r}; pick one from the list")
-        target = target_in(export_root(), folder_name or default_name(jobs, result))
+        target = target_in(export_root(), folder_name or shown_name or default_name(jobs, result))
         stop.clear()
         res = export_result(ws, result, target, events=_events_for(jobs, result), evaluate=evaluate,
                             overwrite=overwrite, stop=stop, progress=stage)
@@ -127,7 +128,9 @@ def build_export_tab(jobs: JobManager, tab: gr.Tab | None = None):
             result = gr.Dropdown(result_choices(jobs), label="Result to export", allow_custom_value=True,
                                  info="the learned mask or a one-shot baseline", elem_id="ps-export-result")
             name = gr.Textbox(label="Folder name", placeholder="leave empty for an automatic name",
-                              info=f"created inside {export_root()}", elem_id="ps-export-name")
+                              info=f"created inside {export_root()}; left empty, the grey name is the one written",
+                              elem_id="ps-export-name")
+            shown_name = gr.State(None)    # the automatic name in the placeholder: the one an empty box writes
             with gr.Row():
                 evaluate = gr.Checkbox(True, label="Measure perplexity for the report")
                 overwrite = gr.Checkbox(False, label="Replace an existing folder of that name")
@@ -138,8 +141,12 @@ def build_export_tab(jobs: JobManager, tab: gr.Tab | None = None):
                                elem_id="ps-export-zip")
     status = gr.Markdown(elem_id="ps-export-status")
 
-    def on_export(r, n, ow, ev, evt: gr.EventData, progress=gr.Progress()):
-        return guarded(2)(run_export)(jobs, r, n, ow, ev, stop, progress, page=from_page(evt))
+    def on_export(r, n, ow, ev, auto, evt: gr.EventData, progress=gr.Progress()):
+        return guarded(2)(run_export)(jobs, r, n, ow, ev, stop, progress, auto, page=from_page(evt))
+
+    def on_result(r):
+        fresh = default_name(jobs, r if isinstance(r, str) else None)
+        return gr.update(placeholder=fresh), fresh
 
     def on_stop():
         stop.set()
@@ -148,11 +155,14 @@ def build_export_tab(jobs: JobManager, tab: gr.Tab | None = None):
     def on_select():
         choices = result_choices(jobs)
         value = LEARNED if LEARNED in jobs.ws.results else (choices[0][1] if choices else None)
-        return gr.update(choices=choices, value=value), gr.update(placeholder=default_name(jobs, value))
+        fresh = default_name(jobs, value)
+        return gr.update(choices=choices, value=value), gr.update(placeholder=fresh), fresh
 
     # no queue of its own: the job manager answers "busy" at once; inputs are checked in run_export
-    go.click(on_export, [result, name, overwrite, evaluate], [status, download], api_name="export",
-             concurrency_limit=None, preprocess=False)
+    go.click(on_export, [result, name, overwrite, evaluate, shown_name], [status, download],
+             api_name="export", concurrency_limit=None, preprocess=False
+             ).then(on_result, result, [name, shown_name], api_visibility="private", queue=False)  # next name
+    result.input(on_result, result, [name, shown_name], api_visibility="private", queue=False)
     stop_btn.click(on_stop, None, None, queue=False, api_name="stop_export")
     if tab is not None:
-        tab.select(on_select, None, [result, name], api_name="refresh_export", queue=False)
+        tab.select(on_select, None, [result, name, shown_name], api_name="refresh_export", queue=False)

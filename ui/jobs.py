@@ -17,6 +17,7 @@ runs each step of a generator handler on whichever worker thread is free.
 """
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import queue
@@ -28,12 +29,12 @@ from dataclasses import dataclass, field
 from proxsparse_core.config import RunConfig
 from proxsparse_core.errors import Stopped, UserError
 from proxsparse_core.learner import LearnResult
-from proxsparse_core.results import DENSE, LEARNED
+from proxsparse_core.results import DENSE, LEARNED, title
 from proxsparse_core.workspace import Workspace
 
 log = logging.getLogger("proxsparse.ui")
 
-ACTIVE = ("starting", "loading", "running", "evaluating")
+ACTIVE = ("starting", "loading", "running", "finishing", "evaluating")
 MAX_LOG_LINES = 400
 
 
@@ -46,14 +47,45 @@ class Busy(UserError):
 
 
 @dataclass
+class Phase:
+    """One part of a job after the steps, shown with its own progress."""
+    name: str
+    unit: str = ""                 # what `done` / `total` count ("windows"), if anything
+    state: str = "waiting"         # waiting → running → done | skipped
+    done: int = 0
+    total: int = 0
+    seconds: float = 0.0
+    started: float = 0.0
+
+    def start(self):
+        self.state, self.started = "running", time.time()
+
+    def progress(self, done: int, total: int):
+        self.done, self.total = max(self.done, done), total      # never goes back
+
+    def end(self, state: str = "done"):
+        if self.state == "running":
+            self.seconds = time.time() - self.started
+        self.state = state
+
+
+EXTRACT, VERIFY = "extracting the mask", "verifying the 2:4 pattern"
+
+
+def perplexity_phase(name: str) -> str:
+    return f"held-out perplexity · {title(name)}"
+
+
+@dataclass
 class LearnJob:
     id: int
     cfg: RunConfig
     evaluate: bool = True
     stop: threading.Event = field(default_factory=threading.Event)
+    eval_stop: threading.Event = field(default_factory=threading.Event)   # a second Stop: skip perplexity
     events: list[dict] = field(default_factory=list)
     log: list[str] = field(default_factory=list)
-    status: str = "starting"         # starting → loading → running → evaluating → finished|stopped|failed
+    status: str = "starting"         # starting → loading → running → finishing → evaluating → finished|stopped|failed
     message: str = ""
     model_info: str = ""
     data_info: str = ""
@@ -63,6 +95,19 @@ class LearnJob:
     perplexity: dict = field(default_factory=dict)
     started: float = field(default_factory=time.time)
     finished: float | None = None
+    phases: list[Phase] = field(default_factory=list)
+
+    def __post_init__(self):
+        self.phases = [Phase(EXTRACT), Phase(VERIFY)]
+        if self.evaluate:
+            self.phases += [Phase(perplexity_phase(n), "windows") for n in (DENSE, LEARNED)]
+
+    def phase(self, name: str) -> Phase:
+        return next(p for p in self.phases if p.name == name)
+
+    @property
+    def current_phase(self) -> Phase | None:
+        return next((p for p in self.phases if p.state == "running"), None)
 
     @property
     def active(self) -> bool:
@@ -74,10 +119,26 @@ class LearnJob:
 
     def version(self) -> tuple:
         """Changes whenever something a page shows changes (cheap to compare while polling)."""
-        return (self.status, len(self.events), len(self.log), len(self.perplexity))
+        return (self.status, len(self.events), len(self.log), len(self.perplexity),
+                tuple((p.state, p.done) for p in self.phases))
 
 
 _DONE = object()
+
+
+def release_free_memory():
+    """Hand the heap memory a finished run freed back to the operating system (glibc keeps it
+    otherwise, and each run's thread gets an arena of its own, so a process grows run by run)."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+    except OSError:
+        pass
 
 
 def in_worker(work):
@@ -114,6 +175,7 @@ class JobManager:
         self.activity: str | None = None
         self.eval_stop = threading.Event()     # Stop in the Compare tab: generation, perplexity, baselines
         self.verified: dict[str, bool] = {}    # result name → passed the 2:4 verification
+        self.warned: dict[str, float] = {}     # model → when Start warned it needs a GPU (Start again goes ahead)
         self._busy = threading.Lock()
         self._ids = itertools.count(1)
 
@@ -169,7 +231,7 @@ class JobManager:
         job = LearnJob(next(self._ids), cfg, evaluate)
         self.job = job
         try:
-            threading.Thread(target=self._learn, args=(job,), daemon=True, name=f"learn-{job.id}").start()
+            threading.Thread(target=self._run_job, args=(job,), daemon=True, name=f"learn-{job.id}").start()
         except BaseException:
             job.status, job.finished = "failed", time.time()
             self._release()
@@ -177,16 +239,36 @@ class JobManager:
         return job
 
     def stop(self) -> str:
+        """Stop learning after the current step (held-out perplexity is still measured when the
+        run asked for it); pressed again, or while perplexity is measured, skip that too."""
         job = self.job
         if job is None or not job.active:
             return "nothing is running"
+        if job.stop.is_set() or job.status in ("finishing", "evaluating"):
+            job.stop.set()
+            job.eval_stop.set()
+            job.say("stop requested: held-out perplexity is skipped")
+            return "stopping: held-out perplexity is skipped …"
         job.stop.set()
-        job.say("stop requested: the run ends after the current step")
-        return "stopping after the current step …"
+        then = (", then held-out perplexity is measured (press Stop again to skip it)"
+                if job.evaluate else "")
+        job.say(f"stop requested: the run ends after the current step{then}")
+        return f"stopping after the current step{then} …"
 
     def _on_event(self, job: LearnJob, ev):
         job.events.append(ev.to_dict())
         job.say(ev.line())
+        if ev.step >= ev.total_steps:          # the learner reads the mask out right after the last step
+            job.status = "finishing"
+            job.phase(EXTRACT).start()
+
+    def _run_job(self, job: LearnJob):
+        self._learn(job)
+        # Some objects of a finished run sit in reference cycles (e.g. frames kept by an exception
+        # caught while a model loaded) and would hold the run's tensors until Python's next full
+        # collection, which may come only after the next run has allocated its own: collect now.
+        gc.collect()
+        release_free_memory()
 
     def _learn(self, job: LearnJob):
         try:
@@ -206,15 +288,28 @@ class JobManager:
             result = self.ws.learn(job.cfg, lambda ev: self._on_event(job, ev), job.stop, name=LEARNED)
             job.result = result
             job.say(result.message)
+            extract = job.phase(EXTRACT)
+            if extract.state == "waiting":     # stopped early: the mask was read out all the same
+                extract.start()
+            extract.end("done" if result.steps_done else "skipped")
             if result.steps_done:
+                job.status = "finishing"
+                verify = job.phase(VERIFY)
+                verify.start()
                 check = self.ws.verify(LEARNED)
+                verify.end()
                 self.verified[LEARNED] = check.ok
                 job.verification = str(check)
                 job.say(job.verification)
-                if job.evaluate and not job.stop.is_set():
+                if job.evaluate:
                     job.status = "evaluating"
                     self._evaluate(job)
             job.message = result.message
+            if result.status == "stopped" and result.steps_done:
+                job.message += f": its mask was learned in {result.steps_done} of {job.cfg.steps} steps"
+            for p in job.phases:
+                if p.state in ("waiting", "running"):
+                    p.end("skipped")
             job.status = result.status
         except UserError as exc:
             job.message, job.status = str(exc), "failed"
@@ -230,8 +325,11 @@ class JobManager:
     def _evaluate(self, job: LearnJob):
         try:
             for name in (DENSE, LEARNED):
+                phase = job.phase(perplexity_phase(name))
+                phase.start()
                 job.say(f"held-out perplexity of {name} …")
-                job.perplexity[name] = self.ws.perplexity(name, stop=job.stop)
+                job.perplexity[name] = self.ws.perplexity(name, stop=job.eval_stop, progress=phase.progress)
+                phase.end()
             job.say("held-out perplexity: " + "  ".join(f"{k} {v:.3f}" for k, v in job.perplexity.items()))
         except Stopped:
             job.say("perplexity skipped (stopped); compute it in the Compare tab")

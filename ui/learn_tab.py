@@ -12,9 +12,11 @@ from dataclasses import fields
 from pathlib import Path
 
 import gradio as gr
+import torch
 
 from proxsparse_core import plots
 from proxsparse_core.config import DEFAULT_PRESET, PRESETS, RunConfig
+from proxsparse_core.data import HELD_OUT_SHARE
 from proxsparse_core.errors import UserError
 from proxsparse_core.models import BUNDLED, BUNDLED_LABEL
 
@@ -26,6 +28,14 @@ FORM = [f.name for f in fields(RunConfig) if f.name != "data"]   # data has its 
 DATA_MODES = ["built-in text", "upload a file", "HF dataset"]
 KEEP_ON_PRESET = ("device", "dtype", "device_map", "max_memory", "trust_remote_code", "data_field")
 POLL_S = 0.5
+CUSTOM = "custom"            # the preset box when the settings are the user's own (or fit no preset)
+GPU_PRESETS = {k for k, v in PRESETS.items() if v["settings"].get("model", BUNDLED) != BUNDLED}   # 7B–14B: GPU + download
+
+
+def preset_model(name: str) -> str | None:
+    """The model a preset is made for; None for a preset that fits any model (scale-free)."""
+    return PRESETS[name]["settings"].get("model")
+CONFIRM_S = 120              # a second Start within this long goes ahead despite the CPU-only warning
 
 LABELS = {
     "model": "Model", "device": "Device", "dtype": "Precision", "trust_remote_code": "Trust remote code",
@@ -35,7 +45,7 @@ LABELS = {
     "lr": "Learning rate", "steps": "Steps", "batch": "Batch size", "warmup": "Warm-up share",
     "seed": "Seed", "grad_ckpt": "Gradient checkpointing", "train_all": "Train all parameters",
     "w0_offload": "Keep W0 on the CPU", "layer_stats_every": "Per-layer stats every N steps",
-    "lambda_scale": "λ1 / lr scaling", "lr_schedule": "Learning-rate schedule",
+    "lambda_scale": "λ1 / lr scaling", "lr_schedule": "Learning-rate schedule", "loss": "Training objective",
 }
 FIELDS = {f.name: f for f in fields(RunConfig)}
 MAIN = ("lambda1", "lambda2", "lr", "steps")            # shown open; the rest sit in "Advanced"
@@ -76,11 +86,10 @@ def form_value(name: str, v):
 
 
 def labelled(message: str) -> str:
-    """A RunConfig message ("lambda1 must be ≥ 0 …") led by the widget's label as the page shows
-    it ("λ1 · 2:4 regulariser: lambda1 must be ≥ 0 …"); the setting's name stays, as the CLI
-    flag and the recipe use it."""
-    name = message.split(" ", 1)[0]
-    return f"{LABELS[name]}: {message}" if name in LABELS else message
+    """A RunConfig message ("lambda1 must be ≥ 0 …") in the words of the page: the setting's
+    name becomes the widget's label ("λ1 · 2:4 regulariser must be ≥ 0 …")."""
+    name, _, rest = message.partition(" ")
+    return f"{LABELS[name]} {rest}" if name in LABELS else message
 
 
 def config_from_form(values: dict, data: str = "builtin") -> RunConfig:
@@ -94,7 +103,10 @@ def config_from_form(values: dict, data: str = "builtin") -> RunConfig:
 
 def preset_values(name: str, current: dict) -> tuple[list, str]:
     """Widget values for a preset: its settings over the defaults, keeping the user's
-    environment choices (device, precision, …); and the preset's note."""
+    environment choices (device, precision, …); and the preset's note. "custom" leaves the
+    form as it is."""
+    if name == CUSTOM:
+        return [gr.skip()] * len(FORM), preset_note(CUSTOM)
     if name not in PRESETS:
         raise UserError(f"unknown preset {name!r}")
     cfg = RunConfig(**{k: current[k] for k in KEEP_ON_PRESET if k in current}).with_preset(name)
@@ -108,12 +120,96 @@ def preset_form(name: str, *values) -> tuple:
 
 
 def preset_note(name: str) -> str:
-    return f"*{esc(PRESETS[name]['note'])}*" if name in PRESETS else ""
+    if name not in PRESETS:
+        return "*custom: your own settings (no preset fits the chosen model)*"
+    note = f"*{esc(PRESETS[name]['note'])}*"
+    # TODO(lead): the quick-demo note promises "≈ 1 min on a 2-core CPU"; measure it alone on
+    # 2 cores with a browser open (bench/RESULTS.md) and state the measured time there.
+    if name in GPU_PRESETS:
+        note += (f"\n\n⚠ **Needs a GPU and a download** of `{esc(PRESETS[name]['settings']['model'])}`"
+                 + ("; this machine has no GPU, so a run would take days here." if not torch.cuda.is_available()
+                    else "."))
+    return note
+
+
+def preset_label(name: str) -> str:
+    model = preset_model(name)
+    if model is None:
+        return f"{name} — any model · settings relative to each layer's scale"
+    if name in GPU_PRESETS:
+        return f"{name} — {model.split('/')[-1]} · GPU + download"
+    return f"{name} — {BUNDLED_LABEL.split(' (')[0]} · CPU, offline"
+
+
+def preset_choices() -> list[tuple[str, str]]:
+    return [(preset_label(k), k) for k in PRESETS] + [("custom — your own settings", CUSTOM)]
+
+
+def preset_for(cfg: RunConfig, preset: str | None) -> str:
+    """The preset to show for settings `cfg`: `preset` when it is made for cfg's model, else custom."""
+    if preset in PRESETS and preset_model(preset) in (None, cfg.model):
+        return preset
+    fits = matching_preset(cfg)          # e.g. the model-agnostic preset whose settings these are
+    return fits if fits != CUSTOM and preset_model(fits) in (None, cfg.model) else CUSTOM
+
+
+def matching_preset(cfg: RunConfig) -> str:
+    """The preset whose every setting `cfg` has (a reloaded page's last run), else custom."""
+    d = cfg.to_dict()
+    return next((k for k, v in PRESETS.items() if all(d.get(f) == x for f, x in v["settings"].items())), CUSTOM)
+
+
+def model_changed(model, preset) -> tuple:
+    """The model field changed: a preset made for another model no longer applies (→ custom)."""
+    model = inputs.text(LABELS["model"], model).strip()
+    if preset in PRESETS and preset_model(preset) not in (None, model):
+        return CUSTOM, preset_note(CUSTOM)
+    return gr.skip(), gr.skip()
+
+
+def gpu_warning(jobs: JobManager, cfg: RunConfig) -> str | None:
+    """On a machine without a GPU, the first Start of a preset's 7B–14B model is held back with
+    a warning; Start again (within CONFIRM_S) goes ahead."""
+    if torch.cuda.is_available() or str(cfg.device).startswith(("cuda", "mps")):
+        return None
+    if not any(preset_model(k) == cfg.model for k in GPU_PRESETS):
+        return None
+    if time.time() - jobs.warned.get(cfg.model, 0.0) < CONFIRM_S:
+        return None
+    jobs.warned[cfg.model] = time.time()
+    return (f"{cfg.model} is a 7B–14B model made for a GPU: this machine has none, the model must be "
+            f"downloaded, and a run on the CPU would take days. Press Start again to start anyway.")
+
+
+def held_out_words(share: float = HELD_OUT_SHARE) -> str:
+    fraction = {0.2: "⅕", 0.25: "¼", 0.1: "⅒", 0.5: "½"}.get(round(share, 3))
+    return f"{fraction} of it ({100 * share:.0f}%)" if fraction else f"{100 * share:.0f}% of it"
 
 
 def _rate(events: list[dict]) -> float:
     recent = events[-5:]
     return len(recent) / max(1e-9, sum(e["t_step"] for e in recent)) if recent else 0.0
+
+
+PHASE_MARK = {"done": "✓", "running": "▶", "waiting": "·", "skipped": "–"}
+
+
+def phases_html(job: LearnJob) -> str:
+    """What comes after the steps, each part with its own state and progress."""
+    chips = []
+    for p in job.phases:
+        extra = ""
+        if p.state == "running" and p.total:
+            extra = (f' <i>{p.done} / {p.total} {p.unit}</i><span class="ps-minibar">'
+                     f'<span style="width:{100 * p.done / p.total:.0f}%"></span></span>')
+        elif p.state == "running":
+            extra = " …"
+        elif p.state == "done" and p.seconds >= 0.05:
+            extra = f" <i>{p.seconds:.1f} s</i>"
+        elif p.state == "skipped":
+            extra = " <i>skipped</i>"
+        chips.append(f'<span class="ps-phase ps-ph-{p.state}">{PHASE_MARK[p.state]} {esc(p.name)}{extra}</span>')
+    return f'<div class="ps-phases"><span class="ps-phase-lead">after the steps:</span>{"".join(chips)}</div>'
 
 
 def progress_html(job: LearnJob | None, note: str = "") -> str:
@@ -133,20 +229,21 @@ def progress_html(job: LearnJob | None, note: str = "") -> str:
                  f"{'GPU peak' if on_gpu else 'process'} memory {fmt_bytes(last['mem_bytes'])} · "
                  f"per step: fwd+bwd {last['t_fwd_bwd']:.2f}s, AdamW {last['t_opt']:.2f}s, prox {last['t_prox']:.2f}s")
     if job.active:
-        if job.status == "running" and job.events:
-            head += f" · ETA {fmt_duration(job.events[-1]['eta'])}"
+        current = job.current_phase
+        if job.status == "running" and job.events and not job.stop.is_set():
+            head += f" · ETA {fmt_duration(job.events[-1]['eta'])} for the steps"
         elif job.status == "loading":
             head = "loading the model and data …"
-        elif job.status == "evaluating":
-            head += " · measuring held-out perplexity …"
-        if job.stop.is_set():
+        if current is not None:
+            head += f" · {esc(current.name)} …"
+        elif job.stop.is_set() and job.status == "running":
             head += " · stopping after this step"
     else:
         head += f" · {esc(job.message)}" if job.message else ""
     return (f'<div class="ps-progress"><div class="ps-head"><span class="ps-badge ps-{job.status}">'
             f'{job.status}</span> {head}</div>'
             f'<div class="ps-bar"><div style="width:{pct:.1f}%"></div></div>'
-            f'<div class="ps-stats">{stats}</div>{_note(note)}</div>')
+            f'<div class="ps-stats">{stats}</div>{phases_html(job)}{_note(note)}</div>')
 
 
 def _note(note: str) -> str:
@@ -162,7 +259,9 @@ def info_markdown(job: LearnJob | None) -> str:
     if job.data_info:
         lines.append(f"**Data** · {esc(job.data_info)}")
     if job.verification:
-        lines.append(f"**Mask** · {esc(job.verification)}")
+        steps = (f"learned in {job.result.steps_done} of {job.cfg.steps} steps · "
+                 if job.result is not None else "")
+        lines.append(f"**Mask** · {steps}{esc(job.verification)}")
     if job.perplexity:
         ppl = job.perplexity
         text = " · ".join(f"{k} **{v:.2f}**" for k, v in ppl.items())
@@ -212,6 +311,11 @@ def start_run(jobs: JobManager, mode, upload, hf_spec, evaluate, *values, page: 
             raise UserError(f"the form has {len(FORM)} settings, got {len(values)}")
         evaluate = inputs.flag("Measure held-out perplexity after learning", evaluate)
         cfg = config_from_form(dict(zip(FORM, values)), data_source(mode, upload, hf_spec))
+        warning = gpu_warning(jobs, cfg)
+        if warning:
+            yield (progress_html(jobs.job, warning),) + (gr.skip(),) * 5
+            notify(warning)
+            return
         job = jobs.start_learning(cfg, evaluate=evaluate)
     except Busy as exc:
         notify(str(exc))
@@ -239,9 +343,10 @@ def attach(jobs: JobManager):
 def form_of_last_run(jobs: JobManager) -> list:
     """Page load: the form shows the settings of the current or last run (so a reload, or a second
     visitor, sees what is running), or stays as it is when nothing has run yet. Values in the order
-    FORM, then the data mode, the uploaded file and the HF dataset widgets."""
+    FORM, then the data mode, the uploaded file and the HF dataset widgets, then the preset box
+    (the preset those settings are, else custom) and its note."""
     if jobs.job is None:
-        return [gr.skip()] * (len(FORM) + 3)
+        return [gr.skip()] * (len(FORM) + 5)
     cfg = jobs.job.cfg
     values = [getattr(cfg, n) for n in FORM]
     values[FORM.index("model")] = gr.update(choices=model_choices(cfg.model), value=cfg.model)
@@ -251,7 +356,8 @@ def form_of_last_run(jobs: JobManager) -> list:
         data = [DATA_MODES[2], gr.skip(), cfg.data]
     else:   # an uploaded file: offered again while it still exists
         data = [DATA_MODES[1], cfg.data if Path(cfg.data).is_file() else gr.skip(), gr.skip()]
-    return values + data
+    preset = matching_preset(cfg)
+    return values + data + [preset, preset_note(preset)]
 
 
 def forget_upload(jobs: JobManager, new, old: str | None) -> str | None:
@@ -286,6 +392,11 @@ def remove_upload(path: str):
             p.parent.rmdir()              # Gradio keeps each upload in a folder of its own
         except OSError:
             pass
+
+
+def clear_note(jobs: JobManager):
+    """The progress card without a message under it; a running job's own stream keeps it fresh."""
+    return gr.skip() if jobs.learning else progress_html(jobs.job)
 
 
 def stop_run(jobs: JobManager) -> str:
@@ -342,7 +453,9 @@ def _widget(name: str, value, remote_code_allowed: bool = False):
 
 
 def build_learn_tab(jobs: JobManager, demo: gr.Blocks, defaults: RunConfig, preset: str = DEFAULT_PRESET):
+    """The tab. `preset` is shown only when it is made for `defaults.model` (else "custom")."""
     widgets: dict[str, gr.components.Component] = {}
+    preset = preset_for(defaults, preset)
 
     def add(names):
         for n in names:
@@ -350,6 +463,9 @@ def build_learn_tab(jobs: JobManager, demo: gr.Blocks, defaults: RunConfig, pres
 
     with gr.Row(equal_height=False):
         with gr.Column(scale=4, min_width=340, elem_classes="ps-panel"):
+            with gr.Row(elem_classes="ps-actions"):     # sticky: reachable however far the form scrolls
+                start = gr.Button("Start", variant="primary", elem_id="ps-start")
+                stop = gr.Button("Stop", variant="stop", elem_id="ps-stop")
             gr.Markdown("#### 1 · Model")
             add(MODEL[:1])
             with gr.Row():
@@ -359,7 +475,8 @@ def build_learn_tab(jobs: JobManager, demo: gr.Blocks, defaults: RunConfig, pres
             model_info = gr.Markdown(elem_classes="ps-info")
             gr.Markdown("#### 2 · Calibration data")
             mode = gr.Radio(DATA_MODES, value=DATA_MODES[0], label="Text", show_label=False,
-                            info="built-in: Python's own documentation (offline); ¼ of it is held out")
+                            info=f"built-in: Python's own documentation (offline); {held_out_words()} is held out "
+                                 f"for perplexity, never learned from")
             upload = gr.File(label=f".txt or .jsonl file (at most {inputs.MAX_UPLOAD_MB} MB)", type="filepath",
                              file_types=[".txt", ".jsonl"], visible=False, height=90)
             last_upload = gr.State(None)        # this page's previous upload, removed when replaced
@@ -368,9 +485,9 @@ def build_learn_tab(jobs: JobManager, demo: gr.Blocks, defaults: RunConfig, pres
             with gr.Row():
                 add(DATA)
             gr.Markdown("#### 3 · ProxSparse")
-            preset_box = gr.Dropdown([(f"{k} — {v['settings'].get('model', 'any model').split('/')[-1]}", k)
-                                      for k, v in PRESETS.items()], value=preset, label="Preset",
-                                     info="published settings for large models, or the CPU demo")
+            preset_box = gr.Dropdown(preset_choices(), value=preset, label="Preset", elem_id="ps-preset",
+                                     info="the CPU demos for the bundled model, or the paper's settings for "
+                                          "7B–14B models (those need a GPU and a download)")
             note = gr.Markdown(preset_note(preset), elem_classes="ps-note")
             with gr.Row():
                 add(MAIN[:2])
@@ -379,10 +496,7 @@ def build_learn_tab(jobs: JobManager, demo: gr.Blocks, defaults: RunConfig, pres
             with gr.Accordion("Advanced", open=False):
                 evaluate = gr.Checkbox(value=True, label="Measure held-out perplexity after learning")
                 add([n for n in FORM if n not in MODEL + DATA + MAIN])
-            with gr.Row():
-                start = gr.Button("Start", variant="primary", elem_id="ps-start")
-                stop = gr.Button("Stop", variant="stop", elem_id="ps-stop")
-        with gr.Column(scale=8):
+        with gr.Column(scale=8, elem_classes="ps-charts"):     # sticky: the charts stay in view
             progress = gr.HTML(progress_html(None), elem_id="ps-progress")
             with gr.Row():
                 loss = gr.Plot(plots.loss_figure([]), show_label=False, elem_id="ps-loss")
@@ -419,11 +533,16 @@ def build_learn_tab(jobs: JobManager, demo: gr.Blocks, defaults: RunConfig, pres
     start.click(on_start, [mode, upload, hf_spec, evaluate] + form, stream_out, api_name="start",
                 concurrency_limit=None, show_progress="hidden", preprocess=False)
     demo.load(on_attach, None, stream_out, api_name="attach", concurrency_limit=None, show_progress="hidden")
-    demo.load(lambda: form_of_last_run(jobs), None, form + [mode, upload, hf_spec], api_visibility="private",
-              queue=False, show_progress="hidden")
+    demo.load(lambda: form_of_last_run(jobs), None, form + [mode, upload, hf_spec, preset_box, note],
+              api_visibility="private", queue=False, show_progress="hidden")
     stop.click(on_stop, None, None, api_name="stop", queue=False)
     mode.change(on_mode, mode, [upload, hf_spec], api_visibility="private", queue=False)
     preset_box.input(on_preset, [preset_box] + form, form + [note], api_visibility="private")
+    widgets["model"].input(guarded(2)(model_changed), [widgets["model"], preset_box], [preset_box, note],
+                           api_visibility="private", queue=False)
+    # an edited setting clears a message about the old one (Start checks everything again)
+    gr.on([w.input for w in form + [mode, hf_spec, evaluate]], lambda: clear_note(jobs), None, progress,
+          api_visibility="private", queue=False, show_progress="hidden")
     # heavy, but no queue of its own: the job manager answers "busy" at once while another runs
     inspect_btn.click(on_inspect,
                       [widgets[n] for n in ("model", "device", "dtype", "trust_remote_code", "device_map")],
