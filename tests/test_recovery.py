@@ -280,7 +280,7 @@ def test_compare_tab_recovers_a_result_and_shows_its_row(tiny_folder):
     assert new in jobs.ws.results and jobs.verified[new] is True
     assert "finished" in progress and "ETA" not in progress
     assert fig.data[0].name.startswith("KL to dense") and list(fig.data[0].x) == [1, 2, 3, 4]
-    assert fig.layout.yaxis.title.text == "KL to the dense model"
+    assert fig.layout.yaxis2.title.text == "KL divergence to the dense model"     # its own axis: not a next-token loss
     rows = {r["method"]: r for _, r in table.iterrows()}
     assert list(rows) == [title("dense"), title(LEARNED), title(new)]
     assert rows[title(new)]["weights"] == "updated by recovery" and rows[title(new)]["2:4 verified"] == "✓"
