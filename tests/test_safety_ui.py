@@ -202,7 +202,7 @@ BAD_START = [   # (setting, value, message)
     ("lr", NAN, "Learning rate must be a number, got nan"),
     ("lambda1", [0.1], "λ1 · 2:4 regulariser must be a number, got [0.1]"),
     ("lambda1", None, "λ1 · 2:4 regulariser is empty"),
-    ("lambda1", -3, "λ1 · 2:4 regulariser: lambda1 must be ≥ 0, got -3.0"),
+    ("lambda1", -3, "λ1 · 2:4 regulariser must be ≥ 0, got -3.0"),
     ("grad_ckpt", "no", "Gradient checkpointing must be true or false, got 'no'"),
     ("model", 5, "Model must be text, got 5"),
     ("model", "m" * 5000, "Model is 5,000 characters long; the limit is 1,000"),
