@@ -295,7 +295,8 @@ def test_prox_demo_refuses_what_it_cannot_draw():
     with pytest.raises(UserError, match="^w3 must be a number, got nan"):
         prox_demo(0.9, -0.7, NAN, 0.3, 0.6)
     fig, text = prox_demo(0.9, -0.7, 0.5, 0.3, 5)           # the slider's own ends still work
-    assert "Prox output" in text and all(math.isfinite(v) for v in fig.data[1].y)
+    bars = [v for t in fig.data[1:3] for v in t.y if v is not None]      # kept and dropped bars
+    assert "Prox output" in text and len(bars) == 4 and all(math.isfinite(v) for v in bars)
 
 
 # ----------------------------------------------------------------------------- 7. limits: prompt, Stop, busy
