@@ -17,6 +17,7 @@ from test_ui_tiny_model import save_tiny_model
 VIEW = {"width": 1440, "height": 900}
 STEP = re.compile(r"step (\d+) / (\d+)")
 STEP_JS = "+((/step (\\d+) \\//.exec(document.querySelector('#ps-progress').innerText) || [0, 0])[1])"
+DONE_JS = "/Identical|differs from|agree on the first|Stopped/.test(document.querySelector('#ps-divergence').innerText)"
 HELD = "(document.querySelector('#ps-loss .js-plotly-plot')?.data || []).find(t => (t.name || '').includes('if stopped now'))"
 
 
@@ -250,7 +251,7 @@ def test_compare_rows_arrive_with_per_task_progress_and_divergence(tiny_app, bro
 
     page.fill("#ps-prompt textarea", "What is the capital of France?")
     page.click("#ps-generate")
-    page.wait_for_function("() => document.querySelector('#ps-divergence').innerText.trim().length > 0",
+    page.wait_for_function(f"() => {DONE_JS}",
                            timeout=180_000)
     summary = page.inner_text("#ps-divergence")
     dense_html, pruned_html = page.inner_html("#ps-dense"), page.inner_html("#ps-pruned")
@@ -332,29 +333,40 @@ def bundled_app(tmp_path_factory, exports):
         yield url
 
 
-def test_a_real_answer_renders_its_markdown(bundled_app, browser):
+def test_the_bundled_model_teaches_with_its_curves_and_renders_markdown(bundled_app, browser):
     page = open_page(browser, bundled_app)
     assert page.locator("#ps-preset input").input_value().startswith("bundled-quality")   # it fits this model
-    fill(page, "Steps", 2)
+    page.locator("#ps-preset input").click()
+    page.get_by_role("option", name=re.compile("^quick-demo")).click()
+    page.wait_for_function("() => document.querySelector('#ps-preset input').value.startsWith('quick-demo')")
+    fill(page, "Steps", 20)                              # the first third of the quick demo
     page.get_by_text("Advanced", exact=True).click()
     page.get_by_label("Measure held-out perplexity after learning").uncheck()
     page.evaluate("() => window.scrollTo(0, 0)")
     page.click("#ps-start")
     page.wait_for_function("() => document.querySelector('#ps-progress').innerText.toLowerCase().includes('finished')",
-                           timeout=300_000)
+                           timeout=900_000)
+    held = page.evaluate(f"() => {HELD}.y")
+    dense = page.evaluate("() => document.querySelector('#ps-loss .js-plotly-plot').data"
+                          ".find(t => t.name === 'dense model, held-out').y[0]")
+    assert len(held) >= 2 and held[-1] < held[0] and held[-1] > dense     # the gap to dense closes
+    page.evaluate("() => window.scrollTo(0, 0)")
+    shot(page, "18-bundled-model-gap-to-dense-closes.png")
+
     page.get_by_role("tab", name="Compare").click()
     page.fill("#ps-prompt textarea", "Write a Python function that adds two numbers.")
     page.click("#ps-generate")
-    page.wait_for_function("() => document.querySelector('#ps-divergence').innerText.trim().length > 0",
-                           timeout=300_000)
-    dense = page.inner_html("#ps-dense")
-    assert "<pre><code>" in dense and "def " in dense and "```" not in dense     # a fence, rendered
-    assert "<script" not in page.inner_html("#ps-pruned")
-    page.locator("#ps-dense").scroll_into_view_if_needed()
-    shot(page, "18-compare-markdown-renders.png")
+    page.wait_for_function(f"() => {DONE_JS}", timeout=600_000)
+    dense_html, pruned_html = page.inner_html("#ps-dense"), page.inner_html("#ps-pruned")
+    assert "<pre><code>" in dense_html and "def " in dense_html and "```" not in dense_html   # a fence, rendered
+    if "first character" in page.inner_text("#ps-divergence"):
+        assert "ps-diff" not in dense_html and "ps-diff" in pruned_html
+    top = [page.locator(s).bounding_box()["y"] for s in ("#ps-dense .ps-gen", "#ps-pruned .ps-gen")]
+    assert abs(top[0] - top[1]) < 2
+    shot(page, "19-compare-markdown-renders.png")
 
     page.get_by_role("tab", name="How 2:4 works").click()
     page.wait_for_function("() => document.querySelector('#ps-block-text').innerText.includes('differently')")
     page.locator("#ps-block").scroll_into_view_if_needed()
-    shot(page, "19-learned-vs-magnitude-on-smollm2.png")
+    shot(page, "20-learned-vs-magnitude-on-smollm2.png")
     page.close()

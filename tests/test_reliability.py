@@ -42,14 +42,17 @@ def _tiny_flags(folder, **kw) -> list[str]:
 
 
 def _slow_forward(model, delay: float, fail_at: int | None = None, exc=None, stop=None, nan_at=None):
-    """Wrap model.forward: sleep, and at call number fail_at raise `exc`, at stop_at set `stop`,
-    at nan_at return a NaN loss. Returns the call counter."""
+    """Wrap model.forward: sleep, and at training forward number fail_at raise `exc`, at stop_at
+    set `stop`, at nan_at return a NaN loss (forwards in eval mode, such as the learner's held-out
+    measurement, are not counted). Returns the call counter."""
     orig = model.forward
     calls = {"n": 0}
 
     def forward(*a, **k):
-        calls["n"] += 1
         time.sleep(delay)
+        if not model.training:
+            return orig(*a, **k)
+        calls["n"] += 1
         if fail_at is not None and calls["n"] == fail_at:
             raise exc
         if stop is not None and calls["n"] == stop[0]:
@@ -179,9 +182,9 @@ def test_zero_lambda_is_allowed_and_form_values_are_checked():
     pytest.importorskip("gradio")
     from ui.learn_tab import FORM, config_from_form
     values = {n: v for n, v in RunConfig().to_dict().items() if n in FORM}
-    with pytest.raises(UserError, match="lr must be > 0"):
+    with pytest.raises(UserError, match="^Learning rate must be > 0"):          # the page's own words
         config_from_form({**values, "lr": 0.0})
-    with pytest.raises(UserError, match="steps must be between"):
+    with pytest.raises(UserError, match="^Steps must be between"):
         config_from_form({**values, "steps": 0})
 
 

@@ -202,7 +202,7 @@ BAD_START = [   # (setting, value, message)
     ("lr", NAN, "Learning rate must be a number, got nan"),
     ("lambda1", [0.1], "λ1 · 2:4 regulariser must be a number, got [0.1]"),
     ("lambda1", None, "λ1 · 2:4 regulariser is empty"),
-    ("lambda1", -3, "λ1 · 2:4 regulariser: lambda1 must be ≥ 0, got -3.0"),
+    ("lambda1", -3, "λ1 · 2:4 regulariser must be ≥ 0, got -3.0"),
     ("grad_ckpt", "no", "Gradient checkpointing must be true or false, got 'no'"),
     ("model", 5, "Model must be text, got 5"),
     ("model", "m" * 5000, "Model is 5,000 characters long; the limit is 1,000"),
@@ -295,7 +295,8 @@ def test_prox_demo_refuses_what_it_cannot_draw():
     with pytest.raises(UserError, match="^w3 must be a number, got nan"):
         prox_demo(0.9, -0.7, NAN, 0.3, 0.6)
     fig, text = prox_demo(0.9, -0.7, 0.5, 0.3, 5)           # the slider's own ends still work
-    assert "Prox output" in text and all(math.isfinite(v) for v in fig.data[1].y)
+    bars = [v for t in fig.data[1:3] for v in t.y if v is not None]      # kept and dropped bars
+    assert "Prox output" in text and len(bars) == 4 and all(math.isfinite(v) for v in bars)
 
 
 # ----------------------------------------------------------------------------- 7. limits: prompt, Stop, busy

@@ -165,19 +165,19 @@ def compute_perplexities(jobs: JobManager, methods, progress=None, on_row=None, 
             task(n, "waiting")
         try:
             for n in names:
-                def tell(stage, unit, n=n):
+                def tell(stage, what, unit, n=n):
                     def update(d, t):
                         task(n, stage, d, t)
-                        report(d / max(t, 1), f"{title(n)}: {stage} {d} / {t} {unit}")
+                        report(d / max(t, 1), f"{what} {n}: {d} / {t} {unit}")
                     return update
                 if n not in ws.results and n != DENSE:
-                    tell("pruning", "blocks")(0, 1)
-                    ws.prune(n, jobs.cfg, progress=tell("pruning", "blocks"), stop=jobs.eval_stop)
+                    tell("pruning", "pruning with", "blocks")(0, 1)
+                    ws.prune(n, jobs.cfg, progress=tell("pruning", "pruning with", "blocks"), stop=jobs.eval_stop)
                 if n != DENSE:
                     jobs.verified[n] = ws.verify(n).ok
                 windows = ws.data.held_out.shape[0]
-                tell("perplexity", "windows")(0, windows)
-                ws.perplexity(n, stop=jobs.eval_stop, progress=tell("perplexity", "windows"))
+                tell("perplexity", "perplexity of", "windows")(0, windows)
+                ws.perplexity(n, stop=jobs.eval_stop, progress=tell("perplexity", "perplexity of", "windows"))
                 task(n, "done")
                 if on_row:
                     on_row(n)
