@@ -123,8 +123,6 @@ def preset_note(name: str) -> str:
     if name not in PRESETS:
         return "*custom: your own settings (no preset fits the chosen model)*"
     note = f"*{esc(PRESETS[name]['note'])}*"
-    # TODO(lead): the quick-demo note promises "≈ 1 min on a 2-core CPU"; measure it alone on
-    # 2 cores with a browser open (bench/RESULTS.md) and state the measured time there.
     if name in GPU_PRESETS:
         note += (f"\n\n⚠ **Needs a GPU and a download** of `{esc(PRESETS[name]['settings']['model'])}`"
                  + ("; this machine has no GPU, so a run would take days here." if not torch.cuda.is_available()
