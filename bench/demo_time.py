@@ -1,0 +1,67 @@
+"""Time a preset as a presenter runs it: the app on this machine, Chromium open on it, Start pressed,
+until the run (steps, mask, verification, held-out perplexity) is finished in the page.
+
+    python bench/demo_time.py --preset quick-demo
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run"]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="quick-demo")
+    ap.add_argument("--timeout", type=float, default=1800)
+    ap.add_argument("--screenshot", default="test-output/demo-time.png")
+    args = ap.parse_args()
+    from playwright.sync_api import sync_playwright
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    app = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), "--preset", args.preset],
+                           cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        with sync_playwright() as pw:
+            browser = pw.chromium.launch(executable_path="/usr/bin/chromium", args=ARGS)
+            page = browser.new_page(viewport={"width": 1500, "height": 1000})
+            deadline = time.time() + 120
+            while True:
+                try:
+                    page.goto(f"http://127.0.0.1:{port}", timeout=5000)
+                    break
+                except Exception:  # noqa: BLE001 - the app is still starting
+                    if time.time() > deadline:
+                        raise
+                    time.sleep(1)
+            page.wait_for_selector("#ps-start")
+            t0 = time.perf_counter()
+            page.click("#ps-start")
+            page.wait_for_function("() => /finished|stopped|failed/i.test(document.querySelector('#ps-progress')"
+                                   ".innerText) && document.querySelector('#ps-info').innerText.includes('perplexity')",
+                                   timeout=args.timeout * 1000)
+            seconds = time.perf_counter() - t0
+            Path(args.screenshot).parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=args.screenshot, full_page=False)
+            info = page.inner_text("#ps-info")
+            print(f"{args.preset}: Start → finished with perplexity in the page: {seconds:.0f} s")
+            print(info[:600])
+            browser.close()
+    finally:
+        app.terminate()
+        app.wait(30)
+
+
+if __name__ == "__main__":
+    main()
