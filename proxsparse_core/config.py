@@ -225,7 +225,8 @@ PRESETS: dict[str, dict] = {
     # chosen from bench/quality.py (bench/RESULTS.md): per-layer scaling is what makes the
     # bundled model learn at all (its layers differ ~6× in scale, see README)
     "quick-demo": _preset(BUNDLED, "bundled SmolLM2-135M, per-layer scaled λ1/lr, 60 steps on the built-in text: "
-                                   "≈ 1 min on a 2-core CPU; measured held-out ppl 82.3 (Wanda 83.0) on that text. "
+                                   "2 min in the app on a 2-core CPU with evaluation (measured); held-out ppl 82.3 "
+                                   "(Wanda 83.0) on that text. "
                                    "For a model that still talks, recover it in the Compare tab",
                           samples=150, ctx=128, steps=60, batch=1, lambda1=0.01, lambda2=0.0, lr=0.01,
                           lambda_scale="layer", lr_schedule="constant", warmup=0.1, grad_ckpt=False,
