@@ -4,7 +4,7 @@ The bundled SmolLM2-135M and the built-in corpus; every method gets the same cal
 and is scored on the same held-out windows. A "job" is one row: a baseline, or ProxSparse with
 some settings on top of the base configuration.
 
-    # the recorded comparison: dense, every baseline, ProxSparse with the quick-demo preset
+    # dense, every baseline, ProxSparse with the quick-demo preset
     python bench/quality.py --preset quick-demo
 
     # a sweep at a fixed token budget (ProxSparse only), 6 processes sharing one GPU
