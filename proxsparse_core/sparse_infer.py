@@ -242,17 +242,7 @@ def top2_weights(originals: dict) -> dict:
 
 def median_ms(fn, reps: int, warmup: int = 3) -> float:
     """Median of single calls between two CUDA events (host time before the launch included)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b))
-    return statistics.median(times)
+    return loop_ms(fn, calls=1, reps=reps, warmup=warmup)
 
 
 def loop_ms(fn, calls: int = 10, reps: int = 10, warmup: int = 3) -> float:
