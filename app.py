@@ -139,6 +139,9 @@ def main(argv=None):
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(EXIT_USAGE)
+    except KeyboardInterrupt:   # Ctrl-C or kill: Gradio has closed its server; no traceback
+        print("stopped", file=sys.stderr)
+        sys.exit(0)
 
 
 if __name__ == "__main__":
