@@ -1,51 +1,67 @@
 #!/usr/bin/env bash
-# Issue 9's quality sweep on one GPU: the bundled model (and Gemma-3-270M when its folder exists),
-# every row on the built-in held-out text and three held-out texts of other domains.
-# Runs the jobs as parallel processes sharing the GPU; rows go to $RES/*.jsonl as they finish.
-#   RES=/tmp/q bash bench/gpu_quality.sh [bundled|gemma]
+# Issue 9's quality sweep on one GPU: the bundled SmolLM2 (Llama family) and Gemma-3-270M (a second
+# architecture, from a local folder made by bench/second_model.py), two calibration seeds each; every
+# row on the built-in held-out text and three held-out texts of other domains, with the greedy answers
+# to the Compare tab's example prompts.
+#
+# Settings: the scale-free recipe (λ1 0.01 and lr 0.01 relative to each layer's rms(W0), cosine,
+# 300 steps, self-distillation on half built-in, half self-written text) with 150 calibration samples
+# (A, the preset until this sweep) and 300 (B: every sample seen once). Baselines get the same
+# calibration tokens as the ProxSparse row they are compared with. Recovery of every mask but
+# magnitude's: OBS update + 300 fine-tuning steps ("both"), and for ProxSparse also fine-tuning alone
+# (and, on the bundled model, seed 0, 1,000 steps of "both").
+#
+# The jobs run as parallel processes sharing the GPU; rows go to $RES/*.jsonl as they finish.
+#   RES=/tmp/q GEMMA=/tmp/gemma-3-270m bash bench/gpu_quality.sh          # everything
+#   SMOKE=1 RES=/tmp/qs GEMMA=... bash bench/gpu_quality.sh                # a few steps of each, CPU
+#   ONLY=gemma GEMMA=... bash bench/gpu_quality.sh                         # Gemma's rows alone
 set -u
 RES=${RES:-/tmp/q}
+GEMMA=${GEMMA:-}
 mkdir -p "$RES"
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-H="--heldout bench/texts/legal.txt bench/texts/mldocs.txt bench/texts/manual.txt --heldout-windows 40"
-Q="python3 bench/quality.py --device cuda"
-# the bundled-quality settings (300 steps, per-layer scaled, cosine); what varies is data and loss
-BASE="steps=300 samples=150 ctx=128 lambda1=0.01 lr=0.01 lambda_scale=layer lr_schedule=cosine dtype=float32 eval_windows=0"
-what=${1:-bundled}
-if [ "$what" = bundled ]; then
-  MODEL="model=bundled:smollm2-135m"
-  # the model's own text for seeds 0 and 1, made once so every process calibrates on the same tokens
-  for s in 0 1; do
-    python3 -c "
-from proxsparse_core.config import RunConfig; from proxsparse_core.workspace import Workspace
-Workspace().load(RunConfig(device='cuda', dtype='float32', data='mix', samples=150, ctx=128, seed=$s))" \
-      > "$RES/pregen$s.log" 2>&1
-  done
-  for s in 0 1; do   # the proposed setting, every baseline, recovery of each
-    $Q --set "$BASE $MODEL data=mix loss=distill seed=$s" --baselines magnitude,wanda,sparsegpt \
-       $H --recover both --recover-steps 100 --workers 3 --out "$RES/mix_distill_s$s.jsonl" \
-       > "$RES/mix_distill_s$s.log" 2>&1 &
-  done
-  # ablations on seed 0: the old preset (built-in text, LM loss) with its baselines, and each change alone
-  $Q --set "$BASE $MODEL data=builtin loss=lm seed=0" --baselines wanda,sparsegpt $H --workers 2 \
-     --out "$RES/builtin_lm_s0.jsonl" > "$RES/builtin_lm_s0.log" 2>&1 &
-  $Q --set "$BASE $MODEL data=builtin loss=distill seed=0" --baselines "" $H \
-     --out "$RES/builtin_distill_s0.jsonl" > "$RES/builtin_distill_s0.log" 2>&1 &
-  $Q --set "$BASE $MODEL data=mix loss=lm seed=0" --baselines "" $H \
-     --out "$RES/mix_lm_s0.jsonl" > "$RES/mix_lm_s0.log" 2>&1 &
-  # the one-minute demo length with the new setting
-  $Q --set "$BASE $MODEL data=mix loss=distill seed=0 steps=60 lr_schedule=constant" --baselines "" $H \
-     --out "$RES/mix_distill_60.jsonl" > "$RES/mix_distill_60.log" 2>&1 &
-else
-  MODEL="model=${GEMMA:-/tmp/gemma-3-270m}"
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
+DEV=cuda; STEPS=300; REC=300; LONG=1000; WIN=40; NA=150; NB=300; ANS=48
+if [ -n "${SMOKE:-}" ]; then DEV=cpu; STEPS=3; REC=2; LONG=3; WIN=2; NA=8; NB=12; ANS=4; fi
+H="--heldout bench/texts/legal.txt bench/texts/mldocs.txt bench/texts/manual.txt --heldout-windows $WIN"
+Q="python3 bench/quality.py --device $DEV --answers $ANS"
+BASE="steps=$STEPS ctx=128 lambda1=0.01 lr=0.01 lambda_scale=layer lr_schedule=cosine warmup=0.1 dtype=float32 data=mix loss=distill"
+[ -n "${SMOKE:-}" ] && BASE="$BASE eval_windows=2" || BASE="$BASE eval_windows=0"
+
+SMOL=bundled:smollm2-135m
+[ "${ONLY:-}" = gemma ] && SMOL=""            # ONLY=gemma: the second model alone
+models="$SMOL $GEMMA"
+# 0. the bundled model's safetensors copy, made once before any parallel load
+[ -n "$SMOL" ] && python3 -c "from proxsparse_core.models import bundled_folder; print(bundled_folder())"
+# 1. the model's own calibration text for every (model, seed, size), made once so that every process
+#    of a seed calibrates on the same tokens (selfgen caches it)
+for m in $models; do for s in 0 1; do for n in $NA $NB; do
   python3 -c "
 from proxsparse_core.config import RunConfig; from proxsparse_core.workspace import Workspace
-Workspace().load(RunConfig(model='${GEMMA:-/tmp/gemma-3-270m}', device='cuda', dtype='float32', data='mix', samples=150, ctx=128, seed=0))" \
-    > "$RES/gemma_pregen.log" 2>&1
-  $Q --set "$BASE $MODEL data=mix loss=distill seed=0" --baselines wanda,sparsegpt $H \
-     --recover both --recover-steps 100 --workers 3 --out "$RES/gemma_mix_distill.jsonl" > "$RES/gemma_mix_distill.log" 2>&1 &
-  $Q --set "$BASE $MODEL data=builtin loss=lm seed=0" --baselines "" $H \
-     --out "$RES/gemma_builtin_lm.jsonl" > "$RES/gemma_builtin_lm.log" 2>&1 &
-fi
+Workspace().load(RunConfig(model='$m', device='$DEV', dtype='float32', data='mix', samples=$n, ctx=128, seed=$s))" \
+    > "$RES/pregen_$(basename $m)_s${s}_$n.log" 2>&1 &
+done; done; done
 wait
-echo "done $what"
+echo "pregen done $(date +%T)"
+# 2. the sweep
+for s in 0 1; do
+  M="model=$SMOL seed=$s"
+  for n in $( [ -n "$SMOL" ] && echo $NA $NB ); do
+    $Q --set "$BASE $M samples=$n" --baselines wanda,sparsegpt --no-proxsparse $H \
+       $( [ $n = $NB ] && echo "--recover both:$REC" ) --out "$RES/smol_base_n${n}_s$s.jsonl" > "$RES/smol_base_n${n}_s$s.log" 2>&1 &
+    $Q --set "$BASE $M samples=$n" --baselines "" $H --recover "both:$REC,finetune:$REC" \
+       --out "$RES/smol_prox_n${n}_s$s.jsonl" > "$RES/smol_prox_n${n}_s$s.log" 2>&1 &
+  done
+  if [ -n "$SMOL" ] && [ $s = 0 ]; then   # a long recovery: how far does fine-tuning go?
+    $Q --set "$BASE $M samples=$NB" --baselines "" $H --recover "both:$LONG" \
+       --out "$RES/smol_prox_long_s$s.jsonl" > "$RES/smol_prox_long_s$s.log" 2>&1 &
+  fi
+  if [ -n "$GEMMA" ]; then
+    M="model=$GEMMA seed=$s"
+    $Q --set "$BASE $M samples=$NB" --baselines magnitude,wanda,sparsegpt --no-proxsparse $H --recover "both:$REC" \
+       --out "$RES/gemma_base_s$s.jsonl" > "$RES/gemma_base_s$s.log" 2>&1 &
+    $Q --set "$BASE $M samples=$NB" --baselines "" $H --recover "both:$REC,finetune:$REC" \
+       --out "$RES/gemma_prox_s$s.jsonl" > "$RES/gemma_prox_s$s.log" 2>&1 &
+  fi
+done
+wait
+echo "sweep done $(date +%T)"

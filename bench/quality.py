@@ -11,8 +11,11 @@ some settings on top of the base configuration.
     python bench/quality.py --device cuda --baselines '' --workers 6 \\
         --grid "lambda1=0.05,0.1,0.2 lambda2=0,0.25"
 
-    # every row also on held-out texts of other domains (bench/texts.py), with recovery rows
-    python bench/quality.py --preset bundled-quality --heldout bench/texts/*.txt --recover both
+    # every row also on held-out texts of other domains (bench/texts.py), with recovery rows (two
+    # recoveries of every mask: OBS + 300 fine-tuning steps, and 300 fine-tuning steps alone), and
+    # each row's greedy answers to the Compare tab's example prompts
+    python bench/quality.py --preset bundled-quality --heldout bench/texts/*.txt \\
+        --recover both:300,finetune:300 --answers 48
 
 Each row is scored on the built-in held-out windows and on every --heldout text (the same
 windows for every row): perplexity, and the share of positions where the 2:4 model's top-1
@@ -38,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from proxsparse_core.config import RunConfig  # noqa: E402
 from proxsparse_core.data import heldout_windows, special_prefix, tokenize  # noqa: E402
-from proxsparse_core.evaluate import agreement, score  # noqa: E402
+from proxsparse_core.evaluate import EXAMPLE_PROMPTS, GenerationSettings, agreement, score  # noqa: E402
 from proxsparse_core.recovery import RecoveryConfig, recovered_name  # noqa: E402
 from proxsparse_core.results import DENSE, Pruning  # noqa: E402
 from proxsparse_core.workspace import Workspace  # noqa: E402
@@ -78,7 +81,7 @@ def run_job(ws: Workspace, cfg: RunConfig, job: dict) -> list[dict]:
     if method == DENSE:
         scores = _scores(ws, DENSE)
         return [{"job": _label(job), "method": DENSE, "ppl": scores["builtin"][0], "scores": scores,
-                 "seconds": 0.0}]
+                 "seconds": 0.0, **_answers(ws, DENSE)}]
     if method != "proxsparse":
         pruning = ws.prune(method, cfg)
         seconds = time.perf_counter() - t0
@@ -105,21 +108,34 @@ def run_job(ws: Workspace, cfg: RunConfig, job: dict) -> list[dict]:
     return [row] + rows
 
 
-RECOVER: RecoveryConfig | None = None   # set from --recover
+RECOVER: list[RecoveryConfig] = []   # set from --recover
+ANSWERS = 0                          # new tokens per example answer (--answers; 0 = none)
+
+
+def parse_recover(spec: str, steps: int, lr: float, seed: int) -> list[RecoveryConfig]:
+    """'both:300,finetune' → one RecoveryConfig per item (steps default to --recover-steps)."""
+    out = []
+    for item in filter(None, spec.split(",")):
+        method, _, n = item.partition(":")
+        out.append(RecoveryConfig(method=method, steps=int(n) if n else steps, lr=lr, seed=seed).validate())
+    return out
 
 
 def _recovered(ws: Workspace, name: str, label: str, job: dict) -> list[dict]:
-    """The recovery row of result `name` (when --recover is given and the mask is not magnitude's)."""
-    if RECOVER is None or job["method"] == "magnitude":
+    """The recovery rows of result `name`, one per --recover item (none for magnitude's mask)."""
+    if job["method"] == "magnitude":
         return []
-    t0 = time.perf_counter()
-    res = ws.recover(name, RECOVER)
-    if res.pruning is None:
-        return []
-    row = _row(ws, recovered_name(name), f"{label} + recovery ({RECOVER.method}, {RECOVER.steps} steps)",
-               time.perf_counter() - t0)
-    row["recovery_loss"] = res.events[-1].lm_loss if res.events else None
-    return [row]
+    rows = []
+    for rc in RECOVER:
+        t0 = time.perf_counter()
+        res = ws.recover(name, rc)
+        if res.pruning is None:
+            continue
+        steps = f", {rc.steps} steps" if rc.method != "obs" else ""
+        row = _row(ws, recovered_name(name), f"{label} + recovery ({rc.method}{steps})", time.perf_counter() - t0)
+        row["recovery_loss"] = res.events[-1].lm_loss if res.events else None
+        rows.append(row)
+    return rows
 
 
 EXTRA: dict = {}        # held-out text name → windows (set in run_shard from --heldout)
@@ -138,11 +154,19 @@ def _scores(ws: Workspace, name: str) -> dict:
     return out
 
 
+def _answers(ws: Workspace, name: str) -> dict:
+    """{"answers": {prompt: greedy answer}} for the example prompts (with --answers), else {}."""
+    if not ANSWERS:
+        return {}
+    s = GenerationSettings(max_new_tokens=ANSWERS)
+    return {"answers": {p: ws.generate(name, p, s) for p in EXAMPLE_PROMPTS}}
+
+
 def _row(ws: Workspace, name: str, label: str, seconds: float) -> dict:
     check = ws.verify(name)
     scores = _scores(ws, name)
     row = {"job": label, "method": ws.results[name].method, "ppl": scores["builtin"][0], "scores": scores,
-           "seconds": round(seconds, 1), "verified": check.ok}
+           "seconds": round(seconds, 1), "verified": check.ok, **_answers(ws, name)}
     del ws.results[name]     # masks of a 135 M model are ~100 MB: keep memory flat over a sweep
     return row
 
@@ -156,10 +180,9 @@ def run_shard(args, base: RunConfig, jobs: list[dict]):
     for path in args.heldout:
         ids = tokenize(ws.lm.tokenizer, Path(path).read_text())
         EXTRA[Path(path).stem] = heldout_windows(ids, base.eval_ctx, args.heldout_windows, prefix)
-    global RECOVER
-    if args.recover:
-        RECOVER = RecoveryConfig(method=args.recover, steps=args.recover_steps, lr=args.recover_lr,
-                                 seed=base.seed).validate()
+    global RECOVER, ANSWERS
+    RECOVER = parse_recover(args.recover, args.recover_steps, args.recover_lr, base.seed)
+    ANSWERS = args.answers
     print(f"{ws.lm.describe()}\ncalibration {tuple(ws.data.calibration.shape)} from {ws.data.source}, "
           f"held-out {tuple(ws.data.held_out.shape)}; other held-out texts: "
           + ", ".join(f"{k} {tuple(v.shape)}" for k, v in EXTRA.items()), flush=True)
@@ -223,6 +246,10 @@ def markdown(rows: list[dict], base: RunConfig, command: str) -> str:
         share = f"{100 * r['learned_share_24']:.1f}%" if "learned_share_24" in r else ""
         ver = "" if r["method"] == DENSE else ("yes" if r.get("verified") else "NO")
         lines.append(f"| {r['job']} | {cells} | {r['seconds']:.0f} | {ver} | {share} |")
+    for r in rows:
+        if "answers" in r:
+            lines += ["", f"Answers of {r['job']} (greedy):"]
+            lines += [f"- {p!r} → {a!r}" for p, a in r["answers"].items()]
     return "\n".join(lines)
 
 
@@ -239,8 +266,11 @@ def main():
     p.add_argument("--out", default="bench/quality.jsonl")
     p.add_argument("--heldout", nargs="*", default=[], help="more held-out text files (bench/texts.py)")
     p.add_argument("--heldout-windows", type=int, default=40, help="windows per extra held-out text")
-    p.add_argument("--recover", default="", help="also recover each result: obs, finetune or both")
-    p.add_argument("--recover-steps", type=int, default=100)
+    p.add_argument("--recover", default="", help="also recover each result: obs, finetune or both, several "
+                                                 "comma-separated, each optionally :STEPS (e.g. both:300,finetune:300)")
+    p.add_argument("--recover-steps", type=int, default=100, help="fine-tuning steps of a --recover item without :STEPS")
+    p.add_argument("--answers", type=int, default=0, help="also record each row's greedy answers to the example "
+                                                          "prompts, with this many new tokens")
     p.add_argument("--recover-lr", type=float, default=1e-3)
     args = p.parse_args()
 

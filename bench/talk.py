@@ -16,18 +16,10 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from proxsparse_core.config import RunConfig  # noqa: E402
-from proxsparse_core.evaluate import GenerationSettings  # noqa: E402
+from proxsparse_core.evaluate import EXAMPLE_PROMPTS as PROMPTS, GenerationSettings  # noqa: E402
 from proxsparse_core.recovery import RecoveryConfig, recovered_name  # noqa: E402
 from proxsparse_core.results import DENSE, LEARNED  # noqa: E402
 from proxsparse_core.workspace import Workspace  # noqa: E402
-
-PROMPTS = [  # the Compare tab's examples (ui/compare_tab.py EXAMPLES)
-    "What is the capital of France?",
-    "Explain in two sentences what a neural network is.",
-    "Write a short poem about the sea.",
-    "Give three tips for writing clean Python code.",
-]
-
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -58,6 +58,16 @@ def agreement(top1: torch.Tensor, reference: torch.Tensor) -> float:
     return float((top1 == reference).double().mean())
 
 
+# the prompts a live demo starts from (the Compare tab's examples; bench/quality.py --answers asks
+# every 2:4 model the same ones)
+EXAMPLE_PROMPTS = [
+    "What is the capital of France?",
+    "Explain in two sentences what a neural network is.",
+    "Write a short poem about the sea.",
+    "Give three tips for writing clean Python code.",
+]
+
+
 @dataclass
 class GenerationSettings:
     max_new_tokens: int = 64

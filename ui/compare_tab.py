@@ -19,7 +19,7 @@ import torch
 
 from proxsparse_core import plots
 from proxsparse_core.errors import Stopped, UserError
-from proxsparse_core.evaluate import GenerationSettings, first_divergence
+from proxsparse_core.evaluate import EXAMPLE_PROMPTS, GenerationSettings, first_divergence
 from proxsparse_core.baselines import METHODS
 from proxsparse_core.recovery import RECOVERY_METHODS, RecoveryConfig, recovered_name
 from proxsparse_core.results import DENSE, LEARNED, RECOVERED, title
@@ -30,12 +30,7 @@ from .jobs import JobManager, in_worker
 
 MAX_PROMPT = 4000            # characters; a page or API request with more is refused at once
 
-EXAMPLES = [
-    "What is the capital of France?",
-    "Explain in two sentences what a neural network is.",
-    "Write a short poem about the sea.",
-    "Give three tips for writing clean Python code.",
-]
+EXAMPLES = EXAMPLE_PROMPTS
 COLUMNS = ["method", "held-out perplexity", "× dense", "same top-1 as dense", "weights", "2:4 verified"]
 
 
