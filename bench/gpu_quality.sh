@@ -11,7 +11,8 @@
 # magnitude's: OBS update + 300 fine-tuning steps ("both"), and for ProxSparse also fine-tuning alone
 # (and, on the bundled model, seed 0, 1,000 steps of "both").
 #
-# The jobs run as parallel processes sharing the GPU; rows go to $RES/*.jsonl as they finish.
+# The jobs run as parallel processes, spread round-robin over the machine's GPUs (several processes
+# share each); rows go to $RES/*.jsonl as they finish.
 #   RES=/tmp/q GEMMA=/tmp/gemma-3-270m bash bench/gpu_quality.sh          # everything
 #   SMOKE=1 RES=/tmp/qs GEMMA=... bash bench/gpu_quality.sh                # a few steps of each, CPU
 #   ONLY=gemma GEMMA=... bash bench/gpu_quality.sh                         # Gemma's rows alone
@@ -27,6 +28,13 @@ Q="python3 bench/quality.py --device $DEV --answers $ANS"
 BASE="steps=$STEPS ctx=128 lambda1=0.01 lr=0.01 lambda_scale=layer lr_schedule=cosine warmup=0.1 dtype=float32 data=mix loss=distill"
 [ -n "${SMOKE:-}" ] && BASE="$BASE eval_windows=2" || BASE="$BASE eval_windows=0"
 
+NGPU=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU" || true); [ "${NGPU:-0}" -gt 0 ] || NGPU=1
+K=0
+job() {   # job NAME quality.py-arguments…: one process on the next GPU, log and rows under $RES/NAME.*
+  local name=$1; shift
+  CUDA_VISIBLE_DEVICES=$((K % NGPU)) $Q "$@" --out "$RES/$name.jsonl" > "$RES/$name.log" 2>&1 &
+  K=$((K + 1))
+}
 SMOL=bundled:smollm2-135m
 [ "${ONLY:-}" = gemma ] && SMOL=""            # ONLY=gemma: the second model alone
 models="$SMOL $GEMMA"
@@ -35,10 +43,11 @@ models="$SMOL $GEMMA"
 # 1. the model's own calibration text for every (model, seed, size), made once so that every process
 #    of a seed calibrates on the same tokens (selfgen caches it)
 for m in $models; do for s in 0 1; do for n in $NA $NB; do
-  python3 -c "
+  CUDA_VISIBLE_DEVICES=$((K % NGPU)) python3 -c "
 from proxsparse_core.config import RunConfig; from proxsparse_core.workspace import Workspace
 Workspace().load(RunConfig(model='$m', device='$DEV', dtype='float32', data='mix', samples=$n, ctx=128, seed=$s))" \
     > "$RES/pregen_$(basename $m)_s${s}_$n.log" 2>&1 &
+  K=$((K + 1))
 done; done; done
 wait
 echo "pregen done $(date +%T)"
@@ -46,21 +55,18 @@ echo "pregen done $(date +%T)"
 for s in 0 1; do
   M="model=$SMOL seed=$s"
   for n in $( [ -n "$SMOL" ] && echo $NA $NB ); do
-    $Q --set "$BASE $M samples=$n" --baselines wanda,sparsegpt --no-proxsparse $H \
-       $( [ $n = $NB ] && echo "--recover both:$REC" ) --out "$RES/smol_base_n${n}_s$s.jsonl" > "$RES/smol_base_n${n}_s$s.log" 2>&1 &
-    $Q --set "$BASE $M samples=$n" --baselines "" $H --recover "both:$REC,finetune:$REC" \
-       --out "$RES/smol_prox_n${n}_s$s.jsonl" > "$RES/smol_prox_n${n}_s$s.log" 2>&1 &
+    job smol_base_n${n}_s$s --set "$BASE $M samples=$n" --baselines wanda,sparsegpt --no-proxsparse $H \
+        --recover "$( [ $n = $NB ] && echo both:$REC )"
+    job smol_prox_n${n}_s$s --set "$BASE $M samples=$n" --baselines "" $H --recover "both:$REC,finetune:$REC"
   done
   if [ -n "$SMOL" ] && [ $s = 0 ]; then   # a long recovery: how far does fine-tuning go?
-    $Q --set "$BASE $M samples=$NB" --baselines "" $H --recover "both:$LONG" \
-       --out "$RES/smol_prox_long_s$s.jsonl" > "$RES/smol_prox_long_s$s.log" 2>&1 &
+    job smol_prox_long_s$s --set "$BASE $M samples=$NB" --baselines "" $H --recover "both:$LONG"
   fi
   if [ -n "$GEMMA" ]; then
     M="model=$GEMMA seed=$s"
-    $Q --set "$BASE $M samples=$NB" --baselines magnitude,wanda,sparsegpt --no-proxsparse $H --recover "both:$REC" \
-       --out "$RES/gemma_base_s$s.jsonl" > "$RES/gemma_base_s$s.log" 2>&1 &
-    $Q --set "$BASE $M samples=$NB" --baselines "" $H --recover "both:$REC,finetune:$REC" \
-       --out "$RES/gemma_prox_s$s.jsonl" > "$RES/gemma_prox_s$s.log" 2>&1 &
+    job gemma_base_s$s --set "$BASE $M samples=$NB" --baselines magnitude,wanda,sparsegpt --no-proxsparse $H \
+        --recover "both:$REC"
+    job gemma_prox_s$s --set "$BASE $M samples=$NB" --baselines "" $H --recover "both:$REC,finetune:$REC"
   fi
 done
 wait
