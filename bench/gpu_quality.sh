@@ -5,14 +5,13 @@
 # to the Compare tab's example prompts.
 #
 # Settings: the scale-free recipe (λ1 0.01 and lr 0.01 relative to each layer's rms(W0), cosine,
-# 300 steps, self-distillation on half built-in, half self-written text) with 150 calibration samples
-# (A, the preset until this sweep) and 300 (B: every sample seen once). Baselines get the same
-# calibration tokens as the ProxSparse row they are compared with. Recovery of every mask but
-# magnitude's: OBS update + 300 fine-tuning steps ("both"), and for ProxSparse also fine-tuning alone
-# (and, on the bundled model, seed 0, 1,000 steps of "both").
+# 300 steps, self-distillation on half built-in, half self-written text) with 300 calibration samples
+# × 128 tokens (each seen once). The baselines get the same calibration tokens. ProxSparse's mask is
+# also recovered: OBS update + 300 fine-tuning steps ("both"; on the bundled model, seed 0, also the
+# fine-tuning alone).
 #
-# The jobs run as parallel processes, spread round-robin over the machine's GPUs (several processes
-# share each); rows go to $RES/*.jsonl as they finish.
+# The jobs run as parallel processes (at most $MAXJOBS at once, in order of importance: seed 0 first),
+# spread round-robin over the machine's GPUs; rows go to $RES/*.jsonl as they finish.
 #   RES=/tmp/q GEMMA=/tmp/gemma-3-270m bash bench/gpu_quality.sh          # everything
 #   SMOKE=1 RES=/tmp/qs GEMMA=... bash bench/gpu_quality.sh                # a few steps of each, CPU
 #   ONLY=gemma GEMMA=... bash bench/gpu_quality.sh                         # Gemma's rows alone
@@ -21,8 +20,8 @@ RES=${RES:-/tmp/q}
 GEMMA=${GEMMA:-}
 mkdir -p "$RES"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-DEV=cuda; STEPS=300; REC=300; LONG=1000; WIN=40; NA=150; NB=300; ANS=48
-if [ -n "${SMOKE:-}" ]; then DEV=cpu; STEPS=3; REC=2; LONG=3; WIN=2; NA=8; NB=12; ANS=4; fi
+DEV=cuda; STEPS=300; REC=300; WIN=40; N=300; ANS=48; MAXJOBS=${MAXJOBS:-4}
+if [ -n "${SMOKE:-}" ]; then DEV=cpu; STEPS=3; REC=2; WIN=2; N=12; ANS=4; MAXJOBS=1; fi
 H="--heldout bench/texts/legal.txt bench/texts/mldocs.txt bench/texts/manual.txt --heldout-windows $WIN"
 Q="python3 bench/quality.py --device $DEV --answers $ANS"
 BASE="steps=$STEPS ctx=128 lambda1=0.01 lr=0.01 lambda_scale=layer lr_schedule=cosine warmup=0.1 dtype=float32 data=mix loss=distill"
@@ -32,6 +31,7 @@ NGPU=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU" || true); [ "${NGPU:-0}" -gt 0
 K=0
 job() {   # job NAME quality.py-arguments…: one process on the next GPU, log and rows under $RES/NAME.*
   local name=$1; shift
+  while [ "$(jobs -rp | wc -l)" -ge "$MAXJOBS" ]; do sleep 2; done
   CUDA_VISIBLE_DEVICES=$((K % NGPU)) $Q "$@" --out "$RES/$name.jsonl" > "$RES/$name.log" 2>&1 &
   K=$((K + 1))
 }
@@ -42,31 +42,26 @@ models="$SMOL $GEMMA"
 [ -n "$SMOL" ] && python3 -c "from proxsparse_core.models import bundled_folder; print(bundled_folder())"
 # 1. the model's own calibration text for every (model, seed, size), made once so that every process
 #    of a seed calibrates on the same tokens (selfgen caches it)
-for m in $models; do for s in 0 1; do for n in $NA $NB; do
+for m in $models; do for s in 0 1; do n=$N
   CUDA_VISIBLE_DEVICES=$((K % NGPU)) python3 -c "
 from proxsparse_core.config import RunConfig; from proxsparse_core.workspace import Workspace
 Workspace().load(RunConfig(model='$m', device='$DEV', dtype='float32', data='mix', samples=$n, ctx=128, seed=$s))" \
     > "$RES/pregen_$(basename $m)_s${s}_$n.log" 2>&1 &
   K=$((K + 1))
-done; done; done
+done; done
 wait
 echo "pregen done $(date +%T)"
 # 2. the sweep
 for s in 0 1; do
-  M="model=$SMOL seed=$s"
-  for n in $( [ -n "$SMOL" ] && echo $NA $NB ); do
-    job smol_base_n${n}_s$s --set "$BASE $M samples=$n" --baselines wanda,sparsegpt --no-proxsparse $H \
-        --recover "$( [ $n = $NB ] && echo both:$REC )"
-    job smol_prox_n${n}_s$s --set "$BASE $M samples=$n" --baselines "" $H --recover "both:$REC,finetune:$REC"
-  done
-  if [ -n "$SMOL" ] && [ $s = 0 ]; then   # a long recovery: how far does fine-tuning go?
-    job smol_prox_long_s$s --set "$BASE $M samples=$NB" --baselines "" $H --recover "both:$LONG"
+  if [ -n "$SMOL" ]; then
+    M="model=$SMOL seed=$s samples=$N"
+    job smol_prox_s$s --set "$BASE $M" --baselines "" $H --recover "both:$REC$( [ $s = 0 ] && echo ,finetune:$REC )"
+    job smol_base_s$s --set "$BASE $M" --baselines wanda,sparsegpt --no-proxsparse $H
   fi
   if [ -n "$GEMMA" ]; then
-    M="model=$GEMMA seed=$s"
-    job gemma_base_s$s --set "$BASE $M samples=$NB" --baselines magnitude,wanda,sparsegpt --no-proxsparse $H \
-        --recover "both:$REC"
-    job gemma_prox_s$s --set "$BASE $M samples=$NB" --baselines "" $H --recover "both:$REC,finetune:$REC"
+    M="model=$GEMMA seed=$s samples=$N"
+    job gemma_prox_s$s --set "$BASE $M" --baselines "" $H --recover "both:$REC"
+    job gemma_base_s$s --set "$BASE $M" --baselines magnitude,wanda,sparsegpt --no-proxsparse $H
   fi
 done
 wait
