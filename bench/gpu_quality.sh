@@ -5,10 +5,10 @@
 # to the Compare tab's example prompts.
 #
 # Settings: the scale-free recipe (λ1 0.01 and lr 0.01 relative to each layer's rms(W0), cosine,
-# 300 steps, self-distillation on half built-in, half self-written text) with 300 calibration samples
-# × 128 tokens (each seen once). The baselines get the same calibration tokens. ProxSparse's mask is
-# also recovered: OBS update + 300 fine-tuning steps ("both"; on the bundled model, seed 0, also the
-# fine-tuning alone).
+# 300 steps, self-distillation on half built-in, half self-written text) with N calibration samples
+# × 128 tokens (150: each seen twice). The baselines get the same calibration tokens. ProxSparse's mask
+# is also recovered: OBS update + 300 fine-tuning steps ("both"; on the bundled model, seed 0, also
+# 1,000 steps, for the answers). Other recoveries: RECOVER="both:300,finetune:300".
 #
 # The jobs run as parallel processes (at most $MAXJOBS at once, in order of importance: seed 0 first),
 # spread round-robin over the machine's GPUs; rows go to $RES/*.jsonl as they finish.
@@ -20,8 +20,9 @@ RES=${RES:-/tmp/q}
 GEMMA=${GEMMA:-}
 mkdir -p "$RES"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-DEV=cuda; STEPS=300; REC=300; WIN=40; N=300; ANS=48; MAXJOBS=${MAXJOBS:-4}
-if [ -n "${SMOKE:-}" ]; then DEV=cpu; STEPS=3; REC=2; WIN=2; N=12; ANS=4; MAXJOBS=1; fi
+DEV=cuda; STEPS=300; REC=300; LONG=1000; WIN=40; N=${N:-150}; ANS=48; MAXJOBS=${MAXJOBS:-4}
+if [ -n "${SMOKE:-}" ]; then DEV=cpu; STEPS=3; REC=2; LONG=3; WIN=2; N=12; ANS=4; MAXJOBS=1; fi
+RECOVER=${RECOVER:-both:$REC}
 H="--heldout bench/texts/legal.txt bench/texts/mldocs.txt bench/texts/manual.txt --heldout-windows $WIN"
 Q="python3 bench/quality.py --device $DEV --answers $ANS"
 BASE="steps=$STEPS ctx=128 lambda1=0.01 lr=0.01 lambda_scale=layer lr_schedule=cosine warmup=0.1 dtype=float32 data=mix loss=distill"
@@ -55,12 +56,12 @@ echo "pregen done $(date +%T)"
 for s in 0 1; do
   if [ -n "$SMOL" ]; then
     M="model=$SMOL seed=$s samples=$N"
-    job smol_prox_s$s --set "$BASE $M" --baselines "" $H --recover "both:$REC$( [ $s = 0 ] && echo ,finetune:$REC )"
+    job smol_prox_s$s --set "$BASE $M" --baselines "" $H --recover "$RECOVER$( [ $s = 0 ] && echo ,both:$LONG )"
     job smol_base_s$s --set "$BASE $M" --baselines wanda,sparsegpt --no-proxsparse $H
   fi
   if [ -n "$GEMMA" ]; then
     M="model=$GEMMA seed=$s samples=$N"
-    job gemma_prox_s$s --set "$BASE $M" --baselines "" $H --recover "both:$REC"
+    job gemma_prox_s$s --set "$BASE $M" --baselines "" $H --recover "$RECOVER"
     job gemma_base_s$s --set "$BASE $M" --baselines magnitude,wanda,sparsegpt --no-proxsparse $H
   fi
 done
