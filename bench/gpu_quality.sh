@@ -15,6 +15,8 @@
 #   RES=/tmp/q GEMMA=/tmp/gemma-3-270m bash bench/gpu_quality.sh          # everything
 #   SMOKE=1 RES=/tmp/qs GEMMA=... bash bench/gpu_quality.sh                # a few steps of each, CPU
 #   ONLY=gemma GEMMA=... bash bench/gpu_quality.sh                         # Gemma's rows alone
+#   VARIANTS="lr=0.005 lambda1=0.02" GEMMA=... bash bench/gpu_quality.sh    # seed 0, ProxSparse only, one
+#                                     process per variant and model (baselines: the full sweep's rows)
 set -u
 RES=${RES:-/tmp/q}
 GEMMA=${GEMMA:-}
@@ -43,7 +45,8 @@ models="$SMOL $GEMMA"
 [ -n "$SMOL" ] && python3 -c "from proxsparse_core.models import bundled_folder; print(bundled_folder())"
 # 1. the model's own calibration text for every (model, seed, size), made once so that every process
 #    of a seed calibrates on the same tokens (selfgen caches it)
-for m in $models; do for s in 0 1; do n=$N
+SEEDS="0 1"; [ -n "${VARIANTS:-}" ] && SEEDS=0
+for m in $models; do for s in $SEEDS; do n=$N
   CUDA_VISIBLE_DEVICES=$((K % NGPU)) python3 -c "
 from proxsparse_core.config import RunConfig; from proxsparse_core.workspace import Workspace
 Workspace().load(RunConfig(model='$m', device='$DEV', dtype='float32', data='mix', samples=$n, ctx=128, seed=$s))" \
@@ -52,8 +55,15 @@ Workspace().load(RunConfig(model='$m', device='$DEV', dtype='float32', data='mix
 done; done
 wait
 echo "pregen done $(date +%T)"
-# 2. the sweep
-for s in 0 1; do
+# 2. the sweep (or the variants)
+if [ -n "${VARIANTS:-}" ]; then
+  MAXJOBS=${MAXJOBS_VARIANTS:-6}
+  for v in $VARIANTS; do for m in $models; do
+    job "variant_$(basename $m)_${v//=/}" --set "$BASE model=$m seed=0 samples=$N $v" --baselines "" $H
+  done; done
+  SEEDS=""
+fi
+for s in $SEEDS; do
   if [ -n "$SMOL" ]; then
     M="model=$SMOL seed=$s samples=$N"
     job smol_prox_s$s --set "$BASE $M" --baselines "" $H --recover "$RECOVER$( [ $s = 0 ] && echo ,both:$LONG )"
