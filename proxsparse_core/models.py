@@ -121,6 +121,26 @@ def bundled_folder() -> Path:
     return gguf_to_folder(_bundled_gguf(), cache_dir() / "smollm2-135m-instruct")
 
 
+PROBE = "The quick brown fox jumps over the lazy dog, and the capital of France is Paris."
+
+
+def check_tokenizer(tokenizer, name: str) -> None:
+    """Refuse a tokenizer that splits plain English into single characters.
+
+    transformers can convert a GGUF file's vocabulary wrongly: with transformers 5.17, Gemma 3's
+    GGUF tokenizer came out character by character and without the start-of-text token (5.24
+    converts the same file correctly). A model fed such ids still runs, but every perplexity is
+    in the thousands, so the conversion stops here with what to do instead."""
+    n = len(tokenizer(PROBE, add_special_tokens=False)["input_ids"])
+    if n > len(PROBE) // 2:
+        import transformers
+
+        raise UserError(f"the tokenizer transformers {transformers.__version__} made from {name} splits "
+                        f"English into single characters ({n} tokens for {len(PROBE)} characters), so "
+                        f"every result on it would be wrong; convert it with a newer transformers "
+                        f"(5.24 converts Gemma 3 correctly) or use the model's Hugging Face folder")
+
+
 def gguf_to_folder(gguf: Path, target: Path) -> Path:
     """A plain Hugging Face folder (safetensors, config, tokenizer) made once from a GGUF file.
 
@@ -136,6 +156,7 @@ def gguf_to_folder(gguf: Path, target: Path) -> Path:
     quantised = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                      dtype=torch.float32)
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    check_tokenizer(tokenizer, gguf.name)
     config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     if hasattr(config, "quantization_config"):
         del config.quantization_config

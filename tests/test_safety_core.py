@@ -503,3 +503,16 @@ def test_magnitude_says_it_uses_no_calibration_data(tiny_folder, tmp_path, capsy
     rc, out, _ = _cli(capsys, "prune", "--method", "wanda", *_tiny_flags(tiny_folder, "prune"), "--out", tmp_path / "w",
                       "--no-eval")
     assert "wanda: 8 calibration samples" in out
+
+
+def test_a_tokenizer_that_splits_english_into_characters_is_refused():
+    """A GGUF vocabulary converted wrongly (transformers 5.17 with Gemma 3) yields one token per
+    character; the conversion must stop with a message rather than produce a model whose every
+    perplexity is meaningless. A word-level tokenizer passes."""
+    from conftest import TinyTokenizer
+    from proxsparse_core.models import check_tokenizer
+    from test_export import word_tokenizer
+
+    check_tokenizer(word_tokenizer(4096), "fine.gguf")
+    with pytest.raises(UserError, match=r"gemma\.gguf splits English into single characters \(\d+ tokens"):
+        check_tokenizer(TinyTokenizer(), "gemma.gguf")
