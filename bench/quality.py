@@ -268,7 +268,7 @@ def main():
     p.add_argument("--heldout-windows", type=int, default=40, help="windows per extra held-out text")
     p.add_argument("--recover", default="", help="also recover each result: obs, finetune or both, several "
                                                  "comma-separated, each optionally :STEPS (e.g. both:300,finetune:300)")
-    p.add_argument("--recover-steps", type=int, default=100, help="fine-tuning steps of a --recover item without :STEPS")
+    p.add_argument("--recover-steps", type=int, default=300, help="fine-tuning steps of a --recover item without :STEPS")
     p.add_argument("--answers", type=int, default=0, help="also record each row's greedy answers to the example "
                                                           "prompts, with this many new tokens")
     p.add_argument("--recover-lr", type=float, default=1e-3)

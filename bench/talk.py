@@ -4,7 +4,7 @@ One process, the app's own code path (Workspace): learn with a preset, recover t
 then greedy answers of dense, ProxSparse and ProxSparse + recovery to each example prompt of the
 Compare tab, with the wall time of every phase (the CPU budget figures of issue 9).
 
-    python bench/talk.py --preset bundled-quality --recover both --recover-steps 100
+    python bench/talk.py --preset bundled-quality --recover both --recover-steps 300
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def main():
     ap.add_argument("--preset", default="bundled-quality")
     ap.add_argument("--set", default="", help="overrides, e.g. 'device=cuda steps=100'")
     ap.add_argument("--recover", default="both")
-    ap.add_argument("--recover-steps", type=int, default=100)
+    ap.add_argument("--recover-steps", type=int, default=300)
     ap.add_argument("--max-new-tokens", type=int, default=48)
     ap.add_argument("--json", default="")
     args = ap.parse_args()
