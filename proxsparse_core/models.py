@@ -127,10 +127,10 @@ PROBE = "The quick brown fox jumps over the lazy dog, and the capital of France 
 def check_tokenizer(tokenizer, name: str) -> None:
     """Refuse a tokenizer that splits plain English into single characters.
 
-    transformers can convert a GGUF file's vocabulary wrongly: with transformers 5.17, Gemma 3's
-    GGUF tokenizer came out character by character and without the start-of-text token (5.24
-    converts the same file correctly). A model fed such ids still runs, but every perplexity is
-    in the thousands, so the conversion stops here with what to do instead."""
+    transformers can convert a GGUF file's vocabulary wrongly: the tokenizer files transformers
+    5.17 writes for Gemma 3's GGUF read back character by character and without the start-of-text
+    token (5.24 writes the same file's correctly). A model fed such ids still runs, but every
+    perplexity is in the thousands, so the conversion stops with what to do instead."""
     n = len(tokenizer(PROBE, add_special_tokens=False)["input_ids"])
     if n > len(PROBE) // 2:
         import transformers
@@ -141,22 +141,25 @@ def check_tokenizer(tokenizer, name: str) -> None:
                         f"(5.24 converts Gemma 3 correctly) or use the model's Hugging Face folder")
 
 
-def gguf_to_folder(gguf: Path, target: Path) -> Path:
+def gguf_to_folder(gguf: Path, target: Path, tokenizer_from: Path | None = None) -> Path:
     """A plain Hugging Face folder (safetensors, config, tokenizer) made once from a GGUF file.
 
     transformers de-quantises GGUF weights on load, but the loaded model refuses save_pretrained
     while it carries a quantization_config, so a plain model is rebuilt from the config without
     it and the weights are moved over. The folder is written next to `target` and renamed into
-    place when complete; an existing complete folder is returned as is."""
+    place when complete; an existing complete folder is returned as is. `tokenizer_from`: a folder
+    holding the same model's tokenizer, used instead of the one converted from the GGUF file."""
     if (target / "config.json").exists() and any(target.glob("*.safetensors")):
         return target
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     gguf = Path(gguf)
+    if tokenizer_from is None:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    else:   # the same model's tokenizer from a folder (where this transformers converts it wrongly)
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_from))
     quantised = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
                                                      dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    check_tokenizer(tokenizer, gguf.name)
     config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -168,6 +171,7 @@ def gguf_to_folder(gguf: Path, target: Path) -> Path:
     try:
         plain.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        check_tokenizer(AutoTokenizer.from_pretrained(str(tmp)), gguf.name)   # as every later load reads it
         if target.exists():
             shutil.rmtree(target)
         tmp.rename(target)
