@@ -30,7 +30,6 @@ from .jobs import JobManager, in_worker
 
 MAX_PROMPT = 4000            # characters; a page or API request with more is refused at once
 
-EXAMPLES = EXAMPLE_PROMPTS
 COLUMNS = ["method", "held-out perplexity", "× dense", "same top-1 as dense", "weights", "2:4 verified"]
 
 
@@ -390,9 +389,9 @@ def build_compare_tab(jobs: JobManager, tab: gr.Tab):
                 "Highlighted text starts where the two outputs first differ.")
     with gr.Row():
         with gr.Column(scale=3):
-            prompt = gr.Textbox(label="Prompt", value=EXAMPLES[0], lines=2, max_length=MAX_PROMPT,
+            prompt = gr.Textbox(label="Prompt", value=EXAMPLE_PROMPTS[0], lines=2, max_length=MAX_PROMPT,
                                 elem_id="ps-prompt", info=f"up to {MAX_PROMPT:,} characters")
-            gr.Examples(EXAMPLES, prompt, label="Example prompts")
+            gr.Examples(EXAMPLE_PROMPTS, prompt, label="Example prompts")
         with gr.Column(scale=2):
             variant = gr.Dropdown(variant_choices(jobs), label="2:4 model", info="learned mask or a baseline",
                                   allow_custom_value=True)   # choices change as results arrive
