@@ -4,7 +4,8 @@
 # row on the built-in held-out text and three held-out texts of other domains, with the greedy answers
 # to the Compare tab's example prompts.
 #
-# Settings: the scale-free recipe (λ1 0.01 and lr 0.01 relative to each layer's rms(W0), cosine,
+# Settings: the scale-free recipe (λ1 0.01 and lr $LR, default 0.005 as in the presets, relative to each
+# layer's rms(W0), cosine,
 # 300 steps, self-distillation on half built-in, half self-written text) with N calibration samples
 # × 128 tokens (150: each seen twice). The baselines get the same calibration tokens. ProxSparse's mask
 # is also recovered: OBS update + 300 fine-tuning steps ("both"; on the bundled model, seed 0, also
@@ -24,12 +25,12 @@ RES=${RES:-/tmp/q}
 GEMMA=${GEMMA:-}
 mkdir -p "$RES"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-DEV=cuda; STEPS=300; REC=300; LONG=1000; WIN=40; N=${N:-150}; ANS=48; MAXJOBS=${MAXJOBS:-4}
+DEV=cuda; STEPS=300; REC=300; LONG=1000; WIN=40; N=${N:-150}; LR=${LR:-0.005}; ANS=48; MAXJOBS=${MAXJOBS:-4}
 if [ -n "${SMOKE:-}" ]; then DEV=cpu; STEPS=3; REC=2; LONG=3; WIN=2; N=12; ANS=4; MAXJOBS=1; fi
 RECOVER=${RECOVER:-both:$REC}
 H="--heldout bench/texts/legal.txt bench/texts/mldocs.txt bench/texts/manual.txt --heldout-windows $WIN"
 Q="python3 bench/quality.py --device $DEV --answers $ANS"
-BASE="steps=$STEPS ctx=128 lambda1=0.01 lr=0.01 lambda_scale=layer lr_schedule=cosine warmup=0.1 dtype=float32 data=mix loss=distill"
+BASE="steps=$STEPS ctx=128 lambda1=0.01 lr=$LR lambda_scale=layer lr_schedule=cosine warmup=0.1 dtype=float32 data=mix loss=distill"
 [ -n "${SMOKE:-}" ] && BASE="$BASE eval_windows=2" || BASE="$BASE eval_windows=0"
 
 NGPU=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU" || true); [ "${NGPU:-0}" -gt 0 ] || NGPU=1
