@@ -29,7 +29,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from proxsparse_core import sparse_infer as si  # noqa: E402
-from proxsparse_core.masks import mask_2to4  # noqa: E402
+from proxsparse_core.masks import apply_masks, extract_masks  # noqa: E402
 from proxsparse_core.prunable import find_prunable  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
@@ -85,10 +85,7 @@ def build_model(layers: int, device="cuda", hidden=4096, inter=11008, heads=32, 
     finally:
         torch.set_default_dtype(torch.float32)
     prunable = find_prunable(model)
-    with torch.no_grad():
-        for n in prunable.names:
-            w = prunable.modules[n].weight
-            w.mul_(mask_2to4(w).to(w.dtype))
+    apply_masks(prunable, extract_masks(prunable))
     return model, prunable
 
 

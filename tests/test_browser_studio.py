@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from test_app_e2e import running_app
-from test_browser import ARGS, CHROMIUM, SHOTS, pytestmark  # noqa: F401 - skipped without Chromium
+from test_browser import SHOTS, browser, pytestmark  # noqa: F401 - the browser; skipped without Chromium
 from test_ui_tiny_model import save_tiny_model
 
 VIEW = {"width": 1440, "height": 900}
@@ -33,15 +33,6 @@ def tiny_app(tmp_path_factory, exports):
     with running_app(tmp_path_factory.mktemp("logs"), "--model", str(model),
                      env={"PROXSPARSE_EXPORTS": str(exports)}) as url:
         yield url, model
-
-
-@pytest.fixture(scope="module")
-def browser():
-    sync_api = pytest.importorskip("playwright.sync_api")
-    with sync_api.sync_playwright() as pw:
-        b = pw.chromium.launch(executable_path=CHROMIUM, args=ARGS)
-        yield b
-        b.close()
 
 
 def open_page(browser, url):

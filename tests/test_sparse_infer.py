@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 from conftest import make_tiny_llama
 from proxsparse_core import sparse_infer as si
-from proxsparse_core.masks import mask_2to4
+from proxsparse_core.masks import apply_masks, extract_masks, mask_2to4
 from proxsparse_core.prunable import find_prunable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -79,10 +79,7 @@ def emulated(monkeypatch):
 def sparse_tiny_llama(hidden=64, inter=128):
     model = make_tiny_llama(hidden=hidden, inter=inter).to(torch.bfloat16)
     prunable = find_prunable(model)
-    with torch.no_grad():
-        for n in prunable.names:
-            w = prunable.modules[n].weight
-            w.mul_(mask_2to4(w).to(w.dtype))
+    apply_masks(prunable, extract_masks(prunable))
     return model, prunable
 
 
