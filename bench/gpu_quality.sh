@@ -5,11 +5,10 @@
 # to the Compare tab's example prompts.
 #
 # Settings: the scale-free recipe (λ1 0.01 and lr $LR, default 0.005 as in the presets, relative to each
-# layer's rms(W0), cosine,
-# 300 steps, self-distillation on half built-in, half self-written text) with N calibration samples
-# × 128 tokens (150: each seen twice). The baselines get the same calibration tokens. ProxSparse's mask
-# is also recovered: OBS update + 300 fine-tuning steps ("both"; on the bundled model, seed 0, also
-# 1,000 steps, for the answers). Other recoveries: RECOVER="both:300,finetune:300".
+# layer's rms(W0), cosine, 300 steps, self-distillation on half built-in, half self-written text) with N
+# calibration samples × 128 tokens (150: each seen twice). The baselines get the same calibration tokens.
+# ProxSparse's mask is also recovered with every item of RECOVER (default "both:300": OBS update + 300
+# fine-tuning steps; items as in `bench/quality.py --recover`, e.g. "both:300,both:300:samples=300:lr=0.002").
 #
 # The jobs run as parallel processes (at most $MAXJOBS at once, in order of importance: seed 0 first),
 # spread round-robin over the machine's GPUs; rows go to $RES/*.jsonl as they finish.
@@ -20,14 +19,27 @@
 #   ONLY=gemma GEMMA=... bash bench/gpu_quality.sh                         # Gemma's rows alone
 #   VARIANTS="lr=0.005 lambda1=0.02" GEMMA=... bash bench/gpu_quality.sh    # seed 0, ProxSparse only, one
 #                                     process per variant and model (baselines: the full sweep's rows)
+# More knobs: SWEEP=1 runs the sweep after the VARIANTS too; BASELINES=0 leaves out the one-shot baselines
+# on N samples (they are deterministic: an earlier sweep's rows serve); TUNING=K adds SparseGPT on K
+# samples (the sample count of a recovery item with samples=K, so that both read the same tokens);
+# LONGREC adds, on seed 0 of the bundled model, a process that learns the mask and recovers it with LONGREC
+# and one that recovers SparseGPT's with LONGREC (e.g. LONGREC=both:1000:samples=1000; the best models, for
+# the answers); GEMMA_RECOVER replaces RECOVER for Gemma.
 set -u
 RES=${RES:-/tmp/q}
 GEMMA=${GEMMA:-}
 mkdir -p "$RES"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
-DEV=cuda; STEPS=300; REC=300; LONG=1000; WIN=40; N=${N:-150}; LR=${LR:-0.005}; ANS=48; MAXJOBS=${MAXJOBS:-4}
-if [ -n "${SMOKE:-}" ]; then DEV=cpu; STEPS=3; REC=2; LONG=3; WIN=2; N=12; ANS=4; MAXJOBS=1; fi
+DEV=cuda; STEPS=300; REC=300; WIN=40; N=${N:-150}; LR=${LR:-0.005}; ANS=48; MAXJOBS=${MAXJOBS:-4}
+TUNING=${TUNING:-}; LONGREC=${LONGREC:-}
 RECOVER=${RECOVER:-both:$REC}
+if [ -n "${SMOKE:-}" ]; then   # a few steps of everything on the CPU; recovery items keep their settings
+  DEV=cpu; STEPS=3; WIN=2; N=12; ANS=4; MAXJOBS=1
+  RECOVER=$(echo "$RECOVER" | sed -E 's/(both|finetune):[0-9]+/\1:2/g; s/samples=[0-9]+/samples=16/g')
+  LONGREC=$(echo "$LONGREC" | sed -E 's/(both|finetune):[0-9]+/\1:2/g; s/samples=[0-9]+/samples=16/g')
+  GEMMA_RECOVER=$(echo "${GEMMA_RECOVER:-$RECOVER}" | sed -E 's/(both|finetune):[0-9]+/\1:2/g; s/samples=[0-9]+/samples=16/g')
+  [ -n "$TUNING" ] && TUNING=16
+fi
 H="--heldout bench/texts/legal.txt bench/texts/mldocs.txt bench/texts/manual.txt --heldout-windows $WIN"
 Q="python3 bench/quality.py --device $DEV --answers $ANS"
 BASE="steps=$STEPS ctx=128 lambda1=0.01 lr=$LR lambda_scale=layer lr_schedule=cosine warmup=0.1 dtype=float32 data=mix loss=distill"
@@ -48,35 +60,36 @@ models="$SMOL $GEMMA"
 [ -n "$SMOL" ] && python3 -c "from proxsparse_core.models import bundled_folder; print(bundled_folder())"
 # 1. the model's own calibration text for every (model, seed, size), made once so that every process
 #    of a seed calibrates on the same tokens (selfgen caches it)
-SEEDS="0 1"; [ -n "${VARIANTS:-}" ] && SEEDS=0
-for m in $models; do for s in $SEEDS; do n=$N
+GEMMA_RECOVER=${GEMMA_RECOVER:-$RECOVER}
+SEEDS="0 1"; [ -n "${VARIANTS:-}" ] && [ -z "${SWEEP:-}" ] && SEEDS=0
+SIZES="$N $TUNING $(echo "$RECOVER,$GEMMA_RECOVER,$LONGREC" | grep -oE 'samples=[0-9]+' | cut -d= -f2 | sort -u)"
+for m in $models; do for s in $SEEDS; do for n in $(echo $SIZES | tr ' ' '\n' | sort -un); do
   CUDA_VISIBLE_DEVICES=$((K % NGPU)) python3 -c "
 from proxsparse_core.config import RunConfig; from proxsparse_core.workspace import Workspace
 Workspace().load(RunConfig(model='$m', device='$DEV', dtype='float32', data='mix', samples=$n, ctx=128, seed=$s))" \
     > "$RES/pregen_$(basename $m)_s${s}_$n.log" 2>&1 &
   K=$((K + 1))
-done; done
+done; done; done
 wait
 echo "pregen done $(date +%T)"
-# 2. the sweep (or the variants)
-if [ -n "${VARIANTS:-}" ]; then
-  MAXJOBS=${MAXJOBS_VARIANTS:-6}
-  for v in $VARIANTS; do for m in $models; do
-    job "variant_$(basename $m)_${v//=/}" --set "$BASE model=$m seed=0 samples=$N $v" --baselines "" $H
-  done; done
-  SEEDS=""
-fi
+# 2. the sweep, then the variants (seed 0, ProxSparse mask only)
+[ -n "${VARIANTS:-}" ] && [ -z "${SWEEP:-}" ] && SEEDS=""
 for s in $SEEDS; do
-  if [ -n "$SMOL" ]; then
-    M="model=$SMOL seed=$s samples=$N"
-    job smol_prox_s$s --set "$BASE $M" --baselines "" $H --recover "$RECOVER$( [ $s = 0 ] && echo ,both:$LONG )"
-    job smol_base_s$s --set "$BASE $M" --baselines wanda,sparsegpt --no-proxsparse $H
-  fi
-  if [ -n "$GEMMA" ]; then
-    M="model=$GEMMA seed=$s samples=$N"
-    job gemma_prox_s$s --set "$BASE $M" --baselines "" $H --recover "$RECOVER"
-    job gemma_base_s$s --set "$BASE $M" --baselines magnitude,wanda,sparsegpt --no-proxsparse $H
-  fi
+  for m in $models; do
+    tag=$( [ "$m" = "$SMOL" ] && echo smol || echo gemma )
+    M="model=$m seed=$s samples=$N"
+    job ${tag}_prox_s$s --set "$BASE $M" --baselines "" $H --recover "$( [ $tag = smol ] && echo $RECOVER || echo $GEMMA_RECOVER )"
+    [ "${BASELINES:-1}" = 0 ] || job ${tag}_base_s$s --set "$BASE $M" --baselines magnitude,wanda,sparsegpt --no-proxsparse $H
+    [ -n "$TUNING" ] && job ${tag}_sgpt${TUNING}_s$s --set "$BASE model=$m seed=$s samples=$TUNING" \
+        --baselines sparsegpt --no-proxsparse $H
+    if [ -n "$LONGREC" ] && [ "$m" = "$SMOL" ] && [ $s = 0 ]; then
+      job smol_long_s0 --set "$BASE $M" --baselines "" $H --recover "$LONGREC"
+      job smol_sgptlong_s0 --set "$BASE $M" --baselines sparsegpt --no-proxsparse $H --recover "$LONGREC"
+    fi
+  done
 done
+for v in ${VARIANTS:-}; do for m in $models; do
+  job "variant_$(basename $m)_${v//=/}" --set "$BASE model=$m seed=0 samples=$N $v" --baselines "" $H
+done; done
 wait
 echo "sweep done $(date +%T)"

@@ -113,11 +113,19 @@ ANSWERS = 0                          # new tokens per example answer (--answers;
 
 
 def parse_recover(spec: str, steps: int, lr: float, seed: int) -> list[RecoveryConfig]:
-    """'both:300,finetune' → one RecoveryConfig per item (steps default to --recover-steps)."""
+    """'both:300,finetune,both:300:lr=0.002:samples=300' → one RecoveryConfig per item (steps
+    default to --recover-steps, lr to --recover-lr; any other RecoveryConfig field as name=value)."""
     out = []
     for item in filter(None, spec.split(",")):
-        method, _, n = item.partition(":")
-        out.append(RecoveryConfig(method=method, steps=int(n) if n else steps, lr=lr, seed=seed).validate())
+        method, *rest = item.split(":")
+        d = {"method": method, "steps": steps, "lr": lr, "seed": seed}
+        for part in rest:
+            key, eq, value = part.partition("=")
+            if not eq:
+                d["steps"] = int(part)
+            else:
+                d[key] = float(value) if key == "lr" else int(value)
+        out.append(RecoveryConfig.from_dict(d))
     return out
 
 
@@ -132,6 +140,9 @@ def _recovered(ws: Workspace, name: str, label: str, job: dict) -> list[dict]:
         if res.pruning is None:
             continue
         steps = f", {rc.steps} steps" if rc.method != "obs" else ""
+        default = RecoveryConfig(method=rc.method, steps=rc.steps, seed=rc.seed)
+        steps += "".join(f", {k} {getattr(rc, k)}" for k in ("lr", "samples", "batch")
+                         if getattr(rc, k) != getattr(default, k))
         row = _row(ws, recovered_name(name), f"{label} + recovery ({rc.method}{steps})", time.perf_counter() - t0)
         row["recovery_loss"] = res.events[-1].lm_loss if res.events else None
         rows.append(row)
@@ -267,7 +278,8 @@ def main():
     p.add_argument("--heldout", nargs="*", default=[], help="more held-out text files (bench/texts.py)")
     p.add_argument("--heldout-windows", type=int, default=40, help="windows per extra held-out text")
     p.add_argument("--recover", default="", help="also recover each result: obs, finetune or both, several "
-                                                 "comma-separated, each optionally :STEPS (e.g. both:300,finetune:300)")
+                                                 "comma-separated, each optionally :STEPS and :NAME=VALUE of any "
+                                                 "other recovery setting (e.g. both:300,both:300:samples=300:lr=0.002)")
     p.add_argument("--recover-steps", type=int, default=300, help="fine-tuning steps of a --recover item without :STEPS")
     p.add_argument("--answers", type=int, default=0, help="also record each row's greedy answers to the example "
                                                           "prompts, with this many new tokens")

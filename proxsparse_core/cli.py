@@ -315,7 +315,8 @@ def cmd_recover(args) -> int:
     from .recovered_runs import WEIGHTS_FILE, read_run
     from .recovery import RecoveryConfig
 
-    rcfg = RecoveryConfig(args.method, args.steps, args.lr, args.batch, args.seed).validate()
+    rcfg = RecoveryConfig(method=args.method, steps=args.steps, lr=args.lr, batch=args.batch, seed=args.seed,
+                          samples=args.samples).validate()
     overrides = {k: getattr(args, k) for k in ("device", "dtype") if hasattr(args, k)}
     folder = read_run(args.run, overrides)
     if folder.recovered:
@@ -349,8 +350,9 @@ def _recover_into(args, folder, rcfg, out: Path) -> int:
         if base == "sparsegpt" and rcfg.method == "obs":
             print("note: SparseGPT's weights already are the OBS update with its mask, so --method obs "
                   "gives them back unchanged; finetune or both change them")
+        samples = rcfg.samples or "the run's own"
         print(f"recovering {base} with {rcfg.method}: steps={rcfg.steps} lr={rcfg.lr} (relative to each "
-              f"layer's rms(W0)) batch={rcfg.batch} seed={rcfg.seed}", flush=True)
+              f"layer's rms(W0)) batch={rcfg.batch} seed={rcfg.seed} samples={samples}", flush=True)
         result = ws.recover(base, rcfg, on_event, stop, on_block)
     print(result.message)
     if result.pruning is None:
@@ -471,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
                                      "and metrics.json; `export --run` on that folder exports the recovered model.")
     rec.add_argument("--run", required=True, metavar="RUN_FOLDER", help="a run folder written by learn or prune")
     rec.add_argument("--method", required=True, choices=RECOVERY_METHODS, help=RecoveryConfig.HELP["method"])
-    for flag, kind in (("steps", int), ("lr", float), ("batch", int), ("seed", int)):
+    for flag, kind in (("steps", int), ("lr", float), ("batch", int), ("seed", int), ("samples", int)):
         rec.add_argument(f"--{flag}", type=kind, default=getattr(RecoveryConfig, flag), metavar=flag.upper(),
                          help=f"{RecoveryConfig.HELP[flag]} (default: {getattr(RecoveryConfig, flag)})")
     _add_config_flags(rec, {"device", "dtype"})

@@ -218,10 +218,25 @@ def prepare_data(tokenizer, source: str, n_samples: int, ctx: int, seed: int,
     split = load_text("builtin" if mode in GENERATED_SOURCES else mode, field)
     held_ids = tokenize(tokenizer, split.held_out)
     held = heldout_windows(held_ids, eval_ctx or ctx, eval_windows, prefix)
+    samples, name, tokens = _calibration(tokenizer, mode, split, n_samples, ctx, seed, prefix, model)
+    return Data(samples, held, name, tokens, held_ids.numel())
+
+
+def calibration_only(tokenizer, source: str, n_samples: int, ctx: int, seed: int, field: str = "text",
+                     model=None) -> torch.Tensor:
+    """n_samples calibration samples of `source`, drawn exactly as prepare_data draws them (same
+    split, so never from the held-out part). Recovery reads more samples than learning does."""
+    mode = (source or "builtin").strip()
+    split = load_text("builtin" if mode in GENERATED_SOURCES else mode, field)
+    return _calibration(tokenizer, mode, split, n_samples, ctx, seed, special_prefix(tokenizer), model)[0]
+
+
+def _calibration(tokenizer, mode: str, split: TextSplit, n_samples: int, ctx: int, seed: int,
+                 prefix: list[int], model) -> tuple[torch.Tensor, str, int]:
+    """(samples [n_samples, ctx], a name for their source, tokens in the text they come from)."""
     cal_ids = tokenize(tokenizer, split.calibration)
     if mode not in GENERATED_SOURCES:
-        return Data(calibration_samples(cal_ids, n_samples, ctx, seed, prefix), held,
-                    split.source, cal_ids.numel(), held_ids.numel())
+        return calibration_samples(cal_ids, n_samples, ctx, seed, prefix), split.source, cal_ids.numel()
     if model is None:
         raise UserError(f"data {mode!r} needs the model to write its own calibration text")
     from .selfgen import generated_ids
@@ -233,4 +248,4 @@ def prepare_data(tokenizer, source: str, n_samples: int, ctx: int, seed: int,
         parts.insert(0, calibration_samples(cal_ids, n_samples - n_gen, ctx, seed, prefix))
     name = ("text the model wrote itself" if mode == "generated"
             else f"{split.source} + text the model wrote itself")
-    return Data(torch.cat(parts), held, name, cal_ids.numel() + gen_ids.numel(), held_ids.numel())
+    return torch.cat(parts), name, cal_ids.numel() + gen_ids.numel()

@@ -116,32 +116,39 @@ def _sync(device):
 
 
 @torch.no_grad()
-def frozen_weight_term_(weights: dict, w0: dict, lam2: float, eps: float) -> float:
+def frozen_weight_term_(weights: dict, w0: dict, lam2: float, eps: float, scale: dict | None = None) -> float:
     """λ2 · Σ (W·(W−W0)/(|W0|+ε))², with its gradient added to W.grad analytically (no autograd
     graph, and W0 may live on another device: it is moved one matrix at a time, in its own dtype).
-    On CUDA one fused Triton pass per matrix does it; the sum is read back once, not per matrix."""
-    total = None
+    On CUDA one fused Triton pass per matrix does it; the sum is read back once, not per matrix.
+
+    With `scale` (layer name → s = rms(W0), lambda_scale=layer) the term is the same one measured
+    in units of each layer's scale: W, W0 and ε are read as W/s, W0/s and ε, i.e. layer n uses
+    ε·s and λ2/s², so λ2 and ε mean the same on layers (and models) of any weight scale."""
+    totals, weight = {}, []
     tri = triton_kernels()
     for n, w in weights.items():
+        s = scale[n] if scale is not None else 1.0
+        lam_n, eps_n = lam2 / (s * s), eps * s
         ref = w0[n].to(w.device, non_blocking=True)
         if tri is not None and tri.frozen_supports(w, ref, w.grad):
-            if total is None or total.device != w.device:
-                total = (total.to(w.device) if total is not None
-                         else torch.zeros(1, dtype=torch.float32, device=w.device))
-            tri.frozen_grad_(w.detach(), ref, w.grad, lam2, eps, total)
+            acc = totals.setdefault(str(w.device), torch.zeros(len(weights), dtype=torch.float32, device=w.device))
+            tri.frozen_grad_(w.detach(), ref, w.grad, lam_n, eps_n, acc[len(weight):len(weight) + 1])
+            weight.append(lam_n)
             continue
         ref = ref.float()
         wf = w.detach().float()
-        d = ref.abs().add_(eps)
+        d = ref.abs().add_(eps_n)
         u = wf * (wf - ref) / d
-        s = (u * u).sum()
-        total = s if total is None else total + s.to(total.device)
-        g = (2 * lam2) * u * (2 * wf - ref) / d
+        acc = totals.setdefault(str(w.device), torch.zeros(len(weights), dtype=torch.float32, device=w.device))
+        acc[len(weight)] = (u * u).sum()
+        weight.append(lam_n)
+        g = (2 * lam_n) * u * (2 * wf - ref) / d
         if w.grad is None:
             w.grad = g.to(w.dtype)
         else:
             w.grad.add_(g.to(w.grad.dtype))
-    return lam2 * float(total.sum()) if total is not None else 0.0
+    lam = torch.tensor(weight, dtype=torch.float32)
+    return float(sum((acc.cpu() * lam).sum() for acc in totals.values())) if totals else 0.0
 
 
 def held_gap(cost: float, step_times: list[float]) -> float:
@@ -393,7 +400,8 @@ class ProxSparseLearner:
                 lm_loss.backward()
                 _sync(devices)
                 t1 = time.perf_counter()
-                l2 = frozen_weight_term_(weights, w0, cfg.lambda2, cfg.eps) if w0 is not None else 0.0
+                l2 = (frozen_weight_term_(weights, w0, cfg.lambda2, cfg.eps, scale if cfg.lambda_scale == "layer" else None)
+                      if w0 is not None else 0.0)
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)

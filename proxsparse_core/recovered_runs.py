@@ -157,7 +157,7 @@ def recover_command(run, rcfg, out) -> str:
     """The `recover` command that remakes a recover folder from its base run folder."""
     return shlex.join(["python", "-m", "proxsparse_core", "recover", "--run", str(run), "--method", rcfg.method,
                        "--steps", str(rcfg.steps), "--lr", str(rcfg.lr), "--batch", str(rcfg.batch),
-                       "--seed", str(rcfg.seed), "--out", str(out)])
+                       "--seed", str(rcfg.seed), "--samples", str(rcfg.samples), "--out", str(out)])
 
 
 def recovery_summary(info: dict) -> str:

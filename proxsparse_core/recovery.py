@@ -42,12 +42,16 @@ class RecoveryConfig:
     lr: float = 1e-3              # fine-tuning lr, relative to each layer's rms(W0) (scale-free)
     batch: int = 1                # calibration samples per fine-tuning step
     seed: int = 0
+    samples: int = 0              # calibration samples fine-tuning reads (0 = the run's own)
 
     HELP = {"method": "obs (weight update with the mask fixed), finetune (masked distillation from the "
                       "dense model) or both",
             "steps": "fine-tuning steps", "lr": "fine-tuning learning rate, relative to each layer's "
                                                 "weight scale rms(W0) (cosine decay)",
-            "batch": "calibration samples per fine-tuning step", "seed": "seed for the sample order"}
+            "batch": "calibration samples per fine-tuning step", "seed": "seed for the sample order",
+            "samples": "calibration samples the fine-tuning reads, drawn from the run's calibration source "
+                       "and seed like the run's own (0 = exactly the run's samples); the OBS update always "
+                       "reads the run's samples"}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -55,7 +59,8 @@ class RecoveryConfig:
     def validate(self) -> "RecoveryConfig":
         if not isinstance(self.method, str) or self.method not in RECOVERY_METHODS:
             raise UserError(f"recovery method must be one of {', '.join(RECOVERY_METHODS)}; got {self.method!r}")
-        for name, lo, hi in (("steps", 1, 100_000), ("batch", 1, 4096), ("seed", 0, 2**32 - 1)):
+        for name, lo, hi in (("steps", 1, 100_000), ("batch", 1, 4096), ("seed", 0, 2**32 - 1),
+                             ("samples", 0, 100_000)):
             v = getattr(self, name)
             if isinstance(v, float) and v.is_integer():
                 v = int(v)
@@ -201,8 +206,10 @@ class MaskedFinetuner:
 
 def recover(lm, calibration: torch.Tensor, base: Pruning, base_name: str, originals: dict,
             cfg: RecoveryConfig, on_event=None, stop: threading.Event | None = None,
-            progress=None) -> RecoveryResult:
-    """Recover the survivors of the result `base` (named `base_name`) with `cfg.method`."""
+            progress=None, tuning: torch.Tensor | None = None) -> RecoveryResult:
+    """Recover the survivors of the result `base` (named `base_name`) with `cfg.method`. The OBS
+    update reads `calibration` (the run's samples); fine-tuning reads `tuning` when given (more
+    samples of the same source, see RecoveryConfig.samples), else `calibration` too."""
     cfg.validate()
     stop = stop or threading.Event()
     t0 = time.perf_counter()
@@ -217,7 +224,8 @@ def recover(lm, calibration: torch.Tensor, base: Pruning, base_name: str, origin
         info["obs"] = True
         message = "survivors re-solved layer by layer with the mask fixed (OBS update)"
     if cfg.method in ("finetune", "both"):
-        tuner = MaskedFinetuner(lm, cfg, calibration, base.masks, originals, on_event, stop)
+        samples = calibration if tuning is None else tuning
+        tuner = MaskedFinetuner(lm, cfg, samples, base.masks, originals, on_event, stop)
         try:
             start, events, status, ft_message = tuner.run(start)
         except Stopped as exc:
@@ -225,6 +233,7 @@ def recover(lm, calibration: torch.Tensor, base: Pruning, base_name: str, origin
                 return RecoveryResult("stopped", str(exc), None, [])
             status, ft_message = "stopped", "stopped before fine-tuning; kept the OBS update"
         info["finetune_steps"] = len(events)
+        info["finetune_samples"] = int(min(samples.shape[0], cfg.steps * cfg.batch))
         message = f"{message}; {ft_message}" if message else ft_message
     info.update(status=status, message=message, seconds=round(time.perf_counter() - t0, 2))
     pruning = Pruning(f"{base.method}{SUFFIX}", base.masks, _masked(start, base.masks), info)

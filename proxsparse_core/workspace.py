@@ -32,6 +32,7 @@ class Workspace:
         self.top1: dict = {}                     # name → held-out top-1 predictions (for agreement)
         self._model_key = None
         self._data_key = None
+        self._tuning = None                      # (count, samples) drawn for recovery's fine-tuning
         self.lock = threading.RLock()            # one heavy job at a time on this model
 
     # ------------------------------------------------------------------ loading
@@ -57,7 +58,7 @@ class Workspace:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
         if data is not self.data:
-            self.data, self.ppl, self.top1, self._data_key = data, {}, {}, dkey
+            self.data, self.ppl, self.top1, self._data_key, self._tuning = data, {}, {}, dkey, None
         return self.lm
 
     def _need(self):
@@ -101,11 +102,23 @@ class Workspace:
         if name not in self.results:
             raise UserError(f"no pruning result named {name!r} to recover")
         with self.lock:
+            tuning = self.tuning_samples(rcfg.samples) if rcfg.method != "obs" else None
             res = recover(self.lm, self.data.calibration, self.results[name], name, self.originals, rcfg,
-                          on_event, stop, progress)
+                          on_event, stop, progress, tuning)
         if res.pruning is not None:
             self.add_result(recovered_name(name), res.pruning)
         return res
+
+    def tuning_samples(self, n: int):
+        """n calibration samples for recovery's fine-tuning, drawn from this run's calibration source
+        and seed exactly as the run's own (0 or the run's count: the run's own samples)."""
+        from .data import calibration_only
+        if n in (0, self.data.calibration.shape[0]):
+            return self.data.calibration
+        if self._tuning is None or self._tuning[0] != n:
+            source, field, _, ctx, seed = self._data_key[:5]
+            self._tuning = (n, calibration_only(self.lm.tokenizer, source, n, ctx, seed, field, self.lm.model))
+        return self._tuning[1]
 
     def add_result(self, name: str, pruning: Pruning):
         self.results[name] = pruning

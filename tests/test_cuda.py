@@ -79,6 +79,26 @@ def test_fused_frozen_gradient_equals_formula():
     torch.testing.assert_close(total, (u * u).sum().reshape(1), rtol=1e-4, atol=1e-10)
 
 
+def test_scale_free_frozen_term_on_cuda_equals_the_cpu_one():
+    """The fused pass with per-layer λ2/s², ε·s and one running sum per layer gives the CPU's term
+    and gradients."""
+    from proxsparse_core.learner import frozen_weight_term_
+    torch.manual_seed(0)
+    w0 = {"a": torch.randn(64, 128) * 0.02, "b": torch.randn(32, 64) * 3.0}
+    w = {n: t + 0.1 * t.std() * torch.randn_like(t) for n, t in w0.items()}
+    scale = {n: float(t.pow(2).mean().sqrt()) for n, t in w0.items()}
+    out = {}
+    for dev in ("cpu", "cuda"):
+        ws = {n: t.to(dev).requires_grad_() for n, t in w.items()}
+        for t in ws.values():
+            t.grad = torch.zeros_like(t)
+        val = frozen_weight_term_(ws, {n: t.to(dev) for n, t in w0.items()}, 0.25, 0.5, scale)
+        out[dev] = (val, {n: t.grad.cpu() for n, t in ws.items()})
+    assert out["cuda"][0] == pytest.approx(out["cpu"][0], rel=1e-4)
+    for n in w:
+        torch.testing.assert_close(out["cuda"][1][n], out["cpu"][1][n], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("lam2,offload", [(0.0, False), (0.25, False), (0.25, True)])
 def test_learner_on_cuda_bf16(lam2, offload):
     from conftest import make_tiny_llama

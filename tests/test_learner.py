@@ -195,3 +195,24 @@ def test_held_out_measurements_are_spaced_to_cost_a_small_share_of_the_run(monke
     assert learner.held_gap(0.5, [1.0] * 5) == 10          # half a step's cost, 5% of the time → every 10 steps
     assert learner.held_gap(0.01, [1.0, 1.0]) == 1
     assert learner.held_gap(1.0, [9.0] + [0.1] * 10) == 200  # the recent steps count, not the first one
+
+
+def test_scale_free_lambda2_term_is_the_term_in_units_of_each_layers_scale():
+    """With lambda_scale=layer, layer n uses ε·s and λ2/s²: the term of W is the plain term of W/s,
+    so scaling a layer's weights (and W0) by any factor leaves the term and Adam's step unchanged."""
+    torch.manual_seed(0)
+    a0, b0 = torch.randn(8, 12), torch.randn(4, 8)
+    a, b = a0 + 0.1 * torch.randn(8, 12), b0 + 0.1 * torch.randn(4, 8)
+    lam2, eps = 0.3, 0.5
+    plain = frozen_weight_term_({"a": a.clone().requires_grad_(), "b": b.clone().requires_grad_()},
+                                {"a": a0, "b": b0}, lam2, eps)
+    sa, sb = 0.02, 7.0
+    wa, wb = (sa * a).requires_grad_(), (sb * b).requires_grad_()
+    val = frozen_weight_term_({"a": wa, "b": wb}, {"a": sa * a0, "b": sb * b0}, lam2, eps, {"a": sa, "b": sb})
+    assert val == pytest.approx(plain, rel=1e-5)
+    auto = lam2 * ((wa * (wa - sa * a0) / (sa * a0.abs() + eps * sa) / sa) ** 2).sum()
+    ga = torch.autograd.grad(auto, wa)[0]
+    assert torch.allclose(wa.grad, ga, rtol=1e-4, atol=1e-6)
+    plain_a = frozen_weight_term_({"a": a.clone().requires_grad_()}, {"a": a0}, lam2, eps)
+    unscaled = frozen_weight_term_({"a": (sa * a).requires_grad_()}, {"a": sa * a0}, lam2, eps)
+    assert unscaled != pytest.approx(plain_a, rel=1e-2)    # without `scale` the term depends on the scale

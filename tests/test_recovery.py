@@ -150,6 +150,32 @@ def test_bad_recovery_settings_are_one_line(settings, needle):
         RecoveryConfig(**settings).validate()
 
 
+def test_fine_tuning_reads_more_samples_of_the_runs_source(tiny_folder, monkeypatch):
+    """RecoveryConfig.samples: fine-tuning reads that many samples, drawn from the run's calibration
+    source and seed exactly as the run's own (so they start with the run's)."""
+    from proxsparse_core import recovery
+    from proxsparse_core.workspace import Workspace
+    from test_export import tiny_cfg
+
+    ws = Workspace()
+    ws.prune("magnitude", tiny_cfg(tiny_folder, samples=4))
+    run = ws.data.calibration
+    assert ws.tuning_samples(0) is run and ws.tuning_samples(4) is run
+    more = ws.tuning_samples(12)
+    assert more.shape == (12, run.shape[1]) and torch.equal(more[:4], run)
+    seen = []
+    real = recovery.MaskedFinetuner.run
+
+    def spy(self, start):
+        seen.append(self.samples)
+        return real(self, start)
+    monkeypatch.setattr(recovery.MaskedFinetuner, "run", spy)
+    res = ws.recover("magnitude", RecoveryConfig(method="both", steps=12, lr=1e-2, samples=12))
+    assert seen[0] is more and res.pruning.info["finetune_samples"] == 12
+    with pytest.raises(UserError, match="samples"):
+        RecoveryConfig(samples=-1).validate()
+
+
 # ----------------------------------------------------------------------------- the CLI
 
 @pytest.fixture(scope="module")
