@@ -283,7 +283,7 @@ def main():
     p.add_argument("--recover-steps", type=int, default=300, help="fine-tuning steps of a --recover item without :STEPS")
     p.add_argument("--answers", type=int, default=0, help="also record each row's greedy answers to the example "
                                                           "prompts, with this many new tokens")
-    p.add_argument("--recover-lr", type=float, default=1e-3)
+    p.add_argument("--recover-lr", type=float, default=RecoveryConfig.lr)
     args = p.parse_args()
 
     base = RunConfig(device=args.device, eval_windows=0)

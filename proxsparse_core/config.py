@@ -50,7 +50,8 @@ class RunConfig:
     steps: int = _f(30, "optimizer steps (each followed by the prox)")
     batch: int = _f(1, "calibration samples per step")
     lambda_scale: str = _f("none", "none (published: one λ1 and lr for every layer) or layer (scale-free: "
-                                   "λ1/rms(W0) and lr·rms(W0) per layer, for models whose layers differ in scale)",
+                                   "λ1/rms(W0) and lr·rms(W0) per layer, and the λ2 term measured in units of "
+                                   "rms(W0): ε·rms(W0), λ2/rms(W0)²; for models whose layers differ in scale)",
                            choices=("none", "layer"))
     warmup: float = _f(0.1, "share of steps with linear learning-rate warm-up")
     lr_schedule: str = _f("constant", "learning rate after the warm-up: constant (published) or cosine "
@@ -217,6 +218,9 @@ _PAPER = dict(samples=400, ctx=4096, steps=400, batch=1, warmup=0.1, grad_ckpt=T
 # and the mask read from them suits W0 less. On Gemma-3-270M 0.005 was better on every text; on
 # SmolLM2 it is what also beats every baseline mask on ML docs (elsewhere close to 0.01, behind it
 # on the manual); 0.003 was too little for SmolLM2. 150 samples seen twice beat 300 seen once.
+# The model-agnostic `scale-free` preset adds λ2 = 1e-4 (ε 0.5, both relative to the layer's scale):
+# it holds back that drift; measured on Gemma-3-270M (better on every text, two seeds) and SmolLM2
+# (within run-to-run noise), it is kept out of `bundled-quality`, whose targets it did not improve.
 _SCALE_FREE = dict(samples=150, ctx=128, steps=300, batch=1, lambda1=0.01, lambda2=0.0, lr=0.005,
                    lambda_scale="layer", lr_schedule="cosine", warmup=0.1, grad_ckpt=False,
                    loss="distill", data="mix")
@@ -243,10 +247,13 @@ PRESETS: dict[str, dict] = {
                                         "on the built-in text). Recover it in the Compare tab (≈ 6 min on 2 CPU cores) "
                                         "to halve perplexity",
                                **_SCALE_FREE),
-    "scale-free": _preset(None, "any model: λ1 and lr relative to each layer's weight scale, self-distillation "
-                                "on built-in + self-written text, 300 steps (the bundled-quality recipe). On "
-                                "Gemma-3-270M it still trails Wanda on texts of other domains (bench/RESULTS.md)",
-                          **_SCALE_FREE),
+    "scale-free": _preset(None, "any model: λ1, lr, λ2 and ε relative to each layer's weight scale, "
+                                "self-distillation on built-in + self-written text, 300 steps (the bundled-quality "
+                                "recipe plus a light λ2 = 1e-4 that keeps the learned weights near W0: on "
+                                "Gemma-3-270M better on every text and seed measured, on SmolLM2 within noise). "
+                                "On Gemma-3-270M the mask still trails Wanda on texts of other domains; after "
+                                "recovery with 1,000 steps it beats SparseGPT's own update (bench/RESULTS.md)",
+                          **{**_SCALE_FREE, "lambda2": 1e-4, "eps": 0.5}),
     "llama-2-7b": _preset("meta-llama/Llama-2-7b-hf", "paper: λ1=0.25, lr=1e-4",
                           lambda1=0.25, lambda2=0.0, lr=1e-4, **_PAPER),
     "llama-2-13b": _preset("meta-llama/Llama-2-13b-hf", "paper: λ1=0.5, λ2=0.25, ε=0.5, lr=1e-4",

@@ -28,7 +28,7 @@ from .results import LEARNED, RECOVERED, Pruning
 WEIGHTS_FILE = "weights.safetensors"
 WEIGHTS_FORMAT = "proxsparse-recovered-weights-v1"
 # what a recovered result's metrics keep from recovery.recover's info (plain values only)
-RECOVERY_INFO = ("base", "base_method", "obs", "finetune_steps", "status", "message", "seconds")
+RECOVERY_INFO = ("base", "base_method", "obs", "finetune_steps", "finetune_samples", "status", "message", "seconds")
 
 
 @dataclass
@@ -166,9 +166,13 @@ def recovery_summary(info: dict) -> str:
     if info.get("obs"):
         steps.append("the optimal-brain-surgeon update layer by layer (SparseGPT's update with the "
                      "mask held fixed)")
-    if info.get("finetune_steps"):
-        steps.append(f"{info['finetune_steps']} steps of masked fine-tuning by distillation from the "
-                     f"dense model")
+    def count(key):   # info may come from a run folder's metrics.json: only whole numbers are shown
+        v = info.get(key)
+        return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+    if count("finetune_steps"):
+        on = f" on {count('finetune_samples')} calibration samples" if count("finetune_samples") else ""
+        steps.append(f"{count('finetune_steps')} steps of masked fine-tuning by distillation from the "
+                     f"dense model{on}")
     how = " then ".join(steps) or "recovery"
     return (f"After pruning with {info.get('base_method', '?')}, the surviving weights were updated by "
             f"{how}, with the mask held fixed.")

@@ -6,7 +6,8 @@ no data to download, and teaches the pruned model to keep doing what the dense o
 prompts below are a fixed, varied list of instructions (none of them is one of the app's
 example prompts); answers are sampled with a seeded generator, so the same model and seed always
 give the same text. Generation runs in batches with the KV cache; the stream is cached on disk
-(cache folder, selfgen/) per model, seed and size, so only the first run of a model pays for it.
+(cache folder, selfgen/) per model and seed, so only the first run of a model pays for it, and a
+later request for more text (recovery reads more samples than learning) only adds the rounds it lacks.
 """
 from __future__ import annotations
 
@@ -56,65 +57,85 @@ def _prompt_ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text + "\n", add_special_tokens=True)["input_ids"])
 
 
-def _cache_file(model, tokens: int, seed: int, max_new: int, batch: int) -> Path:
+def _cache_file(model, seed: int, max_new: int, batch: int) -> Path:
     """Where the stream for this model (identified by its config and a checksum of its first and
-    last weight matrices), seed and size is kept, so a second run does not generate again."""
+    last weight matrices) and seed is kept: one growing stream, so a longer request (recovery reads
+    more samples than learning) only generates the rounds it lacks."""
     from .models import cache_dir
     from .prunable import find_prunable
 
     prunable = find_prunable(model)
     probe = [prunable.modules[n].weight for n in (prunable.names[0], prunable.names[-1])]
     ident = [model.config.to_json_string(use_diff=False), *(f"{float(w.detach().double().sum()):.10e}" for w in probe),
-             tokens, seed, max_new, batch, "\n".join(PROMPTS)]
+             seed, max_new, batch, "\n".join(PROMPTS), "rounds-v2"]
     key = hashlib.sha256(repr(ident).encode()).hexdigest()[:24]
     return cache_dir() / "selfgen" / f"{key}.pt"
+
+
+def _read(path: Path) -> tuple[torch.Tensor, list[int]]:
+    """(stream, cumulative length after each generation round) of a cache file; empty if none."""
+    try:
+        d = torch.load(path, weights_only=True)
+        ids, ends = d["ids"], [int(e) for e in d["ends"].tolist()]
+        if ids.dtype == torch.long and ids.dim() == 1 and ends == sorted(ends) and (not ends or ends[-1] == ids.numel()):
+            return ids, ends
+    except Exception:  # noqa: BLE001 - no file, or a damaged one: simply made again
+        pass
+    return torch.empty(0, dtype=torch.long), []
 
 
 def generated_ids(model, tokenizer, tokens: int, seed: int = 0, max_new: int = MAX_NEW,
                   batch: int = BATCH) -> torch.Tensor:
     """About `tokens` token ids of prompts and the model's sampled answers, one stream
-    (sequences separated by the end-of-text token), deterministic for a model and seed.
-    Made once per model, seed and size, then read from the cache folder."""
+    (sequences separated by the end-of-text token), deterministic for a model and seed: the
+    rounds of generation until the stream holds `tokens`, so a shorter request gives a prefix of
+    a longer one. Made once per model and seed (and extended when more is asked), then read from
+    the cache folder."""
     tokens = min(tokens, MAX_TOKENS)
-    path = _cache_file(model, tokens, seed, max_new, batch)
-    if path.exists():
-        try:
-            return torch.load(path, weights_only=True)
-        except Exception:  # noqa: BLE001 - a damaged cache file is simply made again
-            pass
-    ids = _generate(model, tokenizer, tokens, seed, max_new, batch)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp")
-    torch.save(ids, tmp)
-    os.replace(tmp, path)
-    return ids
+    cap = 4 * (tokens // (batch * max_new) + 1)     # rounds: a model that ends every answer at once
+    path = _cache_file(model, seed, max_new, batch)
+    ids, ends = _read(path)
+    if not any(e >= tokens for e in ends[:cap]) and len(ends) < cap:
+        ids, ends = _generate(model, tokenizer, tokens, seed, max_new, batch, ids, ends, cap)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        torch.save({"ids": ids, "ends": torch.tensor(ends, dtype=torch.long)}, tmp)
+        os.replace(tmp, path)
+    last = next((k for k, e in enumerate(ends[:cap]) if e >= tokens), min(cap, len(ends)) - 1)
+    out = ids[:ends[last]] if last >= 0 else ids[:0]
+    if out.numel() < 2 * max_new:
+        from .errors import UserError
+        raise UserError("the model ended almost every answer at once: it cannot write its own "
+                        "calibration text; use the built-in text or a file")
+    return out
 
 
 @torch.no_grad()
-def _generate(model, tokenizer, tokens: int, seed: int, max_new: int, batch: int) -> torch.Tensor:
+def _generate(model, tokenizer, tokens: int, seed: int, max_new: int, batch: int,
+              ids: torch.Tensor, ends: list[int], cap: int) -> tuple[torch.Tensor, list[int]]:
+    """Continue the stream `ids` (rounds `ends` so far) round by round until it holds `tokens` or
+    `cap` rounds ran. Round k answers prompts k·batch … (k+1)·batch − 1 of the seeded order with
+    its own seed, so continuing a stream gives exactly what one run would have."""
     device = model.get_input_embeddings().weight.device
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    g = torch.Generator().manual_seed(seed)
-    order = torch.randperm(len(PROMPTS), generator=g).tolist()
-    stream: list[int] = []
+    order = torch.randperm(len(PROMPTS), generator=torch.Generator().manual_seed(seed)).tolist()
+    stream: list[int] = ids.tolist()
+    ends = list(ends)
     was_training = model.training
     model.eval()
     use_cache = getattr(model.config, "use_cache", None)
     model.config.use_cache = True
     try:
-        i = 0
-        rounds = 0
-        while len(stream) < tokens and rounds < 4 * (tokens // (batch * max_new) + 1):
-            rounds += 1
+        while len(stream) < tokens and len(ends) < cap:
+            i = len(ends) * batch
             texts = [PROMPTS[order[(i + j) % len(order)]] for j in range(batch)]
-            i += batch
             prompts = [_prompt_ids(tokenizer, t) for t in texts]
             width = max(len(p) for p in prompts)
-            ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+            x = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
             attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-            torch.manual_seed(seed * 1_000_003 + i)
-            out = model.generate(ids, attention_mask=attn, do_sample=True, temperature=0.8, top_p=0.95,
+            torch.manual_seed(seed * 1_000_003 + i + batch)
+            out = model.generate(x, attention_mask=attn, do_sample=True, temperature=0.8, top_p=0.95,
                                  top_k=0, max_new_tokens=max_new, pad_token_id=pad)
             for p, row in zip(prompts, out.tolist()):
                 answer = row[width:]
@@ -123,11 +144,8 @@ def _generate(model, tokenizer, tokens: int, seed: int, max_new: int, batch: int
                 answer = [t for t in answer if t != pad]
                 if len(answer) >= 8:          # a sequence the model ended at once teaches nothing
                     stream += p + answer + ([eos] if eos is not None else [])
+            ends.append(len(stream))
     finally:
         model.config.use_cache = use_cache
         model.train(was_training)
-    if len(stream) < 2 * max_new:
-        from .errors import UserError
-        raise UserError("the model ended almost every answer at once: it cannot write its own "
-                        "calibration text; use the built-in text or a file")
-    return torch.tensor(stream, dtype=torch.long)
+    return torch.tensor(stream, dtype=torch.long), ends

@@ -341,3 +341,12 @@ def test_compare_tab_stop_keeps_the_recovered_weights_so_far(tiny_folder):
     assert title(new) not in set(table["method"])                   # no row until it is measured
     table, _ = compare_tab.compute_perplexities(jobs, [])            # the next Compute adds it
     assert title(new) in set(table["method"])
+
+
+def test_recovery_summary_names_steps_and_samples_and_shows_only_whole_numbers():
+    from proxsparse_core.recovered_runs import recovery_summary
+    good = recovery_summary({"base_method": "wanda", "obs": True, "finetune_steps": 300, "finetune_samples": 300})
+    assert "300 steps of masked fine-tuning" in good and "on 300 calibration samples" in good
+    # values read back from a run folder's metrics.json may be anything
+    bad = recovery_summary({"base_method": "wanda", "obs": True, "finetune_steps": "<b>9</b>", "finetune_samples": True})
+    assert "<b>" not in bad and "True" not in bad and "fine-tuning" not in bad
