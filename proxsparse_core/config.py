@@ -240,12 +240,12 @@ PRESETS: dict[str, dict] = {
                           lambda_scale="layer", lr_schedule="constant", warmup=0.1, grad_ckpt=False,
                           loss="lm", data="builtin"),
     "bundled-quality": _preset(BUNDLED, "bundled SmolLM2-135M, scale-free, self-distillation on built-in + "
-                                        "self-written text, 300 steps (≈ 5 min of steps on 2 CPU cores, ≈ 1 min on a GPU; "
+                                        "self-written text, 300 steps (≈ 6 min on 2 CPU cores, ≈ 1 min on a GPU; "
                                         "the first run also writes the model's own calibration text, cached after). "
                                         "Measured on 2 seeds: ahead of Wanda and SparseGPT mask-only on the built-in "
                                         "text and on licence texts, ML docs and a manual (seed 0: 73.5 vs 89.2 and 88.1 "
-                                        "on the built-in text). Recover it in the Compare tab (≈ 6 min on 2 CPU cores) "
-                                        "to halve perplexity",
+                                        "on the built-in text). Recover it in the Compare tab (≈ 7 min on 2 CPU cores) "
+                                        "to halve perplexity and beat SparseGPT's own weight update on every text",
                                **_SCALE_FREE),
     "scale-free": _preset(None, "any model: λ1, lr, λ2 and ε relative to each layer's weight scale, "
                                 "self-distillation on built-in + self-written text, 300 steps (the bundled-quality "

@@ -491,7 +491,8 @@ def build_compare_tab(jobs: JobManager, tab: gr.Tab):
             rec_method = gr.Radio([(RECOVERY_LABELS[m], m) for m in ("both", "obs", "finetune")], value="both",
                                   label="Recovery")
             rec_steps = gr.Slider(5, 1000, RecoveryConfig.steps, step=5, label="Fine-tuning steps",
-                                  info="300 with the weight update: ≈ 6 min on 2 CPU cores, ≈ 1 min on a GPU (measured)")
+                                  info="300 with the weight update: ≈ 7 min on 2 CPU cores (the first time ≈ 1 min more, "
+                                       "to write the model's own text), ≈ 1 min on a GPU (measured)")
             with gr.Row():
                 rec_go = gr.Button("Recover", variant="primary", elem_id="ps-recover")
                 rec_stop = gr.Button("Stop", variant="stop", elem_id="ps-recover-stop", min_width=80)
