@@ -124,7 +124,7 @@ def frozen_weight_term_(weights: dict, w0: dict, lam2: float, eps: float, scale:
     With `scale` (layer name → s = rms(W0), lambda_scale=layer) the term is the same one measured
     in units of each layer's scale: W, W0 and ε are read as W/s, W0/s and ε, i.e. layer n uses
     ε·s and λ2/s², so λ2 and ε mean the same on layers (and models) of any weight scale."""
-    totals, weight = {}, []
+    totals, lams = {}, []   # per device: Σu² of each layer (in order); λ2 of each layer
     tri = triton_kernels()
     for n, w in weights.items():
         s = scale[n] if scale is not None else 1.0
@@ -132,22 +132,22 @@ def frozen_weight_term_(weights: dict, w0: dict, lam2: float, eps: float, scale:
         ref = w0[n].to(w.device, non_blocking=True)
         if tri is not None and tri.frozen_supports(w, ref, w.grad):
             acc = totals.setdefault(str(w.device), torch.zeros(len(weights), dtype=torch.float32, device=w.device))
-            tri.frozen_grad_(w.detach(), ref, w.grad, lam_n, eps_n, acc[len(weight):len(weight) + 1])
-            weight.append(lam_n)
+            tri.frozen_grad_(w.detach(), ref, w.grad, lam_n, eps_n, acc[len(lams):len(lams) + 1])
+            lams.append(lam_n)
             continue
         ref = ref.float()
         wf = w.detach().float()
         d = ref.abs().add_(eps_n)
         u = wf * (wf - ref) / d
         acc = totals.setdefault(str(w.device), torch.zeros(len(weights), dtype=torch.float32, device=w.device))
-        acc[len(weight)] = (u * u).sum()
-        weight.append(lam_n)
+        acc[len(lams)] = (u * u).sum()
+        lams.append(lam_n)
         g = (2 * lam_n) * u * (2 * wf - ref) / d
         if w.grad is None:
             w.grad = g.to(w.dtype)
         else:
             w.grad.add_(g.to(w.grad.dtype))
-    lam = torch.tensor(weight, dtype=torch.float32)
+    lam = torch.tensor(lams, dtype=torch.float32)
     return float(sum((acc.cpu() * lam).sum() for acc in totals.values())) if totals else 0.0
 
 
@@ -400,8 +400,10 @@ class ProxSparseLearner:
                 lm_loss.backward()
                 _sync(devices)
                 t1 = time.perf_counter()
-                l2 = (frozen_weight_term_(weights, w0, cfg.lambda2, cfg.eps, scale if cfg.lambda_scale == "layer" else None)
-                      if w0 is not None else 0.0)
+                l2 = 0.0
+                if w0 is not None:
+                    l2 = frozen_weight_term_(weights, w0, cfg.lambda2, cfg.eps,
+                                             scale if cfg.lambda_scale == "layer" else None)
                 opt.step()
                 sched.step()
                 opt.zero_grad(set_to_none=True)
