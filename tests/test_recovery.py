@@ -300,10 +300,11 @@ def test_compare_tab_recovers_a_result_and_shows_its_row(tiny_folder):
         with pytest.raises(UserError, match=needle):
             list(compare_tab.recover_result(jobs, *args))
 
-    updates = list(compare_tab.recover_result(jobs, LEARNED, "both", 4.0))
+    updates = list(compare_tab.recover_result(jobs, LEARNED, "both", 4.0, 3.0))
     progress, fig, table, variant = updates[-1]
     new = LEARNED + "+recovery"
     assert new in jobs.ws.results and jobs.verified[new] is True
+    assert jobs.ws.results[new].info["finetune_samples"] == 3          # the samples widget reaches recovery
     assert "finished" in progress and "ETA" not in progress
     assert fig.data[0].name.startswith("KL to dense") and list(fig.data[0].x) == [1, 2, 3, 4]
     assert fig.layout.yaxis2.title.text == "KL divergence to the dense model"     # its own axis: not a next-token loss

@@ -237,9 +237,13 @@ BAD_OTHER = [   # (endpoint, inputs, message)
     ("perplexity", {0: "magnitude"}, "One-shot baselines to add must be a list of: "),
     ("inspect_model", {1: 5}, "Device must be text, got 5"),
     ("inspect_model", {0: "m" * 5000}, "Model is 5,000 characters long; the limit is 1,000"),
+    ("recover", {3: -5}, "Fine-tuning samples must be between 0 and 5000, got -5"),
+    ("recover", {3: "many"}, "Fine-tuning samples must be a whole number, got 'many'"),
+    ("recover", {2: 2.5}, "Fine-tuning steps must be a whole number, got 2.5"),
 ]
 BASE = {"generate": GEN, "prox_demo": [0.9, -0.7, 0.5, 0.3, 0.6], "export": [LEARNED, "x", False, False],
-        "perplexity": [[]], "inspect_model": ["", "cpu", "float32", False, ""]}
+        "perplexity": [[]], "inspect_model": ["", "cpu", "float32", False, ""],
+        "recover": [LEARNED, "both", 300, 300]}
 
 
 @pytest.mark.parametrize("api,change,message", BAD_OTHER, ids=[f"{a}-{c!s:.16}" for a, c, _ in BAD_OTHER])
