@@ -117,7 +117,12 @@ class Workspace:
             return self.data.calibration
         if self._tuning is None or self._tuning[0] != n:
             source, field, _, ctx, seed = self._data_key[:5]
-            self._tuning = (n, calibration_only(self.lm.tokenizer, source, n, ctx, seed, field, self.lm.model))
+            try:
+                samples = calibration_only(self.lm.tokenizer, source, n, ctx, seed, field, self.lm.model)
+            except UserError as exc:      # e.g. the uploaded calibration file is gone since the run
+                raise UserError(f"could not draw {n} fine-tuning samples ({exc}); set the fine-tuning "
+                                f"samples to 0 to fine-tune on the run's own samples") from None
+            self._tuning = (n, samples)
         return self._tuning[1]
 
     def add_result(self, name: str, pruning: Pruning):

@@ -176,6 +176,22 @@ def test_fine_tuning_reads_more_samples_of_the_runs_source(tiny_folder, monkeypa
         RecoveryConfig(samples=-1).validate()
 
 
+def test_when_more_samples_cannot_be_drawn_the_message_says_how_to_use_the_runs_own(tiny_folder, tmp_path):
+    from proxsparse_core.workspace import Workspace
+    from test_export import tiny_cfg
+
+    text = tmp_path / "cal.txt"
+    text.write_text("\n\n".join(f"paragraph {i}: " + "some words to calibrate on " * 20 for i in range(40)))
+    ws = Workspace()
+    ws.prune("magnitude", tiny_cfg(tiny_folder, samples=4, data=str(text)))
+    text.unlink()                                       # the upload is gone since the run
+    with pytest.raises(UserError, match="could not draw 12 fine-tuning samples .*does not exist.*samples to 0"):
+        ws.recover("magnitude", RecoveryConfig(method="finetune", steps=2, samples=12))
+    assert "magnitude" in ws.results                    # the result is kept
+    res = ws.recover("magnitude", RecoveryConfig(method="finetune", steps=2, samples=0))
+    assert res.status == "finished" and res.pruning.info["finetune_samples"] == 2
+
+
 # ----------------------------------------------------------------------------- the CLI
 
 @pytest.fixture(scope="module")
