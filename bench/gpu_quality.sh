@@ -33,11 +33,13 @@ export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false OMP_NUM_
 DEV=cuda; STEPS=300; REC=300; WIN=40; N=${N:-150}; LR=${LR:-0.005}; ANS=48; MAXJOBS=${MAXJOBS:-4}
 TUNING=${TUNING:-}; LONGREC=${LONGREC:-}
 RECOVER=${RECOVER:-both:$REC}
-if [ -n "${SMOKE:-}" ]; then   # a few steps of everything on the CPU; recovery items keep their settings
+small() {   # a recovery spec shrunk for SMOKE: each item 2 steps on 16 samples, its other settings kept
+  echo "$1" | tr ',' '\n' | grep . | sed -E 's/^(both|finetune|obs)(:[0-9]+)?/\1:2/; s/:samples=[0-9]+//; s/$/:samples=16/' \
+    | paste -sd, -
+}
+if [ -n "${SMOKE:-}" ]; then   # a few steps of everything on the CPU
   DEV=cpu; STEPS=3; WIN=2; N=12; ANS=4; MAXJOBS=1
-  RECOVER=$(echo "$RECOVER" | sed -E 's/(both|finetune):[0-9]+/\1:2/g; s/samples=[0-9]+/samples=16/g')
-  LONGREC=$(echo "$LONGREC" | sed -E 's/(both|finetune):[0-9]+/\1:2/g; s/samples=[0-9]+/samples=16/g')
-  GEMMA_RECOVER=$(echo "${GEMMA_RECOVER:-$RECOVER}" | sed -E 's/(both|finetune):[0-9]+/\1:2/g; s/samples=[0-9]+/samples=16/g')
+  GEMMA_RECOVER=$(small "${GEMMA_RECOVER:-$RECOVER}"); RECOVER=$(small "$RECOVER"); LONGREC=$(small "$LONGREC")
   [ -n "$TUNING" ] && TUNING=16
 fi
 H="--heldout bench/texts/legal.txt bench/texts/mldocs.txt bench/texts/manual.txt --heldout-windows $WIN"
@@ -58,18 +60,22 @@ SMOL=bundled:smollm2-135m
 models="$SMOL $GEMMA"
 # 0. the bundled model's safetensors copy, made once before any parallel load
 [ -n "$SMOL" ] && python3 -c "from proxsparse_core.models import bundled_folder; print(bundled_folder())"
-# 1. the model's own calibration text for every (model, seed, size), made once so that every process
-#    of a seed calibrates on the same tokens (selfgen caches it)
+# 1. the model's own calibration text for every (model, seed), made once so that every process of a
+#    seed calibrates on the same tokens: selfgen keeps one growing stream per model and seed, of which
+#    every smaller size is a prefix, so only the largest size any process of that model reads is made
 GEMMA_RECOVER=${GEMMA_RECOVER:-$RECOVER}
 SEEDS="0 1"; [ -n "${VARIANTS:-}" ] && [ -z "${SWEEP:-}" ] && SEEDS=0
-SIZES="$N $TUNING $(echo "$RECOVER,$GEMMA_RECOVER,$LONGREC" | grep -oE 'samples=[0-9]+' | cut -d= -f2 | sort -u)"
-for m in $models; do for s in $SEEDS; do for n in $(echo $SIZES | tr ' ' '\n' | sort -un); do
+largest() {   # largest N TUNING SPEC: the most calibration samples a process reads
+  echo "$1 $2 $(echo "$3" | grep -oE 'samples=[0-9]+' | cut -d= -f2)" | tr ' ' '\n' | grep . | sort -n | tail -1
+}
+for m in $models; do for s in $SEEDS; do
+  n=$( [ "$m" = "$SMOL" ] && largest "$N" "$TUNING" "$RECOVER,$LONGREC" || largest "$N" "$TUNING" "$GEMMA_RECOVER" )
   CUDA_VISIBLE_DEVICES=$((K % NGPU)) python3 -c "
 from proxsparse_core.config import RunConfig; from proxsparse_core.workspace import Workspace
 Workspace().load(RunConfig(model='$m', device='$DEV', dtype='float32', data='mix', samples=$n, ctx=128, seed=$s))" \
     > "$RES/pregen_$(basename $m)_s${s}_$n.log" 2>&1 &
   K=$((K + 1))
-done; done; done
+done; done
 wait
 echo "pregen done $(date +%T)"
 # 2. the sweep, then the variants (seed 0, ProxSparse mask only)

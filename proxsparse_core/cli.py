@@ -353,11 +353,7 @@ def _recover_into(args, folder, rcfg, out: Path) -> int:
         samples = rcfg.samples or "the run's own"
         print(f"recovering {base} with {rcfg.method}: steps={rcfg.steps} lr={rcfg.lr} (relative to each "
               f"layer's rms(W0)) batch={rcfg.batch} seed={rcfg.seed} samples={samples}", flush=True)
-        if rcfg.method != "obs":
-            print("drawing the fine-tuning samples (for self-written text, the first time the model writes "
-                  "more of it: ≈ 1 min on a CPU) …", flush=True)
-            ws.tuning_samples(rcfg.samples)
-        result = ws.recover(base, rcfg, on_event, stop, on_block)
+        result = ws.recover(base, rcfg, on_event, stop, on_block, on_phase=lambda text: print(text, flush=True))
     print(result.message)
     if result.pruning is None:
         print("nothing was recovered: nothing was saved", file=sys.stderr)

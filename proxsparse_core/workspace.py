@@ -94,22 +94,24 @@ class Workspace:
         self.add_result(method, pruning)
         return pruning
 
-    def recover(self, name: str, rcfg, on_event=None, stop: threading.Event | None = None, progress=None):
+    def recover(self, name: str, rcfg, on_event=None, stop: threading.Event | None = None, progress=None,
+                on_phase=None):
         """Recover the survivors of result `name` (recovery.py); the recovered model is stored as
-        `name + "+recovery"` when anything was recovered. Returns the RecoveryResult."""
+        `name + "+recovery"` when anything was recovered. Returns the RecoveryResult. `on_phase(text)`
+        hears of the one slow step that has no progress of its own: drawing the fine-tuning samples."""
         from .recovery import recover, recovered_name
         self._need()
         if name not in self.results:
             raise UserError(f"no pruning result named {name!r} to recover")
         with self.lock:
-            tuning = self.tuning_samples(rcfg.samples) if rcfg.method != "obs" else None
+            tuning = self.tuning_samples(rcfg.samples, on_phase) if rcfg.method != "obs" else None
             res = recover(self.lm, self.data.calibration, self.results[name], name, self.originals, rcfg,
                           on_event, stop, progress, tuning)
         if res.pruning is not None:
             self.add_result(recovered_name(name), res.pruning)
         return res
 
-    def tuning_samples(self, n: int):
+    def tuning_samples(self, n: int, on_phase=None):
         """n calibration samples for recovery's fine-tuning, drawn from this run's calibration source
         and seed exactly as the run's own (0 or the run's count: the run's own samples)."""
         from .data import calibration_only
@@ -117,6 +119,9 @@ class Workspace:
             return self.data.calibration
         if self._tuning is None or self._tuning[0] != n:
             source, field, _, ctx, seed = self._data_key[:5]
+            if on_phase:
+                on_phase(f"drawing {n} fine-tuning samples (for self-written text, the first time the model "
+                         f"writes more of it: ≈ 1 min on a CPU) …")
             try:
                 samples = calibration_only(self.lm.tokenizer, source, n, ctx, seed, field, self.lm.model)
             except UserError as exc:      # e.g. the uploaded calibration file is gone since the run

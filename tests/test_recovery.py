@@ -161,7 +161,10 @@ def test_fine_tuning_reads_more_samples_of_the_runs_source(tiny_folder, monkeypa
     ws.prune("magnitude", tiny_cfg(tiny_folder, samples=4))
     run = ws.data.calibration
     assert ws.tuning_samples(0) is run and ws.tuning_samples(4) is run
-    more = ws.tuning_samples(12)
+    heard = []
+    more = ws.tuning_samples(12, heard.append)
+    assert len(heard) == 1 and heard[0].startswith("drawing 12 fine-tuning samples")
+    assert ws.tuning_samples(12, heard.append) is more and len(heard) == 1     # drawn once, then kept
     assert more.shape == (12, run.shape[1]) and torch.equal(more[:4], run)
     seen = []
     real = recovery.MaskedFinetuner.run

@@ -338,17 +338,13 @@ def recover_result(jobs: JobManager, name, method, steps, samples=RecoveryConfig
     def work(emit):
         with jobs.claim("recovering weights") as ws:
             jobs.eval_stop.clear()                  # only once the machine is ours
-            if fine:   # drawn before the OBS update; the first time for `mix` data the model writes more text
-                count = rcfg.samples or "the run's"
-                emit(("phase", f"drawing {count} fine-tuning samples (for self-written text, the first time "
-                               "the model writes more of it: ≈ 1 min on a CPU) …"))
-                ws.tuning_samples(rcfg.samples)
             emit(("phase", "weight update (OBS), layer by layer …" if rcfg.method != "finetune" else
                   "the dense model reads the calibration samples (the teacher) …"))
 
             def on_block(d, t):
                 emit(("block", d, t))
-            res = ws.recover(name, rcfg, lambda ev: emit(("event", ev.to_dict())), jobs.eval_stop, on_block)
+            res = ws.recover(name, rcfg, lambda ev: emit(("event", ev.to_dict())), jobs.eval_stop, on_block,
+                             on_phase=lambda text: emit(("phase", text)))
             message = res.message
             if res.pruning is not None:
                 jobs.verified[new] = ws.verify(new).ok
