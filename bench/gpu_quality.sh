@@ -24,7 +24,9 @@
 # samples (the sample count of a recovery item with samples=K, so that both read the same tokens);
 # LONGREC adds, on seed 0 of the bundled model, a process that learns the mask and recovers it with LONGREC
 # and one that recovers SparseGPT's with LONGREC (e.g. LONGREC=both:1000:samples=1000; the best models, for
-# the answers); GEMMA_RECOVER replaces RECOVER for Gemma.
+# the answers); GEMMA_RECOVER replaces RECOVER for Gemma. EXTRA adds settings to every ProxSparse job (e.g.
+# "score=activation"), GEMMA_EXTRA to Gemma's (e.g. "lambda2=0.0001": the scale-free preset); a variant
+# "gemma:lr=0.003" or "smol:lr=0.003" runs for that model only.
 set -u
 RES=${RES:-/tmp/q}
 GEMMA=${GEMMA:-}
@@ -56,6 +58,7 @@ job() {   # job NAME quality.py-arguments…: one process on the next GPU, log a
   K=$((K + 1))
 }
 SMOL=bundled:smollm2-135m
+extra() { [ "$1" = "$SMOL" ] && echo "${EXTRA:-}" || echo "${EXTRA:-} ${GEMMA_EXTRA:-}"; }
 [ "${ONLY:-}" = gemma ] && SMOL=""            # ONLY=gemma: the second model alone
 models="$SMOL $GEMMA"
 # 0. the bundled model's safetensors copy, made once before any parallel load
@@ -84,18 +87,20 @@ for s in $SEEDS; do
   for m in $models; do
     tag=$( [ "$m" = "$SMOL" ] && echo smol || echo gemma )
     M="model=$m seed=$s samples=$N"
-    job ${tag}_prox_s$s --set "$BASE $M" --baselines "" $H --recover "$( [ $tag = smol ] && echo $RECOVER || echo $GEMMA_RECOVER )"
+    job ${tag}_prox_s$s --set "$BASE $(extra $m) $M" --baselines "" $H --recover "$( [ $tag = smol ] && echo $RECOVER || echo $GEMMA_RECOVER )"
     [ "${BASELINES:-1}" = 0 ] || job ${tag}_base_s$s --set "$BASE $M" --baselines magnitude,wanda,sparsegpt --no-proxsparse $H
     [ -n "$TUNING" ] && job ${tag}_sgpt${TUNING}_s$s --set "$BASE model=$m seed=$s samples=$TUNING" \
         --baselines sparsegpt --no-proxsparse $H
     if [ -n "$LONGREC" ] && [ "$m" = "$SMOL" ] && [ $s = 0 ]; then
-      job smol_long_s0 --set "$BASE $M" --baselines "" $H --recover "$LONGREC"
+      job smol_long_s0 --set "$BASE $(extra $m) $M" --baselines "" $H --recover "$LONGREC"
       job smol_sgptlong_s0 --set "$BASE $M" --baselines sparsegpt --no-proxsparse $H --recover "$LONGREC"
     fi
   done
 done
 for v in ${VARIANTS:-}; do for m in $models; do
-  job "variant_$(basename $m)_${v//=/}" --set "$BASE model=$m seed=0 samples=$N $v" --baselines "" $H
+  tag=$( [ "$m" = "$SMOL" ] && echo smol || echo gemma )
+  case "$v" in *:*) [ "${v%%:*}" = "$tag" ] || continue; v=${v#*:} ;; esac
+  job "variant_${tag}_${v//=/}" --set "$BASE $(extra $m) model=$m seed=0 samples=$N $v" --baselines "" $H
 done; done
 wait
 echo "sweep done $(date +%T)"

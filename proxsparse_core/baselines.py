@@ -31,6 +31,7 @@ from .errors import Stopped
 from .masks import load_weights, mask_2to4, snapshot
 from .prunable import find_decoder_blocks
 from .results import TITLES, Pruning
+from .scores import InputNorms, wanda_score
 from .sparsegpt import SparseGPTLayer
 
 Progress = Callable[[int, int], None] | None
@@ -144,21 +145,6 @@ def prune_magnitude(lm, calibration: torch.Tensor, progress: Progress = None,
                                                    calibration_tokens=0))
 
 
-class _InputNorms:
-    """Running Σ x_j² per input channel j of one layer (Wanda's activation statistic)."""
-
-    def __init__(self, layer: torch.nn.Linear):
-        self.sq = torch.zeros(layer.weight.shape[1], device=layer.weight.device, dtype=torch.float32)
-
-    def add_batch(self, x: torch.Tensor):
-        self.sq += x.reshape(-1, x.shape[-1]).float().pow(2).sum(0)
-
-
-def wanda_score(weight: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
-    """|W_ij| · ‖X_j‖₂ — a weight matters more when its input channel carries large values."""
-    return weight.detach().float().abs() * sq_norms.sqrt().unsqueeze(0)
-
-
 def prune_wanda(lm, calibration: torch.Tensor, progress: Progress = None,
                 stop: threading.Event | None = None) -> Pruning:
     t0 = time.perf_counter()
@@ -172,7 +158,7 @@ def prune_wanda(lm, calibration: torch.Tensor, progress: Progress = None,
         return w * m
 
     try:
-        layer_by_layer(lm, calibration, _InputNorms, finish, progress, stop)
+        layer_by_layer(lm, calibration, InputNorms, finish, progress, stop)
     finally:
         load_weights(lm.prunable, originals)
     return Pruning("wanda", masks, None, _info("wanda", calibration, t0))

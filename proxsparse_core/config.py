@@ -53,6 +53,10 @@ class RunConfig:
                                    "λ1/rms(W0) and lr·rms(W0) per layer, and the λ2 term measured in units of "
                                    "rms(W0): ε·rms(W0), λ2/rms(W0)²; for models whose layers differ in scale)",
                            choices=("none", "layer"))
+    score: str = _f("weight", "what decides which 2 of every 4 weights go: weight (published: the regulariser and the "
+                              "mask rank |W|) or activation (they rank |W|·‖X‖, Wanda's score: each weight scaled by "
+                              "the dense model's calibration activation norm of its input channel)",
+                    choices=("weight", "activation"))
     warmup: float = _f(0.1, "share of steps with linear learning-rate warm-up")
     lr_schedule: str = _f("constant", "learning rate after the warm-up: constant (published) or cosine "
                                       "(decays towards 0 by the last step, so the mask settles before it is read)",

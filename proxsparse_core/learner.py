@@ -29,6 +29,7 @@ from .config import RunConfig
 from .distill import distill_loss, teacher_targets
 from .masks import extract_masks, load_weights, mask_2to4, nnz_histogram, snapshot
 from .prox import prox_2to4_, triton_kernels
+from .scores import channel_weights, ranking
 
 
 @dataclass
@@ -180,8 +181,9 @@ HELDOUT_BUDGET = 0.06     # between step 1 and the last step it runs at evenly s
 
 
 @contextlib.contextmanager
-def masked_w0(prunable, originals: dict):
-    """While inside, every prunable layer computes with W0 · (top-2 mask of its current weights),
+def masked_w0(prunable, originals: dict, cols: dict | None = None):
+    """While inside, every prunable layer computes with W0 · (top-2 mask of its current weights,
+    ranked as the final mask is: |W|, or |W|·a with `cols`),
     built one layer at a time as the forward pass reaches it (no copy of the whole model). The
     learned weights are never modified: each layer's tensor is swapped back right after its call,
     and on the way out whatever a failed forward left swapped."""
@@ -191,7 +193,8 @@ def masked_w0(prunable, originals: dict):
         def hook(module, args):
             w = module.weight
             learned[name] = w.data
-            w.data = originals[name].to(w.device, w.dtype, non_blocking=True) * mask_2to4(w.data).to(w.dtype)
+            keep = mask_2to4(w.data, ranking(w.data, None if cols is None else cols[name]))
+            w.data = originals[name].to(w.device, w.dtype, non_blocking=True) * keep.to(w.dtype)
         return hook
 
     def after(name):
@@ -266,7 +269,7 @@ class ProxSparseLearner:
         # with train_all, the other trained parameters are restored too (the pruned model is W0*mask)
         others = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()
                   if cfg.train_all and id(p) not in prunable_ids}
-        scratch: dict = {}       # optimizer and λ2 copy of W0: emptied in place when the run ends
+        scratch: dict = {}       # optimizer, λ2 copy of W0, channel weights: emptied in place when the run ends
         try:
             status, message, done, events = self._loop(weights, originals, prunable_ids, device, scratch)
             total_groups = sum(w.numel() // 4 for w in weights.values())
@@ -274,7 +277,7 @@ class ProxSparseLearner:
                 for w in weights.values():   # a diverged weight must not poison the mask ranking
                     torch.nan_to_num_(w.data, nan=0.0, posinf=0.0, neginf=0.0)
                 learned_hist = sum(nnz_histogram(w).cpu() for w in weights.values())
-                masks = extract_masks(prunable)
+                masks = extract_masks(prunable, scratch.get("cols"))
         finally:
             self._release(scratch)
             if cfg.grad_ckpt:
@@ -336,12 +339,22 @@ class ProxSparseLearner:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.config.use_cache = False
         fused = all(d.startswith("cuda") for d in devices)    # fused AdamW needs every parameter on a GPU
+        # score "activation": the regulariser acts on W·diag(a), a_j = the dense model's ‖X_j‖ (scores.py)
+        cols = None
+        if cfg.score == "activation":
+            cols = scratch["cols"] = channel_weights(self.lm, self.samples, stop=self.stop)
         # per-layer λ1 and learning rate. "none" is the published method. "layer" makes the step
         # scale-free: prox_λ(s·y) = s·prox_{λs}(y), so λ1/s shrinks every layer by the same share of
         # its own scale s = rms(W0), and lr·s moves every layer by the same share under Adam.
-        scale = {n: (float(originals[n].float().pow(2).mean().sqrt()) if cfg.lambda_scale == "layer" else 1.0)
-                 for n in self.names}
-        lam = {n: cfg.lambda1 / max(scale[n], 1e-12) for n in self.names}
+        def rms(n, weighted=False):
+            w = originals[n].float()
+            if weighted and cols is not None:
+                w = w * cols[n].cpu().unsqueeze(0)
+            return float(w.pow(2).mean().sqrt())
+        scale = {n: (rms(n) if cfg.lambda_scale == "layer" else 1.0) for n in self.names}
+        # λ1 in the coordinates the prox works in (W, or W·diag(a)): there the scale is rms(W0·diag(a))
+        lam = {n: cfg.lambda1 / max(rms(n, True) if cfg.lambda_scale == "layer" else 1.0, 1e-12)
+               for n in self.names}
         groups = [{"params": [weights[n]], "lr": cfg.lr * scale[n]} for n in self.names if weights[n].requires_grad]
         rest = [p for p in params if id(p) not in prunable_ids]
         if rest:
@@ -417,7 +430,13 @@ class ProxSparseLearner:
                     for n in self.names:
                         dev = weights[n].device
                         rows[n] = torch.zeros(5, dtype=torch.long, device=dev)
-                        prox_2to4_(weights[n], lam[n], hist=rows[n])
+                        if cols is None:
+                            prox_2to4_(weights[n], lam[n], hist=rows[n])
+                        else:   # the prox of R(W·diag(a)) in the metric ‖(W − Z)·diag(a)‖², in float32 so
+                            a = cols[n].to(dev).unsqueeze(0)     # that a bf16 weight it leaves alone comes back exact
+                            v = weights[n].data.float() * a
+                            prox_2to4_(v, lam[n], hist=rows[n])
+                            weights[n].data.copy_(v.div_(a))
                     _sync(devices)
                     t3 = time.perf_counter()
                     per_layer = torch.stack([r.to(device) for r in rows.values()]).cpu()
@@ -432,7 +451,7 @@ class ProxSparseLearner:
                 # small share of the run, and where it ends
                 if held is not None and (step in (1, cfg.steps) or (want_layers and step >= next_held)):
                     th = time.perf_counter()
-                    with masked_w0(self.lm.prunable, originals):
+                    with masked_w0(self.lm.prunable, originals, cols):
                         pruned_loss = heldout_loss(model, held)
                     held_cost = time.perf_counter() - th
                     held_spent += held_cost

@@ -12,6 +12,7 @@ import torch
 
 from .errors import UserError
 from .prunable import PrunableSet
+from .scores import ranking
 
 
 def mask_2to4(w: torch.Tensor, score: torch.Tensor | None = None) -> torch.Tensor:
@@ -35,9 +36,14 @@ def mask_2to4(w: torch.Tensor, score: torch.Tensor | None = None) -> torch.Tenso
 
 
 @torch.no_grad()
-def extract_masks(prunable: PrunableSet) -> dict[str, torch.Tensor]:
-    """Masks from the current (learned) weights of every prunable layer, on the CPU."""
-    return {n: mask_2to4(prunable.modules[n].weight.detach()).cpu() for n in prunable.names}
+def extract_masks(prunable: PrunableSet, cols: dict | None = None) -> dict[str, torch.Tensor]:
+    """Masks from the current (learned) weights of every prunable layer, on the CPU: top-2 |W|, or
+    with `cols` (layer name → weight per input channel, scores.channel_weights) top-2 |W|·a."""
+    out = {}
+    for n in prunable.names:
+        w = prunable.modules[n].weight.detach()
+        out[n] = mask_2to4(w, ranking(w, None if cols is None else cols[n])).cpu()
+    return out
 
 
 def snapshot(prunable: PrunableSet) -> dict[str, torch.Tensor]:

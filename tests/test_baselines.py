@@ -7,7 +7,8 @@ from proxsparse_core.errors import Stopped
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from proxsparse_core.baselines import METHODS, _InputNorms, wanda_score
+from proxsparse_core.baselines import METHODS
+from proxsparse_core.scores import InputNorms, wanda_score
 from proxsparse_core.masks import mask_2to4, snapshot, swapped, verify
 from proxsparse_core.models import LoadedModel
 from proxsparse_core.prunable import find_prunable
@@ -93,7 +94,7 @@ def _layer_with_skewed_inputs():
 
 def test_wanda_prefers_the_channel_with_the_larger_activation_norm():
     layer, x = _layer_with_skewed_inputs()
-    norms = _InputNorms(layer)
+    norms = InputNorms(layer)
     for chunk in x.split(64):
         norms.add_batch(chunk)
     assert torch.allclose(norms.sq, (x ** 2).sum(0), rtol=1e-5)

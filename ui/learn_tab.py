@@ -46,6 +46,7 @@ LABELS = {
     "seed": "Seed", "grad_ckpt": "Gradient checkpointing", "train_all": "Train all parameters",
     "w0_offload": "Keep W0 on the CPU", "layer_stats_every": "Per-layer stats every N steps",
     "lambda_scale": "λ1 / lr scaling", "lr_schedule": "Learning-rate schedule", "loss": "Training objective",
+    "score": "What ranks weights in a group",
 }
 FIELDS = {f.name: f for f in fields(RunConfig)}
 MAIN = ("lambda1", "lambda2", "lr", "steps")            # shown open; the rest sit in "Advanced"
