@@ -99,8 +99,9 @@ def test_scale_free_frozen_term_on_cuda_equals_the_cpu_one():
         torch.testing.assert_close(out["cuda"][1][n], out["cpu"][1][n], rtol=1e-4, atol=1e-6)
 
 
-@pytest.mark.parametrize("lam2,offload", [(0.0, False), (0.25, False), (0.25, True)])
-def test_learner_on_cuda_bf16(lam2, offload):
+@pytest.mark.parametrize("lam2,offload,score", [(0.0, False, "weight"), (0.25, False, "weight"),
+                                               (0.25, True, "weight"), (0.25, False, "activation")])
+def test_learner_on_cuda_bf16(lam2, offload, score):
     from conftest import make_tiny_llama
     from proxsparse_core.config import RunConfig
     from proxsparse_core.learner import ProxSparseLearner
@@ -111,7 +112,7 @@ def test_learner_on_cuda_bf16(lam2, offload):
     lm = LoadedModel(model, None, "tiny", "tiny", "cuda", torch.bfloat16, find_prunable(model), 512)
     before = {n: lm.prunable.modules[n].weight.detach().clone() for n in lm.prunable.names}
     cfg = RunConfig(lambda1=5.0, lambda2=lam2, lr=1e-3, steps=4, grad_ckpt=True, w0_offload=offload,
-                    layer_stats_every=2, ctx=32)
+                    layer_stats_every=2, ctx=32, score=score)
     samples = torch.randint(2, 256, (4, 32))
     res = ProxSparseLearner(lm, cfg, samples).run()
     assert res.status == "finished", res.message
