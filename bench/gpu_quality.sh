@@ -98,9 +98,9 @@ for s in $SEEDS; do
   done
 done
 for v in ${VARIANTS:-}; do for m in $models; do
-  tag=$( [ "$m" = "$SMOL" ] && echo smol || echo gemma )
-  case "$v" in *:*) [ "${v%%:*}" = "$tag" ] || continue; v=${v#*:} ;; esac
-  job "variant_${tag}_${v//=/}" --set "$BASE $(extra $m) model=$m seed=0 samples=$N $v" --baselines "" $H
+  tag=$( [ "$m" = "$SMOL" ] && echo smol || echo gemma ); set_=$v
+  case "$v" in *:*) [ "${v%%:*}" = "$tag" ] || continue; set_=${v#*:} ;; esac
+  job "variant_${tag}_${set_//=/}" --set "$BASE $(extra $m) model=$m seed=0 samples=$N $set_" --baselines "" $H
 done; done
 wait
 echo "sweep done $(date +%T)"
