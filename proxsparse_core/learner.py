@@ -2,7 +2,9 @@
 
 Each step: LM loss (+ λ2 frozen-weight term) → backward → AdamW step (linear warm-up) → the 2:4
 prox with λ1 on every prunable weight. After the last step the mask is the top-2 |W| of every
-group. The learner emits one plain `StepEvent` per step (the UI plots them, the CLI prints them),
+group. With score "activation" the prox and the mask work on W·diag(a), a_j the dense model's
+norm of input channel j (scores.py): the top-2 |W|·a, Wanda's ranking, refined by the loss.
+The learner emits one plain `StepEvent` per step (the UI plots them, the CLI prints them),
 stops cleanly between steps when asked, and always gives back a mask from the last good state.
 The model's weights are restored to W0 however it ends (even on an exception), so the caller
 still holds the dense model.

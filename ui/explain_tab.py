@@ -169,7 +169,8 @@ def weight_block(jobs: JobManager, name: str) -> tuple:
                  f"({100 * len(cells) / (rows * cols):.1f}%, ringed): each group where they disagree swaps a weight "
                  f"magnitude keeps for one it drops. Over the whole layer: {layer_diff:,} of {w.numel():,} "
                  f"weights ({100 * float(differ.float().mean()):.1f}%), in {100 * groups:.1f}% of its groups")
-        text += (" — the loss, not only |w|, decided which weights matter." if layer_diff else
+        text += (" — the loss (and, with the presets' score \"activation\", how loud each input channel is: "
+                 "|w|·‖x‖ instead of |w|) decided which weights matter, not |w| alone." if layer_diff else
                  ": here learning kept magnitude's choice (a short run, or a layer where |w| already decides).")
     else:
         text += "\n\nAfter a run, the learned mask appears here next to magnitude's, on the same block."
