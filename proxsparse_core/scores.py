@@ -39,34 +39,54 @@ def wanda_score(weight: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
     return weight.detach().float().abs() * sq_norms.sqrt().unsqueeze(0)
 
 
+class ChannelNorms:
+    """While inside `with ChannelNorms(prunable) as norms:`, every forward pass of the model adds its
+    inputs to Σ x_j² of every prunable layer; `norms.weights()` turns them into channel weights. So
+    a pass the caller makes anyway (the distillation teacher's) reads them at no extra cost."""
+
+    def __init__(self, prunable):
+        self.prunable = prunable
+        self.norms = {n: InputNorms(prunable.modules[n]) for n in prunable.names}
+        self.handles = []
+
+    def __enter__(self):
+        self.handles = [self.prunable.modules[n].register_forward_hook(
+            lambda m, args, out, c=self.norms[n]: c.add_batch(args[0].detach())) for n in self.prunable.names]
+        return self
+
+    def __exit__(self, *exc):
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """a_j = ‖X_j‖₂ per prunable layer, scaled to rms 1 and floored at MIN_WEIGHT (float32, on
+        each layer's device)."""
+        out = {}
+        for n, c in self.norms.items():
+            a = c.sq.sqrt()
+            a = a / a.pow(2).mean().sqrt().clamp_min(1e-30)
+            out[n] = a.clamp_min(MIN_WEIGHT)
+        return out
+
+
 @torch.no_grad()
 def channel_weights(lm, samples: torch.Tensor, batch: int = 8,
                     stop: threading.Event | None = None) -> dict[str, torch.Tensor]:
-    """a_j = ‖X_j‖₂ of every prunable layer's input channels, read in one pass of the model as it is
-    now (dense) over `samples` [n, ctx]; each layer's vector has rms 1 and no entry below
-    MIN_WEIGHT. Float32, on each layer's own device."""
-    model, prunable = lm.model, lm.prunable
-    norms = {n: InputNorms(prunable.modules[n]) for n in prunable.names}
-    handles = [prunable.modules[n].register_forward_hook(
-        lambda m, args, out, c=norms[n]: c.add_batch(args[0].detach())) for n in prunable.names]
+    """ChannelNorms.weights() from one pass of the model as it is now (dense) over `samples` [n, ctx]."""
+    model = lm.model
     device = model.get_input_embeddings().weight.device
     was_training = model.training
     model.eval()
     try:
-        for i in range(0, samples.shape[0], batch):
-            if stop is not None and stop.is_set():
-                raise Stopped("stopped while reading the calibration activations")
-            model(input_ids=samples[i:i + batch].to(device), use_cache=False)
+        with ChannelNorms(lm.prunable) as norms:
+            for i in range(0, samples.shape[0], batch):
+                if stop is not None and stop.is_set():
+                    raise Stopped("stopped while reading the calibration activations")
+                model(input_ids=samples[i:i + batch].to(device), use_cache=False)
     finally:
-        for h in handles:
-            h.remove()
         model.train(was_training)
-    out = {}
-    for n, c in norms.items():
-        a = c.sq.sqrt()
-        a = a / a.pow(2).mean().sqrt().clamp_min(1e-30)
-        out[n] = a.clamp_min(MIN_WEIGHT)
-    return out
+    return norms.weights()
 
 
 def ranking(w: torch.Tensor, cols: torch.Tensor | None) -> torch.Tensor | None:

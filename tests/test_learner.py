@@ -255,8 +255,9 @@ def test_activation_score_prunes_what_wanda_would_when_the_loss_barely_moves(tin
     _outlier_channels(tiny_lm)
     w0 = snapshot(tiny_lm.prunable)
     cols = channel_weights(tiny_lm, _samples())
-    by_act = _run(tiny_lm, score="activation", lr=1e-12, lambda1=1e3, lambda_scale="layer", steps=3)
-    by_weight = _run(tiny_lm, score="weight", lr=1e-12, lambda1=1e3, lambda_scale="layer", steps=3)
+    # 8 steps of batch 1 read all 8 samples, as channel_weights above did
+    by_act = _run(tiny_lm, score="activation", lr=1e-12, lambda1=1e3, lambda_scale="layer", steps=8)
+    by_weight = _run(tiny_lm, score="weight", lr=1e-12, lambda1=1e3, lambda_scale="layer", steps=8)
     assert by_act.learned_share_24 == 1.0 and by_weight.learned_share_24 == 1.0
     differ = 0
     for n in tiny_lm.prunable.names:
@@ -319,3 +320,27 @@ def test_activation_score_leaves_bf16_weights_it_does_not_prune_exactly_as_they_
     assert res.status == "finished"
     for n in tiny_lm.prunable.names:
         assert seen[n].dtype == torch.bfloat16 and torch.equal(seen[n], w0[n]), n
+
+
+@pytest.mark.parametrize("loss,steps,read", [("distill", 3, 3), ("lm", 3, 3), ("lm", 40, 32)])
+def test_channel_norms_are_read_from_the_samples_the_run_reads(tiny_lm, monkeypatch, loss, steps, read):
+    """With self-distillation the norms are recorded during the teacher's pass (no pass of their own);
+    with the LM loss one pass reads the run's first NORM_SAMPLES samples. Either way they are the
+    dense model's norms over exactly the samples the run reads, in its order."""
+    import proxsparse_core.learner as learner
+    from proxsparse_core.scores import channel_weights
+
+    _outlier_channels(tiny_lm)
+    samples = _samples(n=40)
+    order = torch.randperm(40, generator=torch.Generator().manual_seed(0))
+    want = channel_weights(tiny_lm, samples[order[:read]])
+    passes, seen = [], {}
+    real_cw, real_extract = learner.channel_weights, learner.extract_masks
+    monkeypatch.setattr(learner, "channel_weights", lambda *a, **k: passes.append(1) or real_cw(*a, **k))
+    monkeypatch.setattr(learner, "extract_masks", lambda p, cols=None: seen.update(cols=cols) or real_extract(p, cols))
+    cfg = RunConfig(steps=steps, lr=1e-3, lambda1=0.1, lambda_scale="layer", score="activation", loss=loss)
+    res = ProxSparseLearner(tiny_lm, cfg, samples).run()
+    assert res.status == "finished"
+    assert len(passes) == (0 if loss == "distill" else 1)
+    for n in tiny_lm.prunable.names:
+        assert torch.allclose(seen["cols"][n], want[n], rtol=1e-4), n
