@@ -270,24 +270,26 @@ def test_activation_score_prunes_what_wanda_would_when_the_loss_barely_moves(tin
         assert torch.equal(w, w0[n]), "the learner must give the dense W0 back"
 
 
-def test_activation_score_learns_and_reads_the_mask_in_the_same_coordinates(tiny_lm):
-    """A real run with score=activation: every group of the learned weights is pushed to 2:4 and the
-    mask is top-2 of |W|·a of those learned weights (not of |W|)."""
+def _spy_on_the_mask(monkeypatch) -> dict:
+    """What the learner reads its mask from, captured at that moment: the learned weights ("w")
+    and the channel weights ("cols")."""
     import proxsparse_core.learner as learner
 
-    _outlier_channels(tiny_lm)
-    seen = {}
-    real = learner.extract_masks
+    seen, real = {}, learner.extract_masks
 
     def spy(prunable, cols=None):
-        seen["cols"] = cols
-        seen["w"] = {n: prunable.modules[n].weight.detach().clone() for n in prunable.names}
+        seen.update(cols=cols, w={n: prunable.modules[n].weight.detach().clone() for n in prunable.names})
         return real(prunable, cols)
-    learner.extract_masks = spy
-    try:
-        res = _run(tiny_lm, score="activation", lr=1e-2, lambda1=0.05, lambda_scale="layer", steps=8)
-    finally:
-        learner.extract_masks = real
+    monkeypatch.setattr(learner, "extract_masks", spy)
+    return seen
+
+
+def test_activation_score_learns_and_reads_the_mask_in_the_same_coordinates(tiny_lm, monkeypatch):
+    """A real run with score=activation: every group of the learned weights is pushed to 2:4 and the
+    mask is top-2 of |W|·a of those learned weights (not of |W|)."""
+    _outlier_channels(tiny_lm)
+    seen = _spy_on_the_mask(monkeypatch)
+    res = _run(tiny_lm, score="activation", lr=1e-2, lambda1=0.05, lambda_scale="layer", steps=8)
     assert res.status == "finished" and seen["cols"] is not None
     by_weight = 0
     for n in tiny_lm.prunable.names:
@@ -297,29 +299,18 @@ def test_activation_score_learns_and_reads_the_mask_in_the_same_coordinates(tiny
     assert by_weight > 0, "some groups are not 2:4 yet, and there the two rankings differ"
 
 
-def test_activation_score_leaves_bf16_weights_it_does_not_prune_exactly_as_they_were(tiny_lm):
+def test_activation_score_leaves_bf16_weights_it_does_not_prune_exactly_as_they_were(tiny_lm, monkeypatch):
     """The prox works on W·diag(a) and divides by a on the way back; in bfloat16 that round trip
     would round every weight a little at every step. It is done in float32, so with a step that
     moves nothing (λ1 = 0, a vanishing lr) the learned bf16 weights are W0 bit for bit."""
-    import proxsparse_core.learner as learner
-
     _outlier_channels(tiny_lm)
     tiny_lm.model.to(torch.bfloat16)
     w0 = snapshot(tiny_lm.prunable)
-    seen = {}
-    real = learner.extract_masks
-
-    def spy(prunable, cols=None):
-        seen.update({n: prunable.modules[n].weight.detach().clone() for n in prunable.names})
-        return real(prunable, cols)
-    learner.extract_masks = spy
-    try:
-        res = _run(tiny_lm, score="activation", lr=1e-12, lambda1=0.0, lambda_scale="layer", steps=3)
-    finally:
-        learner.extract_masks = real
+    seen = _spy_on_the_mask(monkeypatch)
+    res = _run(tiny_lm, score="activation", lr=1e-12, lambda1=0.0, lambda_scale="layer", steps=3)
     assert res.status == "finished"
     for n in tiny_lm.prunable.names:
-        assert seen[n].dtype == torch.bfloat16 and torch.equal(seen[n], w0[n]), n
+        assert seen["w"][n].dtype == torch.bfloat16 and torch.equal(seen["w"][n], w0[n]), n
 
 
 @pytest.mark.parametrize("loss,steps,read", [("distill", 3, 3), ("lm", 3, 3), ("lm", 40, 32)])
@@ -334,10 +325,9 @@ def test_channel_norms_are_read_from_the_samples_the_run_reads(tiny_lm, monkeypa
     samples = _samples(n=40)
     order = torch.randperm(40, generator=torch.Generator().manual_seed(0))
     want = channel_weights(tiny_lm, samples[order[:read]])
-    passes, seen = [], {}
-    real_cw, real_extract = learner.channel_weights, learner.extract_masks
+    passes, real_cw = [], learner.channel_weights
     monkeypatch.setattr(learner, "channel_weights", lambda *a, **k: passes.append(1) or real_cw(*a, **k))
-    monkeypatch.setattr(learner, "extract_masks", lambda p, cols=None: seen.update(cols=cols) or real_extract(p, cols))
+    seen = _spy_on_the_mask(monkeypatch)
     cfg = RunConfig(steps=steps, lr=1e-3, lambda1=0.1, lambda_scale="layer", score="activation", loss=loss)
     res = ProxSparseLearner(tiny_lm, cfg, samples).run()
     assert res.status == "finished"
