@@ -17,7 +17,8 @@ from test_ui_tiny_model import save_tiny_model
 VIEW = {"width": 1440, "height": 900}
 STEP = re.compile(r"step (\d+) / (\d+)")
 STEP_JS = "+((/step (\\d+) \\//.exec(document.querySelector('#ps-progress').innerText) || [0, 0])[1])"
-DONE_JS = "/Identical|differs from|agree on the first|Stopped/.test(document.querySelector('#ps-divergence').innerText)"
+DONE_JS = ("/Identical|differs from|agree on the first|wrote nothing|Stopped/"
+           ".test(document.querySelector('#ps-divergence').innerText)")
 HELD = "(document.querySelector('#ps-loss .js-plotly-plot')?.data || []).find(t => (t.name || '').includes('if stopped now'))"
 
 

@@ -182,6 +182,15 @@ def test_render_pair_marks_the_first_divergence():
     assert "Learn" in compare_tab.render_pair("text", "", None)[2]
 
 
+def test_render_pair_says_when_the_2to4_model_wrote_nothing():
+    """A 2:4 model can end its answer at once (measured: a 20-step quick-demo mask on "Write a Python
+    function that adds two numbers."); the page must say so, not show an empty summary."""
+    dense, pruned, summary = compare_tab.render_pair("def add(a, b): ...", "", LEARNED)
+    assert "wrote nothing" in summary and "(no text)" in pruned
+    assert "(no text)" not in compare_tab.render_pair("def add", "", LEARNED, streaming="pruned")[1]
+    assert compare_tab.render_pair("def add", "", LEARNED, streaming="pruned")[2] == ""
+
+
 def test_generation_streams_dense_then_pruned_with_the_same_settings(finished):
     jobs, _ = finished
     frames = list(compare_tab.generate_pair(jobs, LEARNED, "What is the capital of France?",

@@ -54,11 +54,12 @@ def settings_from_form(sample, temperature, top_p, max_new_tokens, chat) -> Gene
     return GenerationSettings(max_new_tokens=n, do_sample=sample, temperature=t, top_p=p, chat=chat)
 
 
-def _panel(text: str, cut: int | None, streaming: bool) -> str:
-    """Generated text rendered as (safe) Markdown, the part after the first divergence highlighted."""
+def _panel(text: str, cut: int | None, streaming: bool, empty: str = "…") -> str:
+    """Generated text rendered as (safe) Markdown, the part after the first divergence highlighted
+    (`empty` stands in for no text)."""
     body = markdown.render(text, cut if cut is not None and cut < len(text) else None)
     cursor = '<span class="ps-cursor">▍</span>' if streaming else ""
-    return f'<div class="ps-gen">{body or "<span class=ps-muted>…</span>"}{cursor}</div>'
+    return f'<div class="ps-gen">{body or f"<span class=ps-muted>{empty}</span>"}{cursor}</div>'
 
 
 def render_pair(dense: str, pruned: str, variant: str | None, streaming: str | None = None) -> tuple:
@@ -82,10 +83,15 @@ def render_pair(dense: str, pruned: str, variant: str | None, streaming: str | N
                 cut = i
         elif i < len(pruned):           # mark only what has really diverged so far
             cut = i
+    elif variant and streaming is None:     # the 2:4 model ended its answer at once
+        summary = ("The 2:4 model **wrote nothing**: it ended its answer at once. Try another prompt, or recover "
+                   "its weights (below) so that it answers again.")
     elif not variant and streaming is None:
         summary = "No 2:4 result yet: start a run in the **Learn** tab (or compute a baseline below)."
     dense_cut = cut if cut else None    # from the first character on: the pruned side alone
-    return (_panel(dense, dense_cut, streaming == DENSE), _panel(pruned, cut, streaming == "pruned")
+    done = variant and streaming is None
+    return (_panel(dense, dense_cut, streaming == DENSE),
+            _panel(pruned, cut, streaming == "pruned", "(no text)" if done else "…")
             if variant else '<div class="ps-gen ps-muted">no 2:4 model to show yet</div>', summary)
 
 
