@@ -53,9 +53,9 @@ class RunConfig:
                                    "λ1/rms(W0) and lr·rms(W0) per layer, and the λ2 term measured in units of "
                                    "rms(W0): ε·rms(W0), λ2/rms(W0)²; for models whose layers differ in scale)",
                            choices=("none", "layer"))
-    score: str = _f("weight", "what decides which 2 of every 4 weights go: weight (published: the regulariser and the "
-                              "mask rank |W|) or activation (they rank |W|·‖X‖, Wanda's score: each weight scaled by "
-                              "the dense model's calibration activation norm of its input channel)",
+    score: str = _f("weight", "what decides which 2 of every 4 weights go: weight (published: the regulariser "
+                              "and the mask rank |W|) or activation (they rank |W|·‖X‖, Wanda's score: each weight "
+                              "scaled by the dense model's calibration activation norm of its input channel)",
                     choices=("weight", "activation"))
     warmup: float = _f(0.1, "share of steps with linear learning-rate warm-up")
     lr_schedule: str = _f("constant", "learning rate after the warm-up: constant (published) or cosine "
@@ -237,10 +237,10 @@ DEFAULT_PRESET = "bundled-quality"
 PRESETS: dict[str, dict] = {
     # chosen from bench/quality.py (bench/RESULTS.md): per-layer scaling is what makes the
     # bundled model learn at all (its layers differ ~6× in scale, see README)
-    "quick-demo": _preset(BUNDLED, "bundled SmolLM2-135M, per-layer scaled λ1/lr, weights ranked by |W|·‖X‖, 45 "
-                                   "steps on the built-in text: under 2 min in the app on a 2-core CPU with "
-                                   "evaluation (measured: 115 s); held-out ppl 42.2 on that text (Wanda 83.0, same tokens). "
-                                   "For a model that still talks, recover it in the Compare tab",
+    "quick-demo": _preset(BUNDLED, "bundled SmolLM2-135M, per-layer scaled λ1/lr, weights ranked by |W|·‖X‖, "
+                                   "45 steps on the built-in text: under 2 min in the app on a 2-core CPU with "
+                                   "evaluation (measured: 115 s); held-out ppl 42.2 on that text (Wanda 83.0, "
+                                   "same tokens). For a model that still talks, recover it in the Compare tab",
                           samples=150, ctx=128, steps=45, batch=1, lambda1=0.01, lambda2=0.0, lr=0.01,
                           lambda_scale="layer", lr_schedule="constant", warmup=0.1, grad_ckpt=False,
                           loss="lm", data="builtin", score="activation"),
