@@ -36,7 +36,7 @@ class InputNorms:
 
 def wanda_score(weight: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
     """|W_ij| · ‖X_j‖₂ — a weight matters more when its input channel carries large values."""
-    return weight.detach().float().abs() * sq_norms.sqrt().unsqueeze(0)
+    return ranking(weight, sq_norms.sqrt())
 
 
 class ChannelNorms:
