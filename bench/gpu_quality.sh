@@ -26,7 +26,8 @@
 # and one that recovers SparseGPT's with LONGREC (e.g. LONGREC=both:1000:samples=1000; the best models, for
 # the answers); GEMMA_RECOVER replaces RECOVER for Gemma. EXTRA adds settings to every ProxSparse job (e.g.
 # "score=activation"), GEMMA_EXTRA to Gemma's (e.g. "lambda2=0.0001": the scale-free preset); a variant
-# "gemma:lr=0.003" or "smol:lr=0.003" runs for that model only.
+# "gemma:lr=0.003" or "smol:lr=0.003" runs for that model only. MORE_PROMPTS=1: every row also answers
+# bench/quality.py's MORE_PROMPTS (prompts no calibration text contains).
 set -u
 RES=${RES:-/tmp/q}
 GEMMA=${GEMMA:-}
@@ -45,7 +46,7 @@ if [ -n "${SMOKE:-}" ]; then   # a few steps of everything on the CPU
   [ -n "$TUNING" ] && TUNING=16
 fi
 H="--heldout bench/texts/legal.txt bench/texts/mldocs.txt bench/texts/manual.txt --heldout-windows $WIN"
-Q="python3 bench/quality.py --device $DEV --answers $ANS"
+Q="python3 bench/quality.py --device $DEV --answers $ANS${MORE_PROMPTS:+ --more-prompts}"
 BASE="steps=$STEPS ctx=128 lambda1=0.01 lr=$LR lambda_scale=layer lr_schedule=cosine warmup=0.1 dtype=float32 data=mix loss=distill"
 [ -n "${SMOKE:-}" ] && BASE="$BASE eval_windows=2" || BASE="$BASE eval_windows=0"
 

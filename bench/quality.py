@@ -110,10 +110,19 @@ def run_job(ws: Workspace, cfg: RunConfig, job: dict) -> list[dict]:
 
 RECOVER: list[RecoveryConfig] = []   # set from --recover
 ANSWERS = 0                          # new tokens per example answer (--answers; 0 = none)
+# prompts no calibration or fine-tuning text contains (neither the app's examples nor selfgen's
+# list): with --more-prompts every row answers them too, to judge answers beyond the four examples
+MORE_PROMPTS = [
+    "Who wrote the play Romeo and Juliet?", "What is the largest planet in the solar system?",
+    "Name three primary colours.", "How many legs does a spider have?",
+    "Explain in one sentence what gravity is.", "Give two reasons to drink water every day.",
+    "Suggest a name for a pet goldfish.", "What is the boiling point of water at sea level?",
+]
+PROMPTS_ASKED = list(EXAMPLE_PROMPTS)
 
 
 def parse_recover(spec: str, steps: int, lr: float, seed: int) -> list[RecoveryConfig]:
-    """'both:300,finetune,both:300:lr=0.002:samples=300' → one RecoveryConfig per item (steps
+    """'both:300,finetune,both:300:lr=0.002:chat=pruned' → one RecoveryConfig per item (steps
     default to --recover-steps, lr to --recover-lr; any other RecoveryConfig field as name=value)."""
     out = []
     for item in filter(None, spec.split(",")):
@@ -124,7 +133,7 @@ def parse_recover(spec: str, steps: int, lr: float, seed: int) -> list[RecoveryC
             if not eq:
                 d["steps"] = int(part)
             else:
-                d[key] = float(value) if key == "lr" else int(value)
+                d[key] = type(getattr(RecoveryConfig, key))(value)      # lr 0.002, samples 300, chat pruned
         out.append(RecoveryConfig.from_dict(d))
     return out
 
@@ -141,7 +150,7 @@ def _recovered(ws: Workspace, name: str, label: str, job: dict) -> list[dict]:
             continue
         steps = f", {rc.steps} steps" if rc.method != "obs" else ""
         default = RecoveryConfig(method=rc.method, steps=rc.steps, seed=rc.seed)
-        steps += "".join(f", {k} {getattr(rc, k)}" for k in ("lr", "samples", "batch")
+        steps += "".join(f", {k} {getattr(rc, k)}" for k in ("lr", "samples", "batch", "chat")
                          if getattr(rc, k) != getattr(default, k))
         row = _row(ws, recovered_name(name), f"{label} + recovery ({rc.method}{steps})", time.perf_counter() - t0)
         row["recovery_loss"] = res.events[-1].lm_loss if res.events else None
@@ -170,7 +179,7 @@ def _answers(ws: Workspace, name: str) -> dict:
     if not ANSWERS:
         return {}
     s = GenerationSettings(max_new_tokens=ANSWERS)
-    return {"answers": {p: ws.generate(name, p, s) for p in EXAMPLE_PROMPTS}}
+    return {"answers": {p: ws.generate(name, p, s) for p in PROMPTS_ASKED}}
 
 
 def _row(ws: Workspace, name: str, label: str, seconds: float) -> dict:
@@ -194,6 +203,8 @@ def run_shard(args, base: RunConfig, jobs: list[dict]):
     global RECOVER, ANSWERS
     RECOVER = parse_recover(args.recover, args.recover_steps, args.recover_lr, base.seed)
     ANSWERS = args.answers
+    if args.more_prompts:
+        PROMPTS_ASKED.extend(MORE_PROMPTS)
     print(f"{ws.lm.describe()}\ncalibration {tuple(ws.data.calibration.shape)} from {ws.data.source}, "
           f"held-out {tuple(ws.data.held_out.shape)}; other held-out texts: "
           + ", ".join(f"{k} {tuple(v.shape)}" for k, v in EXTRA.items()), flush=True)
@@ -283,6 +294,7 @@ def main():
     p.add_argument("--recover-steps", type=int, default=300, help="fine-tuning steps of a --recover item without :STEPS")
     p.add_argument("--answers", type=int, default=0, help="also record each row's greedy answers to the example "
                                                           "prompts, with this many new tokens")
+    p.add_argument("--more-prompts", action="store_true", help="with --answers: also answer MORE_PROMPTS")
     p.add_argument("--recover-lr", type=float, default=RecoveryConfig.lr)
     args = p.parse_args()
 
