@@ -121,8 +121,18 @@ MORE_PROMPTS = [
 PROMPTS_ASKED = list(EXAMPLE_PROMPTS)
 
 
+def loops(answer: str, n: int = 4, times: int = 3) -> bool:
+    """Does the answer go round in circles: some phrase of n words (or punctuation marks) comes
+    back at least `times` times? (The usual failure of a damaged model under greedy decoding.)"""
+    import re
+    from collections import Counter
+    words = re.findall(r"\w+|[^\w\s]", answer.lower())
+    grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
+    return bool(grams) and max(grams.values()) >= times
+
+
 def parse_recover(spec: str, steps: int, lr: float, seed: int) -> list[RecoveryConfig]:
-    """'both:300,finetune,both:300:lr=0.002:chat=pruned' → one RecoveryConfig per item (steps
+    """'both:300,finetune,both:300:lr=0.002:samples=300' → one RecoveryConfig per item (steps
     default to --recover-steps, lr to --recover-lr; any other RecoveryConfig field as name=value)."""
     out = []
     for item in filter(None, spec.split(",")):
@@ -133,7 +143,7 @@ def parse_recover(spec: str, steps: int, lr: float, seed: int) -> list[RecoveryC
             if not eq:
                 d["steps"] = int(part)
             else:
-                d[key] = type(getattr(RecoveryConfig, key))(value)      # lr 0.002, samples 300, chat pruned
+                d[key] = type(getattr(RecoveryConfig, key))(value)      # lr 0.002, samples 300, batch 8
         out.append(RecoveryConfig.from_dict(d))
     return out
 
@@ -150,7 +160,7 @@ def _recovered(ws: Workspace, name: str, label: str, job: dict) -> list[dict]:
             continue
         steps = f", {rc.steps} steps" if rc.method != "obs" else ""
         default = RecoveryConfig(method=rc.method, steps=rc.steps, seed=rc.seed)
-        steps += "".join(f", {k} {getattr(rc, k)}" for k in ("lr", "samples", "batch", "chat")
+        steps += "".join(f", {k} {getattr(rc, k)}" for k in ("lr", "samples", "batch")
                          if getattr(rc, k) != getattr(default, k))
         row = _row(ws, recovered_name(name), f"{label} + recovery ({rc.method}{steps})", time.perf_counter() - t0)
         row["recovery_loss"] = res.events[-1].lm_loss if res.events else None
@@ -270,7 +280,9 @@ def markdown(rows: list[dict], base: RunConfig, command: str) -> str:
         lines.append(f"| {r['job']} | {cells} | {r['seconds']:.0f} | {ver} | {share} |")
     for r in rows:
         if "answers" in r:
-            lines += ["", f"Answers of {r['job']} (greedy):"]
+            answers = list(r["answers"].values())
+            lines += ["", f"Answers of {r['job']} (greedy; {sum(map(loops, answers))} of {len(answers)} go round "
+                          f"in circles, {sum(not a.strip() for a in answers)} empty):"]
             lines += [f"- {p!r} → {a!r}" for p, a in r["answers"].items()]
     return "\n".join(lines)
 

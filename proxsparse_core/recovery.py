@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-from .chats import CHAT_KINDS, ChatTurns
 from .distill import distill_loss, teacher_targets
 from .errors import Stopped, UserError
 from .learner import StepEvent, memory_in_use
@@ -46,7 +45,6 @@ class RecoveryConfig:
     samples: int = 300            # calibration samples fine-tuning reads (0 = the run's own). 300 distinct
     #                               samples at lr 2e-3 beat the run's 150 seen twice at 1e-3 on every held-out
     #                               text, two seeds, two architectures (bench/RESULTS.md, issue 9 third pass)
-    chat: str = "none"            # none | dense | pruned: every other fine-tuning step reads chat turns (chats.py)
 
     HELP = {"method": "obs (weight update with the mask fixed), finetune (masked distillation from the "
                       "dense model) or both",
@@ -55,10 +53,7 @@ class RecoveryConfig:
             "batch": "calibration samples per fine-tuning step", "seed": "seed for the sample order",
             "samples": "calibration samples the fine-tuning reads, drawn from the run's calibration source "
                        "and seed like the run's own (0 = exactly the run's samples); the OBS update always "
-                       "reads the run's samples",
-            "chat": "none (fine-tune on calibration samples only), dense or pruned: every other fine-tuning "
-                    "step reads a chat turn from its prompt on instead, answered by the dense model (dense) or "
-                    "written afresh by the 2:4 model being recovered and corrected by the dense one (pruned)"}
+                       "reads the run's samples"}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,8 +61,6 @@ class RecoveryConfig:
     def validate(self) -> "RecoveryConfig":
         if not isinstance(self.method, str) or self.method not in RECOVERY_METHODS:
             raise UserError(f"recovery method must be one of {', '.join(RECOVERY_METHODS)}; got {self.method!r}")
-        if not isinstance(self.chat, str) or self.chat not in CHAT_KINDS:
-            raise UserError(f"recovery chat must be one of {', '.join(CHAT_KINDS)}; got {self.chat!r}")
         for name, lo, hi in (("steps", 1, 100_000), ("batch", 1, 4096), ("seed", 0, 2**32 - 1),
                              ("samples", 0, 100_000)):
             v = getattr(self, name)
@@ -133,13 +126,8 @@ class MaskedFinetuner:
         names = list(prunable.names)
         device = str(model.get_input_embeddings().weight.device)
         order = torch.randperm(self.samples.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
-        chats = None if cfg.chat == "none" else ChatTurns(self.lm, cfg.chat, self.samples.shape[1], cfg.seed,
-                                                           self.originals, self.stop)
-        chat_steps = cfg.steps // 2 if chats else 0          # the even steps read chat turns
-        used = order[:min(self.samples.shape[0], (cfg.steps - chat_steps) * cfg.batch)]
+        used = order[:min(self.samples.shape[0], cfg.steps * cfg.batch)]
         teacher = teacher_targets(model, self.samples[used], stop=self.stop)   # the model is dense here
-        if chats:
-            chats.prepare(chat_steps * cfg.batch)
         weights = prunable.weights()
         saved_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         use_cache = getattr(model.config, "use_cache", None)
@@ -172,22 +160,9 @@ class MaskedFinetuner:
                     status, message = "stopped", f"stopped by the user after {done} fine-tuning steps"
                     break
                 t0 = time.perf_counter()
-                if chats and step % 2 == 0:
-                    try:
-                        batch, t_logp, t_index = chats.batch(step // 2 - 1, cfg.batch, device)
-                    except Stopped:      # during a round of the pruned model's own answers
-                        status, message = "stopped", f"stopped by the user after {done} fine-tuning steps"
-                        break
-                    except UserError as exc:
-                        status, message = "failed", f"{exc}; kept the weights after step {done}"
-                        best = {n: weights[n].detach().to("cpu", copy=True) for n in names}
-                        break
-                else:
-                    k = (step - 1) // 2 if chats else step - 1
-                    pos = (k * cfg.batch + torch.arange(cfg.batch)) % used.numel()
-                    batch = self.samples[used[pos]].to(device)
-                    t_logp, t_index = teacher.batch(pos, device)
-                loss = distill_loss(model, batch, t_logp, t_index)
+                pos = ((step - 1) * cfg.batch + torch.arange(cfg.batch)) % used.numel()
+                batch = self.samples[used[pos]].to(device)
+                loss = distill_loss(model, batch, *teacher.batch(pos, device))
                 if not torch.isfinite(loss):
                     status = "failed"
                     message = (f"the loss became {float(loss)} at step {step}; kept the weights after "
@@ -260,8 +235,7 @@ def recover(lm, calibration: torch.Tensor, base: Pruning, base_name: str, origin
                 return RecoveryResult("stopped", str(exc), None, [])
             status, ft_message = "stopped", "stopped before fine-tuning; kept the OBS update"
         info["finetune_steps"] = len(events)
-        chat_steps = cfg.steps // 2 if cfg.chat != "none" else 0
-        info["finetune_samples"] = int(min(samples.shape[0], (cfg.steps - chat_steps) * cfg.batch))
+        info["finetune_samples"] = int(min(samples.shape[0], cfg.steps * cfg.batch))
         message = f"{message}; {ft_message}" if message else ft_message
     info.update(status=status, message=message, seconds=round(time.perf_counter() - t0, 2))
     pruning = Pruning(f"{base.method}{SUFFIX}", base.masks, _masked(start, base.masks), info)

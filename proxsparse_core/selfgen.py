@@ -72,18 +72,16 @@ def _cache_file(model, seed: int, max_new: int, batch: int) -> Path:
     return cache_dir() / "selfgen" / f"{key}.pt"
 
 
-def _read(path: Path) -> tuple[torch.Tensor, list[int], list[int]]:
-    """(stream, cumulative length after each generation round, where each sequence starts) of a
-    cache file; empty if none."""
+def _read(path: Path) -> tuple[torch.Tensor, list[int]]:
+    """(stream, cumulative length after each generation round) of a cache file; empty if none."""
     try:
         d = torch.load(path, weights_only=True)
-        ids, ends, starts = d["ids"], [int(e) for e in d["ends"].tolist()], [int(x) for x in d["starts"].tolist()]
-        if ids.dtype == torch.long and ids.dim() == 1 and ends == sorted(ends) and (not ends or ends[-1] == ids.numel()) \
-                and starts == sorted(starts) and all(0 <= x < ids.numel() for x in starts):
-            return ids, ends, starts
+        ids, ends = d["ids"], [int(e) for e in d["ends"].tolist()]
+        if ids.dtype == torch.long and ids.dim() == 1 and ends == sorted(ends) and (not ends or ends[-1] == ids.numel()):
+            return ids, ends
     except Exception:  # noqa: BLE001 - no file, or a damaged one: simply made again
         pass
-    return torch.empty(0, dtype=torch.long), [], []
+    return torch.empty(0, dtype=torch.long), []
 
 
 def generated_ids(model, tokenizer, tokens: int, seed: int = 0, max_new: int = MAX_NEW,
@@ -93,23 +91,15 @@ def generated_ids(model, tokenizer, tokens: int, seed: int = 0, max_new: int = M
     rounds of generation until the stream holds `tokens`, so a shorter request gives a prefix of
     a longer one. Made once per model and seed (and extended when more is asked), then read from
     the cache folder."""
-    return generated_chats(model, tokenizer, tokens, seed, max_new, batch)[0]
-
-
-def generated_chats(model, tokenizer, tokens: int, seed: int = 0, max_new: int = MAX_NEW,
-                    batch: int = BATCH) -> tuple[torch.Tensor, list[int]]:
-    """generated_ids' stream and the offset where each of its sequences (a prompt in the chat
-    template, then the answer) starts."""
     tokens = min(tokens, MAX_TOKENS)
     cap = 4 * (tokens // (batch * max_new) + 1)     # rounds: a model that ends every answer at once
     path = _cache_file(model, seed, max_new, batch)
-    ids, ends, starts = _read(path)
+    ids, ends = _read(path)
     if not any(e >= tokens for e in ends[:cap]) and len(ends) < cap:
-        ids, ends, starts = _generate(model, tokenizer, tokens, seed, max_new, batch, ids, ends, starts, cap)
+        ids, ends = _generate(model, tokenizer, tokens, seed, max_new, batch, ids, ends, cap)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        torch.save({"ids": ids, "ends": torch.tensor(ends, dtype=torch.long),
-                    "starts": torch.tensor(starts, dtype=torch.long)}, tmp)
+        torch.save({"ids": ids, "ends": torch.tensor(ends, dtype=torch.long)}, tmp)
         os.replace(tmp, path)
     last = next((k for k, e in enumerate(ends[:cap]) if e >= tokens), min(cap, len(ends)) - 1)
     out = ids[:ends[last]] if last >= 0 else ids[:0]
@@ -117,62 +107,45 @@ def generated_chats(model, tokenizer, tokens: int, seed: int = 0, max_new: int =
         from .errors import UserError
         raise UserError("the model ended almost every answer at once: it cannot write its own "
                         "calibration text; use the built-in text or a file")
-    return out, [x for x in starts if x < out.numel()]
-
-
-def prompt_order(seed: int) -> list[int]:
-    """The seeded order in which the prompts are answered."""
-    return torch.randperm(len(PROMPTS), generator=torch.Generator().manual_seed(seed)).tolist()
+    return out
 
 
 @torch.no_grad()
-def answer_round(model, tokenizer, texts: list[str], sample_seed: int, max_new: int = MAX_NEW) -> list[list[int]]:
-    """One batch of chats: each prompt of `texts` in the chat template followed by the model's
-    sampled answer (temperature 0.8, top-p 0.95, seeded) and the end-of-text token; answers the
-    model ended at once (under 8 tokens) are left out: they teach nothing. The model's mode
-    (train/eval) and cache setting are restored afterwards."""
-    device = model.get_input_embeddings().weight.device
-    eos = tokenizer.eos_token_id
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    prompts = [_prompt_ids(tokenizer, t) for t in texts]
-    width = max(len(p) for p in prompts)
-    x = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
-    attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
-    was_training = model.training
-    use_cache = getattr(model.config, "use_cache", None)
-    model.eval()
-    model.config.use_cache = True
-    try:
-        torch.manual_seed(sample_seed)
-        out = model.generate(x, attention_mask=attn, do_sample=True, temperature=0.8, top_p=0.95,
-                             top_k=0, max_new_tokens=max_new, pad_token_id=pad)
-    finally:
-        model.config.use_cache = use_cache
-        model.train(was_training)
-    chats = []
-    for p, row in zip(prompts, out.tolist()):
-        answer = row[width:]
-        if eos in answer:
-            answer = answer[:answer.index(eos)]
-        answer = [t for t in answer if t != pad]
-        if len(answer) >= 8:
-            chats.append(p + answer + ([eos] if eos is not None else []))
-    return chats
-
-
-def _generate(model, tokenizer, tokens: int, seed: int, max_new: int, batch: int, ids: torch.Tensor,
-              ends: list[int], starts: list[int], cap: int) -> tuple[torch.Tensor, list[int], list[int]]:
+def _generate(model, tokenizer, tokens: int, seed: int, max_new: int, batch: int,
+              ids: torch.Tensor, ends: list[int], cap: int) -> tuple[torch.Tensor, list[int]]:
     """Continue the stream `ids` (rounds `ends` so far) round by round until it holds `tokens` or
     `cap` rounds ran. Round k answers prompts k·batch … (k+1)·batch − 1 of the seeded order with
     its own seed, so continuing a stream gives exactly what one run would have."""
-    order = prompt_order(seed)
+    device = model.get_input_embeddings().weight.device
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    order = torch.randperm(len(PROMPTS), generator=torch.Generator().manual_seed(seed)).tolist()
     stream: list[int] = ids.tolist()
-    ends, starts = list(ends), list(starts)
-    while len(stream) < tokens and len(ends) < cap:
-        i = len(ends) * batch
-        texts = [PROMPTS[order[(i + j) % len(order)]] for j in range(batch)]
-        for chat in answer_round(model, tokenizer, texts, seed * 1_000_003 + i + batch, max_new):
-            starts.append(len(stream))
-            stream += chat
-        ends.append(len(stream))
-    return torch.tensor(stream, dtype=torch.long), ends, starts
+    ends = list(ends)
+    was_training = model.training
+    model.eval()
+    use_cache = getattr(model.config, "use_cache", None)
+    model.config.use_cache = True
+    try:
+        while len(stream) < tokens and len(ends) < cap:
+            i = len(ends) * batch
+            texts = [PROMPTS[order[(i + j) % len(order)]] for j in range(batch)]
+            prompts = [_prompt_ids(tokenizer, t) for t in texts]
+            width = max(len(p) for p in prompts)
+            x = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+            attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+            torch.manual_seed(seed * 1_000_003 + i + batch)
+            out = model.generate(x, attention_mask=attn, do_sample=True, temperature=0.8, top_p=0.95,
+                                 top_k=0, max_new_tokens=max_new, pad_token_id=pad)
+            for p, row in zip(prompts, out.tolist()):
+                answer = row[width:]
+                if eos in answer:
+                    answer = answer[:answer.index(eos)]
+                answer = [t for t in answer if t != pad]
+                if len(answer) >= 8:          # a sequence the model ended at once teaches nothing
+                    stream += p + answer + ([eos] if eos is not None else [])
+            ends.append(len(stream))
+    finally:
+        model.config.use_cache = use_cache
+        model.train(was_training)
+    return torch.tensor(stream, dtype=torch.long), ends
