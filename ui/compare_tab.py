@@ -490,8 +490,9 @@ def build_compare_tab(jobs: JobManager, tab: gr.Tab):
                 "calibration text (distillation; the loss below is the KL divergence to the dense model). "
                 "The recovered model gets its own row in the table above, and appears in the 2:4 model "
                 "list and in Export. Stop ends it after the current step and keeps the last good weights. "
-                "What to expect from a model this small: recovery turns loops into on-topic sentences, but "
-                "facts are fragile at 2:4 (a capital city, an author) and do not all come back.")
+                "What to expect: recovery turns loops into on-topic sentences, but facts are fragile at 2:4, "
+                "above all in small models (the bundled 135 M model loses capital cities and authors), and "
+                "not all of them come back.")
     recoverable = recoverable_choices(jobs)
     with gr.Row():
         with gr.Column(scale=2, min_width=260):
