@@ -31,10 +31,12 @@ import itertools
 import json
 import os
 import platform
+import re
 import shlex
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -124,8 +126,6 @@ PROMPTS_ASKED = list(EXAMPLE_PROMPTS)
 def loops(answer: str, n: int = 4, times: int = 3) -> bool:
     """Does the answer go round in circles: some phrase of n words (or punctuation marks) comes
     back at least `times` times? (The usual failure of a damaged model under greedy decoding.)"""
-    import re
-    from collections import Counter
     words = re.findall(r"\w+|[^\w\s]", answer.lower())
     grams = Counter(tuple(words[i:i + n]) for i in range(len(words) - n + 1))
     return bool(grams) and max(grams.values()) >= times

@@ -68,6 +68,7 @@ def render_pair(dense: str, pruned: str, variant: str | None, streaming: str | N
     is the reference, and marking all of both would say nothing."""
     cut = None
     summary = ""
+    done = variant and streaming is None
     if variant and pruned:
         i = first_divergence(dense, pruned)
         if streaming is None:
@@ -83,13 +84,12 @@ def render_pair(dense: str, pruned: str, variant: str | None, streaming: str | N
                 cut = i
         elif i < len(pruned):           # mark only what has really diverged so far
             cut = i
-    elif variant and streaming is None:     # the 2:4 model ended its answer at once
+    elif done:                          # the 2:4 model ended its answer at once
         summary = ("The 2:4 model **wrote nothing**: it ended its answer at once. Try another prompt, or recover "
                    "its weights (below) so that it answers again.")
     elif not variant and streaming is None:
         summary = "No 2:4 result yet: start a run in the **Learn** tab (or compute a baseline below)."
     dense_cut = cut if cut else None    # from the first character on: the pruned side alone
-    done = variant and streaming is None
     return (_panel(dense, dense_cut, streaming == DENSE),
             _panel(pruned, cut, streaming == "pruned", "(no text)" if done else "…")
             if variant else '<div class="ps-gen ps-muted">no 2:4 model to show yet</div>', summary)
