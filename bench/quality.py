@@ -155,7 +155,10 @@ def _recovered(ws: Workspace, name: str, label: str, job: dict) -> list[dict]:
     rows = []
     for rc in RECOVER:
         t0 = time.perf_counter()
-        res = ws.recover(name, rc)
+        def log(ev, every=max(1, rc.steps // 10)):
+            if ev.step % every == 0:
+                print(f"[{label} recovery] {ev.line()}", flush=True)
+        res = ws.recover(name, rc, log)
         if res.pruning is None:
             continue
         steps = f", {rc.steps} steps" if rc.method != "obs" else ""
