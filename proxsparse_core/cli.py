@@ -313,10 +313,12 @@ def cmd_export(args) -> int:
 def cmd_recover(args) -> int:
     """Recover the surviving weights of a learn/prune run folder; write a run folder of its own."""
     from .recovered_runs import WEIGHTS_FILE, read_run
-    from .recovery import RecoveryConfig
+    from .recovery import RECOVERY_LENGTHS, RecoveryConfig
 
-    rcfg = RecoveryConfig(method=args.method, steps=args.steps, lr=args.lr, batch=args.batch, seed=args.seed,
-                          samples=args.samples).validate()
+    settings = dict(RECOVERY_LENGTHS[args.length]) if args.length else {}
+    settings.update({k: getattr(args, k) for k in ("steps", "lr", "batch", "seed", "samples")
+                     if getattr(args, k) is not None})
+    rcfg = RecoveryConfig(method=args.method, **settings).validate()
     overrides = {k: getattr(args, k) for k in ("device", "dtype") if hasattr(args, k)}
     folder = read_run(args.run, overrides)
     if folder.recovered:
@@ -465,7 +467,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(exp, {"device", "dtype", "trust_remote_code"})
     exp.set_defaults(func=cmd_export)
 
-    from .recovery import RECOVERY_METHODS, RecoveryConfig
+    from .recovery import RECOVERY_LENGTHS, RECOVERY_METHODS, RecoveryConfig
     rec = sub.add_parser("recover", help="recover the surviving weights of a 2:4 run (mask fixed)",
                          description="Update the surviving weights of a learn or prune run folder with its "
                                      "mask held fixed: obs (the optimal-brain-surgeon update layer by layer), "
@@ -474,8 +476,12 @@ def build_parser() -> argparse.ArgumentParser:
                                      "and metrics.json; `export --run` on that folder exports the recovered model.")
     rec.add_argument("--run", required=True, metavar="RUN_FOLDER", help="a run folder written by learn or prune")
     rec.add_argument("--method", required=True, choices=RECOVERY_METHODS, help=RecoveryConfig.HELP["method"])
+    rec.add_argument("--length", choices=list(RECOVERY_LENGTHS), default=None,
+                     help="sets --steps, --samples and --batch together: " + "; ".join(
+                         f"{k}: " + ", ".join(f"{n} {v}" for n, v in d.items()) for k, d in RECOVERY_LENGTHS.items())
+                     + " (long is for a GPU: lower perplexity, 13x the tokens); a flag given too wins")
     for flag, kind in (("steps", int), ("lr", float), ("batch", int), ("seed", int), ("samples", int)):
-        rec.add_argument(f"--{flag}", type=kind, default=getattr(RecoveryConfig, flag), metavar=flag.upper(),
+        rec.add_argument(f"--{flag}", type=kind, default=None, metavar=flag.upper(),
                          help=f"{RecoveryConfig.HELP[flag]} (default: {getattr(RecoveryConfig, flag)})")
     _add_config_flags(rec, {"device", "dtype"})
     _add_output_flags(rec)

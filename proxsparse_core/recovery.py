@@ -85,6 +85,16 @@ class RecoveryConfig:
         return cls(**d).validate()
 
 
+# How long fine-tuning runs. `standard` is RecoveryConfig's defaults (≈ 7 min on 2 CPU cores, ≈ 1 min
+# on a GPU for the bundled model); `long` reads 13× the samples, for a GPU (4.5 min on an H200 shared
+# with four other runs; at the CPU's rate per sample, about 1.5 h on 2 cores — not measured there).
+# Measured on the bundled model (H200, seed 0, bench/RESULTS.md, issue 9 sixth pass): held-out
+# perplexity 26.4 / 64.1 / 46.0 / 69.5 (built-in text / licence texts / ML docs / manual) with
+# `standard`, 21.7 / 54.8 / 39.1 / 58.3 with `long`.
+RECOVERY_LENGTHS = {"standard": {k: getattr(RecoveryConfig, k) for k in ("steps", "samples", "batch")},
+                    "long": {"steps": 1000, "samples": 4000, "batch": 4}}
+
+
 @dataclass
 class RecoveryResult:
     status: str                   # finished | stopped | failed

@@ -11,7 +11,7 @@ from proxsparse_core.baselines import prune_sparsegpt
 from proxsparse_core.distill import bucket_kl, distill_loss, teacher_targets
 from proxsparse_core.errors import UserError
 from proxsparse_core.masks import mask_2to4, snapshot, swapped, verify
-from proxsparse_core.recovery import RecoveryConfig, obs_update, recover
+from proxsparse_core.recovery import RECOVERY_LENGTHS, RecoveryConfig, obs_update, recover
 from proxsparse_core.results import Pruning, title
 from test_export import save_tiny_model, tiny_cfg
 
@@ -222,8 +222,8 @@ def test_cli_learn_recover_export_round_trips_bit_for_bit(tiny_folder, tmp_path,
     assert main(["learn", "--model", str(tiny_folder), *FLAGS, "--steps", "2", "--lr", "1e-3",
                  "--out", str(run), "--no-eval"]) == 0
     capsys.readouterr()
-    assert main(["recover", "--run", str(run), "--method", "both", "--steps", "3", "--lr", "1e-2",
-                 "--out", str(rec)]) == 0
+    assert main(["recover", "--run", str(run), "--method", "both", "--length", "long", "--steps", "3",
+                 "--samples", "12", "--lr", "1e-2", "--out", str(rec)]) == 0
     out = capsys.readouterr().out
     assert "step 3/3  KL to dense" in out and "weight update (OBS): block 2/2" in out
     assert "same top-1 next token as dense" in out
@@ -231,8 +231,10 @@ def test_cli_learn_recover_export_round_trips_bit_for_bit(tiny_folder, tmp_path,
                                                "events.jsonl", "metrics.json"}
     recipe = json.loads((rec / "recipe.json").read_text())
     assert recipe["method"] == "proxsparse+recovery" and recipe["base_method"] == "proxsparse"
-    assert recipe["recovery"] == RecoveryConfig(method="both", steps=3, lr=1e-2).to_dict()
+    # --length long sets the samples per step; the flags given too win over its steps and samples
+    assert recipe["recovery"] == RecoveryConfig(method="both", steps=3, lr=1e-2, batch=4, samples=12).to_dict()
     assert recipe["command"].startswith("python -m proxsparse_core recover --run ")
+    assert "--batch 4 --seed 0 --samples 12" in recipe["command"]
     assert recipe["config"] == json.loads((run / "recipe.json").read_text())["config"]
     metrics = json.loads((rec / "metrics.json").read_text())
     assert metrics["verified"] and set(metrics["perplexity"]) == {"dense", "proxsparse", "proxsparse+recovery"}
@@ -315,15 +317,22 @@ def test_compare_tab_recovers_a_result_and_shows_its_row(tiny_folder):
     wait(job)
     assert compare_tab.recoverable_choices(jobs) == [(title(LEARNED), LEARNED)]
     for args, needle in (((LEARNED, "sgd", 3), "Recovery must be one of"), ((LEARNED, "both", 0), "Fine-tuning steps"),
-                         (("nope", "both", 3), "no result named")):
+                         (("nope", "both", 3), "no result named"), ((LEARNED, "both", 3, 300, 0), "Samples per step"),
+                         ((LEARNED, "both", 3, 300, "4"), "Samples per step must be a whole number")):
         with pytest.raises(UserError, match=needle):
             list(compare_tab.recover_result(jobs, *args))
 
-    updates = list(compare_tab.recover_result(jobs, LEARNED, "both", 4.0, 3.0))
+    assert compare_tab.recovery_length("long") == (RECOVERY_LENGTHS["long"]["steps"], RECOVERY_LENGTHS["long"]["samples"],
+                                                   RECOVERY_LENGTHS["long"]["batch"])
+    assert compare_tab.recovery_length("standard") == (RecoveryConfig.steps, RecoveryConfig.samples, RecoveryConfig.batch)
+    with pytest.raises(UserError, match="Recovery length must be one of"):
+        compare_tab.recovery_length("forever")
+    updates = list(compare_tab.recover_result(jobs, LEARNED, "both", 4.0, 3.0, 2.0))
     progress, fig, table, variant = updates[-1]
     new = LEARNED + "+recovery"
     assert new in jobs.ws.results and jobs.verified[new] is True
     assert jobs.ws.results[new].info["finetune_samples"] == 3          # the samples widget reaches recovery
+    assert jobs.ws.results[new].info["recovery"]["batch"] == 2         # and so does the samples-per-step one
     assert "finished" in progress and "ETA" not in progress
     assert fig.data[0].name.startswith("KL to dense") and list(fig.data[0].x) == [1, 2, 3, 4]
     assert fig.layout.yaxis2.title.text == "KL divergence to the dense model"     # its own axis: not a next-token loss

@@ -240,10 +240,12 @@ BAD_OTHER = [   # (endpoint, inputs, message)
     ("recover", {3: -5}, "Fine-tuning samples must be between 0 and 5000, got -5"),
     ("recover", {3: "many"}, "Fine-tuning samples must be a whole number, got 'many'"),
     ("recover", {2: 2.5}, "Fine-tuning steps must be a whole number, got 2.5"),
+    ("recover", {4: 0}, "Samples per step must be between 1 and 64, got 0"),
+    ("recover", {4: [4]}, "Samples per step must be a whole number, got [4]"),
 ]
 BASE = {"generate": GEN, "prox_demo": [0.9, -0.7, 0.5, 0.3, 0.6], "export": [LEARNED, "x", False, False],
         "perplexity": [[]], "inspect_model": ["", "cpu", "float32", False, ""],
-        "recover": [LEARNED, "both", 300, 300]}
+        "recover": [LEARNED, "both", 300, 300, 1]}
 
 
 @pytest.mark.parametrize("api,change,message", BAD_OTHER, ids=[f"{a}-{c!s:.16}" for a, c, _ in BAD_OTHER])
