@@ -241,6 +241,17 @@ def test_compare_rows_arrive_with_per_task_progress_and_divergence(tiny_app, bro
     table = page.inner_text("#ps-table")
     assert "Dense" in table and "ProxSparse" in table and "Wanda" in table
 
+    # the recovery length sets its three sliders (steps, samples, samples per step)
+    def sliders():
+        return [page.input_value(f"#ps-recover-{k} input[type=number]") for k in ("steps", "samples", "batch")]
+    assert sliders() == ["300", "300", "1"]
+    page.locator("#ps-recover-length").get_by_text("long, for a GPU").click()
+    page.wait_for_function("() => document.querySelector('#ps-recover-batch input[type=number]').value === '4'")
+    assert sliders() == ["1000", "4000", "4"]
+    page.locator("#ps-recover-length").get_by_text("standard").click()
+    page.wait_for_function("() => document.querySelector('#ps-recover-batch input[type=number]').value === '1'")
+    assert sliders() == ["300", "300", "1"]
+
     page.fill("#ps-prompt textarea", "What is the capital of France?")
     page.click("#ps-generate")
     page.wait_for_function(f"() => {DONE_JS}",

@@ -322,9 +322,10 @@ def test_compare_tab_recovers_a_result_and_shows_its_row(tiny_folder):
         with pytest.raises(UserError, match=needle):
             list(compare_tab.recover_result(jobs, *args))
 
-    assert compare_tab.recovery_length("long") == (RECOVERY_LENGTHS["long"]["steps"], RECOVERY_LENGTHS["long"]["samples"],
-                                                   RECOVERY_LENGTHS["long"]["batch"])
-    assert compare_tab.recovery_length("standard") == (RecoveryConfig.steps, RecoveryConfig.samples, RecoveryConfig.batch)
+    long = RECOVERY_LENGTHS["long"]
+    assert compare_tab.recovery_length("long") == (long["steps"], long["samples"], long["batch"])
+    assert compare_tab.recovery_length("standard") == (RecoveryConfig.steps, RecoveryConfig.samples,
+                                                       RecoveryConfig.batch)
     with pytest.raises(UserError, match="Recovery length must be one of"):
         compare_tab.recovery_length("forever")
     updates = list(compare_tab.recover_result(jobs, LEARNED, "both", 4.0, 3.0, 2.0))

@@ -519,15 +519,17 @@ def build_compare_tab(jobs: JobManager, tab: gr.Tab):
                                        "perplexity by a further 14–18 % on every text measured (H200); answers "
                                        "stay on topic, lost facts mostly stay lost")
             rec_steps = gr.Slider(5, 1000, RecoveryConfig.steps, step=5, label="Fine-tuning steps",
+                                  elem_id="ps-recover-steps",
                                   info="300 with the weight update: ≈ 7 min on 2 CPU cores (the first time ≈ 1 min more, "
                                        "to write the model's own text), ≈ 1 min on a GPU (measured)")
             rec_samples = gr.Slider(0, MAX_RECOVERY_SAMPLES, RecoveryConfig.samples, step=50,
-                                    label="Fine-tuning samples",
+                                    label="Fine-tuning samples", elem_id="ps-recover-samples",
                                     info="drawn like the run's calibration samples (0 = exactly the run's); "
                                          "300 read once beat the run's 150 read twice on every held-out text")
             rec_batch = gr.Slider(1, 16, RecoveryConfig.batch, step=1, label="Samples per step",
-                                  info="on a CPU a step takes about that many times longer; a GPU reads 4 in far less "
-                                       "(H200, shared with other runs: 0.07 s/step with 1, 0.12 s with 4)")
+                                  elem_id="ps-recover-batch",
+                                  info="each fine-tuning step reads this many samples; on a CPU its time grows about "
+                                       "in proportion, a GPU has room for several at once")
             with gr.Row():
                 rec_go = gr.Button("Recover", variant="primary", elem_id="ps-recover")
                 rec_stop = gr.Button("Stop", variant="stop", elem_id="ps-recover-stop", min_width=80)
