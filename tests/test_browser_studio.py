@@ -227,9 +227,9 @@ def test_compare_rows_arrive_with_per_task_progress_and_divergence(tiny_app, bro
     deadline = time.time() + 240
     while time.time() < deadline:
         note = page.inner_text("#ps-table-note")
-        for name, done in re.findall(r"▶ (.+?) — \w+ (\d+) /", note):
-            assert int(done) >= seen.get(name, 0), (name, done, seen)
-            seen[name] = int(done)
+        for name, stage, done in re.findall(r"▶ (.+?) — (\w+) (\d+) /", note):   # a row's progress within a stage
+            assert int(done) >= seen.get((name, stage), 0), (name, stage, done, seen)
+            seen[name, stage] = int(done)
         samples += 1
         if samples == 3:
             assert page.locator("#ps-table").is_visible()
