@@ -35,6 +35,7 @@ import re
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -111,6 +112,7 @@ def run_job(ws: Workspace, cfg: RunConfig, job: dict) -> list[dict]:
 
 
 RECOVER: list[RecoveryConfig] = []   # set from --recover
+RECOVER_UNTIL = 0.0                  # --recover-until (Unix time; 0 = no deadline)
 ANSWERS = 0                          # new tokens per example answer (--answers; 0 = none)
 # prompts no calibration or fine-tuning text contains (neither the app's examples nor selfgen's
 # list): with --more-prompts every row answers them too, to judge answers beyond the four examples
@@ -158,15 +160,25 @@ def _recovered(ws: Workspace, name: str, label: str, job: dict) -> list[dict]:
         def log(ev, every=max(1, rc.steps // 10)):
             if ev.step % every == 0:
                 print(f"[{label} recovery] {ev.line()}", flush=True)
-        res = ws.recover(name, rc, log)
+        stop = threading.Event()      # --recover-until: a run that would outlast the deadline stops there
+        timer = threading.Timer(max(0.0, RECOVER_UNTIL - time.time()), stop.set) if RECOVER_UNTIL else None
+        if timer:
+            timer.start()
+        try:
+            res = ws.recover(name, rc, log, stop)
+        finally:
+            if timer:
+                timer.cancel()
         if res.pruning is None:
+            print(f"[{label} recovery] no row: {res.status}: {res.message}", flush=True)
             continue
         steps = f", {rc.steps} steps" if rc.method != "obs" else ""
         default = RecoveryConfig(method=rc.method, steps=rc.steps, seed=rc.seed)
-        steps += "".join(f", {k} {getattr(rc, k)}" for k in ("lr", "samples", "batch")
+        steps += "".join(f", {k} {getattr(rc, k)}" for k in ("lr", "samples", "batch", "features")
                          if getattr(rc, k) != getattr(default, k))
         row = _row(ws, recovered_name(name), f"{label} + recovery ({rc.method}{steps})", time.perf_counter() - t0)
         row["recovery_loss"] = res.events[-1].lm_loss if res.events else None
+        row["recovery_status"] = f"{res.status}: {res.message}"
         rows.append(row)
     return rows
 
@@ -213,8 +225,9 @@ def run_shard(args, base: RunConfig, jobs: list[dict]):
     for path in args.heldout:
         ids = tokenize(ws.lm.tokenizer, Path(path).read_text())
         EXTRA[Path(path).stem] = heldout_windows(ids, base.eval_ctx, args.heldout_windows, prefix)
-    global RECOVER, ANSWERS
+    global RECOVER, ANSWERS, RECOVER_UNTIL
     RECOVER = parse_recover(args.recover, args.recover_steps, args.recover_lr, base.seed)
+    RECOVER_UNTIL = args.recover_until
     ANSWERS = args.answers
     if args.more_prompts:
         PROMPTS_ASKED.extend(MORE_PROMPTS)
@@ -311,6 +324,9 @@ def main():
                                                           "prompts, with this many new tokens")
     p.add_argument("--more-prompts", action="store_true", help="with --answers: also answer MORE_PROMPTS")
     p.add_argument("--recover-lr", type=float, default=RecoveryConfig.lr)
+    p.add_argument("--recover-until", type=float, default=0.0, help="Unix time at which a recovery still "
+                   "running is stopped (its last good weights are scored, the row says 'stopped'); for runs "
+                   "on a machine lent for a limited time")
     args = p.parse_args()
 
     base = RunConfig(device=args.device, eval_windows=0)
