@@ -80,22 +80,6 @@ def distill_loss(model, batch: torch.Tensor, t_logp: torch.Tensor, t_index: torc
     return bucket_kl(logits, t_logp, t_index)
 
 
-def feature_gap(student: tuple, teacher: tuple) -> torch.Tensor:
-    """Layer-wise feature matching (the "SquareHead" idea of sparse fine-tuning, Kurtic et al. 2023):
-    the mean over decoder blocks of ‖h_s − h_t‖² / ‖h_t‖², per position, of each block's output.
-
-    `student`, `teacher`: a model's `hidden_states` (embeddings first, then one per block). The
-    embeddings are never pruned and are left out. Normalised per position, so that no token with
-    a huge residual norm (start-of-text tokens often have one) outweighs the rest, and per block,
-    so every depth counts alike whatever its scale. Zero exactly when every block's output matches."""
-    gaps = []
-    for hs, ht in zip(student[1:], teacher[1:]):
-        ht = ht.float()
-        err = (hs.float() - ht).pow(2).sum(-1)
-        gaps.append((err / ht.pow(2).sum(-1).clamp_min(_TINY)).mean())
-    return torch.stack(gaps).mean()
-
-
 def targets_bytes(n: int, ctx: int, k: int = TOP_K) -> int:
     """Memory the teacher targets of n samples take (float16 values + int32 ids)."""
     return n * ctx * k * 6

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-from .distill import bucket_kl, feature_gap, teacher_targets
+from .distill import distill_loss, teacher_targets
 from .errors import Stopped, UserError
 from .learner import StepEvent, memory_in_use
 from .masks import load_weights
@@ -45,7 +45,6 @@ class RecoveryConfig:
     samples: int = 300            # calibration samples fine-tuning reads (0 = the run's own). 300 distinct
     #                               samples at lr 2e-3 beat the run's 150 seen twice at 1e-3 on every held-out
     #                               text, two seeds, two architectures (bench/RESULTS.md, issue 9 third pass)
-    features: float = 0.0         # weight of the layer-wise feature matching term (distill.feature_gap); 0 = off
 
     HELP = {"method": "obs (weight update with the mask fixed), finetune (masked distillation from the "
                       "dense model) or both",
@@ -54,9 +53,7 @@ class RecoveryConfig:
             "batch": "calibration samples per fine-tuning step", "seed": "seed for the sample order",
             "samples": "calibration samples the fine-tuning reads, drawn from the run's calibration source "
                        "and seed like the run's own (0 = exactly the run's samples); the OBS update always "
-                       "reads the run's samples",
-            "features": "weight of a second distillation term that matches every decoder block's output to "
-                        "the dense model's (0 = off; costs one more forward pass of the dense model a step)"}
+                       "reads the run's samples"}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,9 +72,6 @@ class RecoveryConfig:
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) \
                 or not 0 < self.lr <= 1:
             raise UserError(f"recovery learning rate must be a number in (0, 1]; got {self.lr!r}")
-        if isinstance(self.features, bool) or not isinstance(self.features, (int, float)) \
-                or not math.isfinite(self.features) or not 0 <= self.features <= 100:
-            raise UserError(f"recovery features weight must be a number from 0 to 100; got {self.features!r}")
         return self
 
     @classmethod
@@ -135,19 +129,6 @@ class MaskedFinetuner:
         self.on_event = on_event or (lambda e: None)
         self.stop = stop or threading.Event()
 
-    def _loss(self, batch: torch.Tensor, targets: tuple, dense: dict | None) -> torch.Tensor:
-        """Bucket KL to the dense model's next-token distributions, plus (when cfg.features) the
-        feature term against the dense model's block outputs on the same batch."""
-        model = self.lm.model
-        out = model(input_ids=batch, use_cache=False, output_hidden_states=dense is not None)
-        loss = bucket_kl(out.logits, *targets)
-        if dense is not None:
-            with torch.no_grad():
-                ref = torch.func.functional_call(model, dense, (batch,), {"use_cache": False,
-                                                                         "output_hidden_states": True})
-            loss = loss + self.cfg.features * feature_gap(out.hidden_states, ref.hidden_states)
-        return loss
-
     def run(self, start: dict) -> tuple[dict, list, str, str]:
         """Train from the weights `start` (name → CPU weight, 2:4). Returns (weights, events,
         status, message); the model is back at W0 afterwards, whatever happens."""
@@ -174,9 +155,6 @@ class MaskedFinetuner:
             opt = torch.optim.AdamW([{"params": [weights[n]], "lr": cfg.lr * scale[n]} for n in names],
                                     lr=cfg.lr, weight_decay=0.0, fused=device.startswith("cuda"))
             warm = max(1, cfg.steps // 10)
-            # the dense weights, for the feature term's teacher pass (the model itself holds the student's)
-            dense = {f"{n}.weight": self.originals[n].to(weights[n].device, weights[n].dtype)
-                     for n in names} if cfg.features else None
 
             def ramp(s):   # linear warm-up, then cosine decay towards 0
                 if s + 1 <= warm:
@@ -194,7 +172,7 @@ class MaskedFinetuner:
                 t0 = time.perf_counter()
                 pos = ((step - 1) * cfg.batch + torch.arange(cfg.batch)) % used.numel()
                 batch = self.samples[used[pos]].to(device)
-                loss = self._loss(batch, teacher.batch(pos, device), dense)
+                loss = distill_loss(model, batch, *teacher.batch(pos, device))
                 if not torch.isfinite(loss):
                     status = "failed"
                     message = (f"the loss became {float(loss)} at step {step}; kept the weights after "
