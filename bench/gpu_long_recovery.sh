@@ -7,8 +7,8 @@
 # there and scored with its last good weights (the row's recovery_status says so), so that every
 # process leaves a row inside a machine's time limit. An item "sparsegpt/ITEM" recovers SparseGPT's
 # result (its mask and updated weights, same calibration tokens) instead of learning a mask.
-#   RES=/tmp/r BUDGET=480 bash bench/gpu_long_recovery.sh "both:1000:samples=4000:batch=4:features=1" …
-#   SMOKE=1 RES=/tmp/rs bash bench/gpu_long_recovery.sh "both:4:samples=16:batch=2:features=1"   # CPU
+#   RES=/tmp/r BUDGET=480 bash bench/gpu_long_recovery.sh "both:1000:samples=4000:batch=4" "sparsegpt/both:1000:samples=8000:batch=8" …
+#   SMOKE=1 RES=/tmp/rs bash bench/gpu_long_recovery.sh "both:4:samples=16:batch=2"   # CPU
 set -u
 RES=${RES:-/tmp/r}; BUDGET=${BUDGET:-480}
 mkdir -p "$RES"
