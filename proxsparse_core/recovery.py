@@ -86,13 +86,15 @@ class RecoveryConfig:
 
 
 # How long fine-tuning runs. `standard` is RecoveryConfig's defaults (≈ 7 min on 2 CPU cores, ≈ 1 min
-# on a GPU for the bundled model); `long` reads 13× the samples, for a GPU (4.5 min on an H200 shared
-# with four other runs; at the CPU's rate per sample, about 1.5 h on 2 cores — not measured there).
-# Measured on the bundled model (H200, seed 0, bench/RESULTS.md, issue 9 sixth pass): held-out
-# perplexity 26.4 / 64.1 / 46.0 / 69.5 (built-in text / licence texts / ML docs / manual) with
-# `standard`, 21.7 / 54.8 / 39.1 / 58.3 with `long`.
+# on a GPU for the bundled model); `long` reads 27× the samples, for a GPU (≈ 4.5 min on an H200 shared
+# with two other runs; at the CPU's rate per sample, hours on 2 cores — not measured there).
+# Measured on the bundled model (H200, seed 0, bench/RESULTS.md, issue 9 sixth and seventh passes),
+# held-out perplexity on the built-in text / licence texts / ML docs / manual: ProxSparse's mask
+# 26.4 / 64.1 / 46.0 / 69.5 after `standard`, 21.7 / 54.8 / 39.1 / 58.3 after 1,000 steps × 4 samples;
+# SparseGPT's result 21.4 / 53.6 / 37.6 / 57.2 after 1,000 × 4 and 21.2 / 53.4 / 36.7 / 56.6 (and 1 answer
+# of 12 going round in a loop, against 4) after 1,000 × 8, which is `long`.
 RECOVERY_LENGTHS = {"standard": {k: getattr(RecoveryConfig, k) for k in ("steps", "samples", "batch")},
-                    "long": {"steps": 1000, "samples": 4000, "batch": 4}}
+                    "long": {"steps": 1000, "samples": 8000, "batch": 8}}
 
 
 @dataclass

@@ -246,8 +246,8 @@ def test_compare_rows_arrive_with_per_task_progress_and_divergence(tiny_app, bro
         return [page.input_value(f"#ps-recover-{k} input[type=number]") for k in ("steps", "samples", "batch")]
     assert sliders() == ["300", "300", "1"]
     page.locator("#ps-recover-length").get_by_text("long, for a GPU").click()
-    page.wait_for_function("() => document.querySelector('#ps-recover-batch input[type=number]').value === '4'")
-    assert sliders() == ["1000", "4000", "4"]
+    page.wait_for_function("() => document.querySelector('#ps-recover-batch input[type=number]').value === '8'")
+    assert sliders() == ["1000", "8000", "8"]
     page.locator("#ps-recover-length").get_by_text("standard").click()
     page.wait_for_function("() => document.querySelector('#ps-recover-batch input[type=number]').value === '1'")
     assert sliders() == ["300", "300", "1"]

@@ -232,9 +232,9 @@ def test_cli_learn_recover_export_round_trips_bit_for_bit(tiny_folder, tmp_path,
     recipe = json.loads((rec / "recipe.json").read_text())
     assert recipe["method"] == "proxsparse+recovery" and recipe["base_method"] == "proxsparse"
     # --length long sets the samples per step; the flags given too win over its steps and samples
-    assert recipe["recovery"] == RecoveryConfig(method="both", steps=3, lr=1e-2, batch=4, samples=12).to_dict()
+    assert recipe["recovery"] == RecoveryConfig(method="both", steps=3, lr=1e-2, batch=8, samples=12).to_dict()
     assert recipe["command"].startswith("python -m proxsparse_core recover --run ")
-    assert "--batch 4 --seed 0 --samples 12" in recipe["command"]
+    assert "--batch 8 --seed 0 --samples 12" in recipe["command"]
     assert recipe["config"] == json.loads((run / "recipe.json").read_text())["config"]
     metrics = json.loads((rec / "metrics.json").read_text())
     assert metrics["verified"] and set(metrics["perplexity"]) == {"dense", "proxsparse", "proxsparse+recovery"}

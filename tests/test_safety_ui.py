@@ -237,7 +237,7 @@ BAD_OTHER = [   # (endpoint, inputs, message)
     ("perplexity", {0: "magnitude"}, "One-shot baselines to add must be a list of: "),
     ("inspect_model", {1: 5}, "Device must be text, got 5"),
     ("inspect_model", {0: "m" * 5000}, "Model is 5,000 characters long; the limit is 1,000"),
-    ("recover", {3: -5}, "Fine-tuning samples must be between 0 and 5000, got -5"),
+    ("recover", {3: -5}, "Fine-tuning samples must be between 0 and 10000, got -5"),
     ("recover", {3: "many"}, "Fine-tuning samples must be a whole number, got 'many'"),
     ("recover", {2: 2.5}, "Fine-tuning steps must be a whole number, got 2.5"),
     ("recover", {4: 0}, "Samples per step must be between 1 and 64, got 0"),
