@@ -114,6 +114,7 @@ def run_job(ws: Workspace, cfg: RunConfig, job: dict) -> list[dict]:
 RECOVER: list[RecoveryConfig] = []   # set from --recover
 RECOVER_UNTIL = 0.0                  # --recover-until (Unix time; 0 = no deadline)
 ANSWERS = 0                          # new tokens per example answer (--answers; 0 = none)
+GUARD = 0                            # --guard: also answer with no repeated n-gram of this length
 # prompts no calibration or fine-tuning text contains (neither the app's examples nor selfgen's
 # list): with --more-prompts every row answers them too, to judge answers beyond the four examples
 MORE_PROMPTS = [
@@ -204,7 +205,11 @@ def _answers(ws: Workspace, name: str) -> dict:
     if not ANSWERS:
         return {}
     s = GenerationSettings(max_new_tokens=ANSWERS)
-    return {"answers": {p: ws.generate(name, p, s) for p in PROMPTS_ASKED}}
+    out = {"answers": {p: ws.generate(name, p, s) for p in PROMPTS_ASKED}}
+    if GUARD:       # --guard N: the same answers with the Compare tab's loop guard
+        s = GenerationSettings(max_new_tokens=ANSWERS, no_repeat_ngram=GUARD)
+        out["answers_guarded"] = {p: ws.generate(name, p, s) for p in PROMPTS_ASKED}
+    return out
 
 
 def _row(ws: Workspace, name: str, label: str, seconds: float) -> dict:
@@ -225,10 +230,10 @@ def run_shard(args, base: RunConfig, jobs: list[dict]):
     for path in args.heldout:
         ids = tokenize(ws.lm.tokenizer, Path(path).read_text())
         EXTRA[Path(path).stem] = heldout_windows(ids, base.eval_ctx, args.heldout_windows, prefix)
-    global RECOVER, ANSWERS, RECOVER_UNTIL
+    global RECOVER, ANSWERS, RECOVER_UNTIL, GUARD
     RECOVER = parse_recover(args.recover, args.recover_steps, args.recover_lr, base.seed)
     RECOVER_UNTIL = args.recover_until
-    ANSWERS = args.answers
+    ANSWERS, GUARD = args.answers, args.guard
     if args.more_prompts:
         PROMPTS_ASKED.extend(MORE_PROMPTS)
     print(f"{ws.lm.describe()}\ncalibration {tuple(ws.data.calibration.shape)} from {ws.data.source}, "
@@ -323,6 +328,8 @@ def main():
     p.add_argument("--answers", type=int, default=0, help="also record each row's greedy answers to the example "
                                                           "prompts, with this many new tokens")
     p.add_argument("--more-prompts", action="store_true", help="with --answers: also answer MORE_PROMPTS")
+    p.add_argument("--guard", type=int, default=0, help="with --answers: also record each answer with the loop "
+                   "guard (no repeated n-gram of this length, the Compare tab's Block repeats) as answers_guarded")
     p.add_argument("--recover-lr", type=float, default=RecoveryConfig.lr)
     p.add_argument("--recover-until", type=float, default=0.0, help="Unix time at which a recovery still "
                    "running is stopped (its last good weights are scored, the row says 'stopped'); for runs "

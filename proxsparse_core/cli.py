@@ -121,11 +121,24 @@ def _remove_if_empty(folder: Path, top: Path):
             return
 
 
-def _print_compare(ws, names, prompt, max_new_tokens):
+def _print_compare(ws, names, args):
     from .evaluate import GenerationSettings
-    s = GenerationSettings(max_new_tokens=max_new_tokens)
+    s = GenerationSettings(max_new_tokens=args.max_new_tokens, no_repeat_ngram=args.no_repeat_ngram)
     for n in names:
-        print(f"--- {n}: {ws.generate(n, prompt, s)!r}")
+        print(f"--- {n}: {ws.generate(n, args.prompt, s)!r}")
+
+
+def _add_generation_flags(p: argparse.ArgumentParser):
+    from .evaluate import GenerationSettings
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    def ngram(text: str) -> int:          # checked when the flags are read, before a model loads
+        try:
+            return GenerationSettings(no_repeat_ngram=int(text)).validate().no_repeat_ngram
+        except (ValueError, UserError) as exc:
+            raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, UserError) else
+                                             f"not a whole number: {text!r}") from None
+    p.add_argument("--no-repeat-ngram", type=ngram, default=0, metavar="N",
+                   help=_help(GenerationSettings.HELP["no_repeat_ngram"]))
 
 
 def _load(cfg, uses_data: bool = True):
@@ -180,7 +193,7 @@ def _finish(ws, args, out: Path, name: str, metrics: dict, uses_data: bool = Tru
             metrics["perplexity"] = {DENSE: ws.perplexity(DENSE), name: ws.perplexity(name)}
             print("held-out perplexity: " + "  ".join(f"{k} {v:.3f}" for k, v in metrics["perplexity"].items()))
         if args.prompt:
-            _print_compare(ws, [DENSE, name], args.prompt, args.max_new_tokens)
+            _print_compare(ws, [DENSE, name], args)
     except KeyboardInterrupt:
         metrics["incomplete"] = ("interrupted (Ctrl-C) during verification, evaluation or generation; "
                                  "masks.npz and recipe.json are complete")
@@ -280,7 +293,7 @@ def cmd_eval(args) -> int:
             result[n] = ws.perplexity(n)
         print("held-out perplexity: " + "  ".join(f"{k} {v:.3f}" for k, v in result.items()))
     if args.prompt:
-        _print_compare(ws, names, args.prompt, args.max_new_tokens)
+        _print_compare(ws, names, args)
     if args.json:
         print(json.dumps({"perplexity": result}))
     return 0
@@ -395,7 +408,7 @@ def _finish_recovery(ws, args, out: Path, base: str, name: str, metrics: dict) -
         print("same top-1 next token as dense: " + "  ".join(f"{k} {100 * v:.1f}%"
                                                             for k, v in metrics["top1_agreement"].items()))
     if args.prompt:
-        _print_compare(ws, [DENSE, base, name], args.prompt, args.max_new_tokens)
+        _print_compare(ws, [DENSE, base, name], args)
     save_json(out / "metrics.json", metrics)
     print(f"wrote {out}/: " + " ".join(sorted(p.name for p in out.iterdir())))
     return 0 if check.ok else 1
@@ -415,7 +428,7 @@ def _add_output_flags(p: argparse.ArgumentParser):
     p.add_argument("--overwrite", action="store_true", help="allow a non-empty --out folder")
     p.add_argument("--no-eval", action="store_true", help="skip the perplexity evaluation")
     p.add_argument("--prompt", help="also compare dense and pruned generations for this prompt")
-    p.add_argument("--max-new-tokens", type=int, default=48)
+    _add_generation_flags(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -451,7 +464,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(ev, {"model", "device", "dtype", "trust_remote_code", "device_map", "max_memory", "data",
                            "data_field", "eval_ctx", "eval_windows", "seed"})
     ev.add_argument("--prompt", help="generate from this prompt with each model (greedy)")
-    ev.add_argument("--max-new-tokens", type=int, default=48)
+    _add_generation_flags(ev)
     ev.add_argument("--no-eval", action="store_true", help="skip perplexity")
     ev.add_argument("--json", action="store_true", help="print the perplexities as JSON too")
     ev.set_defaults(func=cmd_eval)
@@ -479,7 +492,7 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--length", choices=list(RECOVERY_LENGTHS), default=None,
                      help="sets --steps, --samples and --batch together: " + "; ".join(
                          f"{k}: " + ", ".join(f"{n} {v}" for n, v in d.items()) for k, d in RECOVERY_LENGTHS.items())
-                     + " (long is for a GPU: lower perplexity, 13x the tokens); a flag given too wins")
+                     + " (long is for a GPU: lower perplexity, 27x the tokens); a flag given too wins")
     for flag, kind in (("steps", int), ("lr", float), ("batch", int), ("seed", int), ("samples", int)):
         rec.add_argument(f"--{flag}", type=kind, default=None, metavar=flag.upper(),
                          help=f"{RecoveryConfig.HELP[flag]} (default: {getattr(RecoveryConfig, flag)})")

@@ -4,11 +4,11 @@ from __future__ import annotations
 import math
 import threading
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable, ClassVar, Iterator
 
 import torch
 
-from .errors import Stopped
+from .errors import Stopped, UserError
 
 
 @dataclass
@@ -76,7 +76,22 @@ class GenerationSettings:
     top_p: float = 0.9
     seed: int = 0
     chat: bool = True             # wrap the prompt in the tokenizer's chat template when it has one
+    no_repeat_ngram: int = 0      # n > 0: no n tokens in a row appear twice (a loop guard); 0 = off
     stop: threading.Event | None = field(default=None, compare=False, repr=False)   # set: end after this token
+
+    MAX_NGRAM: ClassVar[int] = 16
+    HELP: ClassVar[dict] = {
+        "no_repeat_ngram": "loop guard: with N > 0 no N tokens in a row appear twice in one answer (greedy decoding "
+                           "then takes the likeliest token that repeats none); 0 = off. Small and pruned models "
+                           "repeat a phrase or line under greedy decoding; 4 stops that and leaves other answers "
+                           "as they were (measured, bench/RESULTS.md)"}
+
+    def validate(self) -> "GenerationSettings":
+        n = self.no_repeat_ngram
+        if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= self.MAX_NGRAM:
+            raise UserError(f"the loop guard (no repeated n-gram) must be a whole number from 0 to {self.MAX_NGRAM}; "
+                            f"got {n!r}")
+        return self
 
 
 def _encode(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
@@ -101,6 +116,8 @@ def _stopping(stop: threading.Event):
 def _gen_kwargs(tokenizer, s: GenerationSettings) -> dict:
     kw = dict(max_new_tokens=s.max_new_tokens, do_sample=s.do_sample,
               pad_token_id=tokenizer.pad_token_id)
+    if s.no_repeat_ngram:
+        kw["no_repeat_ngram_size"] = s.no_repeat_ngram
     if s.stop is not None:
         kw["stopping_criteria"] = _stopping(s.stop)
     if s.do_sample:

@@ -120,7 +120,7 @@ def test_learn_stop_compare_through_the_api(app):
     assert step_of(page.predict(api_name="/attach")) == stopped_at        # nothing ran on after Stop
 
     dense, pruned, summary = page.predict("proxsparse", "What is the capital of France?", False, 0.7, 0.9,
-                                          16, True, api_name="/generate")
+                                          16, True, False, api_name="/generate")
     assert 'class="ps-gen"' in dense and 'class="ps-gen"' in pruned and "no 2:4 model" not in pruned
     assert summary
 

@@ -22,6 +22,8 @@ from proxsparse_core.cli import main
     (["learn", "--steps", "many"], "invalid int value"),
     (["learn", "--lr-schedule", "linear"], "invalid choice: 'linear' (choose from 'constant', 'cosine')"),
     (["learn", "--lambda-scale", "global"], "invalid choice"),
+    (["eval", "--no-repeat-ngram", "-1"], "loop guard (no repeated n-gram) must be a whole number from 0 to 16"),
+    (["eval", "--no-repeat-ngram", "four"], "not a whole number: 'four'"),
 ])
 def test_bad_arguments_one_line_exit_2(argv, needle, capsys, tmp_path):
     argv = [str(tmp_path / "out") if a == "OUT" else a for a in argv]

@@ -220,7 +220,7 @@ def test_bad_learn_settings_through_the_api_name_the_widget(live, tiny_dir, name
     assert jobs.job is None
 
 
-GEN = [None, "hello", False, 0.7, 0.9, 16, False]      # variant, prompt, sample, temperature, top-p, max new, chat
+GEN = [None, "hello", False, 0.7, 0.9, 16, False, False]   # variant, prompt, sample, temperature, top-p, max new, chat, block repeats
 BAD_OTHER = [   # (endpoint, inputs, message)
     ("generate", {5: "ten"}, "Max new tokens must be a whole number, got 'ten'"),
     ("generate", {5: NAN}, "Max new tokens must be a whole number, got nan"),
@@ -228,6 +228,7 @@ BAD_OTHER = [   # (endpoint, inputs, message)
     ("generate", {3: "hot"}, "Temperature must be a number, got 'hot'"),
     ("generate", {4: [1]}, "Top-p must be a number, got [1]"),
     ("generate", {2: "false"}, "Sample (off = greedy) must be true or false, got 'false'"),
+    ("generate", {7: "yes"}, "Block repeats must be true or false, got 'yes'"),
     ("prox_demo", {4: NAN}, "λ (regulariser strength) must be a number, got nan"),
     ("prox_demo", {4: INF}, "λ (regulariser strength) must be a number, got inf"),
     ("prox_demo", {4: "strong"}, "λ (regulariser strength) must be a number, got 'strong'"),
@@ -281,7 +282,7 @@ def test_in_the_page_a_refusal_is_a_toast_and_the_outputs_stay(live):
     """The same refusal, fired by the page's Generate button: a warning toast, and the three
     outputs untouched (a gr.Error would cover them with an "Error" pane until dismissed)."""
     url, _ = live
-    messages = page_event(url, "generate", [None, "x" * 40_000, False, 0.7, 0.9, 16, False])
+    messages = page_event(url, "generate", [None, "x" * 40_000, False, 0.7, 0.9, 16, False, False])
     toasts = [m for m in messages if m.get("msg") == "log"]
     assert [(t["level"], t["log"]) for t in toasts] == [
         ("warning", "Prompt is 40,000 characters long; the limit is 4,000")]
@@ -323,7 +324,7 @@ def test_a_long_prompt_is_refused_at_once(live):
 
     url, jobs = live
     t0 = time.time()
-    said = api_error(Client(url, verbose=False), None, "x" * 40_000, False, 0.7, 0.9, 64, False,
+    said = api_error(Client(url, verbose=False), None, "x" * 40_000, False, 0.7, 0.9, 64, False, False,
                      api_name="/generate")
     assert said == "Prompt is 40,000 characters long; the limit is 4,000"
     assert time.time() - t0 < 10 and jobs.activity is None
@@ -338,7 +339,7 @@ def test_heavy_requests_hear_busy_at_once_and_stop_ends_generation(live, tiny_di
     undo = slow_forward(jobs.ws.lm.model, 0.05)          # 256 tokens ≈ 13 s
     try:
         page = Client(url, verbose=False)
-        gen = page.submit(None, "hello", False, 0.7, 0.9, 256, False, api_name="/generate")
+        gen = page.submit(None, "hello", False, 0.7, 0.9, 256, False, False, api_name="/generate")
         deadline = time.time() + 60
         while not gen.outputs() and time.time() < deadline:   # the first tokens are streaming
             time.sleep(0.1)

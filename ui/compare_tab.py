@@ -44,14 +44,19 @@ def variant_choices(jobs: JobManager) -> list[tuple[str, str]]:
 
 # ---------------------------------------------------------------------------- generation
 
-def settings_from_form(sample, temperature, top_p, max_new_tokens, chat) -> GenerationSettings:
+LOOP_GUARD = 4                # "Block repeats": no 4 tokens in a row twice in one answer
+
+
+def settings_from_form(sample, temperature, top_p, max_new_tokens, chat, block_repeats=False) -> GenerationSettings:
     sample = inputs.flag("Sample (off = greedy)", sample)
+    guard = LOOP_GUARD if inputs.flag("Block repeats", block_repeats) else 0
     t, p = inputs.number("Temperature", temperature), inputs.number("Top-p", top_p)
     n = inputs.whole("Max new tokens", max_new_tokens, 1, 2048)
     chat = inputs.flag("Use the model's chat template", chat)
     if sample and not (0 < t <= 10 and 0 < p <= 1):
         raise UserError("sampling needs 0 < temperature ≤ 10 and 0 < top-p ≤ 1")
-    return GenerationSettings(max_new_tokens=n, do_sample=sample, temperature=t, top_p=p, chat=chat)
+    return GenerationSettings(max_new_tokens=n, do_sample=sample, temperature=t, top_p=p, chat=chat,
+                              no_repeat_ngram=guard)
 
 
 def _panel(text: str, cut: int | None, streaming: bool, empty: str = "…") -> str:
@@ -95,14 +100,15 @@ def render_pair(dense: str, pruned: str, variant: str | None, streaming: str | N
             if variant else '<div class="ps-gen ps-muted">no 2:4 model to show yet</div>', summary)
 
 
-def generate_pair(jobs: JobManager, variant, prompt, sample, temperature, top_p, max_new_tokens, chat):
+def generate_pair(jobs: JobManager, variant, prompt, sample, temperature, top_p, max_new_tokens, chat,
+                  block_repeats=False):
     """Stream the dense model's completion, then the chosen 2:4 model's, same settings. Stop
     (`jobs.eval_stop`) ends it after the current token and keeps what was generated."""
     prompt = inputs.text("Prompt", prompt, MAX_PROMPT).strip()
     if not prompt:
         raise UserError("type a prompt (or click an example) first")
     variant = inputs.text("2:4 model", variant) or None
-    settings = settings_from_form(sample, temperature, top_p, max_new_tokens, chat)
+    settings = settings_from_form(sample, temperature, top_p, max_new_tokens, chat, block_repeats)
     if variant not in jobs.ws.results:
         variant = LEARNED if LEARNED in jobs.ws.results else next(iter(jobs.ws.results), None)
     stopped = []
@@ -420,6 +426,9 @@ def build_compare_tab(jobs: JobManager, tab: gr.Tab):
                 temperature = gr.Slider(0.05, 2.0, 0.7, step=0.05, label="Temperature")
                 top_p = gr.Slider(0.05, 1.0, 0.9, step=0.05, label="Top-p")
                 chat = gr.Checkbox(True, label="Use the model's chat template")
+                block = gr.Checkbox(False, label="Block repeats", elem_id="ps-block-repeats",
+                                    info=f"no {LOOP_GUARD} tokens in a row twice in one answer: stops the loops "
+                                         "of small and 2:4 models under greedy decoding (off = plain greedy)")
             max_new = gr.Slider(8, 256, 64, step=8, label="Max new tokens")
             with gr.Row():
                 go = gr.Button("Generate both", variant="primary", elem_id="ps-generate")
@@ -454,8 +463,8 @@ def build_compare_tab(jobs: JobManager, tab: gr.Tab):
         speed_btn = gr.Button("Measure 2:4 speed-up", size="sm", elem_id="ps-speed")
     speed_plot = gr.Plot(visible=False, show_label=False, elem_id="ps-speed-plot")
 
-    def on_generate(v, p, s, t, tp, mx, c, evt: gr.EventData):
-        yield from guarded(3)(generate_pair)(jobs, v, p, s, t, tp, mx, c, page=from_page(evt))
+    def on_generate(v, p, s, t, tp, mx, c, b, evt: gr.EventData):
+        yield from guarded(3)(generate_pair)(jobs, v, p, s, t, tp, mx, c, b, page=from_page(evt))
 
     def on_table(m, evt: gr.EventData):
         yield from guarded(2)(stream_perplexities)(jobs, m, page=from_page(evt))
@@ -479,7 +488,7 @@ def build_compare_tab(jobs: JobManager, tab: gr.Tab):
     # Heavy events have no queue of their own (concurrency_limit=None): the job manager answers
     # "busy" at once while another one holds the model, instead of a silent wait. Inputs arrive
     # as sent (preprocess=False) and are checked in the handlers (ui.inputs).
-    go.click(on_generate, [variant, prompt, sample, temperature, top_p, max_new, chat],
+    go.click(on_generate, [variant, prompt, sample, temperature, top_p, max_new, chat, block],
              [dense_out, pruned_out, summary], api_name="generate", concurrency_limit=None,
              show_progress="hidden", preprocess=False)
     # progress is the note's per-row lines, never an overlay: rows stay visible as they arrive
