@@ -83,8 +83,8 @@ class GenerationSettings:
     HELP: ClassVar[dict] = {
         "no_repeat_ngram": "loop guard: with N > 0 no N tokens in a row appear twice in one answer (greedy decoding "
                            "then takes the likeliest token that repeats none); 0 = off. Small and pruned models "
-                           "repeat a phrase or line under greedy decoding; 4 stops that and leaves other answers "
-                           "as they were (measured, bench/RESULTS.md)"}
+                           "repeat a phrase or line under greedy decoding; with 4, the bundled model's answers "
+                           "that did not loop stayed almost word for word (bench/RESULTS.md)"}
 
     def validate(self) -> "GenerationSettings":
         n = self.no_repeat_ngram
