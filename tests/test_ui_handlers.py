@@ -207,6 +207,22 @@ def test_generation_streams_dense_then_pruned_with_the_same_settings(finished):
         compare_tab.settings_from_form(True, 0.0, 0.9, 12, True)
 
 
+def test_block_repeats_reaches_both_generations(finished):
+    """The tab's Block repeats box: both panels are generated with the loop guard (the tiny random
+    model loops under plain greedy, so the guarded answers differ from the plain ones)."""
+    jobs, _ = finished
+    prompt = "What is the capital of France?"
+    guarded = compare_tab.settings_from_form(False, 0.7, 0.9, 48, True, True)
+    plain = compare_tab.settings_from_form(False, 0.7, 0.9, 48, True)
+    dense, pruned, _ = list(compare_tab.generate_pair(jobs, LEARNED, prompt, False, 0.7, 0.9, 48, True, True))[-1]
+    def shown(html):
+        return html.replace('<mark class="ps-diff">', "").replace("</mark>", "")
+    for name, panel in (("dense", dense), (LEARNED, pruned)):
+        want = jobs.ws.generate(name, prompt, guarded)
+        assert shown(panel) == compare_tab._panel(want, None, False)
+        assert want != jobs.ws.generate(name, prompt, plain)
+
+
 def test_generation_is_refused_while_learning(tiny_dir):
     jobs = JobManager()
     job = jobs.start_learning(tiny_cfg(tiny_dir, steps=100_000, layer_stats_every=50))
