@@ -248,7 +248,7 @@ def test_compare_rows_arrive_with_per_task_progress_and_divergence(tiny_app, bro
     page.locator("#ps-recover-length").get_by_text("long, for a GPU").click()
     page.wait_for_function("() => document.querySelector('#ps-recover-batch input[type=number]').value === '8'")
     assert sliders() == ["1000", "8000", "8"]
-    page.locator("#ps-recover-length").get_by_text("standard").click()
+    page.locator("#ps-recover-length").get_by_text("standard: 300 steps").click()
     page.wait_for_function("() => document.querySelector('#ps-recover-batch input[type=number]').value === '1'")
     assert sliders() == ["300", "300", "1"]
 
@@ -266,6 +266,18 @@ def test_compare_rows_arrive_with_per_task_progress_and_divergence(tiny_app, bro
     assert abs(top[0] - top[1]) < 2                       # both panels start at the top
     page.locator("#ps-dense").scroll_into_view_if_needed()
     shot(page, "13-compare-divergence-marked-on-the-pruned-side.png")
+
+    # Decoding → Block repeats: the tiny random model loops under plain greedy, so with the loop
+    # guard the dense answer changes (both panels are regenerated, then the summary returns)
+    plain_dense = page.inner_text("#ps-dense")
+    page.get_by_role("button", name="Decoding").click()
+    box = page.locator("#ps-block-repeats input[type=checkbox]")
+    assert not box.is_checked()
+    box.check()
+    page.click("#ps-generate")
+    page.wait_for_function(f"(old) => {DONE_JS} && document.querySelector('#ps-dense').innerText !== old",
+                           arg=plain_dense, timeout=180_000)
+    assert page.inner_text("#ps-pruned").strip()
     page.close()
 
 
