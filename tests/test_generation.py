@@ -21,14 +21,14 @@ def _greedy(lm, prompt_ids, settings):
 def test_the_loop_guard_leaves_no_repeated_ngram_where_plain_greedy_loops(tiny_lm):
     prompt = [5, 6, 7, 8]
     plain = _greedy(tiny_lm, prompt, GenerationSettings(max_new_tokens=60))
-    grams = _ngrams(plain, 4)
-    assert len(set(grams)) < len(grams)                       # plain greedy goes round in a loop
+    looped = _ngrams(plain, 4)
+    assert len(set(looped)) < len(looped)                     # plain greedy goes round in a loop
     guarded = _greedy(tiny_lm, prompt, GenerationSettings(max_new_tokens=60, no_repeat_ngram=4))
     assert guarded[:4] == prompt and len(guarded) > 24
     grams = _ngrams(guarded, 4)
     assert len(set(grams)) == len(grams)                      # not one 4-gram twice, prompt included
     # until the loop would have closed, the guard changes nothing: greedy is still greedy
-    first_repeat = next(i for i, g in enumerate(_ngrams(plain, 4)) if g in _ngrams(plain, 4)[:i])
+    first_repeat = next(i for i, g in enumerate(looped) if g in looped[:i])
     assert guarded[:first_repeat + 3] == plain[:first_repeat + 3]
 
 
