@@ -481,6 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     exp.set_defaults(func=cmd_export)
 
     from .recovery import RECOVERY_LENGTHS, RECOVERY_METHODS, RecoveryConfig
+
+    def _passes(length):                  # samples fine-tuning reads in all, e.g. 1,000 steps × 8
+        return RECOVERY_LENGTHS[length]["steps"] * RECOVERY_LENGTHS[length]["batch"]
     rec = sub.add_parser("recover", help="recover the surviving weights of a 2:4 run (mask fixed)",
                          description="Update the surviving weights of a learn or prune run folder with its "
                                      "mask held fixed: obs (the optimal-brain-surgeon update layer by layer), "
@@ -492,7 +495,8 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--length", choices=list(RECOVERY_LENGTHS), default=None,
                      help="sets --steps, --samples and --batch together: " + "; ".join(
                          f"{k}: " + ", ".join(f"{n} {v}" for n, v in d.items()) for k, d in RECOVERY_LENGTHS.items())
-                     + " (long is for a GPU: lower perplexity, 27x the tokens); a flag given too wins")
+                     + f" (long is for a GPU: lower perplexity, {round(_passes('long') / _passes('standard'))}x the "
+                       "sample passes); a flag given too wins")
     for flag, kind in (("steps", int), ("lr", float), ("batch", int), ("seed", int), ("samples", int)):
         rec.add_argument(f"--{flag}", type=kind, default=None, metavar=flag.upper(),
                          help=f"{RecoveryConfig.HELP[flag]} (default: {getattr(RecoveryConfig, flag)})")

@@ -292,8 +292,17 @@ RECOVERY_LABELS = {"both": "both: weight update, then fine-tune",
 MAX_RECOVERY_STEPS = 5000
 MAX_RECOVERY_SAMPLES = 10000
 MAX_RECOVERY_BATCH = 64
-RECOVERY_LENGTH_LABELS = {"standard": "standard: 300 steps × 1 sample (≈ 7 min on 2 CPU cores, ≈ 1 min on a GPU)",
-                          "long": "long, for a GPU: 1,000 steps × 8 samples (≈ 4.5 min on an H200, measured)"}
+
+_LENGTH_TIME = {"standard": "≈ 7 min on 2 CPU cores, ≈ 1 min on a GPU", "long": "≈ 4.5 min on an H200, measured"}
+
+
+def _length_label(name: str, where: str = "") -> str:
+    """A recovery length's radio label; its numbers come from recovery.RECOVERY_LENGTHS."""
+    d = RECOVERY_LENGTHS[name]
+    return f"{name}{where}: {d['steps']:,} steps × {d['batch']} sample{'s' * (d['batch'] > 1)} ({_LENGTH_TIME[name]})"
+
+
+RECOVERY_LENGTH_LABELS = {"standard": _length_label("standard"), "long": _length_label("long", ", for a GPU")}
 RENDER_EVERY_S = 0.25         # the live view redraws at most this often (the last state always)
 
 
