@@ -143,6 +143,22 @@ def test_stop_ends_within_a_step_keeps_a_mask_and_second_start_is_refused(tiny_d
     assert jobs.stop() == "nothing is running"
 
 
+def test_stop_before_the_first_step_says_stopped_not_failed(tiny_dir, monkeypatch):
+    """Stop pressed while the teacher reads the calibration samples (distillation), before any step."""
+    from proxsparse_core import learner
+    from proxsparse_core.errors import Stopped
+
+    def stopped_teacher(*args, **kwargs):
+        raise Stopped("stopped while the teacher read the calibration samples")
+    monkeypatch.setattr(learner, "teacher_targets", stopped_teacher)
+    jobs = JobManager()
+    job = jobs.start_learning(tiny_cfg(tiny_dir, loss="distill"))
+    wait(job, timeout=60)
+    assert job.status == "stopped" and "while the teacher" in job.message
+    assert not any(p.state in ("waiting", "running") for p in job.phases)
+    assert jobs.activity is None
+
+
 def test_bad_settings_start_nothing_and_say_why(tiny_dir):
     jobs = JobManager()
     values = form_values(tiny_cfg(tiny_dir, lambda1=2.0))

@@ -311,6 +311,12 @@ class JobManager:
                 if p.state in ("waiting", "running"):
                     p.end("skipped")
             job.status = result.status
+        except Stopped as exc:      # Stop before the first step (while the teacher reads the samples)
+            job.message, job.status = str(exc), "stopped"
+            job.say(str(exc))
+            for phase in job.phases:
+                if phase.state in ("waiting", "running"):
+                    phase.end("skipped")
         except UserError as exc:
             job.message, job.status = str(exc), "failed"
             job.say(f"error: {exc}")
