@@ -79,7 +79,3 @@ def distill_loss(model, batch: torch.Tensor, t_logp: torch.Tensor, t_index: torc
     logits = model(input_ids=batch, use_cache=False).logits
     return bucket_kl(logits, t_logp, t_index)
 
-
-def targets_bytes(n: int, ctx: int, k: int = TOP_K) -> int:
-    """Memory the teacher targets of n samples take (float16 values + int32 ids)."""
-    return n * ctx * k * 6
