@@ -72,6 +72,7 @@ def sample_text(model, tokenizer, until: float, batch: int, max_new: int, seed: 
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
     model.eval()
+    model.config.use_cache = True
     stream, rnd = [], 0
     g = torch.Generator().manual_seed(seed)
     while time.time() < until:
