@@ -175,7 +175,7 @@ def _recovered(ws: Workspace, name: str, label: str, job: dict) -> list[dict]:
             continue
         steps = f", {rc.steps} steps" if rc.method != "obs" else ""
         default = RecoveryConfig(method=rc.method, steps=rc.steps, seed=rc.seed)
-        steps += "".join(f", {k} {getattr(rc, k)}" for k in ("lr", "samples", "batch")
+        steps += "".join(f", {k} {getattr(rc, k)}" for k in ("lr", "samples", "batch", "teacher", "text")
                          if getattr(rc, k) != getattr(default, k))
         row = _row(ws, recovered_name(name), f"{label} + recovery ({rc.method}{steps})", time.perf_counter() - t0)
         row["recovery_loss"] = res.events[-1].lm_loss if res.events else None

@@ -329,7 +329,7 @@ def cmd_recover(args) -> int:
     from .recovery import RECOVERY_LENGTHS, RecoveryConfig
 
     settings = dict(RECOVERY_LENGTHS[args.length]) if args.length else {}
-    settings.update({k: getattr(args, k) for k in ("steps", "lr", "batch", "seed", "samples")
+    settings.update({k: getattr(args, k) for k in ("steps", "lr", "batch", "seed", "samples", "teacher", "text")
                      if getattr(args, k) is not None})
     rcfg = RecoveryConfig(method=args.method, **settings).validate()
     overrides = {k: getattr(args, k) for k in ("device", "dtype") if hasattr(args, k)}
@@ -367,7 +367,8 @@ def _recover_into(args, folder, rcfg, out: Path) -> int:
                   "gives them back unchanged; finetune or both change them")
         samples = rcfg.samples or "the run's own"
         print(f"recovering {base} with {rcfg.method}: steps={rcfg.steps} lr={rcfg.lr} (relative to each "
-              f"layer's rms(W0)) batch={rcfg.batch} seed={rcfg.seed} samples={samples}", flush=True)
+              f"layer's rms(W0)) batch={rcfg.batch} seed={rcfg.seed} samples={samples} teacher={rcfg.teacher} "
+              f"text={rcfg.text}", flush=True)
         result = ws.recover(base, rcfg, on_event, stop, on_block, on_phase=lambda text: print(text, flush=True))
     print(result.message)
     if result.pruning is None:
@@ -480,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(exp, {"device", "dtype", "trust_remote_code"})
     exp.set_defaults(func=cmd_export)
 
-    from .recovery import RECOVERY_LENGTHS, RECOVERY_METHODS, RecoveryConfig
+    from .recovery import RECOVERY_LENGTHS, RECOVERY_METHODS, TEACHERS, RecoveryConfig
 
     def _passes(length):                  # samples fine-tuning reads in all, e.g. 1,000 steps × 8
         return RECOVERY_LENGTHS[length]["steps"] * RECOVERY_LENGTHS[length]["batch"]
@@ -493,13 +494,17 @@ def build_parser() -> argparse.ArgumentParser:
     rec.add_argument("--run", required=True, metavar="RUN_FOLDER", help="a run folder written by learn or prune")
     rec.add_argument("--method", required=True, choices=RECOVERY_METHODS, help=RecoveryConfig.HELP["method"])
     rec.add_argument("--length", choices=list(RECOVERY_LENGTHS), default=None,
-                     help="sets --steps, --samples and --batch together: " + "; ".join(
+                     help="sets --steps, --samples, --batch, --lr, --teacher and --text together: " + "; ".join(
                          f"{k}: " + ", ".join(f"{n} {v}" for n, v in d.items()) for k, d in RECOVERY_LENGTHS.items())
-                     + f" (long is for a GPU: lower perplexity, {round(_passes('long') / _passes('standard'))}x the "
-                       "sample passes); a flag given too wins")
-    for flag, kind in (("steps", int), ("lr", float), ("batch", int), ("seed", int), ("samples", int)):
+                     + f" (long and deep are for a GPU: long makes {round(_passes('long') / _passes('standard'))}x "
+                       f"the sample passes of standard, deep {round(_passes('deep') / _passes('standard'))}x with "
+                       "the live teacher and fresh text); a flag given too wins")
+    for flag, kind in (("steps", int), ("lr", float), ("batch", int), ("seed", int), ("samples", int),
+                       ("text", int)):
         rec.add_argument(f"--{flag}", type=kind, default=None, metavar=flag.upper(),
                          help=f"{RecoveryConfig.HELP[flag]} (default: {getattr(RecoveryConfig, flag)})")
+    rec.add_argument("--teacher", choices=TEACHERS, default=None,
+                     help=f"{RecoveryConfig.HELP['teacher']} (default: {RecoveryConfig.teacher})")
     _add_config_flags(rec, {"device", "dtype"})
     _add_output_flags(rec)
     rec.set_defaults(func=cmd_recover)

@@ -12,6 +12,11 @@ floats, so each position keeps its top-k tokens' log-probabilities and the rest 
 bucket. The loss is the KL divergence between the teacher's and the student's distributions
 over those k + 1 buckets: zero exactly when the student assigns the same probability to each
 of the teacher's top-k tokens (and hence to the tail), a lower bound of the full KL otherwise.
+
+For long recoveries (millions of tokens) storing even top-k targets is too much, so the teacher
+can also run *live*: the same model with W0 swapped in for the prunable weights
+(`torch.func.functional_call`, no second copy of the rest of the model), on the same batch as
+the student, and the loss is the full KL divergence over the vocabulary (`full_kl`).
 """
 from __future__ import annotations
 
@@ -72,6 +77,30 @@ def bucket_kl(student_logits: torch.Tensor, t_logp: torch.Tensor, t_index: torch
     head = (p * (t_logp - s_logp)).sum(-1)
     tail = p_tail * (torch.log(p_tail + _TINY) - torch.log(q_tail + _TINY))
     return (head + tail).mean()
+
+
+def full_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Sum over positions of KL(teacher ‖ student) over the whole vocabulary (callers divide by the
+    number of positions). Differentiable in the student; [b, t, vocab] each."""
+    s_logp = torch.log_softmax(student_logits.float(), dim=-1)
+    t_logp = torch.log_softmax(teacher_logits.float(), dim=-1)
+    return torch.nn.functional.kl_div(s_logp, t_logp, reduction="sum", log_target=True)
+
+
+def live_teacher_logits(model, originals: dict, batch: torch.Tensor) -> torch.Tensor:
+    """The dense model's logits on `batch`: `model` run with the weights `originals` (module name →
+    W0 on the module's device) in place of its current prunable weights, without gradients and in
+    eval mode (no dropout), then left as it was."""
+    from torch.func import functional_call
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return functional_call(model, {f"{n}.weight": w for n, w in originals.items()}, (),
+                                   {"input_ids": batch, "use_cache": False}).logits
+    finally:
+        model.train(was_training)
 
 
 def distill_loss(model, batch: torch.Tensor, t_logp: torch.Tensor, t_index: torch.Tensor) -> torch.Tensor:

@@ -157,7 +157,8 @@ def recover_command(run, rcfg, out) -> str:
     """The `recover` command that remakes a recover folder from its base run folder."""
     return shlex.join(["python", "-m", "proxsparse_core", "recover", "--run", str(run), "--method", rcfg.method,
                        "--steps", str(rcfg.steps), "--lr", str(rcfg.lr), "--batch", str(rcfg.batch),
-                       "--seed", str(rcfg.seed), "--samples", str(rcfg.samples), "--out", str(out)])
+                       "--seed", str(rcfg.seed), "--samples", str(rcfg.samples), "--teacher", rcfg.teacher,
+                       "--text", str(rcfg.text), "--out", str(out)])
 
 
 def recovery_summary(info: dict) -> str:
@@ -171,6 +172,12 @@ def recovery_summary(info: dict) -> str:
         return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
     if count("finetune_steps"):
         on = f" on {count('finetune_samples')} calibration samples" if count("finetune_samples") else ""
+        rec = info.get("recovery") if isinstance(info.get("recovery"), dict) else {}
+        text = rec.get("text")
+        if isinstance(text, int) and not isinstance(text, bool) and text > 0:
+            on += f" (three quarters of them from {text:,} tokens of fresh text the dense model wrote)"
+        if rec.get("teacher") == "live":
+            on += ", the teacher's full next-token distribution computed live"
         steps.append(f"{count('finetune_steps')} steps of masked fine-tuning by distillation from the "
                      f"dense model{on}")
     how = " then ".join(steps) or "recovery"

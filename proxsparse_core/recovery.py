@@ -10,7 +10,12 @@ dropped. Two ways, usable alone or in sequence, for any 2:4 result (learned or o
 * ``finetune`` — masked fine-tuning by self-distillation: the survivors are trained so the
   model's next-token distributions match the dense model's (distill.py) on the calibration
   samples, with every pruned weight held at exactly zero after each step. Live events, Stop
-  and ETA work like learning.
+  and ETA work like learning. The teacher is either *stored* (its top-64 log-probabilities per
+  position, read once before training: cheap for a few thousand samples) or *live* (the dense
+  weights W0 run on every batch beside the student, the full distribution, nothing stored: any
+  amount of text, at one extra forward pass per step). Fine-tuning can also read *fresh text*
+  the dense model writes for it in large batches (selfgen.py), for runs that read millions of
+  tokens.
 * ``both`` — obs first, then finetune from its weights.
 
 The result is a new `Pruning` with the same masks and updated weights; the model itself goes
@@ -25,13 +30,17 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-from .distill import distill_loss, teacher_targets
+from .distill import distill_loss, full_kl, live_teacher_logits, teacher_targets
 from .errors import Stopped, UserError
 from .learner import StepEvent, memory_in_use
 from .masks import load_weights
 from .results import RECOVERED as SUFFIX, Pruning
 
 RECOVERY_METHODS = ("obs", "finetune", "both")
+TEACHERS = ("stored", "live")
+MAX_STORED = 20_000           # samples a stored teacher may keep (≈ 50 KB each at 128 tokens, top-64)
+FRESH_SHARE = 0.75            # with fresh text, the share of fine-tuning samples drawn from it
+LIVE_CHUNK_TOKENS = 8192      # the live teacher's batch runs in chunks of about this many tokens
 
 
 @dataclass
@@ -45,6 +54,8 @@ class RecoveryConfig:
     samples: int = 300            # calibration samples fine-tuning reads (0 = the run's own). 300 distinct
     #                               samples at lr 2e-3 beat the run's 150 seen twice at 1e-3 on every held-out
     #                               text, two seeds, two architectures (bench/RESULTS.md, issue 9 third pass)
+    teacher: str = "stored"       # stored (top-64 per position, read once) | live (W0 run every step, full KL)
+    text: int = 0                 # tokens of fresh text the dense model writes for fine-tuning (0 = none)
 
     HELP = {"method": "obs (weight update with the mask fixed), finetune (masked distillation from the "
                       "dense model) or both",
@@ -53,7 +64,14 @@ class RecoveryConfig:
             "batch": "calibration samples per fine-tuning step", "seed": "seed for the sample order",
             "samples": "calibration samples the fine-tuning reads, drawn from the run's calibration source "
                        "and seed like the run's own (0 = exactly the run's samples); the OBS update always "
-                       "reads the run's samples"}
+                       "reads the run's samples",
+            "teacher": "stored (the dense model's top-64 next-token log-probabilities per position, read once "
+                       "before training; up to 20,000 samples) or live (the dense weights run on every batch: "
+                       "the full distribution, no storage, any number of samples)",
+            "text": "tokens of fresh text the dense model writes for fine-tuning in large batches (half answers "
+                    "to varied instructions, half free text from the start-of-text token; cached per model and "
+                    "seed); three quarters of the fine-tuning samples then come from it. 0 = none. A GPU job: "
+                    "1 M tokens take ≈ 1 min on an H200"}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -61,8 +79,10 @@ class RecoveryConfig:
     def validate(self) -> "RecoveryConfig":
         if not isinstance(self.method, str) or self.method not in RECOVERY_METHODS:
             raise UserError(f"recovery method must be one of {', '.join(RECOVERY_METHODS)}; got {self.method!r}")
+        if not isinstance(self.teacher, str) or self.teacher not in TEACHERS:
+            raise UserError(f"recovery teacher must be one of {', '.join(TEACHERS)}; got {self.teacher!r}")
         for name, lo, hi in (("steps", 1, 100_000), ("batch", 1, 4096), ("seed", 0, 2**32 - 1),
-                             ("samples", 0, 100_000)):
+                             ("samples", 0, 1_000_000), ("text", 0, 50_000_000)):
             v = getattr(self, name)
             if isinstance(v, float) and v.is_integer():
                 v = int(v)
@@ -72,6 +92,11 @@ class RecoveryConfig:
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) \
                 or not 0 < self.lr <= 1:
             raise UserError(f"recovery learning rate must be a number in (0, 1]; got {self.lr!r}")
+        reads = min(self.samples or MAX_STORED, self.steps * self.batch)
+        if self.method != "obs" and self.teacher == "stored" and reads > MAX_STORED:
+            raise UserError(f"a stored teacher keeps the dense model's top-64 log-probabilities of every sample "
+                            f"read ({reads:,} here, at most {MAX_STORED:,}); use teacher live, or fewer "
+                            f"samples or steps × samples per step")
         return self
 
     @classmethod
@@ -87,14 +112,20 @@ class RecoveryConfig:
 
 # How long fine-tuning runs. `standard` is RecoveryConfig's defaults (≈ 7 min on 2 CPU cores, ≈ 1 min
 # on a GPU for the bundled model); `long` reads 27× the samples, for a GPU (≈ 4.5 min on an H200 shared
-# with two other runs; at the CPU's rate per sample, hours on 2 cores — not measured there).
+# with two other runs; at the CPU's rate per sample, hours on 2 cores — not measured there); `deep`
+# reads ~16 M tokens (1,000 steps × 128 samples) with the live teacher, three quarters of them from
+# 1 M tokens of fresh text the dense model writes first: a GPU job of minutes, hours on a CPU.
 # Measured on the bundled model (H200, seed 0, bench/RESULTS.md, issue 9 sixth and seventh passes),
 # held-out perplexity on the built-in text / licence texts / ML docs / manual: ProxSparse's mask
 # 26.4 / 64.1 / 46.0 / 69.5 after `standard`, 21.7 / 54.8 / 39.1 / 58.3 after 1,000 steps × 4 samples;
 # SparseGPT's result 21.4 / 53.6 / 37.6 / 57.2 after 1,000 × 4 and 21.2 / 53.4 / 36.7 / 56.6 (and 1 answer
 # of 12 going round in a loop, against 4) after 1,000 × 8, which is `long`.
-RECOVERY_LENGTHS = {"standard": {k: getattr(RecoveryConfig, k) for k in ("steps", "samples", "batch")},
-                    "long": {"steps": 1000, "samples": 8000, "batch": 8}}
+_KEYS = ("steps", "samples", "batch", "lr", "teacher", "text")
+RECOVERY_LENGTHS = {"standard": {k: getattr(RecoveryConfig, k) for k in _KEYS},
+                    "long": {**{k: getattr(RecoveryConfig, k) for k in _KEYS}, "steps": 1000, "samples": 8000,
+                             "batch": 8},
+                    "deep": {"steps": 1000, "samples": 128_000, "batch": 128, "lr": 3e-3, "teacher": "live",
+                             "text": 1_000_000}}
 
 
 @dataclass
@@ -139,8 +170,28 @@ class MaskedFinetuner:
         device = str(model.get_input_embeddings().weight.device)
         order = torch.randperm(self.samples.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
         used = order[:min(self.samples.shape[0], cfg.steps * cfg.batch)]
-        teacher = teacher_targets(model, self.samples[used], stop=self.stop)   # the model is dense here
         weights = prunable.weights()
+        if cfg.teacher == "stored":
+            stored = teacher_targets(model, self.samples[used], stop=self.stop)   # the model is dense here
+
+            def loss_and_grad(batch, pos):
+                loss = distill_loss(model, batch, *stored.batch(pos, device))
+                if torch.isfinite(loss):
+                    loss.backward()
+                return loss.detach()
+        else:
+            w0 = {n: self.originals[n].to(weights[n].device, weights[n].dtype) for n in names}
+            chunk = max(1, LIVE_CHUNK_TOKENS // self.samples.shape[1])
+
+            def loss_and_grad(batch, pos):     # gradients accumulated over chunks: the same step, less memory
+                total = torch.zeros((), device=batch.device)
+                for part in batch.split(chunk):
+                    t_logits = live_teacher_logits(model, w0, part)
+                    loss = full_kl(model(input_ids=part, use_cache=False).logits, t_logits) / batch.numel()
+                    del t_logits
+                    loss.backward()
+                    total += loss.detach()
+                return total
         saved_grad = {n: p.requires_grad for n, p in model.named_parameters()}
         use_cache = getattr(model.config, "use_cache", None)
         events, status, message, done = [], "finished", "", 0
@@ -174,14 +225,13 @@ class MaskedFinetuner:
                 t0 = time.perf_counter()
                 pos = ((step - 1) * cfg.batch + torch.arange(cfg.batch)) % used.numel()
                 batch = self.samples[used[pos]].to(device)
-                loss = distill_loss(model, batch, *teacher.batch(pos, device))
+                loss = loss_and_grad(batch, pos)
                 if not torch.isfinite(loss):
                     status = "failed"
                     message = (f"the loss became {float(loss)} at step {step}; kept the weights after "
                                f"step {best_step}" if best_step else
                                f"the loss became {float(loss)} at step {step}; kept the starting weights")
                     break
-                loss.backward()
                 t1 = time.perf_counter()
                 torch.nn.utils.clip_grad_norm_(list(weights.values()), 1.0)
                 lr_now = cfg.lr * ramp(step - 1)

@@ -47,6 +47,13 @@ PROMPTS = [
 MAX_NEW = 128          # tokens per answer
 BATCH = 16
 MAX_TOKENS = 200_000   # enough for any calibration set: longer runs reuse windows of it
+# Fresh text for long recoveries (recovery.py, RecoveryConfig.text): millions of tokens, so written in
+# large batches of long answers, and every other round starts from the start-of-text token alone
+# (temperature 1: the model's own pre-training kind of text — news, stories, how-tos) instead of
+# an instruction. Measured on an H200: 1.57 M tokens in ≈ 2 min at 512 × 256 (bench/RESULTS.md).
+FRESH_NEW = 256
+FRESH_BATCH = 256
+FRESH_MAX_TOKENS = 50_000_000
 
 
 def _prompt_ids(tokenizer, text: str) -> list[int]:
@@ -57,7 +64,7 @@ def _prompt_ids(tokenizer, text: str) -> list[int]:
     return list(tokenizer(text + "\n", add_special_tokens=True)["input_ids"])
 
 
-def _cache_file(model, seed: int, max_new: int, batch: int) -> Path:
+def _cache_file(model, seed: int, max_new: int, batch: int, free: bool = False) -> Path:
     """Where the stream for this model (identified by its config and a checksum of its first and
     last weight matrices) and seed is kept: one growing stream, so a longer request (recovery reads
     more samples than learning) only generates the rounds it lacks."""
@@ -67,7 +74,7 @@ def _cache_file(model, seed: int, max_new: int, batch: int) -> Path:
     prunable = find_prunable(model)
     probe = [prunable.modules[n].weight for n in (prunable.names[0], prunable.names[-1])]
     ident = [model.config.to_json_string(use_diff=False), *(f"{float(w.detach().double().sum()):.10e}" for w in probe),
-             seed, max_new, batch, "\n".join(PROMPTS), "rounds-v2"]
+             seed, max_new, batch, "\n".join(PROMPTS), "rounds-v2"] + (["free-rounds"] if free else [])
     key = hashlib.sha256(repr(ident).encode()).hexdigest()[:24]
     return cache_dir() / "selfgen" / f"{key}.pt"
 
@@ -85,18 +92,19 @@ def _read(path: Path) -> tuple[torch.Tensor, list[int]]:
 
 
 def generated_ids(model, tokenizer, tokens: int, seed: int = 0, max_new: int = MAX_NEW,
-                  batch: int = BATCH) -> torch.Tensor:
+                  batch: int = BATCH, free: bool = False, progress=None) -> torch.Tensor:
     """About `tokens` token ids of prompts and the model's sampled answers, one stream
     (sequences separated by the end-of-text token), deterministic for a model and seed: the
     rounds of generation until the stream holds `tokens`, so a shorter request gives a prefix of
     a longer one. Made once per model and seed (and extended when more is asked), then read from
-    the cache folder."""
-    tokens = min(tokens, MAX_TOKENS)
+    the cache folder. `free`: every other round is free text from the start-of-text token alone
+    (fresh_ids). `progress(tokens_so_far, tokens)` hears of each round."""
+    tokens = min(tokens, FRESH_MAX_TOKENS if free else MAX_TOKENS)
     cap = 4 * (tokens // (batch * max_new) + 1)     # rounds: a model that ends every answer at once
-    path = _cache_file(model, seed, max_new, batch)
+    path = _cache_file(model, seed, max_new, batch, free)
     ids, ends = _read(path)
     if not any(e >= tokens for e in ends[:cap]) and len(ends) < cap:
-        ids, ends = _generate(model, tokenizer, tokens, seed, max_new, batch, ids, ends, cap)
+        ids, ends = _generate(model, tokenizer, tokens, seed, max_new, batch, ids, ends, cap, free, progress)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
         torch.save({"ids": ids, "ends": torch.tensor(ends, dtype=torch.long)}, tmp)
@@ -110,15 +118,25 @@ def generated_ids(model, tokenizer, tokens: int, seed: int = 0, max_new: int = M
     return out
 
 
+def fresh_ids(model, tokenizer, tokens: int, seed: int = 0, progress=None) -> torch.Tensor:
+    """About `tokens` ids of fresh text for a long recovery: the generated_ids stream in large
+    batches of long answers, every other round free text from the start-of-text token alone.
+    Deterministic for a model and seed, cached like generated_ids (its own file)."""
+    return generated_ids(model, tokenizer, tokens, seed, FRESH_NEW, FRESH_BATCH, free=True, progress=progress)
+
+
 @torch.no_grad()
 def _generate(model, tokenizer, tokens: int, seed: int, max_new: int, batch: int,
-              ids: torch.Tensor, ends: list[int], cap: int) -> tuple[torch.Tensor, list[int]]:
+              ids: torch.Tensor, ends: list[int], cap: int, free: bool = False,
+              progress=None) -> tuple[torch.Tensor, list[int]]:
     """Continue the stream `ids` (rounds `ends` so far) round by round until it holds `tokens` or
     `cap` rounds ran. Round k answers prompts k·batch … (k+1)·batch − 1 of the seeded order with
-    its own seed, so continuing a stream gives exactly what one run would have."""
+    its own seed, so continuing a stream gives exactly what one run would have; with `free`, odd
+    rounds instead sample `batch` texts from the start-of-text token alone at temperature 1."""
     device = model.get_input_embeddings().weight.device
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
     order = torch.randperm(len(PROMPTS), generator=torch.Generator().manual_seed(seed)).tolist()
     stream: list[int] = ids.tolist()
     ends = list(ends)
@@ -129,13 +147,17 @@ def _generate(model, tokenizer, tokens: int, seed: int, max_new: int, batch: int
     try:
         while len(stream) < tokens and len(ends) < cap:
             i = len(ends) * batch
-            texts = [PROMPTS[order[(i + j) % len(order)]] for j in range(batch)]
-            prompts = [_prompt_ids(tokenizer, t) for t in texts]
+            no_prompt = free and len(ends) % 2 == 1 and start is not None
+            if no_prompt:
+                prompts, temperature = [[start]] * batch, 1.0
+            else:
+                texts = [PROMPTS[order[(i + j) % len(order)]] for j in range(batch)]
+                prompts, temperature = [_prompt_ids(tokenizer, t) for t in texts], 0.8
             width = max(len(p) for p in prompts)
             x = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
             attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
             torch.manual_seed(seed * 1_000_003 + i + batch)
-            out = model.generate(x, attention_mask=attn, do_sample=True, temperature=0.8, top_p=0.95,
+            out = model.generate(x, attention_mask=attn, do_sample=True, temperature=temperature, top_p=0.95,
                                  top_k=0, max_new_tokens=max_new, pad_token_id=pad)
             for p, row in zip(prompts, out.tolist()):
                 answer = row[width:]
@@ -143,8 +165,10 @@ def _generate(model, tokenizer, tokens: int, seed: int, max_new: int, batch: int
                     answer = answer[:answer.index(eos)]
                 answer = [t for t in answer if t != pad]
                 if len(answer) >= 8:          # a sequence the model ended at once teaches nothing
-                    stream += p + answer + ([eos] if eos is not None else [])
+                    stream += ([] if no_prompt else p) + answer + ([eos] if eos is not None else [])
             ends.append(len(stream))
+            if progress:
+                progress(len(stream), tokens)
     finally:
         model.config.use_cache = use_cache
         model.train(was_training)

@@ -14,7 +14,7 @@ import torch
 from .budget import check_learning_memory
 from .config import RunConfig
 from .data import Data, prepare_data
-from .errors import UserError
+from .errors import Stopped, UserError
 from .evaluate import GenerationSettings, agreement, generate, generate_stream, score
 from .learner import LearnResult, ProxSparseLearner
 from .masks import Verification, pruned_weights, snapshot, swapped, verify
@@ -99,35 +99,62 @@ class Workspace:
         """Recover the survivors of result `name` (recovery.py); the recovered model is stored as
         `name + "+recovery"` when anything was recovered. Returns the RecoveryResult. `on_phase(text)`
         hears of the one slow step that has no progress of its own: drawing the fine-tuning samples."""
-        from .recovery import recover, recovered_name
+        from .recovery import RecoveryResult, recover, recovered_name
         self._need()
         if name not in self.results:
             raise UserError(f"no pruning result named {name!r} to recover")
         with self.lock:
-            tuning = self.tuning_samples(rcfg.samples, on_phase) if rcfg.method != "obs" else None
+            try:
+                tuning = self.tuning_samples(rcfg.samples, on_phase, rcfg.text, stop) if rcfg.method != "obs" else None
+            except Stopped:
+                return RecoveryResult("stopped", "stopped while the fine-tuning text was prepared; nothing was "
+                                      "recovered", None, [])
             res = recover(self.lm, self.data.calibration, self.results[name], name, self.originals, rcfg,
                           on_event, stop, progress, tuning)
         if res.pruning is not None:
             self.add_result(recovered_name(name), res.pruning)
         return res
 
-    def tuning_samples(self, n: int, on_phase=None):
+    def tuning_samples(self, n: int, on_phase=None, text: int = 0, stop=None):
         """n calibration samples for recovery's fine-tuning, drawn from this run's calibration source
-        and seed exactly as the run's own (0 or the run's count: the run's own samples)."""
-        from .data import calibration_only
-        if n in (0, self.data.calibration.shape[0]):
+        and seed exactly as the run's own (0 or the run's count: the run's own samples). With `text`
+        > 0, the dense model first writes that many tokens of fresh text (selfgen.fresh_ids, cached)
+        and a share recovery.FRESH_SHARE of the samples come from it instead (n = 0: the run's count)."""
+        from .data import calibration_only, calibration_samples, special_prefix
+        from .recovery import FRESH_SHARE
+        own = self.data.calibration.shape[0]
+        if n in (0, own) and not text:
             return self.data.calibration
-        if self._tuning is None or self._tuning[0] != n:
+        key = (n, text)
+        if self._tuning is None or self._tuning[0] != key:
             source, field, _, ctx, seed = self._data_key[:5]
+            n = n or own
+            n_fresh = round(n * FRESH_SHARE) if text else 0
+            fresh = None
+            if n_fresh:
+                from .selfgen import fresh_ids
+
+                def tell(done, total):
+                    if stop is not None and stop.is_set():
+                        raise Stopped("stopped while the dense model wrote fresh text")
+                    if on_phase:
+                        on_phase(f"the dense model writes fresh text for fine-tuning: {min(done, total):,} of "
+                                 f"{total:,} tokens (cached for this model and seed) …")
+                tell(0, text)
+                fresh = fresh_ids(self.lm.model, self.lm.tokenizer, text, seed, tell)
             if on_phase:
-                on_phase(f"drawing {n} fine-tuning samples (for self-written text, the first time the model "
+                on_phase(f"drawing {n:,} fine-tuning samples (for self-written text, the first time the model "
                          f"writes more of it: ≈ 1 min on a CPU) …")
             try:
-                samples = calibration_only(self.lm.tokenizer, source, n, ctx, seed, field, self.lm.model)
+                parts = [calibration_only(self.lm.tokenizer, source, n - n_fresh, ctx, seed, field,
+                                          self.lm.model)] if n > n_fresh else []
+                if fresh is not None:
+                    parts.append(calibration_samples(fresh, n_fresh, ctx, seed, special_prefix(self.lm.tokenizer)))
+                samples = torch.cat(parts)
             except UserError as exc:      # e.g. the uploaded calibration file is gone since the run
                 raise UserError(f"could not draw {n} fine-tuning samples ({exc}); set the fine-tuning "
                                 f"samples to 0 to fine-tune on the run's own samples") from None
-            self._tuning = (n, samples)
+            self._tuning = (key, samples)
         return self._tuning[1]
 
     def add_result(self, name: str, pruning: Pruning):
