@@ -248,9 +248,18 @@ def test_compare_rows_arrive_with_per_task_progress_and_divergence(tiny_app, bro
     page.locator("#ps-recover-length").get_by_text("long, for a GPU").click()
     page.wait_for_function("() => document.querySelector('#ps-recover-batch input[type=number]').value === '8'")
     assert sliders() == ["1000", "8000", "8"]
+    page.locator("#ps-recover-length").get_by_text("deep, live teacher + fresh text").click()
+    page.wait_for_function("() => document.querySelector('#ps-recover-batch input[type=number]').value === '128'")
+    assert sliders() == ["1000", "128000", "128"]
+    page.locator("#ps-recover-more").get_by_text("Teacher, fresh text, learning rate").click()
+    page.wait_for_function("() => document.querySelector('#ps-recover-text input[type=number]') !== null")
+    assert page.input_value("#ps-recover-text input[type=number]") == "1000000"
+    assert page.locator("#ps-recover-teacher input[value=live]").is_checked()
     page.locator("#ps-recover-length").get_by_text("standard: 300 steps").click()
     page.wait_for_function("() => document.querySelector('#ps-recover-batch input[type=number]').value === '1'")
     assert sliders() == ["300", "300", "1"]
+    page.wait_for_function("() => document.querySelector('#ps-recover-text input[type=number]').value === '0'")
+    assert page.locator("#ps-recover-teacher input[value=stored]").is_checked()
 
     page.fill("#ps-prompt textarea", "What is the capital of France?")
     page.click("#ps-generate")

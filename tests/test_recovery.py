@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from proxsparse_core.baselines import prune_sparsegpt
-from proxsparse_core.distill import bucket_kl, distill_loss, teacher_targets
+from proxsparse_core.distill import bucket_kl, distill_loss, full_kl, live_teacher_logits, teacher_targets
 from proxsparse_core.errors import UserError
 from proxsparse_core.masks import mask_2to4, snapshot, swapped, verify
 from proxsparse_core.recovery import RECOVERY_LENGTHS, RecoveryConfig, obs_update, recover
@@ -144,10 +144,142 @@ def test_stop_before_any_step_recovers_nothing(setup):
 
 
 @pytest.mark.parametrize("settings,needle", [(dict(method="sgd"), "recovery method"), (dict(steps=0), "steps"),
-                                             (dict(lr=float("nan")), "learning rate"), (dict(batch=True), "batch")])
+                                             (dict(lr=float("nan")), "learning rate"), (dict(batch=True), "batch"),
+                                             (dict(teacher="oracle"), "recovery teacher must be one of stored, live"),
+                                             (dict(teacher=["live"]), "recovery teacher"), (dict(text=-1), "text"),
+                                             (dict(text="1M"), "text"),
+                                             (dict(steps=1000, batch=128, samples=128_000), "use teacher live")])
 def test_bad_recovery_settings_are_one_line(settings, needle):
     with pytest.raises(UserError, match=needle):
         RecoveryConfig(**settings).validate()
+
+
+def test_a_stored_teacher_is_refused_only_where_it_would_store_too_much():
+    RecoveryConfig(steps=1000, batch=128, samples=128_000, teacher="live").validate()
+    RecoveryConfig(method="obs", steps=1000, batch=128, samples=128_000).validate()     # no fine-tuning: no teacher
+    RecoveryConfig(steps=1000, batch=20, samples=0).validate()        # 0 = the run's own samples, a few hundred
+    assert RECOVERY_LENGTHS["deep"]["teacher"] == "live"
+    for length in RECOVERY_LENGTHS.values():
+        RecoveryConfig(**length).validate()
+
+
+def test_the_live_teacher_is_the_dense_model_and_its_kl_is_zero_against_itself(setup):
+    lm, calibration, originals, base = setup
+    x = calibration[:3]
+    with torch.no_grad():
+        dense = lm.model(input_ids=x).logits
+        assert float(full_kl(dense, dense)) == pytest.approx(0.0, abs=1e-6)
+        lm.model.train()
+        with swapped(lm.prunable, {n: w * base.masks[n] for n, w in originals.items()}, originals):
+            pruned = lm.model(input_ids=x).logits
+            live = live_teacher_logits(lm.model, originals, x)
+            assert lm.model.training                                      # left as it was
+            assert torch.equal(lm.model(input_ids=x).logits, pruned)      # the student's weights are back
+        lm.model.eval()
+    assert torch.allclose(live, dense, atol=1e-6, rtol=0)                # W0 ran, not the pruned weights
+    kl = float(full_kl(pruned, live)) / x.numel()
+    top = torch.log_softmax(dense, -1).topk(8, -1)
+    assert kl > 1e-4 and kl >= float(bucket_kl(pruned, top.values, top.indices)) - 1e-7   # buckets: a lower bound
+
+
+def test_live_recovery_keeps_the_mask_lowers_the_kl_and_chunks_change_nothing(setup, monkeypatch):
+    from proxsparse_core import recovery
+    lm, calibration, originals, base = setup
+    cfg = RecoveryConfig(method="finetune", steps=6, batch=4, lr=1e-2, teacher="live")
+    res = recover(lm, calibration, base, "magnitude", originals, cfg)
+    assert res.status == "finished" and len(res.events) == 6 and _dense_again(lm, originals)
+    for n, w in res.pruning.weights.items():
+        assert int((w[~base.masks[n]] != 0).sum()) == 0, n
+
+    def kl_to_dense(weights):
+        with torch.no_grad():
+            dense = lm.model(input_ids=calibration).logits
+            with swapped(lm.prunable, weights, originals):
+                return float(full_kl(lm.model(input_ids=calibration).logits, dense)) / calibration.numel()
+    assert kl_to_dense(res.pruning.weights) < 0.9 * kl_to_dense({n: w * base.masks[n] for n, w in originals.items()})
+    # a step's batch split into chunks of one sample (gradients accumulated) is the same step
+    monkeypatch.setattr(recovery, "LIVE_CHUNK_TOKENS", calibration.shape[1])
+    chunked = recover(lm, calibration, base, "magnitude", originals, cfg)
+    assert [e.loss for e in chunked.events] == pytest.approx([e.loss for e in res.events], rel=1e-4)
+    for n, w in chunked.pruning.weights.items():
+        assert torch.allclose(w, res.pruning.weights[n], atol=1e-5), n
+
+
+def _small_fresh_text(monkeypatch, tmp_path):
+    from proxsparse_core import selfgen
+    monkeypatch.setattr(selfgen, "FRESH_BATCH", 2)
+    monkeypatch.setattr(selfgen, "FRESH_NEW", 16)
+    monkeypatch.setenv("PROXSPARSE_CACHE", str(tmp_path / "cache"))
+
+
+def test_fresh_text_is_written_once_and_three_quarters_of_the_samples_come_from_it(tiny_folder, tmp_path, monkeypatch):
+    from proxsparse_core import selfgen
+    from proxsparse_core.data import calibration_only
+    from proxsparse_core.workspace import Workspace
+    from test_export import tiny_cfg
+
+    _small_fresh_text(monkeypatch, tmp_path)
+    ws = Workspace()
+    ws.prune("magnitude", tiny_cfg(tiny_folder, samples=4))
+    heard = []
+    samples = ws.tuning_samples(8, heard.append, text=120)
+    assert samples.shape == (8, ws.data.calibration.shape[1])
+    assert any("fresh text for fine-tuning: 0 of 120 tokens" in h for h in heard)
+    assert any("120 of 120 tokens" in h for h in heard)
+    fresh = selfgen.fresh_ids(ws.lm.model, ws.lm.tokenizer, 120, seed=0)
+    assert fresh.numel() >= 120
+    stream = fresh.tolist()
+    for row in samples[2:].tolist():                                   # 6 of 8 are windows of the fresh text
+        assert any(stream[i:i + len(row)] == row for i in range(len(stream) - len(row) + 1))
+    source, field, _, ctx, seed = ws._data_key[:5]
+    assert torch.equal(samples[:2], calibration_only(ws.lm.tokenizer, source, 2, ctx, seed, field, ws.lm.model))
+    # written once: a second request reads the cache, and it is not the instruction-only stream
+    monkeypatch.setattr(selfgen, "_generate", lambda *a, **k: pytest.fail("generated again"))
+    assert torch.equal(selfgen.fresh_ids(ws.lm.model, ws.lm.tokenizer, 120, seed=0), fresh)
+    assert selfgen._cache_file(ws.lm.model, 0, 16, 2, free=True) != selfgen._cache_file(ws.lm.model, 0, 16, 2)
+
+
+def test_stop_while_the_fresh_text_is_written_recovers_nothing_and_keeps_the_results(tiny_folder, tmp_path,
+                                                                                      monkeypatch):
+    from proxsparse_core.workspace import Workspace
+    from test_export import tiny_cfg
+
+    _small_fresh_text(monkeypatch, tmp_path)
+    ws = Workspace()
+    ws.prune("magnitude", tiny_cfg(tiny_folder, samples=4))
+    stop = threading.Event()
+    stop.set()
+    res = ws.recover("magnitude", RecoveryConfig(method="finetune", steps=2, samples=8, text=500, teacher="live"),
+                     stop=stop)
+    assert res.status == "stopped" and res.pruning is None and "fine-tuning text" in res.message
+    assert list(ws.results) == ["magnitude"]
+    res = ws.recover("magnitude", RecoveryConfig(method="finetune", steps=2, samples=8, text=100, teacher="live"))
+    assert res.status == "finished" and "magnitude+recovery" in ws.results
+
+
+def test_cli_deep_recovery_records_a_command_that_remakes_it_bit_for_bit(tiny_folder, tmp_path, monkeypatch, capsys):
+    import shlex
+
+    from proxsparse_core.cli import main
+
+    _small_fresh_text(monkeypatch, tmp_path)
+    run, rec, again = tmp_path / "run", tmp_path / "rec", tmp_path / "again"
+    assert main(["prune", "--model", str(tiny_folder), *FLAGS, "--method", "wanda", "--out", str(run),
+                 "--no-eval"]) == 0
+    assert main(["recover", "--run", str(run), "--method", "finetune", "--length", "deep", "--steps", "3",
+                 "--samples", "12", "--batch", "4", "--text", "100", "--out", str(rec), "--no-eval"]) == 0
+    out = capsys.readouterr().out
+    assert "teacher=live text=100" in out and "step 3/3  KL to dense" in out
+    recipe = json.loads((rec / "recipe.json").read_text())
+    deep = RECOVERY_LENGTHS["deep"]
+    assert recipe["recovery"] == RecoveryConfig(method="finetune", steps=3, samples=12, batch=4, lr=deep["lr"],
+                                                teacher="live", text=100).to_dict()
+    argv = shlex.split(recipe["command"])
+    assert argv[:3] == ["python", "-m", "proxsparse_core"] and "--teacher" in argv and "--text" in argv
+    argv[argv.index("--out") + 1] = str(again)
+    assert main([*argv[3:], "--no-eval"]) == 0
+    first, second = _prunable_of(rec), _prunable_of(again)
+    assert all(torch.equal(first[n], second[n]) for n in first)
 
 
 def test_fine_tuning_reads_more_samples_of_the_runs_source(tiny_folder, monkeypatch):
@@ -322,10 +454,19 @@ def test_compare_tab_recovers_a_result_and_shows_its_row(tiny_folder):
         with pytest.raises(UserError, match=needle):
             list(compare_tab.recover_result(jobs, *args))
 
-    long = RECOVERY_LENGTHS["long"]
-    assert compare_tab.recovery_length("long") == (long["steps"], long["samples"], long["batch"])
+    long, deep = RECOVERY_LENGTHS["long"], RECOVERY_LENGTHS["deep"]
+    assert compare_tab.recovery_length("long") == (long["steps"], long["samples"], long["batch"], RecoveryConfig.lr,
+                                                   "stored", 0)
+    assert compare_tab.recovery_length("deep") == (deep["steps"], deep["samples"], deep["batch"], deep["lr"],
+                                                   "live", deep["text"])
     assert compare_tab.recovery_length("standard") == (RecoveryConfig.steps, RecoveryConfig.samples,
-                                                       RecoveryConfig.batch)
+                                                       RecoveryConfig.batch, RecoveryConfig.lr, "stored", 0)
+    for args, needle in (((LEARNED, "both", 3, 300, 1, 2e-3, "oracle"), "Teacher must be one of"),
+                         ((LEARNED, "both", 3, 300, 1, 2e-3, "live", -5), "Fresh text (tokens) must be between"),
+                         ((LEARNED, "both", 3, 300, 1, "fast"), "Fine-tuning learning rate must be a number"),
+                         ((LEARNED, "both", 300, 30_000, 128, 2e-3, "stored"), "use teacher live")):
+        with pytest.raises(UserError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+            list(compare_tab.recover_result(jobs, *args))
     with pytest.raises(UserError, match="Recovery length must be one of"):
         compare_tab.recovery_length("forever")
     updates = list(compare_tab.recover_result(jobs, LEARNED, "both", 4.0, 3.0, 2.0))

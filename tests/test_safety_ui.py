@@ -238,15 +238,22 @@ BAD_OTHER = [   # (endpoint, inputs, message)
     ("perplexity", {0: "magnitude"}, "One-shot baselines to add must be a list of: "),
     ("inspect_model", {1: 5}, "Device must be text, got 5"),
     ("inspect_model", {0: "m" * 5000}, "Model is 5,000 characters long; the limit is 1,000"),
-    ("recover", {3: -5}, "Fine-tuning samples must be between 0 and 10000, got -5"),
+    ("recover", {3: -5}, "Fine-tuning samples must be between 0 and 200000, got -5"),
     ("recover", {3: "many"}, "Fine-tuning samples must be a whole number, got 'many'"),
     ("recover", {2: 2.5}, "Fine-tuning steps must be a whole number, got 2.5"),
-    ("recover", {4: 0}, "Samples per step must be between 1 and 64, got 0"),
+    ("recover", {4: 0}, "Samples per step must be between 1 and 256, got 0"),
     ("recover", {4: [4]}, "Samples per step must be a whole number, got [4]"),
+    ("recover", {5: NAN}, "Fine-tuning learning rate must be a number, got nan"),
+    ("recover", {5: 2}, "Fine-tuning learning rate must be between 1e-06 and 1, got 2"),
+    ("recover", {6: "oracle"}, "Teacher must be one of"),
+    ("recover", {6: 1}, "Teacher must be"),
+    ("recover", {7: -1}, "Fresh text (tokens) must be between 0 and 5000000, got -1"),
+    ("recover", {7: "1M"}, "Fresh text (tokens) must be a whole number, got '1M'"),
+    ("recover", {3: 30000, 4: 128}, "a stored teacher keeps the dense model's top-64"),
 ]
 BASE = {"generate": GEN, "prox_demo": [0.9, -0.7, 0.5, 0.3, 0.6], "export": [LEARNED, "x", False, False],
         "perplexity": [[]], "inspect_model": ["", "cpu", "float32", False, ""],
-        "recover": [LEARNED, "both", 300, 300, 1]}
+        "recover": [LEARNED, "both", 300, 300, 1, 0.002, "stored", 0]}
 
 
 @pytest.mark.parametrize("api,change,message", BAD_OTHER, ids=[f"{a}-{c!s:.16}" for a, c, _ in BAD_OTHER])

@@ -21,7 +21,7 @@ from proxsparse_core import plots
 from proxsparse_core.errors import Stopped, UserError
 from proxsparse_core.evaluate import EXAMPLE_PROMPTS, GenerationSettings, first_divergence
 from proxsparse_core.baselines import METHODS
-from proxsparse_core.recovery import RECOVERY_LENGTHS, RECOVERY_METHODS, RecoveryConfig, recovered_name
+from proxsparse_core.recovery import RECOVERY_LENGTHS, RECOVERY_METHODS, TEACHERS, RecoveryConfig, recovered_name
 from proxsparse_core.results import DENSE, LEARNED, RECOVERED, title
 
 from . import inputs, markdown
@@ -290,10 +290,14 @@ RECOVERY_LABELS = {"both": "both: weight update, then fine-tune",
                    "obs": "weight update (OBS, seconds)",
                    "finetune": "fine-tune by distillation from the dense model"}
 MAX_RECOVERY_STEPS = 5000
-MAX_RECOVERY_SAMPLES = 10000
-MAX_RECOVERY_BATCH = 64
+MAX_RECOVERY_SAMPLES = 200_000
+MAX_RECOVERY_BATCH = 256
+MAX_RECOVERY_TEXT = 5_000_000
+TEACHER_LABELS = {"stored": "stored: top-64 per position, read once (up to 20,000 samples)",
+                  "live": "live: the dense model runs beside it, full distribution (any length)"}
 
-_LENGTH_TIME = {"standard": "≈ 7 min on 2 CPU cores, ≈ 1 min on a GPU", "long": "≈ 4.5 min on an H200, measured"}
+_LENGTH_TIME = {"standard": "≈ 7 min on 2 CPU cores, ≈ 1 min on a GPU", "long": "≈ 4.5 min on an H200, measured",
+                "deep": "GPU only, hours on a CPU"}
 
 
 def _length_label(name: str, where: str = "") -> str:
@@ -302,7 +306,8 @@ def _length_label(name: str, where: str = "") -> str:
     return f"{name}{where}: {d['steps']:,} steps × {d['batch']} sample{'s' * (d['batch'] > 1)} ({_LENGTH_TIME[name]})"
 
 
-RECOVERY_LENGTH_LABELS = {"standard": _length_label("standard"), "long": _length_label("long", ", for a GPU")}
+RECOVERY_LENGTH_LABELS = {"standard": _length_label("standard"), "long": _length_label("long", ", for a GPU"),
+                          "deep": _length_label("deep", ", live teacher + fresh text")}
 RENDER_EVERY_S = 0.25         # the live view redraws at most this often (the last state always)
 
 
@@ -333,28 +338,35 @@ def recovery_progress_html(state: dict | None) -> str:
             f'<div class="ps-stats">{stats}</div>{note}</div>')
 
 
-def recovery_config(method, steps, samples=RecoveryConfig.samples, batch=RecoveryConfig.batch) -> RecoveryConfig:
+def recovery_config(method, steps, samples=RecoveryConfig.samples, batch=RecoveryConfig.batch,
+                    lr=RecoveryConfig.lr, teacher=RecoveryConfig.teacher, text=RecoveryConfig.text) -> RecoveryConfig:
     method = inputs.one_of("Recovery", method, RECOVERY_METHODS)
     steps = inputs.whole("Fine-tuning steps", steps, 1, MAX_RECOVERY_STEPS)
     samples = inputs.whole("Fine-tuning samples", samples, 0, MAX_RECOVERY_SAMPLES)
     batch = inputs.whole("Samples per step", batch, 1, MAX_RECOVERY_BATCH)
-    return RecoveryConfig(method=method, steps=steps, samples=samples, batch=batch).validate()
+    lr = inputs.number("Fine-tuning learning rate", lr, 1e-6, 1.0)
+    teacher = inputs.one_of("Teacher", teacher, TEACHERS)
+    text = inputs.whole("Fresh text (tokens)", text, 0, MAX_RECOVERY_TEXT)
+    return RecoveryConfig(method=method, steps=steps, samples=samples, batch=batch, lr=lr, teacher=teacher,
+                          text=text).validate()
 
 
-def recovery_length(length) -> tuple[int, int, int]:
-    """(steps, samples, samples per step) of a named recovery length (recovery.RECOVERY_LENGTHS)."""
+def recovery_length(length) -> tuple:
+    """(steps, samples, samples per step, learning rate, teacher, fresh text) of a named recovery
+    length (recovery.RECOVERY_LENGTHS), in the order of the widgets it sets."""
     d = RECOVERY_LENGTHS[inputs.one_of("Recovery length", length, list(RECOVERY_LENGTHS))]
-    return d["steps"], d["samples"], d["batch"]
+    return d["steps"], d["samples"], d["batch"], d["lr"], d["teacher"], d["text"]
 
 
 def recover_result(jobs: JobManager, name, method, steps, samples=RecoveryConfig.samples,
-                   batch=RecoveryConfig.batch):
+                   batch=RecoveryConfig.batch, lr=RecoveryConfig.lr, teacher=RecoveryConfig.teacher,
+                   text=RecoveryConfig.text):
     """Recover the survivors of result `name` (recovery.py) in a worker thread and stream its
     progress: yields (progress HTML, loss figure, perplexity table, generation-dropdown update).
     Stop (`jobs.eval_stop`) ends it after the current step and keeps the last good weights; the
     recovered result then gets its perplexity row (skipped when Stop was pressed)."""
     name = inputs.text("Result to recover", name)
-    rcfg = recovery_config(method, steps, samples, batch)
+    rcfg = recovery_config(method, steps, samples, batch, lr, teacher, text)
     if not jobs.ws.results:
         raise UserError("nothing to recover yet: learn a mask in the Learn tab (or compute a baseline "
                         "above) first")
@@ -364,14 +376,15 @@ def recover_result(jobs: JobManager, name, method, steps, samples=RecoveryConfig
         raise UserError(f"no result named {name!r}; pick one from the list")
     new = recovered_name(name)
     fine = rcfg.method != "obs"
+    teacher_phase = ("the dense model reads the calibration samples (the teacher) …" if rcfg.teacher == "stored"
+                     else "fine-tuning starts (the dense model runs beside it on every batch) …")
     state = {"status": "running", "done": 0, "total": 1, "phase": "starting …"}
     events: list[dict] = []
 
     def work(emit):
         with jobs.claim("recovering weights") as ws:
             jobs.eval_stop.clear()                  # only once the machine is ours
-            emit(("phase", "weight update (OBS), layer by layer …" if rcfg.method != "finetune" else
-                  "the dense model reads the calibration samples (the teacher) …"))
+            emit(("phase", "weight update (OBS), layer by layer …" if rcfg.method != "finetune" else teacher_phase))
 
             def on_block(d, t):
                 emit(("block", d, t))
@@ -396,7 +409,7 @@ def recover_result(jobs: JobManager, name, method, steps, samples=RecoveryConfig
             d, t = rest
             state.update(done=d, total=t, phase=f"weight update (OBS): block {d}/{t}")
             if d == t and fine:
-                state["phase"] = "the dense model reads the calibration samples (the teacher) …"
+                state["phase"] = teacher_phase
         elif kind == "event":
             events.append(rest[0])
             ev = rest[0]
@@ -533,7 +546,7 @@ def build_compare_tab(jobs: JobManager, tab: gr.Tab):
                                   label="Recovery")
             rec_length = gr.Radio([(RECOVERY_LENGTH_LABELS[k], k) for k in RECOVERY_LENGTHS], value="standard",
                                   label="Length", elem_id="ps-recover-length",
-                                  info="sets the three sliders below. On the bundled model, 1,000 steps × 4 samples "
+                                  info="sets the sliders below and the teacher, fresh text and learning rate. On the bundled model, 1,000 steps × 4 samples "
                                        "lowered held-out perplexity by a further 14–18 % on every text measured "
                                        "(H200), × 8 a little more; answers stay on topic, lost facts mostly stay "
                                        "lost. For a demo that answers: recover SparseGPT's result (long on a GPU, "
@@ -546,10 +559,21 @@ def build_compare_tab(jobs: JobManager, tab: gr.Tab):
                                     label="Fine-tuning samples", elem_id="ps-recover-samples",
                                     info="drawn like the run's calibration samples (0 = exactly the run's); "
                                          "300 read once beat the run's 150 read twice on every held-out text")
-            rec_batch = gr.Slider(1, 16, RecoveryConfig.batch, step=1, label="Samples per step",
+            rec_batch = gr.Slider(1, 128, RecoveryConfig.batch, step=1, label="Samples per step",
                                   elem_id="ps-recover-batch",
                                   info="each fine-tuning step reads this many samples; on a CPU its time grows about "
                                        "in proportion, a GPU has room for several at once")
+            with gr.Accordion("Teacher, fresh text, learning rate", open=False, elem_id="ps-recover-more"):
+                rec_teacher = gr.Radio([(TEACHER_LABELS[t], t) for t in TEACHERS], value=RecoveryConfig.teacher,
+                                       label="Teacher", elem_id="ps-recover-teacher",
+                                       info="how fine-tuning knows the dense model's answer at every position")
+                rec_text = gr.Slider(0, MAX_RECOVERY_TEXT, RecoveryConfig.text, step=50_000,
+                                     label="Fresh text (tokens)", elem_id="ps-recover-text",
+                                     info="text the dense model writes first (answers to varied instructions and free "
+                                          "text, cached per model and seed); three quarters of the samples then come "
+                                          "from it. A GPU job")
+                rec_lr = gr.Number(RecoveryConfig.lr, label="Fine-tuning learning rate", elem_id="ps-recover-lr",
+                                   info="relative to each layer's weight scale rms(W0); warm-up, then cosine decay")
             with gr.Row():
                 rec_go = gr.Button("Recover", variant="primary", elem_id="ps-recover")
                 rec_stop = gr.Button("Stop", variant="stop", elem_id="ps-recover-stop", min_width=80)
@@ -557,15 +581,15 @@ def build_compare_tab(jobs: JobManager, tab: gr.Tab):
             rec_progress = gr.HTML(recovery_progress_html(None), elem_id="ps-recover-progress")
             rec_loss = gr.Plot(plots.loss_figure([]), show_label=False, elem_id="ps-recover-loss")
 
-    def on_recover(r, m, st, sa, b, evt: gr.EventData):
-        yield from guarded(4)(recover_result)(jobs, r, m, st, sa, b, page=from_page(evt))
+    def on_recover(r, m, st, sa, b, lr, te, tx, evt: gr.EventData):
+        yield from guarded(4)(recover_result)(jobs, r, m, st, sa, b, lr, te, tx, page=from_page(evt))
 
     def on_length(length):
         try:
             return recovery_length(length)
         except UserError as exc:
             notify(str(exc), "warning")
-            return gr.skip(), gr.skip(), gr.skip()
+            return (gr.skip(),) * 6
 
     def on_recover_stop():
         jobs.eval_stop.set()
@@ -576,9 +600,9 @@ def build_compare_tab(jobs: JobManager, tab: gr.Tab):
         value = LEARNED if LEARNED in jobs.ws.results else (choices[0][1] if choices else None)
         return gr.update(choices=choices, value=value)
 
-    rec_length.input(on_length, rec_length, [rec_steps, rec_samples, rec_batch], api_visibility="private",
-                     queue=False)
-    rec_go.click(on_recover, [rec_choice, rec_method, rec_steps, rec_samples, rec_batch],
+    rec_length.input(on_length, rec_length, [rec_steps, rec_samples, rec_batch, rec_lr, rec_teacher, rec_text],
+                     api_visibility="private", queue=False)
+    rec_go.click(on_recover, [rec_choice, rec_method, rec_steps, rec_samples, rec_batch, rec_lr, rec_teacher, rec_text],
                  [rec_progress, rec_loss, table, variant],
                  api_name="recover", concurrency_limit=None, show_progress="hidden", preprocess=False)
     rec_stop.click(on_recover_stop, None, None, queue=False, api_name="stop_recover")

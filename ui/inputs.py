@@ -24,11 +24,15 @@ def shown(value) -> str:
     return text if len(text) <= SHOWN else text[:SHOWN - 1] + "…"
 
 
+def _num(x) -> str:
+    return str(x) if isinstance(x, int) else f"{x:g}"      # whole numbers in full: 5000000, not 5e+06
+
+
 def _bounds(label: str, v, lo, hi):
     if (lo is not None and v < lo) or (hi is not None and v > hi):
-        where = (f"between {lo:g} and {hi:g}" if lo is not None and hi is not None
-                 else f"at least {lo:g}" if lo is not None else f"at most {hi:g}")
-        raise UserError(f"{label} must be {where}, got {v:g}")
+        where = (f"between {_num(lo)} and {_num(hi)}" if lo is not None and hi is not None
+                 else f"at least {_num(lo)}" if lo is not None else f"at most {_num(hi)}")
+        raise UserError(f"{label} must be {where}, got {_num(v)}")
 
 
 def number(label: str, v, lo: float | None = None, hi: float | None = None) -> float:
