@@ -231,6 +231,24 @@ def calibration_only(tokenizer, source: str, n_samples: int, ctx: int, seed: int
     return _calibration(tokenizer, mode, split, n_samples, ctx, seed, special_prefix(tokenizer), model)[0]
 
 
+def with_fresh_text(tokenizer, source: str, n_samples: int, ctx: int, seed: int, field: str,
+                    fresh: torch.Tensor) -> torch.Tensor:
+    """n_samples samples for a recovery that reads fresh model-written text (`fresh`, token ids):
+    drawn uniformly over one pool of the run source's calibration text and the fresh text, so each
+    part gets samples in proportion to its tokens. The fresh text takes the place of the text the
+    model wrote for `mix` and `generated` (their human-written part is the built-in text, none)."""
+    mode = (source or "builtin").strip()
+    prefix = special_prefix(tokenizer)
+    if mode == "generated":
+        return calibration_samples(fresh, n_samples, ctx, seed, prefix)
+    own = tokenize(tokenizer, load_text("builtin" if mode in GENERATED_SOURCES else mode, field).calibration)
+    n_own = round(n_samples * own.numel() / (own.numel() + fresh.numel()))
+    parts = [calibration_samples(own, n_own, ctx, seed, prefix)] if n_own else []
+    if n_samples > n_own:
+        parts.append(calibration_samples(fresh, n_samples - n_own, ctx, seed, prefix))
+    return torch.cat(parts)
+
+
 def _calibration(tokenizer, mode: str, split: TextSplit, n_samples: int, ctx: int, seed: int,
                  prefix: list[int], model) -> tuple[torch.Tensor, str, int]:
     """(samples [n_samples, ctx], a name for their source, tokens in the text they come from)."""

@@ -175,7 +175,7 @@ def recovery_summary(info: dict) -> str:
         rec = info.get("recovery") if isinstance(info.get("recovery"), dict) else {}
         text = rec.get("text")
         if isinstance(text, int) and not isinstance(text, bool) and text > 0:
-            on += f" (three quarters of them from {text:,} tokens of fresh text the dense model wrote)"
+            on += f" (drawn over the calibration text and {text:,} tokens of fresh text the dense model wrote)"
         if rec.get("teacher") == "live":
             on += ", the teacher's full next-token distribution computed live"
         steps.append(f"{count('finetune_steps')} steps of masked fine-tuning by distillation from the "

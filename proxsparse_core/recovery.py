@@ -39,7 +39,6 @@ from .results import RECOVERED as SUFFIX, Pruning
 RECOVERY_METHODS = ("obs", "finetune", "both")
 TEACHERS = ("stored", "live")
 MAX_STORED = 20_000           # samples a stored teacher may keep (≈ 50 KB each at 128 tokens, top-64)
-FRESH_SHARE = 0.75            # with fresh text, the share of fine-tuning samples drawn from it
 LIVE_CHUNK_TOKENS = 8192      # the live teacher's batch runs in chunks of about this many tokens
 
 
@@ -70,7 +69,8 @@ class RecoveryConfig:
                        "the full distribution, no storage, any number of samples)",
             "text": "tokens of fresh text the dense model writes for fine-tuning in large batches (half answers "
                     "to varied instructions, half free text from the start-of-text token; cached per model and "
-                    "seed); three quarters of the fine-tuning samples then come from it. 0 = none. A GPU job: "
+                    "seed); fine-tuning samples are then drawn over it and the run's calibration text together "
+                    "(it replaces the model's own text of data mix). 0 = none. A GPU job: "
                     "1 M tokens take ≈ 1 min on an H200"}
 
     def to_dict(self) -> dict:
@@ -113,8 +113,9 @@ class RecoveryConfig:
 # How long fine-tuning runs. `standard` is RecoveryConfig's defaults (≈ 7 min on 2 CPU cores, ≈ 1 min
 # on a GPU for the bundled model); `long` reads 27× the samples, for a GPU (≈ 4.5 min on an H200 shared
 # with two other runs; at the CPU's rate per sample, hours on 2 cores — not measured there); `deep`
-# reads ~16 M tokens (1,000 steps × 128 samples) with the live teacher, three quarters of them from
-# 1 M tokens of fresh text the dense model writes first: a GPU job of minutes, hours on a CPU.
+# reads ~16 M tokens (1,000 steps × 128 samples) with the live teacher, drawn over the run's calibration
+# text and 1 M tokens of fresh text the dense model writes first (for the bundled model's built-in text,
+# ~90 % of the samples come from the fresh text): a GPU job of minutes, hours on a CPU.
 # Measured on the bundled model (H200, seed 0, bench/RESULTS.md, issue 9 sixth and seventh passes),
 # held-out perplexity on the built-in text / licence texts / ML docs / manual: ProxSparse's mask
 # 26.4 / 64.1 / 46.0 / 69.5 after `standard`, 21.7 / 54.8 / 39.1 / 58.3 after 1,000 steps × 4 samples;

@@ -119,9 +119,8 @@ class Workspace:
         """n calibration samples for recovery's fine-tuning, drawn from this run's calibration source
         and seed exactly as the run's own (0 or the run's count: the run's own samples). With `text`
         > 0, the dense model first writes that many tokens of fresh text (selfgen.fresh_ids, cached)
-        and a share recovery.FRESH_SHARE of the samples come from it instead (n = 0: the run's count)."""
-        from .data import calibration_only, calibration_samples, special_prefix
-        from .recovery import FRESH_SHARE
+        and the samples are drawn over it and the source's text together (data.with_fresh_text)."""
+        from .data import calibration_only, with_fresh_text
         own = self.data.calibration.shape[0]
         if n in (0, own) and not text:
             return self.data.calibration
@@ -129,9 +128,8 @@ class Workspace:
         if self._tuning is None or self._tuning[0] != key:
             source, field, _, ctx, seed = self._data_key[:5]
             n = n or own
-            n_fresh = round(n * FRESH_SHARE) if text else 0
             fresh = None
-            if n_fresh:
+            if text:
                 from .selfgen import fresh_ids
 
                 def tell(done, total):
@@ -146,11 +144,8 @@ class Workspace:
                 on_phase(f"drawing {n:,} fine-tuning samples (for self-written text, the first time the model "
                          f"writes more of it: ≈ 1 min on a CPU) …")
             try:
-                parts = [calibration_only(self.lm.tokenizer, source, n - n_fresh, ctx, seed, field,
-                                          self.lm.model)] if n > n_fresh else []
-                if fresh is not None:
-                    parts.append(calibration_samples(fresh, n_fresh, ctx, seed, special_prefix(self.lm.tokenizer)))
-                samples = torch.cat(parts)
+                samples = (calibration_only(self.lm.tokenizer, source, n, ctx, seed, field, self.lm.model)
+                           if fresh is None else with_fresh_text(self.lm.tokenizer, source, n, ctx, seed, field, fresh))
             except UserError as exc:      # e.g. the uploaded calibration file is gone since the run
                 raise UserError(f"could not draw {n} fine-tuning samples ({exc}); set the fine-tuning "
                                 f"samples to 0 to fine-tune on the run's own samples") from None

@@ -212,30 +212,36 @@ def _small_fresh_text(monkeypatch, tmp_path):
     monkeypatch.setenv("PROXSPARSE_CACHE", str(tmp_path / "cache"))
 
 
-def test_fresh_text_is_written_once_and_three_quarters_of_the_samples_come_from_it(tiny_folder, tmp_path, monkeypatch):
+def _windows_of(rows: torch.Tensor, ids: torch.Tensor) -> bool:
+    stream = ids.tolist()
+    return all(any(stream[i:i + len(r)] == r for i in range(len(stream) - len(r) + 1)) for r in rows.tolist())
+
+
+def test_fresh_text_is_written_once_and_samples_are_drawn_over_it_and_the_source(tiny_folder, tmp_path, monkeypatch):
     from proxsparse_core import selfgen
-    from proxsparse_core.data import calibration_only
+    from proxsparse_core.data import load_text, tokenize
     from proxsparse_core.workspace import Workspace
     from test_export import tiny_cfg
 
     _small_fresh_text(monkeypatch, tmp_path)
+    text = tmp_path / "cal.txt"
+    text.write_text("\n\n".join(f"paragraph {i}: " + "a few words to calibrate on " * 3 for i in range(30)))
     ws = Workspace()
-    ws.prune("magnitude", tiny_cfg(tiny_folder, samples=4))
+    ws.prune("magnitude", tiny_cfg(tiny_folder, samples=4, data=str(text)))
     heard = []
-    samples = ws.tuning_samples(8, heard.append, text=120)
-    assert samples.shape == (8, ws.data.calibration.shape[1])
-    assert any("fresh text for fine-tuning: 0 of 120 tokens" in h for h in heard)
-    assert any("120 of 120 tokens" in h for h in heard)
-    fresh = selfgen.fresh_ids(ws.lm.model, ws.lm.tokenizer, 120, seed=0)
-    assert fresh.numel() >= 120
-    stream = fresh.tolist()
-    for row in samples[2:].tolist():                                   # 6 of 8 are windows of the fresh text
-        assert any(stream[i:i + len(row)] == row for i in range(len(stream) - len(row) + 1))
-    source, field, _, ctx, seed = ws._data_key[:5]
-    assert torch.equal(samples[:2], calibration_only(ws.lm.tokenizer, source, 2, ctx, seed, field, ws.lm.model))
+    samples = ws.tuning_samples(40, heard.append, text=600)
+    assert samples.shape == (40, ws.data.calibration.shape[1])
+    assert any("fresh text for fine-tuning: 0 of 600 tokens" in h for h in heard)
+    assert any("600 of 600 tokens" in h for h in heard)
+    fresh = selfgen.fresh_ids(ws.lm.model, ws.lm.tokenizer, 600, seed=0)
+    own = tokenize(ws.lm.tokenizer, load_text(str(text)).calibration)
+    n_own = round(40 * own.numel() / (own.numel() + fresh.numel()))       # uniform over one pool of both texts
+    assert 5 <= n_own <= 35
+    assert _windows_of(samples[:n_own], own) and _windows_of(samples[n_own:], fresh)
+    assert not _windows_of(samples[n_own:n_own + 1], own)
     # written once: a second request reads the cache, and it is not the instruction-only stream
     monkeypatch.setattr(selfgen, "_generate", lambda *a, **k: pytest.fail("generated again"))
-    assert torch.equal(selfgen.fresh_ids(ws.lm.model, ws.lm.tokenizer, 120, seed=0), fresh)
+    assert torch.equal(selfgen.fresh_ids(ws.lm.model, ws.lm.tokenizer, 600, seed=0), fresh)
     assert selfgen._cache_file(ws.lm.model, 0, 16, 2, free=True) != selfgen._cache_file(ws.lm.model, 0, 16, 2)
 
 

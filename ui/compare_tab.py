@@ -570,8 +570,8 @@ def build_compare_tab(jobs: JobManager, tab: gr.Tab):
                 rec_text = gr.Slider(0, MAX_RECOVERY_TEXT, RecoveryConfig.text, step=50_000,
                                      label="Fresh text (tokens)", elem_id="ps-recover-text",
                                      info="text the dense model writes first (answers to varied instructions and free "
-                                          "text, cached per model and seed); three quarters of the samples then come "
-                                          "from it. A GPU job")
+                                          "text, cached per model and seed); the samples are then drawn over it and the "
+                                          "calibration text together. A GPU job")
                 rec_lr = gr.Number(RecoveryConfig.lr, label="Fine-tuning learning rate", elem_id="ps-recover-lr",
                                    info="relative to each layer's weight scale rms(W0); warm-up, then cosine decay")
             with gr.Row():
