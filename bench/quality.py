@@ -180,6 +180,7 @@ def _recovered(ws: Workspace, name: str, label: str, job: dict) -> list[dict]:
         row = _row(ws, recovered_name(name), f"{label} + recovery ({rc.method}{steps})", time.perf_counter() - t0)
         row["recovery_loss"] = res.events[-1].lm_loss if res.events else None
         row["recovery_status"] = f"{res.status}: {res.message}"
+        print(f"[{label} recovery] row: {json.dumps(row)}", flush=True)     # kept in the log even if cut off later
         rows.append(row)
     return rows
 

@@ -52,7 +52,7 @@ MAX_TOKENS = 200_000   # enough for any calibration set: longer runs reuse windo
 # (temperature 1: the model's own pre-training kind of text — news, stories, how-tos) instead of
 # an instruction. Measured on an H200: 1.57 M tokens in ≈ 2 min at 512 × 256 (bench/RESULTS.md).
 FRESH_NEW = 256
-FRESH_BATCH = 256
+FRESH_BATCH = 512
 FRESH_MAX_TOKENS = 50_000_000
 
 
