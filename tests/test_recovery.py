@@ -527,3 +527,21 @@ def test_recovery_summary_names_steps_and_samples_and_shows_only_whole_numbers()
     # values read back from a run folder's metrics.json may be anything
     bad = recovery_summary({"base_method": "wanda", "obs": True, "finetune_steps": "<b>9</b>", "finetune_samples": True})
     assert "<b>" not in bad and "True" not in bad and "fine-tuning" not in bad
+
+
+def test_compare_tab_warns_that_a_recovery_with_fresh_text_is_a_gpu_job_on_a_cpu(tiny_folder, tmp_path, monkeypatch):
+    from test_ui_handlers import wait
+    from ui import compare_tab
+    from ui.jobs import LEARNED, JobManager
+
+    _small_fresh_text(monkeypatch, tmp_path)
+    warned = []
+    monkeypatch.setattr(compare_tab, "notify", lambda text, level="warning": warned.append((level, text)))
+    jobs = JobManager()
+    wait(jobs.start_learning(tiny_cfg(tiny_folder, eval_windows=2), evaluate=False))
+    list(compare_tab.recover_result(jobs, LEARNED, "finetune", 2, 8, 2))
+    assert warned == []                                         # a short recovery: no warning
+    progress = list(compare_tab.recover_result(jobs, LEARNED, "finetune", 2, 8, 2, 2e-3, "live", 100))[-1][0]
+    assert "finished" in progress
+    assert len(warned) == 1 and warned[0][0] == "warning" and "after writing 100 tokens of fresh text" in warned[0][1]
+    assert "a GPU job, hours on this CPU" in warned[0][1]

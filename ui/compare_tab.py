@@ -376,6 +376,11 @@ def recover_result(jobs: JobManager, name, method, steps, samples=RecoveryConfig
         raise UserError(f"no result named {name!r}; pick one from the list")
     new = recovered_name(name)
     fine = rcfg.method != "obs"
+    on_cpu = jobs.ws.lm.model.get_input_embeddings().weight.device.type == "cpu"
+    if fine and on_cpu and (rcfg.text or rcfg.steps * rcfg.batch > 10_000):
+        notify(f"this recovery reads {rcfg.steps * rcfg.batch:,} samples"
+               + (f" after writing {rcfg.text:,} tokens of fresh text" if rcfg.text else "")
+               + ": a GPU job, hours on this CPU. Stop ends it and keeps the last good weights", "warning")
     teacher_phase = ("the dense model reads the calibration samples (the teacher) …" if rcfg.teacher == "stored"
                      else "fine-tuning starts (the dense model runs beside it on every batch) …")
     state = {"status": "running", "done": 0, "total": 1, "phase": "starting …"}
