@@ -136,7 +136,8 @@ def _generate(model, tokenizer, tokens: int, seed: int, max_new: int, batch: int
     device = model.get_input_embeddings().weight.device
     eos = tokenizer.eos_token_id
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else eos
+    start = getattr(tokenizer, "bos_token_id", None)
+    start = eos if start is None else start
     order = torch.randperm(len(PROMPTS), generator=torch.Generator().manual_seed(seed)).tolist()
     stream: list[int] = ids.tolist()
     ends = list(ends)
