@@ -60,3 +60,29 @@ def test_a_model_that_ends_every_answer_at_once_is_a_clear_error(tiny_llama, sma
     monkeypatch.setattr(tiny_llama, "generate", ends_at_once)
     with pytest.raises(UserError, match="ended almost every answer"):
         selfgen.generated_ids(tiny_llama, tok, 150, seed=0, **small)
+
+
+def test_fresh_text_alternates_instruction_rounds_and_free_rounds_from_the_start_token(tiny_llama, small, tmp_path,
+                                                                                      monkeypatch):
+    """fresh_ids: round 0 answers instructions (the prompt is in the stream), round 1 samples from the
+    start-of-text token alone (no prompt in the stream, and generate was given only that token)."""
+    tok = TinyTokenizer()
+    monkeypatch.setattr(selfgen, "FRESH_BATCH", 4)
+    monkeypatch.setattr(selfgen, "FRESH_NEW", 16)
+    given = []
+    real = tiny_llama.generate
+    monkeypatch.setattr(tiny_llama, "generate", lambda x, **kw: given.append((x.clone(), kw["temperature"])) or real(x, **kw))
+    ids = selfgen.fresh_ids(tiny_llama, tok, 400, seed=0)
+    assert len(given) >= 2
+    assert given[0][1] == 0.8 and given[0][0].shape[1] > 1                       # instructions
+    assert given[1][1] == 1.0 and given[1][0].tolist() == [[tok.eos_token_id]] * 4  # no bos: end-of-text starts it
+    stream = ids.tolist()
+    prompts = [tok(p + "\n")["input_ids"] for p in selfgen.PROMPTS]
+    seqs, cur = [], []
+    for t in stream:
+        cur.append(t)
+        if t == tok.eos_token_id:
+            seqs.append(cur)
+            cur = []
+    with_prompt = [any(s[:len(p)] == p for p in prompts) for s in seqs]
+    assert any(with_prompt) and not all(with_prompt)                              # both kinds of round are there
