@@ -554,7 +554,7 @@ def build_compare_tab(jobs: JobManager, tab: gr.Tab):
                                   info="sets the sliders below and the teacher, fresh text and learning rate. On the bundled model, 1,000 steps × 4 samples "
                                        "lowered held-out perplexity by a further 14–18 % on every text measured "
                                        "(H200), × 8 a little more; answers stay on topic, lost facts mostly stay "
-                                       "lost. For a demo that answers: recover SparseGPT's result (long on a GPU, "
+                                       "lost. For a demo that answers: recover SparseGPT's result (deep or long on a GPU, "
                                        "standard on a CPU; both kept 'Paris', ProxSparse's mask did not on the GPU)")
             rec_steps = gr.Slider(5, 1000, RecoveryConfig.steps, step=5, label="Fine-tuning steps",
                                   elem_id="ps-recover-steps",
