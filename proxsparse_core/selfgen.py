@@ -51,8 +51,11 @@ MAX_TOKENS = 200_000   # enough for any calibration set: longer runs reuse windo
 # large batches of long answers, and every other round starts from the start-of-text token alone
 # (temperature 1: the model's own pre-training kind of text — news, stories, how-tos) instead of
 # an instruction. Measured on an H200: 1.57 M tokens in ≈ 2 min at 512 × 256 (bench/RESULTS.md).
+# A small request gets a smaller batch (about four rounds' worth, at least 8 answers), so a few
+# thousand tokens on a CPU take minutes, not the hours of a 512-answer round.
 FRESH_NEW = 256
 FRESH_BATCH = 512
+FRESH_MIN_BATCH = 8
 FRESH_MAX_TOKENS = 50_000_000
 
 
@@ -121,8 +124,10 @@ def generated_ids(model, tokenizer, tokens: int, seed: int = 0, max_new: int = M
 def fresh_ids(model, tokenizer, tokens: int, seed: int = 0, progress=None) -> torch.Tensor:
     """About `tokens` ids of fresh text for a long recovery: the generated_ids stream in large
     batches of long answers, every other round free text from the start-of-text token alone.
-    Deterministic for a model and seed, cached like generated_ids (its own file)."""
-    return generated_ids(model, tokenizer, tokens, seed, FRESH_NEW, FRESH_BATCH, free=True, progress=progress)
+    Deterministic for a model and seed, cached like generated_ids (its own file; the batch is sized
+    to the request, so requests of 512 K tokens and more share one stream)."""
+    batch = min(FRESH_BATCH, max(FRESH_MIN_BATCH, -(-tokens // (4 * FRESH_NEW))))
+    return generated_ids(model, tokenizer, tokens, seed, FRESH_NEW, batch, free=True, progress=progress)
 
 
 @torch.no_grad()

@@ -86,3 +86,22 @@ def test_fresh_text_alternates_instruction_rounds_and_free_rounds_from_the_start
             cur = []
     with_prompt = [any(s[:len(p)] == p for p in prompts) for s in seqs]
     assert any(with_prompt) and not all(with_prompt)                              # both kinds of round are there
+
+
+def test_a_small_fresh_text_request_is_written_in_small_batches(tiny_llama, small, monkeypatch):
+    """A CPU user asking for a few thousand tokens must not wait for 512-answer rounds: the batch is
+    about a quarter of the request in answers (at least FRESH_MIN_BATCH), capped at FRESH_BATCH."""
+    tok = TinyTokenizer()
+    monkeypatch.setattr(selfgen, "FRESH_NEW", 16)
+    batches = []
+    real = tiny_llama.generate
+    monkeypatch.setattr(tiny_llama, "generate", lambda x, **kw: batches.append(x.shape[0]) or real(x, **kw))
+    selfgen.fresh_ids(tiny_llama, tok, 100, seed=0)
+    assert batches and set(batches) == {selfgen.FRESH_MIN_BATCH}
+    batches.clear()
+    selfgen.fresh_ids(tiny_llama, tok, 16 * 4 * 20, seed=1)                    # 20 answers a round
+    assert batches and set(batches) == {20}
+    monkeypatch.setattr(selfgen, "FRESH_BATCH", 12)
+    batches.clear()
+    selfgen.fresh_ids(tiny_llama, tok, 16 * 4 * 20, seed=2)
+    assert batches and set(batches) == {12}
