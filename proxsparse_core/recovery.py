@@ -115,8 +115,10 @@ class RecoveryConfig:
 # with two other runs; at the CPU's rate per sample, hours on 2 cores — not measured there); `deep`
 # reads ~16 M tokens (1,000 steps × 128 samples) with the live teacher, drawn over the run's calibration
 # text and 1 M tokens of fresh text the dense model writes first (for the bundled model's built-in text,
-# ~90 % of the samples come from the fresh text): a GPU job of minutes, hours on a CPU. Measured on an
-# H200 before recovery used TF32: 0.58 s a step; half a run (487 steps) already beat `long` on every text.
+# ~90 % of the samples come from the fresh text): a GPU job of minutes, hours on a CPU. Measured: 0.58 s a
+# step on an H200 before recovery used TF32, 0.26–0.41 s with TF32 on an H100 (≈ 2 min of text first); after
+# 688–979 steps both ProxSparse's mask and SparseGPT's result were ahead of `long` on every text, and the
+# ProxSparse one answered three of the app's four example prompts sensibly (issue 9, ninth pass).
 # Measured on the bundled model (H200, seed 0, bench/RESULTS.md, issue 9 sixth and seventh passes),
 # held-out perplexity on the built-in text / licence texts / ML docs / manual: ProxSparse's mask
 # 26.4 / 64.1 / 46.0 / 69.5 after `standard`, 21.7 / 54.8 / 39.1 / 58.3 after 1,000 steps × 4 samples;
@@ -220,8 +222,8 @@ class MaskedFinetuner:
             hist = [0, 0, sum(m.numel() // 4 for m in self.masks.values()), 0, 0]   # 2:4 by construction
             model.config.use_cache = False
             model.train()
-            torch.set_float32_matmul_precision("high")     # TF32 matmuls on CUDA for float32 models (the prototype's
-            #                                                 0.24 s a deep-sized step against 0.58 s without)
+            torch.set_float32_matmul_precision("high")     # TF32 matmuls on CUDA for float32 models (a deep-sized
+            #                                                 step: 0.26–0.41 s on an H100, 0.58 s without on an H200)
             t_start = time.perf_counter()
             for step in range(1, cfg.steps + 1):
                 if self.stop.is_set():

@@ -297,7 +297,7 @@ TEACHER_LABELS = {"stored": "stored: top-64 per position, read once (up to 20,00
                   "live": "live: the dense model runs beside it, full distribution (any length)"}
 
 _LENGTH_TIME = {"standard": "≈ 7 min on 2 CPU cores, ≈ 1 min on a GPU", "long": "≈ 4.5 min on an H200, measured",
-                "deep": "≈ 2 min of text once, then ≈ 0.6 s a step on an H200 without TF32; hours on a CPU"}
+                "deep": "≈ 2 min of text once, then ≈ 0.3–0.4 s a step on an H100; hours on a CPU"}
 
 
 def _length_label(name: str, where: str = "") -> str:
@@ -554,8 +554,9 @@ def build_compare_tab(jobs: JobManager, tab: gr.Tab):
                                   info="sets the sliders below and the teacher, fresh text and learning rate. On the bundled model, 1,000 steps × 4 samples "
                                        "lowered held-out perplexity by a further 14–18 % on every text measured "
                                        "(H200), × 8 a little more; answers stay on topic, lost facts mostly stay "
-                                       "lost. For a demo that answers: recover SparseGPT's result (deep or long on a GPU, "
-                                       "standard on a CPU; both kept 'Paris', ProxSparse's mask did not on the GPU)")
+                                       "lost. For a demo that answers, use deep on a GPU: after it ProxSparse's mask answered "
+                                       "three of the four example prompts sensibly, SparseGPT's result two. On a CPU: "
+                                       "SparseGPT's result with standard kept 'Paris'")
             rec_steps = gr.Slider(5, 1000, RecoveryConfig.steps, step=5, label="Fine-tuning steps",
                                   elem_id="ps-recover-steps",
                                   info="300 with the weight update: ≈ 7 min on 2 CPU cores (the first time ≈ 1 min more, "
