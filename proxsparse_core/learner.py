@@ -22,60 +22,18 @@ import math
 import statistics
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from .config import RunConfig
 from .distill import distill_loss, teacher_targets
-from .masks import extract_masks, load_weights, mask_2to4, nnz_histogram, snapshot
+from .masks import extract_masks, mask_2to4, nnz_histogram, snapshot
 from .prox import prox_2to4_, triton_kernels
 from .scores import ChannelNorms, channel_weights, ranking
-
-
-@dataclass
-class StepEvent:
-    step: int
-    total_steps: int
-    lm_loss: float
-    l2_term: float              # λ2 · L2 (0 when λ2 is off)
-    loss: float
-    lr: float
-    share_24: float             # share of prunable groups with ≤ 2 non-zeros
-    nnz_hist: list[int]         # groups with 0, 1, 2, 3, 4 non-zeros
-    layer_share: list[float] | None  # per prunable layer (order of LearnResult.layer_names), every N steps
-    t_fwd_bwd: float
-    t_opt: float
-    t_prox: float
-    t_step: float
-    tokens_per_s: float
-    mem_bytes: int              # peak device memory (CUDA) or resident memory (CPU)
-    elapsed: float
-    eta: float
-    objective: str = "lm"       # what lm_loss is: "lm" (next-token loss) or "distill" (KL to the dense model)
-    mem_by_device: dict | None = None   # device → peak memory, when the model spans several devices
-    heldout_loss_24: float | None = None     # held-out next-token loss of W0 · (current top-2 mask), when measured
-    heldout_loss_dense: float | None = None  # the dense model's on the same held-out tokens (measured once)
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def line(self) -> str:
-        held = ""
-        if self.heldout_loss_24 is not None:
-            held = f"  held-out loss if stopped now {self.heldout_loss_24:.4f}"
-            if self.heldout_loss_dense is not None:
-                held += f" (dense {self.heldout_loss_dense:.4f})"
-        return (f"step {self.step}/{self.total_steps}  {'KL to dense' if self.objective == 'distill' else 'loss'} "
-                f"{self.lm_loss:.4f}"
-                + (f" + λ2·L2 {self.l2_term:.4f}" if self.l2_term else "")
-                + f"  2:4 {100 * self.share_24:5.1f}%"
-                + f"  groups with 0/1/2/3/4 non-zeros: {' / '.join(f'{n:,}' for n in self.nnz_hist)}"
-                + held
-                + f"  fwd+bwd {self.t_fwd_bwd:.2f}s opt {self.t_opt:.2f}s prox {self.t_prox:.2f}s"
-                + f"  {self.tokens_per_s:.0f} tok/s  mem {self.mem_bytes / 2**30:.2f} GiB"
-                + f"  eta {self.eta:.0f}s")
+from .training import (MaskedTraining, StepEvent, eta_seconds, memory_by_device, memory_in_use,  # noqa: F401
+                       run_steps, trainable)
 
 
 @dataclass
@@ -87,35 +45,6 @@ class LearnResult:
     layer_names: list[str]
     events: list[StepEvent] = field(default_factory=list)
     learned_share_24: float = 0.0  # share of groups already 2:4 in the learned weights
-
-
-def memory_in_use(device: str) -> int:
-    if str(device).startswith("cuda") and torch.cuda.is_available():
-        return int(torch.cuda.max_memory_allocated())
-    try:
-        with open("/proc/self/statm") as f:
-            import os
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0
-
-
-def memory_by_device(devices) -> dict[str, int]:
-    """Peak allocated memory of each CUDA device in `devices`, resident memory for "cpu". With a
-    model split over devices (accelerate's device_map) every device reports its own share."""
-    out = {}
-    for d in devices:
-        d = torch.device(d)
-        out[str(d)] = (int(torch.cuda.max_memory_allocated(d)) if d.type == "cuda" and torch.cuda.is_available()
-                       else memory_in_use("cpu"))
-    return out
-
-
-def _sync(device):
-    """Wait for the GPU work of `device` (a name, or a collection of names: every CUDA device used)."""
-    for d in ([device] if isinstance(device, str) else device):
-        if str(d).startswith("cuda"):
-            torch.cuda.synchronize(torch.device(d))
 
 
 @torch.no_grad()
@@ -160,19 +89,6 @@ def held_gap(cost: float, step_times: list[float]) -> float:
         return math.inf
     per_step = statistics.median(step_times[-10:])
     return max(1, math.ceil(cost / (HELDOUT_BUDGET * max(per_step, 1e-9))))
-
-
-def eta_seconds(step_times: list[float], total: int, held_spent: float = 0.0, held_cost: float = 0.0) -> float:
-    """Seconds left: the median of the recent step times (the first step, which warms caches and
-    allocates the optimizer state, is left out once there are others) for each step left, plus
-    the held-out measurements' share of the time and the last one's cost."""
-    left = total - len(step_times)
-    if left <= 0 or not step_times:
-        return 0.0
-    recent = step_times[1:][-10:] or step_times
-    per_step = statistics.median(recent)
-    trained = sum(step_times)
-    return per_step * left * (1 + held_spent / max(trained, 1e-9)) + held_cost
 
 
 HELDOUT_WINDOWS = 2       # held-out windows of the "if stopped now" measurement, each cut to ctx/2 tokens:
@@ -230,6 +146,18 @@ def heldout_loss(model, batch: torch.Tensor) -> float:
         model.train(was_training)
 
 
+@dataclass
+class _Plan:
+    """What a run prepares before its first step (all on the layers' own devices)."""
+    order: torch.Tensor                  # the sample order
+    lam: dict                            # layer → λ1 in the coordinates the prox works in
+    scale: dict                          # layer → lr (and λ2) scale: rms(W0) with lambda_scale "layer", else 1
+    w0: dict | None = None               # the λ2 copy of W0
+    teacher: object = None               # distill.TeacherTargets, with the LM loss None
+    slot: torch.Tensor | None = None     # sample index → row of `teacher`
+    cols: dict | None = None             # score "activation": layer → weight per input channel
+
+
 class ProxSparseLearner:
     """Learns a 2:4 mask for `lm` (a models.LoadedModel) from calibration samples.
 
@@ -267,31 +195,17 @@ class ProxSparseLearner:
         own_copy = self.originals is None
         originals = snapshot(prunable) if own_copy else self.originals    # W0, on the CPU
         prunable_ids = {id(w) for w in weights.values()}
-        saved_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-        use_cache = getattr(model.config, "use_cache", None)
-        was_training = model.training
+        trained = {id(p) for p in model.parameters() if cfg.train_all or id(p) in prunable_ids}
         # with train_all, the other trained parameters are restored too (the pruned model is W0*mask)
         others = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()
                   if cfg.train_all and id(p) not in prunable_ids}
         scratch: dict = {}       # optimizer, λ2 copy of W0, channel weights: emptied in place when the run ends
         try:
-            status, message, done, events = self._loop(weights, originals, prunable_ids, device, scratch)
-            total_groups = sum(w.numel() // 4 for w in weights.values())
-            with torch.no_grad():
-                for w in weights.values():   # a diverged weight must not poison the mask ranking
-                    torch.nan_to_num_(w.data, nan=0.0, posinf=0.0, neginf=0.0)
-                learned_hist = sum(nnz_histogram(w).cpu() for w in weights.values())
-                masks = extract_masks(prunable, scratch.get("cols"))
+            with trainable(model, prunable, originals, trained, cfg.grad_ckpt):
+                status, message, done, events = self._loop(weights, originals, prunable_ids, device, scratch)
+                masks, share = self._extract(weights, scratch.get("cols"))
         finally:
             self._release(scratch)
-            if cfg.grad_ckpt:
-                model.gradient_checkpointing_disable()
-            model.config.use_cache = use_cache
-            model.train(was_training)
-            for n, p in model.named_parameters():
-                p.grad = None
-                p.requires_grad_(saved_grad.get(n, True))
-            load_weights(prunable, originals)   # back to the dense W0
             if others:
                 named = dict(model.named_parameters())
                 with torch.no_grad():
@@ -303,31 +217,38 @@ class ProxSparseLearner:
             gc.collect()
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
-        share = float(learned_hist[:3].sum()) / max(1, total_groups)
         if status == "finished":
             message = f"finished {done} steps; {100 * share:.1f}% of groups were already 2:4"
         return LearnResult(status, message, done, masks, self.names, events, share)
+
+    def _extract(self, weights: dict, cols: dict | None) -> tuple[dict, float]:
+        """The mask from the learned weights, and the share of groups that were already 2:4."""
+        total_groups = sum(w.numel() // 4 for w in weights.values())
+        with torch.no_grad():
+            for w in weights.values():   # a diverged weight must not poison the mask ranking
+                torch.nan_to_num_(w.data, nan=0.0, posinf=0.0, neginf=0.0)
+            learned_hist = sum(nnz_histogram(w).cpu() for w in weights.values())
+            masks = extract_masks(self.lm.prunable, cols)
+        return masks, float(learned_hist[:3].sum()) / max(1, total_groups)
 
     @staticmethod
     def _release(scratch: dict):
         """Free the optimizer state and the λ2 copy of W0 in place, so that nothing big stays
         alive even while an exception's traceback still holds the loop's frame."""
-        opt = scratch.pop("opt", None)
-        if opt is not None:
-            opt.zero_grad(set_to_none=True)
-            opt.state.clear()
+        training = scratch.pop("training", None)
+        if training is not None:
+            training.release()
         w0 = scratch.pop("w0", None)
         if w0 is not None:
             w0.clear()
         scratch.clear()
 
-    def _loop(self, weights: dict, originals: dict, prunable_ids: set, device: str, scratch: dict):
-        """The optimisation itself; returns (status, message, steps done, events)."""
+    def _plan(self, weights: dict, originals: dict, device: str, scratch: dict) -> _Plan:
+        """The sample order, the λ2 copy of W0, the teacher's targets and channel weights, and the
+        per-layer λ1 and learning-rate scales."""
         cfg, model = self.cfg, self.lm.model
-        # with accelerate's device_map the layers live on several devices: every per-layer operation
-        # (prox, λ2 term, statistics) runs on its layer's own device; only small rows are gathered
-        devices = sorted({device} | {str(w.device) for w in weights.values()})
         torch.manual_seed(cfg.seed)
+        order = torch.randperm(self.samples.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
         w0 = None
         if cfg.lambda2 > 0:
             if cfg.w0_offload:   # pinned, so each step's copy to the GPU is a fast DMA
@@ -336,19 +257,11 @@ class ProxSparseLearner:
             else:
                 w0 = {n: originals[n].to(weights[n].device) for n in self.names}
             scratch["w0"] = w0
-        for p in model.parameters():
-            p.requires_grad_(cfg.train_all or id(p) in prunable_ids)
-        params = [p for p in model.parameters() if p.requires_grad]
-        if cfg.grad_ckpt:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        model.config.use_cache = False
-        fused = all(d.startswith("cuda") for d in devices)    # fused AdamW needs every parameter on a GPU
-        order = torch.randperm(self.samples.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
         used = order[:min(self.samples.shape[0], cfg.steps * cfg.batch)]    # the samples the run reads
         # score "activation": the regulariser acts on W·diag(a), a_j the dense model's ‖X_j‖ over the
         # samples the run reads (scores.py), recorded during the teacher's pass when there is one
         activation = cfg.score == "activation"
-        teacher = cols = None
+        teacher = cols = slot = None
         if cfg.loss == "distill":   # the dense model's distributions, read once before any weight moves
             with ChannelNorms(self.lm.prunable) if activation else contextlib.nullcontext() as norms:
                 teacher = teacher_targets(model, self.samples[used], stop=self.stop)
@@ -367,122 +280,131 @@ class ProxSparseLearner:
             if weighted and cols is not None:
                 w = w * cols[n].cpu().unsqueeze(0)
             return float(w.pow(2).mean().sqrt())
-        scale = {n: (rms(n) if cfg.lambda_scale == "layer" else 1.0) for n in self.names}
+        layer = cfg.lambda_scale == "layer"
+        scale = {n: (rms(n) if layer else 1.0) for n in self.names}
         # λ1 in the coordinates the prox works in (W, or W·diag(a)): there the scale is rms(W0·diag(a))
-        lam = {n: cfg.lambda1 / max(rms(n, True) if cfg.lambda_scale == "layer" else 1.0, 1e-12)
-               for n in self.names}
-        groups = [{"params": [weights[n]], "lr": cfg.lr * scale[n]} for n in self.names if weights[n].requires_grad]
-        rest = [p for p in params if id(p) not in prunable_ids]
-        if rest:
-            groups.append({"params": rest, "lr": cfg.lr})
-        opt = scratch["opt"] = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=0.0, fused=fused)
-        warm = max(1, int(round(cfg.warmup * cfg.steps)))
-        def ramp(s):   # linear warm-up over the first `warmup` share of steps, then constant or cosine
-            if s + 1 <= warm:
-                return (s + 1) / warm
-            if cfg.lr_schedule == "cosine":    # step s+1 of cfg.steps; the last one still moves a little
-                return 0.5 * (1 + math.cos(math.pi * (s + 1 - warm) / (cfg.steps - warm + 1)))
-            return 1.0
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, ramp)
+        lam = {n: cfg.lambda1 / max(rms(n, True) if layer else 1.0, 1e-12) for n in self.names}
+        return _Plan(order, lam, scale, w0, teacher, slot, cols)
+
+    def _prox_all(self, weights: dict, plan: _Plan) -> dict:
+        """The 2:4 prox on every layer; returns each layer's count of groups with 0…4 non-zeros
+        (the kernels count them as they go: one row per layer, on its own device)."""
+        rows = {}
+        for n in self.names:
+            dev = weights[n].device
+            rows[n] = torch.zeros(5, dtype=torch.long, device=dev)
+            if plan.cols is None:
+                prox_2to4_(weights[n], plan.lam[n], hist=rows[n])
+            else:   # the prox of R(W·diag(a)) in the metric ‖(W − Z)·diag(a)‖², in float32 so
+                a = plan.cols[n].to(dev).unsqueeze(0)     # that a bf16 weight it leaves alone comes back exact
+                v = weights[n].data.float() * a
+                prox_2to4_(v, plan.lam[n], hist=rows[n])
+                weights[n].data.copy_(v.div_(a))
+        return rows
+
+    def _loop(self, weights: dict, originals: dict, prunable_ids: set, device: str, scratch: dict):
+        """The optimisation itself; returns (status, message, steps done, events)."""
+        cfg, model = self.cfg, self.lm.model
+        # with accelerate's device_map the layers live on several devices: every per-layer operation
+        # (prox, λ2 term, statistics) runs on its layer's own device; only small rows are gathered
+        devices = sorted({device} | {str(w.device) for w in weights.values()})
+        plan = self._plan(weights, originals, device, scratch)
+        rest = [p for p in model.parameters() if p.requires_grad and id(p) not in prunable_ids]
+        training = scratch["training"] = MaskedTraining(
+            weights, plan.scale, cfg.lr, cfg.steps, max(1, int(round(cfg.warmup * cfg.steps))), cfg.lr_schedule,
+            rest=rest, fused=all(d.startswith("cuda") for d in devices), devices=devices)
         for d in devices:
             if d.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats(torch.device(d))
+        held = _HeldOut(self, originals, plan.cols, device)
         total_groups = sum(w.numel() // 4 for w in weights.values())
         events: list[StepEvent] = []
-        status, message, done = "finished", f"finished {cfg.steps} steps", 0
-        held = self.held_out.to(device) if self.held_out is not None else None
-        dense_loss, held_cost, held_spent = None, 0.0, 0.0
-        if held is not None:             # the reference line, while the weights are still W0
-            t0 = time.perf_counter()
-            dense_loss = heldout_loss(model, held)
-            held_cost = held_spent = time.perf_counter() - t0
         step_times: list[float] = []     # per step, without the held-out measurement
-        next_held = 1                    # the first step at which the next held-out measurement may run
-        held_costs: list[float] = []     # seconds per "if stopped now" measurement
         t_start = time.perf_counter()
         model.train()
-        try:
-            for step in range(1, cfg.steps + 1):
-                if self.stop.is_set():
-                    status, message = "stopped", f"stopped by the user after {done} steps"
-                    break
-                t0 = time.perf_counter()
-                pos = ((step - 1) * cfg.batch + torch.arange(cfg.batch)) % self.samples.shape[0]
-                picked = order[pos]
-                batch = self.samples[picked].to(device)
-                if teacher is not None:
-                    lm_loss = distill_loss(model, batch, *teacher.batch(slot[picked], device))
+
+        def one_step(step: int):
+            t0 = time.perf_counter()
+            pos = ((step - 1) * cfg.batch + torch.arange(cfg.batch)) % self.samples.shape[0]
+            picked = plan.order[pos]
+            batch = self.samples[picked].to(device)
+
+            def loss_and_grad():
+                if plan.teacher is not None:
+                    loss = distill_loss(model, batch, *plan.teacher.batch(plan.slot[picked], device))
                 else:
-                    lm_loss = model(input_ids=batch, labels=batch).loss
-                if not torch.isfinite(lm_loss):
-                    status = "failed"
-                    message = (f"the loss became {float(lm_loss.detach())} at step {step}: the run stopped and "
-                               f"kept the state after step {done}. Lower the learning rate or λ.")
-                    break
-                lm_loss.backward()
-                _sync(devices)
-                t1 = time.perf_counter()
-                l2 = 0.0
-                if w0 is not None:
-                    l2 = frozen_weight_term_(weights, w0, cfg.lambda2, cfg.eps,
-                                             scale if cfg.lambda_scale == "layer" else None)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                _sync(devices)
-                t2 = time.perf_counter()
-                want_layers = step % cfg.layer_stats_every == 0 or step == cfg.steps
-                # the prox kernels count each result's non-zeros per group as they go: one row per
-                # layer on its device, read back in one transfer (no per-layer synchronisation)
-                rows = {}
-                with torch.no_grad():
-                    for n in self.names:
-                        dev = weights[n].device
-                        rows[n] = torch.zeros(5, dtype=torch.long, device=dev)
-                        if cols is None:
-                            prox_2to4_(weights[n], lam[n], hist=rows[n])
-                        else:   # the prox of R(W·diag(a)) in the metric ‖(W − Z)·diag(a)‖², in float32 so
-                            a = cols[n].to(dev).unsqueeze(0)     # that a bf16 weight it leaves alone comes back exact
-                            v = weights[n].data.float() * a
-                            prox_2to4_(v, lam[n], hist=rows[n])
-                            weights[n].data.copy_(v.div_(a))
-                    _sync(devices)
-                    t3 = time.perf_counter()
-                    per_layer = torch.stack([r.to(device) for r in rows.values()]).cpu()
-                hist = per_layer.sum(0)
-                layer_share = ((per_layer[:, :3].sum(1).double() / per_layer.sum(1).clamp_min(1)).tolist()
-                               if want_layers else None)
-                done = step
-                t_step = time.perf_counter() - t0
-                step_times.append(t_step)
-                pruned_loss = None
-                # "if stopped now": where the curve starts, every few steps as long as it stays a
-                # small share of the run, and where it ends
-                if held is not None and (step in (1, cfg.steps) or (want_layers and step >= next_held)):
-                    th = time.perf_counter()
-                    with masked_w0(self.lm.prunable, originals, cols):
-                        pruned_loss = heldout_loss(model, held)
-                    held_cost = time.perf_counter() - th
-                    held_spent += held_cost
-                    held_costs.append(held_cost)    # the least of the last few: one slow call (a busy
-                    next_held = step + held_gap(min(held_costs[-3:]), step_times)   # machine) is no rule
-                elapsed = time.perf_counter() - t_start
-                lm_val = float(lm_loss.detach())
-                ev = StepEvent(
-                    step=step, total_steps=cfg.steps, lm_loss=lm_val, l2_term=l2, loss=lm_val + l2,
-                    lr=cfg.lr * ramp(step - 1), share_24=float(hist[:3].sum()) / max(1, total_groups),
-                    nnz_hist=hist.tolist(), layer_share=layer_share,
-                    t_fwd_bwd=t1 - t0, t_opt=t2 - t1, t_prox=t3 - t2, t_step=t_step,
-                    tokens_per_s=batch.numel() / max(t_step, 1e-9),
-                    mem_bytes=memory_in_use(device), elapsed=elapsed,
-                    mem_by_device=memory_by_device(devices) if len(devices) > 1 else None,
-                    eta=eta_seconds(step_times, cfg.steps, held_spent, held_cost if held is not None else 0.0),
-                    objective=cfg.loss, heldout_loss_24=pruned_loss, heldout_loss_dense=dense_loss)
-                events.append(ev)
-                self.on_event(ev)
+                    loss = model(input_ids=batch, labels=batch).loss
+                if torch.isfinite(loss):
+                    loss.backward()
+                return loss.detach()
+            rows = {}
+            l2_term = None if plan.w0 is None else (lambda: frozen_weight_term_(
+                weights, plan.w0, cfg.lambda2, cfg.eps, plan.scale if cfg.lambda_scale == "layer" else None))
+            times = training.step(loss_and_grad, lambda: rows.update(self._prox_all(weights, plan)), l2_term)
+            per_layer = torch.stack([r.to(device) for r in rows.values()]).cpu()
+            hist = per_layer.sum(0)
+            want_layers = step % cfg.layer_stats_every == 0 or step == cfg.steps
+            layer_share = ((per_layer[:, :3].sum(1).double() / per_layer.sum(1).clamp_min(1)).tolist()
+                           if want_layers else None)
+            t_step = time.perf_counter() - t0
+            step_times.append(t_step)
+            pruned_loss = held.maybe_measure(step, want_layers, step_times)
+            elapsed = time.perf_counter() - t_start
+            l2 = times.extra or 0.0
+            ev = StepEvent(
+                step=step, total_steps=cfg.steps, lm_loss=times.loss, l2_term=l2, loss=times.loss + l2,
+                lr=training.lr_at(step), share_24=float(hist[:3].sum()) / max(1, total_groups),
+                nnz_hist=hist.tolist(), layer_share=layer_share,
+                t_fwd_bwd=times.fwd_bwd, t_opt=times.opt, t_prox=times.project, t_step=t_step,
+                tokens_per_s=batch.numel() / max(t_step, 1e-9),
+                mem_bytes=memory_in_use(device), elapsed=elapsed,
+                mem_by_device=memory_by_device(devices) if len(devices) > 1 else None,
+                eta=eta_seconds(step_times, cfg.steps, held.spent, held.cost),
+                objective=cfg.loss, heldout_loss_24=pruned_loss, heldout_loss_dense=held.dense)
+            events.append(ev)
+            self.on_event(ev)
+
+        try:
+            status, message, done, bad = run_steps(cfg.steps, self.stop, one_step)
+            if status == "failed":
+                message = (f"the loss became {bad} at step {done + 1}: the run stopped and "
+                           f"kept the state after step {done}. Lower the learning rate or λ.")
+            elif status == "finished":
+                message = f"finished {cfg.steps} steps"
         except torch.OutOfMemoryError:
+            done = len(events)
             status = "failed"
             message = (f"out of memory at step {done + 1}: lower ctx or batch, turn on gradient "
                        f"checkpointing, keep W0 on the CPU (w0_offload) or turn λ2 off. "
                        f"The state after step {done} was kept.")
         return status, message, done, events
+
+
+class _HeldOut:
+    """The "if stopped now" measurement: the held-out loss of W0 under the current top-2 mask, at
+    step 1, the last step and evenly spaced stats steps costing about HELDOUT_BUDGET of the run,
+    next to the dense model's loss on the same tokens (measured once, before any weight moves)."""
+
+    def __init__(self, learner: ProxSparseLearner, originals: dict, cols: dict | None, device: str):
+        self.learner, self.originals, self.cols = learner, originals, cols
+        self.batch = learner.held_out.to(device) if learner.held_out is not None else None
+        self.dense, self.cost, self.spent = None, 0.0, 0.0
+        self.next = 1                    # the first step at which the next measurement may run
+        self.costs: list[float] = []     # seconds per measurement
+        if self.batch is not None:       # the reference line, while the weights are still W0
+            t0 = time.perf_counter()
+            self.dense = heldout_loss(learner.lm.model, self.batch)
+            self.cost = self.spent = time.perf_counter() - t0
+
+    def maybe_measure(self, step: int, stats_step: bool, step_times: list[float]) -> float | None:
+        total = self.learner.cfg.steps
+        if self.batch is None or not (step in (1, total) or (stats_step and step >= self.next)):
+            return None
+        t0 = time.perf_counter()
+        with masked_w0(self.learner.lm.prunable, self.originals, self.cols):
+            loss = heldout_loss(self.learner.lm.model, self.batch)
+        self.cost = time.perf_counter() - t0
+        self.spent += self.cost
+        self.costs.append(self.cost)     # the least of the last few: one slow call (a busy machine) is no rule
+        self.next = step + held_gap(min(self.costs[-3:]), step_times)
+        return loss

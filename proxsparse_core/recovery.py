@@ -32,9 +32,9 @@ import torch
 
 from .distill import distill_loss, full_kl, live_teacher_logits, teacher_targets
 from .errors import Stopped, UserError
-from .learner import StepEvent, memory_in_use
 from .masks import load_weights
 from .results import RECOVERED as SUFFIX, Pruning
+from .training import MaskedTraining, StepEvent, memory_in_use, run_steps, trainable
 
 RECOVERY_METHODS = ("obs", "finetune", "both")
 TEACHERS = ("stored", "live")
@@ -175,6 +175,37 @@ class MaskedFinetuner:
         order = torch.randperm(self.samples.shape[0], generator=torch.Generator().manual_seed(cfg.seed))
         used = order[:min(self.samples.shape[0], cfg.steps * cfg.batch)]
         weights = prunable.weights()
+        loss_and_grad = self._objective(weights, used, device)
+        precision = torch.get_float32_matmul_precision()
+        events: list[StepEvent] = []
+        # the last good state (CPU): after the last completed step when the run finishes or is
+        # stopped (a step is never cut short); on a non-finite loss, the last periodic snapshot
+        best = {"weights": {n: w.clone() for n, w in start.items()}, "step": 0}
+        try:
+            with trainable(model, prunable, self.originals, {id(w) for w in weights.values()}):
+                load_weights(prunable, start)
+                keep = {n: self.masks[n].to(weights[n].device, weights[n].dtype) for n in names}
+                scale = {n: float(self.originals[n].float().pow(2).mean().sqrt()) for n in names}
+                training = MaskedTraining(weights, scale, cfg.lr, cfg.steps, max(1, cfg.steps // 10), "cosine",
+                                          fused=device.startswith("cuda"), devices=[device])
+                torch.set_float32_matmul_precision("high")     # TF32 matmuls on CUDA for float32 models
+                one_step = self._stepper(training, weights, keep, used, device, loss_and_grad, events, best)
+                status, message, done, bad = run_steps(cfg.steps, self.stop, one_step, "fine-tuning steps")
+                if status == "failed":
+                    kept = f"the weights after step {best['step']}" if best["step"] else "the starting weights"
+                    message = f"the loss became {bad} at step {done + 1}; kept {kept}"
+                elif status == "finished":
+                    message = f"fine-tuned the survivors for {done} steps"
+                if status != "failed" and done:
+                    best["weights"] = {n: weights[n].detach().to("cpu", copy=True) for n in names}
+        finally:
+            torch.set_float32_matmul_precision(precision)
+        return best["weights"], events, status, message
+
+    def _objective(self, weights: dict, used: torch.Tensor, device: str):
+        """loss_and_grad(batch, positions): the distillation loss of a batch with its gradients, from
+        the stored teacher (read now, while the model is dense) or the live one."""
+        model, cfg = self.lm.model, self.cfg
         if cfg.teacher == "stored":
             stored = teacher_targets(model, self.samples[used], stop=self.stop)   # the model is dense here
 
@@ -183,97 +214,51 @@ class MaskedFinetuner:
                 if torch.isfinite(loss):
                     loss.backward()
                 return loss.detach()
-        else:
-            w0 = {n: self.originals[n].to(weights[n].device, weights[n].dtype) for n in names}
-            chunk = max(1, LIVE_CHUNK_TOKENS // self.samples.shape[1])
+            return loss_and_grad
+        w0 = {n: self.originals[n].to(w.device, w.dtype) for n, w in weights.items()}
+        chunk = max(1, LIVE_CHUNK_TOKENS // self.samples.shape[1])
 
-            def loss_and_grad(batch, pos):     # gradients accumulated over chunks: the same step, less memory
-                total = torch.zeros((), device=batch.device)
-                for part in batch.split(chunk):
-                    t_logits = live_teacher_logits(model, w0, part)
-                    loss = full_kl(model(input_ids=part, use_cache=False).logits, t_logits) / batch.numel()
-                    del t_logits
-                    loss.backward()
-                    total += loss.detach()
-                return total
-        saved_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-        use_cache = getattr(model.config, "use_cache", None)
-        precision = torch.get_float32_matmul_precision()
-        events, status, message, done = [], "finished", "", 0
-        # the last good state (CPU): after the last completed step when the run finishes or is
-        # stopped (a step is never cut short); on a non-finite loss, the last periodic snapshot
-        best, best_step = {n: w.clone() for n, w in start.items()}, 0
-        try:
-            load_weights(prunable, start)
-            ids = {id(w) for w in weights.values()}
-            for p in model.parameters():
-                p.requires_grad_(id(p) in ids)
-            keep = {n: self.masks[n].to(weights[n].device, weights[n].dtype) for n in names}
-            scale = {n: float(self.originals[n].float().pow(2).mean().sqrt()) for n in names}
-            opt = torch.optim.AdamW([{"params": [weights[n]], "lr": cfg.lr * scale[n]} for n in names],
-                                    lr=cfg.lr, weight_decay=0.0, fused=device.startswith("cuda"))
-            warm = max(1, cfg.steps // 10)
+        def loss_and_grad(batch, pos):     # gradients accumulated over chunks: the same step, less memory
+            total = torch.zeros((), device=batch.device)
+            for part in batch.split(chunk):
+                t_logits = live_teacher_logits(model, w0, part)
+                loss = full_kl(model(input_ids=part, use_cache=False).logits, t_logits) / batch.numel()
+                del t_logits
+                loss.backward()
+                total += loss.detach()
+            return total
+        return loss_and_grad
 
-            def ramp(s):   # linear warm-up, then cosine decay towards 0
-                if s + 1 <= warm:
-                    return (s + 1) / warm
-                return 0.5 * (1 + math.cos(math.pi * (s + 1 - warm) / (cfg.steps - warm + 1)))
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, ramp)
-            hist = [0, 0, sum(m.numel() // 4 for m in self.masks.values()), 0, 0]   # 2:4 by construction
-            model.config.use_cache = False
-            model.train()
-            torch.set_float32_matmul_precision("high")     # TF32 matmuls on CUDA for float32 models (a deep-sized
-            #                                                 step: 0.26–0.41 s on an H100, 0.58 s without on an H200)
-            t_start = time.perf_counter()
-            for step in range(1, cfg.steps + 1):
-                if self.stop.is_set():
-                    status, message = "stopped", f"stopped by the user after {done} fine-tuning steps"
-                    break
-                t0 = time.perf_counter()
-                pos = ((step - 1) * cfg.batch + torch.arange(cfg.batch)) % used.numel()
-                batch = self.samples[used[pos]].to(device)
-                loss = loss_and_grad(batch, pos)
-                if not torch.isfinite(loss):
-                    status = "failed"
-                    message = (f"the loss became {float(loss)} at step {step}; kept the weights after "
-                               f"step {best_step}" if best_step else
-                               f"the loss became {float(loss)} at step {step}; kept the starting weights")
-                    break
-                t1 = time.perf_counter()
-                torch.nn.utils.clip_grad_norm_(list(weights.values()), 1.0)
-                lr_now = cfg.lr * ramp(step - 1)
-                opt.step()
-                sched.step()
-                opt.zero_grad(set_to_none=True)
-                with torch.no_grad():
-                    for n in names:
-                        weights[n].mul_(keep[n])          # pruned weights stay exactly zero
-                t2 = time.perf_counter()
-                done = step
-                if step % max(1, cfg.steps // 20) == 0 or step == cfg.steps:
-                    best, best_step = {n: weights[n].detach().to("cpu", copy=True) for n in names}, step
-                elapsed = time.perf_counter() - t_start
-                ev = StepEvent(step=step, total_steps=cfg.steps, lm_loss=float(loss.detach()), l2_term=0.0,
-                               loss=float(loss.detach()), lr=lr_now, share_24=1.0, nnz_hist=hist,
-                               layer_share=None, t_fwd_bwd=t1 - t0, t_opt=t2 - t1, t_prox=0.0,
-                               t_step=time.perf_counter() - t0, tokens_per_s=batch.numel() / max(t2 - t0, 1e-9),
-                               mem_bytes=memory_in_use(device), elapsed=elapsed,
-                               eta=elapsed / step * (cfg.steps - step), objective="distill")
-                events.append(ev)
-                self.on_event(ev)
-            if status == "finished":
-                message = f"fine-tuned the survivors for {done} steps"
-            if status != "failed" and done:
-                best = {n: weights[n].detach().to("cpu", copy=True) for n in names}
-        finally:
-            torch.set_float32_matmul_precision(precision)
-            model.eval()
-            model.config.use_cache = use_cache
-            for n, p in model.named_parameters():
-                p.requires_grad_(saved_grad.get(n, True))
-                p.grad = None
-            load_weights(prunable, self.originals)              # back to the dense W0
-        return best, events, status, message
+    def _stepper(self, training: MaskedTraining, weights: dict, keep: dict, used: torch.Tensor, device: str,
+                 loss_and_grad, events: list, best: dict):
+        """One fine-tuning step (clipped gradients, pruned weights back to exactly zero) and its event."""
+        cfg, names = self.cfg, list(weights)
+        hist = [0, 0, sum(m.numel() // 4 for m in self.masks.values()), 0, 0]   # 2:4 by construction
+        t_start = time.perf_counter()
+
+        def project():
+            for n in names:
+                weights[n].mul_(keep[n])          # pruned weights stay exactly zero
+
+        def one_step(step: int):
+            t0 = time.perf_counter()
+            pos = ((step - 1) * cfg.batch + torch.arange(cfg.batch)) % used.numel()
+            batch = self.samples[used[pos]].to(device)
+            times = training.step(lambda: loss_and_grad(batch, pos), project,
+                                  lambda: torch.nn.utils.clip_grad_norm_(list(weights.values()), 1.0))
+            if step % max(1, cfg.steps // 20) == 0 or step == cfg.steps:
+                best["weights"] = {n: weights[n].detach().to("cpu", copy=True) for n in names}
+                best["step"] = step
+            elapsed = time.perf_counter() - t_start
+            t_step = time.perf_counter() - t0
+            ev = StepEvent(step=step, total_steps=cfg.steps, lm_loss=times.loss, l2_term=0.0, loss=times.loss,
+                           lr=training.lr_at(step), share_24=1.0, nnz_hist=hist, layer_share=None,
+                           t_fwd_bwd=times.fwd_bwd, t_opt=times.opt + times.project, t_prox=0.0, t_step=t_step,
+                           tokens_per_s=batch.numel() / max(t_step, 1e-9), mem_bytes=memory_in_use(device),
+                           elapsed=elapsed, eta=elapsed / step * (cfg.steps - step), objective="distill")
+            events.append(ev)
+            self.on_event(ev)
+        return one_step
 
 
 def recover(lm, calibration: torch.Tensor, base: Pruning, base_name: str, originals: dict,
