@@ -217,15 +217,13 @@ _PAPER = dict(samples=400, ctx=4096, steps=400, batch=1, warmup=0.1, grad_ckpt=T
 
 # Scale-free settings: λ1 and lr are shares of each layer's own weight scale rms(W0), so they mean
 # the same on any model; the loss is self-distillation on half built-in, half self-written text,
-# whose masks held up best on held-out text of other domains (bench/RESULTS.md, issue 9); and the
-# regulariser ranks |W|·‖X‖ (score "activation", scores.py) rather than |W|: with |W| a group the
-# loss does not decide ends as magnitude pruning would leave it, with |W|·‖X‖ as Wanda would.
-# That cut held-out perplexity by 39–70 % on both models measured, every text, two seeds (SmolLM2
-# 73.5 → 41.3, Gemma-3-270M 75.2 → 41.8 on the built-in text, seed 0), and it is what makes Gemma's
-# mask beat Wanda's on texts of other domains. lr 0.005 rather than 0.01 (0.01 worse on both models,
-# also with score "activation"); 150 samples seen twice beat 300 seen once. The model-agnostic
-# `scale-free` preset adds λ2 = 1e-4 (ε 0.5, both relative to the layer's scale): better on
-# Gemma-3-270M on every text, within noise on SmolLM2, so `bundled-quality` keeps λ2 = 0.
+# whose masks held up best on held-out text of other domains; and the regulariser ranks |W|·‖X‖
+# (score "activation", scores.py) rather than |W|: with |W| a group the loss does not decide ends as
+# magnitude pruning would leave it, with |W|·‖X‖ as Wanda would. Each choice was measured against its
+# alternatives on two models and two seeds (bench/RESULTS.md): lr 0.005 rather than 0.01, 150 samples
+# seen twice rather than 300 seen once. The model-agnostic `scale-free` preset adds λ2 = 1e-4 (ε 0.5,
+# both relative to the layer's scale), which helped the second architecture measured and was within
+# noise on the bundled model, so `bundled-quality` keeps λ2 = 0.
 _SCALE_FREE = dict(samples=150, ctx=128, steps=300, batch=1, lambda1=0.01, lambda2=0.0, lr=0.005,
                    lambda_scale="layer", lr_schedule="cosine", warmup=0.1, grad_ckpt=False,
                    loss="distill", data="mix", score="activation")
@@ -236,29 +234,23 @@ DEFAULT_PRESET = "bundled-quality"
 
 PRESETS: dict[str, dict] = {
     # chosen from bench/quality.py (bench/RESULTS.md): per-layer scaling is what makes the
-    # bundled model learn at all (its layers differ ~6× in scale, see README)
-    "quick-demo": _preset(BUNDLED, "bundled SmolLM2-135M, per-layer scaled λ1/lr, weights ranked by |W|·‖X‖, "
-                                   "45 steps on the built-in text: under 2 min in the app on a 2-core CPU with "
-                                   "evaluation (measured: 115 s); held-out ppl 42.2 on that text (Wanda 83.0, "
-                                   "same tokens). For a model that still talks, recover it in the Compare tab",
+    # bundled model learn at all (its layers differ ~6× in scale, see docs/method.md). Times and
+    # quality are not written here: preset_note() adds the measured time from bench/measured.json.
+    "quick-demo": _preset(BUNDLED, "bundled SmolLM2-135M, the short version for live demos on a CPU: per-layer "
+                                   "scaled λ1/lr, weights ranked by |W|·‖X‖, 45 steps on the built-in text. "
+                                   "For a model that still talks, recover it in the Compare tab",
                           samples=150, ctx=128, steps=45, batch=1, lambda1=0.01, lambda2=0.0, lr=0.01,
                           lambda_scale="layer", lr_schedule="constant", warmup=0.1, grad_ckpt=False,
                           loss="lm", data="builtin", score="activation"),
-    "bundled-quality": _preset(BUNDLED, "bundled SmolLM2-135M, scale-free, ranks weights by |W|·‖X‖, "
-                                        "self-distillation on built-in + self-written text, 300 steps (≈ 6 min on "
-                                        "2 CPU cores, ≈ 1 min on a GPU; the first run also writes the model's own "
-                                        "calibration text, cached after). Measured on 2 seeds: the mask alone is "
-                                        "ahead of Wanda and SparseGPT mask-only on the built-in text and on licence "
-                                        "texts, ML docs and a manual (seed 0: 41.3 vs 89.2 and 88.1 on the built-in "
-                                        "text). Recover it in the Compare tab (≈ 7 min on 2 CPU cores) to beat "
-                                        "SparseGPT's own weight update on every text by a third",
+    "bundled-quality": _preset(BUNDLED, "bundled SmolLM2-135M, the best measured recipe: scale-free, ranks weights "
+                                        "by |W|·‖X‖, self-distillation on built-in + self-written text, 300 steps "
+                                        "(the first run also writes the model's own calibration text, cached "
+                                        "after). Recover it in the Compare tab afterwards",
                                **_SCALE_FREE),
     "scale-free": _preset(None, "any model: λ1, lr, λ2 and ε relative to each layer's weight scale, weights "
                                 "ranked by |W|·‖X‖, self-distillation on built-in + self-written text, 300 steps "
                                 "(the bundled-quality recipe plus a light λ2 = 1e-4 that keeps the learned weights "
-                                "near W0). Measured on Gemma-3-270M, 2 seeds: the mask alone ahead of Wanda and "
-                                "SparseGPT mask-only on every text (41.8 vs 76.5 on the built-in text), and after "
-                                "recovery ahead of SparseGPT's own weight update (bench/RESULTS.md)",
+                                "near W0)",
                           **{**_SCALE_FREE, "lambda2": 1e-4, "eps": 0.5}),
     "llama-2-7b": _preset("meta-llama/Llama-2-7b-hf", "paper: λ1=0.25, lr=1e-4",
                           lambda1=0.25, lambda2=0.0, lr=1e-4, **_PAPER),
@@ -275,3 +267,12 @@ PRESETS: dict[str, dict] = {
     "qwen2.5-14b": _preset("Qwen/Qwen2.5-14B", "paper: λ1=0.2, lr=1e-4",
                            lambda1=0.2, lambda2=0.0, lr=1e-4, **_PAPER),
 }
+
+
+def preset_note(name: str, gpu: bool = False) -> str:
+    """A preset's note with its measured time on this kind of machine (bench/measured.json), if any."""
+    from .measured import describe
+
+    note = PRESETS[name]["note"]
+    when = describe(f"learn:{name}:{'gpu' if gpu else 'cpu'}")
+    return f"{note}. Time: {when} (bench/RESULTS.md)" if when else note

@@ -97,7 +97,7 @@ HELDOUT_BUDGET = 0.06     # between step 1 and the last step it runs at evenly s
                           # that it costs this share of the run; with the dense reference and the two
                           # ends, < 10% of a run
 NORM_SAMPLES = 32         # with the LM loss (no teacher pass to share) the channel norms of score "activation" read
-                          # the run's first 32 samples: ≈ 6 s on 2 CPU cores at ctx 128 (all 150: 33 s)
+                          # the run's first 32 samples (all of them cost ~5× as long on a CPU; bench/RESULTS.md)
 
 
 @contextlib.contextmanager

@@ -46,13 +46,12 @@ LIVE_CHUNK_TOKENS = 8192      # the live teacher's batch runs in chunks of about
 class RecoveryConfig:
     """Settings of a recovery run (CLI flags of `recover`, widgets of the app)."""
     method: str = "both"          # obs | finetune | both
-    steps: int = 300              # fine-tuning steps (300 beat 100 on every held-out text, bench/RESULTS.md)
+    steps: int = 300              # fine-tuning steps (measured against 100: bench/RESULTS.md)
     lr: float = 2e-3              # fine-tuning lr, relative to each layer's rms(W0) (scale-free)
     batch: int = 1                # calibration samples per fine-tuning step
     seed: int = 0
-    samples: int = 300            # calibration samples fine-tuning reads (0 = the run's own). 300 distinct
-    #                               samples at lr 2e-3 beat the run's 150 seen twice at 1e-3 on every held-out
-    #                               text, two seeds, two architectures (bench/RESULTS.md, issue 9 third pass)
+    samples: int = 300            # calibration samples fine-tuning reads (0 = the run's own); 300 distinct
+    #                               samples at lr 2e-3 against the run's own seen twice: bench/RESULTS.md
     teacher: str = "stored"       # stored (top-64 per position, read once) | live (W0 run every step, full KL)
     text: int = 0                 # tokens of fresh text the dense model writes for fine-tuning (0 = none)
 
@@ -70,8 +69,7 @@ class RecoveryConfig:
             "text": "tokens of fresh text the dense model writes for fine-tuning in large batches (half answers "
                     "to varied instructions, half free text from the start-of-text token; cached per model and "
                     "seed); fine-tuning samples are then drawn over it and the run's calibration text together "
-                    "(it replaces the model's own text of data mix). 0 = none. A GPU job: "
-                    "1 M tokens take ≈ 2 min on an H200"}
+                    "(it replaces the model's own text of data mix). 0 = none. A GPU job for large amounts"}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -110,20 +108,12 @@ class RecoveryConfig:
         return cls(**d).validate()
 
 
-# How long fine-tuning runs. `standard` is RecoveryConfig's defaults (≈ 7 min on 2 CPU cores, ≈ 1 min
-# on a GPU for the bundled model); `long` reads 27× the samples, for a GPU (≈ 4.5 min on an H200 shared
-# with two other runs; at the CPU's rate per sample, hours on 2 cores — not measured there); `deep`
-# reads ~16 M tokens (1,000 steps × 128 samples) with the live teacher, drawn over the run's calibration
-# text and 1 M tokens of fresh text the dense model writes first (for the bundled model's built-in text,
-# ~90 % of the samples come from the fresh text): a GPU job of minutes, hours on a CPU. Measured: 0.58 s a
-# step on an H200 before recovery used TF32, 0.26–0.41 s with TF32 on an H100 (≈ 2 min of text first); after
-# 688–979 steps both ProxSparse's mask and SparseGPT's result were ahead of `long` on every text, and the
-# ProxSparse one answered three of the app's four example prompts sensibly (issue 9, ninth pass).
-# Measured on the bundled model (H200, seed 0, bench/RESULTS.md, issue 9 sixth and seventh passes),
-# held-out perplexity on the built-in text / licence texts / ML docs / manual: ProxSparse's mask
-# 26.4 / 64.1 / 46.0 / 69.5 after `standard`, 21.7 / 54.8 / 39.1 / 58.3 after 1,000 steps × 4 samples;
-# SparseGPT's result 21.4 / 53.6 / 37.6 / 57.2 after 1,000 × 4 and 21.2 / 53.4 / 36.7 / 56.6 (and 1 answer
-# of 12 going round in a loop, against 4) after 1,000 × 8, which is `long`.
+# How long fine-tuning runs (one registry: the CLI's --length, the Compare tab's Length radio and the
+# labels read it). `standard` is RecoveryConfig's defaults, sized for 2 CPU cores; `long` reads 27× the
+# samples, for a GPU; `deep` reads ~16 M tokens (1,000 steps × 128 samples) with the live teacher, drawn
+# over the run's calibration text and 1 M tokens of fresh text the dense model writes first: a GPU job of
+# minutes, hours on a CPU. Measured times: measured.describe("recover:<length>:<cpu|gpu>"); quality of
+# each length: bench/RESULTS.md.
 _KEYS = ("steps", "samples", "batch", "lr", "teacher", "text")
 RECOVERY_LENGTHS = {"standard": {k: getattr(RecoveryConfig, k) for k in _KEYS},
                     "long": {**{k: getattr(RecoveryConfig, k) for k in _KEYS}, "steps": 1000, "samples": 8000,

@@ -1,0 +1,51 @@
+"""Measured times shown next to presets and recovery lengths, read from the one file the benchmarks
+write (`bench/measured.json`: seconds, what was timed, date, machine, command).
+
+Code, presets and labels never carry a measured number of their own: they ask `describe(key)`,
+which says "measured 3.8 min on 2 CPU cores, 2026-12-05" or nothing when the file or the figure
+is missing (an installed package without bench/). Keys are `learn:<preset>:<cpu|gpu>` and
+`recover:<length>:<cpu|gpu>`.
+"""
+from __future__ import annotations
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+FILE = Path(__file__).resolve().parent.parent / "bench" / "measured.json"
+MAX_BYTES = 2**20
+
+
+@lru_cache(maxsize=1)
+def figures() -> dict:
+    """key → figure dict; {} when the file is absent or unreadable (it is informative only)."""
+    try:
+        if not FILE.is_file() or FILE.stat().st_size > MAX_BYTES:
+            return {}
+        data = json.loads(FILE.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return {}
+    found = data.get("figures") if isinstance(data, dict) else None
+    return {k: v for k, v in found.items() if isinstance(v, dict)} if isinstance(found, dict) else {}
+
+
+def duration(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
+def describe(key: str) -> str:
+    """'measured 3.8 min on 2 CPU cores, 2026-12-05', or '' when nothing was recorded."""
+    f = figures().get(key)
+    if not f or not isinstance(f.get("seconds"), (int, float)) or isinstance(f.get("seconds"), bool):
+        return ""
+    return f"measured {duration(float(f['seconds']))} on {f.get('machine', '?')}, {f.get('date', '?')}"
+
+
+def seconds(key: str) -> float | None:
+    f = figures().get(key)
+    v = f.get("seconds") if f else None
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None

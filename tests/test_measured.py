@@ -1,0 +1,40 @@
+"""Measured figures live in one file (bench/measured.json); presets and labels only cite it."""
+import json
+import re
+
+from proxsparse_core import measured
+from proxsparse_core.config import PRESETS, preset_note
+from proxsparse_core.recovery import RECOVERY_LENGTHS
+
+TIME_OR_SCORE = re.compile(r"\d+(\.\d+)?\s*(s|sec|min|h|%)\b|ppl \d|measured: \d")
+
+
+def test_no_measured_number_is_written_in_a_preset_note():
+    for name, preset in PRESETS.items():
+        assert not TIME_OR_SCORE.search(preset["note"]), (name, preset["note"])
+
+
+def test_every_recorded_figure_names_a_preset_or_recovery_length(tmp_path):
+    data = json.loads(measured.FILE.read_text())
+    for key, fig in data["figures"].items():
+        kind, name, where = key.split(":")
+        assert where in ("cpu", "gpu")
+        assert name in (PRESETS if kind == "learn" else RECOVERY_LENGTHS), key
+        for field in ("seconds", "date", "machine", "command"):
+            assert field in fig, (key, field)
+
+
+def test_a_note_shows_the_recorded_time_and_nothing_when_there_is_none(tmp_path, monkeypatch):
+    f = tmp_path / "measured.json"
+    f.write_text(json.dumps({"figures": {"learn:quick-demo:cpu": {"seconds": 95, "date": "2030-01-02",
+                                                                  "machine": "a laptop", "command": "x"}}}))
+    monkeypatch.setattr(measured, "FILE", f)
+    measured.figures.cache_clear()
+    try:
+        assert preset_note("quick-demo").endswith("Time: measured 95 s on a laptop, 2030-01-02 (bench/RESULTS.md)")
+        assert preset_note("quick-demo", gpu=True) == PRESETS["quick-demo"]["note"]
+        f.write_text("[not json")
+        measured.figures.cache_clear()
+        assert measured.describe("learn:quick-demo:cpu") == ""
+    finally:
+        measured.figures.cache_clear()
