@@ -124,8 +124,13 @@ def _remove_if_empty(folder: Path, top: Path):
 def _print_compare(ws, names, args):
     from .evaluate import GenerationSettings
     s = GenerationSettings(max_new_tokens=args.max_new_tokens, no_repeat_ngram=args.no_repeat_ngram)
+    told = False
     for n in names:
-        print(f"--- {n}: {ws.generate(n, args.prompt, s)!r}")
+        text = ws.generate(n, args.prompt, s)
+        if s.notes and not told:       # e.g. the chat template failed: said once, on stderr
+            print(f"note: {s.notes[0]}", file=sys.stderr)
+            told = True
+        print(f"--- {n}: {text!r}")
 
 
 def _add_generation_flags(p: argparse.ArgumentParser):

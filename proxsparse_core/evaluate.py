@@ -78,6 +78,8 @@ class GenerationSettings:
     chat: bool = True             # wrap the prompt in the tokenizer's chat template when it has one
     no_repeat_ngram: int = 0      # n > 0: no n tokens in a row appear twice (a loop guard); 0 = off
     stop: threading.Event | None = field(default=None, compare=False, repr=False)   # set: end after this token
+    # what the user should hear about a generation (the chat template failed, so the plain prompt was used)
+    notes: list[str] = field(default_factory=list, compare=False, repr=False)
 
     MAX_NGRAM: ClassVar[int] = 16
     HELP: ClassVar[dict] = {
@@ -94,11 +96,19 @@ class GenerationSettings:
         return self
 
 
-def _encode(tokenizer, prompt: str, chat: bool) -> torch.Tensor:
-    if chat and getattr(tokenizer, "chat_template", None):
-        enc = tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
-                                            add_generation_prompt=True, return_tensors="pt")
-        return enc if torch.is_tensor(enc) else enc["input_ids"]
+def _encode(tokenizer, prompt: str, s: GenerationSettings) -> torch.Tensor:
+    """The prompt's ids: in the model's chat template (rendered within a bound, chat_template.py;
+    Stop ends it), or, when the template fails or runs past the bound, the plain prompt, with a
+    line in `s.notes` saying so."""
+    from . import chat_template
+
+    if s.chat and chat_template.has_template(tokenizer):
+        try:
+            return torch.tensor([chat_template.encode_user_prompts(tokenizer, [prompt], s.stop)[0]],
+                                dtype=torch.long)
+        except chat_template.TemplateProblem as exc:
+            if not any("chat template" in n for n in s.notes):      # once per request (dense, then 2:4)
+                s.notes.append(f"{exc}; generated from the plain prompt instead")
     return tokenizer(prompt, return_tensors="pt")["input_ids"]
 
 
@@ -130,7 +140,7 @@ def _gen_kwargs(tokenizer, s: GenerationSettings) -> dict:
 @torch.no_grad()
 def generate(model, tokenizer, prompt: str, settings: GenerationSettings | None = None) -> str:
     s = settings or GenerationSettings()
-    ids = _encode(tokenizer, prompt, s.chat).to(model.get_input_embeddings().weight.device)
+    ids = _encode(tokenizer, prompt, s).to(model.get_input_embeddings().weight.device)
     torch.manual_seed(s.seed)
     out = model.generate(ids, attention_mask=torch.ones_like(ids), **_gen_kwargs(tokenizer, s))
     return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
@@ -142,7 +152,7 @@ def generate_stream(model, tokenizer, prompt: str,
     from transformers import TextIteratorStreamer
 
     s = settings or GenerationSettings()
-    ids = _encode(tokenizer, prompt, s.chat).to(model.get_input_embeddings().weight.device)
+    ids = _encode(tokenizer, prompt, s).to(model.get_input_embeddings().weight.device)
     streamer = TextIteratorStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
     errors: list[BaseException] = []
 

@@ -59,12 +59,19 @@ FRESH_MIN_BATCH = 8
 FRESH_MAX_TOKENS = 50_000_000
 
 
-def _prompt_ids(tokenizer, text: str) -> list[int]:
-    if getattr(tokenizer, "chat_template", None):
-        ids = tokenizer.apply_chat_template([{"role": "user", "content": text}], add_generation_prompt=True)
-        ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
-        return list(ids)
-    return list(tokenizer(text + "\n", add_special_tokens=True)["input_ids"])
+def _prompt_ids(tokenizer, texts: list[str]) -> dict[str, list[int]]:
+    """Each instruction's ids: in the model's chat template when it has one (all of them in one
+    bounded render, chat_template.py), else the text and a newline."""
+    from . import chat_template
+
+    texts = list(dict.fromkeys(texts))
+    if chat_template.has_template(tokenizer):
+        try:
+            return dict(zip(texts, chat_template.encode_user_prompts(tokenizer, texts)))
+        except chat_template.TemplateProblem as exc:
+            raise chat_template.TemplateProblem(f"{exc}: the model cannot write its own calibration text in its "
+                                                "chat format; use the built-in text or a file") from None
+    return {t: list(tokenizer(t + "\n", add_special_tokens=True)["input_ids"]) for t in texts}
 
 
 def _cache_file(model, seed: int, max_new: int, batch: int, free: bool = False) -> Path:
@@ -144,6 +151,7 @@ def _generate(model, tokenizer, tokens: int, seed: int, max_new: int, batch: int
     start = getattr(tokenizer, "bos_token_id", None)
     start = eos if start is None else start
     order = torch.randperm(len(PROMPTS), generator=torch.Generator().manual_seed(seed)).tolist()
+    prompt_ids = None                  # rendered on the first instruction round
     stream: list[int] = ids.tolist()
     ends = list(ends)
     was_training = model.training
@@ -158,7 +166,8 @@ def _generate(model, tokenizer, tokens: int, seed: int, max_new: int, batch: int
                 prompts, temperature = [[start]] * batch, 1.0
             else:
                 texts = [PROMPTS[order[(i + j) % len(order)]] for j in range(batch)]
-                prompts, temperature = [_prompt_ids(tokenizer, t) for t in texts], 0.8
+                prompt_ids = prompt_ids or _prompt_ids(tokenizer, PROMPTS)
+                prompts, temperature = [prompt_ids[t] for t in texts], 0.8
             width = max(len(p) for p in prompts)
             x = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
             attn = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)

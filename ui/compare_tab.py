@@ -11,6 +11,7 @@ a row in the table, an entry in the generation dropdown and in Export.
 """
 from __future__ import annotations
 
+import re
 import time
 
 import gradio as gr
@@ -100,6 +101,11 @@ def render_pair(dense: str, pruned: str, variant: str | None, streaming: str | N
             if variant else '<div class="ps-gen ps-muted">no 2:4 model to show yet</div>', summary)
 
 
+def _plain_md(text: str) -> str:
+    """`text` shown literally in Markdown (it may quote a model's chat template)."""
+    return esc(re.sub(r"([][\\`*_{}()#+!|~-])", r"\\\1", text))
+
+
 def generate_pair(jobs: JobManager, variant, prompt, sample, temperature, top_p, max_new_tokens, chat,
                   block_repeats=False):
     """Stream the dense model's completion, then the chosen 2:4 model's, same settings. Stop
@@ -118,10 +124,13 @@ def generate_pair(jobs: JobManager, variant, prompt, sample, temperature, top_p,
             jobs.eval_stop.clear()                  # only once the machine is ours
             settings.stop = jobs.eval_stop
             jobs.ensure_loaded()
-            for side, name in ((DENSE, DENSE), ("pruned", variant)):
-                if name is not None and not jobs.eval_stop.is_set():
-                    for text in jobs.ws.generate_stream(name, prompt, settings):
-                        emit((side, text))
+            try:
+                for side, name in ((DENSE, DENSE), ("pruned", variant)):
+                    if name is not None and not jobs.eval_stop.is_set():
+                        for text in jobs.ws.generate_stream(name, prompt, settings):
+                            emit((side, text))
+            except Stopped:                         # Stop while the chat template was rendered
+                pass
             if jobs.eval_stop.is_set():
                 stopped.append(True)
 
@@ -130,8 +139,9 @@ def generate_pair(jobs: JobManager, variant, prompt, sample, temperature, top_p,
         texts[side] = text
         yield render_pair(texts[DENSE], texts["pruned"], variant, streaming=side)
     dense, pruned, summary = render_pair(texts[DENSE], texts["pruned"], variant)
-    yield dense, pruned, ("⏹ **Stopped**: the text above is what was generated before Stop." if stopped
-                          else summary)
+    summary = "⏹ **Stopped**: the text above is what was generated before Stop." if stopped else summary
+    notes = "".join(f"⚠ {_plain_md(n)}.\n\n" for n in settings.notes)      # e.g. the chat template failed
+    yield dense, pruned, notes + summary
 
 
 # ---------------------------------------------------------------------------- perplexity
