@@ -197,10 +197,199 @@ class LoadedModel:
                 f"{str(self.dtype).replace('torch.', '')}; {self.prunable.summary()}")
 
 
-def _explain_load_error(source: str, exc: Exception) -> UserError:
+# ---------------------------------------------------------------------------- what went wrong
+
+MODEL_JSON = ("config.json", "model.safetensors.index.json")
+TOKENIZER_JSON = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                  "vocab.json")
+TOKENIZER_TEXT = ("chat_template.jinja",)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model", "vocab.json",
+                   "vocab.txt", "tiktoken.model")
+
+
+def _json_problem(path: Path, must_be_object: bool = True) -> str | None:
+    """What is wrong with one JSON file of a model folder, in words (None: nothing)."""
+    import json
+
+    name = path.name
+    if not path.is_file():
+        return f"{name} is not a file"
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except OSError as exc:
+        return f"{name} cannot be read ({exc.strerror or exc})"
+    except UnicodeDecodeError as exc:
+        return f"{name} is not UTF-8 text (byte {exc.start})"
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return f"{name} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
+    if must_be_object and not isinstance(value, dict):
+        return f"{name} is not a JSON object (it holds a {type(value).__name__})"
+    return None
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Whether a .safetensors file's header can be read (cheap: the tensors are not read)."""
+    from safetensors import safe_open
+
+    if not path.is_file():
+        return f"{path.name} is missing" if not path.exists() else f"{path.name} is not a file"
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            f.keys()
+    except Exception as exc:  # noqa: BLE001 - SafetensorError, OSError, …: all mean "unreadable"
+        why = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+        return f"{path.name} is not a readable safetensors file ({why})"
+    return None
+
+
+def folder_problem(folder: Path, part: str = "model") -> str | None:
+    """The first thing wrong with the files of a local model folder that transformers reads for
+    `part` ("config": its JSON files; "weights"; "model": both; "tokenizer"), in words; None
+    when nothing is found. Called only after a load failed, so a good folder costs nothing."""
+    folder = Path(folder)
+    if part == "model":
+        return folder_problem(folder, "config") or folder_problem(folder, "weights")
+    if part == "config":
+        for name in MODEL_JSON:
+            if (folder / name).exists() and (why := _json_problem(folder / name)):
+                return why
+        return None
+    if part == "weights":
+        index = folder / "model.safetensors.index.json"
+        shards: list[Path] = []
+        if index.is_file():
+            import json
+
+            weight_map = json.loads(index.read_text("utf-8")).get("weight_map")
+            if not isinstance(weight_map, dict):
+                return "model.safetensors.index.json has no weight_map"
+            shards = [folder / str(n) for n in sorted(set(map(str, weight_map.values())))]
+            missing = [s.name for s in shards if not s.exists()]
+            if missing:
+                more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+                return f"model.safetensors.index.json names {missing[0]}{more}, which is missing"
+        shards += [f for f in sorted(folder.glob("*.safetensors")) if f not in shards]
+        if not shards and not any(folder.glob("pytorch_model*.bin")):
+            return "there is no weights file (model.safetensors or pytorch_model.bin)"
+        for f in shards:
+            if why := _safetensors_problem(f):
+                return why
+        return None
+    for name in TOKENIZER_JSON:
+        if (folder / name).exists() and (why := _json_problem(folder / name, name != "vocab.json")):
+            return why
+    for name in TOKENIZER_TEXT:
+        try:
+            if (folder / name).is_file():
+                (folder / name).read_bytes().decode("utf-8")
+        except UnicodeDecodeError as exc:
+            return f"{name} is not UTF-8 text (byte {exc.start})"
+        except OSError as exc:
+            return f"{name} cannot be read ({exc.strerror or exc})"
+    if not any((folder / n).is_file() for n in TOKENIZER_FILES):
+        return "there is no tokenizer file (" + ", ".join(TOKENIZER_FILES[:2]) + " or a vocabulary file)"
+    return None
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip()
+    return f"{type(exc).__name__}: {text.splitlines()[0][:300]}" if text else type(exc).__name__
+
+
+def _explain_folder_error(shown: str, folder: Path, exc: Exception, stage: str) -> UserError:
+    """A load failure of a local folder: the folder and the file at fault, never "offline"."""
+    import transformers
+
+    where = f"model folder {shown!r}"
     text = f"{type(exc).__name__}: {exc}"
-    offline = os.environ.get("HF_HUB_OFFLINE") == "1" or "offline" in text.lower() or \
-        "connection" in text.lower() or "resolve" in text.lower()
+    if stage == "tokenizer":
+        if why := folder_problem(folder, "tokenizer"):
+            return UserError(f"{where}: {why}")
+    elif why := folder_problem(folder, "config"):
+        return UserError(f"{where}: {why}")
+    elif not any(k in text for k in ("trust_remote_code", "Unrecognized", "does not recognize")) and \
+            (why := folder_problem(folder, "weights")):   # the weights are read only once the config is understood
+        return UserError(f"{where}: {why}")
+    if "trust_remote_code" in text:
+        return UserError(f"{where} needs its own Python code; only if you trust its author, start the app "
+                         f"with --allow-remote-code (CLI: --trust-remote-code) and turn it on")
+    if "Unrecognized configuration class" in text:
+        kind = re.search(r"configuration_(\w+)\.", text)
+        return UserError(f"{where} is not a causal language model that transformers can load as "
+                         f"AutoModelForCausalLM" + (f" (config.json: a {kind.group(1)} model)" if kind else ""))
+    if "Should have a `model_type` key" in text or "Unrecognized model" in text:
+        return UserError(f"{where}: config.json has no model_type key, so transformers cannot tell which "
+                         f"architecture it is")
+    if "does not recognize this architecture" in text:
+        kind = re.search(r"model type `([^`]*)`", text)
+        return UserError(f"{where}: config.json names the model type {kind.group(1) if kind else '?'!r}, which "
+                         f"transformers {transformers.__version__} does not know (a newer transformers may)")
+    if "ignore_mismatched_sizes" in text or "size mismatch" in text:
+        return UserError(f"{where}: the weights in its safetensors files do not have the shapes config.json "
+                         f"describes")
+    if isinstance(exc, FileNotFoundError) and exc.filename:
+        return UserError(f"{where}: {Path(str(exc.filename)).name} is missing")
+    if "Couldn't instantiate the backend tokenizer" in text:
+        return UserError(f"{where}: its tokenizer cannot be built (no readable tokenizer.json; a tokenizer.model "
+                         f"needs the sentencepiece package)")
+    return UserError(f"{where}: could not load the {stage}: {_first_line(exc)}")
+
+
+def _offline_mode() -> bool:
+    """Offline mode as the hub library obeys it (read when it was imported), or as set since."""
+    from huggingface_hub import constants
+
+    env = (os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or "").strip().upper()
+    return bool(constants.HF_HUB_OFFLINE) or env in ("1", "ON", "YES", "TRUE")
+
+
+def _cached(repo_id: str) -> bool:
+    """Whether the local Hugging Face cache holds this id's config.json."""
+    from huggingface_hub import try_to_load_from_cache
+    from huggingface_hub.errors import HFValidationError
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except HFValidationError as exc:      # not a possible hub id at all
+        raise UserError(f"{repo_id[:200]!r} is neither a local model folder nor a Hugging Face model id "
+                        f"({str(exc).splitlines()[0][:200]})") from None
+    except OSError:                       # an unreadable cache: as good as none
+        return False
+
+
+HUB_PROBE_S = 5.0     # how long the one reachability check waits for the hub
+
+
+def hub_reachable(timeout: float = HUB_PROBE_S) -> bool:
+    """One request to the hub, without retries: any answer means reachable. (Without this check an
+    unreachable hub costs ~23 s of the hub library's retries before a download fails.)"""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception:  # noqa: BLE001 - name resolution, refused, timed out, proxy: all "unreachable"
+        return False
+    return True
+
+
+def _offline_error(source: str, forced: bool) -> UserError:
+    if forced:
+        return UserError(f"cannot download {source!r}: offline mode is on (HF_HUB_OFFLINE) and it is not "
+                         f"(fully) in the local Hugging Face cache. Use the bundled model or a local folder")
+    from huggingface_hub import constants
+
+    return UserError(f"cannot download {source!r}: the Hugging Face hub ({constants.ENDPOINT}) is not reachable "
+                     f"(offline) and it is not (fully) in the local Hugging Face cache. Use the bundled model or "
+                     f"a local folder")
+
+
+def _explain_load_error(source: str, exc: Exception) -> UserError:
+    """A load failure of a Hugging Face id (a local folder: `_explain_folder_error`)."""
+    text = f"{type(exc).__name__}: {exc}"
+    low = text.lower()
     if "does not appear to have a file named config.json" in text or "not a valid model identifier" in text \
             or "Repository Not Found" in text or "404" in text:
         return UserError(f"model {source!r} was not found: check the id (private models need "
@@ -211,9 +400,9 @@ def _explain_load_error(source: str, exc: Exception) -> UserError:
     if "trust_remote_code" in text:
         return UserError(f"{source!r} needs its own Python code; only if you trust its author, start "
                          f"the app with --allow-remote-code (CLI: --trust-remote-code) and turn it on")
-    if offline:
-        return UserError(f"cannot download {source!r}: the Hugging Face hub is not reachable "
-                         f"(offline). Use the bundled model or a local folder")
+    if any(w in low for w in ("offline", "couldn't connect", "connection", "local_files_only",
+                              "cannot find the requested files", "localentrynotfound", "name or service")):
+        return _offline_error(source, _offline_mode())
     return UserError(f"could not load {source!r}: {text.splitlines()[0][:300]}")
 
 
@@ -237,8 +426,11 @@ def load_model(source: str = BUNDLED, device: str = "auto", dtype: str = "auto",
         raise UserError(f"the model name is {len(source):,} characters long; the limit is {MAX_SOURCE_CHARS:,}")
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
+    folder: Path | None = None          # a local folder: errors name it and the file at fault
+    local_only = False
     if source == BUNDLED:
-        path, label = str(bundled_folder()), BUNDLED_LABEL
+        folder = bundled_folder()
+        path, label, shown = str(folder), BUNDLED_LABEL, str(folder)
     else:
         p = Path(source).expanduser()
         try:
@@ -248,17 +440,29 @@ def load_model(source: str = BUNDLED, device: str = "auto", dtype: str = "auto",
         if exists:
             if not (p / "config.json").exists():
                 raise UserError(f"{source!r} is a folder without config.json: not a model folder")
-            path, label = str(p), p.name
+            folder, path, label, shown = p, str(p), p.name, source
         elif source.startswith(("/", ".", "~")):
             raise UserError(f"local model folder {source!r} does not exist")
         else:
-            path, label = source, source
+            path, label, shown = source, source, source
+            cached = _cached(source)
+            # Offline mode fails fast by itself; an unreachable hub would cost ~23 s of retries.
+            if not _offline_mode() and not hub_reachable():
+                if not cached:
+                    raise _offline_error(source, False)
+                local_only = True             # the cached copy, without asking the hub again
+    stage = "model"
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, trust_remote_code=trust_remote_code)
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, trust_remote_code=trust_remote_code,
+                                                     local_files_only=local_only)
+        stage = "tokenizer"
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                                  local_files_only=local_only)
     except UserError:
         raise
     except Exception as exc:  # noqa: BLE001 - every load failure becomes one clear line
+        if folder is not None:
+            raise _explain_folder_error(shown, folder, exc, stage) from exc
         raise _explain_load_error(source, exc) from exc
     if device_map:
         from .placement import parse_max_memory, split_over_devices

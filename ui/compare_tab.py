@@ -43,6 +43,14 @@ def variant_choices(jobs: JobManager) -> list[tuple[str, str]]:
     return [(title(n), n) for n in jobs.ws.results]
 
 
+def unknown_result(jobs: JobManager, name: str) -> str:
+    """The message for a result name that is not one of the workspace's results."""
+    names = list(jobs.ws.results)
+    have = (f"the results are: {', '.join(names)}" if names else
+            "there is no 2:4 result yet: learn a mask in the Learn tab (or compute a baseline) first")
+    return f"no result named {inputs.shown(name)}; {have}"
+
+
 # ---------------------------------------------------------------------------- generation
 
 LOOP_GUARD = 4                # "Block repeats": no 4 tokens in a row twice in one answer
@@ -113,14 +121,20 @@ def generate_pair(jobs: JobManager, variant, prompt, sample, temperature, top_p,
     prompt = inputs.text("Prompt", prompt, MAX_PROMPT).strip()
     if not prompt:
         raise UserError("type a prompt (or click an example) first")
-    variant = inputs.text("2:4 model", variant) or None
+    asked = inputs.text("2:4 model", variant).strip() or None
     settings = settings_from_form(sample, temperature, top_p, max_new_tokens, chat, block_repeats)
-    if variant not in jobs.ws.results:
-        variant = LEARNED if LEARNED in jobs.ws.results else next(iter(jobs.ws.results), None)
+    chosen: list = [None]         # the result shown on the right, decided once the machine is ours
     stopped = []
 
     def work(emit):
-        with jobs.claim("generating text"):
+        with jobs.claim("generating text"):       # busy first: a running job may be making results
+            if asked is None:     # none chosen: the learned mask, else the first result (else dense only)
+                chosen[0] = LEARNED if LEARNED in jobs.ws.results else next(iter(jobs.ws.results), None)
+            elif asked in jobs.ws.results:
+                chosen[0] = asked
+            else:
+                raise UserError(unknown_result(jobs, asked))
+            variant = chosen[0]
             jobs.eval_stop.clear()                  # only once the machine is ours
             settings.stop = jobs.eval_stop
             jobs.ensure_loaded()
@@ -137,8 +151,8 @@ def generate_pair(jobs: JobManager, variant, prompt, sample, temperature, top_p,
     texts = {DENSE: "", "pruned": ""}
     for side, text in in_worker(work):
         texts[side] = text
-        yield render_pair(texts[DENSE], texts["pruned"], variant, streaming=side)
-    dense, pruned, summary = render_pair(texts[DENSE], texts["pruned"], variant)
+        yield render_pair(texts[DENSE], texts["pruned"], chosen[0], streaming=side)
+    dense, pruned, summary = render_pair(texts[DENSE], texts["pruned"], chosen[0])
     summary = "⏹ **Stopped**: the text above is what was generated before Stop." if stopped else summary
     notes = "".join(f"⚠ {_plain_md(n)}.\n\n" for n in settings.notes)      # e.g. the chat template failed
     yield dense, pruned, notes + summary
@@ -375,15 +389,18 @@ def recover_result(jobs: JobManager, name, method, steps, samples=RecoveryConfig
     progress: yields (progress HTML, loss figure, perplexity table, generation-dropdown update).
     Stop (`jobs.eval_stop`) ends it after the current step and keeps the last good weights; the
     recovered result then gets its perplexity row (skipped when Stop was pressed)."""
-    name = inputs.text("Result to recover", name)
+    name = inputs.text("Result to recover", name).strip()
     rcfg = recovery_config(method, steps, samples, batch, lr, teacher, text)
+    jobs.refuse_if_busy()             # a running job may be making the results checked below
     if not jobs.ws.results:
         raise UserError("nothing to recover yet: learn a mask in the Learn tab (or compute a baseline "
                         "above) first")
+    if not name:
+        raise UserError("pick a result to recover from the list")
+    if name not in jobs.ws.results:
+        raise UserError(unknown_result(jobs, name))
     if name.endswith(RECOVERED):
         raise UserError(f"{title(name)} is already recovered; pick the result it came from")
-    if name not in jobs.ws.results:
-        raise UserError(f"no result named {name!r}; pick one from the list")
     new = recovered_name(name)
     fine = rcfg.method != "obs"
     on_cpu = jobs.ws.lm.model.get_input_embeddings().weight.device.type == "cpu"

@@ -180,11 +180,21 @@ class JobManager:
         self._ids = itertools.count(1)
 
     # ------------------------------------------------------------------ the one-at-a-time guard
+    def _busy_error(self) -> Busy:
+        return Busy(f"the machine is busy {self.activity or 'with another task'}; "
+                    f"wait for it to finish (or stop it) and try again")
+
     def _acquire(self, what: str):
         if not self._busy.acquire(blocking=False):
-            raise Busy(f"the machine is busy {self.activity or 'with another task'}; "
-                       f"wait for it to finish (or stop it) and try again")
+            raise self._busy_error()
         self.activity = what
+
+    def refuse_if_busy(self):
+        """Raise Busy at once while another heavy activity holds the model: a handler that checks
+        names against the results first calls this, so a long job is answered "busy" rather than
+        "no such result" (the claim itself still comes later, and is what guarantees one at a time)."""
+        if self._busy.locked():
+            raise self._busy_error()
 
     def _release(self):
         self.activity = None

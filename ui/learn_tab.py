@@ -21,7 +21,7 @@ from proxsparse_core.errors import UserError
 from proxsparse_core.models import BUNDLED, BUNDLED_LABEL
 
 from . import inputs
-from .feedback import esc, explain, fail, fmt_bytes, fmt_duration, from_page, guarded, notify
+from .feedback import esc, explain, fail, fmt_bytes, fmt_duration, from_page, guarded, in_request, notify
 from .jobs import Busy, JobManager, LearnJob
 
 FORM = [f.name for f in fields(RunConfig) if f.name != "data"]   # data has its own three widgets
@@ -316,12 +316,19 @@ def start_run(jobs: JobManager, mode, upload, hf_spec, evaluate, *values, page: 
             notify(warning)
             return
         job = jobs.start_learning(cfg, evaluate=evaluate)
-    except Busy as exc:
-        notify(str(exc))
-        if jobs.learning:
-            yield from follow(jobs.job, note="Another run is using the machine; you are watching it live.")
-        else:
-            yield (progress_html(jobs.job, str(exc)),) + (gr.skip(),) * 5
+    except Busy as exc:   # learning, recovery, perplexity, export, … holds the machine
+        message = str(exc)
+        api = in_request() and not page
+        running = jobs.job if jobs.learning else None
+        if running is not None and not api:       # the page watches the other run live
+            notify(message)
+            yield from follow(running, note="Another run is using the machine; you are watching it live.")
+            return
+        # otherwise the card says so once, and the request ends as refused: an API client gets
+        # the busy message as its error, never a finished card of an earlier run
+        note = (f"Another run is using the machine: {message}" if running is not None else message)
+        yield (progress_html(running or jobs.job, note),) + (gr.skip(),) * 5
+        fail(message, page=page)
         return
     except Exception as exc:  # noqa: BLE001 - bad settings: one line, the page stays as it is
         message = explain(exc)
