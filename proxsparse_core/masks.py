@@ -97,7 +97,8 @@ class Verification:
 @torch.no_grad()
 def verify(prunable: PrunableSet, masks: dict, originals: dict, updated_ok: bool = False) -> Verification:
     """Check the model's current prunable weights: every group has ≤ 2 non-zeros, pruned
-    positions are zero, and survivors equal W0 exactly (unless `updated_ok`, for SparseGPT)."""
+    positions are zero, every weight is finite, and survivors equal W0 exactly (unless
+    `updated_ok`, for SparseGPT)."""
     groups = bad = changed = 0
     problems = []
     for n in prunable.names:
@@ -111,6 +112,9 @@ def verify(prunable: PrunableSet, masks: dict, originals: dict, updated_ok: bool
             problems.append(f"{n}: {b} groups with > 2 non-zeros")
         if bool((w[~m] != 0).any()):
             problems.append(f"{n}: pruned positions are not zero")
+        nonfinite = int((~torch.isfinite(w)).sum()) if w.is_floating_point() else 0
+        if nonfinite:
+            problems.append(f"{n}: {nonfinite} weights are NaN or infinite")
         if not updated_ok:
             c = int((w[m] != originals[n][m]).sum())
             if c:
@@ -119,17 +123,30 @@ def verify(prunable: PrunableSet, masks: dict, originals: dict, updated_ok: bool
     return Verification(not problems, groups, bad, changed, problems, updated_ok)
 
 
+def shapes_mismatch(masks: dict, layers: dict) -> str | None:
+    """How mask shapes (name → shape) fail to fit a model's prunable layers (name → weight shape),
+    as one line, or None when they fit: the same layers, each mask shaped like its weight."""
+    differ = set(layers) ^ set(masks)
+    if differ:
+        return (f"the masks do not match this model ({len(differ)} layers differ, "
+                f"e.g. {sorted(differ)[0]})")
+    for n in layers:
+        if tuple(masks[n]) != tuple(layers[n]):
+            return (f"the masks do not match this model: the mask of {n} has shape "
+                    f"{tuple(masks[n])}, the layer {tuple(layers[n])}")
+    return None
+
+
+def layer_shapes(prunable: PrunableSet) -> dict[str, tuple]:
+    return {n: tuple(prunable.modules[n].weight.shape) for n in prunable.names}
+
+
 def check_masks_match(prunable: PrunableSet, masks: dict) -> None:
     """The one check that a mask set fits a model: the same prunable layers, each mask shaped
     like its weight. UserError (one line) otherwise."""
-    differ = set(prunable.names) ^ set(masks)
-    if differ:
-        raise UserError(f"the masks do not match this model ({len(differ)} layers differ, "
-                        f"e.g. {sorted(differ)[0]})")
-    for n in prunable.names:
-        if tuple(masks[n].shape) != tuple(prunable.modules[n].weight.shape):
-            raise UserError(f"the masks do not match this model: the mask of {n} has shape "
-                            f"{tuple(masks[n].shape)}, the layer {tuple(prunable.modules[n].weight.shape)}")
+    problem = shapes_mismatch({n: tuple(m.shape) for n, m in masks.items()}, layer_shapes(prunable))
+    if problem:
+        raise UserError(problem)
 
 
 @torch.no_grad()
@@ -154,9 +171,14 @@ def pack_masks(masks: dict) -> dict[str, np.ndarray]:
 
 
 def unpack_masks(packed: dict, shapes: dict) -> dict[str, torch.Tensor]:
+    """The bool masks of bit-packed bytes; each must be exactly ceil(prod(shape) / 8) bytes (a
+    shorter row would otherwise be padded with zeros up to whatever its shape claims)."""
     out = {}
     for n, bits in packed.items():
-        shape = tuple(shapes[n])
-        count = int(np.prod(shape))
+        shape = tuple(int(d) for d in shapes[n])
+        count = int(np.prod(shape, dtype=object))
+        if bits.dtype != np.uint8 or bits.ndim != 1 or bits.size != -(-count // 8):
+            raise ValueError(f"the mask of {n} is {bits.size} {bits.dtype} values; its shape {shape} "
+                             f"needs {-(-count // 8)} bit-packed bytes")
         out[n] = torch.from_numpy(np.unpackbits(bits, count=count).astype(bool)).view(shape)
     return out
