@@ -28,12 +28,12 @@ from typing import Callable
 
 import torch
 
-from .artifacts import EVENTS_FILE, METRICS_FILE, load_masks, read_recipe, save_json, save_masks, save_recipe
+from .artifacts import load_masks, read_events, save_json, save_masks, save_recipe
 from .config import RunConfig
 from .errors import Stopped, UserError
 from .masks import apply_masks, check_masks_match, mask_stats, verify  # noqa: F401 - re-exported
 from .report import environment, model_card, write_report
-from .results import DENSE, LEARNED, Pruning
+from .results import DENSE, LEARNED
 
 ARTEFACTS = "proxsparse"          # sub-folder with masks, recipe and report
 MAX_NAME = 100
@@ -79,14 +79,36 @@ def _check_target(out: Path, overwrite: bool):
                         f"overwriting")
 
 
-def _os_message(exc: OSError, where: Path) -> UserError:
+def _os_message(exc: OSError, where: Path, doing: str = "exporting") -> UserError:
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        text = f"the disk is full while exporting to {str(where)!r}"
+        text = f"the disk is full while {doing} to {str(where)!r}"
     elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        text = f"cannot write to {str(where)!r} ({exc.strerror.lower()})"
+        text = f"cannot write to {str(where)!r} ({(exc.strerror or str(exc)).lower()})"
     else:
         text = f"cannot write the export to {str(where)!r}: {exc.strerror or exc}"
     return UserError(text + "; nothing was written. Free some space or choose another folder.")
+
+
+def write_error(exc: Exception, where: Path, doing: str = "exporting") -> UserError:
+    """One line for a failed write: an OSError, or safetensors' SafetensorError, which carries the
+    operating system's error only in its text ("… No space left on device (os error 28)")."""
+    if isinstance(exc, OSError):
+        return _os_message(exc, where, doing)
+    text = " ".join(str(exc).split())
+    m = re.search(r"os error (\d+)", text)
+    if m:
+        code = int(m.group(1))
+        return _os_message(OSError(code, os.strerror(code)), where, doing)
+    return UserError(f"cannot write to {str(where)!r} while {doing} ({text[:200]}); nothing was written")
+
+
+def _check_verified(name: str, check) -> None:
+    """A result whose 2:4 check failed is never exported: one line saying why."""
+    if not check.ok:
+        shown = "; ".join(check.problems[:2]) + (f"; and {len(check.problems) - 2} more problems"
+                                                  if len(check.problems) > 2 else "")
+        raise UserError(f"the {name} result failed its 2:4 check ({shown}), so it was not exported; "
+                        f"nothing was written")
 
 
 def _bytes_needed(model: torch.nn.Module, masks: dict) -> int:
@@ -127,6 +149,9 @@ def export_result(ws, name: str, out, *, cfg: RunConfig | None = None, events=No
     result, lm = ws.results[name], ws.lm
     if cfg is None and result.info.get("config"):
         cfg = RunConfig.from_dict(result.info["config"])
+    with ws.lock, ws.variant(name):      # before anything slow: a wrong pattern is never exported
+        check = verify(lm.prunable, result.masks, ws.originals, updated_ok=result.weights is not None)
+    _check_verified(name, check)
 
     if evaluate:
         try:
@@ -147,7 +172,6 @@ def export_result(ws, name: str, out, *, cfg: RunConfig | None = None, events=No
         _stopped(stop)
         say("writing the pruned model …")
         with ws.lock, ws.variant(name):
-            check = verify(lm.prunable, result.masks, ws.originals, updated_ok=result.weights is not None)
             lm.model.save_pretrained(tmp)
         lm.tokenizer.save_pretrained(tmp)
         _stopped(stop)
@@ -171,9 +195,11 @@ def export_result(ws, name: str, out, *, cfg: RunConfig | None = None, events=No
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         _readable(tmp)
         _commit(tmp, out, overwrite)
-    except OSError as exc:
+    except Exception as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise _os_message(exc, parent) from exc
+        if isinstance(exc, OSError) or type(exc).__name__ == "SafetensorError":   # e.g. a full disk
+            raise write_error(exc, parent) from exc
+        raise
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -302,10 +328,11 @@ def load_with_masks(source: str, masks, device: str = "auto", dtype: str = "auto
     """The original model with a mask file (or dict) applied: the pruned model, re-created from
     the 1-bit masks. Returns a models.LoadedModel. A model that needs its own Python code also
     needs `proxsparse_core.models.allow_remote_code(True)` first: that is the caller's decision."""
+    from .masks import layer_shapes
     from .models import load_model
 
     lm = load_model(source, device, dtype, trust_remote_code)
-    apply_masks(lm.prunable, load_masks(masks) if not isinstance(masks, dict) else masks)
+    apply_masks(lm.prunable, load_masks(masks, layer_shapes(lm.prunable)) if not isinstance(masks, dict) else masks)
     return lm
 
 
@@ -313,71 +340,34 @@ def load_with_masks(source: str, masks, device: str = "auto", dtype: str = "auto
 def export_run(run, out, *, overwrite: bool = False, evaluate: bool = True,
                overrides: dict | None = None, stop: threading.Event | None = None,
                progress: Callable[[str], None] | None = None) -> ExportResult:
-    """Export a run folder written by `learn` or `prune` (recipe.json + masks.npz [+ events.jsonl,
-    metrics.json]): reload the model and data named in the recipe, apply the masks, export under
-    the name of the method that made them (recipe "method"; "proxsparse" for older recipes).
-    A method that also updates weights (SparseGPT) is run again from the recipe, since masks.npz
-    holds only its mask; its mask must come out the same."""
-    from .baselines import METHODS
+    """Export a run folder written by `learn`, `prune` or `recover` (recipe.json + masks.npz
+    [+ weights.safetensors, events.jsonl, metrics.json]): reload the model and data named in the
+    recipe and export the result the folder holds under its method's name (recovered_runs:
+    W0 · mask, SparseGPT's updated weights rebuilt from the recipe, or a recover folder's
+    recovered weights). The folder is read by recovered_runs.read_run, the one run-folder reader;
+    `out` must lie outside it (and must not hold it: an export replaces its folder)."""
+    from .recovered_runs import add_run_result, check_out_apart, read_run
     from .workspace import Workspace
 
     say = progress or (lambda t: None)
     run, out = Path(run).expanduser(), Path(out).expanduser()
     if not run.is_dir():
         raise UserError(f"run folder {str(run)!r} does not exist")
+    check_out_apart(run, out, replaces=True)
     clean_stale(out)
-    from .recovered_runs import WEIGHTS_FILE
-    if (run / WEIGHTS_FILE).is_file():             # a `recover` run: its recovered weights
-        return _export_recovered_run(run, out, overwrite, evaluate, overrides, stop, progress)
-    _check_target(out, overwrite)           # fail before the slow model load
-    recipe = read_recipe(run)
-    method = recipe.get("method", LEARNED)
-    if method != LEARNED and method not in METHODS:
-        raise UserError(f"recipe.json names an unknown method {method!r}; known: "
-                        f"{', '.join([LEARNED, *METHODS])}")
-    cfg = RunConfig.from_dict({**recipe["config"], **(overrides or {})})
-    masks = load_masks(run)
-    ws = Workspace()
-    say(f"loading {cfg.model} …")
-    ws.load(cfg)
-    check_masks_match(ws.lm.prunable, masks)
-    if method != LEARNED and METHODS[method].updates_weights:
-        say(f"{method} updates weights that masks.npz does not hold: running it again from the recipe …")
-        pruning = ws.prune(method, cfg, stop=stop)
-        if any(not torch.equal(pruning.masks[n], masks[n]) for n in masks):
-            raise UserError(f"running {method} again gave a different mask than the run folder's "
-                            f"masks.npz (another machine or library version?); nothing was written")
-    else:
-        info = {"config": cfg.to_dict()}
-        if (run / METRICS_FILE).exists():
-            try:
-                old = json.loads((run / METRICS_FILE).read_text())
-            except (ValueError, RecursionError, OSError):
-                old = {}
-            if isinstance(old, dict):
-                info.update({k: old[k] for k in ("status", "steps", "message") if k in old})
-        ws.add_result(method, Pruning(method, masks, None, info))
-    events = None
-    if method == LEARNED and (run / EVENTS_FILE).exists():
-        events = [json.loads(line) for line in (run / EVENTS_FILE).read_text().splitlines() if line.strip()]
-    return export_result(ws, method, out, cfg=cfg, events=events, evaluate=evaluate,
-                         overwrite=overwrite, stop=stop, progress=progress)
-
-
-def _export_recovered_run(run: Path, out: Path, overwrite, evaluate, overrides, stop, progress) -> ExportResult:
-    """Export a `recover` run folder: the model with its recovered weights (weights.safetensors),
-    named "<base method>+recovery"."""
-    from .recovered_runs import add_recovered_result, read_run
-    from .workspace import Workspace
-
     _check_target(out, overwrite)           # fail before the slow model load
     folder = read_run(run, overrides)
+    events = read_events(run) if folder.method == LEARNED or folder.recovered else None
     ws = Workspace()
-    (progress or (lambda t: None))(f"loading {folder.cfg.model} …")
+    say(f"loading {folder.cfg.model} …")
     ws.load(folder.cfg)
-    name = add_recovered_result(ws, folder)
-    events = None
-    if (run / EVENTS_FILE).exists():
-        events = [json.loads(line) for line in (run / EVENTS_FILE).read_text().splitlines() if line.strip()]
+
+    def blocks(done, total):
+        say(f"rebuilding {folder.method}'s updated weights: block {done}/{total}")
+    try:
+        name, note = add_run_result(ws, folder, blocks, stop)
+    except Stopped:
+        raise Stopped("export stopped while the weights were rebuilt; nothing was written") from None
+    say(note)
     return export_result(ws, name, out, cfg=folder.cfg, events=events, evaluate=evaluate,
                          overwrite=overwrite, stop=stop, progress=progress)

@@ -15,12 +15,14 @@ own weights back; `finetune` or `both` change them.)
 """
 from __future__ import annotations
 
-import json
+import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
-from .artifacts import METRICS_FILE, RECIPE_FILE, _atomic_write, load_masks, load_recipe
+import torch
+
+from .artifacts import _atomic_write, check_regular, load_masks, read_metrics, read_recipe
 from .config import RunConfig
 from .errors import UserError
 from .results import LEARNED, RECOVERED, Pruning
@@ -38,48 +40,88 @@ class RunFolder:
     cfg: RunConfig        # its settings (with any device/dtype overrides)
     method: str           # the result it holds: "proxsparse", a baseline, or "<base>+recovery"
     masks: dict
-
-    @property
-    def recovered(self) -> bool:
-        return (self.path / WEIGHTS_FILE).exists()
+    recovered: bool = False   # it holds weights.safetensors (a `recover` folder)
 
     @property
     def base_method(self) -> str:
         return str(self.recipe.get("base_method") or self.method.removesuffix(RECOVERED))
 
+    @property
+    def rebuilds_weights(self) -> bool:
+        """Its result has updated weights that masks.npz does not hold: they are rebuilt from the
+        recipe's calibration samples (SparseGPT; see the module docstring)."""
+        return not self.recovered and self.method == "sparsegpt"
+
+
+def has_weights_file(run) -> bool:
+    """Whether a run folder holds weights.safetensors; anything by that name that is not a regular
+    file (a folder, a FIFO, a link to nowhere) is one UserError line, never silently ignored."""
+    path = Path(run) / WEIGHTS_FILE
+    if not os.path.lexists(path):
+        return False
+    try:
+        check_regular(path)
+    except FileNotFoundError:
+        raise UserError(f"{str(path)!r} is a link to nothing; a recover folder's {WEIGHTS_FILE} is a "
+                        f"plain file") from None
+    return True
+
 
 def read_run(run, overrides: dict | None = None) -> RunFolder:
-    """A run folder's recipe, method and masks; every problem is one UserError line."""
+    """A run folder's recipe, method and masks, every file checked (artifacts' readers); every
+    problem is one UserError line. The one reader of run folders: eval, recover and export use it."""
     from .baselines import METHODS
 
     path = Path(run).expanduser()
     if not path.is_dir():
         raise UserError(f"run folder {str(path)!r} does not exist")
-    cfg = load_recipe(path)                      # a missing or broken recipe.json: one clear line
-    recipe = json.loads((path / RECIPE_FILE).read_text())
+    recipe = read_recipe(path)                   # a missing or broken recipe.json: one clear line
+    cfg = RunConfig.from_dict(recipe["config"])
     method = recipe.get("method", LEARNED)       # recipes of `learn` may not name it
     if not isinstance(method, str) or method.removesuffix(RECOVERED) not in (LEARNED, *METHODS):
-        raise UserError(f"recipe.json names an unknown method {method!r}; known: "
+        raise UserError(f"recipe.json names an unknown method {_short(method)}; known: "
                         f"{', '.join([LEARNED, *METHODS])}")
-    if (path / WEIGHTS_FILE).exists() and not method.endswith(RECOVERED):
+    recovered = has_weights_file(path)
+    if recovered and not method.endswith(RECOVERED):
         method = method + RECOVERED
     if overrides:
         cfg = RunConfig(**{**cfg.to_dict(), **overrides}).validate()
-    return RunFolder(path, recipe, cfg, method, load_masks(path))
+    return RunFolder(path, recipe, cfg, method, load_masks(path), recovered)
+
+
+def _short(value, limit: int = 60) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def check_out_apart(run, out, flag: str = "--out", replaces: bool = False) -> None:
+    """A command that reads the run folder `run` must not write into it: `out` equal to it or
+    inside it is one UserError line (links resolved). With `replaces` (an export replaces its
+    folder whole) a `out` that holds the run is refused too."""
+    if out is None:
+        return
+    run_r, out_r = Path(run).expanduser().resolve(), Path(out).expanduser().resolve()
+    if _inside(out_r, run_r):
+        where = "is" if out_r == run_r else "is inside"
+        raise UserError(f"{flag} {str(out)!r} {where} the run folder {str(run)!r} being read; {flag} must "
+                        f"be a new folder outside it (nothing was changed)")
+    if replaces and _inside(run_r, out_r):
+        raise UserError(f"{flag} {str(out)!r} holds the run folder {str(run)!r} being read, and replacing "
+                        f"it would destroy that run; choose another folder (nothing was changed)")
 
 
 def _old_metrics(folder: RunFolder) -> dict:
-    try:
-        old = json.loads((folder.path / METRICS_FILE).read_text())
-    except (OSError, ValueError, RecursionError):
-        return {}
-    return old if isinstance(old, dict) else {}
+    return read_metrics(folder.path)
 
 
 def add_base_result(ws, folder: RunFolder, progress=None, stop=None) -> tuple[str, str]:
     """Put the result of a learn/prune folder into the workspace `ws` (loaded with its recipe)
     under its method's name. Returns (name, a line saying what the base weights are)."""
-    from .export import check_masks_match
+    from .masks import check_masks_match
     from .recovery import obs_update
 
     if folder.recovered:
@@ -88,7 +130,7 @@ def add_base_result(ws, folder: RunFolder, progress=None, stop=None) -> tuple[st
     check_masks_match(ws.lm.prunable, folder.masks)
     method, info = folder.method, {"config": folder.cfg.to_dict()}
     info.update({k: v for k, v in _old_metrics(folder).items() if k in ("status", "steps", "message")})
-    if method == "sparsegpt":
+    if folder.rebuilds_weights:
         weights = obs_update(ws.lm, ws.data.calibration, folder.masks, progress, stop)
         note = ("masks.npz of a sparsegpt run holds its mask only; its updated weights were rebuilt as "
                 "the OBS update with that mask on the recipe's calibration samples (SparseGPT's own "
@@ -106,12 +148,20 @@ def save_weights(path, weights: dict, metadata: dict | None = None) -> Path:
 
     tensors = {n: w.detach().to("cpu").contiguous() for n, w in weights.items()}
     meta = {"format": WEIGHTS_FORMAT, **{k: str(v) for k, v in (metadata or {}).items()}}
-    _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
+    from safetensors import SafetensorError
+
+    from .export import write_error
+    try:
+        _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
+    except (OSError, SafetensorError) as exc:      # a full disk: one line (the temporary file is gone)
+        raise write_error(exc, Path(path).parent, f"writing {Path(path).name}") from exc
     return Path(path)
 
 
 def load_weights_file(run, prunable, masks: dict) -> dict:
-    """The recovered weights of a recover folder, checked against the model and the masks."""
+    """The recovered weights of a recover folder, checked against the model and the masks: a
+    regular file, every prunable layer once, shaped like its layer, of a floating-point type,
+    finite, and zero wherever the mask prunes. The one loader of weights.safetensors."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -119,20 +169,28 @@ def load_weights_file(run, prunable, masks: dict) -> dict:
     if path.is_dir():
         path = path / WEIGHTS_FILE
     try:
+        check_regular(path)
         weights = load_file(path)
     except FileNotFoundError:
         raise UserError(f"no recovered weights at {str(path)!r}") from None
     except (OSError, SafetensorError) as exc:
-        raise UserError(f"{path.name} is not a readable safetensors file ({exc})") from None
+        why = " ".join(str(exc).split())[:200]
+        raise UserError(f"{path.name} is not a readable safetensors file ({why})") from None
     differ = set(prunable.names) ^ set(weights)
     if differ:
         raise UserError(f"{path.name} does not match this model ({len(differ)} layers differ, "
-                        f"e.g. {sorted(differ)[0]})")
+                        f"e.g. {_short(sorted(differ)[0])})")
     for n in prunable.names:
         w, m = weights[n], masks[n]
         if tuple(w.shape) != tuple(prunable.modules[n].weight.shape):
             raise UserError(f"{path.name}: {n} has shape {tuple(w.shape)}, the layer "
                             f"{tuple(prunable.modules[n].weight.shape)}")
+        if not w.is_floating_point():
+            raise UserError(f"{path.name}: {n} is stored as {str(w.dtype).replace('torch.', '')}, not as "
+                            f"floating-point weights")
+        bad = int((~torch.isfinite(w)).sum())
+        if bad:
+            raise UserError(f"{path.name}: {n} has {bad:,} NaN or infinite weights")
         if bool((w[~m] != 0).any()):
             raise UserError(f"{path.name}: {n} has non-zero weights where masks.npz prunes")
     return weights
@@ -140,7 +198,7 @@ def load_weights_file(run, prunable, masks: dict) -> dict:
 
 def add_recovered_result(ws, folder: RunFolder) -> str:
     """Put the recovered result of a recover folder into `ws`; returns its name."""
-    from .export import check_masks_match
+    from .masks import check_masks_match
 
     check_masks_match(ws.lm.prunable, folder.masks)
     weights = load_weights_file(folder.path, ws.lm.prunable, folder.masks)
@@ -151,6 +209,18 @@ def add_recovered_result(ws, folder: RunFolder) -> str:
     info.update({k: v for k, v in _old_metrics(folder).items() if k in RECOVERY_INFO and k != "base_method"})
     ws.add_result(folder.method, Pruning(folder.method, folder.masks, weights, info))
     return folder.method
+
+
+def add_run_result(ws, folder: RunFolder, progress=None, stop=None) -> tuple[str, str]:
+    """Put the result a run folder holds into `ws` (loaded with a model that fits it): a recover
+    folder's recovered weights, or the base result of a learn/prune folder (SparseGPT's updated
+    weights rebuilt). Returns (name, a line saying which weights the result has) — what `export
+    --run` exports and `eval --masks` evaluates."""
+    if folder.recovered:
+        name = add_recovered_result(ws, folder)
+        return name, (f"the {folder.base_method} mask with the recovered weights of {WEIGHTS_FILE} "
+                      f"(masks.npz gives the pattern)")
+    return add_base_result(ws, folder, progress, stop)
 
 
 def recover_command(run, rcfg, out) -> str:

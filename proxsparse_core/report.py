@@ -310,7 +310,12 @@ def report_html(metrics: dict, events: list[dict], svgs: dict[str, str], interac
 
 
 def model_card(metrics: dict, artefacts: str) -> str:
-    """README.md of an exported folder: what it is, how to load it, how it was made, how good it is."""
+    """README.md of an exported folder: what it is, how to load it, how it was made, how good it is.
+    It states the 2:4 pattern as a fact, so it is written only for a verified result
+    (metrics["verified"] is True): anything else is a ValueError, never a card that claims 2:4."""
+    if metrics.get("verified") is not True:
+        raise ValueError("a model card is written only for a result whose 2:4 pattern was verified "
+                         f"({metrics.get('verification', 'no verification in the metrics')})")
     source = metrics.get("base_model", "")
     is_hub_id = "/" in source and not source.startswith(("/", ".", "~", "bundled:"))
     front = ["---", "library_name: transformers", "pipeline_tag: text-generation",
