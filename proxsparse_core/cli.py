@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -64,9 +65,9 @@ def _remote_code_flag(args: argparse.Namespace) -> bool:
     return False
 
 
-def config_from_args(args: argparse.Namespace) -> RunConfig:
+def config_from_args(args: argparse.Namespace, base: RunConfig | None = None) -> RunConfig:
     flag = _remote_code_flag(args)
-    cfg = RunConfig()
+    cfg = base or RunConfig()
     if getattr(args, "recipe", None):
         from .artifacts import load_recipe
         cfg = load_recipe(args.recipe)
@@ -159,20 +160,68 @@ def _load(cfg, uses_data: bool = True):
     return ws
 
 
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+def _abort(signum, frame):
+    """A second Ctrl-C or SIGTERM (or a SIGTERM outside a stoppable step): abort as Ctrl-C does."""
+    raise KeyboardInterrupt
+
+
+def _handle_signals(handler, signals=STOP_SIGNALS):
+    """Install `handler` for `signals`; returns what puts the previous handlers back. Only the main
+    thread can install handlers: elsewhere nothing changes."""
+    previous = {}
+    try:
+        for sig in signals:
+            previous[sig] = signal.signal(sig, handler)
+    except ValueError:                 # not the main thread
+        pass
+
+    def restore():
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+    return restore
+
+
 @contextlib.contextmanager
-def _stop_on_ctrl_c(unit: str):
-    """Ctrl-C sets the yielded Event (the work stops after the current `unit`); a second one aborts."""
+def _stop_on_ctrl_c(unit: str, message: str | None = None):
+    """Ctrl-C or SIGTERM (a `kill`, a job scheduler, a closing terminal service) sets the yielded
+    Event: the work stops after the current `unit`, and what finished is saved. A second one of
+    either aborts (KeyboardInterrupt)."""
     stop = threading.Event()
 
-    def on_sigint(signum, frame):
-        print(f"\nstopping after this {unit} … (Ctrl-C again to abort)", flush=True)
+    def on_signal(signum, frame):
+        said = message or f"stopping after this {unit} … (Ctrl-C again to abort)"
+        print(("\n" if signum == signal.SIGINT else "\nterminate signal (SIGTERM): ") + said, flush=True)
         stop.set()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    previous = signal.signal(signal.SIGINT, on_sigint)
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, _abort)
+    restore = _handle_signals(on_signal)
     try:
         yield stop
     finally:
-        signal.signal(signal.SIGINT, previous)
+        restore()
+
+
+def _recipe_run_folder(recipe) -> Path | None:
+    """The run folder a --recipe reads: the folder given, or the folder of a recipe.json that sits
+    next to a masks.npz; None for a recipe file on its own."""
+    from .artifacts import MASKS_FILE
+
+    path = Path(recipe).expanduser()
+    if path.is_dir():
+        return path
+    return path.parent if os.path.lexists(path.parent / MASKS_FILE) else None
+
+
+def _out_apart_from_recipe(args) -> None:
+    """--out must not be, or lie inside, the run folder whose recipe is read (before any load)."""
+    from .recovered_runs import check_out_apart
+
+    folder = _recipe_run_folder(args.recipe) if getattr(args, "recipe", None) else None
+    if folder is not None:
+        check_out_apart(folder, args.out)
 
 
 INCOMPLETE = "verification, evaluation and generation had not finished when this file was written"
@@ -217,6 +266,7 @@ def cmd_learn(args) -> int:
     from .artifacts import save_events, save_json, save_masks, save_recipe
     from .results import LEARNED
 
+    _out_apart_from_recipe(args)
     cfg = config_from_args(args)
     with _run_folder(args.out, args.overwrite) as out:
         ws = _load(cfg)
@@ -246,6 +296,7 @@ def cmd_prune(args) -> int:
     from .artifacts import save_masks, save_recipe
     from .baselines import METHODS
 
+    _out_apart_from_recipe(args)
     cfg = config_from_args(args)
     method = args.method
     uses_data = METHODS[method].uses_data
@@ -272,26 +323,46 @@ def cmd_prune(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .artifacts import load_masks
-    from .masks import check_masks_match
+    """Evaluate the dense model and, with --masks, the result a run folder holds — the very result
+    `export --run` exports (W0 · mask, SparseGPT's updated weights rebuilt, a recover folder's
+    recovered weights) — or W0 · mask of a bare masks.npz file."""
+    from .artifacts import RECIPE_FILE, load_masks
+    from .masks import check_masks_match, layer_shapes
+    from .recovered_runs import add_run_result, read_run
     from .results import DENSE, Pruning
     from .workspace import Workspace
 
-    cfg = config_from_args(args)
+    folder = None
+    if args.masks and Path(args.masks).is_dir() and os.path.lexists(Path(args.masks) / RECIPE_FILE):
+        folder = read_run(args.masks)          # every file checked before any model loads
+    cfg = config_from_args(args, base=folder.cfg if folder is not None and not args.recipe else None)
     ws = Workspace()
-    lm = ws.load(cfg)
-    print(lm.describe())
     names = [DENSE]
-    if args.masks:
-        masks = load_masks(args.masks)
-        check_masks_match(lm.prunable, masks)
-        ws.add_result("pruned", Pruning("masks", masks))
-        from .recovered_runs import WEIGHTS_FILE, load_weights_file
-        if Path(args.masks, WEIGHTS_FILE).is_file():              # a `recover` folder: its updated weights
-            ws.results["pruned"].weights = load_weights_file(args.masks, lm.prunable, masks)
-            print("using the recovered weights of weights.safetensors (masks.npz gives the pattern)")
+    if folder is not None:
+        if folder.rebuilds_weights:            # its weights are rebuilt on the run's own calibration samples
+            keep = ("model", "device", "dtype", "trust_remote_code", "device_map", "max_memory")
+            ws.load(RunConfig(**{**folder.cfg.to_dict(), **{k: getattr(cfg, k) for k in keep}}).validate())
+        lm = ws.load(cfg)
+        print(lm.describe())
+        with _stop_on_ctrl_c("block") as stop:
+            name, note = add_run_result(
+                ws, folder, lambda d, t: print(f"{_bar(d, t)} rebuilding the weights: block {d}/{t}", flush=True), stop)
+        ws.add_result("pruned", ws.results.pop(name))
+        print(f"evaluating {name} from {str(folder.path)!r}: {note}")
         names.append("pruned")
         print(ws.verify("pruned"))
+    else:
+        lm = ws.load(cfg)
+        print(lm.describe())
+        if args.masks:
+            masks = load_masks(args.masks, layer_shapes(lm.prunable))
+            check_masks_match(lm.prunable, masks)
+            ws.add_result("pruned", Pruning("masks", masks))
+            bare = "a mask file" if not Path(args.masks).is_dir() else "a folder without recipe.json"
+            print(f"evaluating the original weights × the mask of {str(args.masks)!r} ({bare}: weights a method "
+                  f"updated, like SparseGPT's, are not in it; give its run folder to evaluate those)")
+            names.append("pruned")
+            print(ws.verify("pruned"))
     result = {}
     if not args.no_eval:
         for n in names:
@@ -309,18 +380,9 @@ def cmd_export(args) -> int:
 
     _remote_code_flag(args)
     overrides = {k: getattr(args, k) for k in ("device", "dtype", "trust_remote_code") if hasattr(args, k)}
-    stop = threading.Event()
-
-    def on_sigint(signum, frame):
-        print("\nstopping the export … (nothing will be left half-written)", flush=True)
-        stop.set()
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-    previous = signal.signal(signal.SIGINT, on_sigint)
-    try:
+    with _stop_on_ctrl_c("export", "stopping the export … (nothing will be left half-written)") as stop:
         res = export_run(args.run, args.out, overwrite=args.overwrite, evaluate=not args.no_eval,
                          overrides=overrides, stop=stop, progress=lambda t: print(t, flush=True))
-    finally:
-        signal.signal(signal.SIGINT, previous)
     print(res.summary())
     ppl = res.metrics.get("perplexity") or {}
     if ppl:
@@ -330,7 +392,7 @@ def cmd_export(args) -> int:
 
 def cmd_recover(args) -> int:
     """Recover the surviving weights of a learn/prune run folder; write a run folder of its own."""
-    from .recovered_runs import WEIGHTS_FILE, read_run
+    from .recovered_runs import WEIGHTS_FILE, check_out_apart, read_run
     from .recovery import RECOVERY_LENGTHS, RecoveryConfig
 
     settings = dict(RECOVERY_LENGTHS[args.length]) if args.length else {}
@@ -338,12 +400,11 @@ def cmd_recover(args) -> int:
                      if getattr(args, k) is not None})
     rcfg = RecoveryConfig(method=args.method, **settings).validate()
     overrides = {k: getattr(args, k) for k in ("device", "dtype") if hasattr(args, k)}
+    check_out_apart(args.run, args.out)
     folder = read_run(args.run, overrides)
     if folder.recovered:
         raise UserError(f"{args.run!r} is already a recover run (it holds {WEIGHTS_FILE}); recover its "
                         f"base run instead")
-    if args.out and Path(args.out).resolve() == folder.path.resolve():
-        raise UserError("--out must be a new folder, not the run folder being recovered")
     with _run_folder(args.out, args.overwrite) as out:
         return _recover_into(args, folder, rcfg, out)
 
@@ -522,15 +583,24 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     gate = remote_code_allowed()
+    # SIGTERM outside a stoppable step aborts as Ctrl-C does: the cleanups run (an empty run folder goes)
+    restore = _handle_signals(_abort, (signal.SIGTERM,))
     try:
         return args.func(args)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: the disk is full ({exc.filename or 'writing a run file'}); free some space and run "
+              f"the command again", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("aborted", file=sys.stderr)
         return 130
     finally:
+        restore()
         allow_remote_code(gate)         # a --trust-remote-code flag lasts for its own command only
 
 
