@@ -21,7 +21,7 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-from .config import PRESETS, PRUNE_SETTINGS, RunConfig, reproduce_command
+from .config import PRESETS, PRUNE_SETTINGS, RunConfig, preset_note, reproduce_command
 from .errors import Stopped, UserError
 from .models import allow_remote_code, remote_code_allowed
 
@@ -485,7 +485,7 @@ def cmd_presets(args) -> int:
     for name, p in PRESETS.items():
         s = p["settings"]
         print(f"{name:18s} {s.get('model', '(any model)'):36s} λ1={s['lambda1']:<5} λ2={s.get('lambda2', 0):<5} "
-              f"lr={s['lr']:<7} steps={s['steps']:<4} ctx={s['ctx']:<5} {p['note']}")
+              f"lr={s['lr']:<7} steps={s['steps']:<4} ctx={s['ctx']:<5} {preset_note(name)}")
     return 0
 
 

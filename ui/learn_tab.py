@@ -15,7 +15,7 @@ import gradio as gr
 import torch
 
 from proxsparse_core import plots
-from proxsparse_core.config import DEFAULT_PRESET, PRESETS, RunConfig
+from proxsparse_core.config import DEFAULT_PRESET, PRESETS, RunConfig, preset_note as measured_note
 from proxsparse_core.data import HELD_OUT_SHARE
 from proxsparse_core.errors import UserError
 from proxsparse_core.models import BUNDLED, BUNDLED_LABEL
@@ -123,7 +123,7 @@ def preset_form(name: str, *values) -> tuple:
 def preset_note(name: str) -> str:
     if name not in PRESETS:
         return "*custom: your own settings (no preset fits the chosen model)*"
-    note = f"*{esc(PRESETS[name]['note'])}*"
+    note = f"*{esc(measured_note(name, torch.cuda.is_available()))}*"
     if name in GPU_PRESETS:
         note += (f"\n\n⚠ **Needs a GPU and a download** of `{esc(PRESETS[name]['settings']['model'])}`"
                  + ("; this machine has no GPU, so a run would take days here." if not torch.cuda.is_available()
