@@ -116,7 +116,7 @@ def run(argv=None):
     host = args.host
     port = check_listen(host, args.port)
     if args.allow_remote_code:
-        from proxsparse_core import models
+        from proxsparse_core.models import loading as models
         models.allow_remote_code(True)                 # the process-wide gate of proxsparse_core
     defaults = RunConfig().with_preset(preset)
     if args.model and args.model != defaults.model:

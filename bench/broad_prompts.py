@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from proxsparse_core import selfgen  # noqa: E402
+from proxsparse_core.data import selfgen  # noqa: E402
 
 EXTRA = [
     "Who invented the telephone?", "What is the chemical symbol for gold?", "How many continents are there?",

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import quality  # noqa: E402
-from proxsparse_core.data import calibration_samples, special_prefix  # noqa: E402
+from proxsparse_core.data.text import calibration_samples, special_prefix  # noqa: E402
 from proxsparse_core.workspace import Workspace  # noqa: E402
 
 SHARE = float(os.environ.get("FREE_SHARE", "0.33"))

@@ -15,7 +15,7 @@ mkdir -p "$RES"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 SET="dtype=float32 eval_windows=0 seed=0"; DEV=cuda; ANS="--answers 48 --more-prompts"; WIN=40
 [ -n "${SMOKE:-}" ] && { SET="$SET steps=3 samples=12"; DEV=cpu; ANS="--answers 4"; WIN=2; }
-python3 -c "from proxsparse_core.models import bundled_folder; print(bundled_folder())"
+python3 -c "from proxsparse_core.models.loading import bundled_folder; print(bundled_folder())"
 UNTIL=$(python3 -c "import time; print(time.time() + $BUDGET)")
 i=0
 for item in "$@"; do

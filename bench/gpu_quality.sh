@@ -63,7 +63,7 @@ extra() { [ "$1" = "$SMOL" ] && echo "${EXTRA:-}" || echo "${EXTRA:-} ${GEMMA_EX
 [ "${ONLY:-}" = gemma ] && SMOL=""            # ONLY=gemma: the second model alone
 models="$SMOL $GEMMA"
 # 0. the bundled model's safetensors copy, made once before any parallel load
-[ -n "$SMOL" ] && python3 -c "from proxsparse_core.models import bundled_folder; print(bundled_folder())"
+[ -n "$SMOL" ] && python3 -c "from proxsparse_core.models.loading import bundled_folder; print(bundled_folder())"
 # 1. the model's own calibration text for every (model, seed), made once so that every process of a
 #    seed calibrates on the same tokens: selfgen keeps one growing stream per model and seed, of which
 #    every smaller size is a prefix, so only the largest size any process of that model reads is made

@@ -9,7 +9,7 @@ trained (the same parameters in every variant). Variants:
   prox_l2      ProxSparseLearner, λ2 on, W0 copy on the GPU
   prox_l2_off  ProxSparseLearner, λ2 on, W0 kept in pinned CPU memory (w0_offload)
 
-The ProxSparse variants run the project's real learner (proxsparse_core.learner), so its step
+The ProxSparse variants run the project's real learner (proxsparse_core.method.learner), so its step
 events give the fwd+bwd / optimizer / prox split and the peak memory. Reported: median step time
 over the steps after the first, prox share of the step, peak GiB, ratio to adamw, and the
 projection for 400 steps.
@@ -30,9 +30,9 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from proxsparse_core.config import RunConfig  # noqa: E402
-from proxsparse_core.learner import ProxSparseLearner, memory_in_use  # noqa: E402
-from proxsparse_core.models import LoadedModel  # noqa: E402
-from proxsparse_core.prunable import find_prunable  # noqa: E402
+from proxsparse_core.method.learner import ProxSparseLearner, memory_in_use  # noqa: E402
+from proxsparse_core.models.loading import LoadedModel  # noqa: E402
+from proxsparse_core.sparsity.prunable import find_prunable  # noqa: E402
 
 
 def _sync(dev: str):

@@ -18,10 +18,10 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
-from proxsparse_core.artifacts import load_masks  # noqa: E402
+from proxsparse_core.runs.files import load_masks  # noqa: E402
 from proxsparse_core.config import RunConfig  # noqa: E402
-from proxsparse_core.evaluate import EXAMPLE_PROMPTS, GenerationSettings  # noqa: E402
-from proxsparse_core.recovered_runs import WEIGHTS_FILE, load_weights_file  # noqa: E402
+from proxsparse_core.inference.evaluate import EXAMPLE_PROMPTS, GenerationSettings  # noqa: E402
+from proxsparse_core.runs.folder import WEIGHTS_FILE, load_weights_file  # noqa: E402
 from proxsparse_core.results import DENSE, Pruning  # noqa: E402
 from proxsparse_core.workspace import Workspace  # noqa: E402
 from quality import MORE_PROMPTS, loops  # noqa: E402

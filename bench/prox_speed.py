@@ -28,8 +28,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from proxsparse_core import prox, prox_native  # noqa: E402
-from proxsparse_core.masks import mask_2to4  # noqa: E402
+from proxsparse_core.method import prox
+from proxsparse_core.method import prox_native  # noqa: E402
+from proxsparse_core.sparsity.masks import mask_2to4  # noqa: E402
 
 LAMBDAS = (0.25, 1.0, 20.0)
 LLAMA7B = [(4096, 4096)] * 4 + [(11008, 4096)] * 2 + [(4096, 11008)]
@@ -50,7 +51,7 @@ def _time(fn, dev) -> float:
 
 def smollm2_weights() -> tuple[dict, str]:
     """The bundled SmolLM2's prunable weights if its cache exists, else random ones of its shapes."""
-    from proxsparse_core.models import cache_dir
+    from proxsparse_core.models.loading import cache_dir
     path = cache_dir() / "smollm2-135m-instruct" / "model.safetensors"
     if path.exists():
         from safetensors.torch import load_file

@@ -43,9 +43,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from proxsparse_core.config import RunConfig  # noqa: E402
-from proxsparse_core.data import heldout_windows, special_prefix, tokenize  # noqa: E402
-from proxsparse_core.evaluate import EXAMPLE_PROMPTS, GenerationSettings, agreement, score  # noqa: E402
-from proxsparse_core.recovery import RecoveryConfig, recovered_name  # noqa: E402
+from proxsparse_core.data.text import heldout_windows, special_prefix, tokenize  # noqa: E402
+from proxsparse_core.inference.evaluate import EXAMPLE_PROMPTS, GenerationSettings, agreement, score  # noqa: E402
+from proxsparse_core.recovery.recover import RecoveryConfig, recovered_name  # noqa: E402
 from proxsparse_core.results import DENSE, Pruning  # noqa: E402
 from proxsparse_core.workspace import Workspace  # noqa: E402
 

@@ -2,7 +2,7 @@
 
 1. Per product, Llama-2-7B shapes (q/k/v/o 4096×4096, gate/up 11008×4096, down 4096×11008), bf16,
    256 … 32 K tokens: dense F.linear, the old path (a torch.sparse semi-structured weight) and the
-   new one (proxsparse_core.sparse_infer.SparseLinear24: cuSPARSELt called directly), all timed
+   new one (proxsparse_core.inference.sparse24.SparseLinear24: cuSPARSELt called directly), all timed
    the same way: 10 back-to-back calls between two CUDA events, warm, median of 10. Also, for
    reference, the same calls captured in a CUDA graph (GPU time only) and triton's do_bench.
    Errors: 2:4 vs dense, and each vs an fp32 product (the bf16 noise floor).
@@ -28,9 +28,9 @@ import time
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from proxsparse_core import sparse_infer as si  # noqa: E402
-from proxsparse_core.masks import apply_masks, extract_masks  # noqa: E402
-from proxsparse_core.prunable import find_prunable  # noqa: E402
+from proxsparse_core.inference import sparse24 as si  # noqa: E402
+from proxsparse_core.sparsity.masks import apply_masks, extract_masks  # noqa: E402
+from proxsparse_core.sparsity.prunable import find_prunable  # noqa: E402
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]
 TOKENS = [256, 1024, 2048, 4096, 8192, 16384, 32768]

@@ -20,11 +20,11 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from proxsparse_core.config import RunConfig  # noqa: E402
-from proxsparse_core.learner import ProxSparseLearner  # noqa: E402
-from proxsparse_core.masks import pruned_weights, snapshot, swapped, verify  # noqa: E402
-from proxsparse_core.models import LoadedModel  # noqa: E402
-from proxsparse_core.placement import devices_of, parse_max_memory, split_over_devices  # noqa: E402
-from proxsparse_core.prunable import find_prunable  # noqa: E402
+from proxsparse_core.method.learner import ProxSparseLearner  # noqa: E402
+from proxsparse_core.sparsity.masks import pruned_weights, snapshot, swapped, verify  # noqa: E402
+from proxsparse_core.models.loading import LoadedModel  # noqa: E402
+from proxsparse_core.models.placement import devices_of, parse_max_memory, split_over_devices  # noqa: E402
+from proxsparse_core.sparsity.prunable import find_prunable  # noqa: E402
 
 
 def main():

@@ -16,8 +16,8 @@ import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from proxsparse_core.config import RunConfig  # noqa: E402
-from proxsparse_core.evaluate import EXAMPLE_PROMPTS as PROMPTS, GenerationSettings  # noqa: E402
-from proxsparse_core.recovery import RecoveryConfig, recovered_name  # noqa: E402
+from proxsparse_core.inference.evaluate import EXAMPLE_PROMPTS as PROMPTS, GenerationSettings  # noqa: E402
+from proxsparse_core.recovery.recover import RecoveryConfig, recovered_name  # noqa: E402
 from proxsparse_core.results import DENSE, LEARNED  # noqa: E402
 from proxsparse_core.workspace import Workspace  # noqa: E402
 

@@ -21,9 +21,9 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
-from .config import PRESETS, PRUNE_SETTINGS, RunConfig, preset_note, reproduce_command
-from .errors import Stopped, UserError
-from .models import allow_remote_code, remote_code_allowed
+from proxsparse_core.config import PRESETS, PRUNE_SETTINGS, RunConfig, preset_note, reproduce_command
+from proxsparse_core.errors import Stopped, UserError
+from proxsparse_core.models.loading import allow_remote_code, remote_code_allowed
 
 EXIT_USAGE = 2
 
@@ -69,7 +69,7 @@ def config_from_args(args: argparse.Namespace, base: RunConfig | None = None) ->
     flag = _remote_code_flag(args)
     cfg = base or RunConfig()
     if getattr(args, "recipe", None):
-        from .artifacts import load_recipe
+        from proxsparse_core.runs.files import load_recipe
         cfg = load_recipe(args.recipe)
     if getattr(args, "preset", None):
         cfg = cfg.with_preset(args.preset)
@@ -123,7 +123,7 @@ def _remove_if_empty(folder: Path, top: Path):
 
 
 def _print_compare(ws, names, args):
-    from .evaluate import GenerationSettings
+    from proxsparse_core.inference.evaluate import GenerationSettings
     s = GenerationSettings(max_new_tokens=args.max_new_tokens, no_repeat_ngram=args.no_repeat_ngram)
     told = False
     for n in names:
@@ -135,7 +135,7 @@ def _print_compare(ws, names, args):
 
 
 def _add_generation_flags(p: argparse.ArgumentParser):
-    from .evaluate import GenerationSettings
+    from proxsparse_core.inference.evaluate import GenerationSettings
     p.add_argument("--max-new-tokens", type=int, default=48)
     def ngram(text: str) -> int:          # checked when the flags are read, before a model loads
         try:
@@ -148,7 +148,7 @@ def _add_generation_flags(p: argparse.ArgumentParser):
 
 
 def _load(cfg, uses_data: bool = True):
-    from .workspace import Workspace
+    from proxsparse_core.workspace import Workspace
 
     ws = Workspace()
     print(f"loading {cfg.model} …", flush=True)
@@ -207,7 +207,7 @@ def _stop_on_ctrl_c(unit: str, message: str | None = None):
 def _recipe_run_folder(recipe) -> Path | None:
     """The run folder a --recipe reads: the folder given, or the folder of a recipe.json that sits
     next to a masks.npz; None for a recipe file on its own."""
-    from .artifacts import MASKS_FILE
+    from proxsparse_core.runs.files import MASKS_FILE
 
     path = Path(recipe).expanduser()
     if path.is_dir():
@@ -217,7 +217,7 @@ def _recipe_run_folder(recipe) -> Path | None:
 
 def _out_apart_from_recipe(args) -> None:
     """--out must not be, or lie inside, the run folder whose recipe is read (before any load)."""
-    from .recovered_runs import check_out_apart
+    from proxsparse_core.runs.folder import check_out_apart
 
     folder = _recipe_run_folder(args.recipe) if getattr(args, "recipe", None) else None
     if folder is not None:
@@ -231,8 +231,8 @@ def _finish(ws, args, out: Path, name: str, metrics: dict, uses_data: bool = Tru
     """Verify, evaluate and compare the result `name`. masks.npz and recipe.json are already
     saved; metrics.json says "complete": false until everything here has finished, and a Ctrl-C
     leaves it that way with the reason (exit code 130)."""
-    from .artifacts import save_json
-    from .results import DENSE
+    from proxsparse_core.runs.files import save_json
+    from proxsparse_core.results import DENSE
 
     metrics.update({"complete": False, "incomplete": INCOMPLETE, "model": ws.lm.describe(),
                     "data": ws.data.source if uses_data else None,
@@ -263,8 +263,8 @@ def _finish(ws, args, out: Path, name: str, metrics: dict, uses_data: bool = Tru
 
 
 def cmd_learn(args) -> int:
-    from .artifacts import save_events, save_json, save_masks, save_recipe
-    from .results import LEARNED
+    from proxsparse_core.runs.files import save_events, save_json, save_masks, save_recipe
+    from proxsparse_core.results import LEARNED
 
     _out_apart_from_recipe(args)
     cfg = config_from_args(args)
@@ -293,8 +293,8 @@ def cmd_learn(args) -> int:
 
 
 def cmd_prune(args) -> int:
-    from .artifacts import save_masks, save_recipe
-    from .baselines import METHODS
+    from proxsparse_core.runs.files import save_masks, save_recipe
+    from proxsparse_core.baselines.oneshot import METHODS
 
     _out_apart_from_recipe(args)
     cfg = config_from_args(args)
@@ -326,11 +326,11 @@ def cmd_eval(args) -> int:
     """Evaluate the dense model and, with --masks, the result a run folder holds — the very result
     `export --run` exports (W0 · mask, SparseGPT's updated weights rebuilt, a recover folder's
     recovered weights) — or W0 · mask of a bare masks.npz file."""
-    from .artifacts import RECIPE_FILE, load_masks
-    from .masks import check_masks_match, layer_shapes
-    from .recovered_runs import add_run_result, read_run
-    from .results import DENSE, Pruning
-    from .workspace import Workspace
+    from proxsparse_core.runs.files import RECIPE_FILE, load_masks
+    from proxsparse_core.sparsity.masks import check_masks_match, layer_shapes
+    from proxsparse_core.runs.folder import add_run_result, read_run
+    from proxsparse_core.results import DENSE, Pruning
+    from proxsparse_core.workspace import Workspace
 
     folder = None
     if args.masks and Path(args.masks).is_dir() and os.path.lexists(Path(args.masks) / RECIPE_FILE):
@@ -376,7 +376,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_run
+    from proxsparse_core.runs.export import export_run
 
     _remote_code_flag(args)
     overrides = {k: getattr(args, k) for k in ("device", "dtype", "trust_remote_code") if hasattr(args, k)}
@@ -392,8 +392,8 @@ def cmd_export(args) -> int:
 
 def cmd_recover(args) -> int:
     """Recover the surviving weights of a learn/prune run folder; write a run folder of its own."""
-    from .recovered_runs import WEIGHTS_FILE, check_out_apart, read_run
-    from .recovery import RECOVERY_LENGTHS, RecoveryConfig
+    from proxsparse_core.runs.folder import WEIGHTS_FILE, check_out_apart, read_run
+    from proxsparse_core.recovery.recover import RECOVERY_LENGTHS, RecoveryConfig
 
     settings = dict(RECOVERY_LENGTHS[args.length]) if args.length else {}
     settings.update({k: getattr(args, k) for k in ("steps", "lr", "batch", "seed", "samples", "teacher", "text")
@@ -410,9 +410,9 @@ def cmd_recover(args) -> int:
 
 
 def _recover_into(args, folder, rcfg, out: Path) -> int:
-    from .artifacts import save_events, save_json, save_masks
-    from .recovered_runs import WEIGHTS_FILE, add_base_result, recover_command, save_weights
-    from .recovery import recovered_name
+    from proxsparse_core.runs.files import save_events, save_json, save_masks
+    from proxsparse_core.runs.folder import WEIGHTS_FILE, add_base_result, recover_command, save_weights
+    from proxsparse_core.recovery.recover import recovered_name
 
     ws = _load(folder.cfg)
 
@@ -460,8 +460,8 @@ def _recover_into(args, folder, rcfg, out: Path) -> int:
 
 def _finish_recovery(ws, args, out: Path, base: str, name: str, metrics: dict) -> int:
     """Verify and evaluate a recovered result next to dense and its base; write metrics.json."""
-    from .artifacts import save_json
-    from .results import DENSE
+    from proxsparse_core.runs.files import save_json
+    from proxsparse_core.results import DENSE
 
     check = ws.verify(name)
     print(check)
@@ -513,7 +513,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_flags(learn)
     learn.set_defaults(func=cmd_learn)
 
-    from .baselines import METHODS
+    from proxsparse_core.baselines.oneshot import METHODS
     pru = sub.add_parser("prune", help="a one-shot 2:4 baseline: magnitude, wanda, sparsegpt(-maskonly)",
                          description="Prune with a one-shot method on the same calibration samples as "
                                      "learn and write the same artefacts (masks.npz, recipe.json, metrics.json).")
@@ -547,7 +547,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(exp, {"device", "dtype", "trust_remote_code"})
     exp.set_defaults(func=cmd_export)
 
-    from .recovery import RECOVERY_LENGTHS, RECOVERY_METHODS, TEACHERS, RecoveryConfig
+    from proxsparse_core.recovery.recover import RECOVERY_LENGTHS, RECOVERY_METHODS, TEACHERS, RecoveryConfig
 
     def _passes(length):                  # samples fine-tuning reads in all, e.g. 1,000 steps × 8
         return RECOVERY_LENGTHS[length]["steps"] * RECOVERY_LENGTHS[length]["batch"]

@@ -9,9 +9,9 @@ import math
 import shlex
 from dataclasses import asdict, dataclass, field, fields
 
-from .errors import UserError
-from .models import BUNDLED, DTYPES, check_device
-from .results import LEARNED
+from proxsparse_core.errors import UserError
+from proxsparse_core.models.loading import BUNDLED, DTYPES, check_device
+from proxsparse_core.results import LEARNED
 
 MAX_TEXT = 1000     # characters in any text setting (a model id or path, a data file, a field name)
 
@@ -153,7 +153,7 @@ class RunConfig:
         if self.device_map not in ("", "auto"):
             raise UserError("device_map must be empty or 'auto'")
         if self.max_memory:
-            from .placement import parse_max_memory
+            from proxsparse_core.models.placement import parse_max_memory
             parse_max_memory(self.max_memory)
         return self
 
@@ -271,7 +271,7 @@ PRESETS: dict[str, dict] = {
 
 def preset_note(name: str, gpu: bool = False) -> str:
     """A preset's note with its measured time on this kind of machine (bench/measured.json), if any."""
-    from .measured import describe
+    from proxsparse_core.measured import describe
 
     note = PRESETS[name]["note"]
     when = describe(f"learn:{name}:{'gpu' if gpu else 'cpu'}")

@@ -11,15 +11,15 @@ import threading
 
 import torch
 
-from .budget import check_learning_memory
-from .config import RunConfig
-from .data import Data, prepare_data
-from .errors import Stopped, UserError
-from .evaluate import GenerationSettings, agreement, generate, generate_stream, score
-from .learner import LearnResult, ProxSparseLearner
-from .masks import Verification, pruned_weights, snapshot, swapped, verify
-from .models import LoadedModel, load_model
-from .results import DENSE, LEARNED, Pruning
+from proxsparse_core.models.budget import check_learning_memory
+from proxsparse_core.config import RunConfig
+from proxsparse_core.data.text import Data, prepare_data
+from proxsparse_core.errors import Stopped, UserError
+from proxsparse_core.inference.evaluate import GenerationSettings, agreement, generate, generate_stream, score
+from proxsparse_core.method.learner import LearnResult, ProxSparseLearner
+from proxsparse_core.sparsity.masks import Verification, pruned_weights, snapshot, swapped, verify
+from proxsparse_core.models.loading import LoadedModel, load_model
+from proxsparse_core.results import DENSE, LEARNED, Pruning
 
 
 class Workspace:
@@ -84,7 +84,7 @@ class Workspace:
     def prune(self, method: str, cfg: RunConfig, progress=None, stop: threading.Event | None = None) -> Pruning:
         """A one-shot baseline (baselines.METHODS) on this workspace's calibration samples,
         stored as `results[method]`."""
-        from .baselines import METHODS
+        from proxsparse_core.baselines.oneshot import METHODS
         if method not in METHODS:
             raise UserError(f"unknown pruning method {method!r}; choose from: {', '.join(METHODS)}")
         self.load(cfg)
@@ -99,7 +99,7 @@ class Workspace:
         """Recover the survivors of result `name` (recovery.py); the recovered model is stored as
         `name + "+recovery"` when anything was recovered. Returns the RecoveryResult. `on_phase(text)`
         hears of the one slow step that has no progress of its own: drawing the fine-tuning samples."""
-        from .recovery import RecoveryResult, recover, recovered_name
+        from proxsparse_core.recovery.recover import RecoveryResult, recover, recovered_name
         self._need()
         if name not in self.results:
             raise UserError(f"no pruning result named {name!r} to recover")
@@ -120,7 +120,7 @@ class Workspace:
         and seed exactly as the run's own (0 or the run's count: the run's own samples). With `text`
         > 0, the dense model first writes that many tokens of fresh text (selfgen.fresh_ids, cached)
         and the samples are drawn over it and the source's text together (data.with_fresh_text)."""
-        from .data import calibration_only, with_fresh_text
+        from proxsparse_core.data.text import calibration_only, with_fresh_text
         own = self.data.calibration.shape[0]
         if n in (0, own) and not text:
             return self.data.calibration
@@ -130,7 +130,7 @@ class Workspace:
             n = n or own
             fresh = None
             if text:
-                from .selfgen import fresh_ids
+                from proxsparse_core.data.selfgen import fresh_ids
 
                 def tell(done, total):
                     if stop is not None and stop.is_set():

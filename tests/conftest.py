@@ -44,8 +44,8 @@ def tiny_llama():
 @pytest.fixture
 def tiny_lm():
     """A models.LoadedModel around a tiny random Llama (no files, no network)."""
-    from proxsparse_core.models import LoadedModel
-    from proxsparse_core.prunable import find_prunable
+    from proxsparse_core.models.loading import LoadedModel
+    from proxsparse_core.sparsity.prunable import find_prunable
 
     model = make_tiny_llama()
     return LoadedModel(model, TinyTokenizer(), "tiny", "tiny-llama", "cpu", torch.float32,

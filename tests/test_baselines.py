@@ -7,12 +7,12 @@ from proxsparse_core.errors import Stopped
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from proxsparse_core.baselines import METHODS
-from proxsparse_core.scores import InputNorms, wanda_score
-from proxsparse_core.masks import mask_2to4, snapshot, swapped, verify
-from proxsparse_core.models import LoadedModel
-from proxsparse_core.prunable import find_prunable
-from proxsparse_core.sparsegpt import SparseGPTLayer
+from proxsparse_core.baselines.oneshot import METHODS
+from proxsparse_core.sparsity.scores import InputNorms, wanda_score
+from proxsparse_core.sparsity.masks import mask_2to4, snapshot, swapped, verify
+from proxsparse_core.models.loading import LoadedModel
+from proxsparse_core.sparsity.prunable import find_prunable
+from proxsparse_core.baselines.sparsegpt import SparseGPTLayer
 
 
 def tiny_lm(seed=0) -> LoadedModel:
@@ -132,7 +132,7 @@ def test_sparsegpt_reconstructs_layer_outputs_better_than_magnitude():
 def test_cli_prune_writes_the_learn_artefacts_and_rejects_bad_methods(tmp_path, capsys):
     import json
 
-    from proxsparse_core.artifacts import load_masks, load_recipe
+    from proxsparse_core.runs.files import load_masks, load_recipe
     from proxsparse_core.cli import main
 
     with pytest.raises(SystemExit) as exc:

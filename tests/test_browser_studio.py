@@ -349,7 +349,7 @@ def test_export_writes_the_name_it_shows_and_the_report_reads_like_the_app(tiny_
 
 @pytest.fixture(scope="module")
 def bundled_app(tmp_path_factory, exports):
-    from proxsparse_core.models import bundled_folder
+    from proxsparse_core.models.loading import bundled_folder
 
     if not any(Path(bundled_folder()).glob("*.safetensors")):
         pytest.skip("the bundled model is not converted on this machine")

@@ -3,8 +3,9 @@ equals its formula, the learner runs on the GPU, and 2:4 sparse linears match de
 import pytest
 import torch
 
-from proxsparse_core import prox, prox_native
-from proxsparse_core.prox import FAST_TOL, MAX_SWEEPS, count_nonzeros, objective
+from proxsparse_core.method import prox
+from proxsparse_core.method import prox_native
+from proxsparse_core.method.prox import FAST_TOL, MAX_SWEEPS, count_nonzeros, objective
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -82,7 +83,7 @@ def test_fused_frozen_gradient_equals_formula():
 def test_scale_free_frozen_term_on_cuda_equals_the_cpu_one():
     """The fused pass with per-layer λ2/s², ε·s and one running sum per layer gives the CPU's term
     and gradients."""
-    from proxsparse_core.learner import frozen_weight_term_
+    from proxsparse_core.method.learner import frozen_weight_term_
     torch.manual_seed(0)
     w0 = {"a": torch.randn(64, 128) * 0.02, "b": torch.randn(32, 64) * 3.0}
     w = {n: t + 0.1 * t.std() * torch.randn_like(t) for n, t in w0.items()}
@@ -104,9 +105,9 @@ def test_scale_free_frozen_term_on_cuda_equals_the_cpu_one():
 def test_learner_on_cuda_bf16(lam2, offload, score):
     from conftest import make_tiny_llama
     from proxsparse_core.config import RunConfig
-    from proxsparse_core.learner import ProxSparseLearner
-    from proxsparse_core.models import LoadedModel
-    from proxsparse_core.prunable import find_prunable
+    from proxsparse_core.method.learner import ProxSparseLearner
+    from proxsparse_core.models.loading import LoadedModel
+    from proxsparse_core.sparsity.prunable import find_prunable
 
     model = make_tiny_llama().cuda().to(torch.bfloat16)
     lm = LoadedModel(model, None, "tiny", "tiny", "cuda", torch.bfloat16, find_prunable(model), 512)
@@ -125,7 +126,7 @@ def test_learner_on_cuda_bf16(lam2, offload, score):
 
 
 def _needs_sparse_cores():
-    from proxsparse_core import sparse_infer
+    from proxsparse_core.inference import sparse24 as sparse_infer
     ok, why = sparse_infer.status()
     if not ok:
         pytest.skip(why)
@@ -168,8 +169,8 @@ def test_direct_sparse_linear_can_be_captured_in_a_cuda_graph():
 
 def test_sparsified_model_matches_dense():
     from conftest import make_tiny_llama
-    from proxsparse_core.masks import mask_2to4
-    from proxsparse_core.prunable import find_prunable
+    from proxsparse_core.sparsity.masks import mask_2to4
+    from proxsparse_core.sparsity.prunable import find_prunable
     sparse_infer = _needs_sparse_cores()
     model = make_tiny_llama(hidden=128, inter=256).cuda().to(torch.bfloat16)
     prunable = find_prunable(model)
@@ -193,8 +194,8 @@ def test_prefill_speedup_on_a_small_model():
     """The Compare tab's measurement on the GPU: both sides captured as CUDA graphs, same next
     tokens as dense, the model's layers restored."""
     from conftest import make_tiny_llama
-    from proxsparse_core.masks import mask_2to4
-    from proxsparse_core.prunable import find_prunable
+    from proxsparse_core.sparsity.masks import mask_2to4
+    from proxsparse_core.sparsity.prunable import find_prunable
     sparse_infer = _needs_sparse_cores()
     model = make_tiny_llama(hidden=256, inter=512).cuda().to(torch.bfloat16)
     prunable = find_prunable(model)

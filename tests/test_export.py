@@ -14,12 +14,12 @@ import pytest
 from proxsparse_core.errors import Stopped
 import torch
 
-from proxsparse_core import export as ex
-from proxsparse_core.artifacts import load_masks, load_recipe
+from proxsparse_core.runs import export as ex
+from proxsparse_core.runs.files import load_masks, load_recipe
 from proxsparse_core.config import RunConfig
 from proxsparse_core.errors import UserError
-from proxsparse_core.evaluate import perplexity
-from proxsparse_core.prunable import find_prunable
+from proxsparse_core.inference.evaluate import perplexity
+from proxsparse_core.sparsity.prunable import find_prunable
 from proxsparse_core.results import DENSE
 from proxsparse_core.workspace import Workspace
 from test_app_e2e import app  # noqa: F401 - the launched-app fixture (python app.py on a tiny model)
@@ -134,7 +134,7 @@ def test_export_round_trips_with_transformers(learned, tmp_path):
     assert svg.strip().endswith("</svg>") and "training loss, smoothed" in svg
     assert "2:4 if stopped now (held-out)" in svg and "dense (held-out)" in svg   # measured at the last step
     assert "<pre>" not in html and "recipe" in html.lower() and "<td class=\"k\">lambda1</td>" in html  # tables, not JSON
-    from proxsparse_core.plots import NNZ_COLOURS
+    from proxsparse_core.runs.curves import NNZ_COLOURS
     assert NNZ_COLOURS[3] in (folder / "proxsparse/sparsity.svg").read_text()     # the app's colour for 3 non-zeros
 
 
@@ -338,7 +338,7 @@ def test_browser_exports_a_run_and_downloads_the_zip(app, exports_root, tmp_path
 
 
 def test_report_ticks_are_round_and_steps_whole():
-    from proxsparse_core.report import nice_ticks, svg_line_chart
+    from proxsparse_core.runs.report import nice_ticks, svg_line_chart
 
     assert nice_ticks(1, 3, 6, whole=True) == [1, 2, 3]
     assert nice_ticks(1, 60, 6, whole=True) == [20, 40, 60]

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from proxsparse_core.errors import UserError
-from proxsparse_core.evaluate import GenerationSettings, _gen_kwargs
+from proxsparse_core.inference.evaluate import GenerationSettings, _gen_kwargs
 from ui import compare_tab
 
 

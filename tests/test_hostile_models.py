@@ -14,7 +14,7 @@ import pytest
 
 from proxsparse_core.config import RunConfig
 from proxsparse_core.errors import UserError
-from proxsparse_core.models import load_model
+from proxsparse_core.models.loading import load_model
 from proxsparse_core.results import LEARNED
 from test_ui_tiny_model import save_tiny_model
 

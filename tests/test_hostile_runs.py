@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from proxsparse_core.artifacts import load_masks, save_masks
+from proxsparse_core.runs.files import load_masks, save_masks
 from proxsparse_core.cli import main
 from test_export import save_tiny_model
 
@@ -296,7 +296,7 @@ def test_export_of_a_mask_that_is_not_2to4_writes_nothing(keep, run, tmp_path, c
 
 
 def test_a_model_card_is_only_written_for_a_verified_pattern():
-    from proxsparse_core.report import model_card
+    from proxsparse_core.runs.report import model_card
     with pytest.raises(ValueError, match="verified"):
         model_card({"verified": False, "verification": "NOT verified: x: 3 groups with > 2 non-zeros"}, "proxsparse")
     assert "keeps at most 2 non-zero weights" in model_card({"verified": True, "method": "magnitude"}, "proxsparse")

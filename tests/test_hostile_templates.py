@@ -7,7 +7,9 @@ import time
 import pytest
 import torch
 
-from proxsparse_core import chat_template, evaluate, selfgen
+from proxsparse_core.models import chat_template
+from proxsparse_core.inference import evaluate
+from proxsparse_core.data import selfgen
 from proxsparse_core.errors import Stopped, UserError
 
 NESTED = ("{% for a in range(100000) %}{% for b in range(100000) %}{% for c in range(100000) %}"

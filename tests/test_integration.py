@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from proxsparse_core.config import RunConfig
-from proxsparse_core.evaluate import GenerationSettings
+from proxsparse_core.inference.evaluate import GenerationSettings
 from proxsparse_core.results import DENSE
 from proxsparse_core.workspace import Workspace
 
@@ -37,7 +37,7 @@ def test_learn_a_few_steps_gives_verified_2to4_with_finite_perplexity(ws):
 
 
 def test_heldout_and_calibration_text_do_not_overlap():
-    from proxsparse_core.data import builtin_text
+    from proxsparse_core.data.text import builtin_text
     split = builtin_text()
     cal_paras = {p.strip() for p in split.calibration.split("\n\n")}
     held_paras = [p.strip() for p in split.held_out.split("\n\n") if len(p.strip()) > 80]

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from proxsparse_core.config import RunConfig
-from proxsparse_core.learner import ProxSparseLearner, frozen_weight_term_
-from proxsparse_core.masks import mask_2to4, snapshot
+from proxsparse_core.method.learner import ProxSparseLearner, frozen_weight_term_
+from proxsparse_core.sparsity.masks import mask_2to4, snapshot
 
 
 def _samples(n=8, ctx=32, vocab=256, seed=0):
@@ -124,8 +124,8 @@ def test_lambda2_run_reports_the_term(tiny_lm):
 
 
 def test_held_out_if_stopped_now_is_w0_under_the_current_mask_and_does_not_disturb_learning(tiny_lm, monkeypatch):
-    from proxsparse_core import learner
-    from proxsparse_core.masks import pruned_weights, swapped
+    from proxsparse_core.method import learner
+    from proxsparse_core.sparsity.masks import pruned_weights, swapped
 
     held = _samples(n=3, ctx=40, seed=1)
     w0 = snapshot(tiny_lm.prunable)
@@ -155,7 +155,7 @@ def test_held_out_if_stopped_now_is_w0_under_the_current_mask_and_does_not_distu
 
 
 def test_masked_w0_restores_the_learned_weights_when_the_forward_fails(tiny_lm):
-    from proxsparse_core.learner import masked_w0
+    from proxsparse_core.method.learner import masked_w0
 
     ps = tiny_lm.prunable
     w0 = snapshot(ps)
@@ -180,7 +180,7 @@ def test_masked_w0_restores_the_learned_weights_when_the_forward_fails(tiny_lm):
 
 
 def test_eta_leaves_out_the_first_step_and_counts_held_out_time():
-    from proxsparse_core.learner import eta_seconds
+    from proxsparse_core.method.learner import eta_seconds
 
     assert eta_seconds([30.0, 1.0, 1.2, 0.8], 10) == pytest.approx(6.0)      # 6 steps left × median 1 s
     assert eta_seconds([5.0], 3) == pytest.approx(10.0)
@@ -189,7 +189,7 @@ def test_eta_leaves_out_the_first_step_and_counts_held_out_time():
 
 
 def test_held_out_measurements_are_spaced_to_cost_a_small_share_of_the_run(monkeypatch):
-    from proxsparse_core import learner
+    from proxsparse_core.method import learner
 
     monkeypatch.setattr(learner, "HELDOUT_BUDGET", 0.05)
     assert learner.held_gap(0.5, [1.0] * 5) == 10          # half a step's cost, 5% of the time → every 10 steps
@@ -229,7 +229,7 @@ def _outlier_channels(lm, seed=1):
 
 
 def test_channel_weights_are_the_dense_input_norms_with_rms_one(tiny_lm):
-    from proxsparse_core.scores import InputNorms, channel_weights
+    from proxsparse_core.sparsity.scores import InputNorms, channel_weights
 
     _outlier_channels(tiny_lm)
     samples = _samples()
@@ -250,7 +250,7 @@ def test_channel_weights_are_the_dense_input_norms_with_rms_one(tiny_lm):
 def test_activation_score_prunes_what_wanda_would_when_the_loss_barely_moves(tiny_lm):
     """With a vanishing learning rate only the prox acts: with score=activation it drops, in every
     group, the two smallest |W0|·‖X‖ (Wanda's choice), with score=weight the two smallest |W0|."""
-    from proxsparse_core.scores import channel_weights
+    from proxsparse_core.sparsity.scores import channel_weights
 
     _outlier_channels(tiny_lm)
     w0 = snapshot(tiny_lm.prunable)
@@ -273,7 +273,7 @@ def test_activation_score_prunes_what_wanda_would_when_the_loss_barely_moves(tin
 def _spy_on_the_mask(monkeypatch) -> dict:
     """What the learner reads its mask from, captured at that moment: the learned weights ("w")
     and the channel weights ("cols")."""
-    import proxsparse_core.learner as learner
+    import proxsparse_core.method.learner as learner
 
     seen, real = {}, learner.extract_masks
 
@@ -318,8 +318,8 @@ def test_channel_norms_are_read_from_the_samples_the_run_reads(tiny_lm, monkeypa
     """With self-distillation the norms are recorded during the teacher's pass (no pass of their own);
     with the LM loss one pass reads the run's first NORM_SAMPLES samples. Either way they are the
     dense model's norms over exactly the samples the run reads, in its order."""
-    import proxsparse_core.learner as learner
-    from proxsparse_core.scores import channel_weights
+    import proxsparse_core.method.learner as learner
+    from proxsparse_core.sparsity.scores import channel_weights
 
     _outlier_channels(tiny_lm)
     samples = _samples(n=40)

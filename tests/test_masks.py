@@ -1,9 +1,9 @@
 """Masks: exact 2:4, survivors equal W0, verification catches violations, packing round-trips."""
 import torch
 
-from proxsparse_core.masks import (extract_masks, mask_2to4, pack_masks, pruned_weights, snapshot,
+from proxsparse_core.sparsity.masks import (extract_masks, mask_2to4, pack_masks, pruned_weights, snapshot,
                                    swapped, unpack_masks, verify)
-from proxsparse_core.prunable import find_prunable
+from proxsparse_core.sparsity.prunable import find_prunable
 
 
 def test_mask_keeps_exactly_two_largest_with_deterministic_ties():

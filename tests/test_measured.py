@@ -4,7 +4,7 @@ import re
 
 from proxsparse_core import measured
 from proxsparse_core.config import PRESETS, preset_note
-from proxsparse_core.recovery import RECOVERY_LENGTHS
+from proxsparse_core.recovery.recover import RECOVERY_LENGTHS
 
 TIME_OR_SCORE = re.compile(r"\d+(\.\d+)?\s*(s|sec|min|h|%)\b|ppl \d|measured: \d")
 

@@ -8,11 +8,11 @@ import torch
 from conftest import TinyTokenizer, make_tiny_llama
 from test_export import word_tokenizer
 from proxsparse_core.config import RunConfig
-from proxsparse_core.data import Data
-from proxsparse_core.learner import ProxSparseLearner
-from proxsparse_core.masks import snapshot, verify
-from proxsparse_core.models import LoadedModel
-from proxsparse_core.prunable import find_prunable
+from proxsparse_core.data.text import Data
+from proxsparse_core.method.learner import ProxSparseLearner
+from proxsparse_core.sparsity.masks import snapshot, verify
+from proxsparse_core.models.loading import LoadedModel
+from proxsparse_core.sparsity.prunable import find_prunable
 from proxsparse_core.results import LEARNED, Pruning
 
 SECOND = "cuda:0" if torch.cuda.is_available() else "cpu"
@@ -66,7 +66,7 @@ def test_a_split_run_chooses_the_same_mask_as_one_device():
 def test_a_split_model_exports_and_reloads(tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from proxsparse_core.export import export_result
+    from proxsparse_core.runs.export import export_result
     from proxsparse_core.workspace import Workspace
 
     lm = _split_model()
@@ -90,7 +90,7 @@ def test_device_map_auto_loads_through_accelerate_and_learns(tmp_path):
     import pytest
 
     from proxsparse_core.errors import UserError
-    from proxsparse_core.placement import parse_max_memory
+    from proxsparse_core.models.placement import parse_max_memory
     from proxsparse_core.workspace import Workspace
     from test_export import save_tiny_model, tiny_cfg
 

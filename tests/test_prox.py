@@ -4,7 +4,7 @@ import itertools
 import pytest
 import torch
 
-from proxsparse_core.prox import objective, prox_2to4_, prox_groups, regulariser
+from proxsparse_core.method.prox import objective, prox_2to4_, prox_groups, regulariser
 
 
 def _cd(a, lam, sweeps=3000):

@@ -7,8 +7,9 @@ import sys
 import pytest
 import torch
 
-from proxsparse_core import prox, prox_native
-from proxsparse_core.prox import FAST_TOL, MAX_SWEEPS, count_nonzeros, objective
+from proxsparse_core.method import prox
+from proxsparse_core.method import prox_native
+from proxsparse_core.method.prox import FAST_TOL, MAX_SWEEPS, count_nonzeros, objective
 
 needs_native = pytest.mark.skipif(not prox_native.available(), reason="no C compiler for the native prox")
 
@@ -203,8 +204,9 @@ def test_native_kernel_result_is_independent_of_threads():
 
 _INTERPRETER_CHECK = """
 import torch
-from proxsparse_core import prox, prox_triton
-from proxsparse_core.prox import FAST_TOL, MAX_SWEEPS, count_nonzeros
+from proxsparse_core.method import prox
+from proxsparse_core.method import prox_triton
+from proxsparse_core.method.prox import FAST_TOL, MAX_SWEEPS, count_nonzeros
 g = torch.Generator().manual_seed(11)
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
     for lam in (1.0, 20.0):

@@ -7,11 +7,11 @@ import threading
 import pytest
 import torch
 
-from proxsparse_core.baselines import prune_sparsegpt
-from proxsparse_core.distill import bucket_kl, distill_loss, full_kl, live_teacher_logits, teacher_targets
+from proxsparse_core.baselines.oneshot import prune_sparsegpt
+from proxsparse_core.method.distill import bucket_kl, distill_loss, full_kl, live_teacher_logits, teacher_targets
 from proxsparse_core.errors import UserError
-from proxsparse_core.masks import mask_2to4, snapshot, swapped, verify
-from proxsparse_core.recovery import RECOVERY_LENGTHS, RecoveryConfig, obs_update, recover
+from proxsparse_core.sparsity.masks import mask_2to4, snapshot, swapped, verify
+from proxsparse_core.recovery.recover import RECOVERY_LENGTHS, RecoveryConfig, obs_update, recover
 from proxsparse_core.results import Pruning, title
 from test_export import save_tiny_model, tiny_cfg
 
@@ -183,7 +183,7 @@ def test_the_live_teacher_is_the_dense_model_and_its_kl_is_zero_against_itself(s
 
 
 def test_live_recovery_keeps_the_mask_lowers_the_kl_and_chunks_change_nothing(setup, monkeypatch):
-    from proxsparse_core import recovery
+    from proxsparse_core.recovery import recover as recovery
     lm, calibration, originals, base = setup
     cfg = RecoveryConfig(method="finetune", steps=6, batch=4, lr=1e-2, teacher="live")
     res = recover(lm, calibration, base, "magnitude", originals, cfg)
@@ -206,7 +206,7 @@ def test_live_recovery_keeps_the_mask_lowers_the_kl_and_chunks_change_nothing(se
 
 
 def _small_fresh_text(monkeypatch, tmp_path):
-    from proxsparse_core import selfgen
+    from proxsparse_core.data import selfgen
     monkeypatch.setattr(selfgen, "FRESH_BATCH", 2)
     monkeypatch.setattr(selfgen, "FRESH_NEW", 16)
     monkeypatch.setenv("PROXSPARSE_CACHE", str(tmp_path / "cache"))
@@ -218,8 +218,8 @@ def _windows_of(rows: torch.Tensor, ids: torch.Tensor) -> bool:
 
 
 def test_fresh_text_is_written_once_and_samples_are_drawn_over_it_and_the_source(tiny_folder, tmp_path, monkeypatch):
-    from proxsparse_core import selfgen
-    from proxsparse_core.data import load_text, tokenize
+    from proxsparse_core.data import selfgen
+    from proxsparse_core.data.text import load_text, tokenize
     from proxsparse_core.workspace import Workspace
     from test_export import tiny_cfg
 
@@ -291,7 +291,7 @@ def test_cli_deep_recovery_records_a_command_that_remakes_it_bit_for_bit(tiny_fo
 def test_fine_tuning_reads_more_samples_of_the_runs_source(tiny_folder, monkeypatch):
     """RecoveryConfig.samples: fine-tuning reads that many samples, drawn from the run's calibration
     source and seed exactly as the run's own (so they start with the run's)."""
-    from proxsparse_core import recovery
+    from proxsparse_core.recovery import recover as recovery
     from proxsparse_core.workspace import Workspace
     from test_export import tiny_cfg
 
@@ -352,9 +352,9 @@ def _prunable_of(folder):
 def test_cli_learn_recover_export_round_trips_bit_for_bit(tiny_folder, tmp_path, capsys):
     from transformers import AutoModelForCausalLM
 
-    from proxsparse_core.artifacts import load_masks
+    from proxsparse_core.runs.files import load_masks
     from proxsparse_core.cli import main
-    from proxsparse_core.prunable import find_prunable
+    from proxsparse_core.sparsity.prunable import find_prunable
 
     run, rec, exp = tmp_path / "run", tmp_path / "rec", tmp_path / "exp"
     assert main(["learn", "--model", str(tiny_folder), *FLAGS, "--steps", "2", "--lr", "1e-3",
@@ -521,7 +521,7 @@ def test_compare_tab_stop_keeps_the_recovered_weights_so_far(tiny_folder):
 
 
 def test_recovery_summary_names_steps_and_samples_and_shows_only_whole_numbers():
-    from proxsparse_core.recovered_runs import recovery_summary
+    from proxsparse_core.runs.folder import recovery_summary
     good = recovery_summary({"base_method": "wanda", "obs": True, "finetune_steps": 300, "finetune_samples": 300})
     assert "300 steps of masked fine-tuning" in good and "on 300 calibration samples" in good
     # values read back from a run folder's metrics.json may be anything

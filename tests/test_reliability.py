@@ -11,7 +11,7 @@ import torch
 from proxsparse_core.cli import main
 from proxsparse_core.config import RunConfig
 from proxsparse_core.errors import Stopped, UserError
-from proxsparse_core.models import load_model
+from proxsparse_core.models.loading import load_model
 from proxsparse_core.results import DENSE
 from proxsparse_core.workspace import Workspace
 from test_export import save_tiny_model, tiny_cfg
@@ -111,7 +111,7 @@ def test_not_a_causal_lm(tmp_path):
 
 
 def test_layers_not_divisible_by_4_are_skipped_and_listed(tmp_path):
-    from proxsparse_core.export import export_result
+    from proxsparse_core.runs.export import export_result
 
     folder = save_tiny_model(tmp_path / "odd", hidden=70, heads=5, kv_heads=5, inter=128)
     ws = Workspace()
@@ -357,7 +357,7 @@ def test_stop_during_export_in_the_app(jobs, tiny_folder, tmp_path, monkeypatch)
 
 
 def test_disk_full_or_unwritable_export_folder_in_the_app(jobs, tiny_folder, tmp_path, monkeypatch):
-    from proxsparse_core import export
+    from proxsparse_core.runs import export
     from ui import export_tab
 
     _wait(jobs.start_learning(tiny_cfg(tiny_folder), evaluate=False))

@@ -16,14 +16,15 @@ from pathlib import Path
 import pytest
 import torch
 
-from proxsparse_core import budget, export as ex
-from proxsparse_core.artifacts import load_masks, save_masks
+from proxsparse_core.models import budget
+from proxsparse_core.runs import export as ex
+from proxsparse_core.runs.files import load_masks, save_masks
 from proxsparse_core.cli import main
 from proxsparse_core.config import RunConfig
 from proxsparse_core.errors import UserError
-from proxsparse_core.learner import ProxSparseLearner
-from proxsparse_core.masks import mask_2to4
-from proxsparse_core.models import allow_remote_code, load_model, remote_code_allowed
+from proxsparse_core.method.learner import ProxSparseLearner
+from proxsparse_core.sparsity.masks import mask_2to4
+from proxsparse_core.models.loading import allow_remote_code, load_model, remote_code_allowed
 from proxsparse_core.results import DENSE, LEARNED
 from proxsparse_core.workspace import Workspace
 from test_export import save_tiny_model, tiny_cfg
@@ -165,7 +166,7 @@ def test_known_device_names_pass_validation(device):
 
 # ----------------------------------------------------------------------------- 3. W0 on every exit
 def test_any_exception_mid_run_restores_everything_and_is_re_raised(tiny_lm, monkeypatch):
-    import proxsparse_core.learner as learner
+    import proxsparse_core.method.learner as learner
 
     model = tiny_lm.model
     model.get_input_embeddings().weight.requires_grad_(False)     # a flag that must come back as is
@@ -303,7 +304,7 @@ def test_a_five_thousand_character_model_path(capsys):
     ('[1, 2, 3]', "line 2 is not a JSON object with a 'text' field"),
 ])
 def test_a_bad_jsonl_line_is_one_line(tmp_path, line, needle):
-    from proxsparse_core.data import load_text
+    from proxsparse_core.data.text import load_text
     path = tmp_path / "upload.jsonl"
     path.write_text('{"text": "a fine first document"}\n' + line + "\n")
     with pytest.raises(UserError, match=re.escape(needle)):
@@ -313,22 +314,22 @@ def test_a_bad_jsonl_line_is_one_line(tmp_path, line, needle):
 def test_eval_with_masks_of_another_shape(tiny_folder, tmp_path, capsys):
     other = save_tiny_model(tmp_path / "wider", inter=192)       # same layer names, other shapes
     from transformers import AutoModelForCausalLM
-    from proxsparse_core.prunable import find_prunable
+    from proxsparse_core.sparsity.prunable import find_prunable
     prunable = find_prunable(AutoModelForCausalLM.from_pretrained(other))
     save_masks(tmp_path / "masks.npz", {n: mask_2to4(prunable.modules[n].weight.detach()) for n in prunable.names})
     rc, _, err = _cli(capsys, "eval", "--model", tiny_folder, "--device", "cpu", "--masks", tmp_path / "masks.npz",
                       "--no-eval")
     assert rc == 2 and re.search(r"the masks do not match this model: the mask of \S+ has shape \(\d+, \d+\), "
                                  r"the layer \(\d+, \d+\)$", _one_line(err))
-    assert ex.check_masks_match is __import__("proxsparse_core.masks").masks.check_masks_match   # one home
+    assert ex.check_masks_match is __import__("proxsparse_core.sparsity.masks").masks.check_masks_match   # one home
 
 
 # ----------------------------------------------------------------------------- 8. memory budget
 def _smollm2_shaped():
     """A LoadedModel shaped like the bundled SmolLM2-135M, on the meta device (no memory)."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    from proxsparse_core.models import LoadedModel
-    from proxsparse_core.prunable import find_prunable
+    from proxsparse_core.models.loading import LoadedModel
+    from proxsparse_core.sparsity.prunable import find_prunable
     cfg = LlamaConfig(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                       num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192,
                       tie_word_embeddings=True)
@@ -460,7 +461,7 @@ def test_the_package_builds_installs_and_runs_outside_the_clone(tmp_path):
                    check=True, env=env, capture_output=True, timeout=300)
     run_env = {**os.environ, "PYTHONPATH": str(site)}
     where = subprocess.run([sys.executable, "-c", "import proxsparse_core, app\n"
-                            "from proxsparse_core.export import load_with_masks\n"
+                            "from proxsparse_core.runs.export import load_with_masks\n"
                             "print(proxsparse_core.__file__)"],
                            cwd=tmp_path, env=run_env, capture_output=True, text=True, check=True).stdout
     assert where.strip().startswith(str(site))
@@ -510,7 +511,7 @@ def test_a_tokenizer_that_splits_english_into_characters_is_refused():
     character; the conversion must stop with a message rather than produce a model whose every
     perplexity is meaningless. A word-level tokenizer passes."""
     from conftest import TinyTokenizer
-    from proxsparse_core.models import check_tokenizer
+    from proxsparse_core.models.loading import check_tokenizer
     from test_export import word_tokenizer
 
     check_tokenizer(word_tokenizer(4096), "fine.gguf")

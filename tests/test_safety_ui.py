@@ -133,7 +133,7 @@ def test_remote_code_never_runs_unless_the_server_was_started_to_allow_it(live, 
 def test_app_flag_decides_remote_code_and_the_checkbox_says_why(monkeypatch):
     import app
     import ui.layout
-    from proxsparse_core import models
+    from proxsparse_core.models import loading as models
 
     built = {}
     monkeypatch.setattr(ui.layout, "launch", lambda demo, **kw: built.update(demo=demo, **kw))
@@ -169,7 +169,7 @@ def test_an_allowed_server_does_run_remote_code_when_asked(tmp_path):
     marker = tmp_path / "ran.txt"
     evil = evil_model(tmp_path / "evil", marker)
     script = f"""
-from proxsparse_core import models
+from proxsparse_core.models import loading as models
 from proxsparse_core.config import RunConfig
 from proxsparse_core.errors import UserError
 from ui.jobs import JobManager

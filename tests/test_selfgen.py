@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from conftest import TinyTokenizer
-from proxsparse_core import selfgen
+from proxsparse_core.data import selfgen
 from proxsparse_core.errors import UserError
 
 

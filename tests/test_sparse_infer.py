@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from conftest import make_tiny_llama
-from proxsparse_core import sparse_infer as si
-from proxsparse_core.masks import apply_masks, extract_masks, mask_2to4
-from proxsparse_core.prunable import find_prunable
+from proxsparse_core.inference import sparse24 as si
+from proxsparse_core.sparsity.masks import apply_masks, extract_masks, mask_2to4
+from proxsparse_core.sparsity.prunable import find_prunable
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

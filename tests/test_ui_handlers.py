@@ -145,7 +145,7 @@ def test_stop_ends_within_a_step_keeps_a_mask_and_second_start_is_refused(tiny_d
 
 def test_stop_before_the_first_step_says_stopped_not_failed(tiny_dir, monkeypatch):
     """Stop pressed while the teacher reads the calibration samples (distillation), before any step."""
-    from proxsparse_core import learner
+    from proxsparse_core.method import learner
     from proxsparse_core.errors import Stopped
 
     def stopped_teacher(*args, **kwargs):
@@ -454,7 +454,7 @@ def test_second_stop_skips_the_perplexity(tiny_dir):
 
 def test_presets_fit_the_model_say_gpu_and_held_out_share():
     from proxsparse_core.config import PRESETS
-    from proxsparse_core.models import BUNDLED
+    from proxsparse_core.models.loading import BUNDLED
 
     labels = dict((v, k) for k, v in learn_tab.preset_choices())
     assert "GPU + download" in labels["llama-2-7b"] and "GPU + download" in labels["qwen2.5-14b"]
@@ -470,7 +470,7 @@ def test_presets_fit_the_model_say_gpu_and_held_out_share():
     values, note = learn_tab.preset_values(learn_tab.CUSTOM, {})
     assert all(v == gr.skip() for v in values) and "custom" in note
     assert set(learn_tab.GPU_PRESETS) == {k for k, v in PRESETS.items() if v["settings"].get("model", BUNDLED) != BUNDLED}
-    from proxsparse_core.data import HELD_OUT_SHARE
+    from proxsparse_core.data.text import HELD_OUT_SHARE
     assert HELD_OUT_SHARE == 0.2 and learn_tab.held_out_words() == "⅕ of it (20%)"
 
 

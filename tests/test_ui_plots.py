@@ -1,7 +1,7 @@
-"""proxsparse_core.plots: the run figures the app streams and the export report saves."""
+"""proxsparse_core.runs.curves: the run figures the app streams and the export report saves."""
 import pytest
 
-from proxsparse_core import plots
+from proxsparse_core.runs import curves as plots
 
 
 def event(step, hist, l2=0.0, layer_share=None):

@@ -38,7 +38,7 @@ def save_tiny_model(folder: Path) -> Path:
 
 
 def test_tiny_model_folder_loads_like_a_user_model(tmp_path):
-    from proxsparse_core.models import load_model
+    from proxsparse_core.models.loading import load_model
 
     lm = load_model(str(save_tiny_model(tmp_path / "tiny")), device="cpu", dtype="float32")
     assert len(lm.prunable.names) == 14          # 2 blocks × (q, k, v, o, gate, up, down)

@@ -5,8 +5,8 @@ share one set of weights, swapped in turn) and hands growing texts to the page t
 queue; the page marks where the two outputs first part ways. Prompts are capped in length and
 the tab's Stop ends a generation after the current token, so one long request never holds the
 machine for minutes. Perplexity rows are computed on demand; one-shot baselines come from
-`proxsparse_core.baselines`. Any 2:4 result can be recovered (its surviving weights updated with
-the mask fixed, `proxsparse_core.recovery`): the recovered model becomes a result of its own, with
+`proxsparse_core.baselines.oneshot`. Any 2:4 result can be recovered (its surviving weights updated with
+the mask fixed, `proxsparse_core.recovery.recover`): the recovered model becomes a result of its own, with
 a row in the table, an entry in the generation dropdown and in Export.
 """
 from __future__ import annotations
@@ -18,11 +18,11 @@ import gradio as gr
 import pandas as pd
 import torch
 
-from proxsparse_core import plots
+from proxsparse_core.runs import curves as plots
 from proxsparse_core.errors import Stopped, UserError
-from proxsparse_core.evaluate import EXAMPLE_PROMPTS, GenerationSettings, first_divergence
-from proxsparse_core.baselines import METHODS
-from proxsparse_core.recovery import RECOVERY_LENGTHS, RECOVERY_METHODS, TEACHERS, RecoveryConfig, recovered_name
+from proxsparse_core.inference.evaluate import EXAMPLE_PROMPTS, GenerationSettings, first_divergence
+from proxsparse_core.baselines.oneshot import METHODS
+from proxsparse_core.recovery.recover import RECOVERY_LENGTHS, RECOVERY_METHODS, TEACHERS, RecoveryConfig, recovered_name
 from proxsparse_core.results import DENSE, LEARNED, RECOVERED, title
 
 from . import inputs, markdown
@@ -35,7 +35,7 @@ COLUMNS = ["method", "held-out perplexity", "× dense", "same top-1 as dense", "
 
 
 def baseline_methods() -> list[str]:
-    """The one-shot methods of the registry (proxsparse_core.baselines.METHODS)."""
+    """The one-shot methods of the registry (proxsparse_core.baselines.oneshot.METHODS)."""
     return list(METHODS)
 
 
@@ -274,8 +274,8 @@ def measure_speedup(jobs: JobManager, prompt: str = "", figure: bool = False):
     not elsewhere). The workspace's model keeps its dense weights: the 2:4 weights are swapped in
     for the measurement and the layers restored after. Returns the HTML text, or (text, plot or
     None) with figure=True."""
-    from proxsparse_core import sparse_infer
-    from proxsparse_core.masks import swapped
+    from proxsparse_core.inference import sparse24 as sparse_infer
+    from proxsparse_core.sparsity.masks import swapped
 
     ok, why = sparse_infer.status()
     if not ok or jobs.ws.lm is None:

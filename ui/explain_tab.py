@@ -15,9 +15,9 @@ import gradio as gr
 import torch
 
 from proxsparse_core.errors import UserError
-from proxsparse_core.masks import mask_2to4
-from proxsparse_core.models import bundled_folder
-from proxsparse_core.prox import objective, prox_groups
+from proxsparse_core.sparsity.masks import mask_2to4
+from proxsparse_core.models.loading import bundled_folder
+from proxsparse_core.method.prox import objective, prox_groups
 from proxsparse_core.results import LEARNED
 
 from . import inputs

@@ -3,7 +3,7 @@ artefacts (model card, masks, recipe, report) as one zip.
 
 Exports go under one root folder (`$PROXSPARSE_EXPORTS`, default `./exports`); the folder name a
 visitor types is sanitised so nothing is written outside it. The export itself is atomic (see
-`proxsparse_core.export`): Stop, a full disk or an error leave no half-written folder.
+`proxsparse_core.runs.export`): Stop, a full disk or an error leave no half-written folder.
 
 The zip offered for download is written to one folder the app owns (created on first use,
 removed when the app exits) and replaces the previous one there: Gradio serves a copy from its
@@ -22,7 +22,7 @@ from pathlib import Path
 import gradio as gr
 
 from proxsparse_core.errors import UserError
-from proxsparse_core.export import bundle, export_result, safe_name, target_in
+from proxsparse_core.runs.export import bundle, export_result, safe_name, target_in
 from proxsparse_core.results import LEARNED, title
 
 from . import inputs
@@ -112,7 +112,7 @@ def summary_markdown(res) -> str:
         lines.append("")
     lines += ["Load it with `AutoModelForCausalLM.from_pretrained(\"" + str(res.folder) + "\")`; "
               "`proxsparse/masks.npz` re-creates it from the original model "
-              "(`proxsparse_core.export.load_with_masks`)."]
+              "(`proxsparse_core.runs.export.load_with_masks`)."]
     return "\n".join(lines)
 
 

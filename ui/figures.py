@@ -1,7 +1,7 @@
 """Figures only the app shows: the one-group prox demo, a real weight block before/after 2:4, and
 the measured 2:4 prefill speed-up.
 
-The learning-run figures (loss, sparsity, per-layer heatmap) live in `proxsparse_core.plots`,
+The learning-run figures (loss, sparsity, per-layer heatmap) live in `proxsparse_core.runs.curves`,
 because the export report draws them too.
 """
 from __future__ import annotations

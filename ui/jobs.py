@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from proxsparse_core.config import RunConfig
 from proxsparse_core.errors import Stopped, UserError
-from proxsparse_core.learner import LearnResult
+from proxsparse_core.method.learner import LearnResult
 from proxsparse_core.results import DENSE, LEARNED, title
 from proxsparse_core.workspace import Workspace
 

@@ -14,11 +14,11 @@ from pathlib import Path
 import gradio as gr
 import torch
 
-from proxsparse_core import plots
+from proxsparse_core.runs import curves as plots
 from proxsparse_core.config import DEFAULT_PRESET, PRESETS, RunConfig, preset_note as measured_note
-from proxsparse_core.data import HELD_OUT_SHARE
+from proxsparse_core.data.text import HELD_OUT_SHARE
 from proxsparse_core.errors import UserError
-from proxsparse_core.models import BUNDLED, BUNDLED_LABEL
+from proxsparse_core.models.loading import BUNDLED, BUNDLED_LABEL
 
 from . import inputs
 from .feedback import esc, explain, fail, fmt_bytes, fmt_duration, from_page, guarded, in_request, notify

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 
-from .errors import UserError
+from proxsparse_core.errors import UserError
 
 _ITEM = re.compile(r"^\s*(cpu|\d+)\s*=\s*(\d+(?:\.\d+)?)\s*(GiB|GB|MiB|MB)\s*$", re.IGNORECASE)
 

@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from .masks import load_weights
+from proxsparse_core.sparsity.masks import load_weights
 
 
 @dataclass

@@ -62,7 +62,7 @@ FRESH_MAX_TOKENS = 50_000_000
 def _prompt_ids(tokenizer, texts: list[str]) -> dict[str, list[int]]:
     """Each instruction's ids: in the model's chat template when it has one (all of them in one
     bounded render, chat_template.py), else the text and a newline."""
-    from . import chat_template
+    from proxsparse_core.models import chat_template
 
     texts = list(dict.fromkeys(texts))
     if chat_template.has_template(tokenizer):
@@ -78,8 +78,8 @@ def _cache_file(model, seed: int, max_new: int, batch: int, free: bool = False) 
     """Where the stream for this model (identified by its config and a checksum of its first and
     last weight matrices) and seed is kept: one growing stream, so a longer request (recovery reads
     more samples than learning) only generates the rounds it lacks."""
-    from .models import cache_dir
-    from .prunable import find_prunable
+    from proxsparse_core.models.loading import cache_dir
+    from proxsparse_core.sparsity.prunable import find_prunable
 
     prunable = find_prunable(model)
     probe = [prunable.modules[n].weight for n in (prunable.names[0], prunable.names[-1])]
@@ -122,7 +122,7 @@ def generated_ids(model, tokenizer, tokens: int, seed: int = 0, max_new: int = M
     last = next((k for k, e in enumerate(ends[:cap]) if e >= tokens), min(cap, len(ends)) - 1)
     out = ids[:ends[last]] if last >= 0 else ids[:0]
     if out.numel() < 2 * max_new:
-        from .errors import UserError
+        from proxsparse_core.errors import UserError
         raise UserError("the model ended almost every answer at once: it cannot write its own "
                         "calibration text; use the built-in text or a file")
     return out

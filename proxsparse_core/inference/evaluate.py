@@ -8,7 +8,7 @@ from typing import Callable, ClassVar, Iterator
 
 import torch
 
-from .errors import Stopped, UserError
+from proxsparse_core.errors import Stopped, UserError
 
 
 @dataclass
@@ -100,7 +100,7 @@ def _encode(tokenizer, prompt: str, s: GenerationSettings) -> torch.Tensor:
     """The prompt's ids: in the model's chat template (rendered within a bound, chat_template.py;
     Stop ends it), or, when the template fails or runs past the bound, the plain prompt, with a
     line in `s.notes` saying so."""
-    from . import chat_template
+    from proxsparse_core.models import chat_template
 
     if s.chat and chat_template.has_template(tokenizer):
         try:

@@ -27,12 +27,12 @@ from typing import Callable
 
 import torch
 
-from .errors import Stopped
-from .masks import load_weights, mask_2to4, snapshot
-from .prunable import find_decoder_blocks
-from .results import TITLES, Pruning
-from .scores import InputNorms, wanda_score
-from .sparsegpt import SparseGPTLayer
+from proxsparse_core.errors import Stopped
+from proxsparse_core.sparsity.masks import load_weights, mask_2to4, snapshot
+from proxsparse_core.sparsity.prunable import find_decoder_blocks
+from proxsparse_core.results import TITLES, Pruning
+from proxsparse_core.sparsity.scores import InputNorms, wanda_score
+from proxsparse_core.baselines.sparsegpt import SparseGPTLayer
 
 Progress = Callable[[int, int], None] | None
 

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
-from .artifacts import _atomic_write, check_regular, load_masks, read_metrics, read_recipe
-from .config import RunConfig
-from .errors import UserError
-from .results import LEARNED, RECOVERED, Pruning
+from proxsparse_core.runs.files import _atomic_write, check_regular, load_masks, read_metrics, read_recipe
+from proxsparse_core.config import RunConfig
+from proxsparse_core.errors import UserError
+from proxsparse_core.results import LEARNED, RECOVERED, Pruning
 
 WEIGHTS_FILE = "weights.safetensors"
 WEIGHTS_FORMAT = "proxsparse-recovered-weights-v1"
@@ -70,7 +70,7 @@ def has_weights_file(run) -> bool:
 def read_run(run, overrides: dict | None = None) -> RunFolder:
     """A run folder's recipe, method and masks, every file checked (artifacts' readers); every
     problem is one UserError line. The one reader of run folders: eval, recover and export use it."""
-    from .baselines import METHODS
+    from proxsparse_core.baselines.oneshot import METHODS
 
     path = Path(run).expanduser()
     if not path.is_dir():
@@ -121,8 +121,8 @@ def _old_metrics(folder: RunFolder) -> dict:
 def add_base_result(ws, folder: RunFolder, progress=None, stop=None) -> tuple[str, str]:
     """Put the result of a learn/prune folder into the workspace `ws` (loaded with its recipe)
     under its method's name. Returns (name, a line saying what the base weights are)."""
-    from .masks import check_masks_match
-    from .recovery import obs_update
+    from proxsparse_core.sparsity.masks import check_masks_match
+    from proxsparse_core.recovery.recover import obs_update
 
     if folder.recovered:
         raise UserError(f"{str(folder.path)!r} is already a recover run (it holds {WEIGHTS_FILE}); "
@@ -150,7 +150,7 @@ def save_weights(path, weights: dict, metadata: dict | None = None) -> Path:
     meta = {"format": WEIGHTS_FORMAT, **{k: str(v) for k, v in (metadata or {}).items()}}
     from safetensors import SafetensorError
 
-    from .export import write_error
+    from proxsparse_core.runs.export import write_error
     try:
         _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
     except (OSError, SafetensorError) as exc:      # a full disk: one line (the temporary file is gone)
@@ -198,7 +198,7 @@ def load_weights_file(run, prunable, masks: dict) -> dict:
 
 def add_recovered_result(ws, folder: RunFolder) -> str:
     """Put the recovered result of a recover folder into `ws`; returns its name."""
-    from .masks import check_masks_match
+    from proxsparse_core.sparsity.masks import check_masks_match
 
     check_masks_match(ws.lm.prunable, folder.masks)
     weights = load_weights_file(folder.path, ws.lm.prunable, folder.masks)

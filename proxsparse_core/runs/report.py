@@ -155,7 +155,7 @@ def svg_line_chart(series: dict[str, tuple[list, list]], title: str, xlabel: str
 def loss_svg(events: list[dict]) -> str:
     """The training objective (smoothed, as in the app), the held-out loss of the 2:4 model if
     stopped at that step, and the dense model's on the same tokens."""
-    from .plots import smooth
+    from proxsparse_core.runs.curves import smooth
 
     steps = [e["step"] for e in events]
     distill = bool(events) and events[-1].get("objective") == "distill"
@@ -177,7 +177,7 @@ def loss_svg(events: list[dict]) -> str:
 def sparsity_svg(events: list[dict]) -> str:
     """Share of groups already 2:4 in the learned weights, and the groups with 3 or 4 non-zeros,
     in the colours of the app's chart (green 2:4, orange 3 non-zeros, grey 4)."""
-    from .plots import NNZ_COLOURS
+    from proxsparse_core.runs.curves import NNZ_COLOURS
 
     steps = [e["step"] for e in events]
     totals = [max(1, sum(e["nnz_hist"])) for e in events]
@@ -191,7 +191,7 @@ def sparsity_svg(events: list[dict]) -> str:
 
 def _interactive_plots(events: list[dict]) -> str:
     """The app's plotly charts as HTML fragments (plotly.js embedded once, so it works offline)."""
-    from .plots import loss_figure, sparsity_figure
+    from proxsparse_core.runs.curves import loss_figure, sparsity_figure
 
     parts = []
     for i, fig in enumerate((loss_figure(events), sparsity_figure(events))):
@@ -347,7 +347,7 @@ def model_card(metrics: dict, artefacts: str) -> str:
         "small matrices those kernels can be slower than dense.",
         "", "## Re-create from the original model and the mask file", "",
         f"`{artefacts}/masks.npz` holds the masks alone (1 bit per weight). With the original model:", "",
-        "```python", "from proxsparse_core.export import load_with_masks",
+        "```python", "from proxsparse_core.runs.export import load_with_masks",
         f"lm = load_with_masks({source!r}, '{artefacts}/masks.npz')", "```", "",
     ]
     if metrics.get("weights_updated"):

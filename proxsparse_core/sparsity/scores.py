@@ -18,7 +18,7 @@ import threading
 
 import torch
 
-from .errors import Stopped
+from proxsparse_core.errors import Stopped
 
 MIN_WEIGHT = 1e-2   # a channel's weight a_j never goes below this share of its layer's rms: dividing by
                     # a dead channel's 0 would blow its weights up on the way back from W·diag(a)

@@ -18,10 +18,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import RunConfig, reproduce_command
-from .errors import UserError
-from .masks import pack_masks, shapes_mismatch, unpack_masks
-from .results import LEARNED
+from proxsparse_core.config import RunConfig, reproduce_command
+from proxsparse_core.errors import UserError
+from proxsparse_core.sparsity.masks import pack_masks, shapes_mismatch, unpack_masks
+from proxsparse_core.results import LEARNED
 
 MASKS_FILE = "masks.npz"
 RECIPE_FILE = "recipe.json"

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import UserError
+from proxsparse_core.errors import UserError
 
 GiB = 2**30
 

@@ -30,11 +30,11 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 
-from .distill import distill_loss, full_kl, live_teacher_logits, teacher_targets
-from .errors import Stopped, UserError
-from .masks import load_weights
-from .results import RECOVERED as SUFFIX, Pruning
-from .training import MaskedTraining, StepEvent, memory_in_use, run_steps, trainable
+from proxsparse_core.method.distill import distill_loss, full_kl, live_teacher_logits, teacher_targets
+from proxsparse_core.errors import Stopped, UserError
+from proxsparse_core.sparsity.masks import load_weights
+from proxsparse_core.results import RECOVERED as SUFFIX, Pruning
+from proxsparse_core.method.training import MaskedTraining, StepEvent, memory_in_use, run_steps, trainable
 
 RECOVERY_METHODS = ("obs", "finetune", "both")
 TEACHERS = ("stored", "live")
@@ -141,7 +141,7 @@ def _masked(weights: dict, masks: dict) -> dict:
 
 def obs_update(lm, calibration: torch.Tensor, masks: dict, progress=None, stop=None) -> dict:
     """Survivors re-solved layer by layer with the masks fixed (SparseGPT's update); CPU weights."""
-    from .baselines import sparsegpt_layers
+    from proxsparse_core.baselines.oneshot import sparsegpt_layers
 
     _, weights = sparsegpt_layers(lm, calibration, progress, stop, keep=masks)
     return weights

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
-from .prunable import PrunableSet, find_prunable
+from proxsparse_core.errors import UserError
+from proxsparse_core.sparsity.prunable import PrunableSet, find_prunable
 
 BUNDLED = "bundled:smollm2-135m"
 MAX_SOURCE_CHARS = 1000        # a model id or folder path
@@ -465,7 +465,7 @@ def load_model(source: str = BUNDLED, device: str = "auto", dtype: str = "auto",
             raise _explain_folder_error(shown, folder, exc, stage) from exc
         raise _explain_load_error(source, exc) from exc
     if device_map:
-        from .placement import parse_max_memory, split_over_devices
+        from proxsparse_core.models.placement import parse_max_memory, split_over_devices
         model = split_over_devices(model, parse_max_memory(max_memory))
     else:
         model.to(dev)

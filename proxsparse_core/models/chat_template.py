@@ -27,7 +27,7 @@ import sys
 import threading
 import time
 
-from .errors import Stopped, UserError
+from proxsparse_core.errors import Stopped, UserError
 
 DEADLINE_S = 10.0         # one render (all the prompts of one call) may take this long
 START_TIMEOUT_S = 60.0    # starting the worker (not counted in DEADLINE_S: a busy machine is not the template's fault)

@@ -27,12 +27,12 @@ from typing import Callable
 
 import torch
 
-from .config import RunConfig
-from .distill import distill_loss, teacher_targets
-from .masks import extract_masks, mask_2to4, nnz_histogram, snapshot
-from .prox import prox_2to4_, triton_kernels
-from .scores import ChannelNorms, channel_weights, ranking
-from .training import (MaskedTraining, StepEvent, eta_seconds, memory_by_device, memory_in_use,  # noqa: F401
+from proxsparse_core.config import RunConfig
+from proxsparse_core.method.distill import distill_loss, teacher_targets
+from proxsparse_core.sparsity.masks import extract_masks, mask_2to4, nnz_histogram, snapshot
+from proxsparse_core.method.prox import prox_2to4_, triton_kernels
+from proxsparse_core.sparsity.scores import ChannelNorms, channel_weights, ranking
+from proxsparse_core.method.training import (MaskedTraining, StepEvent, eta_seconds, memory_by_device, memory_in_use,  # noqa: F401
                        run_steps, trainable)
 
 

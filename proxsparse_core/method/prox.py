@@ -46,7 +46,7 @@ import importlib.util
 
 import torch
 
-from . import prox_native
+from proxsparse_core.method import prox_native
 
 GROUP = 4
 DEFAULT_CHUNK_GROUPS = 1 << 20
@@ -226,7 +226,7 @@ def triton_kernels():
     if _TRITON is False:
         _TRITON = None
         if torch.cuda.is_available() and importlib.util.find_spec("triton") is not None:
-            from . import prox_triton as _TRITON
+            from proxsparse_core.method import prox_triton as _TRITON
     return _TRITON
 
 

@@ -43,7 +43,7 @@ class TeacherTargets:
 def teacher_targets(model, samples: torch.Tensor, k: int = TOP_K, batch: int = 4,
                     progress=None, stop=None) -> TeacherTargets:
     """Run the (dense) model over `samples` [n, ctx] and keep each position's top-k log-probs."""
-    from .errors import Stopped
+    from proxsparse_core.errors import Stopped
 
     device = model.get_input_embeddings().weight.device
     was_training = model.training

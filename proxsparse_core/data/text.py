@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from proxsparse_core.errors import UserError
 
 HELD_OUT_SHARE = 0.2
 GENERATED_SOURCES = ("mix", "generated")   # calibration text written by the dense model itself
@@ -257,7 +257,7 @@ def _calibration(tokenizer, mode: str, split: TextSplit, n_samples: int, ctx: in
         return calibration_samples(cal_ids, n_samples, ctx, seed, prefix), split.source, cal_ids.numel()
     if model is None:
         raise UserError(f"data {mode!r} needs the model to write its own calibration text")
-    from .selfgen import generated_ids
+    from proxsparse_core.data.selfgen import generated_ids
 
     n_gen = n_samples if mode == "generated" else n_samples // 2
     gen_ids = generated_ids(model, tokenizer, tokens=n_gen * ctx, seed=seed)

@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from .errors import UserError
-from .prunable import PrunableSet
-from .scores import ranking
+from proxsparse_core.errors import UserError
+from proxsparse_core.sparsity.prunable import PrunableSet
+from proxsparse_core.sparsity.scores import ranking
 
 
 def mask_2to4(w: torch.Tensor, score: torch.Tensor | None = None) -> torch.Tensor:
