@@ -51,7 +51,7 @@ def _time(fn, dev) -> float:
 
 def smollm2_weights() -> tuple[dict, str]:
     """The bundled SmolLM2's prunable weights if its cache exists, else random ones of its shapes."""
-    from proxsparse_core.models.loading import cache_dir
+    from proxsparse_core.paths import cache_dir
     path = cache_dir() / "smollm2-135m-instruct" / "model.safetensors"
     if path.exists():
         from safetensors.torch import load_file

@@ -19,7 +19,8 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from proxsparse_core.errors import UserError  # noqa: E402
-from proxsparse_core.models.loading import cache_dir, gguf_to_folder  # noqa: E402
+from proxsparse_core.models.loading import gguf_to_folder
+from proxsparse_core.paths import cache_dir  # noqa: E402
 
 
 def main():

@@ -23,7 +23,8 @@ from proxsparse_core.config import RunConfig  # noqa: E402
 from proxsparse_core.method.learner import ProxSparseLearner  # noqa: E402
 from proxsparse_core.sparsity.masks import pruned_weights, snapshot, swapped, verify  # noqa: E402
 from proxsparse_core.models.loading import LoadedModel  # noqa: E402
-from proxsparse_core.models.placement import devices_of, parse_max_memory, split_over_devices  # noqa: E402
+from proxsparse_core.config import parse_max_memory  # noqa: E402
+from proxsparse_core.models.placement import devices_of, split_over_devices  # noqa: E402
 from proxsparse_core.sparsity.prunable import find_prunable  # noqa: E402
 
 

@@ -328,7 +328,8 @@ def cmd_eval(args) -> int:
     recovered weights) — or W0 · mask of a bare masks.npz file."""
     from proxsparse_core.runs.files import RECIPE_FILE, load_masks
     from proxsparse_core.sparsity.masks import check_masks_match, layer_shapes
-    from proxsparse_core.runs.folder import add_run_result, read_run
+    from proxsparse_core.reopen import add_run_result
+    from proxsparse_core.runs.folder import read_run
     from proxsparse_core.results import DENSE, Pruning
     from proxsparse_core.workspace import Workspace
 
@@ -376,7 +377,7 @@ def cmd_eval(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from proxsparse_core.runs.export import export_run
+    from proxsparse_core.reopen import export_run
 
     _remote_code_flag(args)
     overrides = {k: getattr(args, k) for k in ("device", "dtype", "trust_remote_code") if hasattr(args, k)}
@@ -411,7 +412,8 @@ def cmd_recover(args) -> int:
 
 def _recover_into(args, folder, rcfg, out: Path) -> int:
     from proxsparse_core.runs.files import save_events, save_json, save_masks
-    from proxsparse_core.runs.folder import WEIGHTS_FILE, add_base_result, recover_command, save_weights
+    from proxsparse_core.reopen import add_base_result
+    from proxsparse_core.runs.folder import WEIGHTS_FILE, recover_command, save_weights
     from proxsparse_core.recovery.recover import recovered_name
 
     ws = _load(folder.cfg)

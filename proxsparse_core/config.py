@@ -6,12 +6,45 @@ in ``recipe.json``, so a recipe reproduces a run exactly.
 from __future__ import annotations
 
 import math
+import re
 import shlex
 from dataclasses import asdict, dataclass, field, fields
 
+import torch
+
 from proxsparse_core.errors import UserError
-from proxsparse_core.models.loading import BUNDLED, DTYPES, check_device
 from proxsparse_core.results import LEARNED
+
+BUNDLED = "bundled:smollm2-135m"     # the offline model that ships with the studio (models/loading.py)
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]{1,3})?")
+
+
+def check_device(device) -> str:
+    """auto, cpu, mps, cuda or cuda:N; anything else is refused before a model is touched."""
+    if not isinstance(device, str) or not DEVICE_PATTERN.fullmatch(device):
+        raise UserError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N (N = GPU number) or mps")
+    return device
+
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+_ITEM = re.compile(r"^\s*(cpu|\d+)\s*=\s*(\d+(?:\.\d+)?)\s*(GiB|GB|MiB|MB)\s*$", re.IGNORECASE)
+
+
+def parse_max_memory(spec: str) -> dict | None:
+    """'0=70GiB, 1=70GiB, cpu=200GiB' → {0: '70GiB', 1: '70GiB', 'cpu': '200GiB'} (None if empty)."""
+    if not spec or not spec.strip():
+        return None
+    out = {}
+    for item in spec.split(","):
+        m = _ITEM.match(item)
+        if not m:
+            raise UserError(f"max_memory item {item.strip()!r} is not DEVICE=SIZE, e.g. 0=70GiB or cpu=200GiB")
+        dev, size, unit = m.groups()
+        out["cpu" if dev.lower() == "cpu" else int(dev)] = f"{size}{unit}"
+    return out
+
 
 MAX_TEXT = 1000     # characters in any text setting (a model id or path, a data file, a field name)
 
@@ -153,7 +186,6 @@ class RunConfig:
         if self.device_map not in ("", "auto"):
             raise UserError("device_map must be empty or 'auto'")
         if self.max_memory:
-            from proxsparse_core.models.placement import parse_max_memory
             parse_max_memory(self.max_memory)
         return self
 

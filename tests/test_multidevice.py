@@ -90,7 +90,7 @@ def test_device_map_auto_loads_through_accelerate_and_learns(tmp_path):
     import pytest
 
     from proxsparse_core.errors import UserError
-    from proxsparse_core.models.placement import parse_max_memory
+    from proxsparse_core.config import parse_max_memory
     from proxsparse_core.workspace import Workspace
     from test_export import save_tiny_model, tiny_cfg
 

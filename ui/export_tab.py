@@ -112,7 +112,7 @@ def summary_markdown(res) -> str:
         lines.append("")
     lines += ["Load it with `AutoModelForCausalLM.from_pretrained(\"" + str(res.folder) + "\")`; "
               "`proxsparse/masks.npz` re-creates it from the original model "
-              "(`proxsparse_core.runs.export.load_with_masks`)."]
+              "(`proxsparse_core.export.load_with_masks`)."]
     return "\n".join(lines)
 
 

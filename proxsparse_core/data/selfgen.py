@@ -78,7 +78,7 @@ def _cache_file(model, seed: int, max_new: int, batch: int, free: bool = False) 
     """Where the stream for this model (identified by its config and a checksum of its first and
     last weight matrices) and seed is kept: one growing stream, so a longer request (recovery reads
     more samples than learning) only generates the rounds it lacks."""
-    from proxsparse_core.models.loading import cache_dir
+    from proxsparse_core.paths import cache_dir
     from proxsparse_core.sparsity.prunable import find_prunable
 
     prunable = find_prunable(model)

@@ -264,7 +264,7 @@ def _cpu_key() -> str:
 
 
 def _build() -> ctypes.CDLL:
-    from proxsparse_core.models.loading import cache_dir
+    from proxsparse_core.paths import cache_dir
 
     target = cache_dir() / "native" / f"prox24-{_cpu_key()}.so"
     if not target.exists():

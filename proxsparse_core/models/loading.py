@@ -16,10 +16,11 @@ from pathlib import Path
 
 import torch
 
+from proxsparse_core.config import BUNDLED, DTYPES, check_device  # noqa: F401 - BUNDLED is read from here too
 from proxsparse_core.errors import UserError
+from proxsparse_core.paths import cache_dir
 from proxsparse_core.sparsity.prunable import PrunableSet, find_prunable
 
-BUNDLED = "bundled:smollm2-135m"
 MAX_SOURCE_CHARS = 1000        # a model id or folder path
 BUNDLED_LABEL = "SmolLM2-135M-Instruct (bundled, offline)"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -56,20 +57,6 @@ def check_remote_code(trust_remote_code) -> None:
         raise UserError(REMOTE_CODE_REFUSED)
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("PROXSPARSE_CACHE", Path.home() / ".cache" / "proxsparse"))
-
-
-DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:[0-9]{1,3})?")
-
-
-def check_device(device) -> str:
-    """auto, cpu, mps, cuda or cuda:N; anything else is refused before a model is touched."""
-    if not isinstance(device, str) or not DEVICE_PATTERN.fullmatch(device):
-        raise UserError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N (N = GPU number) or mps")
-    return device
-
-
 def pick_device(device: str = "auto") -> str:
     check_device(device)
     if device != "auto":
@@ -88,10 +75,6 @@ def pick_device(device: str = "auto") -> str:
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return "mps"
     return "cpu"
-
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
 
 
 def pick_dtype(dtype: str, device: str) -> torch.dtype:
@@ -465,7 +448,8 @@ def load_model(source: str = BUNDLED, device: str = "auto", dtype: str = "auto",
             raise _explain_folder_error(shown, folder, exc, stage) from exc
         raise _explain_load_error(source, exc) from exc
     if device_map:
-        from proxsparse_core.models.placement import parse_max_memory, split_over_devices
+        from proxsparse_core.config import parse_max_memory
+        from proxsparse_core.models.placement import split_over_devices
         model = split_over_devices(model, parse_max_memory(max_memory))
     else:
         model.to(dev)

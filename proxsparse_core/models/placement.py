@@ -11,26 +11,8 @@ term, statistics) runs on the layer's own device.
 """
 from __future__ import annotations
 
-import re
 
 from proxsparse_core.errors import UserError
-
-_ITEM = re.compile(r"^\s*(cpu|\d+)\s*=\s*(\d+(?:\.\d+)?)\s*(GiB|GB|MiB|MB)\s*$", re.IGNORECASE)
-
-
-def parse_max_memory(spec: str) -> dict | None:
-    """'0=70GiB, 1=70GiB, cpu=200GiB' → {0: '70GiB', 1: '70GiB', 'cpu': '200GiB'} (None if empty)."""
-    if not spec or not spec.strip():
-        return None
-    out = {}
-    for item in spec.split(","):
-        m = _ITEM.match(item)
-        if not m:
-            raise UserError(f"max_memory item {item.strip()!r} is not DEVICE=SIZE, e.g. 0=70GiB or cpu=200GiB")
-        dev, size, unit = m.groups()
-        out["cpu" if dev.lower() == "cpu" else int(dev)] = f"{size}{unit}"
-    return out
-
 
 def split_over_devices(model, max_memory: dict | None = None):
     """Dispatch a loaded model over the GPUs (and the CPU) with accelerate; returns the model.

@@ -14,7 +14,6 @@ are no longer alive (and puts back a previous export that was being replaced).
 """
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
@@ -28,12 +27,13 @@ from typing import Callable
 
 import torch
 
-from proxsparse_core.runs.files import load_masks, read_events, save_json, save_masks, save_recipe
+from proxsparse_core.runs.files import load_masks, os_message, save_json, save_masks, save_recipe, write_error
 from proxsparse_core.config import RunConfig
 from proxsparse_core.errors import Stopped, UserError
-from proxsparse_core.sparsity.masks import apply_masks, check_masks_match, mask_stats, verify  # noqa: F401 - re-exported
+from proxsparse_core.progress import Progress
+from proxsparse_core.sparsity.masks import apply_masks, mask_stats, verify
 from proxsparse_core.runs.report import environment, model_card, write_report
-from proxsparse_core.results import DENSE, LEARNED
+from proxsparse_core.results import DENSE
 
 ARTEFACTS = "proxsparse"          # sub-folder with masks, recipe and report
 MAX_NAME = 100
@@ -79,29 +79,6 @@ def _check_target(out: Path, overwrite: bool):
                         f"overwriting")
 
 
-def _os_message(exc: OSError, where: Path, doing: str = "exporting") -> UserError:
-    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-        text = f"the disk is full while {doing} to {str(where)!r}"
-    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        text = f"cannot write to {str(where)!r} ({(exc.strerror or str(exc)).lower()})"
-    else:
-        text = f"cannot write the export to {str(where)!r}: {exc.strerror or exc}"
-    return UserError(text + "; nothing was written. Free some space or choose another folder.")
-
-
-def write_error(exc: Exception, where: Path, doing: str = "exporting") -> UserError:
-    """One line for a failed write: an OSError, or safetensors' SafetensorError, which carries the
-    operating system's error only in its text ("… No space left on device (os error 28)")."""
-    if isinstance(exc, OSError):
-        return _os_message(exc, where, doing)
-    text = " ".join(str(exc).split())
-    m = re.search(r"os error (\d+)", text)
-    if m:
-        code = int(m.group(1))
-        return _os_message(OSError(code, os.strerror(code)), where, doing)
-    return UserError(f"cannot write to {str(where)!r} while {doing} ({text[:200]}); nothing was written")
-
-
 def _check_verified(name: str, check) -> None:
     """A result whose 2:4 check failed is never exported: one line saying why."""
     if not check.ok:
@@ -132,15 +109,21 @@ def _check_space(parent: Path, need: int):
 def export_result(ws, name: str, out, *, cfg: RunConfig | None = None, events=None,
                   evaluate: bool = True, overwrite: bool = False,
                   stop: threading.Event | None = None,
-                  progress: Callable[[str], None] | None = None) -> ExportResult:
-    """Export the workspace result `name` (a pruning.Pruning) to the folder `out`.
+                  progress: Callable[[Progress], None] | None = None) -> ExportResult:
+    """Export the workspace result `name` (a pruning.Pruning) to the folder `out`. `progress` hears
+    a progress.Progress (a str: its message) as each step starts: stage "perplexity" (twice with
+    `evaluate`), "model", "artefacts", then "exported", counted as steps done of all steps.
 
     SparseGPT-like results carry updated weights and those are exported; masks-only results
     export W0 · mask. `cfg` is the run's configuration for the recipe (default: the one stored
     with the result). With `evaluate`, dense and pruned perplexity are measured first (cached
     in the workspace). Raises UserError (errors.Stopped on Stop) and leaves nothing behind."""
     out = Path(out).expanduser()
-    say = progress or (lambda text: None)
+    steps = (2 if evaluate else 0) + 2          # perplexity of dense and of the result, the model, the artefacts
+
+    def say(stage: str, done: int, message: str):
+        if progress:
+            progress(Progress(stage, done, steps, message, "steps"))
     stop = stop or threading.Event()
     clean_stale(out)
     _check_target(out, overwrite)
@@ -155,8 +138,8 @@ def export_result(ws, name: str, out, *, cfg: RunConfig | None = None, events=No
 
     if evaluate:
         try:
-            for n in (DENSE, name):
-                say(f"measuring {n} perplexity …")
+            for i, n in enumerate((DENSE, name)):
+                say("perplexity", i, f"measuring {n} perplexity …")
                 ws.perplexity(n, stop=stop)
         except Stopped:
             raise Stopped("export stopped during evaluation; nothing was written") from None
@@ -167,15 +150,15 @@ def export_result(ws, name: str, out, *, cfg: RunConfig | None = None, events=No
         _check_space(parent, _bytes_needed(lm.model, result.masks))
         tmp = Path(tempfile.mkdtemp(dir=parent, prefix=_temp_prefix(out, "partial")))
     except OSError as exc:
-        raise _os_message(exc, parent) from exc
+        raise os_message(exc, parent) from exc
     try:
         _stopped(stop)
-        say("writing the pruned model …")
+        say("model", steps - 2, "writing the pruned model …")
         with ws.lock, ws.variant(name):
             lm.model.save_pretrained(tmp)
         lm.tokenizer.save_pretrained(tmp)
         _stopped(stop)
-        say("writing masks, recipe and report …")
+        say("artefacts", steps - 1, "writing masks, recipe and report …")
         art = tmp / ARTEFACTS
         art.mkdir()
         save_masks(art / "masks.npz", result.masks)
@@ -203,7 +186,7 @@ def export_result(ws, name: str, out, *, cfg: RunConfig | None = None, events=No
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    say(f"exported to {out}")
+    say("exported", steps, f"exported to {out}")
     return ExportResult(out, files, metrics)
 
 
@@ -315,7 +298,7 @@ def bundle(folder, dest) -> Path:
         os.chmod(tmp, 0o644)
         os.replace(tmp, dest)
     except OSError as exc:
-        raise _os_message(exc, dest.parent) from exc
+        raise os_message(exc, dest.parent) from exc
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -334,40 +317,3 @@ def load_with_masks(source: str, masks, device: str = "auto", dtype: str = "auto
     lm = load_model(source, device, dtype, trust_remote_code)
     apply_masks(lm.prunable, load_masks(masks, layer_shapes(lm.prunable)) if not isinstance(masks, dict) else masks)
     return lm
-
-
-# ---------------------------------------------------------------------------------- run folders
-def export_run(run, out, *, overwrite: bool = False, evaluate: bool = True,
-               overrides: dict | None = None, stop: threading.Event | None = None,
-               progress: Callable[[str], None] | None = None) -> ExportResult:
-    """Export a run folder written by `learn`, `prune` or `recover` (recipe.json + masks.npz
-    [+ weights.safetensors, events.jsonl, metrics.json]): reload the model and data named in the
-    recipe and export the result the folder holds under its method's name (recovered_runs:
-    W0 · mask, SparseGPT's updated weights rebuilt from the recipe, or a recover folder's
-    recovered weights). The folder is read by recovered_runs.read_run, the one run-folder reader;
-    `out` must lie outside it (and must not hold it: an export replaces its folder)."""
-    from proxsparse_core.runs.folder import add_run_result, check_out_apart, read_run
-    from proxsparse_core.workspace import Workspace
-
-    say = progress or (lambda t: None)
-    run, out = Path(run).expanduser(), Path(out).expanduser()
-    if not run.is_dir():
-        raise UserError(f"run folder {str(run)!r} does not exist")
-    check_out_apart(run, out, replaces=True)
-    clean_stale(out)
-    _check_target(out, overwrite)           # fail before the slow model load
-    folder = read_run(run, overrides)
-    events = read_events(run) if folder.method == LEARNED or folder.recovered else None
-    ws = Workspace()
-    say(f"loading {folder.cfg.model} …")
-    ws.load(folder.cfg)
-
-    def blocks(done, total):
-        say(f"rebuilding {folder.method}'s updated weights: block {done}/{total}")
-    try:
-        name, note = add_run_result(ws, folder, blocks, stop)
-    except Stopped:
-        raise Stopped("export stopped while the weights were rebuilt; nothing was written") from None
-    say(note)
-    return export_result(ws, name, out, cfg=folder.cfg, events=events, evaluate=evaluate,
-                         overwrite=overwrite, stop=stop, progress=progress)

@@ -6,9 +6,11 @@ file claims to hold, and masks.npz is checked field by field before anything is 
 claims (names, shapes, the bit-packed arrays). Any problem is one UserError line naming the file."""
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import re
 import stat
 import tempfile
 import zipfile
@@ -380,3 +382,26 @@ def save_events(path: Path, events) -> Path:
     lines = "".join(json.dumps(e.to_dict()) + "\n" for e in events)
     _atomic_write(Path(path), lambda tmp: Path(tmp).write_text(lines))
     return Path(path)
+
+
+def os_message(exc: OSError, where: Path, doing: str = "exporting") -> UserError:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        text = f"the disk is full while {doing} to {str(where)!r}"
+    elif exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        text = f"cannot write to {str(where)!r} ({(exc.strerror or str(exc)).lower()})"
+    else:
+        text = f"cannot write the export to {str(where)!r}: {exc.strerror or exc}"
+    return UserError(text + "; nothing was written. Free some space or choose another folder.")
+
+
+def write_error(exc: Exception, where: Path, doing: str = "exporting") -> UserError:
+    """One line for a failed write: an OSError, or safetensors' SafetensorError, which carries the
+    operating system's error only in its text ("… No space left on device (os error 28)")."""
+    if isinstance(exc, OSError):
+        return os_message(exc, where, doing)
+    text = " ".join(str(exc).split())
+    m = re.search(r"os error (\d+)", text)
+    if m:
+        code = int(m.group(1))
+        return os_message(OSError(code, os.strerror(code)), where, doing)
+    return UserError(f"cannot write to {str(where)!r} while {doing} ({text[:200]}); nothing was written")

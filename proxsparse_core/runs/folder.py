@@ -22,10 +22,11 @@ from pathlib import Path
 
 import torch
 
-from proxsparse_core.runs.files import _atomic_write, check_regular, load_masks, read_metrics, read_recipe
+from proxsparse_core.runs.files import (_atomic_write, check_regular, load_masks, read_metrics, read_recipe,
+                                        write_error)
 from proxsparse_core.config import RunConfig
 from proxsparse_core.errors import UserError
-from proxsparse_core.results import LEARNED, RECOVERED, Pruning
+from proxsparse_core.results import LEARNED, RECOVERED
 
 WEIGHTS_FILE = "weights.safetensors"
 WEIGHTS_FORMAT = "proxsparse-recovered-weights-v1"
@@ -118,30 +119,6 @@ def _old_metrics(folder: RunFolder) -> dict:
     return read_metrics(folder.path)
 
 
-def add_base_result(ws, folder: RunFolder, progress=None, stop=None) -> tuple[str, str]:
-    """Put the result of a learn/prune folder into the workspace `ws` (loaded with its recipe)
-    under its method's name. Returns (name, a line saying what the base weights are)."""
-    from proxsparse_core.sparsity.masks import check_masks_match
-    from proxsparse_core.recovery.recover import obs_update
-
-    if folder.recovered:
-        raise UserError(f"{str(folder.path)!r} is already a recover run (it holds {WEIGHTS_FILE}); "
-                        f"recover its base run instead")
-    check_masks_match(ws.lm.prunable, folder.masks)
-    method, info = folder.method, {"config": folder.cfg.to_dict()}
-    info.update({k: v for k, v in _old_metrics(folder).items() if k in ("status", "steps", "message")})
-    if folder.rebuilds_weights:
-        weights = obs_update(ws.lm, ws.data.calibration, folder.masks, progress, stop)
-        note = ("masks.npz of a sparsegpt run holds its mask only; its updated weights were rebuilt as "
-                "the OBS update with that mask on the recipe's calibration samples (SparseGPT's own "
-                "arithmetic, deterministic)")
-    else:
-        weights = None
-        note = f"the {method} result is the original weights × masks.npz"
-    ws.add_result(method, Pruning(method, folder.masks, weights, info))
-    return method, note
-
-
 def save_weights(path, weights: dict, metadata: dict | None = None) -> Path:
     """Write the prunable weights (name → tensor) as one safetensors file, atomically."""
     from safetensors.torch import save_file
@@ -150,7 +127,6 @@ def save_weights(path, weights: dict, metadata: dict | None = None) -> Path:
     meta = {"format": WEIGHTS_FORMAT, **{k: str(v) for k, v in (metadata or {}).items()}}
     from safetensors import SafetensorError
 
-    from proxsparse_core.runs.export import write_error
     try:
         _atomic_write(Path(path), lambda tmp: save_file(tensors, tmp, metadata=meta))
     except (OSError, SafetensorError) as exc:      # a full disk: one line (the temporary file is gone)
@@ -194,33 +170,6 @@ def load_weights_file(run, prunable, masks: dict) -> dict:
         if bool((w[~m] != 0).any()):
             raise UserError(f"{path.name}: {n} has non-zero weights where masks.npz prunes")
     return weights
-
-
-def add_recovered_result(ws, folder: RunFolder) -> str:
-    """Put the recovered result of a recover folder into `ws`; returns its name."""
-    from proxsparse_core.sparsity.masks import check_masks_match
-
-    check_masks_match(ws.lm.prunable, folder.masks)
-    weights = load_weights_file(folder.path, ws.lm.prunable, folder.masks)
-    info = {"config": folder.cfg.to_dict(), "base_method": folder.base_method,
-            "recovery": folder.recipe.get("recovery") or {}}
-    if isinstance(folder.recipe.get("command"), str):
-        info["recover_command"] = folder.recipe["command"]
-    info.update({k: v for k, v in _old_metrics(folder).items() if k in RECOVERY_INFO and k != "base_method"})
-    ws.add_result(folder.method, Pruning(folder.method, folder.masks, weights, info))
-    return folder.method
-
-
-def add_run_result(ws, folder: RunFolder, progress=None, stop=None) -> tuple[str, str]:
-    """Put the result a run folder holds into `ws` (loaded with a model that fits it): a recover
-    folder's recovered weights, or the base result of a learn/prune folder (SparseGPT's updated
-    weights rebuilt). Returns (name, a line saying which weights the result has) — what `export
-    --run` exports and `eval --masks` evaluates."""
-    if folder.recovered:
-        name = add_recovered_result(ws, folder)
-        return name, (f"the {folder.base_method} mask with the recovered weights of {WEIGHTS_FILE} "
-                      f"(masks.npz gives the pattern)")
-    return add_base_result(ws, folder, progress, stop)
 
 
 def recover_command(run, rcfg, out) -> str:

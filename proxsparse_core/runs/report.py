@@ -347,7 +347,7 @@ def model_card(metrics: dict, artefacts: str) -> str:
         "small matrices those kernels can be slower than dense.",
         "", "## Re-create from the original model and the mask file", "",
         f"`{artefacts}/masks.npz` holds the masks alone (1 bit per weight). With the original model:", "",
-        "```python", "from proxsparse_core.runs.export import load_with_masks",
+        "```python", "from proxsparse_core.export import load_with_masks",
         f"lm = load_with_masks({source!r}, '{artefacts}/masks.npz')", "```", "",
     ]
     if metrics.get("weights_updated"):

@@ -1,0 +1,101 @@
+"""Reopen a saved run: load the model and data its recipe names into a Workspace and put the
+result the folder holds in it, as `export --run`, `eval --masks`, `recover --run` and the app do.
+
+A learn or prune folder gives its mask on the original weights; a SparseGPT folder holds only its
+mask, so its updated weights are rebuilt as the OBS update with that mask on the recipe's
+calibration samples (SparseGPT's own arithmetic, deterministic); a recover folder gives its
+recovered weights (weights.safetensors). `export_run` is reopen + export in one call.
+"""
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Callable
+
+from proxsparse_core.errors import Stopped, UserError
+from proxsparse_core.recovery.recover import obs_update
+from proxsparse_core.results import LEARNED, Pruning
+from proxsparse_core.runs.export import ExportResult, _check_target, clean_stale, export_result
+from proxsparse_core.runs.files import read_events
+from proxsparse_core.runs.folder import (RECOVERY_INFO, WEIGHTS_FILE, RunFolder, _old_metrics, check_out_apart,
+                                         load_weights_file, read_run)
+from proxsparse_core.sparsity.masks import check_masks_match
+from proxsparse_core.workspace import Workspace
+
+
+def add_base_result(ws, folder: RunFolder, progress=None, stop=None) -> tuple[str, str]:
+    """Put the result of a learn/prune folder into the workspace `ws` (loaded with its recipe)
+    under its method's name. Returns (name, a line saying what the base weights are)."""
+    if folder.recovered:
+        raise UserError(f"{str(folder.path)!r} is already a recover run (it holds {WEIGHTS_FILE}); "
+                        f"recover its base run instead")
+    check_masks_match(ws.lm.prunable, folder.masks)
+    method, info = folder.method, {"config": folder.cfg.to_dict()}
+    info.update({k: v for k, v in _old_metrics(folder).items() if k in ("status", "steps", "message")})
+    if folder.rebuilds_weights:
+        weights = obs_update(ws.lm, ws.data.calibration, folder.masks, progress, stop)
+        note = ("masks.npz of a sparsegpt run holds its mask only; its updated weights were rebuilt as "
+                "the OBS update with that mask on the recipe's calibration samples (SparseGPT's own "
+                "arithmetic, deterministic)")
+    else:
+        weights = None
+        note = f"the {method} result is the original weights × masks.npz"
+    ws.add_result(method, Pruning(method, folder.masks, weights, info))
+    return method, note
+
+
+def add_recovered_result(ws, folder: RunFolder) -> str:
+    """Put the recovered result of a recover folder into `ws`; returns its name."""
+    check_masks_match(ws.lm.prunable, folder.masks)
+    weights = load_weights_file(folder.path, ws.lm.prunable, folder.masks)
+    info = {"config": folder.cfg.to_dict(), "base_method": folder.base_method,
+            "recovery": folder.recipe.get("recovery") or {}}
+    if isinstance(folder.recipe.get("command"), str):
+        info["recover_command"] = folder.recipe["command"]
+    info.update({k: v for k, v in _old_metrics(folder).items() if k in RECOVERY_INFO and k != "base_method"})
+    ws.add_result(folder.method, Pruning(folder.method, folder.masks, weights, info))
+    return folder.method
+
+
+def add_run_result(ws, folder: RunFolder, progress=None, stop=None) -> tuple[str, str]:
+    """Put the result a run folder holds into `ws` (loaded with a model that fits it): a recover
+    folder's recovered weights, or the base result of a learn/prune folder (SparseGPT's updated
+    weights rebuilt). Returns (name, a line saying which weights the result has) — what `export
+    --run` exports and `eval --masks` evaluates."""
+    if folder.recovered:
+        name = add_recovered_result(ws, folder)
+        return name, (f"the {folder.base_method} mask with the recovered weights of {WEIGHTS_FILE} "
+                      f"(masks.npz gives the pattern)")
+    return add_base_result(ws, folder, progress, stop)
+
+
+def export_run(run, out, *, overwrite: bool = False, evaluate: bool = True,
+               overrides: dict | None = None, stop: threading.Event | None = None,
+               progress: Callable[[str], None] | None = None) -> ExportResult:
+    """Export a run folder written by `learn`, `prune` or `recover` (recipe.json + masks.npz
+    [+ weights.safetensors, events.jsonl, metrics.json]): reload the model and data named in the
+    recipe and export the result the folder holds under its method's name (W0 · mask, SparseGPT's updated weights rebuilt from the recipe, or a recover folder's
+    recovered weights). The folder is read by runs.folder.read_run, the one run-folder reader;
+    `out` must lie outside it (and must not hold it: an export replaces its folder)."""
+    say = progress or (lambda t: None)
+    run, out = Path(run).expanduser(), Path(out).expanduser()
+    if not run.is_dir():
+        raise UserError(f"run folder {str(run)!r} does not exist")
+    check_out_apart(run, out, replaces=True)
+    clean_stale(out)
+    _check_target(out, overwrite)           # fail before the slow model load
+    folder = read_run(run, overrides)
+    events = read_events(run) if folder.method == LEARNED or folder.recovered else None
+    ws = Workspace()
+    say(f"loading {folder.cfg.model} …")
+    ws.load(folder.cfg)
+
+    def blocks(done, total):
+        say(f"rebuilding {folder.method}'s updated weights: block {done}/{total}")
+    try:
+        name, note = add_run_result(ws, folder, blocks, stop)
+    except Stopped:
+        raise Stopped("export stopped while the weights were rebuilt; nothing was written") from None
+    say(note)
+    return export_result(ws, name, out, cfg=folder.cfg, events=events, evaluate=evaluate,
+                         overwrite=overwrite, stop=stop, progress=progress)
