@@ -19,6 +19,7 @@ from proxsparse_core.inference.evaluate import GenerationSettings, agreement, ge
 from proxsparse_core.method.learner import LearnResult, ProxSparseLearner
 from proxsparse_core.sparsity.masks import Verification, pruned_weights, snapshot, swapped, verify
 from proxsparse_core.models.loading import LoadedModel, load_model
+from proxsparse_core.progress import Progress
 from proxsparse_core.results import DENSE, LEARNED, Pruning
 
 
@@ -98,7 +99,8 @@ class Workspace:
                 on_phase=None):
         """Recover the survivors of result `name` (recovery.py); the recovered model is stored as
         `name + "+recovery"` when anything was recovered. Returns the RecoveryResult. `on_phase(text)`
-        hears of the one slow step that has no progress of its own: drawing the fine-tuning samples."""
+        hears (as a progress.Progress) of the steps before fine-tuning: the dense model writing fresh
+        text, and drawing the fine-tuning samples."""
         from proxsparse_core.recovery.recover import RecoveryResult, recover, recovered_name
         self._need()
         if name not in self.results:
@@ -136,13 +138,14 @@ class Workspace:
                     if stop is not None and stop.is_set():
                         raise Stopped("stopped while the dense model wrote fresh text")
                     if on_phase:
-                        on_phase(f"the dense model writes fresh text for fine-tuning: {min(done, total):,} of "
-                                 f"{total:,} tokens (cached for this model and seed) …")
+                        on_phase(Progress("fresh-text", min(done, total), total,
+                                          f"the dense model writes fresh text for fine-tuning: {min(done, total):,} "
+                                          f"of {total:,} tokens (cached for this model and seed) …", "tokens"))
                 tell(0, text)
                 fresh = fresh_ids(self.lm.model, self.lm.tokenizer, text, seed, tell)
             if on_phase:
-                on_phase(f"drawing {n:,} fine-tuning samples (for self-written text, the first time the model "
-                         f"writes more of it: ≈ 1 min on a CPU) …")
+                on_phase(Progress("samples", 0, n, f"drawing {n:,} fine-tuning samples (for self-written text, the "
+                                  f"first time the model writes more of it: ≈ 1 min on a CPU) …", "samples"))
             try:
                 samples = (calibration_only(self.lm.tokenizer, source, n, ctx, seed, field, self.lm.model)
                            if fresh is None else with_fresh_text(self.lm.tokenizer, source, n, ctx, seed, field, fresh))
