@@ -68,20 +68,21 @@ class RunConfig:
     data: str = _f("builtin", "builtin (Python's documentation), mix (half of it, half text the model writes "
                               "itself), generated, a .txt/.jsonl file, or hf:NAME[:CONFIG[:SPLIT[:FIELD]]]")
     data_field: str = _f("text", "the text field of a .jsonl file or HF dataset")
-    samples: int = _f(64, "calibration samples (each one context long)")
-    ctx: int = _f(128, "context length of a calibration sample, in tokens")
-    eval_ctx: int = _f(256, "context length of a held-out perplexity window")
-    eval_windows: int = _f(40, "held-out windows for perplexity (0 = all)")
+    samples: int = _f(64, "calibration samples (each one context long)", lo=1, hi=1_000_000)
+    ctx: int = _f(128, "context length of a calibration sample, in tokens", lo=8, hi=1_048_576)
+    eval_ctx: int = _f(256, "context length of a held-out perplexity window", lo=8, hi=1_048_576)
+    eval_windows: int = _f(40, "held-out windows for perplexity (0 = all)", lo=0, hi=1_000_000)
     # method
-    lambda1: float = _f(2.0, "2:4 regulariser strength λ1 (used as is, NOT multiplied by the learning rate)")
-    lambda2: float = _f(0.0, "frozen-weight regulariser strength λ2 (0 = off)")
-    eps: float = _f(0.5, "ε in the λ2 term W·(W−W0)/(|W0|+ε)")
+    lambda1: float = _f(2.0, "2:4 regulariser strength λ1 (used as is, NOT multiplied by the learning rate)", lo=0,
+                        hi=1e4)
+    lambda2: float = _f(0.0, "frozen-weight regulariser strength λ2 (0 = off)", lo=0, hi=1e4)
+    eps: float = _f(0.5, "ε in the λ2 term W·(W−W0)/(|W0|+ε)", lo=0, hi=1e3, lo_open=True)
     loss: str = _f("lm", "what the learning minimises: lm (next-token loss on the calibration text, published) or "
                          "distill (KL divergence to the dense model's own next-token distribution: masks that "
                          "hold up on text unlike the calibration text)", choices=("lm", "distill"))
-    lr: float = _f(1e-4, "AdamW learning rate (its peak, reached after the linear warm-up)")
-    steps: int = _f(30, "optimizer steps (each followed by the prox)")
-    batch: int = _f(1, "calibration samples per step")
+    lr: float = _f(1e-4, "AdamW learning rate (its peak, reached after the linear warm-up)", lo=0, hi=1.0, lo_open=True)
+    steps: int = _f(30, "optimizer steps (each followed by the prox)", lo=1, hi=100_000)
+    batch: int = _f(1, "calibration samples per step", lo=1, hi=4096)
     lambda_scale: str = _f("none", "none (published: one λ1 and lr for every layer) or layer (scale-free: "
                                    "λ1/rms(W0) and lr·rms(W0) per layer, and the λ2 term measured in units of "
                                    "rms(W0): ε·rms(W0), λ2/rms(W0)²; for models whose layers differ in scale)",
@@ -90,19 +91,26 @@ class RunConfig:
                               "and the mask rank |W|) or activation (they rank |W|·‖X‖, Wanda's score: each weight "
                               "scaled by the dense model's calibration activation norm of its input channel)",
                     choices=("weight", "activation"))
-    warmup: float = _f(0.1, "share of steps with linear learning-rate warm-up")
+    warmup: float = _f(0.1, "share of steps with linear learning-rate warm-up", lo=0, hi=0.99)
     lr_schedule: str = _f("constant", "learning rate after the warm-up: constant (published) or cosine "
                                       "(decays towards 0 by the last step, so the mask settles before it is read)",
                            choices=("constant", "cosine"))
-    seed: int = _f(0, "seed for sampling and any randomness")
+    seed: int = _f(0, "seed for sampling and any randomness", lo=0, hi=2**32 - 1)
     # engineering
     grad_ckpt: bool = _f(False, "gradient checkpointing (less memory, ~30% slower)")
     train_all: bool = _f(False, "train every parameter, not only the prunable weights")
     w0_offload: bool = _f(False, "keep the λ2 copy of W0 in CPU memory instead of on the GPU")
-    layer_stats_every: int = _f(5, "emit per-layer 2:4 shares every N steps")
+    layer_stats_every: int = _f(5, "emit per-layer 2:4 shares every N steps", lo=1, hi=1_000_000)
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def bounds(cls, name: str) -> tuple:
+        """(lowest, highest, lowest excluded?) of a numeric setting: the one declaration that the
+        check here, the CLI and every widget of the app read."""
+        meta = next(f.metadata for f in fields(cls) if f.name == name)
+        return meta["lo"], meta["hi"], meta.get("lo_open", False)
 
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
@@ -138,7 +146,7 @@ class RunConfig:
             if hi is not None and v > hi:
                 raise UserError(f"{name} = {v} is out of range (at most {hi})")
 
-        def integer(name, lo, hi):
+        def integer(name, lo, hi, lo_open=False):
             v = getattr(self, name)
             if isinstance(v, float) and v.is_integer():
                 setattr(self, name, int(v))
@@ -148,19 +156,9 @@ class RunConfig:
             if not lo <= v <= hi:
                 raise UserError(f"{name} must be between {lo} and {hi}, got {v}")
 
-        num("lambda1", 0, 1e4)
-        num("lambda2", 0, 1e4)
-        num("eps", 0, 1e3, lo_open=True)
-        num("lr", 0, 1.0, lo_open=True)
-        num("warmup", 0, 0.99)
-        integer("steps", 1, 1_000_000)
-        integer("batch", 1, 4096)
-        integer("samples", 1, 1_000_000)
-        integer("ctx", 8, 1_048_576)
-        integer("eval_ctx", 8, 1_048_576)
-        integer("eval_windows", 0, 1_000_000)
-        integer("seed", 0, 2**32 - 1)
-        integer("layer_stats_every", 1, 1_000_000)
+        for f in fields(self):              # bounds are declared once, on the field (see `bounds`)
+            if "hi" in f.metadata:
+                (integer if type(f.default) is int else num)(f.name, *self.bounds(f.name))
         if self.batch > self.samples:
             raise UserError(f"batch ({self.batch}) cannot exceed the number of samples ({self.samples})")
         if max_positions:

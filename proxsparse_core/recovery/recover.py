@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
@@ -46,14 +46,15 @@ LIVE_CHUNK_TOKENS = 8192      # the live teacher's batch runs in chunks of about
 class RecoveryConfig:
     """Settings of a recovery run (CLI flags of `recover`, widgets of the app)."""
     method: str = "both"          # obs | finetune | both
-    steps: int = 300              # fine-tuning steps (measured against 100: bench/RESULTS.md)
-    lr: float = 2e-3              # fine-tuning lr, relative to each layer's rms(W0) (scale-free)
-    batch: int = 1                # calibration samples per fine-tuning step
-    seed: int = 0
-    samples: int = 300            # calibration samples fine-tuning reads (0 = the run's own); 300 distinct
+    steps: int = field(default=300, metadata={"lo": 1, "hi": 10_000})   # fine-tuning steps (300 against 100: bench/RESULTS.md)
+    lr: float = field(default=2e-3, metadata={"lo": 0, "hi": 1.0, "lo_open": True})   # relative to each layer's rms(W0)
+    batch: int = field(default=1, metadata={"lo": 1, "hi": 256})     # calibration samples per fine-tuning step
+    seed: int = field(default=0, metadata={"lo": 0, "hi": 2**32 - 1})
+    samples: int = field(default=300, metadata={"lo": 0, "hi": 1_000_000})
+    #                               calibration samples fine-tuning reads (0 = the run's own); 300 distinct
     #                               samples at lr 2e-3 against the run's own seen twice: bench/RESULTS.md
     teacher: str = "stored"       # stored (top-64 per position, read once) | live (W0 run every step, full KL)
-    text: int = 0                 # tokens of fresh text the dense model writes for fine-tuning (0 = none)
+    text: int = field(default=0, metadata={"lo": 0, "hi": 50_000_000})   # tokens of fresh text (0 = none)
 
     HELP = {"method": "obs (weight update with the mask fixed), finetune (masked distillation from the "
                       "dense model) or both",
@@ -74,22 +75,32 @@ class RecoveryConfig:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def bounds(cls, name: str) -> tuple:
+        """(lowest, highest, lowest excluded?) of a numeric setting: the one declaration that the
+        check here, the CLI and the Compare tab's widgets read."""
+        meta = next(f.metadata for f in fields(cls) if f.name == name)
+        return meta["lo"], meta["hi"], meta.get("lo_open", False)
+
     def validate(self) -> "RecoveryConfig":
         if not isinstance(self.method, str) or self.method not in RECOVERY_METHODS:
             raise UserError(f"recovery method must be one of {', '.join(RECOVERY_METHODS)}; got {self.method!r}")
         if not isinstance(self.teacher, str) or self.teacher not in TEACHERS:
             raise UserError(f"recovery teacher must be one of {', '.join(TEACHERS)}; got {self.teacher!r}")
-        for name, lo, hi in (("steps", 1, 100_000), ("batch", 1, 4096), ("seed", 0, 2**32 - 1),
-                             ("samples", 0, 1_000_000), ("text", 0, 50_000_000)):
+        for f in fields(self):              # bounds are declared once, on the field (see `bounds`)
+            if "hi" not in f.metadata or f.name == "lr":
+                continue
+            name, (lo, hi, _) = f.name, self.bounds(f.name)
             v = getattr(self, name)
             if isinstance(v, float) and v.is_integer():
                 v = int(v)
                 setattr(self, name, v)
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
                 raise UserError(f"recovery {name} must be a whole number from {lo} to {hi}; got {v!r}")
+        lo, hi, _ = self.bounds("lr")
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) \
-                or not 0 < self.lr <= 1:
-            raise UserError(f"recovery learning rate must be a number in (0, 1]; got {self.lr!r}")
+                or not lo < self.lr <= hi:
+            raise UserError(f"recovery learning rate must be a number in ({lo}, {hi}]; got {self.lr!r}")
         reads = min(self.samples or MAX_STORED, self.steps * self.batch)
         if self.method != "obs" and self.teacher == "stored" and reads > MAX_STORED:
             raise UserError(f"a stored teacher keeps the dense model's top-64 log-probabilities of every sample "
