@@ -389,6 +389,69 @@ def _explain_load_error(source: str, exc: Exception) -> UserError:
     return UserError(f"could not load {source!r}: {text.splitlines()[0][:300]}")
 
 
+@dataclass
+class _Source:
+    """Where a model comes from: `path` for from_pretrained, a local `folder` (errors then name it
+    and the file at fault), the label shown, and whether only the local hub cache may be read."""
+    path: str
+    label: str
+    shown: str
+    folder: Path | None = None
+    local_only: bool = False
+
+
+def _resolve(source) -> tuple[str, _Source]:
+    """The cleaned model name and where it comes from: the bundled model, a local folder, or a hub
+    id (an unreachable hub fails at once unless the id is cached)."""
+    if source is not None and not isinstance(source, str):
+        raise UserError(f"the model must be given as text (an id or a folder), got {source!r}")
+    source = (source or BUNDLED).strip()
+    if len(source) > MAX_SOURCE_CHARS:
+        raise UserError(f"the model name is {len(source):,} characters long; the limit is {MAX_SOURCE_CHARS:,}")
+    if source == BUNDLED:
+        folder = bundled_folder()
+        return source, _Source(str(folder), BUNDLED_LABEL, str(folder), folder)
+    p = Path(source).expanduser()
+    try:
+        exists = p.exists()
+    except OSError as exc:     # e.g. a path component longer than the file system allows
+        raise UserError(f"{source[:80]!r}… is not a usable model folder or id ({exc.strerror})") from exc
+    if exists:
+        if not (p / "config.json").exists():
+            raise UserError(f"{source!r} is a folder without config.json: not a model folder")
+        return source, _Source(str(p), p.name, source, p)
+    if source.startswith(("/", ".", "~")):
+        raise UserError(f"local model folder {source!r} does not exist")
+    where = _Source(source, source, source)
+    cached = _cached(source)                 # also refuses what cannot be a hub id at all
+    # Offline mode fails fast by itself; an unreachable hub would cost ~23 s of retries.
+    if not _offline_mode() and not hub_reachable():
+        if not cached:
+            raise _offline_error(source, False)
+        where.local_only = True             # the cached copy, without asking the hub again
+    return source, where
+
+
+def _from_pretrained(source: str, where: _Source, dt, trust_remote_code: bool):
+    """The model and its tokenizer; every load failure is one clear line."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    stage = "model"
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where.path, dtype=dt, trust_remote_code=trust_remote_code,
+                                                     local_files_only=where.local_only)
+        stage = "tokenizer"
+        tokenizer = AutoTokenizer.from_pretrained(where.path, trust_remote_code=trust_remote_code,
+                                                  local_files_only=where.local_only)
+    except UserError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - every load failure becomes one clear line
+        if where.folder is not None:
+            raise _explain_folder_error(where.shown, where.folder, exc, stage) from exc
+        raise _explain_load_error(source, exc) from exc
+    return model, tokenizer
+
+
 def load_model(source: str = BUNDLED, device: str = "auto", dtype: str = "auto",
                trust_remote_code: bool = False, device_map: str | None = None,
                max_memory: str = "") -> LoadedModel:
@@ -397,56 +460,14 @@ def load_model(source: str = BUNDLED, device: str = "auto", dtype: str = "auto",
     device_map="auto" spreads a model too large for one GPU over all GPUs (and the CPU) with
     accelerate, within `max_memory` ("0=70GiB,cpu=200GiB"; placement.py); the model then stays
     where accelerate put it, each layer computing on its own device."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
     check_remote_code(trust_remote_code)   # before anything reads the folder
     hf_logging.disable_progress_bar()   # our own progress reporting is enough
-    if source is not None and not isinstance(source, str):
-        raise UserError(f"the model must be given as text (an id or a folder), got {source!r}")
-    source = (source or BUNDLED).strip()
-    if len(source) > MAX_SOURCE_CHARS:
-        raise UserError(f"the model name is {len(source):,} characters long; the limit is {MAX_SOURCE_CHARS:,}")
-    dev = pick_device(device)
+    dev = pick_device(device)             # before the bundled model is converted (slow, the first time)
     dt = pick_dtype(dtype, dev)
-    folder: Path | None = None          # a local folder: errors name it and the file at fault
-    local_only = False
-    if source == BUNDLED:
-        folder = bundled_folder()
-        path, label, shown = str(folder), BUNDLED_LABEL, str(folder)
-    else:
-        p = Path(source).expanduser()
-        try:
-            exists = p.exists()
-        except OSError as exc:     # e.g. a path component longer than the file system allows
-            raise UserError(f"{source[:80]!r}… is not a usable model folder or id ({exc.strerror})") from exc
-        if exists:
-            if not (p / "config.json").exists():
-                raise UserError(f"{source!r} is a folder without config.json: not a model folder")
-            folder, path, label, shown = p, str(p), p.name, source
-        elif source.startswith(("/", ".", "~")):
-            raise UserError(f"local model folder {source!r} does not exist")
-        else:
-            path, label, shown = source, source, source
-            cached = _cached(source)
-            # Offline mode fails fast by itself; an unreachable hub would cost ~23 s of retries.
-            if not _offline_mode() and not hub_reachable():
-                if not cached:
-                    raise _offline_error(source, False)
-                local_only = True             # the cached copy, without asking the hub again
-    stage = "model"
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dt, trust_remote_code=trust_remote_code,
-                                                     local_files_only=local_only)
-        stage = "tokenizer"
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code,
-                                                  local_files_only=local_only)
-    except UserError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - every load failure becomes one clear line
-        if folder is not None:
-            raise _explain_folder_error(shown, folder, exc, stage) from exc
-        raise _explain_load_error(source, exc) from exc
+    source, where = _resolve(source)
+    model, tokenizer = _from_pretrained(source, where, dt, trust_remote_code)
     if device_map:
         from proxsparse_core.config import parse_max_memory
         from proxsparse_core.models.placement import split_over_devices
@@ -463,5 +484,5 @@ def load_model(source: str = BUNDLED, device: str = "auto", dtype: str = "auto",
     if not prunable.names:
         raise UserError(f"{source!r} has no linear layer with an input dimension divisible by 4")
     max_pos = getattr(model.config, "max_position_embeddings", None)
-    return LoadedModel(model, tokenizer, source, label, dev if not device_map else "auto", dt,
+    return LoadedModel(model, tokenizer, source, where.label, dev if not device_map else "auto", dt,
                        prunable, max_pos)

@@ -137,20 +137,10 @@ def export_result(ws, name: str, out, *, cfg: RunConfig | None = None, events=No
     _check_verified(name, check)
 
     if evaluate:
-        try:
-            for i, n in enumerate((DENSE, name)):
-                say("perplexity", i, f"measuring {n} perplexity …")
-                ws.perplexity(n, stop=stop)
-        except Stopped:
-            raise Stopped("export stopped during evaluation; nothing was written") from None
+        _evaluate(ws, name, say, stop)
 
     parent = out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        _check_space(parent, _bytes_needed(lm.model, result.masks))
-        tmp = Path(tempfile.mkdtemp(dir=parent, prefix=_temp_prefix(out, "partial")))
-    except OSError as exc:
-        raise os_message(exc, parent) from exc
+    tmp = _temporary_folder(out, _bytes_needed(lm.model, result.masks))
     try:
         _stopped(stop)
         say("model", steps - 2, "writing the pruned model …")
@@ -159,21 +149,7 @@ def export_result(ws, name: str, out, *, cfg: RunConfig | None = None, events=No
         lm.tokenizer.save_pretrained(tmp)
         _stopped(stop)
         say("artefacts", steps - 1, "writing masks, recipe and report …")
-        art = tmp / ARTEFACTS
-        art.mkdir()
-        save_masks(art / "masks.npz", result.masks)
-        recipe = None
-        if cfg is not None:
-            recipe = json.loads(save_recipe(art, cfg, method=name).read_text())
-        if recipe is not None and "recovery" in result.info:      # how the survivors were recovered
-            recipe = {**recipe, "base_method": result.info.get("base_method"),
-                      "recovery": result.info["recovery"],
-                      **({"recover_command": result.info["recover_command"]}
-                         if "recover_command" in result.info else {})}
-            save_json(art / "recipe.json", recipe)
-        metrics = _metrics(ws, name, check, recipe)
-        write_report(art, metrics, events)
-        (tmp / "README.md").write_text(model_card(metrics, ARTEFACTS), encoding="utf-8")
+        metrics = _write_artefacts(tmp, ws, name, cfg, check, events)
         _stopped(stop)
         files = sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
         _readable(tmp)
@@ -188,6 +164,49 @@ def export_result(ws, name: str, out, *, cfg: RunConfig | None = None, events=No
         raise
     say("exported", steps, f"exported to {out}")
     return ExportResult(out, files, metrics)
+
+
+def _evaluate(ws, name: str, say, stop: threading.Event):
+    """Dense and `name`'s held-out perplexity (cached in the workspace) before an export."""
+    try:
+        for i, n in enumerate((DENSE, name)):
+            say("perplexity", i, f"measuring {n} perplexity …")
+            ws.perplexity(n, stop=stop)
+    except Stopped:
+        raise Stopped("export stopped during evaluation; nothing was written") from None
+
+
+def _temporary_folder(out: Path, need: int) -> Path:
+    """The hidden folder next to `out` an export is written in, once the disk has room for it."""
+    parent = out.parent
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        _check_space(parent, need)
+        return Path(tempfile.mkdtemp(dir=parent, prefix=_temp_prefix(out, "partial")))
+    except OSError as exc:
+        raise os_message(exc, parent) from exc
+
+
+def _write_artefacts(tmp: Path, ws, name: str, cfg: RunConfig | None, check, events) -> dict:
+    """proxsparse/ (masks, recipe, report) and the model card of an export being written in `tmp`;
+    returns the metrics the report holds."""
+    result = ws.results[name]
+    art = tmp / ARTEFACTS
+    art.mkdir()
+    save_masks(art / "masks.npz", result.masks)
+    recipe = None
+    if cfg is not None:
+        recipe = json.loads(save_recipe(art, cfg, method=name).read_text())
+    if recipe is not None and "recovery" in result.info:      # how the survivors were recovered
+        recipe = {**recipe, "base_method": result.info.get("base_method"),
+                  "recovery": result.info["recovery"],
+                  **({"recover_command": result.info["recover_command"]}
+                     if "recover_command" in result.info else {})}
+        save_json(art / "recipe.json", recipe)
+    metrics = _metrics(ws, name, check, recipe)
+    write_report(art, metrics, events)
+    (tmp / "README.md").write_text(model_card(metrics, ARTEFACTS), encoding="utf-8")
+    return metrics
 
 
 def _temp_prefix(out: Path, kind: str) -> str:
