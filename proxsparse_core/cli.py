@@ -500,11 +500,8 @@ def _add_output_flags(p: argparse.ArgumentParser):
     _add_generation_flags(p)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m proxsparse_core",
-                description="Learn 2:4 semi-structured sparsity masks for causal LMs (ProxSparse).")
-    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
-
+def _learn_parser(sub):
+    """learn: settings from flags, a preset and a recipe; the run folder."""
     learn = sub.add_parser("learn", help="learn a 2:4 mask with ProxSparse",
                            description="Learn a 2:4 mask. Flags override the preset, which overrides "
                                        "the recipe, which overrides the defaults.")
@@ -515,6 +512,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_flags(learn)
     learn.set_defaults(func=cmd_learn)
 
+
+def _prune_parser(sub):
+    """prune: a one-shot method on the same calibration samples as learn."""
     from proxsparse_core.baselines.oneshot import METHODS
     pru = sub.add_parser("prune", help="a one-shot 2:4 baseline: magnitude, wanda, sparsegpt(-maskonly)",
                          description="Prune with a one-shot method on the same calibration samples as "
@@ -526,6 +526,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_flags(pru)
     pru.set_defaults(func=cmd_prune)
 
+
+def _eval_parser(sub):
+    """eval: perplexity and generation of the dense model or a run's result."""
     ev = sub.add_parser("eval", help="perplexity and generation of a dense or pruned model")
     ev.add_argument("--masks", metavar="PATH", help="a run folder or masks.npz to apply to the model")
     ev.add_argument("--recipe", metavar="PATH", help="take model and data settings from a recipe")
@@ -538,6 +541,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--json", action="store_true", help="print the perplexities as JSON too")
     ev.set_defaults(func=cmd_eval)
 
+
+def _export_parser(sub):
+    """export: a run folder as a Hugging Face model folder."""
     exp = sub.add_parser("export", help="export a run as a Hugging Face folder with masks, recipe and report",
                          description="Write the 2:4-pruned model (safetensors, config, tokenizer), a model "
                                      "card, and proxsparse/ (masks.npz, recipe.json, report.html, plots) "
@@ -549,6 +555,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_flags(exp, {"device", "dtype", "trust_remote_code"})
     exp.set_defaults(func=cmd_export)
 
+
+def _recover_parser(sub):
+    """recover: the survivors of a run updated with its mask fixed."""
     from proxsparse_core.recovery.recover import RECOVERY_LENGTHS, RECOVERY_METHODS, TEACHERS, RecoveryConfig
 
     def _passes(length):                  # samples fine-tuning reads in all, e.g. 1,000 steps × 8
@@ -577,6 +586,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_output_flags(rec)
     rec.set_defaults(func=cmd_recover)
 
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m proxsparse_core",
+                description="Learn 2:4 semi-structured sparsity masks for causal LMs (ProxSparse).")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+    for add in (_learn_parser, _prune_parser, _eval_parser, _export_parser, _recover_parser):
+        add(sub)
     pr = sub.add_parser("presets", help="list the presets")
     pr.set_defaults(func=cmd_presets)
     return p

@@ -205,7 +205,8 @@ def _write_artefacts(tmp: Path, ws, name: str, cfg: RunConfig | None, check, eve
         save_json(art / "recipe.json", recipe)
     metrics = _metrics(ws, name, check, recipe)
     write_report(art, metrics, events)
-    (tmp / "README.md").write_text(model_card(metrics, ARTEFACTS), encoding="utf-8")
+    written = sorted(p.name for p in art.iterdir() if p.is_file())
+    (tmp / "README.md").write_text(model_card(metrics, ARTEFACTS, written), encoding="utf-8")
     return metrics
 
 

@@ -287,8 +287,9 @@ def report_html(metrics: dict, events: list[dict], svgs: dict[str, str], interac
         parts.append("<section><h2>Held-out perplexity</h2>"
                      + _table(_fmt_ppl(ppl_rows(metrics["perplexity"])), ["model", "perplexity", "vs dense"])
                      + "</section>")
-    parts.append('<section class="charts"><h2>Learning curves</h2>'
-                 + "".join(svgs[k] for k in ("loss", "sparsity") if k in svgs) + "</section>")
+    if svgs:
+        parts.append('<section class="charts"><h2>Learning curves</h2>'
+                     + "".join(svgs[k] for k in ("loss", "sparsity") if k in svgs) + "</section>")
     if interactive and events:
         parts += ["<section><h2>Interactive charts</h2>", _interactive_plots(events), "</section>"]
     recipe = metrics.get("recipe")
@@ -309,35 +310,26 @@ def report_html(metrics: dict, events: list[dict], svgs: dict[str, str], interac
     return "\n".join(parts)
 
 
-def model_card(metrics: dict, artefacts: str) -> str:
-    """README.md of an exported folder: what it is, how to load it, how it was made, how good it is.
-    It states the 2:4 pattern as a fact, so it is written only for a verified result
-    (metrics["verified"] is True): anything else is a ValueError, never a card that claims 2:4."""
-    if metrics.get("verified") is not True:
-        raise ValueError("a model card is written only for a result whose 2:4 pattern was verified "
-                         f"({metrics.get('verification', 'no verification in the metrics')})")
-    source = metrics.get("base_model", "")
+def _front_matter(source: str) -> list[str]:
     is_hub_id = "/" in source and not source.startswith(("/", ".", "~", "bundled:"))
-    front = ["---", "library_name: transformers", "pipeline_tag: text-generation",
+    return (["---", "library_name: transformers", "pipeline_tag: text-generation",
              "tags:", "- pruning", "- sparsity", "- 2:4", "- semi-structured-sparsity", "- proxsparse"]
-    if is_hub_id:
-        front.append(f"base_model: {source}")
-    front.append("---")
-    ppl = metrics.get("perplexity") or {}
+            + ([f"base_model: {source}"] if is_hub_id else []) + ["---"])
+
+
+def _what_and_use(metrics: dict, artefacts: str, source: str) -> list[str]:
+    """What the model is (the verified 2:4 pattern, whose weights survive) and how to load it."""
     method = metrics.get("method") or "proxsparse"
-    learned = method == "proxsparse"
-    lines = front + [
+    who = "ProxSparse learns" if method == "proxsparse" else f"{method} chooses"
+    kept = (f"The surviving weights are exactly the original weights (W0 · mask): {who} *which* weights to keep, "
+            "never their values." if not metrics.get("weights_updated") else
+            "This method also updated the surviving weights, so they differ from the original model.")
+    return [
         "", f"# {metrics.get('model_label', 'model')}: 2:4 semi-structured sparse ({metrics.get('method')})", "",
         f"Every prunable linear layer of the decoder blocks ({metrics.get('mask_stats', {}).get('layers', '?')} "
         "layers) keeps at most 2 non-zero weights in every group of 4 consecutive input weights, "
         "the pattern NVIDIA sparse tensor cores accelerate. Embeddings, `lm_head` and norms are dense.",
-        "",
-        (("The surviving weights are exactly the original weights (W0 · mask): ProxSparse learns "
-          "*which* weights to keep, never their values." if learned else
-          f"The surviving weights are exactly the original weights (W0 · mask): {method} chooses "
-          "*which* weights to keep, never their values.") if not metrics.get("weights_updated") else
-         "This method also updated the surviving weights, so they differ from the original model."),
-        "", "## Use", "", "```python",
+        "", kept, "", "## Use", "", "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "model = AutoModelForCausalLM.from_pretrained('path/to/this/folder')",
         "tokenizer = AutoTokenizer.from_pretrained('path/to/this/folder')", "```", "",
@@ -350,6 +342,11 @@ def model_card(metrics: dict, artefacts: str) -> str:
         "```python", "from proxsparse_core.export import load_with_masks",
         f"lm = load_with_masks({source!r}, '{artefacts}/masks.npz')", "```", "",
     ]
+
+
+def _how_made_and_how_good(metrics: dict, artefacts: str) -> list[str]:
+    """Recovery, agreement with dense, the perplexity table and the command that remakes it."""
+    lines = []
     if metrics.get("weights_updated"):
         lines += ["Because this method updated weights, the mask file reproduces the sparsity pattern "
                   "but not the updated values.", ""]
@@ -361,6 +358,7 @@ def model_card(metrics: dict, artefacts: str) -> str:
     if metrics.get("top1_agreement_with_dense") is not None:
         lines += [f"On the held-out text this model picks the same next token as the dense model at "
                   f"{100 * metrics['top1_agreement_with_dense']:.1f}% of positions.", ""]
+    ppl = metrics.get("perplexity") or {}
     if ppl:
         lines += ["## Held-out perplexity", "", "| model | perplexity | vs dense |", "|---|---|---|"]
         lines += [f"| {r[0]} | {r[1]} | {r[2]} |" for r in _fmt_ppl(ppl_rows(ppl))]
@@ -368,26 +366,43 @@ def model_card(metrics: dict, artefacts: str) -> str:
     recipe = metrics.get("recipe") or {}
     if recipe.get("command"):
         lines += ["## Reproduce", "", "```", recipe["command"], "```", ""]
-        lines += [("λ1 is used as is (not multiplied by the learning rate). " if learned else "")
+        lines += [("λ1 is used as is (not multiplied by the learning rate). "
+                   if (metrics.get("method") or "proxsparse") == "proxsparse" else "")
                   + f"Full settings: `{artefacts}/recipe.json`.", ""]
-    lines += ["## Files", "",
-              f"- `{artefacts}/report.html`: metrics, perplexity table, loss and sparsity plots, environment",
-              f"- `{artefacts}/loss.svg`, `{artefacts}/sparsity.svg`: the plots as images",
-              f"- `{artefacts}/metrics.json`, `{artefacts}/recipe.json`, `{artefacts}/masks.npz`", "",
-              "Made with ProxSparse Studio (ProxSparse: arXiv 2502.00258). The base model's license applies.", ""]
+    return lines
+
+
+def model_card(metrics: dict, artefacts: str, files: list[str] | None = None) -> str:
+    """README.md of an exported folder: what it is, how to load it, how it was made, how good it is.
+    It states the 2:4 pattern as a fact, so it is written only for a verified result
+    (metrics["verified"] is True): anything else is a ValueError, never a card that claims 2:4.
+    `files`: the names written in `artefacts` (the Files section lists only those)."""
+    if metrics.get("verified") is not True:
+        raise ValueError("a model card is written only for a result whose 2:4 pattern was verified "
+                         f"({metrics.get('verification', 'no verification in the metrics')})")
+    source = metrics.get("base_model", "")
+    lines = _front_matter(source) + _what_and_use(metrics, artefacts, source) + _how_made_and_how_good(metrics, artefacts)
+    listed = [("report.html", "metrics, perplexity table, loss and sparsity plots, environment"),
+              ("loss.svg", "the loss plot as an image"), ("sparsity.svg", "the sparsity plot as an image"),
+              ("metrics.json", "every figure above"), ("recipe.json", "the settings that remake it"),
+              ("masks.npz", "the 2:4 masks, 1 bit per weight")]
+    lines += ["## Files", ""] + [f"- `{artefacts}/{name}`: {what}" for name, what in listed
+                                 if files is None or name in files]
+    lines += ["", "Made with ProxSparse Studio (ProxSparse: arXiv 2502.00258). The base model's license applies.", ""]
     return "\n".join(lines)
 
 
 def write_report(folder: Path, metrics: dict, events) -> list[str]:
-    """Write loss.svg, sparsity.svg, metrics.json, events.jsonl and report.html into `folder`."""
+    """Write metrics.json and report.html into `folder`, and loss.svg, sparsity.svg and events.jsonl
+    when there are learning events (a result with no steps gets no empty charts)."""
     folder = Path(folder)
     evs = event_dicts(events)
-    svgs = {"loss": loss_svg(evs), "sparsity": sparsity_svg(evs)}
-    files = {"loss.svg": svgs["loss"], "sparsity.svg": svgs["sparsity"],
-             "metrics.json": json.dumps(metrics, indent=2, default=str),
+    svgs = {"loss": loss_svg(evs), "sparsity": sparsity_svg(evs)} if evs else {}   # no steps: no empty charts
+    files = {"metrics.json": json.dumps(metrics, indent=2, default=str),
              "report.html": report_html(metrics, evs, svgs)}
     if evs:
-        files["events.jsonl"] = "".join(json.dumps(e) + "\n" for e in evs)
+        files.update({"loss.svg": svgs["loss"], "sparsity.svg": svgs["sparsity"],
+                      "events.jsonl": "".join(json.dumps(e) + "\n" for e in evs)})
     for name, text in files.items():
         (folder / name).write_text(text, encoding="utf-8")
     return sorted(files)
