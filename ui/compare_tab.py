@@ -8,11 +8,17 @@ machine for minutes. Perplexity rows are computed on demand; one-shot baselines 
 `proxsparse_core.baselines.oneshot`. Any 2:4 result can be recovered (its surviving weights updated with
 the mask fixed, `proxsparse_core.recovery.recover`): the recovered model becomes a result of its own, with
 a row in the table, an entry in the generation dropdown and in Export.
+
+The perplexity table, a recovery and the speed-up are jobs (ui.jobs): each runs in a thread of
+its own on the server, and the tab's panels follow the current or last job of each kind, so a
+reloaded page (or a second tab) shows a running recovery with its progress and chart, then its
+result. Generation stays a short streamed request under the same one-at-a-time rule. Handlers
+read their widgets by name and answer with views (ui.widgets).
 """
 from __future__ import annotations
 
 import re
-import time
+from typing import Any, NamedTuple
 
 import gradio as gr
 import pandas as pd
@@ -20,14 +26,16 @@ import torch
 
 from proxsparse_core.runs import curves as plots
 from proxsparse_core.errors import Stopped, UserError
+from proxsparse_core.progress import Progress, as_progress
 from proxsparse_core.inference.evaluate import EXAMPLE_PROMPTS, GenerationSettings, first_divergence
 from proxsparse_core.baselines.oneshot import METHODS
 from proxsparse_core.recovery.recover import RECOVERY_LENGTHS, RECOVERY_METHODS, TEACHERS, RecoveryConfig, recovered_name
 from proxsparse_core.results import DENSE, LEARNED, RECOVERED, title
 
 from . import inputs, markdown
-from .feedback import esc, fmt_duration, from_page, guarded, notify
-from .jobs import JobManager, in_worker
+from .feedback import esc, fmt_duration, notify
+from .jobs import POLL_S, Job, JobManager, in_worker, watch
+from .widgets import SKIP, Widgets
 
 MAX_PROMPT = 4000            # characters; a page or API request with more is refused at once
 
@@ -76,7 +84,14 @@ def _panel(text: str, cut: int | None, streaming: bool, empty: str = "…") -> s
     return f'<div class="ps-gen">{body or f"<span class=ps-muted>{empty}</span>"}{cursor}</div>'
 
 
-def render_pair(dense: str, pruned: str, variant: str | None, streaming: str | None = None) -> tuple:
+class PairView(NamedTuple):
+    """The generation panels, by widget name."""
+    dense: Any = SKIP
+    pruned: Any = SKIP
+    summary: Any = SKIP
+
+
+def render_pair(dense: str, pruned: str, variant: str | None, streaming: str | None = None) -> PairView:
     """(dense panel, pruned panel, summary). `streaming` names the side still growing. When the
     outputs differ from the first character, only the pruned side is marked: the dense output
     is the reference, and marking all of both would say nothing."""
@@ -104,9 +119,9 @@ def render_pair(dense: str, pruned: str, variant: str | None, streaming: str | N
     elif not variant and streaming is None:
         summary = "No 2:4 result yet: start a run in the **Learn** tab (or compute a baseline below)."
     dense_cut = cut if cut else None    # from the first character on: the pruned side alone
-    return (_panel(dense, dense_cut, streaming == DENSE),
-            _panel(pruned, cut, streaming == "pruned", "(no text)" if done else "…")
-            if variant else '<div class="ps-gen ps-muted">no 2:4 model to show yet</div>', summary)
+    return PairView(_panel(dense, dense_cut, streaming == DENSE),
+                    _panel(pruned, cut, streaming == "pruned", "(no text)" if done else "…")
+                    if variant else '<div class="ps-gen ps-muted">no 2:4 model to show yet</div>', summary)
 
 
 def _plain_md(text: str) -> str:
@@ -116,8 +131,9 @@ def _plain_md(text: str) -> str:
 
 def generate_pair(jobs: JobManager, variant, prompt, sample, temperature, top_p, max_new_tokens, chat,
                   block_repeats=False):
-    """Stream the dense model's completion, then the chosen 2:4 model's, same settings. Stop
-    (`jobs.eval_stop`) ends it after the current token and keeps what was generated."""
+    """Stream the dense model's completion, then the chosen 2:4 model's, same settings (PairView
+    frames). A short request, not a job: it holds the machine under the one-at-a-time rule, and
+    Stop (any tab's, `jobs.stop()`) ends it after the current token and keeps what was generated."""
     prompt = inputs.text("Prompt", prompt, MAX_PROMPT).strip()
     if not prompt:
         raise UserError("type a prompt (or click an example) first")
@@ -135,17 +151,16 @@ def generate_pair(jobs: JobManager, variant, prompt, sample, temperature, top_p,
             else:
                 raise UserError(unknown_result(jobs, asked))
             variant = chosen[0]
-            jobs.eval_stop.clear()                  # only once the machine is ours
-            settings.stop = jobs.eval_stop
+            settings.stop = stop = jobs.eval_stop     # this request's own: a Stop pressed before does not count
             jobs.ensure_loaded()
             try:
                 for side, name in ((DENSE, DENSE), ("pruned", variant)):
-                    if name is not None and not jobs.eval_stop.is_set():
+                    if name is not None and not stop.is_set():
                         for text in jobs.ws.generate_stream(name, prompt, settings):
                             emit((side, text))
             except Stopped:                         # Stop while the chat template was rendered
                 pass
-            if jobs.eval_stop.is_set():
+            if stop.is_set():
                 stopped.append(True)
 
     texts = {DENSE: "", "pruned": ""}
@@ -155,7 +170,7 @@ def generate_pair(jobs: JobManager, variant, prompt, sample, temperature, top_p,
     dense, pruned, summary = render_pair(texts[DENSE], texts["pruned"], chosen[0])
     summary = "⏹ **Stopped**: the text above is what was generated before Stop." if stopped else summary
     notes = "".join(f"⚠ {_plain_md(n)}.\n\n" for n in settings.notes)      # e.g. the chat template failed
-    yield dense, pruned, notes + summary
+    yield PairView(dense, pruned, notes + summary)
 
 
 # ---------------------------------------------------------------------------- perplexity
@@ -183,12 +198,13 @@ def compute_perplexities(jobs: JobManager, methods, progress=None, on_row=None, 
     """Perplexity of dense, every existing result and each selected baseline (pruned first when
     missing), one row at a time (`on_row(name)` after each). Stop keeps the finished rows.
     Progress is per task and never goes back: `progress(share of this task, description)`, and
-    `on_task(name, stage, done, total)` with stage waiting, pruning, perplexity or done."""
+    `on_task(name, stage, done, total)` with stage waiting, pruning, perplexity or done. Blocking;
+    the page runs it as a job (start_perplexities)."""
     report = progress or (lambda frac, desc="": None)
     task = on_task or (lambda name, stage, done=0, total=0: None)
     done_msg = "all rows computed"
     with jobs.claim("computing perplexities") as ws:
-        jobs.eval_stop.clear()                      # only once the machine is ours
+        stop = jobs.eval_stop                       # this job's own (a Stop pressed before does not count)
         jobs.ensure_loaded()
         names = [DENSE] + list(ws.results) + [m for m in methods or [] if m not in ws.results]
         for n in names:
@@ -202,12 +218,12 @@ def compute_perplexities(jobs: JobManager, methods, progress=None, on_row=None, 
                     return update
                 if n not in ws.results and n != DENSE:
                     tell("pruning", "pruning with", "blocks")(0, 1)
-                    ws.prune(n, jobs.cfg, progress=tell("pruning", "pruning with", "blocks"), stop=jobs.eval_stop)
+                    ws.prune(n, jobs.cfg, progress=tell("pruning", "pruning with", "blocks"), stop=stop)
                 if n != DENSE:
                     jobs.verified[n] = ws.verify(n).ok
                 windows = ws.data.held_out.shape[0]
                 tell("perplexity", "perplexity of", "windows")(0, windows)
-                ws.perplexity(n, stop=jobs.eval_stop, progress=tell("perplexity", "perplexity of", "windows"))
+                ws.perplexity(n, stop=stop, progress=tell("perplexity", "perplexity of", "windows"))
                 task(n, "done")
                 if on_row:
                     on_row(n)
@@ -220,16 +236,18 @@ def compute_perplexities(jobs: JobManager, methods, progress=None, on_row=None, 
 
 
 TASK_MARK = {"waiting": "·", "pruning": "▶", "perplexity": "▶", "done": "✓"}
+TASK_UNIT = {"pruning": "blocks", "perplexity": "windows"}
 
 
 def tasks_markdown(tasks: dict) -> str:
-    """One line per row being computed: its stage and its own progress (which never goes back)."""
+    """One line per row being computed: its stage and its own progress (which never goes back).
+    `tasks` maps a result's name to its Progress (or to a tuple (stage, done, total))."""
     lines = []
-    for name, (stage, done, total) in tasks.items():
+    for name, task in tasks.items():
+        stage, done, total = (task.stage, task.done, task.total) if isinstance(task, Progress) else task
         text = f"{TASK_MARK.get(stage, '·')} **{esc(title(name))}**"
-        if stage in ("pruning", "perplexity") and total:
-            unit = "blocks" if stage == "pruning" else "windows"
-            text += f" — {stage} {done} / {total} {unit} ({100 * done / total:.0f}%)"
+        if stage in TASK_UNIT and total:
+            text += f" — {stage} {done} / {total} {TASK_UNIT[stage]} ({100 * done / total:.0f}%)"
         elif stage == "done":
             text += " — done"
         else:
@@ -238,34 +256,86 @@ def tasks_markdown(tasks: dict) -> str:
     return "  \n".join(lines)
 
 
-def stream_perplexities(jobs: JobManager, methods, progress=None):
-    """compute_perplexities for the page: the table grows row by row while the rest is computed,
-    and the note under it shows each row's own progress (the table is never covered)."""
-    methods = inputs.some_of("One-shot baselines to add", methods, baseline_methods())
-    tasks: dict = {}
+class TableView(NamedTuple):
+    """The perplexity table and the note under it, by widget name."""
+    table: Any = SKIP
+    table_note: Any = SKIP
 
-    def work(emit):
+
+def start_perplexities(jobs: JobManager, methods: list[str]) -> Job:
+    """The perplexity table as a job: `job.state["tasks"]` holds each row's Progress, `job.events`
+    the table as it stood after each row, `job.result` the final TableView."""
+    def work(job: Job):
+        tasks = job.state.setdefault("tasks", {})
+
         def on_task(name, stage, done=0, total=0):
             old = tasks.get(name)
-            if old and old[0] == stage:
-                done = max(done, old[1])                # never goes back
-            tasks[name] = (stage, done, total)
-            emit(("task",))
-        emit(("done", compute_perplexities(jobs, methods, lambda f, desc="": emit(("progress", f, desc)),
-                                           lambda n: emit(("row", n)), on_task)))
+            if old is not None and old.stage == stage:
+                done = max(done, old.done)                # never goes back
+            tasks[name] = Progress(stage, done, total, title(name), TASK_UNIT.get(stage, ""))
+            job.touch()
 
-    shown = 0.0
-    for kind, *rest in in_worker(work):
-        if kind == "progress" and progress:
-            progress(*rest)
-        elif kind in ("task", "row"):
-            now = time.monotonic()
-            if kind == "row" or now - shown > 0.25:     # at most four updates a second
-                shown = now
-                yield perplexity_table(jobs), tasks_markdown(tasks)
-        elif kind == "done":
-            table, note = rest[0]
-            yield table, note + "\n\n" + tasks_markdown(tasks)
+        def on_row(name):
+            job.events.append(perplexity_table(jobs))
+        table, note = compute_perplexities(jobs, methods, on_row=on_row, on_task=on_task)
+        job.result, job.message = TableView(table, note), note
+        return "stopped" if note.startswith("stopped") else "finished"
+    return jobs.start("perplexity", "computing perplexities", work,
+                      stop_note="after the current window; the rows already computed are kept")
+
+
+def table_view(jobs: JobManager, job: Job, table=None, live: bool | None = None) -> TableView:
+    """What the table and its note show for a perplexity job (`table`: a row-by-row snapshot)."""
+    tasks = tasks_markdown(job.state.get("tasks", {}))
+    live = job.active if live is None else live
+    if live:
+        head = "⏹ stopping after the current window …\n\n" if job.stop.is_set() else ""
+        return TableView(perplexity_table(jobs) if table is None else table, head + tasks)
+    if job.status == "failed":
+        return TableView(perplexity_table(jobs), f"⚠ {esc(job.message)}\n\n{tasks}")
+    return TableView(perplexity_table(jobs), job.message + "\n\n" + tasks)
+
+
+def follow_perplexities(jobs: JobManager, job: Job, shown: int = 0, poll: float = POLL_S):
+    """TableView frames of a perplexity job until it ends: one for each row as it arrives (the
+    table grows row by row and is never covered), one when a row's progress moves, the final one
+    last. `shown`: rows the page has seen already."""
+    for _ in watch(job, poll):
+        ended = not job.active
+        tables = list(job.events)
+        for table in tables[shown:]:
+            yield table_view(jobs, job, table, live=True)
+        if not ended and len(tables) == shown:
+            yield table_view(jobs, job)
+        shown = len(tables)
+        if ended:
+            yield table_view(jobs, job)
+
+
+def stream_perplexities(jobs: JobManager, methods):
+    """Start the perplexity table as a job and follow it (TableView frames); a failed job is
+    raised as its one line."""
+    methods = inputs.some_of("One-shot baselines to add", methods, baseline_methods())
+    job = start_perplexities(jobs, methods)
+    yield from follow_perplexities(jobs, job)
+    if job.status == "failed":
+        raise UserError(job.message)
+
+
+def attach_perplexities(jobs: JobManager):
+    """Page load: the current or last perplexity job's table and note (nothing before the first)."""
+    job = jobs.last("perplexity")
+    if job is None:
+        yield TableView()
+        return
+    yield from follow_perplexities(jobs, job, shown=len(job.events))
+
+
+# ---------------------------------------------------------------------------- 2:4 speed
+
+class SpeedView(NamedTuple):
+    speed_note: Any = SKIP
+    speed_plot: Any = SKIP
 
 
 def measure_speedup(jobs: JobManager, prompt: str = "", figure: bool = False):
@@ -273,15 +343,13 @@ def measure_speedup(jobs: JobManager, prompt: str = "", figure: bool = False):
     top-2 magnitude), at the prompt's length and at long synthetic lengths (CUDA only; says why
     not elsewhere). The workspace's model keeps its dense weights: the 2:4 weights are swapped in
     for the measurement and the layers restored after. Returns the HTML text, or (text, plot or
-    None) with figure=True."""
+    None) with figure=True. Blocking; the page runs it as a job (start_speedup)."""
     from proxsparse_core.inference import sparse24 as sparse_infer
     from proxsparse_core.sparsity.masks import swapped
 
-    ok, why = sparse_infer.status()
-    if not ok or jobs.ws.lm is None:
-        text = esc(why if not ok else "load a model first (Learn tab)") + \
-            ". The learned mask is still valid; it just runs as dense weights with zeros here."
-        return (text, None) if figure else text
+    why = speedup_unavailable(jobs)
+    if why:
+        return (why, None) if figure else why
     with jobs.claim("measuring 2:4 speed") as ws:
         lm = ws.lm
         if LEARNED in ws.results:
@@ -306,6 +374,60 @@ def measure_speedup(jobs: JobManager, prompt: str = "", figure: bool = False):
     fig = speedup_figure([r.tokens for r in done_rows], [r.speedup for r in done_rows],
                          [r.dense_ms for r in done_rows], [r.sparse_ms for r in done_rows]) if done_rows else None
     return html, fig
+
+
+def speedup_unavailable(jobs: JobManager) -> str:
+    """Why the speed-up cannot be measured here ("" when it can)."""
+    from proxsparse_core.inference import sparse24 as sparse_infer
+
+    ok, why = sparse_infer.status()
+    if ok and jobs.ws.lm is not None:
+        return ""
+    return (esc(why if not ok else "load a model first (Learn tab)") +
+            ". The learned mask is still valid; it just runs as dense weights with zeros here.")
+
+
+def speed_view(html: str, fig) -> SpeedView:
+    return SpeedView(html, gr.update(value=fig, visible=True) if fig is not None else gr.update(visible=False))
+
+
+def start_speedup(jobs: JobManager, prompt: str) -> Job:
+    def work(job: Job):
+        job.report(Progress("measuring", 0, 0, "timing the prefill, dense vs 2:4 …"))
+        job.result = speed_view(*measure_speedup(jobs, prompt, figure=True))
+    return jobs.start("speedup", "measuring 2:4 speed", work,
+                      stop_note="(it cannot be cut short: it ends by itself within a minute or so)")
+
+
+def follow_speedup(job: Job):
+    for _ in watch(job):
+        if job.active:
+            yield SpeedView(speed_note="⏳ " + esc(job.progress or "starting …"))
+        elif job.status == "failed":
+            yield SpeedView(speed_note="⚠ " + esc(job.message))
+        else:
+            yield job.result
+
+
+def stream_speedup(jobs: JobManager, prompt):
+    """Measure the speed-up as a job and follow it (SpeedView frames); at once where it cannot run."""
+    prompt = inputs.text("Prompt", prompt, MAX_PROMPT)
+    why = speedup_unavailable(jobs)
+    if why:
+        yield speed_view(why, None)
+        return
+    job = start_speedup(jobs, prompt)
+    yield from follow_speedup(job)
+    if job.status == "failed":
+        raise UserError(job.message)
+
+
+def attach_speedup(jobs: JobManager):
+    job = jobs.last("speedup")
+    if job is None:
+        yield SpeedView()
+        return
+    yield from follow_speedup(job)
 
 
 # ---------------------------------------------------------------------------- recovery
@@ -340,25 +462,27 @@ def recoverable_choices(jobs: JobManager) -> list[tuple[str, str]]:
     return [(title(n), n) for n in jobs.ws.results if not n.endswith(RECOVERED)]
 
 
-def recovery_progress_html(state: dict | None) -> str:
-    """Status badge, progress bar with ETA and the last distillation loss of a recovery."""
-    if not state:
+def recovery_progress_html(job: Job | None) -> str:
+    """Status badge, progress bar with ETA and the last distillation loss of a recovery job (its
+    typed progress: the stage's message and count; nothing is read from the words)."""
+    if job is None:
         return ('<div class="ps-progress"><span class="ps-badge ps-idle">ready</span> Pick a result and '
                 'press <b>Recover</b>.</div>')
-    status, ev = state["status"], state.get("event")
-    done, total = state.get("done", 0), max(1, state.get("total", 1))
-    head = esc(state.get("phase", ""))
+    status, p = job.status, job.progress
+    ev = job.events[-1] if job.events else None
+    share = job.state.get("share", 0.0)
+    head = esc(p.message if p is not None else "starting …")
     stats = ""
     if ev is not None:
         stats = (f"KL to the dense model {ev['lm_loss']:.4f} · {ev['tokens_per_s']:,.0f} tokens/s · "
                  f"{ev['t_step']:.2f} s/step · elapsed {fmt_duration(ev['elapsed'])}")
-        if status == "running":
+        if job.active and p is not None and p.stage == "finetune":
             head += f" · ETA {fmt_duration(ev['eta'])}"
-    if state.get("stopping") and status == "running":
+    if job.active and job.stop.is_set():
         head += " · stopping after this step"
-    note = f'<div class="ps-note">{esc(state["message"])}</div>' if state.get("message") else ""
+    note = f'<div class="ps-note">{esc(job.message)}</div>' if job.message and not job.active else ""
     return (f'<div class="ps-progress"><div class="ps-head"><span class="ps-badge ps-{status}">{status}</span> '
-            f'{head}</div><div class="ps-bar"><div style="width:{100 * done / total:.1f}%"></div></div>'
+            f'{head}</div><div class="ps-bar"><div style="width:{100 * share:.1f}%"></div></div>'
             f'<div class="ps-stats">{stats}</div>{note}</div>')
 
 
@@ -375,20 +499,17 @@ def recovery_config(method, steps, samples=RecoveryConfig.samples, batch=Recover
                           text=text).validate()
 
 
-def recovery_length(length) -> tuple:
+def recovery_length(length) -> "LengthView":
     """(steps, samples, samples per step, learning rate, teacher, fresh text) of a named recovery
-    length (recovery.RECOVERY_LENGTHS), in the order of the widgets it sets."""
+    length (recovery.RECOVERY_LENGTHS), by the names of the widgets it sets."""
     d = RECOVERY_LENGTHS[inputs.one_of("Recovery length", length, list(RECOVERY_LENGTHS))]
-    return d["steps"], d["samples"], d["batch"], d["lr"], d["teacher"], d["text"]
+    return LengthView(d["steps"], d["samples"], d["batch"], d["lr"], d["teacher"], d["text"])
 
 
-def recover_result(jobs: JobManager, name, method, steps, samples=RecoveryConfig.samples,
-                   batch=RecoveryConfig.batch, lr=RecoveryConfig.lr, teacher=RecoveryConfig.teacher,
-                   text=RecoveryConfig.text):
-    """Recover the survivors of result `name` (recovery.py) in a worker thread and stream its
-    progress: yields (progress HTML, loss figure, perplexity table, generation-dropdown update).
-    Stop (`jobs.eval_stop`) ends it after the current step and keeps the last good weights; the
-    recovered result then gets its perplexity row (skipped when Stop was pressed)."""
+def recovery_request(jobs: JobManager, name, method, steps, samples=RecoveryConfig.samples,
+                     batch=RecoveryConfig.batch, lr=RecoveryConfig.lr, teacher=RecoveryConfig.teacher,
+                     text=RecoveryConfig.text) -> tuple[str, RecoveryConfig]:
+    """The checked (result name, RecoveryConfig) of a Recover request; busy first, then the names."""
     name = inputs.text("Result to recover", name).strip()
     rcfg = recovery_config(method, steps, samples, batch, lr, teacher, text)
     jobs.refuse_if_busy()             # a running job may be making the results checked below
@@ -401,70 +522,131 @@ def recover_result(jobs: JobManager, name, method, steps, samples=RecoveryConfig
         raise UserError(unknown_result(jobs, name))
     if name.endswith(RECOVERED):
         raise UserError(f"{title(name)} is already recovered; pick the result it came from")
-    new = recovered_name(name)
-    fine = rcfg.method != "obs"
     on_cpu = jobs.ws.lm.model.get_input_embeddings().weight.device.type == "cpu"
-    if fine and on_cpu and (rcfg.text or rcfg.steps * rcfg.batch > 10_000):
+    if rcfg.method != "obs" and on_cpu and (rcfg.text or rcfg.steps * rcfg.batch > 10_000):
         notify(f"this recovery reads {rcfg.steps * rcfg.batch:,} samples"
                + (f" after writing {rcfg.text:,} tokens of fresh text" if rcfg.text else "")
                + ": a GPU job, hours on this CPU. Stop ends it and keeps the last good weights", "warning")
+    return name, rcfg
+
+
+def start_recovery(jobs: JobManager, name: str, rcfg: RecoveryConfig) -> Job:
+    """Recover the survivors of result `name` (recovery.recover) as a job. Its progress is typed:
+    stage obs (blocks), fresh-text (tokens), samples, teacher, finetune (steps, with the learning
+    curve in `job.events`), perplexity (results), done. Stop ends it after the current step and
+    keeps the last good weights; the recovered result then gets its perplexity rows (skipped when
+    Stop was pressed). `job.result`: the recovered result's name, or None."""
+    new = recovered_name(name)
+    fine = rcfg.method != "obs"
     teacher_phase = ("the dense model reads the calibration samples (the teacher) …" if rcfg.teacher == "stored"
                      else "fine-tuning starts (the dense model runs beside it on every batch) …")
-    state = {"status": "running", "done": 0, "total": 1, "phase": "starting …"}
-    events: list[dict] = []
 
-    def work(emit):
-        with jobs.claim("recovering weights") as ws:
-            jobs.eval_stop.clear()                  # only once the machine is ours
-            emit(("phase", "weight update (OBS), layer by layer …" if rcfg.method != "finetune" else teacher_phase))
+    def work(job: Job):
+        ws = jobs.ws
 
-            def on_block(d, t):
-                emit(("block", d, t))
-            res = ws.recover(name, rcfg, lambda ev: emit(("event", ev.to_dict())), jobs.eval_stop, on_block,
-                             on_phase=lambda text: emit(("phase", text)))
-            message = res.message
-            if res.pruning is not None:
-                jobs.verified[new] = ws.verify(new).ok
-                emit(("phase", "measuring held-out perplexity …"))
-                try:
-                    for n in (DENSE, name, new):
-                        ws.perplexity(n, stop=jobs.eval_stop)
-                except Stopped:
-                    message += "; perplexity skipped (Stop): press Compute perplexities for its row"
-            emit(("done", res.status, message, res.pruning is not None))
+        def tell(progress: Progress):
+            if progress.fraction is not None:
+                job.state["share"] = progress.fraction      # a stage without a count keeps the bar
+            job.report(progress)
 
-    last = 0.0
-    for kind, *rest in in_worker(work):
-        if kind == "phase":
-            state["phase"] = rest[0]
-        elif kind == "block":
-            d, t = rest
-            state.update(done=d, total=t, phase=f"weight update (OBS): block {d}/{t}")
+        def on_block(d, t):
+            tell(Progress("obs", d, t, f"weight update (OBS): block {d}/{t}", "blocks"))
             if d == t and fine:
-                state["phase"] = teacher_phase
-        elif kind == "event":
-            events.append(rest[0])
-            ev = rest[0]
-            state.update(event=ev, done=ev["step"], total=ev["total_steps"],
-                         phase=f"fine-tuning: step {ev['step']} / {ev['total_steps']}")
-        elif kind == "done":
-            status, message, made = rest
-            state.update(status=status, message=message, phase=title(new) if made else "nothing was recovered")
-            if made:
-                state["done"] = state["total"]
-            choices = variant_choices(jobs)
-            yield (recovery_progress_html(state), plots.loss_figure(events), perplexity_table(jobs),
-                   gr.update(choices=choices, value=new) if made else gr.update(choices=choices))
-            return
-        state["stopping"] = jobs.eval_stop.is_set()
-        if time.perf_counter() - last >= RENDER_EVERY_S:
-            last = time.perf_counter()
-            yield recovery_progress_html(state), plots.loss_figure(events), gr.skip(), gr.skip()
+                tell(Progress("teacher", 0, 0, teacher_phase))
+
+        def on_event(ev):
+            e = ev.to_dict()
+            job.events.append(e)
+            tell(Progress("finetune", e["step"], e["total_steps"],
+                          f"fine-tuning: step {e['step']} / {e['total_steps']}", "steps"))
+
+        tell(Progress("obs", 0, 0, "weight update (OBS), layer by layer …", "blocks") if rcfg.method != "finetune"
+             else Progress("teacher", 0, 0, teacher_phase))
+        res = ws.recover(name, rcfg, on_event, job.stop, on_block,
+                         on_phase=lambda report: tell(as_progress(report, "preparing")))
+        message = res.message
+        made = res.pruning is not None
+        if made:
+            jobs.verified[new] = ws.verify(new).ok
+            try:
+                for i, n in enumerate((DENSE, name, new)):
+                    job.report(Progress("perplexity", i, 3, "measuring held-out perplexity …", "results"))
+                    ws.perplexity(n, stop=job.stop)
+            except Stopped:
+                message += "; perplexity skipped (Stop): press Compute perplexities for its row"
+            job.state["share"] = 1.0
+        job.result, job.message = (new if made else None), message
+        job.report(Progress("done", 1, 1, title(new) if made else "nothing was recovered"))
+        return res.status
+    return jobs.start("recover", "recovering weights", work,
+                      stop_note="after the current step; the last good weights are kept")
+
+
+class RecoveryView(NamedTuple):
+    """What a recovery shows, by widget name: its panel and chart; once it ends, the table and the
+    2:4 model list (with the recovered result)."""
+    rec_progress: Any = SKIP
+    rec_loss: Any = SKIP
+    table: Any = SKIP
+    variant: Any = SKIP
+
+
+def recovery_view(jobs: JobManager, job: Job, choose: bool = True) -> RecoveryView:
+    view = RecoveryView(recovery_progress_html(job), plots.loss_figure(list(job.events)))
+    if job.active:
+        return view
+    choices = variant_choices(jobs)
+    made = job.result is not None and job.result in jobs.ws.results
+    return view._replace(table=perplexity_table(jobs),
+                         variant=gr.update(choices=choices, value=job.result) if made and choose
+                         else gr.update(choices=choices))
+
+
+def follow_recovery(jobs: JobManager, job: Job, choose: bool = True, poll: float = RENDER_EVERY_S):
+    """RecoveryView frames of a recovery job until it ends (the final one with the table and the
+    2:4 model list; `choose`: pick the recovered result there)."""
+    for _ in watch(job, poll):
+        yield recovery_view(jobs, job, choose)
+
+
+def recover_result(jobs: JobManager, name, method, steps, samples=RecoveryConfig.samples,
+                   batch=RecoveryConfig.batch, lr=RecoveryConfig.lr, teacher=RecoveryConfig.teacher,
+                   text=RecoveryConfig.text):
+    """Start a recovery job and follow it: RecoveryView frames (progress HTML, loss figure,
+    perplexity table, generation-dropdown update). Bad settings are raised at once; a failed job
+    is raised as its one line after its last frame."""
+    job = start_recovery(jobs, *recovery_request(jobs, name, method, steps, samples, batch, lr, teacher, text))
+    yield from follow_recovery(jobs, job)
+    if job.status == "failed":
+        raise UserError(job.message)
+
+
+def attach_recovery(jobs: JobManager):
+    """Page load: the current or last recovery, live while it runs, then its result."""
+    job = jobs.last("recover")
+    if job is None:
+        yield RecoveryView()
+        return
+    yield from follow_recovery(jobs, job, choose=False)
+
+
+class LengthView(NamedTuple):
+    """The widgets a recovery length sets."""
+    rec_steps: Any = SKIP
+    rec_samples: Any = SKIP
+    rec_batch: Any = SKIP
+    rec_lr: Any = SKIP
+    rec_teacher: Any = SKIP
+    rec_text: Any = SKIP
 
 
 # ---------------------------------------------------------------------------- layout
 
-def build_compare_tab(jobs: JobManager, tab: gr.Tab):
+GENERATE = ["variant", "prompt", "sample", "temperature", "top_p", "max_new", "chat", "block_repeats"]
+RECOVER = ["rec_choice", "rec_method", "rec_steps", "rec_samples", "rec_batch", "rec_lr", "rec_teacher", "rec_text"]
+
+
+def build_compare_tab(jobs: JobManager, tab: gr.Tab, demo: gr.Blocks | None = None):
     gr.Markdown("Same prompt, same decoding settings: the dense model first, then the 2:4 model. "
                 "Highlighted text starts where the two outputs first differ.")
     with gr.Row():
@@ -516,43 +698,6 @@ def build_compare_tab(jobs: JobManager, tab: gr.Tab):
                                  "length and at 2 K, 8 K and 16 K tokens (as far as the model allows).")
         speed_btn = gr.Button("Measure 2:4 speed-up", size="sm", elem_id="ps-speed")
     speed_plot = gr.Plot(visible=False, show_label=False, elem_id="ps-speed-plot")
-
-    def on_generate(v, p, s, t, tp, mx, c, b, evt: gr.EventData):
-        yield from guarded(3)(generate_pair)(jobs, v, p, s, t, tp, mx, c, b, page=from_page(evt))
-
-    def on_table(m, evt: gr.EventData):
-        yield from guarded(2)(stream_perplexities)(jobs, m, page=from_page(evt))
-
-    def on_stop():
-        jobs.eval_stop.set()
-        notify("stopping after the current token or window …", "info")
-
-    def speed(p):
-        text, fig = measure_speedup(jobs, inputs.text("Prompt", p, MAX_PROMPT), figure=True)
-        return text, (gr.update(value=fig, visible=True) if fig is not None else gr.update(visible=False))
-
-    def on_speed(p, evt: gr.EventData):
-        return guarded(2)(speed)(p, page=from_page(evt))
-
-    def on_select():
-        choices = variant_choices(jobs)
-        value = LEARNED if LEARNED in jobs.ws.results else (choices[0][1] if choices else None)
-        return gr.update(choices=choices, value=value), perplexity_table(jobs)
-
-    # Heavy events have no queue of their own (concurrency_limit=None): the job manager answers
-    # "busy" at once while another one holds the model, instead of a silent wait. Inputs arrive
-    # as sent (preprocess=False) and are checked in the handlers (ui.inputs).
-    go.click(on_generate, [variant, prompt, sample, temperature, top_p, max_new, chat, block],
-             [dense_out, pruned_out, summary], api_name="generate", concurrency_limit=None,
-             show_progress="hidden", preprocess=False)
-    # progress is the note's per-row lines, never an overlay: rows stay visible as they arrive
-    table_btn.click(on_table, chosen, [table, table_note], api_name="perplexity", concurrency_limit=None,
-                    show_progress="hidden", preprocess=False)
-    stop_btn.click(on_stop, None, None, queue=False, api_name="stop_eval")
-    gen_stop.click(on_stop, None, None, queue=False, api_visibility="private")
-    speed_btn.click(on_speed, prompt, [speed_note, speed_plot], api_name="speedup", concurrency_limit=None,
-                    preprocess=False)
-    tab.select(on_select, None, [variant, table], api_name="refresh_compare", queue=False)
 
     # ------------------------------------------------------------------ recovery
     gr.Markdown("### Recover the surviving weights")
@@ -614,29 +759,62 @@ def build_compare_tab(jobs: JobManager, tab: gr.Tab):
             rec_progress = gr.HTML(recovery_progress_html(None), elem_id="ps-recover-progress")
             rec_loss = gr.Plot(plots.loss_figure([]), show_label=False, elem_id="ps-recover-loss")
 
-    def on_recover(r, m, st, sa, b, lr, te, tx, evt: gr.EventData):
-        yield from guarded(4)(recover_result)(jobs, r, m, st, sa, b, lr, te, tx, page=from_page(evt))
+    w = Widgets(prompt=prompt, variant=variant, sample=sample, temperature=temperature, top_p=top_p, chat=chat,
+                block_repeats=block, max_new=max_new, dense=dense_out, pruned=pruned_out, summary=summary,
+                baselines=chosen, table=table, table_note=table_note, speed_note=speed_note, speed_plot=speed_plot,
+                rec_choice=rec_choice, rec_method=rec_method, rec_length=rec_length, rec_steps=rec_steps,
+                rec_samples=rec_samples, rec_batch=rec_batch, rec_lr=rec_lr, rec_teacher=rec_teacher,
+                rec_text=rec_text, rec_progress=rec_progress, rec_loss=rec_loss)
 
-    def on_length(length):
-        try:
-            return recovery_length(length)
-        except UserError as exc:
-            notify(str(exc), "warning")
-            return (gr.skip(),) * 6
+    def on_generate(v, page):
+        yield from generate_pair(jobs, *[v[n] for n in GENERATE])
 
-    def on_recover_stop():
-        jobs.eval_stop.set()
-        notify("stopping after the current step; the last good weights are kept", "info")
+    def on_table(v, page):
+        yield from stream_perplexities(jobs, v["baselines"])
 
-    def on_select_recoverable():
+    def on_speed(v, page):
+        yield from stream_speedup(jobs, v["prompt"])
+
+    def on_recover(v, page):
+        yield from recover_result(jobs, *[v[n] for n in RECOVER])
+
+    def on_length(v, page):
+        return recovery_length(v["rec_length"])
+
+    def on_stop(v, page):
+        notify(jobs.stop(), "info")
+
+    def on_select(v, page):
+        choices = variant_choices(jobs)
+        value = LEARNED if LEARNED in jobs.ws.results else (choices[0][1] if choices else None)
+        return {"variant": gr.update(choices=choices, value=value), "table": perplexity_table(jobs)}
+
+    def on_select_recoverable(v, page):
         choices = recoverable_choices(jobs)
         value = LEARNED if LEARNED in jobs.ws.results else (choices[0][1] if choices else None)
-        return gr.update(choices=choices, value=value)
+        return {"rec_choice": gr.update(choices=choices, value=value)}
 
-    rec_length.input(on_length, rec_length, [rec_steps, rec_samples, rec_batch, rec_lr, rec_teacher, rec_text],
-                     api_visibility="private", queue=False)
-    rec_go.click(on_recover, [rec_choice, rec_method, rec_steps, rec_samples, rec_batch, rec_lr, rec_teacher, rec_text],
-                 [rec_progress, rec_loss, table, variant],
-                 api_name="recover", concurrency_limit=None, show_progress="hidden", preprocess=False)
-    rec_stop.click(on_recover_stop, None, None, queue=False, api_name="stop_recover")
-    tab.select(on_select_recoverable, None, rec_choice, api_visibility="private", queue=False)
+    # Heavy events have no queue of their own (concurrency_limit=None): the job manager answers
+    # "busy" at once while another one holds the model, instead of a silent wait. Inputs arrive
+    # as sent (preprocess=False) and are checked in the handlers (ui.inputs).
+    w.listen(go.click, on_generate, GENERATE, PairView, api_name="generate", concurrency_limit=None,
+             show_progress="hidden", preprocess=False)
+    # progress is the note's per-row lines, never an overlay: rows stay visible as they arrive
+    w.listen(table_btn.click, on_table, ["baselines"], TableView, api_name="perplexity", concurrency_limit=None,
+             show_progress="hidden", preprocess=False)
+    w.listen(speed_btn.click, on_speed, ["prompt"], SpeedView, api_name="speedup", concurrency_limit=None,
+             preprocess=False)
+    w.listen(rec_go.click, on_recover, RECOVER, RecoveryView, api_name="recover", concurrency_limit=None,
+             show_progress="hidden", preprocess=False)
+    w.listen(rec_length.input, on_length, ["rec_length"], LengthView, api_visibility="private", queue=False)
+    # every Stop stops whatever runs (generation, the table, a recovery, the speed-up, learning, an export)
+    w.listen(stop_btn.click, on_stop, [], [], queue=False, api_name="stop_eval")
+    w.listen(gen_stop.click, on_stop, [], [], queue=False, api_visibility="private")
+    w.listen(rec_stop.click, on_stop, [], [], queue=False, api_name="stop_recover")
+    w.listen(tab.select, on_select, [], ["variant", "table"], api_name="refresh_compare", queue=False)
+    w.listen(tab.select, on_select_recoverable, [], ["rec_choice"], api_visibility="private", queue=False)
+    if demo is not None:          # a reloaded page (or a second tab) follows the current or last jobs
+        for attach, view in ((attach_perplexities, TableView), (attach_recovery, RecoveryView),
+                             (attach_speedup, SpeedView)):
+            w.listen(demo.load, lambda v, page, attach=attach: attach(jobs), [], view, stream=True,
+                     api_visibility="private", concurrency_limit=None, show_progress="hidden")

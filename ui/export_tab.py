@@ -8,6 +8,10 @@ visitor types is sanitised so nothing is written outside it. The export itself i
 The zip offered for download is written to one folder the app owns (created on first use,
 removed when the app exits) and replaces the previous one there: Gradio serves a copy from its
 own cache, so downloads do not leave a temporary folder each.
+
+An export is a job (ui.jobs): it runs in a thread of its own on the server and the tab follows
+it, drawing the typed progress that `export_result` reports (its stage, step done of all); a
+reloaded page re-attaches to a running export and shows the last one's result afterwards.
 """
 from __future__ import annotations
 
@@ -18,18 +22,20 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import gradio as gr
 
 from proxsparse_core.errors import UserError
+from proxsparse_core.progress import Progress
 from proxsparse_core.runs.export import bundle, export_result, safe_name, target_in
 from proxsparse_core.results import LEARNED, title
 
 from . import inputs
-from .feedback import esc, fmt_bytes, from_page, guarded, notify
-from .jobs import JobManager
+from .feedback import esc, fmt_bytes, notify
+from .jobs import Job, JobManager, watch
+from .widgets import SKIP, Widgets
 
-STAGES = ("measuring dense", "measuring", "writing the pruned model", "writing masks", "exported")
 _downloads: Path | None = None
 
 
@@ -73,32 +79,110 @@ def _events_for(jobs: JobManager, result: str) -> list[dict] | None:
     return None
 
 
+def export_request(result, folder_name, overwrite, evaluate) -> tuple[str, str, bool, bool]:
+    """The checked values of an Export request (each message names its widget)."""
+    return (inputs.text("Result to export", result), inputs.text("Folder name", folder_name).strip(),
+            inputs.flag("Replace an existing folder of that name", overwrite),
+            inputs.flag("Measure perplexity for the report", evaluate))
+
+
 def run_export(jobs: JobManager, result: str, folder_name: str, overwrite: bool, evaluate: bool,
-               stop: threading.Event, progress=None, shown_name: str | None = None) -> tuple[str, str]:
+               stop: threading.Event | None = None, progress=None, shown_name: str | None = None,
+               on_progress=None) -> tuple[str, str]:
     """Export `result` to <root>/<folder_name> and zip its small artefacts for download. An empty
     folder name means `shown_name`, the automatic name the page shows (else a fresh one).
-    Returns (markdown summary, path of the zip)."""
-    say = progress or (lambda frac, desc="": None)
-    result = inputs.text("Result to export", result)
-    folder_name = inputs.text("Folder name", folder_name).strip()
-    overwrite = inputs.flag("Replace an existing folder of that name", overwrite)
-    evaluate = inputs.flag("Measure perplexity for the report", evaluate)
+    Returns (markdown summary, path of the zip). Progress goes to `on_progress(Progress)` and, as
+    (share done, description), to `progress`. `stop`: an event of the caller's (cleared first);
+    by default the job's own. Blocking; the page runs it as a job (start_export)."""
+    result, folder_name, overwrite, evaluate = export_request(result, folder_name, overwrite, evaluate)
 
-    def stage(text: str):
-        i = next((k for k, s in enumerate(STAGES) if text.startswith(s)), 0)
-        say(i / len(STAGES), desc=text)
+    def tell(report: Progress):
+        if progress:
+            progress(report.fraction or 0.0, desc=report.message)
+        if on_progress:
+            on_progress(report)
     with jobs.claim("exporting") as ws:       # a running job is reported as busy, not as "nothing"
+        if stop is None:
+            stop = jobs.eval_stop
+        else:
+            stop.clear()
         if not ws.results:
             raise UserError("nothing to export yet: learn a mask in the Learn tab (or compute a "
                             "baseline in the Compare tab) first")
         if result not in ws.results:
             raise UserError(f"no result named {result!r}; pick one from the list")
         target = target_in(export_root(), folder_name or shown_name or default_name(jobs, result))
-        stop.clear()
         res = export_result(ws, result, target, events=_events_for(jobs, result), evaluate=evaluate,
-                            overwrite=overwrite, stop=stop, progress=stage)
+                            overwrite=overwrite, stop=stop, progress=tell)
         zip_path = download_zip(res.folder)     # under the claim: one export replaces its zip at a time
     return summary_markdown(res), str(zip_path)
+
+
+class ExportView(NamedTuple):
+    """What the tab shows for an export, by widget name."""
+    status: Any = SKIP
+    download: Any = SKIP
+
+
+def start_export(jobs: JobManager, result, folder_name, overwrite, evaluate, shown_name: str | None = None) -> Job:
+    """An export as a job: `job.progress` is export_result's typed progress, `job.result` the
+    finished ExportView (summary, zip)."""
+    args = export_request(result, folder_name, overwrite, evaluate)     # bad values: at once
+
+    def work(job: Job):
+        job.report(Progress("starting", 0, 0, "checking the 2:4 pattern …"))
+        summary, zip_path = run_export(jobs, *args, shown_name=shown_name, on_progress=job.report)
+        job.result = ExportView(summary, zip_path)
+    return jobs.start("export", "exporting", work, stop_note="— nothing will be left half-written")
+
+
+def progress_markdown(job: Job) -> str:
+    """A running export: its stage's message, and steps done of all as a bar and a count (from the
+    typed progress, never from its words)."""
+    p = job.progress
+    if p is None:
+        return "⏳ starting the export …"
+    text = f"⏳ **{esc(p.message)}**"
+    if p.total:
+        width = 20
+        filled = round(width * p.done / p.total)
+        text += f"  \n`{'█' * filled}{'░' * (width - filled)}` step {min(p.done + 1, p.total)} of {p.total}"
+    if job.stop.is_set():
+        text += "  \n⏹ stopping: nothing will be left half-written …"
+    return text
+
+
+def export_view(job: Job) -> ExportView:
+    if job.active:            # the zip of an earlier export leaves while this one is written
+        return ExportView(status=progress_markdown(job), download=None)
+    if job.status == "finished":
+        summary, zip_path = job.result
+        return ExportView(summary, zip_path if Path(zip_path).is_file() else SKIP)
+    if job.status == "stopped":
+        return ExportView(status=f"⏹ **Stopped**: {esc(job.message)}")
+    return ExportView(status=f"⚠ {esc(job.message)}")
+
+
+def follow_export(job: Job):
+    for _ in watch(job):
+        yield export_view(job)
+
+
+def stream_export(jobs: JobManager, result, folder_name, overwrite, evaluate, shown_name: str | None = None):
+    """Start an export job and follow it (ExportView frames); a failed one is raised as its one line."""
+    job = start_export(jobs, result, folder_name, overwrite, evaluate, shown_name)
+    yield from follow_export(job)
+    if job.status == "failed":
+        raise UserError(job.message)
+
+
+def attach_export(jobs: JobManager):
+    """Page load: the current or last export, live while it runs, then its result."""
+    job = jobs.last("export")
+    if job is None:
+        yield ExportView()
+        return
+    yield from follow_export(job)
 
 
 def summary_markdown(res) -> str:
@@ -116,9 +200,9 @@ def summary_markdown(res) -> str:
     return "\n".join(lines)
 
 
-def build_export_tab(jobs: JobManager, tab: gr.Tab | None = None):
-    """The tab's content; `tab` (the enclosing gr.Tab) refreshes the result list when selected."""
-    stop = threading.Event()
+def build_export_tab(jobs: JobManager, tab: gr.Tab | None = None, demo: gr.Blocks | None = None):
+    """The tab's content; `tab` (the enclosing gr.Tab) refreshes the result list when selected, and
+    `demo` re-attaches a reloaded page to the current or last export."""
     gr.Markdown("Write the 2:4 model as a normal Hugging Face folder (safetensors, config, tokenizer) "
                 "with a model card, the masks alone (1 bit per weight), the recipe that reproduces the "
                 f"run, and a report. Folders are created under `{export_root()}`; nothing is ever "
@@ -140,29 +224,35 @@ def build_export_tab(jobs: JobManager, tab: gr.Tab | None = None):
             download = gr.File(label="Masks, recipe and report (zip)", interactive=False,
                                elem_id="ps-export-zip")
     status = gr.Markdown(elem_id="ps-export-status")
+    w = Widgets(result=result, name=name, shown_name=shown_name, evaluate=evaluate, overwrite=overwrite,
+                download=download, status=status)
 
-    def on_export(r, n, ow, ev, auto, evt: gr.EventData, progress=gr.Progress()):
-        return guarded(2)(run_export)(jobs, r, n, ow, ev, stop, progress, auto, page=from_page(evt))
+    def on_export(v, page):
+        yield from stream_export(jobs, v["result"], v["name"], v["overwrite"], v["evaluate"], v["shown_name"])
 
-    def on_result(r):
-        fresh = default_name(jobs, r if isinstance(r, str) else None)
-        return gr.update(placeholder=fresh), fresh
+    def on_result(v, page):
+        fresh = default_name(jobs, v["result"] if isinstance(v["result"], str) else None)
+        return {"name": gr.update(placeholder=fresh), "shown_name": fresh}
 
-    def on_stop():
-        stop.set()
-        notify("stopping the export: nothing will be left half-written", "info")
+    def on_stop(v, page):
+        notify(jobs.stop(), "info")
 
-    def on_select():
+    def on_select(v, page):
         choices = result_choices(jobs)
         value = LEARNED if LEARNED in jobs.ws.results else (choices[0][1] if choices else None)
         fresh = default_name(jobs, value)
-        return gr.update(choices=choices, value=value), gr.update(placeholder=fresh), fresh
+        return {"result": gr.update(choices=choices, value=value), "name": gr.update(placeholder=fresh),
+                "shown_name": fresh}
 
-    # no queue of its own: the job manager answers "busy" at once; inputs are checked in run_export
-    go.click(on_export, [result, name, overwrite, evaluate, shown_name], [status, download],
-             api_name="export", concurrency_limit=None, preprocess=False
-             ).then(on_result, result, [name, shown_name], api_visibility="private", queue=False)  # next name
-    result.input(on_result, result, [name, shown_name], api_visibility="private", queue=False)
-    stop_btn.click(on_stop, None, None, queue=False, api_name="stop_export")
+    # no queue of its own: the job manager answers "busy" at once; inputs are checked in export_request
+    export = w.listen(go.click, on_export, ["result", "name", "overwrite", "evaluate", "shown_name"], ExportView,
+                      api_name="export", concurrency_limit=None, show_progress="hidden", preprocess=False)
+    w.listen(export.then, on_result, ["result"], ["name", "shown_name"], api_visibility="private",
+             queue=False)  # the next export gets a new name
+    w.listen(result.input, on_result, ["result"], ["name", "shown_name"], api_visibility="private", queue=False)
+    w.listen(stop_btn.click, on_stop, [], [], queue=False, api_name="stop_export")
     if tab is not None:
-        tab.select(on_select, None, [result, name, shown_name], api_name="refresh_export", queue=False)
+        w.listen(tab.select, on_select, [], ["result", "name", "shown_name"], api_name="refresh_export", queue=False)
+    if demo is not None:
+        w.listen(demo.load, lambda v, page: attach_export(jobs), [], ExportView, stream=True,
+                 api_visibility="private", concurrency_limit=None, show_progress="hidden")

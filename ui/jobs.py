@@ -1,19 +1,27 @@
-"""The server-side job manager: one workspace (one loaded model) and one learning job at a time.
+"""The server-side job manager: one workspace (one loaded model) and one long job at a time.
 
 Heavy objects live here, not in `gr.State`, so every visitor and every reload sees the same
-model, results and running job. The learning job runs in its own thread and only appends plain
-event dicts to a list; pages stream from that list, so a closed tab never stops or loses a run,
-and a reloaded page simply re-attaches to it.
+model, results and running job.
 
-One heavy activity at a time (learning, perplexity, baselines, generation, export, loading a
-model): `claim()` refuses a second one with a clear message instead of queueing behind a long
-run, which is why those events have no concurrency limit of their own in Gradio.
+Every long task — learning a mask, recovering a result, the perplexity table, an export, the 2:4
+speed-up — is a `Job`: `JobManager.start` runs its work in a thread of its own, and that thread
+alone writes to the job (status, typed progress `proxsparse_core.progress.Progress`, events, log,
+result). Pages only read it: `watch(job)` yields the job whenever it changed, and each tab draws
+it. So a closed tab never stops or loses a job, and a reloaded page (or a second tab) re-attaches
+to the current or last job of each kind (`last(kind)`) and sees its progress, then its result.
+
+One heavy activity at a time (a job, or a short request such as generation or loading a model
+held by `claim()`): a second one is refused at once with `Busy`, naming what runs, instead of
+queueing behind a long run, which is why those events have no concurrency limit of their own in
+Gradio. `stop()` stops the current job whatever its kind (or the short request holding the
+machine) and says what it stopped. Inside a job's own thread `claim()` lets the job's work use
+functions that claim the machine themselves.
 
 Whether a model's own Python code (`trust_remote_code`) may run is decided by whoever starts
 the server (`app.py --allow-remote-code`), never by a request: every configuration is checked
-here before a model is loaded. The guard is a plain
-`threading.Lock`, which may be released by another thread than the one that took it — Gradio
-runs each step of a generator handler on whichever worker thread is free.
+here before a model is loaded. The guard is a plain `threading.Lock`, which may be released by
+another thread than the one that took it — Gradio runs each step of a generator handler on
+whichever worker thread is free.
 """
 from __future__ import annotations
 
@@ -24,11 +32,12 @@ import queue
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import KW_ONLY, dataclass, field
+from typing import Any, Callable
 
 from proxsparse_core.config import RunConfig
 from proxsparse_core.errors import Stopped, UserError
-from proxsparse_core.method.learner import LearnResult
+from proxsparse_core.progress import Progress
 from proxsparse_core.results import DENSE, LEARNED, title
 from proxsparse_core.workspace import Workspace
 
@@ -36,6 +45,7 @@ log = logging.getLogger("proxsparse.ui")
 
 ACTIVE = ("starting", "loading", "running", "finishing", "evaluating")
 MAX_LOG_LINES = 400
+POLL_S = 0.25                # how often a page looks at a running job (it is drawn only when it changed)
 
 
 REMOTE_CODE_OFF = ("Trust remote code is off: this server was started without --allow-remote-code, "
@@ -46,9 +56,71 @@ class Busy(UserError):
     """Another heavy activity holds the model."""
 
 
+# ---------------------------------------------------------------------------- jobs
+
+@dataclass(eq=False)
+class Job:
+    """One long task, run by the JobManager in a thread of its own. Only that thread writes to it."""
+    id: int
+    _: KW_ONLY
+    kind: str = "task"               # learn | recover | perplexity | export | speedup
+    what: str = "running a task"     # how a busy message and Stop name it: "recovering weights"
+    stop_note: str = ""              # what Stop does to it: "after the current step; …"
+    status: str = "starting"         # starting → running → finished | stopped | failed
+    progress: Progress | None = None
+    events: list = field(default_factory=list)
+    log: list[str] = field(default_factory=list)
+    result: Any = None
+    message: str = ""
+    started: float = field(default_factory=time.time)
+    finished: float | None = None
+    stop: threading.Event = field(default_factory=threading.Event)
+    state: dict = field(default_factory=dict)        # what else a kind's page shows (e.g. per-row tasks)
+    changes: int = field(default=0, repr=False)
+    thread: threading.Thread | None = field(default=None, repr=False)
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE
+
+    def touch(self):
+        """Mark a change a page should draw."""
+        self.changes += 1
+
+    def report(self, progress: Progress):
+        self.progress = progress
+        self.touch()
+
+    def say(self, line: str):
+        self.log.append(line)
+        del self.log[:-MAX_LOG_LINES]
+        self.touch()
+
+    def ended(self, status: str):
+        """Called in the job's thread once its work returned or raised (status: the final one)."""
+
+    def version(self) -> tuple:
+        """Changes whenever something a page shows changes (cheap to compare while polling)."""
+        return (self.status, len(self.events), len(self.log), self.changes)
+
+
+def watch(job: Job, poll: float = POLL_S):
+    """Yield `job` whenever it changed, until it ends (its final state included)."""
+    seen = None
+    while True:
+        active = job.active
+        version = job.version()
+        if version != seen:
+            seen = version
+            yield job
+        if not active:
+            return
+        time.sleep(poll)
+
+
 @dataclass
 class Phase:
-    """One part of a job after the steps, shown with its own progress."""
+    """One part of a learning job after the steps, shown with its own progress."""
     name: str
     unit: str = ""                 # what `done` / `total` count ("windows"), if anything
     state: str = "waiting"         # waiting → running → done | skipped
@@ -76,28 +148,21 @@ def perplexity_phase(name: str) -> str:
     return f"held-out perplexity · {title(name)}"
 
 
-@dataclass
-class LearnJob:
-    id: int
-    cfg: RunConfig
+@dataclass(eq=False)
+class LearnJob(Job):
+    """Learning a mask: its steps' events, then the phases after the steps."""
+    cfg: RunConfig = None
     evaluate: bool = True
-    stop: threading.Event = field(default_factory=threading.Event)
     eval_stop: threading.Event = field(default_factory=threading.Event)   # a second Stop: skip perplexity
-    events: list[dict] = field(default_factory=list)
-    log: list[str] = field(default_factory=list)
-    status: str = "starting"         # starting → loading → running → finishing → evaluating → finished|stopped|failed
-    message: str = ""
     model_info: str = ""
     data_info: str = ""
     layer_names: list[str] = field(default_factory=list)
-    result: LearnResult | None = None
     verification: str = ""
     perplexity: dict = field(default_factory=dict)
-    started: float = field(default_factory=time.time)
-    finished: float | None = None
     phases: list[Phase] = field(default_factory=list)
 
     def __post_init__(self):
+        self.kind, self.what = "learn", "learning a mask"
         self.phases = [Phase(EXTRACT), Phase(VERIFY)]
         if self.evaluate:
             self.phases += [Phase(perplexity_phase(n), "windows") for n in (DENSE, LEARNED)]
@@ -109,16 +174,13 @@ class LearnJob:
     def current_phase(self) -> Phase | None:
         return next((p for p in self.phases if p.state == "running"), None)
 
-    @property
-    def active(self) -> bool:
-        return self.status in ACTIVE
-
-    def say(self, line: str):
-        self.log.append(line)
-        del self.log[:-MAX_LOG_LINES]
+    def ended(self, status: str):
+        if status != "failed":             # a failed run keeps its phases as they were
+            for p in self.phases:
+                if p.state in ("waiting", "running"):
+                    p.end("skipped")
 
     def version(self) -> tuple:
-        """Changes whenever something a page shows changes (cheap to compare while polling)."""
         return (self.status, len(self.events), len(self.log), len(self.perplexity),
                 tuple((p.state, p.done) for p in self.phases))
 
@@ -143,9 +205,10 @@ def release_free_memory():
 
 def in_worker(work):
     """Run `work(emit)` in a daemon thread and yield whatever it emits; its exception is
-    re-raised here. Gradio may run each step of a generator handler on a different thread, so
-    anything that holds a lock across steps runs in one worker thread instead; and a page that
-    goes away mid-stream leaves the worker to finish and free the lock."""
+    re-raised here. For a short streamed request (generation): Gradio may run each step of a
+    generator handler on a different thread, so anything that holds a lock across steps runs in
+    one worker thread instead; and a page that goes away mid-stream leaves the worker to finish
+    and free the lock."""
     updates: queue.Queue = queue.Queue()
     failure: list[BaseException] = []
 
@@ -170,12 +233,13 @@ class JobManager:
             raise TypeError(f"allow_remote_code takes True or False, got {allow_remote_code!r}")
         self.ws = workspace or Workspace()
         self.allow_remote_code = allow_remote_code
-        self.job: LearnJob | None = None
+        self.current: Job | None = None        # the job holding the machine, if one does
+        self.jobs: dict[str, Job] = {}         # kind → its current or last job
         self.cfg: RunConfig | None = None      # the configuration the workspace was last loaded with
         self.activity: str | None = None
-        self.eval_stop = threading.Event()     # Stop in the Compare tab: generation, perplexity, baselines
         self.verified: dict[str, bool] = {}    # result name → passed the 2:4 verification
         self.warned: dict[str, float] = {}     # model → when Start warned it needs a GPU (Start again goes ahead)
+        self._short_stop = threading.Event()   # Stop for a short request (generation) that holds the machine
         self._busy = threading.Lock()
         self._ids = itertools.count(1)
 
@@ -189,11 +253,16 @@ class JobManager:
             raise self._busy_error()
         self.activity = what
 
+    def _in_job(self) -> bool:
+        """True in the current job's own thread (which holds the machine already)."""
+        job = self.current
+        return job is not None and job.thread is threading.current_thread()
+
     def refuse_if_busy(self):
         """Raise Busy at once while another heavy activity holds the model: a handler that checks
         names against the results first calls this, so a long job is answered "busy" rather than
         "no such result" (the claim itself still comes later, and is what guarantees one at a time)."""
-        if self._busy.locked():
+        if self._busy.locked() and not self._in_job():
             raise self._busy_error()
 
     def _release(self):
@@ -202,16 +271,105 @@ class JobManager:
 
     @contextmanager
     def claim(self, what: str):
-        """Hold the model for one heavy activity, or raise Busy at once."""
+        """Hold the model for one heavy activity, or raise Busy at once. In a job's own thread the
+        job holds it already: its work may call functions that claim."""
+        if self._in_job():
+            yield self.ws
+            return
         self._acquire(what)
+        self._short_stop = threading.Event()      # a Stop meant for an earlier request does not carry over
         try:
             yield self.ws
         finally:
             self._release()
 
     @property
+    def eval_stop(self) -> threading.Event:
+        """The event Stop sets for the work holding the machine now: the current job's (learning
+        has its own two), else the short request's."""
+        job = self.current
+        return job.stop if job is not None and not isinstance(job, LearnJob) else self._short_stop
+
+    # ------------------------------------------------------------------ jobs
+    @property
+    def job(self) -> LearnJob | None:
+        """The current or last learning job."""
+        return self.jobs.get("learn")
+
+    def last(self, kind: str) -> Job | None:
+        """The current or last job of `kind` (what a reloaded page shows)."""
+        return self.jobs.get(kind)
+
+    @property
     def learning(self) -> bool:
         return self.job is not None and self.job.active
+
+    def start(self, kind: str, what: str, work: Callable[[Job], str | None], stop_note: str = "",
+              job: Job | None = None) -> Job:
+        """Run `work(job)` in a thread of its own as the one heavy job, or raise Busy at once.
+        `work` returns the final status (None: finished); Stopped ends it as stopped, UserError
+        or any other exception as failed with one line in `job.message`."""
+        job = job or Job(next(self._ids), kind=kind, what=what, stop_note=stop_note)
+        self._acquire(job.what)
+        self.current = job
+        self.jobs[job.kind] = job
+        job.thread = threading.Thread(target=self._run, args=(job, work), daemon=True,
+                                      name=f"{job.kind}-{job.id}")
+        try:
+            job.thread.start()
+        except BaseException:
+            job.status, job.finished, self.current = "failed", time.time(), None
+            self._release()
+            raise
+        return job
+
+    def _run(self, job: Job, work):
+        final = "failed"
+        try:
+            if job.status == "starting":
+                job.status = "running"
+            final = work(job) or "finished"
+        except Stopped as exc:
+            final, job.message = "stopped", str(exc)
+            job.say(str(exc))
+        except UserError as exc:
+            job.message = str(exc)
+            job.say(f"error: {exc}")
+        except Exception as exc:  # noqa: BLE001 - the page shows one line; the server log has the trace
+            log.exception("%s job %s failed", job.kind, job.id)
+            job.message = f"unexpected error: {type(exc).__name__}: {exc}"
+            job.say(f"error: {job.message}")
+        finally:
+            try:
+                job.ended(final)
+            finally:
+                job.finished = time.time()
+                if self.current is job:
+                    self.current = None
+                self._release()
+                job.status = final          # only now: a page that sees it ended finds the machine free
+                job.touch()
+        # Some objects of a finished job sit in reference cycles (e.g. frames kept by an exception
+        # caught while a model loaded) and would hold its tensors until Python's next full
+        # collection, which may come only after the next job has allocated its own: collect now.
+        gc.collect()
+        release_free_memory()
+
+    def stop(self) -> str:
+        """Stop the current job, whatever its kind (or the short request holding the machine);
+        the answer says what is stopped and how."""
+        job = self.current
+        if job is None or not job.active:
+            if self._busy.locked() and self.activity:
+                self._short_stop.set()
+                return f"stopping {self.activity} …"
+            return "nothing is running"
+        if isinstance(job, LearnJob):
+            return self._stop_learning(job)
+        if not job.stop.is_set():
+            job.stop.set()
+            job.say("stop requested")
+        return f"stopping {job.what}" + (f" {job.stop_note}" if job.stop_note else "") + " …"
 
     # ------------------------------------------------------------------ workspace loading
     def check_remote_code(self, cfg: RunConfig) -> RunConfig:
@@ -237,23 +395,12 @@ class JobManager:
     # ------------------------------------------------------------------ learning
     def start_learning(self, cfg: RunConfig, evaluate: bool = True) -> LearnJob:
         self.check_remote_code(cfg).validate()
-        self._acquire("learning a mask")
-        job = LearnJob(next(self._ids), cfg, evaluate)
-        self.job = job
-        try:
-            threading.Thread(target=self._run_job, args=(job,), daemon=True, name=f"learn-{job.id}").start()
-        except BaseException:
-            job.status, job.finished = "failed", time.time()
-            self._release()
-            raise
-        return job
+        job = LearnJob(next(self._ids), cfg=cfg, evaluate=evaluate)
+        return self.start(job.kind, job.what, self._learn, job=job)
 
-    def stop(self) -> str:
+    def _stop_learning(self, job: LearnJob) -> str:
         """Stop learning after the current step (held-out perplexity is still measured when the
         run asked for it); pressed again, or while perplexity is measured, skip that too."""
-        job = self.job
-        if job is None or not job.active:
-            return "nothing is running"
         if job.stop.is_set() or job.status in ("finishing", "evaluating"):
             job.stop.set()
             job.eval_stop.set()
@@ -272,71 +419,44 @@ class JobManager:
             job.status = "finishing"
             job.phase(EXTRACT).start()
 
-    def _run_job(self, job: LearnJob):
-        self._learn(job)
-        # Some objects of a finished run sit in reference cycles (e.g. frames kept by an exception
-        # caught while a model loaded) and would hold the run's tensors until Python's next full
-        # collection, which may come only after the next run has allocated its own: collect now.
-        gc.collect()
-        release_free_memory()
-
-    def _learn(self, job: LearnJob):
-        try:
-            job.status = "loading"
-            job.say(f"$ {job.cfg.cli_command()}")
-            job.say(f"loading {job.cfg.model} and tokenising the calibration data …")
-            lm = self.ensure_loaded(job.cfg)
-            data = self.ws.data
-            job.layer_names = list(lm.prunable.names)
-            job.model_info = lm.describe()
-            job.data_info = (f"{data.source}: {data.calibration.shape[0]} calibration samples × "
-                             f"{data.calibration.shape[1]} tokens; {data.held_out.shape[0]} held-out "
-                             f"windows × {data.held_out.shape[1]} tokens")
-            job.say(job.model_info)
-            job.say(job.data_info)
-            job.status = "running"
-            result = self.ws.learn(job.cfg, lambda ev: self._on_event(job, ev), job.stop, name=LEARNED)
-            job.result = result
-            job.say(result.message)
-            extract = job.phase(EXTRACT)
-            if extract.state == "waiting":     # stopped early: the mask was read out all the same
-                extract.start()
-            extract.end("done" if result.steps_done else "skipped")
-            if result.steps_done:
-                job.status = "finishing"
-                verify = job.phase(VERIFY)
-                verify.start()
-                check = self.ws.verify(LEARNED)
-                verify.end()
-                self.verified[LEARNED] = check.ok
-                job.verification = str(check)
-                job.say(job.verification)
-                if job.evaluate:
-                    job.status = "evaluating"
-                    self._evaluate(job)
-            job.message = result.message
-            if result.status == "stopped" and result.steps_done:
-                job.message += f": its mask was learned in {result.steps_done} of {job.cfg.steps} steps"
-            for p in job.phases:
-                if p.state in ("waiting", "running"):
-                    p.end("skipped")
-            job.status = result.status
-        except Stopped as exc:      # Stop before the first step (while the teacher reads the samples)
-            job.message, job.status = str(exc), "stopped"
-            job.say(str(exc))
-            for phase in job.phases:
-                if phase.state in ("waiting", "running"):
-                    phase.end("skipped")
-        except UserError as exc:
-            job.message, job.status = str(exc), "failed"
-            job.say(f"error: {exc}")
-        except Exception as exc:  # noqa: BLE001 - the page shows one line; the server log has the trace
-            log.exception("learning job %s failed", job.id)
-            job.message, job.status = f"unexpected error: {type(exc).__name__}: {exc}", "failed"
-            job.say(f"error: {job.message}")
-        finally:
-            job.finished = time.time()
-            self._release()
+    def _learn(self, job: LearnJob) -> str:
+        """The learning job's work (its thread): load, learn, verify, measure; returns its status."""
+        job.status = "loading"
+        job.say(f"$ {job.cfg.cli_command()}")
+        job.say(f"loading {job.cfg.model} and tokenising the calibration data …")
+        lm = self.ensure_loaded(job.cfg)
+        data = self.ws.data
+        job.layer_names = list(lm.prunable.names)
+        job.model_info = lm.describe()
+        job.data_info = (f"{data.source}: {data.calibration.shape[0]} calibration samples × "
+                         f"{data.calibration.shape[1]} tokens; {data.held_out.shape[0]} held-out "
+                         f"windows × {data.held_out.shape[1]} tokens")
+        job.say(job.model_info)
+        job.say(job.data_info)
+        job.status = "running"
+        result = self.ws.learn(job.cfg, lambda ev: self._on_event(job, ev), job.stop, name=LEARNED)
+        job.result = result
+        job.say(result.message)
+        extract = job.phase(EXTRACT)
+        if extract.state == "waiting":     # stopped early: the mask was read out all the same
+            extract.start()
+        extract.end("done" if result.steps_done else "skipped")
+        if result.steps_done:
+            job.status = "finishing"
+            verify = job.phase(VERIFY)
+            verify.start()
+            check = self.ws.verify(LEARNED)
+            verify.end()
+            self.verified[LEARNED] = check.ok
+            job.verification = str(check)
+            job.say(job.verification)
+            if job.evaluate:
+                job.status = "evaluating"
+                self._evaluate(job)
+        job.message = result.message
+        if result.status == "stopped" and result.steps_done:
+            job.message += f": its mask was learned in {result.steps_done} of {job.cfg.steps} steps"
+        return result.status
 
     def _evaluate(self, job: LearnJob):
         try:

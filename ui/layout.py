@@ -60,11 +60,11 @@ def build_app(jobs: JobManager | None = None, defaults: RunConfig | None = None,
             with gr.Tab("Learn a 2:4 mask", id="learn"):
                 build_learn_tab(jobs, demo, defaults, preset)
             with gr.Tab("Compare", id="compare", elem_id="ps-tab-compare") as compare:
-                build_compare_tab(jobs, compare)
+                build_compare_tab(jobs, compare, demo)
             with gr.Tab("How 2:4 works", id="explain", elem_id="ps-tab-explain") as explain:
                 build_explain_tab(jobs, explain)
             with gr.Tab("Export", id="export", elem_id="ps-tab-export") as export:
-                build_export_tab(jobs, export)
+                build_export_tab(jobs, export, demo)
     demo.jobs = jobs
     return demo
 

@@ -3,13 +3,15 @@
 The form is generated from `RunConfig`, so every CLI flag has a widget and a new field shows
 up here by itself. The charts are fed by polling the server-side job (ui.jobs): the Start
 handler and the page-load handler both just follow the current job, which is why a reload
-re-attaches to a running job and a second visitor sees the same run.
+re-attaches to a running job and a second visitor sees the same run. Handlers answer with a
+`LearnView` (the tab's outputs by name, ui.widgets).
 """
 from __future__ import annotations
 
 import time
 from dataclasses import fields
 from pathlib import Path
+from typing import Any, NamedTuple
 
 import gradio as gr
 import torch
@@ -21,8 +23,9 @@ from proxsparse_core.errors import UserError
 from proxsparse_core.models.loading import BUNDLED, BUNDLED_LABEL
 
 from . import inputs
-from .feedback import esc, explain, fail, fmt_bytes, fmt_duration, from_page, guarded, in_request, notify
-from .jobs import Busy, JobManager, LearnJob
+from .feedback import esc, explain, fail, fmt_bytes, fmt_duration, guarded, in_request, notify
+from .jobs import Busy, JobManager, LearnJob, watch
+from .widgets import SKIP, Widgets
 
 FORM = [f.name for f in fields(RunConfig) if f.name != "data"]   # data has its own three widgets
 DATA_MODES = ["built-in text", "upload a file", "HF dataset"]
@@ -52,6 +55,7 @@ FIELDS = {f.name: f for f in fields(RunConfig)}
 MAIN = ("lambda1", "lambda2", "lr", "steps")            # shown open; the rest sit in "Advanced"
 DATA = ("samples", "ctx")
 MODEL = ("model", "device", "dtype")
+INSPECT = ["model", "device", "dtype", "trust_remote_code", "device_map"]    # what Inspect model reads
 
 
 # ---------------------------------------------------------------------------- plain handlers
@@ -279,27 +283,29 @@ def _last_layer_share(events: list[dict]):
     return None
 
 
-def render(job: LearnJob | None, note: str = "") -> tuple:
+class LearnView(NamedTuple):
+    """What the Learn tab shows for a job, by widget name (SKIP: left as it is)."""
+    progress: Any = SKIP
+    loss_plot: Any = SKIP
+    sparsity_plot: Any = SKIP
+    heatmap: Any = SKIP
+    log: Any = SKIP
+    info: Any = SKIP
+
+
+def render(job: LearnJob | None, note: str = "") -> LearnView:
     """Everything the Learn tab shows for a job: progress, three charts, log, info."""
     events = list(job.events) if job else []
     layer_names = job.layer_names if job else []
-    return (progress_html(job, note), plots.loss_figure(events), plots.sparsity_figure(events),
-            plots.layer_heatmap(layer_names, _last_layer_share(events)),
-            "\n".join(reversed(job.log[-200:])) if job else "", info_markdown(job))
+    return LearnView(progress_html(job, note), plots.loss_figure(events), plots.sparsity_figure(events),
+                     plots.layer_heatmap(layer_names, _last_layer_share(events)),
+                     "\n".join(reversed(job.log[-200:])) if job else "", info_markdown(job))
 
 
 def follow(job: LearnJob, note: str = "", poll: float = POLL_S):
     """Yield render(job) whenever it changes, until the job ends (the final state included)."""
-    seen = None
-    while True:
-        active = job.active
-        version = job.version()
-        if version != seen:
-            seen = version
-            yield render(job, note)
-        if not active:
-            return
-        time.sleep(poll)
+    for _ in watch(job, poll):
+        yield render(job, note)
 
 
 def start_run(jobs: JobManager, mode, upload, hf_spec, evaluate, *values, page: bool = False):
@@ -312,7 +318,7 @@ def start_run(jobs: JobManager, mode, upload, hf_spec, evaluate, *values, page: 
         cfg = config_from_form(dict(zip(FORM, values)), data_source(mode, upload, hf_spec))
         warning = gpu_warning(jobs, cfg)
         if warning:
-            yield (progress_html(jobs.job, warning),) + (gr.skip(),) * 5
+            yield LearnView(progress=progress_html(jobs.job, warning))
             notify(warning)
             return
         job = jobs.start_learning(cfg, evaluate=evaluate)
@@ -327,12 +333,12 @@ def start_run(jobs: JobManager, mode, upload, hf_spec, evaluate, *values, page: 
         # otherwise the card says so once, and the request ends as refused: an API client gets
         # the busy message as its error, never a finished card of an earlier run
         note = (f"Another run is using the machine: {message}" if running is not None else message)
-        yield (progress_html(running or jobs.job, note),) + (gr.skip(),) * 5
+        yield LearnView(progress=progress_html(running or jobs.job, note))
         fail(message, page=page)
         return
     except Exception as exc:  # noqa: BLE001 - bad settings: one line, the page stays as it is
         message = explain(exc)
-        yield (progress_html(jobs.job, message),) + (gr.skip(),) * 5
+        yield LearnView(progress=progress_html(jobs.job, message))
         fail(message, page=page)        # a toast; an API client gets it as the response's error
         return
     yield from follow(job)
@@ -346,24 +352,35 @@ def attach(jobs: JobManager):
     yield from follow(jobs.job)
 
 
-def form_of_last_run(jobs: JobManager) -> list:
+LAST_RUN = FORM + ["mode", "upload", "hf_spec", "preset", "preset_note"]
+
+
+def last_run_form(jobs: JobManager) -> dict:
     """Page load: the form shows the settings of the current or last run (so a reload, or a second
-    visitor, sees what is running), or stays as it is when nothing has run yet. Values in the order
-    FORM, then the data mode, the uploaded file and the HF dataset widgets, then the preset box
-    (the preset those settings are, else custom) and its note."""
+    visitor, sees what is running), or stays as it is when nothing has run yet. By widget name
+    (LAST_RUN): the settings, the data mode, the uploaded file and the HF dataset widgets, then the
+    preset box (the preset those settings are, else custom) and its note."""
     if jobs.job is None:
-        return [gr.skip()] * (len(FORM) + 5)
+        return {}
     cfg = jobs.job.cfg
-    values = [getattr(cfg, n) for n in FORM]
-    values[FORM.index("model")] = gr.update(choices=model_choices(cfg.model), value=cfg.model)
+    values = {n: getattr(cfg, n) for n in FORM}
+    values["model"] = gr.update(choices=model_choices(cfg.model), value=cfg.model)
     if cfg.data == "builtin":
-        data = [DATA_MODES[0], gr.skip(), gr.skip()]
+        values["mode"] = DATA_MODES[0]
     elif cfg.data.startswith("hf:"):
-        data = [DATA_MODES[2], gr.skip(), cfg.data]
+        values.update(mode=DATA_MODES[2], hf_spec=cfg.data)
     else:   # an uploaded file: offered again while it still exists
-        data = [DATA_MODES[1], cfg.data if Path(cfg.data).is_file() else gr.skip(), gr.skip()]
+        values["mode"] = DATA_MODES[1]
+        if Path(cfg.data).is_file():
+            values["upload"] = cfg.data
     preset = matching_preset(cfg)
-    return values + data + [preset, preset_note(preset)]
+    return {**values, "preset": preset, "preset_note": preset_note(preset)}
+
+
+def form_of_last_run(jobs: JobManager) -> list:
+    """last_run_form as a list in the order of LAST_RUN (SKIP where a widget stays as it is)."""
+    values = last_run_form(jobs)
+    return [values.get(n, SKIP) for n in LAST_RUN]
 
 
 def forget_upload(jobs: JobManager, new, old: str | None) -> str | None:
@@ -402,10 +419,11 @@ def remove_upload(path: str):
 
 def clear_note(jobs: JobManager):
     """The progress card without a message under it; a running job's own stream keeps it fresh."""
-    return gr.skip() if jobs.learning else progress_html(jobs.job)
+    return SKIP if jobs.learning else progress_html(jobs.job)
 
 
 def stop_run(jobs: JobManager) -> str:
+    """Stop, whatever runs (learning, a recovery, the perplexity table, an export, generation)."""
     return jobs.stop()
 
 
@@ -512,47 +530,55 @@ def build_learn_tab(jobs: JobManager, demo: gr.Blocks, defaults: RunConfig, pres
             log_box = gr.Textbox(label="Log (newest first)", lines=8, max_lines=8, autoscroll=False, interactive=False,
                                  elem_id="ps-log")
 
-    form = [widgets[n] for n in FORM]
-    stream_out = [progress, loss, sparsity, heatmap, log_box, info]
+    w = Widgets(start=start, stop=stop, model_info=model_info, mode=mode, upload=upload, last_upload=last_upload,
+                hf_spec=hf_spec, preset=preset_box, preset_note=note, evaluate=evaluate, progress=progress,
+                loss_plot=loss, sparsity_plot=sparsity, heatmap=heatmap, info=info, log=log_box, **widgets)
 
-    def on_start(evt: gr.EventData, mode_v, upload_v, hf_v, evaluate_v, *values):
-        yield from start_run(jobs, mode_v, upload_v, hf_v, evaluate_v, *values, page=from_page(evt))
+    def on_start(v, page):
+        yield from start_run(jobs, v["mode"], v["upload"], v["hf_spec"], v["evaluate"], *[v[n] for n in FORM],
+                             page=page)
 
-    def on_inspect(model, device, dtype, trust, device_map, evt: gr.EventData):
-        return inspect_model(jobs, model, device, dtype, trust, device_map, page=from_page(evt))
+    def on_inspect(v, page):
+        return {"model_info": inspect_model(jobs, *[v[n] for n in INSPECT], page=page)}
 
-    def on_attach():
-        yield from attach(jobs)
-
-    def on_stop():
+    def on_stop(v, page):
         notify(stop_run(jobs), "info")
 
-    def on_mode(m):
-        return gr.update(visible=m == DATA_MODES[1]), gr.update(visible=m == DATA_MODES[2])
+    def on_mode(v, page):
+        return {"upload": gr.update(visible=v["mode"] == DATA_MODES[1]),
+                "hf_spec": gr.update(visible=v["mode"] == DATA_MODES[2])}
 
-    def on_preset(evt: gr.EventData, name, *values):
-        return guarded(len(FORM) + 1)(preset_form)(name, *values, page=from_page(evt))
+    def on_preset(v, page):
+        values, text = preset_values(v["preset"], {n: v[n] for n in FORM})
+        return {**dict(zip(FORM, values)), "preset_note": text}
+
+    def on_model(v, page):
+        return dict(zip(("preset", "preset_note"), model_changed(v["model"], v["preset"])))
+
+    def on_forget(v, page):
+        return {"last_upload": forget_upload(jobs, v["upload"], v["last_upload"])}
 
     # Observers of the one job: no concurrency limit, or a second page would wait for the first.
     # Inputs arrive as sent (preprocess=False) and are checked by the handlers (ui.inputs), so a
     # bad value from an API client gets a message naming its widget instead of a silent failure.
-    start.click(on_start, [mode, upload, hf_spec, evaluate] + form, stream_out, api_name="start",
-                concurrency_limit=None, show_progress="hidden", preprocess=False)
-    demo.load(on_attach, None, stream_out, api_name="attach", concurrency_limit=None, show_progress="hidden")
-    demo.load(lambda: form_of_last_run(jobs), None, form + [mode, upload, hf_spec, preset_box, note],
-              api_visibility="private", queue=False, show_progress="hidden")
-    stop.click(on_stop, None, None, api_name="stop", queue=False)
-    mode.change(on_mode, mode, [upload, hf_spec], api_visibility="private", queue=False)
-    preset_box.input(on_preset, [preset_box] + form, form + [note], api_visibility="private")
-    widgets["model"].input(guarded(2)(model_changed), [widgets["model"], preset_box], [preset_box, note],
-                           api_visibility="private", queue=False)
+    w.listen(start.click, on_start, ["mode", "upload", "hf_spec", "evaluate"] + FORM, LearnView, api_name="start",
+             concurrency_limit=None, show_progress="hidden", preprocess=False)
+    w.listen(demo.load, lambda v, page: attach(jobs), [], LearnView, stream=True, api_name="attach",
+             concurrency_limit=None, show_progress="hidden")
+    w.listen(demo.load, lambda v, page: last_run_form(jobs), [], LAST_RUN, api_visibility="private", queue=False,
+             show_progress="hidden")
+    w.listen(stop.click, on_stop, [], [], api_name="stop", queue=False)
+    w.listen(mode.change, on_mode, ["mode"], ["upload", "hf_spec"], api_visibility="private", queue=False)
+    w.listen(preset_box.input, on_preset, ["preset"] + FORM, FORM + ["preset_note"], api_visibility="private")
+    w.listen(widgets["model"].input, on_model, ["model", "preset"], ["preset", "preset_note"],
+             api_visibility="private", queue=False)
     # an edited setting clears a message about the old one (Start checks everything again)
-    gr.on([w.input for w in form + [mode, hf_spec, evaluate]], lambda: clear_note(jobs), None, progress,
-          api_visibility="private", queue=False, show_progress="hidden")
+    w.listen([c.input for c in w(FORM + ["mode", "hf_spec", "evaluate"])],
+             lambda v, page: {"progress": clear_note(jobs)}, [], ["progress"], api_visibility="private", queue=False,
+             show_progress="hidden")
     # heavy, but no queue of its own: the job manager answers "busy" at once while another runs
-    inspect_btn.click(on_inspect,
-                      [widgets[n] for n in ("model", "device", "dtype", "trust_remote_code", "device_map")],
-                      model_info, api_name="inspect_model", concurrency_limit=None, preprocess=False)
-    upload.change(lambda new, old: forget_upload(jobs, new, old), [upload, last_upload], last_upload,
-                  api_visibility="private", queue=False, preprocess=False)
+    w.listen(inspect_btn.click, on_inspect, INSPECT, ["model_info"], api_name="inspect_model", concurrency_limit=None,
+             preprocess=False)
+    w.listen(upload.change, on_forget, ["upload", "last_upload"], ["last_upload"], api_visibility="private",
+             queue=False, preprocess=False)
     return widgets
