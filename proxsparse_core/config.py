@@ -12,7 +12,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
-from proxsparse_core.errors import UserError
+from proxsparse_core.errors import SettingError, UserError
 from proxsparse_core.results import LEARNED
 
 BUNDLED = "bundled:smollm2-135m"     # the offline model that ships with the studio (models/loading.py)
@@ -140,11 +140,11 @@ class RunConfig:
         def num(name, lo=None, hi=None, lo_open=False):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-                raise UserError(f"{name} must be a finite number, got {v!r}")
+                raise SettingError(name, f"must be a finite number, got {v!r}")
             if lo is not None and (v <= lo if lo_open else v < lo):
-                raise UserError(f"{name} must be {'>' if lo_open else '≥'} {lo}, got {v}")
+                raise SettingError(name, f"must be {'>' if lo_open else '≥'} {lo}, got {v}")
             if hi is not None and v > hi:
-                raise UserError(f"{name} = {v} is out of range (at most {hi})")
+                raise SettingError(name, f"= {v} is out of range (at most {hi})")
 
         def integer(name, lo, hi, lo_open=False):
             v = getattr(self, name)
@@ -152,20 +152,20 @@ class RunConfig:
                 setattr(self, name, int(v))
                 v = int(v)
             if isinstance(v, bool) or not isinstance(v, int):
-                raise UserError(f"{name} must be a whole number, got {v!r}")
+                raise SettingError(name, f"must be a whole number, got {v!r}")
             if not lo <= v <= hi:
-                raise UserError(f"{name} must be between {lo} and {hi}, got {v}")
+                raise SettingError(name, f"must be between {lo} and {hi}, got {v}")
 
         for f in fields(self):              # bounds are declared once, on the field (see `bounds`)
             if "hi" in f.metadata:
                 (integer if type(f.default) is int else num)(f.name, *self.bounds(f.name))
         if self.batch > self.samples:
-            raise UserError(f"batch ({self.batch}) cannot exceed the number of samples ({self.samples})")
+            raise SettingError("batch", f"({self.batch}) cannot exceed the number of samples ({self.samples})")
         if max_positions:
             for name in ("ctx", "eval_ctx"):
                 if getattr(self, name) > max_positions:
-                    raise UserError(f"{name} = {getattr(self, name)} is longer than the model "
-                                    f"allows ({max_positions} tokens)")
+                    raise SettingError(name, f"= {getattr(self, name)} is longer than the model "
+                                             f"allows ({max_positions} tokens)")
         check_device(self.device)
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise UserError(f"unknown dtype {self.dtype!r}; use auto, float32, bfloat16 or float16")
@@ -180,9 +180,9 @@ class RunConfig:
         for f in fields(self):
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
-                raise UserError(f"{f.name} must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}")
+                raise SettingError(f.name, f"must be one of {', '.join(choices)}; got {getattr(self, f.name)!r}")
         if self.device_map not in ("", "auto"):
-            raise UserError("device_map must be empty or 'auto'")
+            raise SettingError("device_map", "must be empty or 'auto'")
         if self.max_memory:
             parse_max_memory(self.max_memory)
         return self
@@ -192,20 +192,20 @@ class RunConfig:
             v, kind = getattr(self, f.name), type(f.default)
             if kind is bool:
                 if not isinstance(v, bool):       # "false" and "no" are truthy strings
-                    raise UserError(f"{f.name} must be true or false, got {v!r}")
+                    raise SettingError(f.name, f"must be true or false, got {v!r}")
             elif kind is str:
                 if not isinstance(v, str):
-                    raise UserError(f"{f.name} must be text, got {v!r}")
+                    raise SettingError(f.name, f"must be text, got {v!r}")
                 if len(v) > MAX_TEXT:
-                    raise UserError(f"{f.name} is {len(v):,} characters long; the limit is {MAX_TEXT:,}")
+                    raise SettingError(f.name, f"is {len(v):,} characters long; the limit is {MAX_TEXT:,}")
             elif kind is int:
                 if isinstance(v, float) and v.is_integer():
                     setattr(self, f.name, int(v))   # 3.0 from a number widget is 3
                 elif isinstance(v, bool) or not isinstance(v, int):
-                    raise UserError(f"{f.name} must be a whole number, got {v!r}")
+                    raise SettingError(f.name, f"must be a whole number, got {v!r}")
             elif kind is float:
                 if isinstance(v, bool) or not isinstance(v, (int, float)):
-                    raise UserError(f"{f.name} must be a number, got {v!r}")
+                    raise SettingError(f.name, f"must be a number, got {v!r}")
 
     def cli_command(self, verb: str = "learn", extra: tuple = (), only: set | None = None) -> str:
         """The CLI command that reproduces this configuration (non-default values only; `only`

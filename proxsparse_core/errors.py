@@ -5,6 +5,15 @@ class UserError(Exception):
     """Bad input or an unusable environment, explained in one line (no stack trace shown)."""
 
 
+class SettingError(UserError):
+    """A bad value of one named setting (a RunConfig field): its message is "<setting> <problem>",
+    and a caller that names settings its own way (the app's widget labels) reads the two fields."""
+
+    def __init__(self, setting: str, problem: str):
+        super().__init__(f"{setting} {problem}")
+        self.setting, self.problem = setting, problem
+
+
 class Stopped(UserError):
     """The user pressed Stop (or Ctrl-C): the work ended early and left nothing half-done.
 

@@ -19,7 +19,7 @@ import torch
 from proxsparse_core.runs import curves as plots
 from proxsparse_core.config import DEFAULT_PRESET, PRESETS, RunConfig, preset_note as measured_note
 from proxsparse_core.data.text import HELD_OUT_SHARE
-from proxsparse_core.errors import UserError
+from proxsparse_core.errors import SettingError, UserError
 from proxsparse_core.models.loading import BUNDLED, BUNDLED_LABEL
 
 from . import inputs
@@ -90,11 +90,13 @@ def form_value(name: str, v):
     return inputs.text(label, v).strip()
 
 
-def labelled(message: str) -> str:
-    """A RunConfig message ("lambda1 must be ≥ 0 …") in the words of the page: the setting's
-    name becomes the widget's label ("λ1 · 2:4 regulariser must be ≥ 0 …")."""
-    name, _, rest = message.partition(" ")
-    return f"{LABELS[name]} {rest}" if name in LABELS else message
+def labelled(exc: UserError) -> str:
+    """A RunConfig error in the words of the page: a SettingError ("lambda1 must be ≥ 0 …") names
+    its setting, which becomes the widget's label ("λ1 · 2:4 regulariser must be ≥ 0 …"); any
+    other error reads as it is."""
+    if isinstance(exc, SettingError) and exc.setting in LABELS:
+        return f"{LABELS[exc.setting]} {exc.problem}"
+    return str(exc)
 
 
 def config_from_form(values: dict, data: str = "builtin") -> RunConfig:
@@ -103,7 +105,7 @@ def config_from_form(values: dict, data: str = "builtin") -> RunConfig:
     try:
         return RunConfig(**{**clean, "data": data}).validate()
     except UserError as exc:
-        raise UserError(labelled(str(exc))) from None
+        raise UserError(labelled(exc)) from None
 
 
 def preset_values(name: str, current: dict) -> tuple[list, str]:
