@@ -203,36 +203,50 @@ def test_native_kernel_result_is_independent_of_threads():
 
 
 _INTERPRETER_CHECK = """
+import sys
 import torch
+sys.path.insert(0, "tests")
+import triton_interp
+triton_interp.install()
 from proxsparse_core.method import prox
 from proxsparse_core.method import prox_triton
 from proxsparse_core.method.prox import FAST_TOL, MAX_SWEEPS, count_nonzeros
+from test_prox_speed_paths import adversarial_groups
 g = torch.Generator().manual_seed(11)
 for dtype in (torch.float32, torch.bfloat16, torch.float16):
     for lam in (1.0, 20.0):
         z = torch.randn(700, 4, generator=g) * 0.3
         z[torch.rand(700, generator=g) < 0.4, 2:] = 0
+        z[200:450, 2:] = 0                  # blocks of mostly 2:4 groups: handed to the next pass
         z[:40] *= 1e-4                      # float16 subnormals
-        z = z.to(dtype)
-        got, hist = z.clone(), torch.zeros(5, dtype=torch.long)
-        prox_triton.prox_(got, lam, FAST_TOL, MAX_SWEEPS, hist)
+        z = torch.cat([z, adversarial_groups(400, lam, seed=int(lam))]).to(dtype)
         want = prox.prox_groups(z, lam)
-        assert torch.equal(got, want), (dtype, lam, int((got != want).sum()))
-        assert torch.equal(hist, count_nonzeros(got)), dtype
+        # the multi-pass kernel with its caps, with caps that send most groups through all three
+        # passes, and the earlier one-launch kernel
+        for run in (lambda w, h: prox_triton.prox_(w, lam, FAST_TOL, MAX_SWEEPS, h),
+                    lambda w, h: prox_triton.prox_(w, lam, FAST_TOL, MAX_SWEEPS, h, caps=(1, 3)),
+                    lambda w, h: prox_triton.prox_single_pass_(w, lam, FAST_TOL, MAX_SWEEPS, h)):
+            got, hist = z.clone(), torch.zeros(5, dtype=torch.long)
+            run(got, hist)
+            assert torch.equal(got, want), (dtype, lam, int((got != want).sum()))
+            assert torch.equal(hist, count_nonzeros(got)), dtype
 print("OK")
 """
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the real kernel is tested in test_cuda.py")
 def test_triton_kernel_in_interpreter_matches_native():
-    """The Triton program run by Triton's CPU interpreter (a fresh process: the mode is fixed when
-    Triton is first imported) gives the native kernel's results, bit for bit, and its counts."""
+    """The Triton programs run by Triton's CPU interpreter (a fresh process: the mode is fixed when
+    Triton is first imported) give the native kernel's results, bit for bit, and its counts: the
+    multi-pass kernel (in place, handed-on groups, groups past a pass's sweep cap) and the earlier
+    one-launch kernel, on random and adversarial groups (so they are never worse than the reference
+    either: the native kernel is checked for that above)."""
     pytest.importorskip("triton")
     if not prox_native.available():
         pytest.skip("no C compiler")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, TRITON_INTERPRET="1",
-               PYTHONPATH=os.pathsep.join([root] + sys.path))
+               PYTHONPATH=os.pathsep.join([root, os.path.join(root, "tests")] + sys.path))
     res = subprocess.run([sys.executable, "-c", _INTERPRETER_CHECK], env=env, capture_output=True,
-                         text=True, timeout=600)
+                         text=True, timeout=1200, cwd=root)
     assert res.returncode == 0 and res.stdout.strip().endswith("OK"), res.stderr[-2000:]
