@@ -1,0 +1,305 @@
+"""2:4 products for a few tokens at a time (token-by-token generation), with a dense fallback.
+
+Generating one token at a time multiplies every weight by 1–16 activation rows: the time is the
+time to read the weights. A 2:4 weight needs half the values plus 2 bits of position per kept value,
+so its product can read ≈ 1.78× fewer bytes than the dense one. cuSPARSELt (sparse24.py) does not
+help there: its fixed cost per call is larger than the whole product. This module packs a 2:4 weight
+once and multiplies it by a Triton kernel that reads only the packed form:
+
+* ``values`` [out, Kp/2]: the two kept values of every group of 4 (a group with fewer than two
+  non-zeros keeps zeros), in the weight's dtype (bf16/fp16); Kp is the input size rounded up to 64;
+* ``meta`` [out, Kp/8] uint8: per group a nibble p0 | p1 << 2 (the positions, p0 < p1), two groups
+  per byte, the even group in the low nibble.
+
+Each program takes BN output rows and a share of the input dimension (SPLIT shares), expands a
+BN × BK tile of the weight in registers (two selects per value) and multiplies it with the
+activation tile on tensor cores (tokens padded to 16), accumulating in float32. With SPLIT > 1 the
+shares write float32 partial sums and the last one to finish (an atomic counter per row block,
+reset by that program) adds them in a fixed order, so the result does not depend on timing.
+
+`Decode24Linear` runs this kernel where it is faster than the dense product of the same layer on
+this GPU — measured once per shape and token count (do_bench, caches flushed, as in generation where
+the weights come from memory) — and the dense product everywhere else (more tokens than
+``MAX_TOKENS``, CPU tensors, shapes where the kernel loses). `use_24_kernels(model)` switches every
+2:4 prunable linear of a loaded model (an export included) to it in one call.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+MAX_TOKENS = 16          # the kernel pads tokens to one 16-wide tensor-core tile
+K_ALIGN = 64             # packed input size is a multiple of this (zeros appended)
+TOKEN_BUCKETS = (1, 2, 4, 8, 16)
+DTYPES = (torch.float16, torch.bfloat16)
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+# ----------------------------------------------------------------------------- packing
+
+def _round_up(n: int, m: int) -> int:
+    return -(-n // m) * m
+
+
+@torch.no_grad()
+def pack_24(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(values [out, Kp/2], meta [out, Kp/8] uint8) of a 2:4 weight [out, in] (see the module doc).
+    Raises ValueError if some group of 4 has more than two non-zeros or in % 4 != 0."""
+    if weight.dim() != 2 or weight.shape[1] % 4:
+        raise ValueError(f"a 2:4 weight is [out, in] with in divisible by 4, got {tuple(weight.shape)}")
+    n, k = weight.shape
+    kp = _round_up(k, K_ALIGN)
+    w = weight.detach()
+    if kp != k:
+        w = F.pad(w, (0, kp - k))
+    g = w.reshape(n, kp // 4, 4)
+    nz = g != 0
+    if bool((nz.sum(-1) > 2).any()):
+        raise ValueError("the weight is not 2:4: some group of 4 has more than two non-zeros")
+    # the non-zeros first, then zeros, lower positions first among equals; then p0 < p1
+    key = nz.to(torch.int16) * 4 + (3 - torch.arange(4, device=w.device, dtype=torch.int16))
+    pos = key.topk(2, dim=-1).indices.sort(dim=-1).values
+    values = g.gather(-1, pos).reshape(n, kp // 2).contiguous()
+    code = _CODE.to(w.device)[pos[..., 0] * 4 + pos[..., 1]].view(n, kp // 32, 8)
+    meta = (code << (4 * torch.arange(8, device=w.device, dtype=torch.int32))).sum(-1, dtype=torch.int32)
+    return values, meta.contiguous()
+
+
+# Per group a 4-bit code a | b << 2. The group's four outputs are two 32-bit words of two 16-bit
+# values: word A (positions 0, 1) is the kept pair V = v0 | v1 << 16 rearranged by a = 0: V,
+# 1: v0 alone, 2: v0 moved up, 3: zero; word B (positions 2, 3) by b = 0: zero, 1: v1 moved down,
+# 2: v1 alone, 3: V. (p0, p1) → code:
+_CODE = torch.full((16,), -1, dtype=torch.int32)
+for (_p0, _p1), _c in {(0, 1): 0, (0, 2): 5, (0, 3): 9, (1, 2): 6, (1, 3): 10, (2, 3): 15}.items():
+    _CODE[_p0 * 4 + _p1] = _c
+# the byte selectors (prmt) that build A and B from V, four 16-bit selectors per table
+SEL_A = (0x44103210, 0x44441044)
+SEL_B = (0x44324444, 0x32103244)
+
+
+@torch.no_grad()
+def unpack_24(values: torch.Tensor, meta: torch.Tensor, in_features: int) -> torch.Tensor:
+    """The dense weight [out, in] that (values, meta) encode (for checks)."""
+    n = values.shape[0]
+    code = (meta[:, :, None] >> (4 * torch.arange(8, device=meta.device, dtype=torch.int32))) & 15
+    code = code.reshape(n, -1).long()
+    lookup = torch.zeros(16, 2, dtype=torch.long)
+    for i in range(16):
+        if int(_CODE[i]) >= 0:
+            lookup[int(_CODE[i])] = torch.tensor([i // 4, i % 4])
+    pos = lookup.to(meta.device)[code]
+    dense = torch.zeros(n, pos.shape[1], 4, dtype=values.dtype, device=values.device)
+    dense.scatter_(-1, pos, values.reshape(n, -1, 2))
+    return dense.reshape(n, -1)[:, :in_features]
+
+
+# ----------------------------------------------------------------------------- the kernel
+
+@dataclass(frozen=True)
+class Config:
+    bn: int = 16            # output rows per program
+    bk: int = 256           # input columns per step
+    split: int = 1          # programs sharing one row block's input dimension
+    warps: int = 1
+    stages: int = 3
+    asm: bool = True        # expand groups with prmt (PTX); False: plain Triton selects
+
+    def __str__(self):
+        return f"BN{self.bn}·BK{self.bk}·S{self.split}·W{self.warps}·P{self.stages}" + ("" if self.asm else "·sel")
+
+
+def candidate_configs(n: int, k: int) -> list[Config]:
+    """The configurations tried per shape (the first is the default without a measurement): 16, 32
+    or 64 rows per program (1, 2, 4 warps), the input dimension shared by 1–8 programs."""
+    kp = _round_up(k, K_ALIGN)
+    bk = next(b for b in (256, 128, 64) if kp % b == 0)
+    out = []
+    for bn, warps, splits in ((16, 1, (1, 2, 4)), (32, 2, (1, 2, 4)), (64, 4, (1, 2, 4, 8))):
+        blocks = -(-n // bn)
+        for split in splits:
+            if split == 1 or (blocks * split <= 4096 and k // split >= 512):
+                out.append(Config(bn=bn, bk=bk, split=split, warps=warps))
+    # the default: enough programs for a large GPU without splitting short inputs
+    default = Config(bk=bk, split=1 if n >= 8192 or k < 1024 else (4 if k >= 8192 else 2))
+    return [default] + [c for c in out if c != default]
+
+
+def _kernel():
+    """The Triton kernel (decode24_triton.py, imported on first use)."""
+    from proxsparse_core.inference.decode24_triton import mm24
+    return mm24
+
+
+def _interpreted() -> bool:
+    import os
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def mm24(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, in_features: int,
+         bias: torch.Tensor | None = None, config: Config | None = None,
+         sem: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x·Wᵀ (+ bias) for x [T, in] (T ≤ MAX_TOKENS, contiguous rows) and a packed 2:4 W.
+    `sem` (int32 zeros, ≥ row blocks) is the split counter buffer; it is left zeroed."""
+    import triton
+    t, k = x.shape
+    if t > MAX_TOKENS or k != in_features:
+        raise ValueError(f"mm24 takes [≤{MAX_TOKENS}, {in_features}] inputs, got {tuple(x.shape)}")
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    n = values.shape[0]
+    cfg = config or candidate_configs(n, k)[0]
+    y = torch.empty(t, n, dtype=x.dtype, device=x.device)
+    blocks = triton.cdiv(n, cfg.bn)
+    if cfg.split > 1:
+        ws = torch.empty(cfg.split, MAX_TOKENS, n, dtype=torch.float32, device=x.device)
+        if sem is None or sem.numel() < blocks:
+            sem = torch.zeros(blocks, dtype=torch.int32, device=x.device)
+    else:
+        ws = sem = y                          # unused
+    words = values.view(torch.int32)
+    if (4 * words.shape[1]) % cfg.bk:
+        raise ValueError(f"{cfg} does not divide the packed input size {4 * words.shape[1]}")
+    ctx = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
+    with ctx:
+        _kernel()[(blocks, cfg.split)](
+            x, words, meta, bias if bias is not None else y, y, ws, sem, t, n, k,
+            words.shape[1], meta.shape[1], x.stride(0), y.stride(0),
+            HAS_BIAS=bias is not None, BN=cfg.bn, BK=cfg.bk, TP=MAX_TOKENS, SPLIT=cfg.split,
+            ASM=cfg.asm and not _interpreted(), num_warps=cfg.warps, num_stages=cfg.stages)
+    return y
+
+
+# ----------------------------------------------------------------------------- choosing per shape
+
+def bucket(tokens: int) -> int:
+    """The token count a decision is measured at (the next of TOKEN_BUCKETS)."""
+    return next(b for b in TOKEN_BUCKETS if b >= tokens)
+
+
+@dataclass
+class Choice:
+    config: Config | None                    # None: the dense product
+    dense_ms: float | None = None
+    kernel_ms: float | None = None
+
+
+_CHOICES: dict = {}      # (out, in, bucket, dtype, device, bias?) → Choice, shared by all layers
+
+
+def _bench(fn) -> float:
+    from triton.testing import do_bench
+    return float(do_bench(fn, warmup=5, rep=20, return_mode="median"))
+
+
+@torch.no_grad()
+def choose(layer: "Decode24Linear", tokens: int, margin: float = 1.05) -> Choice:
+    """Kernel (its fastest configuration) or dense for this layer's shape at this token count,
+    measured once on this GPU and remembered. The kernel must beat dense by `margin`."""
+    b = bucket(tokens)
+    key = (layer.out_features, layer.in_features, b, layer.values.dtype, layer.values.device,
+           layer.bias is not None)
+    if key in _CHOICES:
+        return _CHOICES[key]
+    x = torch.randn(b, layer.in_features, device=layer.values.device, dtype=layer.values.dtype)
+    dense_ms = _bench(lambda: F.linear(x, layer.weight, layer.bias))
+    best, best_ms = None, float("inf")
+    for cfg in candidate_configs(layer.out_features, layer.in_features):
+        try:
+            ms = _bench(lambda: layer.kernel(x, cfg))
+        except Exception:                    # a configuration this GPU cannot run: skip it
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    choice = Choice(best if best is not None and best_ms * margin < dense_ms else None, dense_ms,
+                    best_ms if best is not None else None)
+    _CHOICES[key] = choice
+    return choice
+
+
+# ----------------------------------------------------------------------------- the module
+
+class Decode24Linear(torch.nn.Module):
+    """y = x·Wᵀ + b for a 2:4 weight W: the packed 2:4 kernel for ≤ MAX_TOKENS rows where it was
+    measured faster, the dense product otherwise (the dense weight is kept for that)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, measure: bool = True):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight                 # the layer's own dense (2:4) weight, not copied
+        self.bias = bias
+        values, meta = pack_24(weight)
+        self.register_buffer("values", values, persistent=False)
+        self.register_buffer("meta", meta, persistent=False)
+        self.register_buffer("sem", torch.zeros(-(-self.out_features // 16), dtype=torch.int32,
+                                                device=weight.device), persistent=False)
+        self.measure = measure
+
+    def kernel(self, x2: torch.Tensor, config: Config | None = None) -> torch.Tensor:
+        return mm24(x2, self.values, self.meta, self.in_features, self.bias, config, self.sem)
+
+    def path(self, tokens: int) -> Config | None:
+        """The kernel configuration for this many rows, or None for the dense product."""
+        if tokens > MAX_TOKENS or tokens == 0 or not self.values.is_cuda or not triton_available():
+            return None
+        b = bucket(tokens)
+        key = (self.out_features, self.in_features, b, self.values.dtype, self.values.device,
+               self.bias is not None)
+        if key in _CHOICES:
+            return _CHOICES[key].config
+        if not self.measure or torch.cuda.is_current_stream_capturing():
+            return None                      # unmeasured: dense (no timing inside a CUDA graph)
+        return choose(self, tokens).config
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        cfg = self.path(x2.shape[0])
+        if cfg is None:
+            return F.linear(x, self.weight, self.bias)
+        return self.kernel(x2, cfg).view(*x.shape[:-1], self.out_features)
+
+
+def convertible(weight: torch.Tensor) -> bool:
+    """A weight the kernel takes: CUDA, fp16/bf16, 2-D, input divisible by 4, 2:4."""
+    if not (weight.is_cuda and weight.dtype in DTYPES and weight.dim() == 2 and weight.shape[1] % 4 == 0):
+        return False
+    return not bool(((weight.detach().reshape(-1, 4) != 0).sum(1) > 2).any())
+
+
+@torch.no_grad()
+def use_24_kernels(model, prunable=None, measure: bool = True,
+                   accept=convertible) -> tuple[list[str], list[str]]:
+    """From now on, run every 2:4 prunable linear of `model` through `Decode24Linear` (fast
+    generation; prompts longer than MAX_TOKENS, and shapes where the kernel is slower, stay on the
+    dense product). `prunable` defaults to `find_prunable(model)`. Returns (converted, skipped).
+    The weights are not modified; `restore_dense(model)` undoes it."""
+    if prunable is None:
+        from proxsparse_core.sparsity.prunable import find_prunable
+        prunable = find_prunable(model)
+    done, skipped = [], []
+    for name in prunable.names:
+        lin = prunable.modules[name]
+        if getattr(lin, "_decode24", None) is not None or not accept(lin.weight):
+            (done if getattr(lin, "_decode24", None) is not None else skipped).append(name)
+            continue
+        mod = Decode24Linear(lin.weight, lin.bias, measure=measure)
+        lin.__dict__["_decode24"] = mod       # not a submodule: state dicts stay as they were
+        lin.forward = mod.forward
+        done.append(name)
+    return done, skipped
+
+
+def restore_dense(model) -> int:
+    """Undo use_24_kernels: every converted linear runs its own forward again. Returns how many."""
+    n = 0
+    for m in model.modules():
+        if m.__dict__.pop("_decode24", None) is not None:
+            m.__dict__.pop("forward", None)
+            n += 1
+    return n

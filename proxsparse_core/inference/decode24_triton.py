@@ -1,0 +1,89 @@
+"""The Triton kernel of decode24.py (imported only where Triton is installed): a 2:4 product for
+≤ 16 activation rows reading packed values and 4-bit codes; see decode24.py for the format."""
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def expand(vw, code, dtype: tl.constexpr, ASM: tl.constexpr):
+    """The 4 outputs of each group from its kept pair (one int32 word) and its 4-bit code."""
+    if ASM:
+        # four instructions per word: look the selector up (prmt on the tables), apply it (prmt)
+        d0, d1, d2, d3 = tl.inline_asm_elementwise(
+            """{
+            .reg .b32 ia, ib, sa, sb, wa, wb;
+            and.b32 ia, $5, 3;
+            shr.b32 ib, $5, 2;
+            mad.lo.u32 ia, ia, 34, 16;
+            mad.lo.u32 ib, ib, 34, 16;
+            prmt.b32 sa, 0x44103210, 0x44441044, ia;
+            prmt.b32 sb, 0x44324444, 0x32103244, ib;
+            prmt.b32 wa, $4, 0, sa;
+            prmt.b32 wb, $4, 0, sb;
+            mov.b32 {$0, $1}, wa;
+            mov.b32 {$2, $3}, wb;
+            }""",
+            "=h,=h,=h,=h,r,r", [vw, code], dtype=(tl.int16, tl.int16, tl.int16, tl.int16), is_pure=True, pack=1)
+        d0, d1 = d0.to(dtype, bitcast=True), d1.to(dtype, bitcast=True)
+        d2, d3 = d2.to(dtype, bitcast=True), d3.to(dtype, bitcast=True)
+    else:
+        a = code & 3
+        b = code >> 2
+        wa = tl.where(a == 0, vw, tl.where(a == 1, vw & 0xFFFF, tl.where(a == 2, vw << 16, 0)))
+        wb = tl.where(b == 3, vw, tl.where(b == 2, vw & -65536, tl.where(b == 1, (vw >> 16) & 0xFFFF, 0)))
+        d0 = (wa & 0xFFFF).to(tl.int16).to(dtype, bitcast=True)
+        d1 = ((wa >> 16) & 0xFFFF).to(tl.int16).to(dtype, bitcast=True)
+        d2 = (wb & 0xFFFF).to(tl.int16).to(dtype, bitcast=True)
+        d3 = ((wb >> 16) & 0xFFFF).to(tl.int16).to(dtype, bitcast=True)
+    return d0, d1, d2, d3
+
+@triton.jit
+def mm24(x_ptr, v_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, sem_ptr, T, N, K, KW, KM, stride_x, stride_y,
+         HAS_BIAS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, TP: tl.constexpr,
+         SPLIT: tl.constexpr, ASM: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    rn = pid_n * BN + tl.arange(0, BN)
+    nmask = rn < N
+    rt = tl.arange(0, TP)
+    tmask = rt < T
+    steps = tl.cdiv(K, BK)
+    per = tl.cdiv(steps, SPLIT)
+    k_lo = pid_s * per * BK               # steps past K load nothing (masked)
+    acc = tl.zeros([TP, BN], dtype=tl.float32)
+    # [BN, BK/32, 8]: row, meta word, group within the word
+    j8 = tl.arange(0, BK // 32)
+    j = tl.arange(0, 8)
+    v_off = rn[:, None, None].to(tl.int64) * KW + (j8[None, :, None] * 8 + j[None, None, :])
+    m_off = rn[:, None].to(tl.int64) * KM + j8[None, :]
+    shift = (4 * j)[None, None, :]
+    x_row = x_ptr + rt[:, None] * stride_x
+    for k0 in range(k_lo, k_lo + per * BK, BK):
+        inside = k0 < 4 * KW                  # BK divides the packed size: whole tiles
+        vw = tl.load(v_ptr + v_off + k0 // 4, mask=nmask[:, None, None] & inside, other=0)
+        mw = tl.load(m_ptr + m_off + k0 // 32, mask=nmask[:, None] & inside, other=0)
+        kk = k0 + tl.arange(0, BK)
+        x = tl.load(x_row + kk[None, :], mask=tmask[:, None] & (kk < K)[None, :], other=0.0)
+        code = (mw[:, :, None] >> shift) & 15
+        d0, d1, d2, d3 = expand(vw, code, x_ptr.dtype.element_ty, ASM)
+        w = tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), [BN, BK])
+        acc = tl.dot(x, tl.trans(w), acc)
+    out_ptrs = y_ptr + rt[:, None] * stride_y + rn[None, :]
+    out_mask = tmask[:, None] & nmask[None, :]
+    if SPLIT == 1:
+        if HAS_BIAS:
+            acc += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+        tl.store(out_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
+    else:
+        part = ws_ptr + rt[:, None] * N + rn[None, :]
+        tl.store(part + pid_s * (TP * N), acc, mask=nmask[None, :])
+        tl.debug_barrier()
+        done = tl.atomic_add(sem_ptr + pid_n, 1, sem="acq_rel")
+        if done == SPLIT - 1:             # the last share adds all partial sums, in order
+            tot = tl.zeros([TP, BN], dtype=tl.float32)
+            for s in tl.static_range(SPLIT):
+                tot += tl.load(part + s * (TP * N), mask=nmask[None, :], other=0.0, cache_modifier=".cg")
+            if HAS_BIAS:
+                tot += tl.load(b_ptr + rn, mask=nmask, other=0.0).to(tl.float32)[None, :]
+            tl.store(out_ptrs, tot.to(y_ptr.dtype.element_ty), mask=out_mask)
+            tl.store(sem_ptr + pid_n, 0)  # ready for the next call
