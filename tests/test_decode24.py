@@ -150,3 +150,14 @@ def test_kernel_in_interpreter_matches_dense_product():
     res = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True,
                          timeout=900, cwd=ROOT)
     assert res.returncode == 0 and "OK" in res.stdout, res.stderr[-3000:]
+
+
+def test_generation_speed_reports_both_sides_and_restores():
+    model = make_tiny_llama(seed=4)
+    prunable = find_prunable(model)
+    apply_masks(prunable, extract_masks(prunable))
+    r = d24.generation_speed(model, prunable, new_tokens=4, accept=lambda w: True)
+    assert r.converted == len(prunable.names) and r.skipped == 0
+    assert r.dense_ms > 0 and r.sparse_ms > 0 and r.speedup > 0
+    assert r.shared == 4                     # on a CPU both sides run the same dense products
+    assert all("_decode24" not in prunable.modules[n].__dict__ for n in prunable.names)

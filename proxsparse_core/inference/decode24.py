@@ -21,7 +21,9 @@ reset by that program) adds them in a fixed order, so the result does not depend
 this GPU — measured once per shape and token count (do_bench, caches flushed, as in generation where
 the weights come from memory) — and the dense product everywhere else (more tokens than
 ``MAX_TOKENS``, CPU tensors, shapes where the kernel loses). `use_24_kernels(model)` switches every
-2:4 prunable linear of a loaded model (an export included) to it in one call.
+2:4 prunable linear of a loaded model (an export included) to it in one call, and
+`generation_speed(model)` times greedy generation dense against 2:4 (what the Compare tab can show
+as tokens per second).
 """
 from __future__ import annotations
 
@@ -303,3 +305,62 @@ def restore_dense(model) -> int:
             m.__dict__.pop("forward", None)
             n += 1
     return n
+
+
+# ----------------------------------------------------------------------------- generation speed
+
+@dataclass
+class GenerationSpeed:
+    dense_ms: float                          # per generated token, dense model
+    sparse_ms: float                         # per generated token, after use_24_kernels
+    tokens: int                              # tokens timed per side
+    shared: int                              # greedy tokens equal to dense's before the first difference
+    converted: int
+    skipped: int
+
+    @property
+    def speedup(self) -> float:
+        """Tokens per second, 2:4 over dense."""
+        return self.dense_ms / self.sparse_ms
+
+
+@torch.no_grad()
+def _greedy_ms(model, ids: torch.Tensor, new: int, warmup: int = 2) -> tuple[float, list[int]]:
+    """ms per token of greedy decoding with the model's own forward and KV cache, token by token
+    (as generate() runs it), after `warmup` tokens; and the tokens."""
+    from transformers import DynamicCache
+    cache = DynamicCache()
+    out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+    tok = out.logits[:, -1:].argmax(-1)
+    sync = torch.cuda.synchronize if ids.is_cuda else (lambda: None)
+    toks, t0 = [], None
+    import time
+    for j in range(new + warmup):
+        if j == warmup:
+            sync()
+            t0 = time.perf_counter()
+        out = model(input_ids=tok, past_key_values=cache, use_cache=True)
+        tok = out.logits[:, -1:].argmax(-1)
+        toks.append(int(tok))
+    sync()
+    return 1e3 * (time.perf_counter() - t0) / max(new, 1), toks[warmup:]
+
+
+@torch.no_grad()
+def generation_speed(model, prunable=None, ids: torch.Tensor | None = None, new_tokens: int = 32,
+                     measure: bool = True, accept=convertible) -> GenerationSpeed:
+    """Greedy generation (batch 1) of `model` dense, then with use_24_kernels, timed the same way
+    (eager, the model's own cache): ms per token each, and how long the two agree. The model is
+    restored afterwards. `ids` [1, T] is the prompt (default: 16 random tokens)."""
+    if ids is None:
+        vocab = model.get_input_embeddings().num_embeddings
+        dev = model.get_input_embeddings().weight.device
+        ids = torch.randint(0, vocab, (1, 16), generator=torch.Generator().manual_seed(0)).to(dev)
+    dense_ms, dense = _greedy_ms(model, ids, new_tokens)
+    done, skipped = use_24_kernels(model, prunable, measure=measure, accept=accept)
+    try:
+        sparse_ms, sparse = _greedy_ms(model, ids, new_tokens)
+    finally:
+        restore_dense(model)
+    shared = next((i for i, (a, b) in enumerate(zip(dense, sparse)) if a != b), min(len(dense), len(sparse)))
+    return GenerationSpeed(dense_ms, sparse_ms, new_tokens, shared, len(done), len(skipped))
