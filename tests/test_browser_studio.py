@@ -345,6 +345,50 @@ def test_export_writes_the_name_it_shows_and_the_report_reads_like_the_app(tiny_
     report.close()
 
 
+# ------------------------------------------------------------------------------------ a reload during a recovery
+
+RECOVERY = "document.querySelector('#ps-recover-progress').innerText"
+KL_POINTS = "(document.querySelector('#ps-recover-loss .js-plotly-plot')?.data?.[0]?.x?.length || 0)"
+
+
+def test_a_reloaded_page_re_attaches_to_a_running_recovery_and_shows_its_result(tiny_app, browser):
+    """A recovery is a job on the server: reloading the page mid-way shows it running, with its
+    progress and its chart (not READY with an empty chart), and then its result."""
+    from gradio_client import Client
+
+    from test_app_e2e import start_args
+
+    url, model = tiny_app
+    Client(url, verbose=False).predict(*start_args(model, steps=3), api_name="/start")     # a mask to recover
+    page = open_page(browser, url)
+    page.get_by_role("tab", name="Compare").click()
+    page.wait_for_function("() => document.querySelector('#ps-recover-result input').value.includes('ProxSparse')")
+    steps = page.locator("#ps-recover-steps input[type=number]")
+    steps.fill("200")
+    steps.press("Tab")
+    page.click("#ps-recover")
+    page.wait_for_function(f"() => {RECOVERY}.includes('fine-tuning: step') && {KL_POINTS} >= 2", timeout=120_000)
+
+    page.reload()
+    page.get_by_text("ProxSparse", exact=False).first.wait_for()
+    page.get_by_role("tab", name="Compare").click()
+    page.wait_for_function(f"() => {RECOVERY}.includes('fine-tuning: step') && {KL_POINTS} >= 2", timeout=60_000)
+    text = page.inner_text("#ps-recover-progress")
+    assert "RUNNING" in text.upper() and "READY" not in text.upper() and re.search(r"step \d+ / 200", text), text
+    done = int(re.search(r"step (\d+) / 200", text).group(1))
+    page.wait_for_function(f"(n) => +((/step (\\d+) \\//.exec({RECOVERY}) || [0, 0])[1]) > n", arg=done)  # live
+    page.locator("#ps-recover-progress").scroll_into_view_if_needed()
+    shot(page, "18-reloaded-page-follows-the-running-recovery.png")
+
+    page.wait_for_function(f"() => {RECOVERY}.toLowerCase().includes('finished')", timeout=300_000)
+    text = page.inner_text("#ps-recover-progress")
+    assert "ProxSparse + recovery" in text and "fine-tuned" in text, text
+    page.wait_for_function("() => document.querySelector('#ps-table').innerText.includes('recovery')")
+    assert page.evaluate(f"() => {KL_POINTS}") == 200
+    shot(page, "19-reloaded-page-shows-the-finished-recovery.png")
+    page.close()
+
+
 # ------------------------------------------------------------------------------------ a real model
 
 @pytest.fixture(scope="module")
