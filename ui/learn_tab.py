@@ -120,10 +120,10 @@ def preset_values(name: str, current: dict) -> tuple[list, str]:
     return [getattr(cfg, f) for f in FORM], preset_note(name)
 
 
-def preset_form(name: str, *values) -> tuple:
-    """The Preset dropdown changed: the form's new values, then the preset's note."""
-    new, text = preset_values(name, dict(zip(FORM, values)))
-    return (*new, text)
+def preset_form(name: str, values: dict) -> dict:
+    """The Preset dropdown changed: the form's new values and the preset's note, by widget name."""
+    new, text = preset_values(name, values)
+    return {**dict(zip(FORM, new)), "preset_note": text}
 
 
 def preset_note(name: str) -> str:
@@ -164,12 +164,17 @@ def matching_preset(cfg: RunConfig) -> str:
     return next((k for k, v in PRESETS.items() if all(d.get(f) == x for f, x in v["settings"].items())), CUSTOM)
 
 
-def model_changed(model, preset) -> tuple:
+class PresetView(NamedTuple):
+    preset: Any = SKIP
+    preset_note: Any = SKIP
+
+
+def model_changed(model, preset) -> PresetView:
     """The model field changed: a preset made for another model no longer applies (→ custom)."""
     model = inputs.text(LABELS["model"], model).strip()
     if preset in PRESETS and preset_model(preset) not in (None, model):
-        return CUSTOM, preset_note(CUSTOM)
-    return gr.skip(), gr.skip()
+        return PresetView(CUSTOM, preset_note(CUSTOM))
+    return PresetView()
 
 
 def gpu_warning(jobs: JobManager, cfg: RunConfig) -> str | None:
@@ -551,11 +556,10 @@ def build_learn_tab(jobs: JobManager, demo: gr.Blocks, defaults: RunConfig, pres
                 "hf_spec": gr.update(visible=v["mode"] == DATA_MODES[2])}
 
     def on_preset(v, page):
-        values, text = preset_values(v["preset"], {n: v[n] for n in FORM})
-        return {**dict(zip(FORM, values)), "preset_note": text}
+        return preset_form(v["preset"], {n: v[n] for n in FORM})
 
     def on_model(v, page):
-        return dict(zip(("preset", "preset_note"), model_changed(v["model"], v["preset"])))
+        return model_changed(v["model"], v["preset"])
 
     def on_forget(v, page):
         return {"last_upload": forget_upload(jobs, v["upload"], v["last_upload"])}
@@ -572,7 +576,7 @@ def build_learn_tab(jobs: JobManager, demo: gr.Blocks, defaults: RunConfig, pres
     w.listen(stop.click, on_stop, [], [], api_name="stop", queue=False)
     w.listen(mode.change, on_mode, ["mode"], ["upload", "hf_spec"], api_visibility="private", queue=False)
     w.listen(preset_box.input, on_preset, ["preset"] + FORM, FORM + ["preset_note"], api_visibility="private")
-    w.listen(widgets["model"].input, on_model, ["model", "preset"], ["preset", "preset_note"],
+    w.listen(widgets["model"].input, on_model, ["model", "preset"], PresetView,
              api_visibility="private", queue=False)
     # an edited setting clears a message about the old one (Start checks everything again)
     w.listen([c.input for c in w(FORM + ["mode", "hf_spec", "evaluate"])],
