@@ -1,5 +1,7 @@
 """CUDA paths (skipped without a GPU): the Triton prox equals the CPU kernel, the fused λ2 gradient
-equals its formula, the learner runs on the GPU, and 2:4 sparse linears match dense outputs."""
+equals its formula, the learner runs on the GPU, 2:4 sparse linears match dense outputs, the
+multi-pass prox equals the one-launch kernel, and the packed 2:4 generation kernel (decode24) matches
+dense products."""
 import pytest
 import torch
 
@@ -228,3 +230,110 @@ def test_native_and_triton_agree_on_a_real_shape():
         prox.prox_2to4_(gpu, 1.0)
         differ = gpu.cpu() != cpu
         assert not bool(differ.any()), (dtype, int(differ.sum()), float((gpu.cpu().float() - cpu.float()).abs().max()))
+
+
+def test_multi_pass_prox_equals_single_pass_kernel():
+    """The three-launch prox (handed-on groups, sweep caps) against the earlier one-launch kernel,
+    bit for bit, with its counts, on a fresh and a mostly-2:4 bf16 matrix and with caps that send
+    most groups through all three passes."""
+    from proxsparse_core.sparsity.masks import mask_2to4
+    tri = prox.triton_kernels()
+    g = torch.Generator(device="cuda").manual_seed(1)
+    w = (torch.randn(2048, 1024, device="cuda", generator=g) * 0.02).bfloat16()
+    mid = w.clone().view(-1, 4)
+    pick = torch.rand(mid.shape[0], device="cuda", generator=g) < 0.9
+    mid[pick] = mid[pick] * mask_2to4(w).view(-1, 4)[pick]
+    for z in (w.view(-1, 4), mid):
+        for lam in (0.25, 20.0):
+            one, h1 = z.clone(), torch.zeros(5, dtype=torch.long, device="cuda")
+            tri.prox_single_pass_(one, lam, FAST_TOL, MAX_SWEEPS, h1)
+            for caps in (tri.CAPS, (1, 3)):
+                got, h = z.clone(), torch.zeros(5, dtype=torch.long, device="cuda")
+                tri.prox_(got, lam, FAST_TOL, MAX_SWEEPS, h, caps=caps)
+                assert torch.equal(got, one), (lam, caps, int((got != one).any(1).sum()))
+                assert torch.equal(h, h1) and torch.equal(h.cpu(), count_nonzeros(got.cpu()))
+
+
+def _decode24():
+    pytest.importorskip("triton")
+    from proxsparse_core.inference import decode24
+    return decode24
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_decode24_kernel_matches_dense(dtype):
+    """Every configuration the dispatcher may pick, 1/3/7/16 tokens, odd sizes, with a bias: as
+    accurate against float32 as the dense bf16/fp16 product."""
+    from proxsparse_core.inference.sparse24 import random_24_weight
+    d24 = _decode24()
+    for o, i in [(4096, 4096), (11008, 4096), (4096, 11008), (37, 132), (200, 576)]:
+        w = random_24_weight(o, i, dtype=dtype)
+        values, meta = d24.pack_24(w)
+        assert torch.equal(d24.unpack_24(values, meta, i), w)
+        b = torch.randn(o, device="cuda", dtype=dtype) * 0.1
+        for t in (1, 3, 7, 16):
+            x = torch.randn(t, i, device="cuda", dtype=dtype)
+            ref = x.float() @ w.float().t() + b.float()
+            dense_err = float((F_linear(x, w, b).float() - ref).norm() / ref.norm())
+            for cfg in d24.candidate_configs(o, i) + [d24.Config(bk=64, asm=False)]:
+                y = d24.mm24(x, values, meta, i, b, cfg)
+                err = float((y.float() - ref).norm() / ref.norm())
+                assert err <= 2 * dense_err + 1e-4, (o, i, t, str(cfg), err, dense_err)
+
+
+def F_linear(x, w, b=None):
+    return torch.nn.functional.linear(x, w, b)
+
+
+def test_decode24_split_counters_are_reset_and_graph_capturable():
+    from proxsparse_core.inference.sparse24 import random_24_weight
+    d24 = _decode24()
+    w = random_24_weight(4096, 11008)
+    layer = d24.Decode24Linear(w)
+    cfg = d24.Config(split=4)
+    x = torch.randn(1, 11008, device="cuda", dtype=torch.bfloat16)
+    first = layer.kernel(x, cfg)
+    assert int(layer.sem.abs().sum()) == 0
+    for _ in range(3):
+        assert torch.equal(layer.kernel(x, cfg), first)      # a fixed order of the partial sums
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        layer.kernel(x, cfg)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = layer.kernel(x, cfg)
+    x2 = torch.randn_like(x)
+    x.copy_(x2)
+    graph.replay()
+    torch.testing.assert_close(out, layer.kernel(x2, cfg), rtol=0, atol=0)
+
+
+def test_use_24_kernels_on_a_model():
+    """One call converts a 2:4 model: greedy next tokens as dense, long inputs on the dense product,
+    the model restored by restore_dense."""
+    from conftest import make_tiny_llama
+    from proxsparse_core.sparsity.masks import apply_masks, extract_masks
+    from proxsparse_core.sparsity.prunable import find_prunable
+    d24 = _decode24()
+    model = make_tiny_llama(hidden=512, inter=1024).cuda().to(torch.bfloat16)
+    prunable = find_prunable(model)
+    apply_masks(prunable, extract_masks(prunable))
+    ids = torch.randint(2, 256, (1, 40), device="cuda")
+    with torch.no_grad():
+        dense = model(input_ids=ids[:, -1:]).logits.float()
+        done, skipped = d24.use_24_kernels(model)
+        assert done == prunable.names and not skipped
+        layer = prunable.modules[done[0]].__dict__["_decode24"]
+        for n in done:                       # force the kernel for one token, whatever was measured
+            lin = prunable.modules[n].__dict__["_decode24"]
+            d24._CHOICES[(lin.out_features, lin.in_features, 1, lin.values.dtype, lin.values.device,
+                          lin.bias is not None)] = d24.Choice(d24.Config(bk=64))
+        sparse = model(input_ids=ids[:, -1:]).logits.float()
+        assert layer.path(1) == d24.Config(bk=64) and layer.path(40) is None
+        assert float((sparse - dense).norm() / dense.norm()) <= 2e-2
+        assert torch.equal(sparse.argmax(-1), dense.argmax(-1))
+        assert d24.restore_dense(model) == len(done)
+        assert torch.equal(model(input_ids=ids[:, -1:]).logits.float(), dense)
+    d24._CHOICES.clear()
