@@ -74,10 +74,10 @@ def test_dispatcher_takes_dense_where_the_kernel_is_slower(monkeypatch):
     monkeypatch.setattr(d24, "_CHOICES", {})
     monkeypatch.setattr(d24, "candidate_configs", lambda n, k: [d24.Config(bk=64), d24.Config(bk=128)])
     monkeypatch.setattr(layer, "kernel", lambda x, cfg: cfg)
-    speed = {"dense": 1.0, 64: 0.97, 128: 2.0}
+    speed = {"dense": 1.0, 64: 0.9, 128: 2.0}
     monkeypatch.setattr(d24, "_bench", lambda fn: speed["dense"] if not isinstance(fn(), d24.Config) else speed[fn().bk])
     monkeypatch.setattr(F, "linear", lambda *a, **k: "dense")
-    assert d24.choose(layer, 3).config is None          # 0.97 ms is not 5 % faster than 1.0 ms
+    assert d24.choose(layer, 3).config is None          # 0.9 ms is not 20 % faster than 1.0 ms
     speed[64] = 0.5
     assert d24.choose(layer, 3).config is None          # remembered per shape and bucket (4 tokens)
     assert d24.choose(layer, 5).config == d24.Config(bk=64)   # bucket 8, measured afresh
