@@ -367,12 +367,12 @@ def test_a_reloaded_page_re_attaches_to_a_running_recovery_and_shows_its_result(
     steps.fill("200")
     steps.press("Tab")
     page.click("#ps-recover")
-    page.wait_for_function(f"() => {RECOVERY}.includes('fine-tuning: step') && {KL_POINTS} >= 2", timeout=120_000)
+    page.wait_for_function(f"() => {RECOVERY}.includes('fine-tuning: step') && {KL_POINTS} >= 2")
 
     page.reload()
     page.get_by_text("ProxSparse", exact=False).first.wait_for()
     page.get_by_role("tab", name="Compare").click()
-    page.wait_for_function(f"() => {RECOVERY}.includes('fine-tuning: step') && {KL_POINTS} >= 2", timeout=60_000)
+    page.wait_for_function(f"() => {RECOVERY}.includes('fine-tuning: step') && {KL_POINTS} >= 2", timeout=120_000)
     text = page.inner_text("#ps-recover-progress")
     assert "RUNNING" in text.upper() and "READY" not in text.upper() and re.search(r"step \d+ / 200", text), text
     done = int(re.search(r"step (\d+) / 200", text).group(1))
