@@ -136,14 +136,19 @@ def _print_compare(ws, names, args):
 
 def _add_generation_flags(p: argparse.ArgumentParser):
     from proxsparse_core.inference.evaluate import GenerationSettings
-    p.add_argument("--max-new-tokens", type=int, default=48)
-    def ngram(text: str) -> int:          # checked when the flags are read, before a model loads
-        try:
-            return GenerationSettings(no_repeat_ngram=int(text)).validate().no_repeat_ngram
-        except (ValueError, UserError) as exc:
-            raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, UserError) else
-                                             f"not a whole number: {text!r}") from None
-    p.add_argument("--no-repeat-ngram", type=ngram, default=0, metavar="N",
+
+    def checked(name: str):
+        def read(text: str) -> int:       # checked when the flags are read, before a model loads
+            try:
+                return getattr(GenerationSettings(**{name: int(text)}).validate(), name)
+            except (ValueError, UserError) as exc:
+                raise argparse.ArgumentTypeError(str(exc) if isinstance(exc, UserError) else
+                                                 f"not a whole number: {text!r}") from None
+        return read
+    lo, hi = GenerationSettings.LIMITS["max_new_tokens"]
+    p.add_argument("--max-new-tokens", type=checked("max_new_tokens"), default=48, metavar="N",
+                   help=f"tokens each answer may add ({lo} to {hi})")
+    p.add_argument("--no-repeat-ngram", type=checked("no_repeat_ngram"), default=0, metavar="N",
                    help=_help(GenerationSettings.HELP["no_repeat_ngram"]))
 
 

@@ -27,6 +27,7 @@ import torch
 from proxsparse_core.runs import curves as plots
 from proxsparse_core.errors import Stopped, UserError
 from proxsparse_core.progress import Progress, as_progress
+from proxsparse_core import measured
 from proxsparse_core.inference.evaluate import EXAMPLE_PROMPTS, GenerationSettings, first_divergence
 from proxsparse_core.baselines.oneshot import METHODS
 from proxsparse_core.recovery.recover import RECOVERY_LENGTHS, RECOVERY_METHODS, TEACHERS, RecoveryConfig, recovered_name
@@ -67,13 +68,13 @@ LOOP_GUARD = 4                # "Block repeats": no 4 tokens in a row twice in o
 def settings_from_form(sample, temperature, top_p, max_new_tokens, chat, block_repeats=False) -> GenerationSettings:
     sample = inputs.flag("Sample (off = greedy)", sample)
     guard = LOOP_GUARD if inputs.flag("Block repeats", block_repeats) else 0
-    t, p = inputs.number("Temperature", temperature), inputs.number("Top-p", top_p)
-    n = inputs.whole("Max new tokens", max_new_tokens, 1, 2048)
+    limits = GenerationSettings.LIMITS
+    t = inputs.number("Temperature", temperature, *limits["temperature"])
+    p = inputs.number("Top-p", top_p, *limits["top_p"])
+    n = inputs.whole("Max new tokens", max_new_tokens, *limits["max_new_tokens"])
     chat = inputs.flag("Use the model's chat template", chat)
-    if sample and not (0 < t <= 10 and 0 < p <= 1):
-        raise UserError("sampling needs 0 < temperature ≤ 10 and 0 < top-p ≤ 1")
     return GenerationSettings(max_new_tokens=n, do_sample=sample, temperature=t, top_p=p, chat=chat,
-                              no_repeat_ngram=guard)
+                              no_repeat_ngram=guard).validate()
 
 
 def _panel(text: str, cut: int | None, streaming: bool, empty: str = "…") -> str:
@@ -435,25 +436,27 @@ def attach_speedup(jobs: JobManager):
 RECOVERY_LABELS = {"both": "both: weight update, then fine-tune",
                    "obs": "weight update (OBS, seconds)",
                    "finetune": "fine-tune by distillation from the dense model"}
-MAX_RECOVERY_STEPS = 5000
-MAX_RECOVERY_SAMPLES = 200_000
-MAX_RECOVERY_BATCH = 256
-MAX_RECOVERY_TEXT = 5_000_000
 TEACHER_LABELS = {"stored": "stored: top-64 per position, read once (up to 20,000 samples)",
                   "live": "live: the dense model runs beside it, full distribution (any length)"}
 
-_LENGTH_TIME = {"standard": "≈ 7 min on 2 CPU cores, ≈ 1 min on a GPU", "long": "≈ 4.5 min on an H200, measured",
-                "deep": "≈ 2 min of text once, then ≈ 0.3–0.4 s a step on an H100; hours on a CPU"}
+_LENGTH_NOTE = {"long": ", for a GPU", "deep": ", live teacher + fresh text, for a GPU"}
 
 
-def _length_label(name: str, where: str = "") -> str:
-    """A recovery length's radio label; its numbers come from recovery.RECOVERY_LENGTHS."""
+def _range(name: str) -> tuple:
+    """(lowest, highest) of a recovery setting: RecoveryConfig declares them, the sliders show them."""
+    return RecoveryConfig.bounds(name)[:2]
+
+
+def _length_label(name: str) -> str:
+    """A recovery length's radio label: its size from recovery.RECOVERY_LENGTHS, its measured times
+    (if any were recorded) from bench/measured.json."""
     d = RECOVERY_LENGTHS[name]
-    return f"{name}{where}: {d['steps']:,} steps × {d['batch']} sample{'s' * (d['batch'] > 1)} ({_LENGTH_TIME[name]})"
+    times = "; ".join(t for t in (measured.describe(f"recover:{name}:{w}") for w in ("cpu", "gpu")) if t)
+    return (f"{name}{_LENGTH_NOTE.get(name, '')}: {d['steps']:,} steps × {d['batch']} "
+            f"sample{'s' * (d['batch'] > 1)}" + (f" ({times})" if times else ""))
 
 
-RECOVERY_LENGTH_LABELS = {"standard": _length_label("standard"), "long": _length_label("long", ", for a GPU"),
-                          "deep": _length_label("deep", ", live teacher + fresh text")}
+RECOVERY_LENGTH_LABELS = {k: _length_label(k) for k in RECOVERY_LENGTHS}
 RENDER_EVERY_S = 0.25         # the live view redraws at most this often (the last state always)
 
 
@@ -489,12 +492,12 @@ def recovery_progress_html(job: Job | None) -> str:
 def recovery_config(method, steps, samples=RecoveryConfig.samples, batch=RecoveryConfig.batch,
                     lr=RecoveryConfig.lr, teacher=RecoveryConfig.teacher, text=RecoveryConfig.text) -> RecoveryConfig:
     method = inputs.one_of("Recovery", method, RECOVERY_METHODS)
-    steps = inputs.whole("Fine-tuning steps", steps, 1, MAX_RECOVERY_STEPS)
-    samples = inputs.whole("Fine-tuning samples", samples, 0, MAX_RECOVERY_SAMPLES)
-    batch = inputs.whole("Samples per step", batch, 1, MAX_RECOVERY_BATCH)
-    lr = inputs.number("Fine-tuning learning rate", lr, 1e-6, 1.0)
+    steps = inputs.whole("Fine-tuning steps", steps, *RecoveryConfig.bounds("steps")[:2])
+    samples = inputs.whole("Fine-tuning samples", samples, *RecoveryConfig.bounds("samples")[:2])
+    batch = inputs.whole("Samples per step", batch, *RecoveryConfig.bounds("batch")[:2])
+    lr = inputs.number("Fine-tuning learning rate", lr, *RecoveryConfig.bounds("lr")[:2])
     teacher = inputs.one_of("Teacher", teacher, TEACHERS)
-    text = inputs.whole("Fresh text (tokens)", text, 0, MAX_RECOVERY_TEXT)
+    text = inputs.whole("Fresh text (tokens)", text, *RecoveryConfig.bounds("text")[:2])
     return RecoveryConfig(method=method, steps=steps, samples=samples, batch=batch, lr=lr, teacher=teacher,
                           text=text).validate()
 
@@ -659,13 +662,16 @@ def build_compare_tab(jobs: JobManager, tab: gr.Tab, demo: gr.Blocks | None = No
                                   allow_custom_value=True)   # choices change as results arrive
             with gr.Accordion("Decoding", open=False):
                 sample = gr.Checkbox(False, label="Sample (off = greedy)")
-                temperature = gr.Slider(0.05, 2.0, 0.7, step=0.05, label="Temperature")
-                top_p = gr.Slider(0.05, 1.0, 0.9, step=0.05, label="Top-p")
+                temperature = gr.Slider(*GenerationSettings.LIMITS["temperature"], GenerationSettings.temperature,
+                                        step=0.05, label="Temperature")
+                top_p = gr.Slider(*GenerationSettings.LIMITS["top_p"], GenerationSettings.top_p, step=0.05,
+                                  label="Top-p")
                 chat = gr.Checkbox(True, label="Use the model's chat template")
                 block = gr.Checkbox(False, label="Block repeats", elem_id="ps-block-repeats",
                                     info=f"no {LOOP_GUARD} tokens in a row twice in one answer: stops the loops "
                                          "of small and 2:4 models under greedy decoding (off = plain greedy)")
-            max_new = gr.Slider(8, 256, 64, step=8, label="Max new tokens")
+            max_new = gr.Slider(*GenerationSettings.LIMITS["max_new_tokens"], GenerationSettings.max_new_tokens,
+                                step=1, label="Max new tokens")
             with gr.Row():
                 go = gr.Button("Generate both", variant="primary", elem_id="ps-generate")
                 gen_stop = gr.Button("Stop", variant="stop", elem_id="ps-generate-stop", min_width=80)
@@ -723,21 +729,17 @@ def build_compare_tab(jobs: JobManager, tab: gr.Tab, demo: gr.Blocks | None = No
                                   label="Recovery")
             rec_length = gr.Radio([(RECOVERY_LENGTH_LABELS[k], k) for k in RECOVERY_LENGTHS], value="standard",
                                   label="Length", elem_id="ps-recover-length",
-                                  info="sets the sliders below and the teacher, fresh text and learning rate. On the bundled model, 1,000 steps × 4 samples "
-                                       "lowered held-out perplexity by a further 14–18 % on every text measured "
-                                       "(H200), × 8 a little more; answers stay on topic, lost facts mostly stay "
-                                       "lost. For a demo that answers, use deep on a GPU: after it ProxSparse's mask answered "
-                                       "three of the four example prompts sensibly, SparseGPT's result two. On a CPU: "
-                                       "SparseGPT's result with standard kept 'Paris'")
-            rec_steps = gr.Slider(5, 1000, RecoveryConfig.steps, step=5, label="Fine-tuning steps",
+                                  info="sets the sliders below and the teacher, fresh text and learning rate. Longer "
+                                       "lengths read more text and recover more; what each gave on the bundled model "
+                                       "is in bench/RESULTS.md")
+            rec_steps = gr.Slider(*_range("steps"), RecoveryConfig.steps, step=1, label="Fine-tuning steps",
                                   elem_id="ps-recover-steps",
-                                  info="300 with the weight update: ≈ 7 min on 2 CPU cores (the first time ≈ 1 min more, "
-                                       "to write the model's own text), ≈ 1 min on a GPU (measured)")
-            rec_samples = gr.Slider(0, MAX_RECOVERY_SAMPLES, RecoveryConfig.samples, step=50,
+                                  info="the first time on a model, writing its own text adds a little; "
+                                       "times: the Length labels above")
+            rec_samples = gr.Slider(*_range("samples"), RecoveryConfig.samples, step=50,
                                     label="Fine-tuning samples", elem_id="ps-recover-samples",
-                                    info="drawn like the run's calibration samples (0 = exactly the run's); "
-                                         "300 read once beat the run's 150 read twice on every held-out text")
-            rec_batch = gr.Slider(1, 128, RecoveryConfig.batch, step=1, label="Samples per step",
+                                    info="drawn like the run's calibration samples (0 = exactly the run's)")
+            rec_batch = gr.Slider(*_range("batch"), RecoveryConfig.batch, step=1, label="Samples per step",
                                   elem_id="ps-recover-batch",
                                   info="each fine-tuning step reads this many samples; on a CPU its time grows about "
                                        "in proportion, a GPU has room for several at once")
@@ -745,12 +747,13 @@ def build_compare_tab(jobs: JobManager, tab: gr.Tab, demo: gr.Blocks | None = No
                 rec_teacher = gr.Radio([(TEACHER_LABELS[t], t) for t in TEACHERS], value=RecoveryConfig.teacher,
                                        label="Teacher", elem_id="ps-recover-teacher",
                                        info="how fine-tuning knows the dense model's answer at every position")
-                rec_text = gr.Slider(0, MAX_RECOVERY_TEXT, RecoveryConfig.text, step=50_000,
+                rec_text = gr.Slider(*_range("text"), RecoveryConfig.text, step=50_000,
                                      label="Fresh text (tokens)", elem_id="ps-recover-text",
                                      info="text the dense model writes first (answers to varied instructions and free "
                                           "text, cached per model and seed); the samples are then drawn over it and the "
                                           "calibration text together. A GPU job")
-                rec_lr = gr.Number(RecoveryConfig.lr, label="Fine-tuning learning rate", elem_id="ps-recover-lr",
+                rec_lr = gr.Number(RecoveryConfig.lr, minimum=_range("lr")[0], maximum=_range("lr")[1],
+                                   label="Fine-tuning learning rate", elem_id="ps-recover-lr",
                                    info="relative to each layer's weight scale rms(W0); warm-up, then cosine decay")
             with gr.Row():
                 rec_go = gr.Button("Recover", variant="primary", elem_id="ps-recover")

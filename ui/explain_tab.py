@@ -221,10 +221,10 @@ picks the 2 matching inputs out of every 4, and does half the multiply-adds of a
 up to 2× the peak throughput and about half the weight memory.</li>
 <li><b>Why exactly 2 of 4.</b> The pattern is fixed and local, so the hardware never searches for
 non-zeros; unstructured sparsity has no such shortcut and rarely runs faster on GPUs.</li>
-<li><b>Honest numbers.</b> On an H200 (Hopper) PyTorch's <code>to_sparse_semi_structured</code> runs through
-cuSPARSELt only. On 7B-sized layers we measured 1.3–1.4× faster than dense for ≥ 16 K tokens per
-matmul (prefill, large batches), but each call has a ~0.45 ms floor, so below ~2–4 K tokens
-(one-token decoding) it is <i>slower</i> than dense.</li>
+<li><b>Honest numbers.</b> On Hopper GPUs PyTorch's <code>to_sparse_semi_structured</code> runs through
+cuSPARSELt only. On 7B-sized layers it beats dense only for long prefills (many thousands of tokens
+per matmul): each sparse call has a fixed cost, so for short prompts and one-token decoding it is
+<i>slower</i> than dense. The measured figures are in <code>bench/RESULTS.md</code>.</li>
 <li><b>In this app</b> the 2:4 model is run as ordinary weights with zeros: it shows the quality of
 the mask, not the speed-up (there are no sparse tensor cores on a CPU).</li>
 </ul>"""

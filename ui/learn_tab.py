@@ -476,6 +476,10 @@ def _widget(name: str, value, remote_code_allowed: bool = False):
         return gr.Dropdown(list(f.metadata["choices"]), value=value, label=label, info=info)
     if isinstance(f.default, bool):
         return gr.Checkbox(value=value, label=label, info=info)
+    if isinstance(f.default, (int, float)) and "hi" in f.metadata:   # bounds: declared once, on the field
+        lo, hi, _ = RunConfig.bounds(name)
+        return gr.Number(value=value, precision=0 if isinstance(f.default, int) else None, minimum=lo, maximum=hi,
+                         label=label, info=info)
     if isinstance(f.default, int):
         return gr.Number(value=value, precision=0, label=label, info=info)
     if isinstance(f.default, float):

@@ -82,6 +82,10 @@ class GenerationSettings:
     notes: list[str] = field(default_factory=list, compare=False, repr=False)
 
     MAX_NGRAM: ClassVar[int] = 16
+    # (lowest, highest) of the settings a page or a script sets: the check below, the CLI and the
+    # Compare tab's widgets read them here
+    LIMITS: ClassVar[dict] = {"max_new_tokens": (1, 512), "temperature": (0.05, 2.0), "top_p": (0.05, 1.0),
+                              "no_repeat_ngram": (0, MAX_NGRAM)}
     HELP: ClassVar[dict] = {
         "no_repeat_ngram": "loop guard: with N > 0 no N tokens in a row appear twice in one answer (greedy decoding "
                            "then takes the likeliest token that repeats none); 0 = off. Small and pruned models "
@@ -89,6 +93,9 @@ class GenerationSettings:
                            "that did not loop stayed almost word for word (bench/RESULTS.md)"}
 
     def validate(self) -> "GenerationSettings":
+        m, (lo, hi) = self.max_new_tokens, self.LIMITS["max_new_tokens"]
+        if isinstance(m, bool) or not isinstance(m, int) or not lo <= m <= hi:
+            raise UserError(f"max new tokens must be a whole number from {lo} to {hi}; got {m!r}")
         n = self.no_repeat_ngram
         if isinstance(n, bool) or not isinstance(n, int) or not 0 <= n <= self.MAX_NGRAM:
             raise UserError(f"the loop guard (no repeated n-gram) must be a whole number from 0 to {self.MAX_NGRAM}; "
