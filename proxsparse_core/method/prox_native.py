@@ -3,9 +3,9 @@
 Why C and not torch.compile: the prox wants a *per-group* loop ("iterate this group until it has
 converged"), which elementwise tensor programs cannot express; they run fixed blocks of sweeps over
 every group and compact the unconverged ones between blocks, which costs several extra passes over
-memory. Inductor also takes 10–30 s to compile on a small machine. This kernel is plain C (no torch
-headers): it builds in about a second, is cached under the ProxSparse cache folder keyed by its
-source and the CPU, and runs in place on float32 or bfloat16 weights.
+memory, and Inductor is slow to compile on a small machine. This kernel is plain C (no torch
+headers), built by native.py (cached under the ProxSparse cache folder, keyed by its source and the
+CPU), and runs in place on float32 or bfloat16 weights.
 
 What it does for each group of 4 (same mathematics and stopping rule as prox.py):
   * groups with ≤ 2 non-zeros are their own prox and are skipped (learning makes most groups so);
@@ -17,7 +17,10 @@ What it does for each group of 4 (same mathematics and stopping rule as prox.py)
     the keep-3 and keep-4 candidates may round down or up to the output grid, and the lowest
     objective of those 8 + 16 points and keep-2 wins (plain rounding to nearest can land on the
     worse side of a rounding midpoint, and the stored result would then lose to another schedule's);
-  * it counts the groups with 0..4 non-zeros of the result, which the learner reports every step.
+  * it counts the groups with 0..4 non-zeros of the result, which the learner reports every step;
+  * with column weights a (score "activation") it works on v = w·a in float32 and stores v / a back,
+    in the same pass over memory; `prox_layers_` runs every layer of a learning step in one call,
+    its threads sharing the work of all layers.
 It is built with -ffp-contract=off: no fused multiply-adds, so every operation is rounded exactly as
 written, in the same order as the Triton kernel (launched with enable_fp_fusion=False) and the
 PyTorch schedule in prox.py. The three give bit-identical results.
@@ -26,20 +29,15 @@ Without a C compiler prox.py falls back to its PyTorch kernels (same results, sl
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
-import threading
-import warnings
-from pathlib import Path
 
 import torch
+
+from proxsparse_core import native
 
 _SOURCE = r"""
 #include <stdint.h>
 #include <string.h>
+#include <omp.h>
 #define L 32
 #define FP16_MIN_NORMAL 6.103515625e-05f      /* 2^-14 */
 #define FP16_SUBNORMAL_STEP 5.9604644775390625e-08f   /* 2^-24 */
@@ -207,15 +205,53 @@ static void block(float z[4][L], int n, float lam, float tol, int max_sweeps, in
         }
 }
 
-/* prox the gathered block, write it back and count the non-zeros of the result */
-static void flush(void *w, int bf, const int64_t *gi, float z[4][L], int n, float lam, float tol,
-                  int max_sweeps, int grid, int64_t *h) {
-    block(z, n, lam, tol, max_sweeps, grid);
+/* One layer's groups for the driver below. a: NULL, or one float per input column (cols of them):
+   the prox then works on v = w·a (float32, rounded as written), and w = v / a is stored back. */
+typedef struct { void *w; int bf; int grid; const float *a; int64_t cols; float lam; } layer_t;
+
+/* prox the gathered block, write it back and count the non-zeros of the result (of v with a) */
+static void flush(const layer_t *t, const int64_t *gi, float z[4][L], int n, float tol, int max_sweeps,
+                  int64_t *h) {
+    block(z, n, t->lam, tol, max_sweeps, t->grid);
     for (int l = 0; l < n; l++) {
         int c = 0;
-        for (int k = 0; k < 4; k++) { st(w, bf, 4 * gi[l] + k, z[k][l]); c += ld(w, bf, 4 * gi[l] + k) != 0.f; }
+        int64_t base = 4 * gi[l];
+        if (t->a) {
+            const float *a = t->a + base % t->cols;
+            for (int k = 0; k < 4; k++) { c += z[k][l] != 0.f; st(t->w, t->bf, base + k, z[k][l] / a[k]); }
+        } else {
+            for (int k = 0; k < 4; k++) { st(t->w, t->bf, base + k, z[k][l]); c += ld(t->w, t->bf, base + k) != 0.f; }
+        }
         h[c]++;
     }
+}
+
+/* groups [g0, g1) of one layer: those with <= 2 non-zeros are their own prox (with a, only the
+   round trip w·a / a is stored), the others are gathered 32 at a time and solved */
+static void range(const layer_t *t, int64_t g0, int64_t g1, float tol, int max_sweeps, int64_t *h) {
+    int64_t gi[L];
+    float z[4][L];
+    int n = 0;
+    for (int64_t i = g0; i < g1; i++) {
+        float v[4];
+        int nz = 0;
+        if (t->a) {
+            const float *a = t->a + (4 * i) % t->cols;
+            for (int k = 0; k < 4; k++) { v[k] = ld(t->w, t->bf, 4 * i + k) * a[k]; nz += v[k] != 0.f; }
+            if (nz <= 2 || !(t->lam > 0.f)) {
+                for (int k = 0; k < 4; k++) st(t->w, t->bf, 4 * i + k, v[k] / a[k]);
+                h[nz]++;
+                continue;
+            }
+        } else {
+            for (int k = 0; k < 4; k++) { v[k] = ld(t->w, t->bf, 4 * i + k); nz += v[k] != 0.f; }
+            if (nz <= 2) { h[nz]++; continue; }      /* already 2:4: its own prox */
+        }
+        gi[n] = i;
+        for (int k = 0; k < 4; k++) z[k][n] = v[k];
+        if (++n == L) { flush(t, gi, z, n, tol, max_sweeps, h); n = 0; }
+    }
+    if (n) flush(t, gi, z, n, tol, max_sweeps, h);
 }
 
 /* In place on g groups of 4 (float32 if bf == 0, bfloat16 if bf == 1); grid: the result's number
@@ -224,81 +260,67 @@ static void flush(void *w, int bf, const int64_t *gi, float z[4][L], int n, floa
 void prox24(void *w, int bf, int64_t g, float lam, float tol, int max_sweeps, int grid, int threads,
             int64_t *hist) {
     int64_t total[5] = {0, 0, 0, 0, 0};
+    layer_t t = {w, bf, grid, 0, 4, lam};
     #pragma omp parallel num_threads(threads)
     {
-        int64_t h[5] = {0, 0, 0, 0, 0}, gi[L];
-        float z[4][L];
-        int n = 0;
-        #pragma omp for schedule(static)
-        for (int64_t i = 0; i < g; i++) {
-            int nz = 0;
-            for (int k = 0; k < 4; k++) nz += ld(w, bf, 4 * i + k) != 0.f;
-            if (nz <= 2) { h[nz]++; continue; }      /* already 2:4: its own prox */
-            gi[n] = i;
-            for (int k = 0; k < 4; k++) z[k][n] = ld(w, bf, 4 * i + k);
-            if (++n == L) { flush(w, bf, gi, z, n, lam, tol, max_sweeps, grid, h); n = 0; }
-        }
-        if (n) flush(w, bf, gi, z, n, lam, tol, max_sweeps, grid, h);
+        int64_t h[5] = {0, 0, 0, 0, 0};
+        int nt = omp_get_num_threads(), id = omp_get_thread_num();
+        range(&t, g * id / nt, g * (id + 1) / nt, tol, max_sweeps, h);
         #pragma omp critical
         for (int k = 0; k < 5; k++) total[k] += h[k];
     }
     for (int k = 0; k < 5; k++) hist[k] += total[k];
 }
+
+/* The prox of m layers in one call (a learning step's): layer j has groups[j] groups of w[j]
+   (bf[j] as above), its own lam[j], and with a[j] != NULL the prox of v = w·a in float32, v / a
+   stored back (cols[j] input columns). Output grid: the storage's (float32 with a). Lam 0 leaves a
+   layer as it is (with a: the round trip). hist[5 j + c] += groups of layer j with c non-zeros. */
+void prox24_layers(int m, void **w, const int *bf, const int64_t *groups, const float **a, const int64_t *cols,
+                   const float *lam, float tol, int max_sweeps, int threads, int64_t *hist) {
+    enum { CHUNK = 16384 };
+    int64_t nchunks = 0;
+    for (int j = 0; j < m; j++) nchunks += (groups[j] + CHUNK - 1) / CHUNK;
+    #pragma omp parallel num_threads(threads)
+    {
+        int j = 0;
+        int64_t first = 0;       /* chunk index where layer j starts */
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t c = 0; c < nchunks; c++) {
+            while (c >= first + (groups[j] + CHUNK - 1) / CHUNK) { first += (groups[j] + CHUNK - 1) / CHUNK; j++; }
+            layer_t t = {w[j], bf[j], a[j] ? 0 : bf[j], a[j], a[j] ? cols[j] : 4, lam[j]};
+            int64_t g0 = (c - first) * CHUNK, g1 = g0 + CHUNK < groups[j] ? g0 + CHUNK : groups[j];
+            int64_t h[5] = {0, 0, 0, 0, 0};
+            if (a[j] || lam[j] > 0.f) range(&t, g0, g1, tol, max_sweeps, h);
+            else for (int64_t i = g0; i < g1; i++) {
+                int nz = 0;
+                for (int k = 0; k < 4; k++) nz += ld(w[j], bf[j], 4 * i + k) != 0.f;
+                h[nz]++;
+            }
+            for (int k = 0; k < 5; k++) {
+                #pragma omp atomic
+                hist[5 * j + k] += h[k];
+            }
+        }
+    }
+}
 """
 
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-fno-math-errno", "-ffp-contract=off"]
-_lib = None
-_lock = threading.Lock()
-_failed = False
-
-
-def _cpu_key() -> str:
-    """What the build depends on: the source, the flags and the CPU (because of -march=native)."""
-    cpu = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = "".join(line for line in f if line.startswith(("model name", "flags")))[:4096]
-    except OSError:
-        pass
-    return hashlib.sha256((_SOURCE + " ".join(_FLAGS) + cpu).encode()).hexdigest()[:16]
-
-
-def _build() -> ctypes.CDLL:
-    from proxsparse_core.paths import cache_dir
-
-    target = cache_dir() / "native" / f"prox24-{_cpu_key()}.so"
-    if not target.exists():
-        cc = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc") or shutil.which("clang")
-        if cc is None:
-            raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-            src, out = Path(tmp) / "prox24.c", Path(tmp) / "prox24.so"
-            src.write_text(_SOURCE)
-            res = subprocess.run([cc, *_FLAGS, str(src), "-o", str(out)], capture_output=True, text=True)
-            if res.returncode:
-                raise RuntimeError(f"{cc} failed: {res.stderr.strip()[:300]}")
-            os.replace(out, target)   # atomic: concurrent builders never see half a file
-    lib = ctypes.CDLL(str(target))
+def _setup(lib) -> None:
     lib.prox24.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_int64, ctypes.c_float, ctypes.c_float,
                            ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p]
     lib.prox24.restype = None
-    return lib
+    lib.prox24_layers.argtypes = [ctypes.c_int] + [ctypes.c_void_p] * 6 + [ctypes.c_float, ctypes.c_int, ctypes.c_int,
+                                                                           ctypes.c_void_p]
+    lib.prox24_layers.restype = None
+
+
+_LIB = native.Library("prox24", _SOURCE, _setup)
 
 
 def available() -> bool:
     """True when the kernel is built (or could be built now). Set PROXSPARSE_NATIVE=0 to disable."""
-    global _lib, _failed
-    if os.environ.get("PROXSPARSE_NATIVE", "1") == "0" or _failed:
-        return False
-    with _lock:
-        if _lib is None and not _failed:
-            try:
-                _lib = _build()
-            except Exception as exc:  # noqa: BLE001 - any build failure means "use the PyTorch path"
-                _failed = True
-                warnings.warn(f"native prox unavailable ({exc!s:.200}); using the PyTorch kernels")
-    return _lib is not None
+    return _LIB.get() is not None
 
 
 def supports(t: torch.Tensor) -> bool:
@@ -318,8 +340,50 @@ def prox_(groups: torch.Tensor, lam: float, tol: float, max_sweeps: int,
     grid = GRIDS[out_dtype or groups.dtype]
     assert groups.dtype == torch.float32 or grid == 1, "bfloat16 storage holds bfloat16 results only"
     counts = torch.zeros(5, dtype=torch.int64)
-    _lib.prox24(groups.data_ptr(), int(groups.dtype == torch.bfloat16), groups.numel() // 4,
-                float(lam), float(tol), int(max_sweeps), grid, torch.get_num_threads(), counts.data_ptr())
+    _LIB.get().prox24(groups.data_ptr(), int(groups.dtype == torch.bfloat16), groups.numel() // 4,
+                      float(lam), float(tol), int(max_sweeps), grid, torch.get_num_threads(), counts.data_ptr())
     if hist is not None:
         hist += counts.to(hist.device)
     return groups
+
+
+def layers_supported(weights: list, cols: list | None = None) -> bool:
+    """Whether `prox_layers_` takes these weights: contiguous CPU float32/bfloat16 matrices whose rows
+    are whole groups, with float32 CPU column weights (one per input column) where given."""
+    if not available():
+        return False
+    for i, w in enumerate(weights):
+        if not (supports(w) and w.dim() == 2 and w.shape[1] % 4 == 0):
+            return False
+        a = None if cols is None else cols[i]
+        if a is not None and not (a.device.type == "cpu" and a.dtype == torch.float32 and a.is_contiguous()
+                                  and a.dim() == 1 and a.numel() == w.shape[1]):
+            return False
+    return True
+
+
+def prox_layers_(weights: list, lams: list, tol: float, max_sweeps: int, cols: list | None = None) -> torch.Tensor:
+    """The prox of every matrix in `weights`, in place, in one call (threads share the work of all
+    layers): layer j at λ `lams[j]`. With `cols[j]` (column weights a), the prox of V = W·diag(a)
+    in float32 and W = V / a stored back, exactly as
+
+        v = w.float() * a;  prox_(v.view(-1, 4), λ);  w.copy_(v / a)
+
+    computes it (with λ 0 only the round trip). Without, exactly `prox_(w.view(-1, 4), λ)` (nothing
+    at λ 0). Returns int64 [layers, 5]: each layer's groups with 0..4 non-zeros of the result (of V
+    with column weights). Check `layers_supported` first."""
+    m = len(weights)
+    hist = torch.zeros(m, 5, dtype=torch.int64)
+    if m == 0:
+        return hist
+    keep = list(weights) + [a for a in (cols or []) if a is not None]     # alive during the call
+    ptrs = (ctypes.c_void_p * m)(*[w.data_ptr() for w in weights])
+    bf = (ctypes.c_int * m)(*[int(w.dtype == torch.bfloat16) for w in weights])
+    groups = (ctypes.c_int64 * m)(*[w.numel() // 4 for w in weights])
+    a = (ctypes.c_void_p * m)(*[(None if cols is None or cols[j] is None else cols[j].data_ptr()) for j in range(m)])
+    ncols = (ctypes.c_int64 * m)(*[w.shape[1] for w in weights])
+    lam = (ctypes.c_float * m)(*[float(x) for x in lams])
+    _LIB.get().prox24_layers(m, ptrs, bf, groups, a, ncols, lam, float(tol), int(max_sweeps),
+                             torch.get_num_threads(), hist.data_ptr())
+    del keep
+    return hist

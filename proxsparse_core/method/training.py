@@ -27,6 +27,7 @@ from typing import Callable
 
 import torch
 
+from proxsparse_core.method.adamw_native import AdamW
 from proxsparse_core.sparsity.masks import load_weights
 
 
@@ -157,7 +158,8 @@ class MaskedTraining:
         groups = [{"params": [w], "lr": lr * scale[n]} for n, w in weights.items() if w.requires_grad]
         if rest:
             groups.append({"params": list(rest), "lr": lr})
-        self.opt = torch.optim.AdamW(groups, lr=lr, weight_decay=0.0, fused=fused)
+        # on the CPU, torch's AdamW with its update in C (adamw_native: the same bits, fewer passes)
+        self.opt = (torch.optim.AdamW if fused else AdamW)(groups, lr=lr, weight_decay=0.0, fused=fused)
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, self.factor)
 
     def factor(self, step_index: int) -> float:
@@ -196,6 +198,8 @@ class MaskedTraining:
         """Free the optimizer state in place (nothing big stays alive in a traceback)."""
         self.opt.zero_grad(set_to_none=True)
         self.opt.state.clear()
+        if isinstance(self.opt, AdamW):
+            self.opt._scratch = None
 
 
 @contextlib.contextmanager
