@@ -17,7 +17,7 @@ from proxsparse_core.data.text import Data, prepare_data
 from proxsparse_core.errors import Stopped, UserError
 from proxsparse_core.inference.evaluate import GenerationSettings, agreement, generate, generate_stream, score
 from proxsparse_core.method.learner import LearnResult, ProxSparseLearner
-from proxsparse_core.sparsity.masks import Verification, pruned_weights, snapshot, swapped, verify
+from proxsparse_core.sparsity.masks import Verification, masked, pruned_weights, snapshot, swapped, verify
 from proxsparse_core.models.loading import LoadedModel, load_model
 from proxsparse_core.progress import Progress
 from proxsparse_core.results import DENSE, LEARNED, Pruning
@@ -172,6 +172,9 @@ class Workspace:
         if name == DENSE:
             from contextlib import nullcontext
             return nullcontext()
+        r = self.results.get(name)
+        if r is not None and r.weights is None:    # W0 · mask, written in place (no copy of the model)
+            return masked(self.lm.prunable, r.masks, self.originals)
         return swapped(self.lm.prunable, self.weights_of(name), self.originals)
 
     # ------------------------------------------------------------------ evaluation

@@ -29,7 +29,8 @@ import torch
 
 from proxsparse_core.config import RunConfig
 from proxsparse_core.method.distill import distill_loss, teacher_targets
-from proxsparse_core.sparsity.masks import extract_masks, mask_2to4, nnz_histogram, snapshot
+from proxsparse_core.sparsity import masks_native
+from proxsparse_core.sparsity.masks import clean_and_count, extract_masks, mask_2to4, snapshot
 from proxsparse_core.method import prox_native
 from proxsparse_core.method.prox import FAST_TOL, MAX_SWEEPS, prox_2to4_, triton_kernels
 from proxsparse_core.sparsity.scores import ChannelNorms, channel_weights, ranking
@@ -114,8 +115,12 @@ def masked_w0(prunable, originals: dict, cols: dict | None = None):
         def hook(module, args):
             w = module.weight
             learned[name] = w.data
-            keep = mask_2to4(w.data, ranking(w.data, None if cols is None else cols[name]))
-            w.data = originals[name].to(w.device, w.dtype, non_blocking=True) * keep.to(w.dtype)
+            a = None if cols is None else cols[name]
+            if masks_native.supports(w.data, a):      # one pass, no temporaries of the weight's size
+                keep = masks_native.mask_(w.data, a)
+            else:
+                keep = mask_2to4(w.data, ranking(w.data, a))
+            w.data = originals[name].to(w.device, w.dtype, non_blocking=True) * keep.to(w.device, w.dtype)
         return hook
 
     def after(name):
@@ -226,9 +231,8 @@ class ProxSparseLearner:
         """The mask from the learned weights, and the share of groups that were already 2:4."""
         total_groups = sum(w.numel() // 4 for w in weights.values())
         with torch.no_grad():
-            for w in weights.values():   # a diverged weight must not poison the mask ranking
-                torch.nan_to_num_(w.data, nan=0.0, posinf=0.0, neginf=0.0)
-            learned_hist = sum(nnz_histogram(w).cpu() for w in weights.values())
+            # a diverged weight must not poison the mask ranking: non-finite weights become 0
+            learned_hist = clean_and_count(weights)
             masks = extract_masks(self.lm.prunable, cols)
         return masks, float(learned_hist[:3].sum()) / max(1, total_groups)
 

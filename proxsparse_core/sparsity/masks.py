@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from proxsparse_core.errors import UserError
+from proxsparse_core.sparsity import masks_native
 from proxsparse_core.sparsity.prunable import PrunableSet
 from proxsparse_core.sparsity.scores import ranking
 
@@ -38,12 +39,33 @@ def mask_2to4(w: torch.Tensor, score: torch.Tensor | None = None) -> torch.Tenso
 @torch.no_grad()
 def extract_masks(prunable: PrunableSet, cols: dict | None = None) -> dict[str, torch.Tensor]:
     """Masks from the current (learned) weights of every prunable layer, on the CPU: top-2 |W|, or
-    with `cols` (layer name → weight per input channel, scores.channel_weights) top-2 |W|·a."""
+    with `cols` (layer name → weight per input channel, scores.channel_weights) top-2 |W|·a.
+    Float32 and bfloat16 CPU weights are read in one pass each (masks_native), anything else with
+    mask_2to4; both give the same masks."""
     out = {}
     for n in prunable.names:
         w = prunable.modules[n].weight.detach()
-        out[n] = mask_2to4(w, ranking(w, None if cols is None else cols[n])).cpu()
+        a = None if cols is None else cols[n]
+        if masks_native.supports(w, a):
+            out[n] = masks_native.mask_(w, a)
+        else:
+            out[n] = mask_2to4(w, ranking(w, a)).cpu()
     return out
+
+
+@torch.no_grad()
+def clean_and_count(weights: dict) -> torch.Tensor:
+    """Set every non-finite weight to 0 in place and count the groups with 0..4 non-zeros over all
+    `weights` (name → tensor): int64 [5], on the CPU."""
+    hist = torch.zeros(5, dtype=torch.int64)
+    for w in weights.values():
+        w = w.detach()
+        if masks_native.supports(w):
+            masks_native.count_(w, hist, clean=True)
+        else:
+            torch.nan_to_num_(w, nan=0.0, posinf=0.0, neginf=0.0)
+            hist += nnz_histogram(w).cpu()
+    return hist
 
 
 def snapshot(prunable: PrunableSet) -> dict[str, torch.Tensor]:
@@ -66,6 +88,26 @@ def swapped(prunable: PrunableSet, weights: dict, originals: dict):
     """Temporarily run the model with `weights` in the prunable layers; restore `originals`."""
     load_weights(prunable, weights)
     try:
+        yield
+    finally:
+        load_weights(prunable, originals)
+
+
+@contextlib.contextmanager
+def masked(prunable: PrunableSet, masks: dict, originals: dict):
+    """Temporarily run the model with W0 · mask in the layers of `masks` (exactly the weights
+    pruned_weights(originals, masks) gives), written in place without a copy of the model; restore
+    `originals` however the block ends."""
+    try:
+        with torch.no_grad():
+            for n, m in masks.items():
+                w = prunable.modules[n].weight.data
+                o = originals[n]
+                if w.device == o.device and w.dtype == o.dtype and w.shape == o.shape:
+                    torch.mul(o, m.to(w.device), out=w)
+                else:
+                    w.copy_(o)
+                    w.mul_(m.to(w.device, w.dtype))
         yield
     finally:
         load_weights(prunable, originals)
@@ -98,29 +140,41 @@ class Verification:
 def verify(prunable: PrunableSet, masks: dict, originals: dict, updated_ok: bool = False) -> Verification:
     """Check the model's current prunable weights: every group has ≤ 2 non-zeros, pruned
     positions are zero, every weight is finite, and survivors equal W0 exactly (unless
-    `updated_ok`, for SparseGPT)."""
+    `updated_ok`, for SparseGPT). Each weight is read where it lies, in one pass (masks_native) for
+    float32 and bfloat16 CPU weights."""
     groups = bad = changed = 0
     problems = []
     for n in prunable.names:
-        w = prunable.modules[n].weight.detach().cpu()
+        w = prunable.modules[n].weight.detach()
         m = masks[n]
-        g = w.reshape(-1, 4)
-        groups += g.shape[0]
-        b = int(((g != 0).sum(1) > 2).sum())
+        groups += w.numel() // 4
+        o = None if updated_ok else originals[n]
+        if masks_native.check_supports(w, m, o):
+            b, pruned, nonfinite, c = masks_native.check(w, m, o)
+        else:
+            b, pruned, nonfinite, c = _check_torch(w, m, o)
         if b:
             bad += b
             problems.append(f"{n}: {b} groups with > 2 non-zeros")
-        if bool((w[~m] != 0).any()):
+        if pruned:
             problems.append(f"{n}: pruned positions are not zero")
-        nonfinite = int((~torch.isfinite(w)).sum()) if w.is_floating_point() else 0
         if nonfinite:
             problems.append(f"{n}: {nonfinite} weights are NaN or infinite")
-        if not updated_ok:
-            c = int((w[m] != originals[n][m]).sum())
-            if c:
-                changed += c
-                problems.append(f"{n}: {c} survivors differ from W0")
+        if c:
+            changed += c
+            problems.append(f"{n}: {c} survivors differ from W0")
     return Verification(not problems, groups, bad, changed, problems, updated_ok)
+
+
+def _check_torch(w: torch.Tensor, m: torch.Tensor, original: torch.Tensor | None) -> tuple[int, int, int, int]:
+    """masks_native.check's counts with PyTorch, on the weight's own device."""
+    m = m.to(w.device)
+    nz = w != 0
+    bad = int((nz.reshape(-1, 4).sum(1) > 2).sum())
+    pruned = int((nz & ~m).sum())
+    nonfinite = int((~torch.isfinite(w)).sum()) if w.is_floating_point() else 0
+    changed = 0 if original is None else int(((w != original.to(w.device)) & m).sum())
+    return bad, pruned, nonfinite, changed
 
 
 def shapes_mismatch(masks: dict, layers: dict) -> str | None:
