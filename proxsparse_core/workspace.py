@@ -15,7 +15,9 @@ from proxsparse_core.models.budget import check_learning_memory
 from proxsparse_core.config import RunConfig
 from proxsparse_core.data.text import Data, prepare_data
 from proxsparse_core.errors import Stopped, UserError
-from proxsparse_core.inference.evaluate import GenerationSettings, agreement, generate, generate_stream, score
+from proxsparse_core.inference.evaluate import GenerationSettings, Score, agreement, generate, generate_stream, score
+from proxsparse_core.inference import evaluate
+from proxsparse_core.memo import ModelMemo, source_of
 from proxsparse_core.method.learner import LearnResult, ProxSparseLearner
 from proxsparse_core.sparsity.masks import Verification, masked, pruned_weights, snapshot, swapped, verify
 from proxsparse_core.models.loading import LoadedModel, load_model
@@ -34,6 +36,7 @@ class Workspace:
         self._model_key = None
         self._data_key = None
         self._tuning = None                      # (count, samples) drawn for recovery's fine-tuning
+        self.memo: ModelMemo | None = None       # the loaded model's dense results kept on disk (memo.py)
         self.lock = threading.RLock()            # one heavy job at a time on this model
 
     # ------------------------------------------------------------------ loading
@@ -54,6 +57,7 @@ class Workspace:
                                 cfg.eval_ctx, cfg.eval_windows or None, cfg.data_field, lm.model)
         if new_model:                      # the new model is ready: only now drop the old one
             self.lm, self.originals, self.results, self.ppl, self.top1 = lm, snapshot(lm.prunable), {}, {}, {}
+            self.memo = ModelMemo(lm.model)
             self._model_key = key
             gc.collect()
             if torch.cuda.is_available():
@@ -73,7 +77,7 @@ class Workspace:
         check_learning_memory(self.lm, cfg)     # refuse settings that cannot fit, before any step
         with self.lock:
             result = ProxSparseLearner(self.lm, cfg, self.data.calibration, on_event, stop,
-                                       held_out=self.data.held_out, originals=self.originals).run()
+                                       held_out=self.data.held_out, originals=self.originals, memo=self.memo).run()
         if result.steps_done > 0:
             self.results[name] = Pruning(LEARNED, result.masks, None,
                                          {"status": result.status, "steps": result.steps_done,
@@ -179,13 +183,35 @@ class Workspace:
 
     # ------------------------------------------------------------------ evaluation
     def perplexity(self, name: str = DENSE, progress=None, stop=None) -> float:
-        """Held-out perplexity of a result (cached until the data or the result changes)."""
+        """Held-out perplexity of a result (cached until the data or the result changes). The dense
+        model's, with its top-1 predictions, is also kept on disk for this model and these windows
+        (memo.py): measured once, then read."""
         self._need()
         if name not in self.ppl:
-            with self.lock, self.variant(name):
-                s = score(self.lm.model, self.data.held_out, progress=progress, stop=stop)
+            with self.lock:
+                s = self._dense_score(progress) if name == DENSE else None
+                if s is None:
+                    with self.variant(name):
+                        s = score(self.lm.model, self.data.held_out, progress=progress, stop=stop)
+                    if name == DENSE and self.memo is not None:
+                        self.memo.store("dense-score", {"ppl": s.ppl, "top1": s.top1}, *self._score_inputs())
             self.ppl[name], self.top1[name] = s.ppl, s.top1
         return self.ppl[name]
+
+    def _score_inputs(self) -> tuple:
+        return self.data.held_out, source_of(evaluate.score, Score)
+
+    def _dense_score(self, progress=None) -> Score | None:
+        """The dense model's score on these windows as kept on disk, or None."""
+        if self.memo is None:
+            return None
+        kept = self.memo.lookup("dense-score", *self._score_inputs())
+        if not (isinstance(kept, dict) and isinstance(kept.get("top1"), torch.Tensor)
+                and isinstance(kept.get("ppl"), float)):
+            return None
+        if progress:
+            progress(self.data.held_out.shape[0], self.data.held_out.shape[0])
+        return Score(kept["ppl"], kept["top1"])
 
     def agreement(self, name: str, stop=None) -> float:
         """Share of held-out positions where `name` picks the same next token as the dense model."""

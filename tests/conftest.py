@@ -4,6 +4,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# the memo of dense results (proxsparse_core/memo.py) of this session, never the user's; each test
+# gets an empty one of its own (own_memo below)
+os.environ["PROXSPARSE_MEMO_DIR"] = __import__("tempfile").mkdtemp(prefix="proxsparse-test-memo-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -34,6 +37,13 @@ class TinyTokenizer:
 
     def decode(self, ids, skip_special_tokens=True):
         return bytes(int(i) - 2 for i in ids if int(i) >= 2).decode("utf-8", "replace")
+
+
+@pytest.fixture(autouse=True)
+def own_memo(tmp_path_factory, monkeypatch):
+    """Each test starts with an empty memo of dense results (proxsparse_core/memo.py), so no test
+    reads what another computed; tests/test_memo.py checks the memo itself."""
+    monkeypatch.setenv("PROXSPARSE_MEMO_DIR", str(tmp_path_factory.mktemp("memo")))
 
 
 @pytest.fixture

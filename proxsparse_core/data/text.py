@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from proxsparse_core import memo
 from proxsparse_core.errors import UserError
 
 HELD_OUT_SHARE = 0.2
@@ -136,9 +137,23 @@ def load_text(source: str = "builtin", field: str = "text") -> TextSplit:
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
-    """The text's token ids, without special tokens (those are added per window, see special_prefix)."""
-    ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
-    return torch.tensor(ids, dtype=torch.long)
+    """The text's token ids, without special tokens (those are added per window, see special_prefix).
+    For a fast tokenizer they are kept on disk under a hash of the tokenizer and the text (memo.py),
+    so the same text is tokenised once."""
+    def encode():
+        ids = tokenizer(text, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        return torch.tensor(ids, dtype=torch.long)
+    fp = memo.tokenizer_fingerprint(tokenizer) if memo.enabled() else None
+    if fp is None:
+        return encode()
+    key = memo.digest("tokens", memo.FORMAT, fp, text, memo.source_of(tokenize))   # (encode is inside it)
+    ids = memo.load("tokens", key)
+    if isinstance(ids, torch.Tensor):
+        return ids.long()
+    ids = encode()
+    if ids.numel() == 0 or int(ids.max()) < 2**31:      # kept as int32: half the file
+        memo.save("tokens", key, ids.int())
+    return ids
 
 
 def special_prefix(tokenizer) -> list[int]:

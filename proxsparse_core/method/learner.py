@@ -28,8 +28,9 @@ from typing import Callable
 import torch
 
 from proxsparse_core.config import RunConfig
+from proxsparse_core.memo import source_of
 from proxsparse_core.method.distill import distill_loss, teacher_targets
-from proxsparse_core.sparsity import masks_native
+from proxsparse_core.sparsity import masks_native, scores
 from proxsparse_core.sparsity.masks import clean_and_count, extract_masks, mask_2to4, snapshot
 from proxsparse_core.method import prox_native
 from proxsparse_core.method.prox import FAST_TOL, MAX_SWEEPS, prox_2to4_, triton_kernels
@@ -94,12 +95,13 @@ def held_gap(cost: float, step_times: list[float]) -> float:
 
 
 HELDOUT_WINDOWS = 2       # held-out windows of the "if stopped now" measurement, each cut to ctx/2 tokens:
-                          # one forward pass over as many tokens as a step's batch of one, ~⅓ of a step
+                          # one forward pass over as many tokens as a step's batch of one (no backward)
 HELDOUT_BUDGET = 0.06     # between step 1 and the last step it runs at evenly spaced stats steps, spaced so
-                          # that it costs this share of the run; with the dense reference and the two
-                          # ends, < 10% of a run
+                          # that it costs this share of the run (plus the two ends; the dense reference is
+                          # read from the model's memo after the first run)
 NORM_SAMPLES = 32         # with the LM loss (no teacher pass to share) the channel norms of score "activation" read
-                          # the run's first 32 samples (all of them cost ~5× as long on a CPU; bench/RESULTS.md)
+                          # the run's first 32 samples (all of them cost several times as long on a CPU;
+                          # bench/RESULTS.md); kept in the model's memo for the next run on the same samples
 
 
 @contextlib.contextmanager
@@ -173,7 +175,7 @@ class ProxSparseLearner:
     def __init__(self, lm, cfg: RunConfig, samples: torch.Tensor,
                  on_event: Callable[[StepEvent], None] | None = None,
                  stop: threading.Event | None = None,
-                 held_out: torch.Tensor | None = None, originals: dict | None = None):
+                 held_out: torch.Tensor | None = None, originals: dict | None = None, memo=None):
         self.lm, self.cfg, self.samples = lm, cfg, samples
         self.on_event = on_event or (lambda e: None)
         self.stop = stop or threading.Event()
@@ -181,6 +183,21 @@ class ProxSparseLearner:
         self.held_out = (held_out[:HELDOUT_WINDOWS, :min(held_out.shape[1], max(cfg.ctx // 2, 16))]
                          if held_out is not None and held_out.numel() else None)
         self.originals = originals
+        self.memo = memo              # memo.ModelMemo of the model, or None: the dense model's facts computed anew
+
+    def _dense_fact(self, kind: str, inputs: tuple, compute):
+        """What the dense model gives for `inputs` (channel norms, a held-out loss): read from the
+        model's memo when it has it, else computed (and kept there). Tensors come back on the devices
+        they were computed on: a layer's channel weights on that layer's."""
+        if self.memo is None:
+            return compute()
+        value = self.memo.lookup(kind, *inputs)
+        if value is None:
+            value = compute()
+            self.memo.store(kind, value, *inputs)
+        elif isinstance(value, dict):
+            value = {n: t.to(self.lm.prunable.modules[n].weight.device) for n, t in value.items()}
+        return value
 
     def _input_device(self):
         return self.lm.model.get_input_embeddings().weight.device
@@ -274,7 +291,10 @@ class ProxSparseLearner:
             slot[used] = torch.arange(used.numel())
             cols = norms.weights() if activation else None
         elif activation:
-            cols = channel_weights(self.lm, self.samples[used[:NORM_SAMPLES]], stop=self.stop)
+            picked = self.samples[used[:NORM_SAMPLES]]
+            cols = self._dense_fact("channel-norms", (picked, source_of(scores.channel_weights, ChannelNorms,
+                                                                        scores.InputNorms), scores.MIN_WEIGHT),
+                                    lambda: channel_weights(self.lm, picked, stop=self.stop))
         if cols is not None:
             scratch["cols"] = cols
         # per-layer λ1 and learning rate. "none" is the published method. "layer" makes the step
@@ -404,7 +424,8 @@ class _HeldOut:
         self.costs: list[float] = []     # seconds per measurement
         if self.batch is not None:       # the reference line, while the weights are still W0
             t0 = time.perf_counter()
-            self.dense = heldout_loss(learner.lm.model, self.batch)
+            self.dense = learner._dense_fact("heldout-loss", (self.batch, source_of(heldout_loss)),
+                                             lambda: heldout_loss(learner.lm.model, self.batch))
             self.cost = self.spent = time.perf_counter() - t0
 
     def maybe_measure(self, step: int, stats_step: bool, step_times: list[float]) -> float | None:
