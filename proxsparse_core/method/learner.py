@@ -96,7 +96,7 @@ def held_gap(cost: float, step_times: list[float]) -> float:
 
 HELDOUT_WINDOWS = 2       # held-out windows of the "if stopped now" measurement, each cut to ctx/2 tokens:
                           # one forward pass over as many tokens as a step's batch of one (no backward)
-HELDOUT_BUDGET = 0.06     # between step 1 and the last step it runs at evenly spaced stats steps, spaced so
+HELDOUT_BUDGET = 0.03     # between step 1 and the last step it runs at evenly spaced stats steps, spaced so
                           # that it costs this share of the run (plus the two ends; the dense reference is
                           # read from the model's memo after the first run)
 NORM_SAMPLES = 32         # with the LM loss (no teacher pass to share) the channel norms of score "activation" read
@@ -108,21 +108,28 @@ NORM_SAMPLES = 32         # with the LM loss (no teacher pass to share) the chan
 def masked_w0(prunable, originals: dict, cols: dict | None = None):
     """While inside, every prunable layer computes with W0 · (top-2 mask of its current weights,
     ranked as the final mask is: |W|, or |W|·a with `cols`),
-    built one layer at a time as the forward pass reaches it (no copy of the whole model). The
+    built one layer at a time as the forward pass reaches it (no copy of the whole model: one buffer
+    per layer shape on the CPU). The
     learned weights are never modified: each layer's tensor is swapped back right after its call,
     and on the way out whatever a failed forward left swapped."""
     learned: dict = {}
+    scratch: dict = {}      # (shape, dtype) → [mask, W0·mask]: reused by each layer of that shape in turn
 
     def before(name):
         def hook(module, args):
             w = module.weight
             learned[name] = w.data
             a = None if cols is None else cols[name]
-            if masks_native.supports(w.data, a):      # one pass, no temporaries of the weight's size
-                keep = masks_native.mask_(w.data, a)
+            o = originals[name]
+            if masks_native.supports(w.data, a) and o.device == w.device and o.dtype == w.dtype:
+                # one pass for the mask, one for W0·mask, into buffers the next layer of this shape reuses
+                keep, pruned = scratch.setdefault((tuple(w.shape), w.dtype), [torch.empty(w.shape, dtype=torch.bool),
+                                                                             torch.empty_like(w.data)])
+                torch.mul(o, masks_native.mask_(w.data, a, out=keep), out=pruned)
+                w.data = pruned
             else:
                 keep = mask_2to4(w.data, ranking(w.data, a))
-            w.data = originals[name].to(w.device, w.dtype, non_blocking=True) * keep.to(w.device, w.dtype)
+                w.data = o.to(w.device, w.dtype, non_blocking=True) * keep.to(w.device, w.dtype)
         return hook
 
     def after(name):

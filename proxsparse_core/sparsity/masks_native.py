@@ -140,10 +140,13 @@ def supports(w: torch.Tensor, cols: torch.Tensor | None = None) -> bool:
 
 
 def mask_(w: torch.Tensor, cols: torch.Tensor | None = None, clean: bool = False,
-          hist: torch.Tensor | None = None) -> torch.Tensor:
+          hist: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """The 2:4 mask of `w` (bool, shaped like w) ranked by |w| or |w|·cols; with `clean`, non-finite
-    weights are set to 0 in place first; `hist` (int64 [5], CPU) gets each group's non-zeros added."""
-    out = torch.empty(w.shape, dtype=torch.bool)
+    weights are set to 0 in place first; `hist` (int64 [5], CPU) gets each group's non-zeros added;
+    `out`: a contiguous CPU bool tensor of w's shape to write it into."""
+    if out is None:
+        out = torch.empty(w.shape, dtype=torch.bool)
+    assert out.dtype == torch.bool and out.shape == w.shape and out.is_contiguous() and out.device.type == "cpu"
     counts = torch.zeros(5, dtype=torch.int64)
     _LIB.get().mask24(w.data_ptr(), int(w.dtype == torch.bfloat16), w.numel() // 4, w.shape[-1],
                       None if cols is None else cols.data_ptr(), int(clean), out.data_ptr(), counts.data_ptr(),
