@@ -184,6 +184,8 @@ def test_any_exception_mid_run_restores_everything_and_is_re_raised(tiny_lm, mon
             raise RuntimeError("CUDA error: an illegal memory access was encountered (simulated)")
         return real(w, lam, **kw)
     monkeypatch.setattr(learner, "prox_2to4_", failing)
+    # the layer-by-layer path (the one every device has), not the all-layers C call of the CPU
+    monkeypatch.setattr(learner.prox_native, "layers_supported", lambda *a, **k: False)
     cfg = RunConfig(steps=4, lr=1e-2, lambda1=1.0, lambda2=0.1, train_all=True, grad_ckpt=True)
     samples = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(0))
     with pytest.raises(RuntimeError, match="illegal memory access") as err:
