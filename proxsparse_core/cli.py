@@ -460,7 +460,8 @@ def _recover_into(args, folder, rcfg, out: Path) -> int:
                    f"the 2:4 pattern (the weights are not the original weights × mask)"})
     info = result.pruning.info
     metrics = {"method": name, "base_method": base, "base_weights": note,
-               **{k: info[k] for k in ("obs", "finetune_steps", "finetune_samples", "status", "message", "seconds")
+               **{k: info[k] for k in ("obs", "finetune_steps", "finetune_samples", "scaffolding_left_out", "status",
+                                       "message", "seconds")
                   if k in info}}
     return _finish_recovery(ws, args, out, base, name, metrics)
 

@@ -125,14 +125,20 @@ class Workspace:
         """n calibration samples for recovery's fine-tuning, drawn from this run's calibration source
         and seed exactly as the run's own (0 or the run's count: the run's own samples). With `text`
         > 0, the dense model first writes that many tokens of fresh text (selfgen.fresh_ids, cached)
-        and the samples are drawn over it and the source's text together (data.with_fresh_text)."""
-        from proxsparse_core.data.text import calibration_only, with_fresh_text
+        and the samples are drawn over it and the source's text together (data.with_fresh_text). For a chat
+        model whose samples would hold no chat turn (a file, the built-in text; n > 0, no fresh text), half of
+        the n are the model's own chat turns (selfgen.chat_turns, cached; issue 28: without them it recited
+        its system prompt)."""
+        from proxsparse_core.data.text import GENERATED_SOURCES, calibration_only, special_prefix, with_fresh_text
+        from proxsparse_core.models.chat_template import has_template
         own = self.data.calibration.shape[0]
-        if n in (0, own) and not text:
+        source = (self._data_key[0] or "builtin").strip()
+        turns = n // 2 if n and not text and source not in GENERATED_SOURCES and has_template(self.lm.tokenizer) else 0
+        if n in (0, own) and not text and not turns:
             return self.data.calibration
         key = (n, text)
         if self._tuning is None or self._tuning[0] != key:
-            source, field, _, ctx, seed = self._data_key[:5]
+            _, field, _, ctx, seed = self._data_key[:5]
             n = n or own
             fresh = None
             if text:
@@ -151,11 +157,24 @@ class Workspace:
                 on_phase(Progress("samples", 0, n, f"drawing {n:,} fine-tuning samples (for self-written text, the "
                                   f"first time the model writes more of it: ≈ 1 min on a CPU) …", "samples"))
             try:
-                samples = (calibration_only(self.lm.tokenizer, source, n, ctx, seed, field, self.lm.model)
+                samples = (calibration_only(self.lm.tokenizer, source, n - turns, ctx, seed, field, self.lm.model)
                            if fresh is None else with_fresh_text(self.lm.tokenizer, source, n, ctx, seed, field, fresh))
             except UserError as exc:      # e.g. the uploaded calibration file is gone since the run
                 raise UserError(f"could not draw {n} fine-tuning samples ({exc}); set the fine-tuning "
                                 f"samples to 0 to fine-tune on the run's own samples") from None
+            if turns:
+                from proxsparse_core.data.selfgen import chat_turns
+
+                def written(done, total):
+                    if stop is not None and stop.is_set():
+                        raise Stopped("stopped while the dense model wrote its chat turns")
+                    if on_phase:
+                        on_phase(Progress("chat-turns", min(done, total), total,
+                                          f"the dense model answers instructions for {turns:,} of the samples: "
+                                          f"{min(done, total):,} of {total:,} tokens (cached for this model and "
+                                          f"seed) …", "tokens"))
+                samples = torch.cat([samples, chat_turns(self.lm.model, self.lm.tokenizer, turns, ctx, seed,
+                                                         special_prefix(self.lm.tokenizer), written)])
             self._tuning = (key, samples)
         return self._tuning[1]
 

@@ -188,3 +188,135 @@ def _generate(model, tokenizer, tokens: int, seed: int, max_new: int, batch: int
         model.config.use_cache = use_cache
         model.train(was_training)
     return torch.tensor(stream, dtype=torch.long), ends
+
+
+# ---------------------------------------------------------------------------------------------- chat turns
+# Recovery reads the model's own chat turns (issue 28): a chat model recovered on documentation alone never
+# sees a chat turn and, asked a question in its chat format, recited its system prompt instead of answering.
+# And the chat format's scaffolding (system prompt, role tags, the user's instruction) is input the model
+# reads, never text it should learn to write: recovery's loss leaves out the positions that predict it.
+
+def scaffold(tokenizer) -> tuple[list[int], list[int]] | None:
+    """(head, tail): the token ids the model's chat template writes before and after a user's message —
+    for SmolLM2 the system prompt and the user's tag, then the end of the turn and the assistant's tag —
+    read as the longest common prefix and suffix of its renders of PROMPTS. None without a template or
+    when it cannot be rendered (then nothing is left out)."""
+    from proxsparse_core.models import chat_template
+
+    if not chat_template.has_template(tokenizer):
+        return None
+    try:
+        rendered = list(_prompt_ids(tokenizer, PROMPTS).values())
+    except chat_template.TemplateProblem:
+        return None
+    shortest = min(len(r) for r in rendered)
+    head = next((k for k in range(shortest) if any(r[k] != rendered[0][k] for r in rendered)), shortest)
+    tail = next((k for k in range(shortest - head) if any(r[-1 - k] != rendered[0][-1 - k] for r in rendered)),
+                shortest - head)
+    return rendered[0][:head], (rendered[0][len(rendered[0]) - tail:] if tail else [])
+
+
+def _starts(rows: torch.Tensor, seq: list[int]) -> torch.Tensor:
+    """[n, ctx] bool: where a whole occurrence of `seq` starts in each row."""
+    n, ctx = rows.shape
+    out = torch.zeros(n, ctx, dtype=torch.bool)
+    if seq and len(seq) <= ctx:
+        hit = (rows.unfold(1, len(seq), 1) == torch.tensor(seq, dtype=rows.dtype)).all(-1)
+        out[:, :hit.shape[1]] = hit
+    return out
+
+
+def scaffold_positions(rows: torch.Tensor, head: list[int], tail: list[int], chunk: int = 4096) -> torch.Tensor:
+    """[n, ctx] bool: the tokens of `rows` [n, ctx] that belong to a chat prompt — from a `head` to the
+    end of the next `tail` (so the user's instruction too), with prompts cut by a row's edges: a row
+    that starts inside a prompt (its first tail comes before any head, or it starts with the last ≥ 2
+    tokens of a head or a tail) and one that ends inside a head. Plain text and answers are False."""
+    if not head and not tail:
+        return torch.zeros(rows.shape, dtype=torch.bool)
+    if rows.shape[0] > chunk:
+        return torch.cat([scaffold_positions(part, head, tail, chunk) for part in rows.split(chunk)])
+    n, ctx = rows.shape
+    idx = torch.arange(ctx).expand(n, ctx)
+    heads, tail_ends = _starts(rows, head), torch.zeros(n, ctx, dtype=torch.bool)
+    if tail:
+        tail_ends[:, len(tail) - 1:] = _starts(rows, tail)[:, :ctx - len(tail) + 1]
+        done = torch.zeros(n, dtype=torch.bool)
+        for k in range(min(len(tail) - 1, ctx), 1, -1):          # a row that starts with the end of a tail
+            cut = (rows[:, :k] == torch.tensor(tail[-k:], dtype=rows.dtype)).all(-1) & ~done
+            tail_ends[cut, k - 1] = True
+            done |= cut
+    if not head:          # no head to find where a prompt starts: only the tails' own tokens
+        inside = tail_ends.clone()
+        for o in range(1, len(tail)):
+            inside[:, :-o] |= tail_ends[:, o:]
+        return inside
+    for j in range(1, len(head) - 1):                              # a row that starts inside a head
+        k = min(len(head) - j, ctx)
+        heads[:, 0] |= (rows[:, :k] == torch.tensor(head[j:j + k], dtype=rows.dtype)).all(-1)
+    for k in range(min(len(head) - 1, ctx), 0, -1):               # a row that ends inside a head
+        heads[(rows[:, ctx - k:] == torch.tensor(head[:k], dtype=rows.dtype)).all(-1), ctx - k] = True
+    none, never = torch.full((n, ctx), -1), torch.full((n, ctx), ctx)
+    last_head = torch.where(heads, idx, none).cummax(1).values                 # latest head start ≤ i
+    ended = torch.where(tail_ends, idx, none).cummax(1).values                 # latest tail end ≤ i
+    before = torch.cat([torch.full((n, 1), -1), ended[:, :-1]], 1)             # latest tail end < i
+    first_end = torch.where(tail_ends, idx, never).min(1).values
+    first_head = torch.where(heads, idx, never).min(1).values
+    opened = (first_end < first_head)[:, None] & (idx <= first_end[:, None])    # the row starts inside a prompt
+    return (last_head > before) | opened                                        # or a head opened, not yet closed
+
+
+def answer_weights(rows: torch.Tensor, tokenizer) -> torch.Tensor | None:
+    """[n, ctx] float32 loss weights for distillation on `rows`: 0 at every position whose next token is
+    chat scaffolding (scaffold_positions), 1 elsewhere — answers, their end-of-turn token and plain text.
+    The last position (its next token lies beyond the row) counts unless it is inside a prompt before
+    its last token. None when the model has no chat template, or no row holds scaffolding."""
+    parts = scaffold(tokenizer)
+    if parts is None:
+        return None
+    head, tail = parts
+    inside = scaffold_positions(rows, head, tail)
+    if not inside.any():
+        return None
+    weights = torch.ones(rows.shape, dtype=torch.float32)
+    weights[:, :-1][inside[:, 1:]] = 0.0
+    last = inside[:, -1].clone()
+    if tail and rows.shape[1] >= len(tail):
+        last &= ~(rows[:, -len(tail):] == torch.tensor(tail, dtype=rows.dtype)).all(-1)
+    weights[last, -1] = 0.0
+    return weights
+
+
+def chat_turns(model, tokenizer, n: int, ctx: int, seed: int = 0, prefix: list[int] | None = None,
+               progress=None) -> torch.Tensor:
+    """n windows of ctx tokens that each start where one of the model's own chat turns starts (its
+    chat prompt for one of PROMPTS, then its sampled answer; the window runs on into the next turn when
+    the answer is short) — the position a chat prompt has when the model is used. Read from the
+    generated_ids stream of this model and seed (the one data `mix` reads, cached); each window starts
+    with `prefix` unless the turn does already. Turns in stream order, reused only if the stream holds
+    fewer than n."""
+    from proxsparse_core.errors import UserError
+
+    prefix = prefix or []
+    prompts = list(_prompt_ids(tokenizer, PROMPTS).values())
+    longest = max(len(p) for p in prompts)
+    ids = generated_ids(model, tokenizer, n * (longest + MAX_NEW + 1) + ctx, seed, progress=progress)
+    eos = tokenizer.eos_token_id
+    stream = ids.tolist()
+    starts, i = [], 0
+    while i < len(stream):     # turn after turn: a prompt, the answer, its end of text (which a template may
+        p = next((p for p in prompts if stream[i:i + len(p)] == p), [])         # also use inside a prompt)
+        if p:
+            starts.append(i)
+        try:
+            i = stream.index(eos, i + len(p)) + 1
+        except ValueError:
+            break
+    rows = []
+    for s in starts:
+        head = [] if stream[s:s + len(prefix)] == prefix else prefix
+        body = ctx - len(head)
+        if s + body <= len(stream):
+            rows.append(head + stream[s:s + body])
+    if not rows:
+        raise UserError("the model's own chat turns are shorter than one sample; use a shorter context")
+    return torch.tensor([rows[i % len(rows)] for i in range(n)], dtype=torch.long).reshape(n, ctx)

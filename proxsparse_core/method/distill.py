@@ -66,25 +66,35 @@ def teacher_targets(model, samples: torch.Tensor, k: int = TOP_K, batch: int = 4
     return TeacherTargets(torch.cat(logps), torch.cat(idxs))
 
 
-def bucket_kl(student_logits: torch.Tensor, t_logp: torch.Tensor, t_index: torch.Tensor) -> torch.Tensor:
+def bucket_kl(student_logits: torch.Tensor, t_logp: torch.Tensor, t_index: torch.Tensor,
+              weight: torch.Tensor | None = None) -> torch.Tensor:
     """Mean KL(teacher ‖ student) over positions, on the teacher's top-k tokens plus one tail bucket.
 
-    student_logits [b, t, vocab]; t_logp, t_index [b, t, k]. Differentiable in the student."""
+    student_logits [b, t, vocab]; t_logp, t_index [b, t, k]. Differentiable in the student. `weight`
+    [b, t] (optional): each position's weight, the mean then taken over the weights (positions of weight
+    0 — a chat prompt's scaffolding, see selfgen.answer_weights — teach nothing; all 0 gives 0)."""
     s_logp = torch.log_softmax(student_logits.float(), dim=-1).gather(-1, t_index)     # [b, t, k]
     p = t_logp.exp()
     p_tail = (1 - p.sum(-1)).clamp_min(0)
     q_tail = (1 - s_logp.exp().sum(-1)).clamp_min(0)
     head = (p * (t_logp - s_logp)).sum(-1)
     tail = p_tail * (torch.log(p_tail + _TINY) - torch.log(q_tail + _TINY))
-    return (head + tail).mean()
+    if weight is None:
+        return (head + tail).mean()
+    return ((head + tail) * weight).sum() / weight.sum().clamp_min(1.0)
 
 
-def full_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Sum over positions of KL(teacher ‖ student) over the whole vocabulary (callers divide by the
-    number of positions). Differentiable in the student; [b, t, vocab] each."""
+def full_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+            weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum over positions of KL(teacher ‖ student) over the whole vocabulary, each position times its
+    `weight` [b, t] when given (callers divide by the number of positions, or the sum of the weights).
+    Differentiable in the student; [b, t, vocab] each."""
     s_logp = torch.log_softmax(student_logits.float(), dim=-1)
     t_logp = torch.log_softmax(teacher_logits.float(), dim=-1)
-    return torch.nn.functional.kl_div(s_logp, t_logp, reduction="sum", log_target=True)
+    if weight is None:
+        return torch.nn.functional.kl_div(s_logp, t_logp, reduction="sum", log_target=True)
+    per_position = torch.nn.functional.kl_div(s_logp, t_logp, reduction="none", log_target=True).sum(-1)
+    return (per_position * weight).sum()
 
 
 def live_teacher_logits(model, originals: dict, batch: torch.Tensor) -> torch.Tensor:
@@ -103,8 +113,10 @@ def live_teacher_logits(model, originals: dict, batch: torch.Tensor) -> torch.Te
         model.train(was_training)
 
 
-def distill_loss(model, batch: torch.Tensor, t_logp: torch.Tensor, t_index: torch.Tensor) -> torch.Tensor:
-    """The student's bucket KL to the teacher on one batch of calibration token ids."""
+def distill_loss(model, batch: torch.Tensor, t_logp: torch.Tensor, t_index: torch.Tensor,
+                 weight: torch.Tensor | None = None) -> torch.Tensor:
+    """The student's bucket KL to the teacher on one batch of calibration token ids (positions
+    weighted by `weight` [b, t] when given)."""
     logits = model(input_ids=batch, use_cache=False).logits
-    return bucket_kl(logits, t_logp, t_index)
+    return bucket_kl(logits, t_logp, t_index, weight)
 

@@ -18,6 +18,12 @@ dropped. Two ways, usable alone or in sequence, for any 2:4 result (learned or o
   tokens.
 * ``both`` — obs first, then finetune from its weights.
 
+For a chat model, fine-tuning reads its own chat turns too (half the samples when the run's source
+holds none: workspace.tuning_samples, selfgen.chat_turns), and every position that predicts the chat
+template's scaffolding — system prompt, role tags, the user's message — is left out of the loss
+(selfgen.answer_weights): recovered on documentation alone, SmolLM2 answered every question with its
+system prompt (issue 28, bench/RESULTS.md).
+
 The result is a new `Pruning` with the same masks and updated weights; the model itself goes
 back to W0, like after every other method.
 """
@@ -30,6 +36,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
+from proxsparse_core.data.selfgen import answer_weights
 from proxsparse_core.method.distill import distill_loss, full_kl, live_teacher_logits, teacher_targets
 from proxsparse_core.errors import Stopped, UserError
 from proxsparse_core.sparsity.masks import load_weights
@@ -62,8 +69,10 @@ class RecoveryConfig:
                                                 "weight scale rms(W0) (cosine decay)",
             "batch": "calibration samples per fine-tuning step", "seed": "seed for the sample order",
             "samples": "calibration samples the fine-tuning reads, drawn from the run's calibration source "
-                       "and seed like the run's own (0 = exactly the run's samples); the OBS update always "
-                       "reads the run's samples",
+                       "and seed like the run's own (0 = exactly the run's samples); for a chat model on a "
+                       "source without chat turns (a file, the built-in text) half of them are the model's own "
+                       "chat turns (written once, cached per model and seed); the OBS update always reads the "
+                       "run's samples",
             "teacher": "stored (the dense model's top-64 next-token log-probabilities per position, read once "
                        "before training; up to 20,000 samples) or live (the dense weights run on every batch: "
                        "the full distribution, no storage, any number of samples)",
@@ -162,8 +171,9 @@ class MaskedFinetuner:
     """Fine-tunes the survivors of a 2:4 model by distillation from the dense model (W0)."""
 
     def __init__(self, lm, cfg: RecoveryConfig, samples: torch.Tensor, masks: dict, originals: dict,
-                 on_event=None, stop: threading.Event | None = None):
+                 on_event=None, stop: threading.Event | None = None, weights: torch.Tensor | None = None):
         self.lm, self.cfg, self.samples, self.masks, self.originals = lm, cfg, samples, masks, originals
+        self.weights = weights       # [n, ctx] loss weight per position (0: predicts chat scaffolding) or None
         self.on_event = on_event or (lambda e: None)
         self.stop = stop or threading.Event()
 
@@ -205,13 +215,17 @@ class MaskedFinetuner:
 
     def _objective(self, weights: dict, used: torch.Tensor, device: str):
         """loss_and_grad(batch, positions): the distillation loss of a batch with its gradients, from
-        the stored teacher (read now, while the model is dense) or the live one."""
+        the stored teacher (read now, while the model is dense) or the live one; positions weighted by
+        `self.weights` when given (a chat prompt's scaffolding counts 0)."""
         model, cfg = self.lm.model, self.cfg
+
+        def weight_of(pos):
+            return None if self.weights is None else self.weights[used[pos]].to(device)
         if cfg.teacher == "stored":
             stored = teacher_targets(model, self.samples[used], stop=self.stop)   # the model is dense here
 
             def loss_and_grad(batch, pos):
-                loss = distill_loss(model, batch, *stored.batch(pos, device))
+                loss = distill_loss(model, batch, *stored.batch(pos, device), weight_of(pos))
                 if torch.isfinite(loss):
                     loss.backward()
                 return loss.detach()
@@ -221,9 +235,12 @@ class MaskedFinetuner:
 
         def loss_and_grad(batch, pos):     # gradients accumulated over chunks: the same step, less memory
             total = torch.zeros((), device=batch.device)
-            for part in batch.split(chunk):
+            weight = weight_of(pos)
+            count = batch.numel() if weight is None else weight.sum().clamp_min(1.0)
+            for i, part in enumerate(batch.split(chunk)):
                 t_logits = live_teacher_logits(model, w0, part)
-                loss = full_kl(model(input_ids=part, use_cache=False).logits, t_logits) / batch.numel()
+                w = None if weight is None else weight[i * chunk:(i + 1) * chunk]
+                loss = full_kl(model(input_ids=part, use_cache=False).logits, t_logits, w) / count
                 del t_logits
                 loss.backward()
                 total += loss.detach()
@@ -283,7 +300,10 @@ def recover(lm, calibration: torch.Tensor, base: Pruning, base_name: str, origin
         message = "survivors re-solved layer by layer with the mask fixed (OBS update)"
     if cfg.method in ("finetune", "both"):
         samples = calibration if tuning is None else tuning
-        tuner = MaskedFinetuner(lm, cfg, samples, base.masks, originals, on_event, stop)
+        weights = answer_weights(samples, lm.tokenizer)     # a chat prompt's scaffolding is read, not taught
+        if weights is not None:
+            info["scaffolding_left_out"] = round(float((weights == 0).double().mean()), 4)
+        tuner = MaskedFinetuner(lm, cfg, samples, base.masks, originals, on_event, stop, weights)
         try:
             start, events, status, ft_message = tuner.run(start)
         except Stopped as exc:
