@@ -32,6 +32,7 @@ from proxsparse_core.paths import cache_dir
 
 FORMAT = 1                      # bump when what an entry holds changes
 MAX_ENTRY_BYTES = 256 * 2**20   # larger values are computed each time rather than kept
+MAX_ENTRIES = 64                # per kind: the oldest go first
 _CHUNK = 16 * 2**20             # bytes of a tensor hashed at a time (a GPU tensor is copied in pieces)
 
 
@@ -215,12 +216,30 @@ def save(kind: str, key: str, value) -> None:
                 os.unlink(tmp)
                 return
             os.replace(tmp, path)
+            _trim(path.parent)
         except BaseException:
             if os.path.exists(tmp):
                 os.unlink(tmp)
             raise
     except Exception as exc:  # noqa: BLE001 - the cache is an optimisation, never a failure
         warnings.warn(f"could not keep a cached result in {path.parent} ({exc!s:.200})")
+
+
+def _trim(kind_folder: Path) -> None:
+    """Keep the newest MAX_ENTRIES of a kind: the memo never grows without bound."""
+    entries = [p for p in kind_folder.glob("*.pt") if not p.name.startswith(".")]
+    if len(entries) <= MAX_ENTRIES:
+        return
+    def age(p):
+        try:
+            return p.stat().st_mtime
+        except OSError:
+            return 0.0
+    for old in sorted(entries, key=age)[:len(entries) - MAX_ENTRIES]:
+        try:
+            old.unlink()
+        except OSError:
+            pass
 
 
 def cached(kind: str, key: str, compute: Callable[[], object]):

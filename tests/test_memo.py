@@ -210,3 +210,17 @@ def test_fingerprint_sees_every_bit_of_every_weight_and_buffer():
     assert memo.digest(torch.zeros(4)) != memo.digest(torch.zeros(4, dtype=torch.float64))
     assert memo.digest(torch.zeros(2, 2)) != memo.digest(torch.zeros(4))
     assert memo.digest("ab", "c") != memo.digest("a", "bc")
+
+
+def test_the_memo_keeps_the_newest_entries_of_each_kind(monkeypatch):
+    import os
+    import time
+
+    monkeypatch.setattr(memo, "MAX_ENTRIES", 3)
+    for i in range(5):
+        memo.save("kind", f"k{i}", {"v": i})
+        path = memo.folder() / "kind" / f"k{i}.pt"
+        os.utime(path, (time.time() - 100 + i, time.time() - 100 + i))
+    memo.save("kind", "k5", {"v": 5})
+    assert sorted(p.stem for p in (memo.folder() / "kind").glob("*.pt")) == ["k3", "k4", "k5"]
+    assert memo.load("kind", "k5") == {"v": 5} and memo.load("kind", "k0") is None
