@@ -1,15 +1,20 @@
 """Time a preset as a presenter runs it: the app on this machine, Chromium open on it, Start pressed,
 until the run (steps, mask, verification, held-out perplexity) is finished in the page.
 
-    python bench/demo_time.py --preset quick-demo
+    python bench/demo_time.py --preset quick-demo            # as a second run: the memo as it is
+    python bench/demo_time.py --preset quick-demo --cold     # a first run: an empty memo (memo.py)
+    python bench/demo_time.py --preset quick-demo --record   # also write the time to bench/measured.json
 """
 from __future__ import annotations
 
 import argparse
+import datetime
+import json
 import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -23,6 +28,10 @@ def main():
     ap.add_argument("--preset", default="quick-demo")
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--screenshot", default="test-output/demo-time.png")
+    ap.add_argument("--cold", action="store_true",
+                    help="start the app with an empty memo of dense results, as on a machine's first run")
+    ap.add_argument("--record", action="store_true",
+                    help="write the time to bench/measured.json (learn:<preset>:cpu), with date, machine, command")
     args = ap.parse_args()
     from playwright.sync_api import sync_playwright
 
@@ -30,6 +39,9 @@ def main():
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    cold = tempfile.TemporaryDirectory(prefix="demo-time-memo-") if args.cold else None
+    if cold is not None:
+        env["PROXSPARSE_MEMO_DIR"] = cold.name
     app = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), "--preset", args.preset],
                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
@@ -55,12 +67,33 @@ def main():
             Path(args.screenshot).parent.mkdir(parents=True, exist_ok=True)
             page.screenshot(path=args.screenshot, full_page=False)
             info = page.inner_text("#ps-info")
-            print(f"{args.preset}: Start → finished with perplexity in the page: {seconds:.0f} s")
+            print(f"{args.preset}: Start → finished with perplexity in the page: {seconds:.0f} s"
+                  + (" (empty memo: a first run)" if args.cold else ""))
             print(info[:600])
             browser.close()
     finally:
         app.terminate()
         app.wait(30)
+        if cold is not None:
+            cold.cleanup()
+    if args.record:
+        record(f"learn:{args.preset}:cpu", seconds, args)
+
+
+def record(key: str, seconds: float, args) -> None:
+    """Write the figure into bench/measured.json, keeping the file's format and its other figures."""
+    path = ROOT / "bench" / "measured.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    command = f"python bench/demo_time.py --preset {args.preset}" + (" --cold" if args.cold else "")
+    data["figures"][key] = {"seconds": round(seconds), "what": "Start to held-out perplexity in the page"
+                            + (", first run (empty memo)" if args.cold else ""),
+                            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+                            "machine": f"{os.cpu_count()} CPU cores", "command": command}
+    lines = [f'    {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}' for k, v in data["figures"].items()]
+    text = ('{\n  "about": ' + json.dumps(data["about"], ensure_ascii=False) + ',\n  "figures": {\n'
+            + ",\n".join(lines) + "\n  }\n}\n")
+    path.write_text(text, encoding="utf-8")
+    print(f"recorded {key}: {round(seconds)} s in {path.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

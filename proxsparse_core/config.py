@@ -259,7 +259,7 @@ _SCALE_FREE = dict(samples=150, ctx=128, steps=300, batch=1, lambda1=0.01, lambd
                    loss="distill", data="mix", score="activation")
 
 # the app's preselected preset: the bundled model's best measured setting (bench/RESULTS.md);
-# quick-demo is the one-minute version for live demos
+# quick-demo is the short version for live demos (its measured time: bench/measured.json)
 DEFAULT_PRESET = "bundled-quality"
 
 PRESETS: dict[str, dict] = {
