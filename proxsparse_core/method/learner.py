@@ -342,6 +342,25 @@ class ProxSparseLearner:
 
     def _loop(self, weights: dict, originals: dict, prunable_ids: set, device: str, scratch: dict):
         """The optimisation itself; returns (status, message, steps done, events)."""
+        run = self._start(weights, originals, prunable_ids, device, scratch)
+        try:
+            status, message, done, bad = run_steps(self.cfg.steps, self.stop, lambda step: self._step(run, step))
+            if status == "failed":
+                message = (f"the loss became {bad} at step {done + 1}: the run stopped and "
+                           f"kept the state after step {done}. Lower the learning rate or λ.")
+            elif status == "finished":
+                message = f"finished {self.cfg.steps} steps"
+        except torch.OutOfMemoryError:
+            done = len(run.events)
+            status = "failed"
+            message = (f"out of memory at step {done + 1}: lower ctx or batch, turn on gradient "
+                       f"checkpointing, keep W0 on the CPU (w0_offload) or turn λ2 off. "
+                       f"The state after step {done} was kept.")
+        return status, message, done, run.events
+
+    def _start(self, weights: dict, originals: dict, prunable_ids: set, device: str, scratch: dict) -> "_Run":
+        """What every step shares: the plan, the optimizer (kept in `scratch` for its release), the
+        held-out measurement; the peak-memory counters reset and the model in training mode."""
         cfg, model = self.cfg, self.lm.model
         # with accelerate's device_map the layers live on several devices: every per-layer operation
         # (prox, λ2 term, statistics) runs on its layer's own device; only small rows are gathered
@@ -355,67 +374,80 @@ class ProxSparseLearner:
             if d.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats(torch.device(d))
         held = _HeldOut(self, originals, plan.cols, device)
-        total_groups = sum(w.numel() // 4 for w in weights.values())
-        events: list[StepEvent] = []
-        step_times: list[float] = []     # per step, without the held-out measurement
-        t_start = time.perf_counter()
+        run = _Run(weights, plan, training, held, device, devices, sum(w.numel() // 4 for w in weights.values()))
         model.train()
+        return run
 
-        def one_step(step: int):
-            t0 = time.perf_counter()
-            pos = ((step - 1) * cfg.batch + torch.arange(cfg.batch)) % self.samples.shape[0]
-            picked = plan.order[pos]
-            batch = self.samples[picked].to(device)
+    def _step(self, run: "_Run", step: int) -> None:
+        """One step: its batch, the loss and gradients, the λ2 term, AdamW, the prox; then its event."""
+        cfg, plan = self.cfg, run.plan
+        t0 = time.perf_counter()
+        pos = ((step - 1) * cfg.batch + torch.arange(cfg.batch)) % self.samples.shape[0]
+        picked = plan.order[pos]
+        batch = self.samples[picked].to(run.device)
+        rows = {}
+        l2_term = None if plan.w0 is None else (lambda: frozen_weight_term_(
+            run.weights, plan.w0, cfg.lambda2, cfg.eps, plan.scale if cfg.lambda_scale == "layer" else None))
+        times = run.training.step(self._loss_and_grad(batch, picked, plan, run.device),
+                                  lambda: rows.update(self._prox_all(run.weights, plan)), l2_term)
+        self._report(run, step, times, rows, batch.numel(), t0)
 
-            def loss_and_grad():
-                if plan.teacher is not None:
-                    loss = distill_loss(model, batch, *plan.teacher.batch(plan.slot[picked], device))
-                else:
-                    loss = model(input_ids=batch, labels=batch).loss
-                if torch.isfinite(loss):
-                    loss.backward()
-                return loss.detach()
-            rows = {}
-            l2_term = None if plan.w0 is None else (lambda: frozen_weight_term_(
-                weights, plan.w0, cfg.lambda2, cfg.eps, plan.scale if cfg.lambda_scale == "layer" else None))
-            times = training.step(loss_and_grad, lambda: rows.update(self._prox_all(weights, plan)), l2_term)
-            per_layer = torch.stack([r.to(device) for r in rows.values()]).cpu()
-            hist = per_layer.sum(0)
-            want_layers = step % cfg.layer_stats_every == 0 or step == cfg.steps
-            layer_share = ((per_layer[:, :3].sum(1).double() / per_layer.sum(1).clamp_min(1)).tolist()
-                           if want_layers else None)
-            t_step = time.perf_counter() - t0
-            step_times.append(t_step)
-            pruned_loss = held.maybe_measure(step, want_layers, step_times)
-            elapsed = time.perf_counter() - t_start
-            l2 = times.extra or 0.0
-            ev = StepEvent(
-                step=step, total_steps=cfg.steps, lm_loss=times.loss, l2_term=l2, loss=times.loss + l2,
-                lr=training.lr_at(step), share_24=float(hist[:3].sum()) / max(1, total_groups),
-                nnz_hist=hist.tolist(), layer_share=layer_share,
-                t_fwd_bwd=times.fwd_bwd, t_opt=times.opt, t_prox=times.project, t_step=t_step,
-                tokens_per_s=batch.numel() / max(t_step, 1e-9),
-                mem_bytes=memory_in_use(device), elapsed=elapsed,
-                mem_by_device=memory_by_device(devices) if len(devices) > 1 else None,
-                eta=eta_seconds(step_times, cfg.steps, held.spent, held.cost),
-                objective=cfg.loss, heldout_loss_24=pruned_loss, heldout_loss_dense=held.dense)
-            events.append(ev)
-            self.on_event(ev)
+    def _loss_and_grad(self, batch: torch.Tensor, picked: torch.Tensor, plan: _Plan, device: str):
+        """The step's loss (KL to the teacher, or the LM loss) with its gradients; no backward
+        through a non-finite loss."""
+        model = self.lm.model
 
-        try:
-            status, message, done, bad = run_steps(cfg.steps, self.stop, one_step)
-            if status == "failed":
-                message = (f"the loss became {bad} at step {done + 1}: the run stopped and "
-                           f"kept the state after step {done}. Lower the learning rate or λ.")
-            elif status == "finished":
-                message = f"finished {cfg.steps} steps"
-        except torch.OutOfMemoryError:
-            done = len(events)
-            status = "failed"
-            message = (f"out of memory at step {done + 1}: lower ctx or batch, turn on gradient "
-                       f"checkpointing, keep W0 on the CPU (w0_offload) or turn λ2 off. "
-                       f"The state after step {done} was kept.")
-        return status, message, done, events
+        def loss_and_grad():
+            if plan.teacher is not None:
+                loss = distill_loss(model, batch, *plan.teacher.batch(plan.slot[picked], device))
+            else:
+                loss = model(input_ids=batch, labels=batch).loss
+            if torch.isfinite(loss):
+                loss.backward()
+            return loss.detach()
+        return loss_and_grad
+
+    def _report(self, run: "_Run", step: int, times, rows: dict, tokens: int, t0: float) -> None:
+        """The step's event (2:4 counts, per-layer shares every N steps, the "if stopped now" loss
+        when due, timings, memory, ETA), kept and handed to `on_event`."""
+        cfg, device = self.cfg, run.device
+        per_layer = torch.stack([r.to(device) for r in rows.values()]).cpu()
+        hist = per_layer.sum(0)
+        want_layers = step % cfg.layer_stats_every == 0 or step == cfg.steps
+        layer_share = ((per_layer[:, :3].sum(1).double() / per_layer.sum(1).clamp_min(1)).tolist()
+                       if want_layers else None)
+        t_step = time.perf_counter() - t0
+        run.step_times.append(t_step)
+        pruned_loss = run.held.maybe_measure(step, want_layers, run.step_times)
+        elapsed = time.perf_counter() - run.t_start
+        l2 = times.extra or 0.0
+        ev = StepEvent(
+            step=step, total_steps=cfg.steps, lm_loss=times.loss, l2_term=l2, loss=times.loss + l2,
+            lr=run.training.lr_at(step), share_24=float(hist[:3].sum()) / max(1, run.total_groups),
+            nnz_hist=hist.tolist(), layer_share=layer_share,
+            t_fwd_bwd=times.fwd_bwd, t_opt=times.opt, t_prox=times.project, t_step=t_step,
+            tokens_per_s=tokens / max(t_step, 1e-9),
+            mem_bytes=memory_in_use(device), elapsed=elapsed,
+            mem_by_device=memory_by_device(run.devices) if len(run.devices) > 1 else None,
+            eta=eta_seconds(run.step_times, cfg.steps, run.held.spent, run.held.cost),
+            objective=cfg.loss, heldout_loss_24=pruned_loss, heldout_loss_dense=run.held.dense)
+        run.events.append(ev)
+        self.on_event(ev)
+
+
+@dataclass
+class _Run:
+    """What one learning run carries from step to step."""
+    weights: dict                        # name → the prunable weight the prox and AdamW act on
+    plan: _Plan
+    training: MaskedTraining
+    held: "_HeldOut"
+    device: str                          # the input device
+    devices: list                        # every device a layer lives on (and the input device)
+    total_groups: int
+    events: list = field(default_factory=list)
+    step_times: list = field(default_factory=list)      # per step, without the held-out measurement
+    t_start: float = field(default_factory=time.perf_counter)
 
 
 class _HeldOut:
