@@ -40,3 +40,18 @@ def test_the_mark_starts_at_the_raw_offset_and_covers_the_rest():
         marked = "".join(re.findall(r'<mark class="ps-diff">(.*?)</mark>', out, flags=re.S))
         assert text_of(marked).replace("\n", "").endswith("b &lt;i&gt;")                  # to the end
     assert MARK not in render(CODE, None) and MARK not in render(CODE, len(CODE))
+
+
+def test_numbered_items_keep_their_numbers():
+    """Issue 28 (8): a model's "1. … 2. … 3. …" with blank lines between the items, or lines under
+    an item, rendered as three lists that each said "1."."""
+    apart = render("Steps:\n1. one\n\n2. two\n   more about two\n\n3. three\n\nDone.")
+    assert apart == ("<p>Steps:</p><ol><li>one</li><li>two<br>more about two</li><li>three</li></ol>"
+                     "<p>Done.</p>")
+    cut = render("1. first\nnot indented\n2. second\n3. third")       # a paragraph cuts the list
+    assert cut.count("<ol") == 2 and '<ol start="2"><li>second</li><li>third</li></ol>' in cut
+    assert render("4. four\n5. five").startswith('<ol start="4">')
+    assert render("- a\n\n- b") == "<ul><li>a</li><li>b</li></ul>"
+    assert render("1. a\n\n- b").count("<ol>") == 1 and "<ul><li>b</li></ul>" in render("1. a\n\n- b")
+    out = render("1. one\n\n2. two", cut=len("1. one\n\n2. t"))          # the mark still lands on "wo"
+    assert out.endswith('<li>t<mark class="ps-diff">wo</mark></li></ol>')

@@ -4,9 +4,11 @@ marked (where two generations part ways).
 Every character of the model's text goes through `html.escape`; the only tags in the result are
 the ones written here (p, br, pre, code, strong, em, ul, ol, li, h4, mark). What is rendered:
 code fences (also an unclosed one, as while a generation streams), `inline code`, **bold**,
-*italic*, bulleted and numbered lists and # headings. The divergence mark works on offsets into
-the raw text, so it survives the rendering: each piece of text is marked from that offset on,
-inside whatever block it sits in.
+*italic*, bulleted and numbered lists and # headings. A numbered list keeps the model's numbers:
+items apart by blank lines, or with indented lines under them, stay one list, and a list that
+starts at another number than 1 (a paragraph cut it) starts there, never "1. … 1. …". The
+divergence mark works on offsets into the raw text, so it survives the rendering: each piece of
+text is marked from that offset on, inside whatever block it sits in.
 """
 from __future__ import annotations
 
@@ -54,6 +56,7 @@ def render(text: str, cut: int | None = None) -> str:
     para: list[str] = []
     items: list[str] = []
     kind = None                              # "ul" or "ol" while a list is open
+    start = 1                                # the number a numbered list starts at
 
     def close():
         nonlocal kind
@@ -61,9 +64,17 @@ def render(text: str, cut: int | None = None) -> str:
             out.append("<p>" + "<br>".join(para) + "</p>")
             para.clear()
         if items:
-            out.append(f"<{kind}>" + "".join(f"<li>{i}</li>" for i in items) + f"</{kind}>")
+            opening = f'<ol start="{start}">' if kind == "ol" and start != 1 else f"<{kind}>"
+            out.append(opening + "".join(f"<li>{i}</li>" for i in items) + f"</{kind}>")
             items.clear()
         kind = None
+
+    def next_item_kind(j: int):
+        """The list kind of the next non-blank line from line j on (None: not a list item)."""
+        while j < len(lines) and not lines[j].strip():
+            j += 1
+        m = ITEM.match(lines[j]) if j < len(lines) else None
+        return None if m is None else ("ul" if m.group(1) else "ol")
 
     i = 0
     while i < len(lines):
@@ -80,16 +91,21 @@ def render(text: str, cut: int | None = None) -> str:
         item = ITEM.match(line)
         heading = HEADING.match(line)
         if not line.strip():
-            close()
+            if not (items and next_item_kind(i + 1) == kind):    # items apart by blank lines: one list
+                close()
         elif item:
             this = "ul" if item.group(1) else "ol"
             if para or (kind and kind != this):
                 close()
+            if not items:
+                start = int(item.group(2)) if this == "ol" and len(item.group(2)) < 10 else 1
             kind = this
             items.append(r.inline(line[item.end():], off + item.end()))
         elif heading:
             close()
             out.append(f"<h4>{r.inline(line[heading.end():], off + heading.end())}</h4>")
+        elif items and line[:1] in " \t":                   # an indented line goes on with its item
+            items[-1] += "<br>" + r.inline(line.strip(), off + len(line) - len(line.lstrip()))
         else:
             if items:
                 close()
