@@ -33,12 +33,37 @@ LAMBDA_STEP = 0.05
 PATH_POINTS = 101            # λ values on the "prox output as λ grows" curve, over the slider's range
 
 
+def prox_one(z: torch.Tensor, lam: float) -> torch.Tensor:
+    """The prox of one group z ([1, 4]), with ties settled by position: where weights have the same
+    |z|, the largest outputs go to the first of them. The prox treats equal weights alike, so any
+    order of their outputs is an equally good answer; which one the solver returns can change from
+    one λ to the next, and the path of four equal weights zigzagged between them. Settled this way,
+    a weight once at zero stays there as λ grows, and w1 ≥ w2 ≥ … among equals."""
+    w = prox_groups(z, lam, mode="reference")
+    if lam == 0:
+        return w
+    mags, out = z[0].abs().tolist(), w.clone()
+    for level in set(mags):
+        tied = [i for i, m in enumerate(mags) if m == level]
+        if len(tied) > 1:
+            sizes = sorted((abs(float(w[0, i])) for i in tied), reverse=True)
+            for i, size in zip(tied, sizes):
+                out[0, i] = size if float(z[0, i]) >= 0 else -size
+    return out
+
+
+def kept_by_mask(w: torch.Tensor) -> list[bool]:
+    """The 2:4 mask of one group: its two largest |w|, the first of equals before the later ones."""
+    order = sorted(range(4), key=lambda i: (-abs(float(w[0, i])), i))
+    return [i in order[:2] for i in range(4)]
+
+
 def lambda_reaching_2to4(z: tuple, lo: float = LAMBDA_RANGE[0], hi: float = LAMBDA_RANGE[1]) -> float | None:
     """The smallest λ on the slider's grid at which the prox of group `z` is 2:4 (None if none)."""
     group = torch.tensor([list(z)], dtype=torch.float32)
     for i in range(int(round((hi - lo) / LAMBDA_STEP)) + 1):
         lam = round(lo + i * LAMBDA_STEP, 10)
-        if int((prox_groups(group, lam, mode="reference") != 0).sum()) <= 2:
+        if int((prox_one(group, lam) != 0).sum()) <= 2:
             return lam
     return None
 
@@ -52,17 +77,23 @@ def prox_demo(z1, z2, z3, z4, lam) -> tuple:
     """Figure and summary of prox_{λR}(z) for one group z."""
     lam = inputs.number("λ (regulariser strength)", lam, *LAMBDA_RANGE)
     z = torch.tensor([[inputs.number(f"w{i + 1}", v, *Z_RANGE) for i, v in enumerate((z1, z2, z3, z4))]])
-    w = prox_groups(z, lam, mode="reference")       # one group: the published schedule is instant
-    kept = mask_2to4(w)[0].tolist()
+    w = prox_one(z, lam)            # one group: the published schedule is instant
+    kept = kept_by_mask(w)
     lo, hi = LAMBDA_RANGE
     lambdas = [lo + (hi - lo) * i / (PATH_POINTS - 1) for i in range(PATH_POINTS)]
-    path = [prox_groups(z, lm, mode="reference")[0].tolist() for lm in lambdas]
+    path = [prox_one(z, lm)[0].tolist() for lm in lambdas]
     fig = prox_group_figure(z[0].tolist(), w[0].tolist(), kept, lambdas, path, lam)
     nnz = int((w != 0).sum())
     costs = {"keep all four as they are": float(objective(z, z, lam)),
              "zero the two smallest": float(objective(z * mask_2to4(z), z, lam)),
              "the prox output": float(objective(w, z, lam))}
     survivors = ", ".join(f"w{i + 1}" for i, k in enumerate(kept) if k)
+    dropped = [i for i, k in enumerate(kept) if not k]
+    gone = ", ".join(f"w{i + 1}" for i in dropped)
+    if all(float(w[0, i]) == 0 for i in dropped):
+        fate = f"{gone} are exactly zero already: the prox removed them, nothing is left for the mask to drop"
+    else:
+        fate = f"the red bars ({gone}) are dropped by the mask"
     reach = lambda_reaching_2to4(tuple(z[0].tolist()))
     where = (f" This group becomes 2:4 from λ = **{reach:.2f}**." if reach is not None
              else " No λ on the slider makes this group 2:4 in one step.")
@@ -70,7 +101,7 @@ def prox_demo(z1, z2, z3, z4, lam) -> tuple:
                else f"{nnz} non-zeros — not 2:4 yet; a larger λ (or more steps) pushes it there")
     rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in costs.items())
     text = (f"**Prox output** w = ({', '.join(f'{v:+.3f}' for v in w[0].tolist())}) → {verdict}.{where}\n\n"
-            f"The mask keeps the two largest |w|: **{survivors}** (green); the red bars are dropped.\n\n"
+            f"The mask keeps the two largest |w|: **{survivors}** (green); {fate}.\n\n"
             f"| candidate | ½‖w − z‖² + λ·R(w) |\n|---|---|\n{rows}\n\n"
             f"The prox finds the lowest cost: it trades moving the weights (first term) against the 2:4 "
             f"penalty R(w) = |w1w2w3| + |w1w2w4| + |w1w3w4| + |w2w3w4|, which is zero only when at most "
