@@ -357,6 +357,8 @@ def drive(args, workdir: Path, on_phase=None) -> dict:
                 if "still valid" not in said:
                     raise RuntimeError(f"no reason given where it cannot run: {said[:300]}")
                 return {"measured": False, "note": said[:300]}
+            if isinstance(plot, dict) and "value" in plot:      # a gr.update(value=fig, visible=True)
+                plot = plot["value"]
             if "⚠" in said or not isinstance(plot, dict) or plot.get("type") != "plotly":
                 raise RuntimeError(f"no speed-up plot: {said[:600]} / {str(plot)[:200]}")
             fig = json.loads(plot["plot"])
