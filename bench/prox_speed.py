@@ -5,10 +5,9 @@ CPU:  a SmolLM2-shaped matrix (576×1536, real bundled weights when present) at 
       timings alternate fast/reference so both see the same machine load; the objective of the
       fast result is checked against the reference's on every group. Then one learning step's
       prox over all prunable SmolLM2 matrices.
-CUDA: the same per-matrix comparison on a 7B-shaped 11008×4096 bf16 matrix, with the earlier
-      one-launch Triton kernel ("single") timed beside the current one and compared bit for bit,
-      then both over every prunable weight of a 7B-shaped Llama (32 × q,k,v,o 4096², gate/up
-      11008×4096, down 4096×11008; 6.5 G weights in bf16), alternating.
+CUDA: the same per-matrix comparison on a 7B-shaped 11008×4096 bf16 matrix, then the prox of
+      every prunable weight of a 7B-shaped Llama (32 × q,k,v,o 4096², gate/up 11008×4096,
+      down 4096×11008; 6.5 G weights in bf16), as in one learning step.
 
 "groups worse": groups whose fast result has a higher objective (float64, on the stored values)
 than the reference schedule's by more than 1e-6·max|z|², which is float32 evaluation noise of the
@@ -127,34 +126,20 @@ def run_cpu(out: list, matrix: str = ""):
                   f"λ1={lam}: {r['seconds']:.3f} s per step")
 
 
-def _single_pass(w: torch.Tensor, lam: float, hist=None):
-    """The earlier one-launch Triton kernel on w (in place), for the side-by-side rows."""
-    prox.triton_kernels().prox_single_pass_(w.data.view(-1, 4), lam, prox.FAST_TOL, prox.MAX_SWEEPS, hist)
-    return w
-
-
 def run_cuda(out: list, layers: int = 32):
     dev = "cuda"
     tri = prox.triton_kernels()
     print(f"CUDA: {torch.cuda.get_device_name()}, Triton kernel: {tri is not None}")
     g = torch.Generator(device=dev).manual_seed(0)
     W = (torch.randn(11008, 4096, device=dev, generator=g) * 0.02).bfloat16()
-    print("  one 11008×4096 bf16 matrix: fast = prox_2to4_ (multi-pass kernel), single = the earlier "
-          "one-launch kernel, reference = published schedule; single and fast compared bit for bit")
+    print("  one 11008×4096 bf16 matrix: fast = prox_2to4_ (multi-pass kernel), reference = published schedule")
     for state, M in (("real", W), ("mid", mid_training(W))):
         for lam in LAMBDAS:
             r = compare(M, lam, dev, reps=3)
-            ts = [_time(lambda: _single_pass(M.clone(), lam), dev) for _ in range(3)]
-            clone = statistics.median(_time(lambda: M.clone(), dev) for _ in range(3))
-            fast, single = prox.prox_2to4_(M.clone(), lam), _single_pass(M.clone(), lam)
-            r.update(device=dev, state=state, shape=list(W.shape), weights="random N(0, 0.02) bf16",
-                     single_ms=1e3 * (statistics.median(ts) - clone),
-                     differs_from_single=int((fast != single).view(-1, 4).any(1).sum()))
+            r.update(device=dev, state=state, shape=list(W.shape), weights="random N(0, 0.02) bf16")
             out.append(r)
-            print(f"  {state:4} λ1={lam:<5} fast {r['fast_ms']:7.2f} ms  single {r['single_ms']:7.2f} ms  "
-                  f"reference {r['ref_ms']:8.1f} ms  fast vs single {r['single_ms'] / r['fast_ms']:5.2f}×  "
-                  f"vs reference {r['speedup']:6.1f}×  groups worse {r['groups_worse']}/{r['groups']}  "
-                  f"groups ≠ single {r['differs_from_single']}", flush=True)
+            print(f"  {state:4} λ1={lam:<5} fast {r['fast_ms']:7.2f} ms  reference {r['ref_ms']:8.1f} ms  "
+                  f"vs reference {r['speedup']:6.1f}×  groups worse {r['groups_worse']}/{r['groups']}", flush=True)
     del W
     # every prunable weight of a 7B-shaped Llama, as in one learning step
     mats = [(torch.randn(o, i, device=dev, generator=g) * 0.02).bfloat16() for _ in range(layers) for o, i in LLAMA7B]
@@ -163,20 +148,18 @@ def run_cuda(out: list, layers: int = 32):
         if state == "mid":
             mats = [mid_training(m) for m in mats]
         for lam in LAMBDAS:
-            times = {"fast": [], "single": []}
+            times = []
             for _ in range(2):                      # each repetition on fresh copies of the state
-                for name, fn in (("fast", lambda m, h: prox.prox_2to4_(m, lam, hist=h)), ("single", lambda m, h: _single_pass(m, lam, h))):
-                    hist = torch.zeros(5, dtype=torch.long, device=dev)
-                    work = [m.clone() for m in mats]
-                    times[name].append(_time(lambda: [fn(m, hist) for m in work], dev))
-                    del work
-            t, t1 = statistics.median(times["fast"]), statistics.median(times["single"])
+                hist = torch.zeros(5, dtype=torch.long, device=dev)
+                work = [m.clone() for m in mats]
+                times.append(_time(lambda w=work, h=hist: [prox.prox_2to4_(m, lam, hist=h) for m in w], dev))
+                del work
+            t = statistics.median(times)
             r = dict(device=dev, kind="all_layers_7b", state=state, lam=lam, weights=n, seconds=t,
-                     single_seconds=t1, gbytes_per_s=2 * 2 * n / t / 1e9, matrices=len(mats))
+                     gbytes_per_s=2 * 2 * n / t / 1e9, matrices=len(mats))
             out.append(r)
             print(f"  all {len(mats)} 7B matrices ({n / 1e9:.2f} G weights, bf16), {state}, λ1={lam}: "
-                  f"fast {1e3 * t:.1f} ms, single {1e3 * t1:.1f} ms per step ({t1 / t:.2f}×; fast "
-                  f"{r['gbytes_per_s']:.0f} GB/s effective)", flush=True)
+                  f"{1e3 * t:.1f} ms per step ({r['gbytes_per_s']:.0f} GB/s effective)", flush=True)
 
 
 def main():

@@ -221,11 +221,10 @@ for dtype in (torch.float32, torch.bfloat16, torch.float16):
         z[:40] *= 1e-4                      # float16 subnormals
         z = torch.cat([z, adversarial_groups(400, lam, seed=int(lam))]).to(dtype)
         want = prox.prox_groups(z, lam)
-        # the multi-pass kernel with its caps, with caps that send most groups through all three
-        # passes, and the earlier one-launch kernel
+        # the multi-pass kernel with its caps, and with caps that send most groups through all three
+        # passes
         for run in (lambda w, h: prox_triton.prox_(w, lam, FAST_TOL, MAX_SWEEPS, h),
-                    lambda w, h: prox_triton.prox_(w, lam, FAST_TOL, MAX_SWEEPS, h, caps=(1, 3)),
-                    lambda w, h: prox_triton.prox_single_pass_(w, lam, FAST_TOL, MAX_SWEEPS, h)):
+                    lambda w, h: prox_triton.prox_(w, lam, FAST_TOL, MAX_SWEEPS, h, caps=(1, 3))):
             got, hist = z.clone(), torch.zeros(5, dtype=torch.long)
             run(got, hist)
             assert torch.equal(got, want), (dtype, lam, int((got != want).sum()))
@@ -238,8 +237,8 @@ print("OK")
 def test_triton_kernel_in_interpreter_matches_native():
     """The Triton programs run by Triton's CPU interpreter (a fresh process: the mode is fixed when
     Triton is first imported) give the native kernel's results, bit for bit, and its counts: the
-    multi-pass kernel (in place, handed-on groups, groups past a pass's sweep cap) and the earlier
-    one-launch kernel, on random and adversarial groups (so they are never worse than the reference
+    multi-pass kernel (in place, handed-on groups, groups past a pass's sweep cap), on random and
+    adversarial groups (so they are never worse than the reference
     either: the native kernel is checked for that above)."""
     pytest.importorskip("triton")
     if not prox_native.available():

@@ -32,10 +32,6 @@ multiply-adds, which round differently from the C kernel and the PyTorch schedul
 between keep-3 and keep-4 that one-ulp difference flips the choice and the results differ by far
 more than an ulp (9.6e-6 on a 576×1536 float32 matrix, measured on an H200). Without contraction
 every operation is rounded as written and the three paths are bit-identical.
-
-`prox_single_pass_` is the earlier kernel (one program per 256 groups, every block iterated
-until its slowest group has converged, all candidates evaluated, one ordered atomic per count and
-block), kept for benchmarks and as a second reference in the tests.
 """
 from __future__ import annotations
 
@@ -44,9 +40,6 @@ import contextlib
 import torch
 import triton
 import triton.language as tl
-
-BLOCK = 256
-
 
 @triton.jit
 def _cswap(ap, aq, ip, iq):
@@ -61,14 +54,6 @@ def _place(w1, w2, w3, w4, i1, i2, i3, i4, j):
     m = tl.where(i2 == j, w2, m)
     m = tl.where(i3 == j, w3, m)
     return tl.where(i4 == j, w4, m)
-
-
-@triton.jit
-def _put(ptr, zj, m, mask):
-    """Store magnitude m with the sign of zj (0 stays 0); returns 1 where the result is non-zero."""
-    out = tl.where(zj > 0, m, tl.where(zj < 0, -m, 0.0)).to(ptr.dtype.element_ty)
-    tl.store(ptr, out, mask=mask)
-    return (out != 0).to(tl.int32)
 
 
 @triton.jit
@@ -107,92 +92,6 @@ def _obj4(w1, w2, w3, w4, a1, a2, a3, a4, lam):
         + lam * (w1 * w2 * (w3 + w4) + w3 * w4 * (w1 + w2))
 
 
-@triton.jit
-def _prox_kernel(w_ptr, hist_ptr, n_groups, lam, tol, max_sweeps, BLOCK: tl.constexpr, GRID: tl.constexpr):
-    g = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    inb = g < n_groups
-    p = w_ptr + 4 * g
-    z1 = tl.load(p, mask=inb, other=0.0).to(tl.float32)
-    z2 = tl.load(p + 1, mask=inb, other=0.0).to(tl.float32)
-    z3 = tl.load(p + 2, mask=inb, other=0.0).to(tl.float32)
-    z4 = tl.load(p + 3, mask=inb, other=0.0).to(tl.float32)
-    a1, a2, a3, a4 = tl.abs(z1), tl.abs(z2), tl.abs(z3), tl.abs(z4)
-    i1 = tl.zeros([BLOCK], tl.int32)
-    i2, i3, i4 = i1 + 1, i1 + 2, i1 + 3
-    a1, a2, i1, i2 = _cswap(a1, a2, i1, i2)
-    a3, a4, i3, i4 = _cswap(a3, a4, i3, i4)
-    a1, a3, i1, i3 = _cswap(a1, a3, i1, i3)
-    a2, a4, i2, i4 = _cswap(a2, a4, i2, i4)
-    a2, a3, i2, i3 = _cswap(a2, a3, i2, i3)
-    active = a3 > 0                      # ≤ 2 non-zeros: already its own prox
-    u1, u2, u3 = a1, a2, a3
-    v1, v2, v3, v4 = a1, a2, a3, a4
-    s = 0
-    while (s < max_sweeps) & (tl.max(active.to(tl.int32), 0) > 0):
-        n1 = tl.maximum(a1 - lam * (u2 * u3), 0.0)
-        n2 = tl.maximum(a2 - lam * (n1 * u3), 0.0)
-        n3 = tl.maximum(a3 - lam * (n1 * n2), 0.0)
-        m1 = tl.maximum(a1 - lam * (v2 * v3 + v2 * v4 + v3 * v4), 0.0)
-        m2 = tl.maximum(a2 - lam * (m1 * v3 + m1 * v4 + v3 * v4), 0.0)
-        m3 = tl.maximum(a3 - lam * (m1 * m2 + m1 * v4 + m2 * v4), 0.0)
-        m4 = tl.maximum(a4 - lam * (m1 * m2 + m1 * m3 + m2 * m3), 0.0)
-        d = tl.maximum(tl.maximum(tl.abs(n1 - u1), tl.abs(n2 - u2)), tl.abs(n3 - u3))
-        d = tl.maximum(d, tl.maximum(tl.maximum(tl.abs(m1 - v1), tl.abs(m2 - v2)),
-                                     tl.maximum(tl.abs(m3 - v3), tl.abs(m4 - v4))))
-        u1, u2, u3 = tl.where(active, n1, u1), tl.where(active, n2, u2), tl.where(active, n3, u3)
-        v1, v2 = tl.where(active, m1, v1), tl.where(active, m2, v2)
-        v3, v4 = tl.where(active, m3, v3), tl.where(active, m4, v4)
-        active = active & (d > tol * a1)
-        s += 1
-    # the best candidate, in the C kernel's order; a later one must be strictly better
-    zero = tl.zeros([BLOCK], tl.float32)
-    best = 0.5 * (a3 * a3 + a4 * a4)
-    w1, w2, w3, w4 = a1, a2, zero, zero
-    if GRID == 0:
-        o = _obj3(u1, u2, u3, a1, a2, a3, a4, lam)
-        t = o < best
-        best = tl.where(t, o, best)
-        w1, w2, w3 = tl.where(t, u1, w1), tl.where(t, u2, w2), tl.where(t, u3, w3)
-        o = _obj4(v1, v2, v3, v4, a1, a2, a3, a4, lam)
-        t = o < best
-        w1, w2, w3, w4 = tl.where(t, v1, w1), tl.where(t, v2, w2), tl.where(t, v3, w3), tl.where(t, v4, w4)
-    else:
-        # every rounding down/up of keep-3's, then keep-4's coordinates; (x - a)² computed once
-        l1, l2, l3 = _grid_lo(u1, GRID), _grid_lo(u2, GRID), _grid_lo(u3, GRID)
-        h1, h2, h3 = _grid_hi(l1, u1, GRID), _grid_hi(l2, u2, GRID), _grid_hi(l3, u3, GRID)
-        dl1, dl2, dl3 = (l1 - a1) * (l1 - a1), (l2 - a2) * (l2 - a2), (l3 - a3) * (l3 - a3)
-        dh1, dh2, dh3 = (h1 - a1) * (h1 - a1), (h2 - a2) * (h2 - a2), (h3 - a3) * (h3 - a3)
-        for c in tl.static_range(8):
-            x1, d1 = (h1, dh1) if c % 2 == 1 else (l1, dl1)
-            x2, d2 = (h2, dh2) if (c // 2) % 2 == 1 else (l2, dl2)
-            x3, d3 = (h3, dh3) if (c // 4) % 2 == 1 else (l3, dl3)
-            o = 0.5 * (d1 + d2 + d3 + a4 * a4) + lam * (x1 * x2 * x3)
-            t = o < best
-            best = tl.where(t, o, best)
-            w1, w2, w3, w4 = tl.where(t, x1, w1), tl.where(t, x2, w2), tl.where(t, x3, w3), tl.where(t, zero, w4)
-        l1, l2, l3, l4 = _grid_lo(v1, GRID), _grid_lo(v2, GRID), _grid_lo(v3, GRID), _grid_lo(v4, GRID)
-        h1, h2 = _grid_hi(l1, v1, GRID), _grid_hi(l2, v2, GRID)
-        h3, h4 = _grid_hi(l3, v3, GRID), _grid_hi(l4, v4, GRID)
-        dl1, dl2, dl3, dl4 = (l1 - a1) * (l1 - a1), (l2 - a2) * (l2 - a2), (l3 - a3) * (l3 - a3), (l4 - a4) * (l4 - a4)
-        dh1, dh2, dh3, dh4 = (h1 - a1) * (h1 - a1), (h2 - a2) * (h2 - a2), (h3 - a3) * (h3 - a3), (h4 - a4) * (h4 - a4)
-        for c in tl.static_range(16):
-            x1, d1 = (h1, dh1) if c % 2 == 1 else (l1, dl1)
-            x2, d2 = (h2, dh2) if (c // 2) % 2 == 1 else (l2, dl2)
-            x3, d3 = (h3, dh3) if (c // 4) % 2 == 1 else (l3, dl3)
-            x4, d4 = (h4, dh4) if (c // 8) % 2 == 1 else (l4, dl4)
-            o = 0.5 * (d1 + d2 + d3 + d4) + lam * (x1 * x2 * (x3 + x4) + x3 * x4 * (x1 + x2))
-            t = o < best
-            best = tl.where(t, o, best)
-            w1, w2, w3, w4 = tl.where(t, x1, w1), tl.where(t, x2, w2), tl.where(t, x3, w3), tl.where(t, x4, w4)
-    changed = inb & (a3 > 0)             # untouched groups are not written back
-    nz = _put(p, z1, _place(w1, w2, w3, w4, i1, i2, i3, i4, 0), changed)
-    nz += _put(p + 1, z2, _place(w1, w2, w3, w4, i1, i2, i3, i4, 1), changed)
-    nz += _put(p + 2, z3, _place(w1, w2, w3, w4, i1, i2, i3, i4, 2), changed)
-    nz += _put(p + 3, z4, _place(w1, w2, w3, w4, i1, i2, i3, i4, 3), changed)
-    for k in tl.static_range(5):
-        tl.atomic_add(hist_ptr + k, tl.sum(((nz == k) & inb).to(tl.int32), 0))
-
-
 # ----------------------------------------------------------------------------- the multi-pass prox
 
 PASS_BLOCK = 64          # groups per block: one warp, two groups per thread
@@ -217,10 +116,8 @@ def _nonzeros(z1, z2, z3, z4):
 
 
 @triton.jit
-def _solve_store(w_ptr, g, z1, z2, z3, z4, work, lam, tol, cap, max_sweeps,
-                 BLOCK: tl.constexpr, GRID: tl.constexpr):
-    """The prox of the `work` groups (≥ 3 non-zeros) with at most `cap` sweeps. Stores the groups
-    that are finished; returns (non-zeros of each stored result, pending: still iterating)."""
+def _sort4(z1, z2, z3, z4, BLOCK: tl.constexpr):
+    """|z| sorted in decreasing order by a 5-comparator network, with each value's place in the group."""
     a1, a2, a3, a4 = tl.abs(z1), tl.abs(z2), tl.abs(z3), tl.abs(z4)
     i1 = tl.zeros([BLOCK], tl.int32)
     i2, i3, i4 = i1 + 1, i1 + 2, i1 + 3
@@ -229,7 +126,13 @@ def _solve_store(w_ptr, g, z1, z2, z3, z4, work, lam, tol, cap, max_sweeps,
     a1, a3, i1, i3 = _cswap(a1, a3, i1, i3)
     a2, a4, i2, i4 = _cswap(a2, a4, i2, i4)
     a2, a3, i2, i3 = _cswap(a2, a3, i2, i3)
-    active = work
+    return a1, a2, a3, a4, i1, i2, i3, i4
+
+
+@triton.jit
+def _sweeps(a1, a2, a3, a4, active, lam, tol, cap):
+    """At most `cap` Gauss-Seidel sweeps of keep-3 (u) and keep-4 (v) from |z|; a group that has
+    converged is frozen. Returns u, v and which groups are still moving."""
     u1, u2, u3 = a1, a2, a3
     v1, v2, v3, v4 = a1, a2, a3, a4
     s = 0
@@ -249,72 +152,112 @@ def _solve_store(w_ptr, g, z1, z2, z3, z4, work, lam, tol, cap, max_sweeps,
         v3, v4 = tl.where(active, m3, v3), tl.where(active, m4, v4)
         active = active & (d > tol * a1)
         s += 1
+    return u1, u2, u3, v1, v2, v3, v4, active
+
+
+@triton.jit
+def _pick_exact(u1, u2, u3, v1, v2, v3, v4, a1, a2, a3, a4, lam, best):
+    """float32 weights: the best of keep-2 (objective `best`), keep-3 and keep-4, as |values|."""
+    zero = tl.zeros_like(best)
+    pick = tl.zeros_like(a1).to(tl.int32)       # 0: keep-2, 1: keep-3, 9: keep-4
+    o = _obj3(u1, u2, u3, a1, a2, a3, a4, lam)
+    t = o < best
+    best = tl.where(t, o, best)
+    pick = tl.where(t, 1, pick)
+    o = _obj4(v1, v2, v3, v4, a1, a2, a3, a4, lam)
+    pick = tl.where(o < best, 9, pick)
+    w1 = tl.where(pick == 9, v1, tl.where(pick == 1, u1, a1))
+    w2 = tl.where(pick == 9, v2, tl.where(pick == 1, u2, a2))
+    w3 = tl.where(pick == 9, v3, tl.where(pick == 1, u3, zero))
+    w4 = tl.where(pick == 9, v4, zero)
+    return w1, w2, w3, w4
+
+
+@triton.jit
+def _pick_keep3(u1, u2, u3, a1, a2, a3, a4, lam, live, best, pick, GRID: tl.constexpr):
+    """The 8 roundings of keep-3 to the weight's dtype: (x - a)² once per coordinate and side; skipped
+    when no live group's lower bound beats its best. Returns the rounded points, best and pick."""
+    p1, p2, p3 = _grid_lo(u1, GRID), _grid_lo(u2, GRID), _grid_lo(u3, GRID)
+    q1, q2, q3 = _grid_hi(p1, u1, GRID), _grid_hi(p2, u2, GRID), _grid_hi(p3, u3, GRID)
+    dl1, dl2, dl3 = (p1 - a1) * (p1 - a1), (p2 - a2) * (p2 - a2), (p3 - a3) * (p3 - a3)
+    dh1, dh2, dh3 = (q1 - a1) * (q1 - a1), (q2 - a2) * (q2 - a2), (q3 - a3) * (q3 - a3)
+    lb = 0.5 * (tl.minimum(dl1, dh1) + tl.minimum(dl2, dh2) + tl.minimum(dl3, dh3) + a4 * a4) \
+        + lam * (p1 * p2 * p3)
+    if tl.max((live & (lb < best)).to(tl.int32), 0) > 0:
+        for c in tl.static_range(8):
+            x1, e1 = (q1, dh1) if c % 2 == 1 else (p1, dl1)
+            x2, e2 = (q2, dh2) if (c // 2) % 2 == 1 else (p2, dl2)
+            x3, e3 = (q3, dh3) if (c // 4) % 2 == 1 else (p3, dl3)
+            o = 0.5 * (e1 + e2 + e3 + a4 * a4) + lam * (x1 * x2 * x3)
+            t = o < best
+            best = tl.where(t, o, best)
+            pick = tl.where(t, 1 + c, pick)
+    return p1, p2, p3, q1, q2, q3, best, pick
+
+
+@triton.jit
+def _pick_keep4(v1, v2, v3, v4, a1, a2, a3, a4, lam, live, best, pick, GRID: tl.constexpr):
+    """The 16 roundings of keep-4, as _pick_keep3 does for keep-3."""
+    r1, r2, r3, r4 = _grid_lo(v1, GRID), _grid_lo(v2, GRID), _grid_lo(v3, GRID), _grid_lo(v4, GRID)
+    s1, s2 = _grid_hi(r1, v1, GRID), _grid_hi(r2, v2, GRID)
+    s3, s4 = _grid_hi(r3, v3, GRID), _grid_hi(r4, v4, GRID)
+    fl1, fl2, fl3, fl4 = (r1 - a1) * (r1 - a1), (r2 - a2) * (r2 - a2), (r3 - a3) * (r3 - a3), (r4 - a4) * (r4 - a4)
+    fh1, fh2, fh3, fh4 = (s1 - a1) * (s1 - a1), (s2 - a2) * (s2 - a2), (s3 - a3) * (s3 - a3), (s4 - a4) * (s4 - a4)
+    lb = 0.5 * (tl.minimum(fl1, fh1) + tl.minimum(fl2, fh2) + tl.minimum(fl3, fh3) + tl.minimum(fl4, fh4)) \
+        + lam * (r1 * r2 * (r3 + r4) + r3 * r4 * (r1 + r2))
+    if tl.max((live & (lb < best)).to(tl.int32), 0) > 0:
+        for c in tl.static_range(16):
+            x1, e1 = (s1, fh1) if c % 2 == 1 else (r1, fl1)
+            x2, e2 = (s2, fh2) if (c // 2) % 2 == 1 else (r2, fl2)
+            x3, e3 = (s3, fh3) if (c // 4) % 2 == 1 else (r3, fl3)
+            x4, e4 = (s4, fh4) if (c // 8) % 2 == 1 else (r4, fl4)
+            o = 0.5 * (e1 + e2 + e3 + e4) + lam * (x1 * x2 * (x3 + x4) + x3 * x4 * (x1 + x2))
+            t = o < best
+            best = tl.where(t, o, best)
+            pick = tl.where(t, 9 + c, pick)
+    return r1, r2, r3, r4, s1, s2, s3, s4, pick
+
+
+@triton.jit
+def _pick_grid(u1, u2, u3, v1, v2, v3, v4, a1, a2, a3, a4, lam, live, best, GRID: tl.constexpr):
+    """bf16/fp16 weights: the best of keep-2 and every rounding of keep-3 and keep-4, tracked by its
+    index (0: keep-2, 1 + c: keep-3 point c, 9 + c: keep-4 point c); a later one must be strictly
+    better, so the winner is the first lowest objective. Returns |values|."""
+    zero = tl.zeros_like(best)
+    pick = tl.zeros_like(a1).to(tl.int32)
+    p1, p2, p3, q1, q2, q3, best, pick = _pick_keep3(u1, u2, u3, a1, a2, a3, a4, lam, live, best, pick, GRID)
+    r1, r2, r3, r4, s1, s2, s3, s4, pick = _pick_keep4(v1, v2, v3, v4, a1, a2, a3, a4, lam, live, best, pick,
+                                                        GRID)
+    k3 = (pick >= 1) & (pick <= 8)
+    k4 = pick >= 9
+    c3 = pick - 1
+    c4 = pick - 9
+    w1 = tl.where(k4, tl.where((c4 & 1) != 0, s1, r1), tl.where(k3, tl.where((c3 & 1) != 0, q1, p1), a1))
+    w2 = tl.where(k4, tl.where((c4 & 2) != 0, s2, r2), tl.where(k3, tl.where((c3 & 2) != 0, q2, p2), a2))
+    w3 = tl.where(k4, tl.where((c4 & 4) != 0, s3, r3), tl.where(k3, tl.where((c3 & 4) != 0, q3, p3), zero))
+    w4 = tl.where(k4, tl.where((c4 & 8) != 0, s4, r4), zero)
+    return w1, w2, w3, w4
+
+
+@triton.jit
+def _solve_store(w_ptr, g, z1, z2, z3, z4, work, lam, tol, cap, max_sweeps,
+                 BLOCK: tl.constexpr, GRID: tl.constexpr):
+    """The prox of the `work` groups (≥ 3 non-zeros) with at most `cap` sweeps. Stores the groups
+    that are finished; returns (non-zeros of each stored result, pending: still iterating)."""
+    a1, a2, a3, a4, i1, i2, i3, i4 = _sort4(z1, z2, z3, z4, BLOCK)
+    u1, u2, u3, v1, v2, v3, v4, active = _sweeps(a1, a2, a3, a4, work, lam, tol, cap)
     pending = active & (cap < max_sweeps)
-    # the best candidate in the C kernel's order (keep-2, keep-3's, keep-4's); a later one must be
-    # strictly better, so the winner is the first lowest objective
-    zero = tl.zeros([BLOCK], tl.float32)
-    best = 0.5 * (a3 * a3 + a4 * a4)
-    pick = tl.zeros([BLOCK], tl.int32)          # 0: keep-2, 1 + c: keep-3 point c, 9 + c: keep-4 point c
+    store = work & ~pending
+    best = 0.5 * (a3 * a3 + a4 * a4)                # keep-2
     if GRID == 0:
-        o = _obj3(u1, u2, u3, a1, a2, a3, a4, lam)
-        t = o < best
-        best = tl.where(t, o, best)
-        pick = tl.where(t, 1, pick)
-        o = _obj4(v1, v2, v3, v4, a1, a2, a3, a4, lam)
-        pick = tl.where(o < best, 9, pick)
-        w1 = tl.where(pick == 9, v1, tl.where(pick == 1, u1, a1))
-        w2 = tl.where(pick == 9, v2, tl.where(pick == 1, u2, a2))
-        w3 = tl.where(pick == 9, v3, tl.where(pick == 1, u3, zero))
-        w4 = tl.where(pick == 9, v4, zero)
+        w1, w2, w3, w4 = _pick_exact(u1, u2, u3, v1, v2, v3, v4, a1, a2, a3, a4, lam, best)
     else:
-        live = work & ~pending
-        # keep-3: every rounding down/up; (x - a)² once per coordinate and side
-        p1, p2, p3 = _grid_lo(u1, GRID), _grid_lo(u2, GRID), _grid_lo(u3, GRID)
-        q1, q2, q3 = _grid_hi(p1, u1, GRID), _grid_hi(p2, u2, GRID), _grid_hi(p3, u3, GRID)
-        dl1, dl2, dl3 = (p1 - a1) * (p1 - a1), (p2 - a2) * (p2 - a2), (p3 - a3) * (p3 - a3)
-        dh1, dh2, dh3 = (q1 - a1) * (q1 - a1), (q2 - a2) * (q2 - a2), (q3 - a3) * (q3 - a3)
-        lb = 0.5 * (tl.minimum(dl1, dh1) + tl.minimum(dl2, dh2) + tl.minimum(dl3, dh3) + a4 * a4) \
-            + lam * (p1 * p2 * p3)
-        if tl.max((live & (lb < best)).to(tl.int32), 0) > 0:
-            for c in tl.static_range(8):
-                x1, e1 = (q1, dh1) if c % 2 == 1 else (p1, dl1)
-                x2, e2 = (q2, dh2) if (c // 2) % 2 == 1 else (p2, dl2)
-                x3, e3 = (q3, dh3) if (c // 4) % 2 == 1 else (p3, dl3)
-                o = 0.5 * (e1 + e2 + e3 + a4 * a4) + lam * (x1 * x2 * x3)
-                t = o < best
-                best = tl.where(t, o, best)
-                pick = tl.where(t, 1 + c, pick)
-        r1, r2, r3, r4 = _grid_lo(v1, GRID), _grid_lo(v2, GRID), _grid_lo(v3, GRID), _grid_lo(v4, GRID)
-        s1, s2 = _grid_hi(r1, v1, GRID), _grid_hi(r2, v2, GRID)
-        s3, s4 = _grid_hi(r3, v3, GRID), _grid_hi(r4, v4, GRID)
-        fl1, fl2, fl3, fl4 = (r1 - a1) * (r1 - a1), (r2 - a2) * (r2 - a2), (r3 - a3) * (r3 - a3), (r4 - a4) * (r4 - a4)
-        fh1, fh2, fh3, fh4 = (s1 - a1) * (s1 - a1), (s2 - a2) * (s2 - a2), (s3 - a3) * (s3 - a3), (s4 - a4) * (s4 - a4)
-        lb = 0.5 * (tl.minimum(fl1, fh1) + tl.minimum(fl2, fh2) + tl.minimum(fl3, fh3) + tl.minimum(fl4, fh4)) \
-            + lam * (r1 * r2 * (r3 + r4) + r3 * r4 * (r1 + r2))
-        if tl.max((live & (lb < best)).to(tl.int32), 0) > 0:
-            for c in tl.static_range(16):
-                x1, e1 = (s1, fh1) if c % 2 == 1 else (r1, fl1)
-                x2, e2 = (s2, fh2) if (c // 2) % 2 == 1 else (r2, fl2)
-                x3, e3 = (s3, fh3) if (c // 4) % 2 == 1 else (r3, fl3)
-                x4, e4 = (s4, fh4) if (c // 8) % 2 == 1 else (r4, fl4)
-                o = 0.5 * (e1 + e2 + e3 + e4) + lam * (x1 * x2 * (x3 + x4) + x3 * x4 * (x1 + x2))
-                t = o < best
-                best = tl.where(t, o, best)
-                pick = tl.where(t, 9 + c, pick)
-        k3 = (pick >= 1) & (pick <= 8)
-        k4 = pick >= 9
-        c3 = pick - 1
-        c4 = pick - 9
-        w1 = tl.where(k4, tl.where((c4 & 1) != 0, s1, r1), tl.where(k3, tl.where((c3 & 1) != 0, q1, p1), a1))
-        w2 = tl.where(k4, tl.where((c4 & 2) != 0, s2, r2), tl.where(k3, tl.where((c3 & 2) != 0, q2, p2), a2))
-        w3 = tl.where(k4, tl.where((c4 & 4) != 0, s3, r3), tl.where(k3, tl.where((c3 & 4) != 0, q3, p3), zero))
-        w4 = tl.where(k4, tl.where((c4 & 8) != 0, s4, r4), zero)
+        w1, w2, w3, w4 = _pick_grid(u1, u2, u3, v1, v2, v3, v4, a1, a2, a3, a4, lam, store, best, GRID)
     dt = w_ptr.dtype.element_ty
     o1 = _signed(z1, _place(w1, w2, w3, w4, i1, i2, i3, i4, 0)).to(dt)
     o2 = _signed(z2, _place(w1, w2, w3, w4, i1, i2, i3, i4, 1)).to(dt)
     o3 = _signed(z3, _place(w1, w2, w3, w4, i1, i2, i3, i4, 2)).to(dt)
     o4 = _signed(z4, _place(w1, w2, w3, w4, i1, i2, i3, i4, 3)).to(dt)
-    store = work & ~pending
     t = tl.reshape(tl.join(tl.join(o1, o3), tl.join(o2, o4)), [BLOCK, 4])
     tl.store(w_ptr + (g[:, None] * 4 + tl.arange(0, 4)[None, :]), t, mask=store[:, None])
     nz = (o1 != 0).to(tl.int32) + (o2 != 0).to(tl.int32) + (o3 != 0).to(tl.int32) + (o4 != 0).to(tl.int32)
@@ -446,22 +389,6 @@ def prox_(groups: torch.Tensor, lam: float, tol: float, max_sweeps: int,
             if cap2 < max_sweeps:
                 _prox_from_list[(nprog,)](groups, lists[1], cnt[1], lists[0], cnt[0], counts, seg, lam, tol,
                                           max_sweeps, max_sweeps, EMIT=False, **kw)
-    if hist is not None:
-        hist += counts.to(hist.device)
-    return groups
-
-
-def prox_single_pass_(groups: torch.Tensor, lam: float, tol: float, max_sweeps: int,
-          hist: torch.Tensor | None = None) -> torch.Tensor:
-    """The earlier one-launch kernel (see the module docstring); same results as prox_."""
-    n = groups.numel() // 4
-    counts = torch.zeros(5, dtype=torch.int32, device=groups.device)
-    if n:
-        # the tensor's own GPU (models split over GPUs); no context on the CPU (TRITON_INTERPRET=1)
-        with torch.cuda.device(groups.device) if groups.is_cuda else contextlib.nullcontext():
-            _prox_kernel[(triton.cdiv(n, BLOCK),)](groups, counts, n, float(lam), float(tol),
-                                                   int(max_sweeps), BLOCK=BLOCK, GRID=GRIDS[groups.dtype],
-                                                   enable_fp_fusion=False)
     if hist is not None:
         hist += counts.to(hist.device)
     return groups
