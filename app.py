@@ -54,8 +54,9 @@ def parse_args(argv=None, env=None) -> argparse.Namespace:
                                                     "0 = any free port)")
     p.add_argument("--share", action="store_true", help="also create a public gradio.live link")
     p.add_argument("--model", help="model preselected in the Learn tab (default: the bundled SmolLM2)")
-    p.add_argument("--preset", help="preset preselected in the Learn tab (default: bundled-quality, the bundled "
-                                     "model's best measured setting; quick-demo is its one-minute version)")
+    p.add_argument("--preset", help="preset preselected in the Learn tab (default: quick-demo on a machine without "
+                                     "a GPU, the bundled model's short version for a class period; bundled-quality, "
+                                     "its best measured setting, on a GPU)")
     p.add_argument("--allow-remote-code", action="store_true",
                    help="allow 'Trust remote code': a model folder's own Python then runs inside this server "
                         "when a visitor asks for it (off by default; only for models you trust)")
@@ -106,11 +107,11 @@ def _stop_on_sigterm():
 
 def run(argv=None):
     args = parse_args(argv)
-    from proxsparse_core.config import DEFAULT_PRESET, PRESETS, RunConfig
+    from proxsparse_core.config import PRESETS, RunConfig, default_preset
     from ui.jobs import JobManager
     from ui.layout import build_app, launch
 
-    preset = args.preset or DEFAULT_PRESET
+    preset = args.preset or default_preset()
     if preset not in PRESETS:
         raise UsageError(f"unknown preset {preset!r}; choose from: {', '.join(PRESETS)}")
     host = args.host

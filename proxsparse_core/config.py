@@ -258,9 +258,19 @@ _SCALE_FREE = dict(samples=150, ctx=128, steps=300, batch=1, lambda1=0.01, lambd
                    lambda_scale="layer", lr_schedule="cosine", warmup=0.1, grad_ckpt=False,
                    loss="distill", data="mix", score="activation")
 
-# the app's preselected preset: the bundled model's best measured setting (bench/RESULTS.md);
-# quick-demo is the short version for live demos (its measured time: bench/measured.json)
+# the preset the app opens on (default_preset): on a GPU the bundled model's best measured setting
+# (bench/RESULTS.md), recommended; without one quick-demo, the short version that ends within a
+# class period on a CPU (their measured times: bench/measured.json)
 DEFAULT_PRESET = "bundled-quality"
+CPU_PRESET = "quick-demo"
+
+
+def default_preset(gpu: bool | None = None) -> str:
+    """The preset the app opens on: DEFAULT_PRESET with a GPU (`gpu` None: this machine's), else
+    CPU_PRESET."""
+    if gpu is None:
+        gpu = torch.cuda.is_available()
+    return DEFAULT_PRESET if gpu else CPU_PRESET
 
 PRESETS: dict[str, dict] = {
     # chosen from bench/quality.py (bench/RESULTS.md): per-layer scaling is what makes the

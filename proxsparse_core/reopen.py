@@ -4,7 +4,8 @@ result the folder holds in it, as `export --run`, `eval --masks`, `recover --run
 A learn or prune folder gives its mask on the original weights; a SparseGPT folder holds only its
 mask, so its updated weights are rebuilt as the OBS update with that mask on the recipe's
 calibration samples (SparseGPT's own arithmetic, deterministic); a recover folder gives its
-recovered weights (weights.safetensors). `export_run` is reopen + export in one call.
+recovered weights (weights.safetensors). `export_run` is reopen + export in one call. `open_saved` puts a run or export
+folder the app lists (runs/library.py reads it) in a workspace under a name of its own.
 """
 from __future__ import annotations
 
@@ -14,18 +15,19 @@ from typing import Callable
 
 from proxsparse_core.errors import Stopped, UserError
 from proxsparse_core.recovery.recover import obs_update
-from proxsparse_core.results import LEARNED, Pruning
+from proxsparse_core.results import DENSE, LEARNED, Pruning, tagged
 from proxsparse_core.runs.export import ExportResult, _check_target, clean_stale, export_result
 from proxsparse_core.runs.files import read_events
+from proxsparse_core.runs.library import OpenedRun, export_weights, recorded_scores
 from proxsparse_core.runs.folder import (RECOVERY_INFO, WEIGHTS_FILE, RunFolder, _old_metrics, check_out_apart,
                                          load_weights_file, read_run)
 from proxsparse_core.sparsity.masks import check_masks_match
 from proxsparse_core.workspace import Workspace
 
 
-def add_base_result(ws, folder: RunFolder, progress=None, stop=None) -> tuple[str, str]:
+def add_base_result(ws, folder: RunFolder, progress=None, stop=None, name: str | None = None) -> tuple[str, str]:
     """Put the result of a learn/prune folder into the workspace `ws` (loaded with its recipe)
-    under its method's name. Returns (name, a line saying what the base weights are)."""
+    under `name` (default: its method's name). Returns (name, a line saying what the base weights are)."""
     if folder.recovered:
         raise UserError(f"{str(folder.path)!r} is already a recover run (it holds {WEIGHTS_FILE}); "
                         f"recover its base run instead")
@@ -40,12 +42,13 @@ def add_base_result(ws, folder: RunFolder, progress=None, stop=None) -> tuple[st
     else:
         weights = None
         note = f"the {method} result is the original weights × masks.npz"
-    ws.add_result(method, Pruning(method, folder.masks, weights, info))
-    return method, note
+    ws.add_result(name or method, Pruning(method, folder.masks, weights, info))
+    return name or method, note
 
 
-def add_recovered_result(ws, folder: RunFolder) -> str:
-    """Put the recovered result of a recover folder into `ws`; returns its name."""
+def add_recovered_result(ws, folder: RunFolder, name: str | None = None) -> str:
+    """Put the recovered result of a recover folder into `ws` under `name` (default: its method's
+    name); returns its name."""
     check_masks_match(ws.lm.prunable, folder.masks)
     weights = load_weights_file(folder.path, ws.lm.prunable, folder.masks)
     info = {"config": folder.cfg.to_dict(), "base_method": folder.base_method,
@@ -53,20 +56,54 @@ def add_recovered_result(ws, folder: RunFolder) -> str:
     if isinstance(folder.recipe.get("command"), str):
         info["recover_command"] = folder.recipe["command"]
     info.update({k: v for k, v in _old_metrics(folder).items() if k in RECOVERY_INFO and k != "base_method"})
-    ws.add_result(folder.method, Pruning(folder.method, folder.masks, weights, info))
-    return folder.method
+    ws.add_result(name or folder.method, Pruning(folder.method, folder.masks, weights, info))
+    return name or folder.method
 
 
-def add_run_result(ws, folder: RunFolder, progress=None, stop=None) -> tuple[str, str]:
+def add_run_result(ws, folder: RunFolder, progress=None, stop=None, name: str | None = None) -> tuple[str, str]:
     """Put the result a run folder holds into `ws` (loaded with a model that fits it): a recover
     folder's recovered weights, or the base result of a learn/prune folder (SparseGPT's updated
     weights rebuilt). Returns (name, a line saying which weights the result has) — what `export
     --run` exports and `eval --masks` evaluates."""
     if folder.recovered:
-        name = add_recovered_result(ws, folder)
+        name = add_recovered_result(ws, folder, name)
         return name, (f"the {folder.base_method} mask with the recovered weights of {WEIGHTS_FILE} "
                       f"(masks.npz gives the pattern)")
-    return add_base_result(ws, folder, progress, stop)
+    return add_base_result(ws, folder, progress, stop, name)
+
+
+def open_saved(ws, opened: OpenedRun, progress=None, stop=None) -> tuple[str, str]:
+    """Put the result of a saved run or export folder (runs.library.read_saved) into `ws`, which
+    is loaded with a model that fits it, under a name of its own: its method tagged with its
+    folder's name ("proxsparse#demo", results.TAG), so it never replaces a result already there.
+    An export of an updated result (recovered, SparseGPT) gives the weights its model files hold.
+    Returns (name, a line saying which weights the result has)."""
+    folder = opened.folder
+    name = ws.unique_name(tagged(folder.method, opened.tag))
+    if opened.weights_from is None:
+        return add_run_result(ws, folder, progress, stop, name)
+    check_masks_match(ws.lm.prunable, folder.masks)
+    weights = export_weights(opened.weights_from, ws.lm.prunable, folder.masks)
+    info = {"config": folder.cfg.to_dict(), "base_method": folder.base_method}
+    if isinstance(folder.recipe.get("recovery"), dict):
+        info["recovery"] = folder.recipe["recovery"]
+    info.update({k: v for k, v in opened.metrics.items() if k in RECOVERY_INFO and k != "base_method"
+                 and isinstance(v, (str, int, float, bool))})
+    ws.add_result(name, Pruning(folder.method, folder.masks, weights, info))
+    return name, f"the {folder.method} result with the updated weights of the export's model files"
+
+
+def restore_scores(ws, opened: OpenedRun, name: str) -> str:
+    """Put the held-out perplexities (and top-1 agreement) a saved run recorded into `ws` for the
+    result `name` and for dense — only when they were measured on the very windows `ws` holds
+    (runs.library.recorded_scores). Returns a line saying what was restored, or why not."""
+    mine, dense, agree, why = recorded_scores(opened, ws)
+    if mine is None:
+        return f"no perplexity rows restored: {why or 'it recorded none for its result'}"
+    ws.restore_score(name, mine, agree)
+    if dense is not None:
+        ws.restore_score(DENSE, dense)
+    return "perplexity rows restored from its metrics.json"
 
 
 def export_run(run, out, *, overwrite: bool = False, evaluate: bool = True,

@@ -22,7 +22,7 @@ from proxsparse_core.method.learner import LearnResult, ProxSparseLearner
 from proxsparse_core.sparsity.masks import Verification, masked, pruned_weights, snapshot, swapped, verify
 from proxsparse_core.models.loading import LoadedModel, load_model
 from proxsparse_core.progress import Progress
-from proxsparse_core.results import DENSE, LEARNED, Pruning
+from proxsparse_core.results import DENSE, LEARNED, Pruning, unique
 
 
 class Workspace:
@@ -33,6 +33,7 @@ class Workspace:
         self.results: dict[str, Pruning] = {}
         self.ppl: dict[str, float] = {}
         self.top1: dict = {}                     # name → held-out top-1 predictions (for agreement)
+        self.agreed: dict[str, float] = {}       # name → top-1 agreement a saved run recorded (reopen.py)
         self._model_key = None
         self._data_key = None
         self._tuning = None                      # (count, samples) drawn for recovery's fine-tuning
@@ -57,6 +58,7 @@ class Workspace:
                                 cfg.eval_ctx, cfg.eval_windows or None, cfg.data_field, lm.model)
         if new_model:                      # the new model is ready: only now drop the old one
             self.lm, self.originals, self.results, self.ppl, self.top1 = lm, snapshot(lm.prunable), {}, {}, {}
+            self.agreed = {}
             self.memo = ModelMemo(lm.model)
             self._model_key = key
             gc.collect()
@@ -64,6 +66,7 @@ class Workspace:
                 torch.cuda.empty_cache()
         if data is not self.data:
             self.data, self.ppl, self.top1, self._data_key, self._tuning = data, {}, {}, dkey, None
+            self.agreed = {}
         return self.lm
 
     def _need(self):
@@ -72,8 +75,11 @@ class Workspace:
 
     # ------------------------------------------------------------------ pruning
     def learn(self, cfg: RunConfig, on_event=None, stop: threading.Event | None = None,
-              name: str = LEARNED) -> LearnResult:
+              name: str | None = None) -> LearnResult:
+        """Learn a mask; it becomes the result `name` (default: "proxsparse", or "proxsparse#2", … when
+        that is taken: a new run never replaces an earlier one). `result.name` says which."""
         self.load(cfg)
+        name = name or self.unique_name(LEARNED)
         check_learning_memory(self.lm, cfg)     # refuse settings that cannot fit, before any step
         with self.lock:
             result = ProxSparseLearner(self.lm, cfg, self.data.calibration, on_event, stop,
@@ -84,6 +90,8 @@ class Workspace:
                                           "message": result.message, "config": cfg.to_dict()})
             self.ppl.pop(name, None)
             self.top1.pop(name, None)
+            self.agreed.pop(name, None)
+            result.name = name
         return result
 
     def prune(self, method: str, cfg: RunConfig, progress=None, stop: threading.Event | None = None) -> Pruning:
@@ -117,8 +125,11 @@ class Workspace:
                                       "recovered", None, [])
             res = recover(self.lm, self.data.calibration, self.results[name], name, self.originals, rcfg,
                           on_event, stop, progress, tuning)
-        if res.pruning is not None:
-            self.add_result(recovered_name(name), res.pruning)
+        if res.pruning is not None:     # a second recovery of one result never replaces the first
+            if isinstance(self.results[name].info.get("config"), dict):      # the settings that made its mask
+                res.pruning.info.setdefault("config", self.results[name].info["config"])
+            res.name = self.unique_name(recovered_name(name))
+            self.add_result(res.name, res.pruning)
         return res
 
     def tuning_samples(self, n: int, on_phase=None, text: int = 0, stop=None):
@@ -182,6 +193,20 @@ class Workspace:
         self.results[name] = pruning
         self.ppl.pop(name, None)
         self.top1.pop(name, None)
+        self.agreed.pop(name, None)
+
+    def unique_name(self, name: str) -> str:
+        """`name` if no result has it, else `name#2`, `name#3`, … (results.unique)."""
+        return unique(name, self.results)
+
+    def restore_score(self, name: str, ppl: float, agreement: float | None = None):
+        """A held-out perplexity (and top-1 agreement with dense) that a saved run recorded on these
+        very windows (reopen.py), kept until the data or the result changes; a perplexity measured
+        here is never replaced."""
+        if name not in self.ppl:
+            self.ppl[name] = float(ppl)
+            if agreement is not None:
+                self.agreed[name] = float(agreement)
 
     def weights_of(self, name: str) -> dict:
         r = self.results.get(name)
@@ -234,6 +259,9 @@ class Workspace:
 
     def agreement(self, name: str, stop=None) -> float:
         """Share of held-out positions where `name` picks the same next token as the dense model."""
+        for n in (DENSE, name):
+            if n in self.ppl and n not in self.top1:    # a recorded score (restore_score): measured here
+                self.ppl.pop(n)
         self.perplexity(DENSE, stop=stop)
         self.perplexity(name, stop=stop)
         return agreement(self.top1[name], self.top1[DENSE])

@@ -7,6 +7,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # the memo of dense results (proxsparse_core/memo.py) of this session, never the user's; each test
 # gets an empty one of its own (own_memo below)
 os.environ["PROXSPARSE_MEMO_DIR"] = __import__("tempfile").mkdtemp(prefix="proxsparse-test-memo-")
+# the run folders the app saves every result in (proxsparse_core/paths.py), never the user's
+os.environ["PROXSPARSE_RUNS"] = __import__("tempfile").mkdtemp(prefix="proxsparse-test-runs-")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -48,3 +48,177 @@ def test_ties_are_settled_without_changing_the_prox_cost():
     for lam in (0.5, 1.7, 1.8, 3.0):
         ours, solver = explain_tab.prox_one(z, lam), prox_groups(z, lam, mode="reference")
         assert float(objective(ours, z, lam)) == pytest.approx(float(objective(solver, z, lam)), rel=1e-6)
+
+
+# ---------------------------------------------------------------------------- the preset a machine opens on
+
+def test_the_app_opens_on_quick_demo_without_a_gpu_and_bundled_quality_with_one(monkeypatch):
+    import gradio as gr
+
+    from proxsparse_core.config import default_preset
+    from ui.jobs import JobManager
+    from ui.layout import build_app
+
+    assert default_preset(gpu=False) == "quick-demo" and default_preset(gpu=True) == "bundled-quality"
+
+    def opened_on():
+        demo = build_app(JobManager())
+        box = next(b for b in demo.blocks.values() if isinstance(b, gr.Dropdown) and b.elem_id == "ps-preset")
+        steps = next(b for b in demo.blocks.values() if isinstance(b, gr.Number) and b.label == "Steps")
+        return box.value, steps.value
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert opened_on() == ("quick-demo", 45)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert opened_on() == ("bundled-quality", 300)
+
+
+def test_preset_labels_are_short_enough_to_show_whole():
+    from ui import learn_tab
+
+    labels = [label for label, _ in learn_tab.preset_choices()]
+    assert max(len(t) for t in labels) <= 36, labels          # "quick-demo — SmolLM2-135M · CPU, of…" was cut
+    assert any(t.startswith("quick-demo") and "CPU, offline" in t for t in labels)
+    assert any(t.startswith("llama-2-7b") and "GPU + download" in t for t in labels)
+
+
+# ---------------------------------------------------------------------------- the Learn tab's card
+
+def _event(step, total, eta):
+    return dict(step=step, total_steps=total, lm_loss=3.0, l2_term=0.0, loss=3.0, lr=1e-4, share_24=0.2,
+                nnz_hist=[0, 0, 2, 4, 4], layer_share=None, t_fwd_bwd=1.0, t_opt=0.1, t_prox=0.1, t_step=1.2,
+                tokens_per_s=100.0, mem_bytes=2**30, elapsed=12.0, eta=eta)
+
+
+def _job(**cfg):
+    from proxsparse_core.config import RunConfig
+    from ui.jobs import LearnJob
+
+    job = LearnJob(1, cfg=RunConfig(**{"device": "cpu", **cfg}), evaluate=True)
+    job.status = "running"
+    return job
+
+
+@pytest.fixture
+def measured_eval(tmp_path, monkeypatch):
+    """bench/measured.json with one evaluation time: 50 s for 40 windows × 256 tokens on the CPU."""
+    import json
+
+    from proxsparse_core import measured
+
+    f = tmp_path / "measured.json"
+    f.write_text(json.dumps({"figures": {"eval:bundled:cpu": {
+        "seconds": 50, "windows": 40, "tokens": 256, "date": "2030-01-02", "machine": "2 CPU cores", "command": "x"}}}))
+    monkeypatch.setattr(measured, "FILE", f)
+    measured.figures.cache_clear()
+    yield
+    measured.figures.cache_clear()
+
+
+def test_the_eta_covers_the_held_out_perplexity_after_the_steps(measured_eval):
+    """Issue 28 (7): the ETA said the steps only, not the ~100 s of evaluation after them. The
+    evaluation time comes from bench/measured.json, scaled to the run's windows × tokens."""
+    from ui.learn_tab import progress_html
+
+    job = _job(eval_windows=20, eval_ctx=256)               # half the recorded windows: 25 s per model
+    job.events.append(_event(5, 45, eta=100.0))
+    text = progress_html(job)
+    assert "ETA 2:30: steps 1:40 + held-out perplexity ≈ 0:50" in text        # dense and 2:4 still to measure
+    dense = job.phases[2]
+    dense.start()
+    dense.end()                                             # the dense score was read from the memo
+    assert "ETA 2:05: steps 1:40 + held-out perplexity ≈ 0:25" in progress_html(job)
+    other = _job(model="some/model", eval_windows=20)        # no time was measured for this model
+    other.events.append(_event(5, 45, eta=100.0))
+    assert "ETA 1:40 for the steps, then held-out perplexity (its time is not measured" in progress_html(other)
+
+
+def test_a_run_far_longer_than_a_lecture_says_so_and_steps_have_bounds(measured_eval):
+    """Issue 28 (8): 1,000,000 steps were accepted silently (ETA 469 h). The number is refused by
+    the bound RunConfig declares; an ETA of hours within the bounds is said plainly."""
+    from proxsparse_core.config import RunConfig
+    from proxsparse_core.errors import UserError
+    from ui import learn_tab
+
+    values = {n: getattr(RunConfig(), n) for n in learn_tab.FORM}
+    lo, hi, _ = RunConfig.bounds("steps")
+    with pytest.raises(UserError, match=f"Steps must be between {lo} and {hi}, got 1000000"):
+        learn_tab.config_from_form({**values, "steps": 1_000_000})
+    job = _job(steps=hi)
+    job.events.append(_event(5, hi, eta=469 * 3600.0))
+    text = learn_tab.progress_html(job)
+    assert 'class="ps-warn"' in text and "469:" in text and "longer than a class period" in text
+    job.events.append(_event(6, hi, eta=600.0))
+    assert "ps-warn" not in learn_tab.progress_html(job)
+
+
+def _plain(html: str) -> str:
+    import re
+
+    return " ".join(re.sub(r"<[^>]+>", " ", html).split())
+
+
+def test_the_finished_card_shows_the_headline_first_and_explains_the_extraction():
+    """Issue 28 (5, 6): the card showed timings; the result — dense vs ProxSparse held-out
+    perplexity and their ratio — was ~1,000 px down. The numbers come from the run."""
+    from types import SimpleNamespace
+
+    from ui.learn_tab import progress_html
+
+    job = _job(score="activation")
+    job.events.append(_event(45, 45, eta=0.0))
+    job.perplexity = {"dense": 16.981, "proxsparse": 41.392}
+    job.result = SimpleNamespace(steps_done=45, learned_share_24=0.318)
+    job.status, job.message = "finished", "finished 45 steps"
+    text = _plain(progress_html(job))
+    assert text.startswith("held-out perplexity dense 16.98 · ProxSparse 41.39 (×2.44)"), text
+    assert text.index("41.39") < text.index("steps/s")                          # before the timings
+    assert ("31.8% of groups were 2:4 by the last step; the other 68.2% were forced to 2:4 at extraction "
+            "(each keeps its two largest |w|·‖x‖)") in text
+    job.perplexity = {"dense": 20.5, "proxsparse#2": 30.75}                     # another run's numbers
+    assert _plain(progress_html(job)).startswith("held-out perplexity dense 20.50 · ProxSparse 30.75 (×1.50)")
+
+
+# ---------------------------------------------------------------------------- the charts
+
+def test_the_loss_chart_names_its_probe_and_shows_the_final_numbers():
+    """Issue 28 (6): the dashed dense line (2 short windows) and the final perplexity (40 windows)
+    disagreed without a word; the recovery chart reused the learn chart's title."""
+    import math
+
+    from proxsparse_core.runs import curves as plots
+
+    events = [dict(_event(s, 3, 0.0), heldout_loss_dense=4.03, heldout_loss_24=4.5 - 0.1 * s) for s in (1, 2, 3)]
+    fig = plots.loss_figure(events, probe=(2, 64), final=dict(dense=16.98, pruned=41.39, windows=40, tokens=256))
+    by = {t.name: t for t in fig.data}
+    assert "dense model, held-out probe (2 windows × 64 tokens)" in by
+    assert "2:4 model if stopped now, same probe" in by
+    dense = next(t for n, t in by.items() if n.startswith("final dense"))
+    pruned = next(t for n, t in by.items() if n.startswith("final 2:4"))
+    assert "40 windows × 256 tokens" in dense.name and "×2.44" in pruned.name
+    assert list(dense.x) == [3] and dense.y[0] == pytest.approx(math.log(16.98))
+    assert pruned.y[0] == pytest.approx(math.log(41.39))
+    assert plots.loss_figure(events).layout.title.text == plots.LOSS_TITLE
+
+
+def test_the_recovery_chart_has_its_own_title():
+    from ui import compare_tab
+    from ui.jobs import Job, JobManager
+
+    job = Job(1, kind="recover")
+    job.status = "running"
+    view = compare_tab.recovery_view(JobManager(), job)
+    title = view.rec_loss.layout.title.text
+    assert title.startswith("Recovery") and "fine-tuning" in title
+
+
+def test_the_probe_size_the_chart_names_is_the_learners(tiny_lm):
+    from proxsparse_core.config import RunConfig
+    from proxsparse_core.method.learner import ProxSparseLearner
+    from ui.learn_tab import probe_size
+
+    for ctx, eval_ctx, windows in ((128, 256, 40), (32, 256, 1), (16, 8, 5)):
+        cfg = RunConfig(ctx=ctx, eval_ctx=eval_ctx)
+        held = torch.zeros(windows, eval_ctx, dtype=torch.long)
+        learner = ProxSparseLearner(tiny_lm, cfg, torch.zeros(4, ctx, dtype=torch.long), held_out=held)
+        assert tuple(learner.held_out.shape) == probe_size(cfg, windows), (ctx, eval_ctx, windows)

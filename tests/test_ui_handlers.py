@@ -402,7 +402,9 @@ def test_finished_run_shows_each_phase_after_the_steps_and_the_held_out_curve(fi
     assert html.count("ps-ph-done") == 4 and "after the steps" in html
     assert job.events[-1]["heldout_loss_24"] is not None and job.events[0]["heldout_loss_dense"] is not None
     loss = learn_tab.render(job)[1]
-    assert "2:4 model if stopped now, held-out" in [t.name for t in loss.data]
+    names = [t.name for t in loss.data]
+    assert "2:4 model if stopped now, same probe" in names and "dense model, held-out probe (2 windows × 16 tokens)" in names
+    assert any(n.startswith("final 2:4: perplexity") and "4 windows × 32 tokens" in n for n in names)
     assert "learned in 3 of 3 steps" in learn_tab.info_markdown(job)
     assert "groups with 0/1/2/3/4 non-zeros" in "\n".join(job.log)
 

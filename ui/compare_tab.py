@@ -595,7 +595,7 @@ class RecoveryView(NamedTuple):
 
 
 def recovery_view(jobs: JobManager, job: Job, choose: bool = True) -> RecoveryView:
-    view = RecoveryView(recovery_progress_html(job), plots.loss_figure(list(job.events)))
+    view = RecoveryView(recovery_progress_html(job), plots.loss_figure(list(job.events), plots.RECOVERY_TITLE))
     if job.active:
         return view
     choices = variant_choices(jobs)
@@ -760,7 +760,7 @@ def build_compare_tab(jobs: JobManager, tab: gr.Tab, demo: gr.Blocks | None = No
                 rec_stop = gr.Button("Stop", variant="stop", elem_id="ps-recover-stop", min_width=80)
         with gr.Column(scale=3):
             rec_progress = gr.HTML(recovery_progress_html(None), elem_id="ps-recover-progress")
-            rec_loss = gr.Plot(plots.loss_figure([]), show_label=False, elem_id="ps-recover-loss")
+            rec_loss = gr.Plot(plots.loss_figure([], plots.RECOVERY_TITLE), show_label=False, elem_id="ps-recover-loss")
 
     w = Widgets(prompt=prompt, variant=variant, sample=sample, temperature=temperature, top_p=top_p, chat=chat,
                 block_repeats=block, max_new=max_new, dense=dense_out, pruned=pruned_out, summary=summary,

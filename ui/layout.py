@@ -10,7 +10,7 @@ from pathlib import Path
 import gradio as gr
 import torch
 
-from proxsparse_core.config import DEFAULT_PRESET, RunConfig
+from proxsparse_core.config import RunConfig, default_preset
 
 from .compare_tab import build_compare_tab
 from .explain_tab import build_explain_tab
@@ -51,8 +51,10 @@ def _header() -> str:
 
 
 def build_app(jobs: JobManager | None = None, defaults: RunConfig | None = None,
-              preset: str = DEFAULT_PRESET) -> gr.Blocks:
+              preset: str | None = None) -> gr.Blocks:
+    """The page; `preset` (default: this machine's, config.default_preset) preselected in the Learn tab."""
     jobs = jobs or JobManager()
+    preset = preset or default_preset()
     defaults = defaults or RunConfig().with_preset(preset)
     with gr.Blocks(title="ProxSparse Studio", delete_cache=CACHE_CLEANUP) as demo:
         gr.HTML(_header())

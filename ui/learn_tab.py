@@ -17,8 +17,11 @@ import gradio as gr
 import torch
 
 from proxsparse_core.runs import curves as plots
-from proxsparse_core.config import DEFAULT_PRESET, PRESETS, RunConfig, preset_note as measured_note
+from proxsparse_core import measured
+from proxsparse_core.config import PRESETS, RunConfig, default_preset, preset_note as measured_note
 from proxsparse_core.data.text import HELD_OUT_SHARE
+from proxsparse_core.method.learner import HELDOUT_WINDOWS
+from proxsparse_core.results import DENSE
 from proxsparse_core.errors import SettingError, UserError
 from proxsparse_core.models.loading import BUNDLED, BUNDLED_LABEL
 
@@ -137,13 +140,18 @@ def preset_note(name: str) -> str:
     return note
 
 
+PRESET_WORDS = {"quick-demo": "short · CPU, offline", "bundled-quality": "best · offline"}
+
+
 def preset_label(name: str) -> str:
+    """A preset's line in the dropdown, short enough to show whole in the box (the preset's note
+    says the rest): what it is for and where it runs."""
     model = preset_model(name)
     if model is None:
-        return f"{name} — any model · settings relative to each layer's scale"
+        return f"{name} — any model"
     if name in GPU_PRESETS:
-        return f"{name} — {model.split('/')[-1]} · GPU + download"
-    return f"{name} — {BUNDLED_LABEL.split(' (')[0]} · CPU, offline"
+        return f"{name} — GPU + download"
+    return f"{name} — {PRESET_WORDS.get(name, 'CPU, offline')}"
 
 
 def preset_choices() -> list[tuple[str, str]]:
@@ -222,8 +230,90 @@ def phases_html(job: LearnJob) -> str:
     return f'<div class="ps-phases"><span class="ps-phase-lead">after the steps:</span>{"".join(chips)}</div>'
 
 
+LONG_RUN_S = 3600       # an ETA beyond this is said plainly: longer than a class period
+
+
+def _on_gpu(job: LearnJob) -> bool:
+    return str(job.cfg.device).startswith("cuda") or "cuda" in job.model_info
+
+
+def evaluation_seconds(job: LearnJob) -> float | None:
+    """How long the held-out perplexity after the steps still takes: for each model still to be
+    measured (the dense model's phase is instant when its score was kept from an earlier run, and
+    counted until then), the running phase's own pace once it has one, else the time measured for
+    one model of the bundled model on this kind of machine (bench/measured.json, eval:bundled:…)
+    scaled to this run's windows × tokens. 0 when nothing is left; None when no time was measured
+    for this model here."""
+    left = [p for p in job.phases if p.unit == "windows" and p.state in ("waiting", "running")]
+    total = 0.0
+    for p in left:
+        if p.state == "running" and p.done and p.total:
+            total += (time.time() - p.started) * (p.total - p.done) / p.done
+            continue
+        if job.cfg.model != BUNDLED:
+            return None
+        windows = p.total or job.cfg.eval_windows
+        per = measured.scaled(f"eval:bundled:{'gpu' if _on_gpu(job) else 'cpu'}", windows=windows,
+                              tokens=job.cfg.eval_ctx) if windows else None
+        if per is None:
+            return None
+        total += per
+    return total
+
+
+def eta_words(job: LearnJob, steps_left: float) -> tuple[str, float]:
+    """The ETA shown while the steps run (the held-out perplexity after them included) and the
+    seconds it stands for."""
+    if not job.evaluate:
+        return f" · ETA {fmt_duration(steps_left)}", steps_left
+    after = evaluation_seconds(job)
+    if after is None:
+        return (f" · ETA {fmt_duration(steps_left)} for the steps, then held-out perplexity (its time is not "
+                f"measured for this model here)"), steps_left
+    total = steps_left + after
+    return (f" · ETA {fmt_duration(total)}: steps {fmt_duration(steps_left)} + held-out perplexity "
+            f"≈ {fmt_duration(after)}"), total
+
+
+def long_run_html(seconds: float) -> str:
+    if seconds <= LONG_RUN_S:
+        return ""
+    return (f'<div class="ps-warn">⚠ At this pace the run needs {fmt_duration(seconds)} more on this machine: '
+            f'longer than a class period. Stop keeps the mask learned so far (and still measures it); fewer '
+            f'steps end sooner.</div>')
+
+
+def headline_html(job: LearnJob) -> str:
+    """The run's result first: "dense 16.98 · ProxSparse 41.39 (×2.44)", held-out perplexity as
+    measured after the steps (each number as soon as it is known)."""
+    ppl = job.perplexity
+    dense = ppl.get(DENSE)
+    pruned = next((v for k, v in ppl.items() if k != DENSE), None)
+    if dense is None and pruned is None:
+        return ""
+    value = lambda v: f"<b>{v:.2f}</b>" if v is not None else '<span class="ps-muted">…</span>'  # noqa: E731
+    ratio = f' <span class="ps-ratio">(×{pruned / dense:.2f})</span>' if dense and pruned is not None else ""
+    return (f'<div class="ps-headline" id="ps-headline"><span class="ps-hl-lead">held-out perplexity</span> '
+            f'dense {value(dense)} · ProxSparse {value(pruned)}{ratio}'
+            f'<span class="ps-hl-hint">lower is better</span></div>')
+
+
+def extraction_html(job: LearnJob) -> str:
+    """One line on how the mask was read out: the groups the prox made 2:4 by the last step, and
+    the rest forced to 2:4 when the mask was extracted."""
+    r = job.result
+    if r is None or not getattr(r, "steps_done", 0) or job.active:
+        return ""
+    rank = "|w|·‖x‖" if job.cfg.score == "activation" else "|w|"
+    share = 100 * r.learned_share_24
+    return (f'<div class="ps-explain">{share:.1f}% of groups were 2:4 by the last step; the other '
+            f'{100 - share:.1f}% were forced to 2:4 at extraction (each keeps its two largest {rank}), so the '
+            f'mask is exactly 2:4 either way.</div>')
+
+
 def progress_html(job: LearnJob | None, note: str = "") -> str:
-    """Status badge, progress bar with ETA, and speed/memory figures."""
+    """Status badge, progress bar with ETA, and speed/memory figures; once measured, the held-out
+    perplexities first."""
     if job is None:
         return (f'<div class="ps-progress"><span class="ps-badge ps-idle">ready</span> '
                 f'Press <b>Start</b> to learn a 2:4 mask with these settings.{_note(note)}</div>')
@@ -238,22 +328,27 @@ def progress_html(job: LearnJob | None, note: str = "") -> str:
         stats = (f"{_rate(job.events):.2f} steps/s · {last['tokens_per_s']:,.0f} tokens/s · "
                  f"{'GPU peak' if on_gpu else 'process'} memory {fmt_bytes(last['mem_bytes'])} · "
                  f"per step: fwd+bwd {last['t_fwd_bwd']:.2f}s, AdamW {last['t_opt']:.2f}s, prox {last['t_prox']:.2f}s")
+    warn = ""
     if job.active:
         current = job.current_phase
         if job.status == "running" and job.events and not job.stop.is_set():
-            head += f" · ETA {fmt_duration(job.events[-1]['eta'])} for the steps"
+            words, seconds = eta_words(job, job.events[-1]["eta"])
+            head += words
+            warn = long_run_html(seconds)
         elif job.status == "loading":
             head = "loading the model and data …"
         if current is not None:
             head += f" · {esc(current.name)} …"
+            after = evaluation_seconds(job) if job.evaluate and current.unit == "windows" else None
+            head += f" · about {fmt_duration(after)} left" if after else ""
         elif job.stop.is_set() and job.status == "running":
             head += " · stopping after this step"
     else:
         head += f" · {esc(job.message)}" if job.message else ""
-    return (f'<div class="ps-progress"><div class="ps-head"><span class="ps-badge ps-{job.status}">'
-            f'{job.status}</span> {head}</div>'
+    return (f'<div class="ps-progress">{headline_html(job)}<div class="ps-head"><span class="ps-badge '
+            f'ps-{job.status}">{job.status}</span> {head}</div>{warn}'
             f'<div class="ps-bar"><div style="width:{pct:.1f}%"></div></div>'
-            f'<div class="ps-stats">{stats}</div>{phases_html(job)}{_note(note)}</div>')
+            f'<div class="ps-stats">{stats}</div>{phases_html(job)}{extraction_html(job)}{_note(note)}</div>')
 
 
 def _note(note: str) -> str:
@@ -304,9 +399,39 @@ def render(job: LearnJob | None, note: str = "") -> LearnView:
     """Everything the Learn tab shows for a job: progress, three charts, log, info."""
     events = list(job.events) if job else []
     layer_names = job.layer_names if job else []
-    return LearnView(progress_html(job, note), plots.loss_figure(events), plots.sparsity_figure(events),
+    return LearnView(progress_html(job, note), loss_chart(job, events), plots.sparsity_figure(events),
                      plots.layer_heatmap(layer_names, _last_layer_share(events)),
                      "\n".join(reversed(job.log[-200:])) if job else "", info_markdown(job))
+
+
+def probe_size(cfg: RunConfig, windows: int | None = None) -> tuple[int, int]:
+    """(windows, tokens) of the learner's "if stopped now" probe: its first HELDOUT_WINDOWS held-out
+    windows, each cut to ctx/2 tokens (at least 16, at most a window), as ProxSparseLearner takes them."""
+    count = HELDOUT_WINDOWS if not windows else min(HELDOUT_WINDOWS, windows)
+    return count, min(cfg.eval_ctx, max(cfg.ctx // 2, 16))
+
+
+def loss_chart(job: LearnJob | None, events: list[dict]):
+    """The loss chart of the run whose events are shown: its held-out probe named with its size, and
+    the final perplexities (with their windows) at the last step once they are measured."""
+    shown = getattr(job, "shown", job)          # the run whose curves are drawn
+    if shown is None or not events:
+        return plots.loss_figure(events)
+    phases = [p for p in shown.phases if p.unit == "windows" and p.total]
+    windows = phases[0].total if phases else None
+    ppl = shown.perplexity
+    pruned = next((v for k, v in ppl.items() if k != DENSE), None)
+    final = (dict(dense=ppl.get(DENSE), pruned=pruned, windows=windows, tokens=shown.cfg.eval_ctx)
+             if ppl else None)
+    return plots.loss_figure(events, probe=probe_size(shown.cfg, windows), final=final)
+
+
+CHART_NOTE = ("**Reading the charts.** The training loss can *rise*: after every step the prox pulls each "
+              "group of 4 weights towards 2:4 (strength λ1), and the pull adds up step after step, so the "
+              "weights being trained fit the text worse as they become sparse. What counts is the green line, "
+              "the 2:4 model you would get if you stopped now. The dashed and green lines are a quick probe of "
+              "a few short held-out windows; the ◆ at the end are the final perplexities on all held-out "
+              "windows (the numbers in the card above), so their gap is the result.")
 
 
 def follow(job: LearnJob, note: str = "", poll: float = POLL_S):
@@ -334,8 +459,11 @@ def start_run(jobs: JobManager, mode, upload, hf_spec, evaluate, *values, page: 
         api = in_request() and not page
         running = jobs.job if jobs.learning else None
         if running is not None and not api:       # the page watches the other run live
-            notify(message)
-            yield from follow(running, note="Another run is using the machine; you are watching it live.")
+            notify(message)                       # Start pressed again says so (trigger_mode "multiple")
+            yield render(running, "Another run is using the machine; you are watching it live.")
+            frames = follow(running)
+            next(frames, None)                    # the same state again: the note stays until the run moves
+            yield from frames
             return
         # otherwise the card says so once, and the request ends as refused: an API client gets
         # the busy message as its error, never a finished card of an earlier run
@@ -487,10 +615,10 @@ def _widget(name: str, value, remote_code_allowed: bool = False):
     return gr.Textbox(value=value, label=label, info=info)
 
 
-def build_learn_tab(jobs: JobManager, demo: gr.Blocks, defaults: RunConfig, preset: str = DEFAULT_PRESET):
+def build_learn_tab(jobs: JobManager, demo: gr.Blocks, defaults: RunConfig, preset: str | None = None):
     """The tab. `preset` is shown only when it is made for `defaults.model` (else "custom")."""
     widgets: dict[str, gr.components.Component] = {}
-    preset = preset_for(defaults, preset)
+    preset = preset_for(defaults, preset or default_preset())
 
     def add(names):
         for n in names:
@@ -501,6 +629,11 @@ def build_learn_tab(jobs: JobManager, demo: gr.Blocks, defaults: RunConfig, pres
             with gr.Row(elem_classes="ps-actions"):     # sticky: reachable however far the form scrolls
                 start = gr.Button("Start", variant="primary", elem_id="ps-start")
                 stop = gr.Button("Stop", variant="stop", elem_id="ps-stop")
+            # the preset first: it sets everything below, and its list opens downwards from here
+            preset_box = gr.Dropdown(preset_choices(), value=preset, label="Preset", elem_id="ps-preset",
+                                     info="the CPU demos for the bundled model, or the paper's settings for "
+                                          "7B–14B models (those need a GPU and a download)")
+            note = gr.Markdown(preset_note(preset), elem_classes="ps-note")
             gr.Markdown("#### 1 · Model")
             add(MODEL[:1])
             with gr.Row():
@@ -520,10 +653,6 @@ def build_learn_tab(jobs: JobManager, demo: gr.Blocks, defaults: RunConfig, pres
             with gr.Row():
                 add(DATA)
             gr.Markdown("#### 3 · ProxSparse")
-            preset_box = gr.Dropdown(preset_choices(), value=preset, label="Preset", elem_id="ps-preset",
-                                     info="the CPU demos for the bundled model, or the paper's settings for "
-                                          "7B–14B models (those need a GPU and a download)")
-            note = gr.Markdown(preset_note(preset), elem_classes="ps-note")
             with gr.Row():
                 add(MAIN[:2])
             with gr.Row():
@@ -536,6 +665,7 @@ def build_learn_tab(jobs: JobManager, demo: gr.Blocks, defaults: RunConfig, pres
             with gr.Row():
                 loss = gr.Plot(plots.loss_figure([]), show_label=False, elem_id="ps-loss")
                 sparsity = gr.Plot(plots.sparsity_figure([]), show_label=False, elem_id="ps-sparsity")
+            gr.Markdown(CHART_NOTE, elem_classes="ps-note", elem_id="ps-chart-note")
             heatmap = gr.Plot(plots.layer_heatmap([], None), show_label=False, elem_id="ps-heatmap")
             info = gr.Markdown(elem_classes="ps-info", elem_id="ps-info")
             log_box = gr.Textbox(label="Log (newest first)", lines=8, max_lines=8, autoscroll=False, interactive=False,
@@ -571,8 +701,9 @@ def build_learn_tab(jobs: JobManager, demo: gr.Blocks, defaults: RunConfig, pres
     # Observers of the one job: no concurrency limit, or a second page would wait for the first.
     # Inputs arrive as sent (preprocess=False) and are checked by the handlers (ui.inputs), so a
     # bad value from an API client gets a message naming its widget instead of a silent failure.
+    # trigger_mode "multiple": Start pressed again while a run goes reaches the server, which says it is busy
     w.listen(start.click, on_start, ["mode", "upload", "hf_spec", "evaluate"] + FORM, LearnView, api_name="start",
-             concurrency_limit=None, show_progress="hidden", preprocess=False)
+             concurrency_limit=None, show_progress="hidden", preprocess=False, trigger_mode="multiple")
     w.listen(demo.load, lambda v, page: attach(jobs), [], LearnView, stream=True, api_name="attach",
              concurrency_limit=None, show_progress="hidden")
     w.listen(demo.load, lambda v, page: last_run_form(jobs), [], LAST_RUN, api_visibility="private", queue=False,

@@ -48,6 +48,7 @@ class LearnResult:
     layer_names: list[str]
     events: list[StepEvent] = field(default_factory=list)
     learned_share_24: float = 0.0  # share of groups already 2:4 in the learned weights
+    name: str = ""               # the workspace result it became (Workspace.learn), if any
 
 
 @torch.no_grad()

@@ -148,6 +148,7 @@ class RecoveryResult:
     message: str
     pruning: Pruning | None       # None only when nothing was recovered (stopped before any work)
     events: list
+    name: str = ""                # the workspace result it became (Workspace.recover), if any
 
 
 def recovered_name(base: str) -> str:

@@ -7,6 +7,7 @@ Nothing here computes anything about the method; it only arranges numbers for th
 """
 from __future__ import annotations
 
+import math
 import re
 
 NNZ_COLOURS = ["#1b7837", "#5aae61", "#a6dba0", "#f4a582", "#bababa"]  # 0,1,2 kept-2 greens; 3 orange; 4 grey
@@ -50,16 +51,26 @@ def smooth(values: list[float], span: int = SMOOTH_SPAN) -> list[float]:
 LOSS_AXIS = "next-token loss (lower is better)"
 
 
-def loss_figure(events: list[dict]):
+LOSS_TITLE = "Loss: training, and the 2:4 model if you stopped now"
+RECOVERY_TITLE = "Recovery: KL divergence to the dense model, per fine-tuning step"
+
+
+def loss_figure(events: list[dict], title: str = LOSS_TITLE, probe: tuple[int, int] | None = None,
+                final: dict | None = None):
     """The training objective per step (raw and smoothed), and on held-out text the loss of the
     model you would get if you stopped now (W0 under the current top-2 mask) against the dense
     model's (a reference line). A distillation run's KL to the dense model, and the λ2 term when
-    it is on, go on a second axis: they are not next-token losses."""
+    it is on, go on a second axis: they are not next-token losses.
+
+    The held-out lines are a quick probe of a few short windows, not the windows of the final
+    perplexity, so their gap is not the result's: `probe` = (windows, tokens) names its size in
+    the legend, and `final` = {"dense": ppl, "pruned": ppl, "windows": n, "tokens": t} puts the
+    final perplexities, as losses (ln ppl) on the same axis, at the last step."""
     import plotly.graph_objects as go
     from plotly.subplots import make_subplots
 
     fig = make_subplots(specs=[[{"secondary_y": True}]])
-    _layout(fig, "Loss: training, and the 2:4 model if you stopped now")
+    _layout(fig, title)
     if not events:
         return _waiting(fig, "the loss appears here after the first step")
     steps = [e["step"] for e in events]
@@ -72,15 +83,19 @@ def loss_figure(events: list[dict]):
                              line=dict(color="#2166ac", width=2.5)), secondary_y=distill)
     held = [(e["step"], e["heldout_loss_24"]) for e in events if e.get("heldout_loss_24") is not None]
     dense = next((e["heldout_loss_dense"] for e in events if e.get("heldout_loss_dense") is not None), None)
+    size = (f" ({probe[0]} window{'s' * (probe[0] != 1)} × {probe[1]} tokens)" if probe else "")
     if dense is not None:
         fig.add_trace(go.Scatter(x=[steps[0], steps[-1]], y=[dense, dense],
-                                 name="dense model, held-out", mode="lines",
+                                 name=f"dense model, held-out probe{size}" if probe else "dense model, held-out",
+                                 mode="lines",
                                  line=dict(color="#6b7280", width=1.5, dash="dash"),
                                  hovertemplate="dense: %{y:.3f}<extra></extra>"), secondary_y=False)
     if held:
         fig.add_trace(go.Scatter(x=[s for s, _ in held], y=[v for _, v in held], mode="lines+markers",
-                                 name="2:4 model if stopped now, held-out", line=dict(color="#1b7837", width=2.5),
+                                 name="2:4 model if stopped now, same probe" if probe else
+                                 "2:4 model if stopped now, held-out", line=dict(color="#1b7837", width=2.5),
                                  marker=dict(size=7)), secondary_y=False)
+    _final_marks(fig, final or {}, steps[-1])
     if any(e.get("l2_term") for e in events):
         fig.add_trace(go.Scatter(x=steps, y=[e["l2_term"] for e in events], name="λ2 term",
                                  line=dict(color="#b2182b", width=2, dash="dot")), secondary_y=True)
@@ -91,6 +106,25 @@ def loss_figure(events: list[dict]):
     fig.update_yaxes(title_text=LOSS_AXIS, secondary_y=False)
     _step_axis(fig, steps)
     return fig
+
+
+def _final_marks(fig, final: dict, step: int):
+    """The final held-out perplexities as losses (ln ppl) at the last step, with their windows."""
+    import plotly.graph_objects as go
+
+    dense, pruned = final.get("dense"), final.get("pruned")
+    where = f"{final['windows']} windows × {final['tokens']} tokens" if final.get("windows") else "all windows"
+    for name, ppl, colour in (("dense", dense, "#374151"), ("2:4", pruned, "#1b7837")):
+        if not ppl or ppl <= 0:
+            continue
+        extra = f" (×{ppl / dense:.2f})" if name == "2:4" and dense else ""
+        fig.add_trace(go.Scatter(x=[step], y=[math.log(ppl)], mode="markers+text", text=[f"{ppl:.2f}{extra}"],
+                                 textposition="middle left", cliponaxis=False,
+                                 name=f"final {name}: perplexity {ppl:.2f}{extra} = loss {math.log(ppl):.2f}, "
+                                      f"{where}",
+                                 marker=dict(symbol="diamond", size=11, color=colour, line=dict(color="#fff", width=1)),
+                                 hovertemplate=f"final {name}, {where}: perplexity {ppl:.2f}<extra></extra>"),
+                      secondary_y=False)
 
 
 def sparsity_figure(events: list[dict]):

@@ -33,7 +33,7 @@ from proxsparse_core.errors import Stopped, UserError
 from proxsparse_core.progress import Progress
 from proxsparse_core.sparsity.masks import apply_masks, mask_stats, verify
 from proxsparse_core.runs.report import environment, model_card, write_report
-from proxsparse_core.results import DENSE
+from proxsparse_core.results import DENSE, method_of
 
 ARTEFACTS = "proxsparse"          # sub-folder with masks, recipe and report
 MAX_NAME = 100
@@ -196,7 +196,9 @@ def _write_artefacts(tmp: Path, ws, name: str, cfg: RunConfig | None, check, eve
     save_masks(art / "masks.npz", result.masks)
     recipe = None
     if cfg is not None:
-        recipe = json.loads(save_recipe(art, cfg, method=name).read_text())
+        method = method_of(name)      # "proxsparse#2" is a second ProxSparse run: its recipe says proxsparse
+        recipe = json.loads(save_recipe(art, cfg, method=method,
+                                        extra={"result": name} if method != name else None).read_text())
     if recipe is not None and "recovery" in result.info:      # how the survivors were recovered
         recipe = {**recipe, "base_method": result.info.get("base_method"),
                   "recovery": result.info["recovery"],

@@ -77,7 +77,9 @@ def read_run(run, overrides: dict | None = None) -> RunFolder:
     if not path.is_dir():
         raise UserError(f"run folder {str(path)!r} does not exist")
     recipe = read_recipe(path)                   # a missing or broken recipe.json: one clear line
-    cfg = RunConfig.from_dict(recipe["config"])
+    # the overrides replace settings before they are checked: a recipe written on a GPU machine names
+    # a device (or a data file) that this one may not have
+    cfg = RunConfig.from_dict({**recipe["config"], **(overrides or {})})
     method = recipe.get("method", LEARNED)       # recipes of `learn` may not name it
     if not isinstance(method, str) or method.removesuffix(RECOVERED) not in (LEARNED, *METHODS):
         raise UserError(f"recipe.json names an unknown method {_short(method)}; known: "
@@ -85,8 +87,6 @@ def read_run(run, overrides: dict | None = None) -> RunFolder:
     recovered = has_weights_file(path)
     if recovered and not method.endswith(RECOVERED):
         method = method + RECOVERED
-    if overrides:
-        cfg = RunConfig(**{**cfg.to_dict(), **overrides}).validate()
     return RunFolder(path, recipe, cfg, method, load_masks(path), recovered)
 
 
@@ -152,23 +152,30 @@ def load_weights_file(run, prunable, masks: dict) -> dict:
     except (OSError, SafetensorError) as exc:
         why = " ".join(str(exc).split())[:200]
         raise UserError(f"{path.name} is not a readable safetensors file ({why})") from None
+    return check_weights(path.name, weights, prunable, masks)
+
+
+def check_weights(label: str, weights: dict, prunable, masks: dict) -> dict:
+    """Updated weights (layer name → tensor) read from a file named `label`, checked against the
+    model and the masks: every prunable layer once, shaped like its layer, of a floating-point type,
+    finite, and zero wherever the mask prunes. Anything else is one UserError line."""
     differ = set(prunable.names) ^ set(weights)
     if differ:
-        raise UserError(f"{path.name} does not match this model ({len(differ)} layers differ, "
+        raise UserError(f"{label} does not match this model ({len(differ)} layers differ, "
                         f"e.g. {_short(sorted(differ)[0])})")
     for n in prunable.names:
         w, m = weights[n], masks[n]
         if tuple(w.shape) != tuple(prunable.modules[n].weight.shape):
-            raise UserError(f"{path.name}: {n} has shape {tuple(w.shape)}, the layer "
+            raise UserError(f"{label}: {n} has shape {tuple(w.shape)}, the layer "
                             f"{tuple(prunable.modules[n].weight.shape)}")
         if not w.is_floating_point():
-            raise UserError(f"{path.name}: {n} is stored as {str(w.dtype).replace('torch.', '')}, not as "
+            raise UserError(f"{label}: {n} is stored as {str(w.dtype).replace('torch.', '')}, not as "
                             f"floating-point weights")
         bad = int((~torch.isfinite(w)).sum())
         if bad:
-            raise UserError(f"{path.name}: {n} has {bad:,} NaN or infinite weights")
+            raise UserError(f"{label}: {n} has {bad:,} NaN or infinite weights")
         if bool((w[~m] != 0).any()):
-            raise UserError(f"{path.name}: {n} has non-zero weights where masks.npz prunes")
+            raise UserError(f"{label}: {n} has non-zero weights where masks.npz prunes")
     return weights
 
 

@@ -1,0 +1,71 @@
+"""Time the held-out perplexity the Learn tab measures after the steps, for one model, on the bundled
+model with a preset's evaluation settings (its windows × tokens), on this machine's CPU.
+
+    python bench/eval_time.py                      # print the times of the dense model and of a 2:4 mask
+    python bench/eval_time.py --record             # also write eval:bundled:cpu to bench/measured.json
+
+The app's ETA adds this time for every model still to be measured after the steps (the 2:4 mask,
+and the dense model unless its score was kept), scaled to the run's windows × tokens
+(learn_tab.evaluation_seconds). The 2:4 model is magnitude's mask on W0, written in place as the
+learned mask is; the dense model is measured with the memo off (PROXSPARSE_MEMO=0).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--preset", default="quick-demo", help="whose evaluation settings (windows, tokens) to use")
+    ap.add_argument("--record", action="store_true", help="write eval:bundled:cpu to bench/measured.json")
+    args = ap.parse_args()
+    os.environ["PROXSPARSE_MEMO"] = "0"            # the dense model measured, not read
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    from proxsparse_core.config import BUNDLED, RunConfig
+    from proxsparse_core.results import DENSE
+    from proxsparse_core.workspace import Workspace
+
+    cfg = RunConfig(device="cpu", dtype="float32").with_preset(args.preset)
+    assert cfg.model == BUNDLED, f"{args.preset} is not a preset of the bundled model"
+    ws = Workspace()
+    ws.load(cfg)
+    windows, tokens = ws.data.held_out.shape
+    ws.prune("magnitude", cfg)
+    times = {}
+    for name in (DENSE, "magnitude"):
+        t0 = time.perf_counter()
+        ws.perplexity(name)
+        times[name] = time.perf_counter() - t0
+        print(f"{name}: {windows} windows × {tokens} tokens in {times[name]:.1f} s (perplexity {ws.ppl[name]:.2f})")
+    if args.record:
+        record(times["magnitude"], windows, tokens, args)
+
+
+def record(seconds: float, windows: int, tokens: int, args) -> None:
+    """Write the figure into bench/measured.json, keeping the file's format and its other figures."""
+    path = ROOT / "bench" / "measured.json"
+    data = json.loads(path.read_text(encoding="utf-8"))
+    data["figures"]["eval:bundled:cpu"] = {
+        "seconds": round(seconds, 1), "windows": windows, "tokens": tokens,
+        "what": f"held-out perplexity of one 2:4 model after the steps ({windows} windows × {tokens} tokens, "
+                f"{args.preset}'s settings)",
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
+        "machine": f"{os.cpu_count()} CPU cores", "command": f"python bench/eval_time.py --preset {args.preset}"}
+    lines = [f'    {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}' for k, v in data["figures"].items()]
+    text = ('{\n  "about": ' + json.dumps(data["about"], ensure_ascii=False) + ',\n  "figures": {\n'
+            + ",\n".join(lines) + "\n  }\n}\n")
+    path.write_text(text, encoding="utf-8")
+    print(f"recorded eval:bundled:cpu: {seconds:.1f} s in {path.relative_to(ROOT)}")
+
+
+if __name__ == "__main__":
+    main()
