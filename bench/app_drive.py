@@ -349,6 +349,23 @@ def drive(args, workdir: Path, on_phase=None) -> dict:
                     "verified": rows[name]["2:4 verified"], "frames": len(job.outputs()), "loss_charts": len(kl),
                     "panel": text_of(progress)[:400]}
 
+        def answers():
+            """Greedy answers of dense, the mask alone and mask + recovery to the Compare tab's example
+            prompts (48 new tokens, the chat template, no loop guard): the walk a presenter makes."""
+            from proxsparse_core.inference.evaluate import EXAMPLE_PROMPTS
+            names = [LEARNED] + ([recovered_name(LEARNED)] if any(
+                p["phase"] == "recover" and p["ok"] for p in d.phases) else [])
+            out = []
+            for prompt in EXAMPLE_PROMPTS:
+                row = {"prompt": prompt}
+                for name in names:
+                    dense, pruned, _ = page.predict(name, prompt, False, 0.7, 0.9, 8 if args.smoke else 48, True,
+                                                    False, api_name="/generate")
+                    row["dense"], row[name] = text_of(dense)[:400], text_of(pruned)[:400]
+                out.append(row)
+            d.summary["answers"] = out
+            return {"prompts": len(out), "results": names}
+
         def speedup():
             note, plot = page.submit(PROMPT, api_name="/speedup").result(timeout=args.phase_timeout)
             said = text_of(note)
@@ -389,6 +406,7 @@ def drive(args, workdir: Path, on_phase=None) -> dict:
         d.phase("generate", generate)
         if args.recover != "none":
             d.phase("recover", recover)
+        d.phase("answers", answers)
         d.phase("speed-up", speedup)
         d.phase("export", export)
         app_failed = proc.poll() is not None
