@@ -6,6 +6,7 @@
     python app.py --share              # public Gradio link (opt-in)
     python app.py --model ./my-model   # preselect another model (HF id or local folder; no preset then)
     python app.py --allow-remote-code  # let visitors load models that ship their own Python code
+    python app.py --runs-dir ./runs    # where every result is saved as a run folder (and listed)
 
 Without --host / --port, GRADIO_SERVER_NAME and GRADIO_SERVER_PORT are honoured, as in any
 Gradio app. Mistakes in the command line (a bad port, a port already in use) are one line on
@@ -57,6 +58,9 @@ def parse_args(argv=None, env=None) -> argparse.Namespace:
     p.add_argument("--preset", help="preset preselected in the Learn tab (default: quick-demo on a machine without "
                                      "a GPU, the bundled model's short version for a class period; bundled-quality, "
                                      "its best measured setting, on a GPU)")
+    p.add_argument("--runs-dir", metavar="DIR",
+                   help="where every result the app makes is saved as a run folder, and listed in the Saved runs "
+                        "tab (default $PROXSPARSE_RUNS, else ~/.cache/proxsparse/runs)")
     p.add_argument("--allow-remote-code", action="store_true",
                    help="allow 'Trust remote code': a model folder's own Python then runs inside this server "
                         "when a visitor asks for it (off by default; only for models you trust)")
@@ -126,7 +130,8 @@ def run(argv=None):
         # Learn tab shows "custom" rather than a preset that does not fit
         defaults = (RunConfig().with_preset(preset) if args.preset else RunConfig())
         defaults.model = args.model
-    demo = build_app(JobManager(allow_remote_code=args.allow_remote_code), defaults=defaults, preset=preset)
+    demo = build_app(JobManager(allow_remote_code=args.allow_remote_code, runs_dir=args.runs_dir), defaults=defaults,
+                     preset=preset)
     _stop_on_sigterm()
     try:
         launch(demo, host=host, port=port, share=args.share)

@@ -31,7 +31,7 @@ from proxsparse_core import measured
 from proxsparse_core.inference.evaluate import EXAMPLE_PROMPTS, GenerationSettings, first_divergence
 from proxsparse_core.baselines.oneshot import METHODS
 from proxsparse_core.recovery.recover import RECOVERY_LENGTHS, RECOVERY_METHODS, TEACHERS, RecoveryConfig, recovered_name
-from proxsparse_core.results import DENSE, LEARNED, RECOVERED, title
+from proxsparse_core.results import DENSE, LEARNED, RECOVERED, is_recovered, method_of, title
 
 from . import inputs, markdown
 from .feedback import esc, fmt_duration, notify
@@ -146,7 +146,7 @@ def generate_pair(jobs: JobManager, variant, prompt, sample, temperature, top_p,
     def work(emit):
         with jobs.claim("generating text"):       # busy first: a running job may be making results
             if asked is None:     # none chosen: the learned mask, else the first result (else dense only)
-                chosen[0] = LEARNED if LEARNED in jobs.ws.results else next(iter(jobs.ws.results), None)
+                chosen[0] = jobs.default_result()
             elif asked in jobs.ws.results:
                 chosen[0] = asked
             else:
@@ -179,16 +179,23 @@ def generate_pair(jobs: JobManager, variant, prompt, sample, temperature, top_p,
 def perplexity_table(jobs: JobManager) -> pd.DataFrame:
     """Rows for every result with a known perplexity: dense first, then learned, then baselines."""
     ws = jobs.ws
-    order = [x for n in [DENSE, LEARNED] + baseline_methods() for x in (n, recovered_name(n))]
-    names = [n for n in order if n in ws.ppl] + [n for n in ws.ppl if n not in order]
+    rank = {m: i for i, m in enumerate([DENSE, LEARNED] + baseline_methods())}
+    made = list(ws.results)
+
+    def place(n):      # by method, each result (in the order made) followed by its recoveries
+        root = n.split(RECOVERED)[0]
+        order = made.index(root) if root in made else len(made)
+        return rank.get(method_of(root), len(rank)), order, n.count(RECOVERED), n
+    names = sorted(ws.ppl, key=place)
     rows = []
     dense = ws.ppl.get(DENSE)
     for n in names:
         r = ws.results.get(n)
-        weights = "original" if n == DENSE else ("updated by recovery" if n.endswith(RECOVERED) else
+        weights = "original" if n == DENSE else ("updated by recovery" if is_recovered(n) else
                                                  "updated" if r is not None and r.weights is not None
                                                  else "original × mask")
-        same = f"{100 * ws.agreement(n):.1f}%" if n in ws.top1 and DENSE in ws.top1 else ""
+        same = (f"{100 * ws.agreement(n):.1f}%" if n in ws.top1 and DENSE in ws.top1 else
+                f"{100 * ws.agreed[n]:.1f}%" if n in ws.agreed else "")     # as a saved run recorded it
         rows.append([title(n), round(ws.ppl[n], 3),
                      f"{ws.ppl[n] / dense:.2f}×" if dense else "", same, weights,
                      "—" if n == DENSE else {True: "✓", False: "✗"}.get(jobs.verified.get(n), "?")])
@@ -226,6 +233,9 @@ def compute_perplexities(jobs: JobManager, methods, progress=None, on_row=None, 
                 tell("perplexity", "perplexity of", "windows")(0, windows)
                 ws.perplexity(n, stop=stop, progress=tell("perplexity", "perplexity of", "windows"))
                 task(n, "done")
+                if n != DENSE:                      # a new baseline is saved as a run; a saved one gets its row
+                    saved = jobs.save_result(n)
+                    done_msg += f"; {saved}" if saved.startswith("⚠") else ""
                 if on_row:
                     on_row(n)
         except Stopped:
@@ -353,8 +363,9 @@ def measure_speedup(jobs: JobManager, prompt: str = "", figure: bool = False):
         return (why, None) if figure else why
     with jobs.claim("measuring 2:4 speed") as ws:
         lm = ws.lm
-        if LEARNED in ws.results:
-            source, weights = "the learned mask", ws.variant(LEARNED)
+        learned = jobs.default_result()
+        if learned is not None and method_of(learned) == LEARNED:
+            source, weights = f"the learned mask ({title(learned)})", ws.variant(learned)
         else:
             source = "top-2 magnitude (no learned mask yet)"
             weights = swapped(lm.prunable, sparse_infer.top2_weights(ws.originals), ws.originals)
@@ -462,7 +473,7 @@ RENDER_EVERY_S = 0.25         # the live view redraws at most this often (the la
 
 def recoverable_choices(jobs: JobManager) -> list[tuple[str, str]]:
     """Results whose survivors can be recovered: every 2:4 result that is not itself recovered."""
-    return [(title(n), n) for n in jobs.ws.results if not n.endswith(RECOVERED)]
+    return [(title(n), n) for n in jobs.ws.results if not is_recovered(n)]
 
 
 def recovery_progress_html(job: Job | None) -> str:
@@ -523,7 +534,7 @@ def recovery_request(jobs: JobManager, name, method, steps, samples=RecoveryConf
         raise UserError("pick a result to recover from the list")
     if name not in jobs.ws.results:
         raise UserError(unknown_result(jobs, name))
-    if name.endswith(RECOVERED):
+    if is_recovered(name):
         raise UserError(f"{title(name)} is already recovered; pick the result it came from")
     on_cpu = jobs.ws.lm.model.get_input_embeddings().weight.device.type == "cpu"
     if rcfg.method != "obs" and on_cpu and (rcfg.text or rcfg.steps * rcfg.batch > 10_000):
@@ -539,7 +550,7 @@ def start_recovery(jobs: JobManager, name: str, rcfg: RecoveryConfig) -> Job:
     curve in `job.events`), perplexity (results), done. Stop ends it after the current step and
     keeps the last good weights; the recovered result then gets its perplexity rows (skipped when
     Stop was pressed). `job.result`: the recovered result's name, or None."""
-    new = recovered_name(name)
+    new = jobs.ws.unique_name(recovered_name(name))     # a second recovery of one result is a result of its own
     fine = rcfg.method != "obs"
     teacher_phase = ("the dense model reads the calibration samples (the teacher) …" if rcfg.teacher == "stored"
                      else "fine-tuning starts (the dense model runs beside it on every batch) …")
@@ -578,6 +589,9 @@ def start_recovery(jobs: JobManager, name: str, rcfg: RecoveryConfig) -> Job:
             except Stopped:
                 message += "; perplexity skipped (Stop): press Compute perplexities for its row"
             job.state["share"] = 1.0
+        if made:                       # saved as a run folder, with its fine-tuning curve
+            jobs.curves[new] = list(job.events)
+            message += f"; {jobs.save_result(new, events=job.events)}"
         job.result, job.message = (new if made else None), message
         job.report(Progress("done", 1, 1, title(new) if made else "nothing was recovered"))
         return res.status
@@ -789,12 +803,13 @@ def build_compare_tab(jobs: JobManager, tab: gr.Tab, demo: gr.Blocks | None = No
 
     def on_select(v, page):
         choices = variant_choices(jobs)
-        value = LEARNED if LEARNED in jobs.ws.results else (choices[0][1] if choices else None)
+        value = jobs.default_result()
         return {"variant": gr.update(choices=choices, value=value), "table": perplexity_table(jobs)}
 
     def on_select_recoverable(v, page):
         choices = recoverable_choices(jobs)
-        value = LEARNED if LEARNED in jobs.ws.results else (choices[0][1] if choices else None)
+        learned = [n for _, n in choices if method_of(n) == LEARNED]      # the newest learned mask first
+        value = learned[-1] if learned else (choices[0][1] if choices else None)
         return {"rec_choice": gr.update(choices=choices, value=value)}
 
     # Heavy events have no queue of their own (concurrency_limit=None): the job manager answers
@@ -821,3 +836,4 @@ def build_compare_tab(jobs: JobManager, tab: gr.Tab, demo: gr.Blocks | None = No
                              (attach_speedup, SpeedView)):
             w.listen(demo.load, lambda v, page, attach=attach: attach(jobs), [], view, stream=True,
                      api_visibility="private", concurrency_limit=None, show_progress="hidden")
+    return w

@@ -18,7 +18,7 @@ from proxsparse_core.errors import UserError
 from proxsparse_core.sparsity.masks import mask_2to4
 from proxsparse_core.models.loading import bundled_folder
 from proxsparse_core.method.prox import objective, prox_groups
-from proxsparse_core.results import LEARNED
+from proxsparse_core.results import LEARNED, method_of
 
 from . import inputs
 from .feedback import from_page, guarded
@@ -123,7 +123,8 @@ def _learned(jobs: JobManager | None):
     if jobs is None:
         return None
     ws = jobs.ws
-    result = ws.results.get(LEARNED)
+    name = jobs.default_result()         # the newest learned mask
+    result = ws.results.get(name) if name is not None and method_of(name) == LEARNED else None
     if result is None or ws.originals is None:
         return None
     return result.masks, ws.originals

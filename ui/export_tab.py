@@ -72,11 +72,10 @@ def default_name(jobs: JobManager, result: str | None) -> str:
 
 
 def _events_for(jobs: JobManager, result: str) -> list[dict] | None:
-    """The learning curve of the learned mask (the last run's events), if that run made it."""
-    job = jobs.job
-    if result == LEARNED and job is not None and job.result is not None and job.result.steps_done:
-        return list(job.events)
-    return None
+    """The curve of the result: its learning run's (or its recovery's) events, also when it was
+    opened from a saved run; None for a result without one (a one-shot baseline)."""
+    events = jobs.curves.get(result)
+    return list(events) if events else None
 
 
 def export_request(result, folder_name, overwrite, evaluate) -> tuple[str, str, bool, bool]:
@@ -239,7 +238,7 @@ def build_export_tab(jobs: JobManager, tab: gr.Tab | None = None, demo: gr.Block
 
     def on_select(v, page):
         choices = result_choices(jobs)
-        value = LEARNED if LEARNED in jobs.ws.results else (choices[0][1] if choices else None)
+        value = jobs.default_result()
         fresh = default_name(jobs, value)
         return {"result": gr.update(choices=choices, value=value), "name": gr.update(placeholder=fresh),
                 "shown_name": fresh}

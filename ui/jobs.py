@@ -32,13 +32,14 @@ import queue
 import threading
 import time
 from contextlib import contextmanager
+from pathlib import Path
 from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Callable
 
 from proxsparse_core.config import RunConfig
 from proxsparse_core.errors import Stopped, UserError
 from proxsparse_core.progress import Progress
-from proxsparse_core.results import DENSE, LEARNED, title
+from proxsparse_core.results import DENSE, LEARNED, RECOVERED, method_of, title
 from proxsparse_core.workspace import Workspace
 
 log = logging.getLogger("proxsparse.ui")
@@ -160,12 +161,29 @@ class LearnJob(Job):
     verification: str = ""
     perplexity: dict = field(default_factory=dict)
     phases: list[Phase] = field(default_factory=list)
+    name: str = LEARNED              # the result it makes: "proxsparse", or "proxsparse#2" when that is taken
+    previous: "LearnJob | None" = field(default=None, repr=False)   # the last run with curves (shown while
+    #                                                                this one has none: a failed Start)
 
     def __post_init__(self):
         self.kind, self.what = "learn", "learning a mask"
         self.phases = [Phase(EXTRACT), Phase(VERIFY)]
         if self.evaluate:
-            self.phases += [Phase(perplexity_phase(n), "windows") for n in (DENSE, LEARNED)]
+            self.phases += [Phase(perplexity_phase(n), "windows") for n in (DENSE, self.name)]
+
+    def named(self, name: str):
+        """The result this run makes is `name` (its perplexity phase says so)."""
+        if self.evaluate and name != self.name:
+            self.phase(perplexity_phase(self.name)).name = perplexity_phase(name)
+        self.name = name
+
+    @property
+    def shown(self) -> "LearnJob":
+        """The run whose curves the Learn tab draws: this one, or — while this one has none and has
+        ended (it failed or stopped before a step) — the last run that has curves."""
+        if not self.events and not self.active and self.previous is not None:
+            return self.previous
+        return self
 
     def phase(self, name: str) -> Phase:
         return next(p for p in self.phases if p.name == name)
@@ -228,11 +246,15 @@ def in_worker(work):
 
 
 class JobManager:
-    def __init__(self, workspace: Workspace | None = None, allow_remote_code: bool = False):
+    def __init__(self, workspace: Workspace | None = None, allow_remote_code: bool = False, runs_dir=None):
         if allow_remote_code is not True and allow_remote_code is not False:
             raise TypeError(f"allow_remote_code takes True or False, got {allow_remote_code!r}")
         self.ws = workspace or Workspace()
         self.allow_remote_code = allow_remote_code
+        self._runs_dir = Path(runs_dir).expanduser() if runs_dir else None
+        self.curves: dict[str, list] = {}      # result name → its learning or fine-tuning curve (event dicts)
+        self.saved: dict[str, Path] = {}       # result name → the run folder it was saved in or opened from
+        self.own: set[str] = set()             # results whose folder this app wrote (their metrics grow)
         self.current: Job | None = None        # the job holding the machine, if one does
         self.jobs: dict[str, Job] = {}         # kind → its current or last job
         self.cfg: RunConfig | None = None      # the configuration the workspace was last loaded with
@@ -387,16 +409,78 @@ class JobManager:
         cfg = self.check_remote_code(cfg or self.cfg or RunConfig())
         before = self.ws.lm
         lm = self.ws.load(cfg)
-        if lm is not before:
-            self.verified = {}                 # a new model starts without results
+        if lm is not before:                   # a new model starts without results
+            self.verified, self.curves, self.saved, self.own = {}, {}, {}, set()
         self.cfg = cfg
         return lm
+
+    # ------------------------------------------------------------------ saved runs
+    @property
+    def runs_dir(self) -> Path:
+        """Where every result is saved as a run folder: `app.py --runs-dir`, else $PROXSPARSE_RUNS,
+        else <cache>/runs (proxsparse_core.paths.runs_dir)."""
+        from proxsparse_core.paths import runs_dir
+        return self._runs_dir or runs_dir()
+
+    def save_result(self, name: str, events=None) -> str:
+        """Save the result `name` as a run folder under runs_dir in the CLI's format (runs.library):
+        once; later calls add its newest perplexities to the metrics of a folder this app wrote (a
+        folder it opened is never changed). Never raises: a full disk or any other failure is the
+        one line returned (the result stays in the app), as is where it was saved."""
+        from proxsparse_core.runs import library
+
+        try:
+            if name not in self.ws.results:
+                return f"not saved: there is no result named {name!r}"
+            if name in self.saved:
+                if name in self.own:
+                    library.update_metrics(self.saved[name], library.scores(self.ws, name))
+                return f"saved in {self.saved[name]}"
+            info = self.ws.results[name].info
+            base = info.get("base") if isinstance(info.get("base"), str) else None
+            metrics = {"verified": self.verified[name]} if name in self.verified else {}
+            path = library.save_run(self.runs_dir, self.ws, name, cfg=self.cfg, events=events, metrics=metrics,
+                                    base_run=self.saved.get(base) if base else None)
+        except UserError as exc:
+            log.warning("result %s not saved: %s", name, exc)
+            return f"⚠ not saved: {exc}"
+        except Exception as exc:  # noqa: BLE001 - saving never ends the job; the server log has the trace
+            log.exception("result %s not saved", name)
+            return f"⚠ not saved: {type(exc).__name__}: {exc}"
+        self.saved[name], self.own = path, self.own | {name}
+        return f"saved as {path}"
+
+    def record(self, job: Job) -> Job:
+        """Make `job` — one that never ran here, e.g. an opened run's curves as a finished learning
+        run — the last job of its kind, as a reloaded page shows it."""
+        job.id = next(self._ids)
+        if isinstance(job, LearnJob):
+            job.previous = None
+        self.jobs[job.kind] = job
+        job.touch()
+        return job
+
+    def default_result(self) -> str | None:
+        """The result a list shows first: the newest learned mask, else the newest result."""
+        names = list(self.ws.results)
+        learned = [n for n in names if method_of(n) == LEARNED]
+        return (learned or names or [None])[-1]
 
     # ------------------------------------------------------------------ learning
     def start_learning(self, cfg: RunConfig, evaluate: bool = True) -> LearnJob:
         self.check_remote_code(cfg).validate()
         job = LearnJob(next(self._ids), cfg=cfg, evaluate=evaluate)
+        job.previous = self._with_curves(self.job)
         return self.start(job.kind, job.what, self._learn, job=job)
+
+    @staticmethod
+    def _with_curves(job: "LearnJob | None") -> "LearnJob | None":
+        """The last learning run that has curves, starting at `job` (and only it is kept)."""
+        if job is not None and not job.events:
+            job = job.previous
+        if job is not None:
+            job.previous = None
+        return job
 
     def _stop_learning(self, job: LearnJob) -> str:
         """Stop learning after the current step (held-out perplexity is still measured when the
@@ -425,6 +509,7 @@ class JobManager:
         job.say(f"$ {job.cfg.cli_command()}")
         job.say(f"loading {job.cfg.model} and tokenising the calibration data …")
         lm = self.ensure_loaded(job.cfg)
+        job.named(self.ws.unique_name(LEARNED))       # a new run never replaces an earlier result
         data = self.ws.data
         job.layer_names = list(lm.prunable.names)
         job.model_info = lm.describe()
@@ -434,7 +519,7 @@ class JobManager:
         job.say(job.model_info)
         job.say(job.data_info)
         job.status = "running"
-        result = self.ws.learn(job.cfg, lambda ev: self._on_event(job, ev), job.stop, name=LEARNED)
+        result = self.ws.learn(job.cfg, lambda ev: self._on_event(job, ev), job.stop, name=job.name)
         job.result = result
         job.say(result.message)
         extract = job.phase(EXTRACT)
@@ -445,14 +530,19 @@ class JobManager:
             job.status = "finishing"
             verify = job.phase(VERIFY)
             verify.start()
-            check = self.ws.verify(LEARNED)
+            check = self.ws.verify(job.name)
             verify.end()
-            self.verified[LEARNED] = check.ok
+            self.verified[job.name] = check.ok
             job.verification = str(check)
             job.say(job.verification)
-            if job.evaluate:
-                job.status = "evaluating"
-                self._evaluate(job)
+            self.curves[job.name] = list(job.events)
+            try:
+                if job.evaluate:
+                    job.status = "evaluating"
+                    self._evaluate(job)
+            finally:                       # saved whatever happens while it is measured
+                job.state["saved"] = self.save_result(job.name, events=job.events)
+                job.say(job.state["saved"])
         job.message = result.message
         if result.status == "stopped" and result.steps_done:
             job.message += f": its mask was learned in {result.steps_done} of {job.cfg.steps} steps"
@@ -460,7 +550,7 @@ class JobManager:
 
     def _evaluate(self, job: LearnJob):
         try:
-            for name in (DENSE, LEARNED):
+            for name in (DENSE, job.name):
                 phase = job.phase(perplexity_phase(name))
                 phase.start()
                 job.say(f"held-out perplexity of {name} …")

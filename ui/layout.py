@@ -1,4 +1,4 @@
-"""The whole page: a header and the tabs (Learn, Compare, How 2:4 works, Export).
+"""The whole page: a header and the tabs (Learn, Compare, How 2:4 works, Export, Saved runs).
 Theme and CSS are passed to `launch()`, as Gradio 6 expects, with the server's limits: uploads
 of at most MAX_UPLOAD (refused by Gradio before they are stored), and temporary files (uploads,
 download copies) removed once they are a day old."""
@@ -18,6 +18,7 @@ from .inputs import MAX_UPLOAD_MB
 from .export_tab import build_export_tab
 from .jobs import JobManager
 from .learn_tab import build_learn_tab
+from .runs_panel import LABELS as RUNS_LABELS, build_runs_panel
 
 ASSETS = Path(__file__).resolve().parent.parent / "assets"
 MAX_UPLOAD = f"{MAX_UPLOAD_MB}mb"   # a calibration text file is a few MB; anything larger is refused
@@ -60,13 +61,15 @@ def build_app(jobs: JobManager | None = None, defaults: RunConfig | None = None,
         gr.HTML(_header())
         with gr.Tabs():
             with gr.Tab("Learn a 2:4 mask", id="learn"):
-                build_learn_tab(jobs, demo, defaults, preset)
+                learn = build_learn_tab(jobs, demo, defaults, preset)
             with gr.Tab("Compare", id="compare", elem_id="ps-tab-compare") as compare:
-                build_compare_tab(jobs, compare, demo)
+                compared = build_compare_tab(jobs, compare, demo)
             with gr.Tab("How 2:4 works", id="explain", elem_id="ps-tab-explain") as explain:
                 build_explain_tab(jobs, explain)
             with gr.Tab("Export", id="export", elem_id="ps-tab-export") as export:
                 build_export_tab(jobs, export, demo)
+            with gr.Tab(RUNS_LABELS["tab"], id="runs", elem_id="ps-tab-runs") as runs:
+                build_runs_panel(jobs, runs, demo, learn, compared)
     demo.jobs = jobs
     return demo
 

@@ -370,9 +370,11 @@ def info_markdown(job: LearnJob | None) -> str:
     if job.perplexity:
         ppl = job.perplexity
         text = " · ".join(f"{k} **{v:.2f}**" for k, v in ppl.items())
-        if "dense" in ppl and "proxsparse" in ppl:
-            text += f" (×{ppl['proxsparse'] / ppl['dense']:.2f})"
+        if "dense" in ppl and job.name in ppl:
+            text += f" (×{ppl[job.name] / ppl['dense']:.2f})"
         lines.append(f"**Held-out perplexity** · {text} — more rows in the Compare tab")
+    if job.state.get("saved"):
+        lines.append(f"**Run folder** · {esc(job.state['saved'])}")
     if not job.active and job.status == "failed":
         lines.append(f"**Error** · {esc(job.message)}")
     return "\n\n".join(lines)
@@ -397,8 +399,9 @@ class LearnView(NamedTuple):
 
 def render(job: LearnJob | None, note: str = "") -> LearnView:
     """Everything the Learn tab shows for a job: progress, three charts, log, info."""
-    events = list(job.events) if job else []
-    layer_names = job.layer_names if job else []
+    shown = job.shown if job else None     # a failed Start keeps the last run's curves on screen
+    events = list(shown.events) if shown else []
+    layer_names = shown.layer_names if shown else []
     return LearnView(progress_html(job, note), loss_chart(job, events), plots.sparsity_figure(events),
                      plots.layer_heatmap(layer_names, _last_layer_share(events)),
                      "\n".join(reversed(job.log[-200:])) if job else "", info_markdown(job))
@@ -616,7 +619,8 @@ def _widget(name: str, value, remote_code_allowed: bool = False):
 
 
 def build_learn_tab(jobs: JobManager, demo: gr.Blocks, defaults: RunConfig, preset: str | None = None):
-    """The tab. `preset` is shown only when it is made for `defaults.model` (else "custom")."""
+    """The tab; returns its widgets by name. `preset` is shown only when it is made for `defaults.model`
+    (else "custom")."""
     widgets: dict[str, gr.components.Component] = {}
     preset = preset_for(defaults, preset or default_preset())
 
@@ -722,4 +726,4 @@ def build_learn_tab(jobs: JobManager, demo: gr.Blocks, defaults: RunConfig, pres
              preprocess=False)
     w.listen(upload.change, on_forget, ["upload", "last_upload"], ["last_upload"], api_visibility="private",
              queue=False, preprocess=False)
-    return widgets
+    return w
