@@ -100,6 +100,11 @@ class RunConfig:
     grad_ckpt: bool = _f(False, "gradient checkpointing (less memory, ~30% slower)")
     train_all: bool = _f(False, "train every parameter, not only the prunable weights")
     w0_offload: bool = _f(False, "keep the λ2 copy of W0 in CPU memory instead of on the GPU")
+    master_weights: str = _f("fp32", "fp32 (AdamW and the prox act on float32 weights: on a bf16 or fp16 "
+                                      "model, a float32 copy of the prunable weights that the model's weights "
+                                      "are rounded from after every step; 8-10 more bytes per prunable weight) "
+                                      "or off (the model's own weights: less memory, but updates below bf16's "
+                                      "resolution are lost)", choices=("fp32", "off"))
     layer_stats_every: int = _f(5, "emit per-layer 2:4 shares every N steps", lo=1, hi=1_000_000)
 
     def to_dict(self) -> dict:

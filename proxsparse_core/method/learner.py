@@ -4,6 +4,9 @@ Each step: LM loss (+ λ2 frozen-weight term) → backward → AdamW step (linea
 prox with λ1 on every prunable weight. After the last step the mask is the top-2 |W| of every
 group. With score "activation" the prox and the mask work on W·diag(a), a_j the dense model's
 norm of input channel j (scores.py): the top-2 |W|·a, Wanda's ranking, refined by the loss.
+On a bf16 or fp16 model AdamW, the prox and the λ2 term act on float32 master copies of the
+prunable weights (master_weights "fp32", the default; training.MaskedTraining), and the model's
+weights, which the forward pass and the mask read, are the copies rounded after every step.
 The learner emits one plain `StepEvent` per step (the UI plots them, the CLI prints them),
 stops cleanly between steps when asked, and always gives back a mask from the last good state.
 The model's weights are restored to W0 however it ends (even on an exception), so the caller
@@ -49,6 +52,8 @@ class LearnResult:
     events: list[StepEvent] = field(default_factory=list)
     learned_share_24: float = 0.0  # share of groups already 2:4 in the learned weights
     name: str = ""               # the workspace result it became (Workspace.learn), if any
+    master_weights: str = "none"   # "fp32": AdamW and the prox moved float32 copies of bf16/fp16 weights;
+                                   # "none": the model's own weights (a float32 model, or master_weights off)
 
 
 @torch.no_grad()
@@ -216,10 +221,10 @@ class ProxSparseLearner:
         On every exit (a normal end, Stop, a NaN loss, out of memory, and any other exception,
         e.g. a kernel or CUDA error or Ctrl-C) the prunable weights are W0 again, parameters
         trained with train_all are restored, and so are the requires_grad flags, use_cache,
-        gradient checkpointing and the train/eval mode; the optimizer state, the λ2 copy of W0
-        and all gradients are released. Out of memory and a NaN loss end the run as "failed" with
-        the mask of the last good step. Any other exception is re-raised after the restore: the
-        step it interrupted was half-applied, so no mask is made from it."""
+        gradient checkpointing and the train/eval mode; the optimizer state, the master copies,
+        the λ2 copy of W0 and all gradients are released. Out of memory and a NaN loss end the
+        run as "failed" with the mask of the last good step. Any other exception is re-raised
+        after the restore: the step it interrupted was half-applied, so no mask is made from it."""
         cfg, model, prunable = self.cfg, self.lm.model, self.lm.prunable
         device = str(self._input_device())
         weights = prunable.weights()
@@ -234,6 +239,7 @@ class ProxSparseLearner:
         try:
             with trainable(model, prunable, originals, trained, cfg.grad_ckpt):
                 status, message, done, events = self._loop(weights, originals, prunable_ids, device, scratch)
+                master = "fp32" if scratch["training"].masters else "none"
                 masks, share = self._extract(weights, scratch.get("cols"))
         finally:
             self._release(scratch)
@@ -250,7 +256,7 @@ class ProxSparseLearner:
                 torch.cuda.empty_cache()
         if status == "finished":
             message = f"finished {done} steps; {100 * share:.1f}% of groups were already 2:4"
-        return LearnResult(status, message, done, masks, self.names, events, share)
+        return LearnResult(status, message, done, masks, self.names, events, share, master_weights=master)
 
     def _extract(self, weights: dict, cols: dict | None) -> tuple[dict, float]:
         """The mask from the learned weights, and the share of groups that were already 2:4."""
@@ -263,8 +269,8 @@ class ProxSparseLearner:
 
     @staticmethod
     def _release(scratch: dict):
-        """Free the optimizer state and the λ2 copy of W0 in place, so that nothing big stays
-        alive even while an exception's traceback still holds the loop's frame."""
+        """Free the optimizer state, the master copies and the λ2 copy of W0 in place, so that
+        nothing big stays alive even while an exception's traceback still holds the loop's frame."""
         training = scratch.pop("training", None)
         if training is not None:
             training.release()
@@ -370,12 +376,14 @@ class ProxSparseLearner:
         rest = [p for p in model.parameters() if p.requires_grad and id(p) not in prunable_ids]
         training = scratch["training"] = MaskedTraining(
             weights, plan.scale, cfg.lr, cfg.steps, max(1, int(round(cfg.warmup * cfg.steps))), cfg.lr_schedule,
-            rest=rest, fused=all(d.startswith("cuda") for d in devices), devices=devices)
+            rest=rest, fused=all(d.startswith("cuda") for d in devices), devices=devices,
+            master=cfg.master_weights == "fp32")
         for d in devices:
             if d.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats(torch.device(d))
         held = _HeldOut(self, originals, plan.cols, device)
-        run = _Run(weights, plan, training, held, device, devices, sum(w.numel() // 4 for w in weights.values()))
+        groups = sum(w.numel() // 4 for w in weights.values())
+        run = _Run(training.params, plan, training, held, device, devices, groups)
         model.train()
         return run
 
@@ -439,7 +447,8 @@ class ProxSparseLearner:
 @dataclass
 class _Run:
     """What one learning run carries from step to step."""
-    weights: dict                        # name → the prunable weight the prox and AdamW act on
+    weights: dict                        # name → what AdamW, the prox and λ2 act on: the prunable weight or
+                                         # its float32 master copy (MaskedTraining.params)
     plan: _Plan
     training: MaskedTraining
     held: "_HeldOut"

@@ -149,13 +149,25 @@ class StepTimes:
 class MaskedTraining:
     """AdamW over the prunable weights `weights` (name → parameter), one group per layer at
     `lr · scale[name]`, plus `rest` (other trained parameters) at `lr`; the rate follows
-    `lr_factor`. `step()` does one optimisation step and returns its timings."""
+    `lr_factor`. `step()` does one optimisation step and returns its timings.
+
+    With `master=True`, prunable weights held in bfloat16 or float16 get a float32 master copy:
+    AdamW (whose moments are then float32 too) and the projection act on the copies
+    (`params`), the model's weights are the copies rounded to their own dtype after every step,
+    and only the model's weights see the forward and backward passes. An update smaller than half
+    the spacing of bf16 values near a weight (|w|·2⁻⁹ to |w|·2⁻⁸) would otherwise be rounded away
+    at every step; in the copy it accumulates. Costs 10 bytes per such weight at the update (the
+    copy, its float32 gradient, float32 moments instead of bf16 ones), 8 between updates
+    (docs/gpu.md). `rest` keeps its own dtype."""
 
     def __init__(self, weights: dict, scale: dict, lr: float, steps: int, warm: int, schedule: str,
-                 rest: list | None = None, fused: bool = False, devices=("cpu",)):
+                 rest: list | None = None, fused: bool = False, devices=("cpu",), master: bool = False):
         self.weights, self.lr, self.steps, self.warm, self.schedule = weights, lr, steps, warm, schedule
         self.devices = list(devices)
-        groups = [{"params": [w], "lr": lr * scale[n]} for n, w in weights.items() if w.requires_grad]
+        self.masters = {n: w.detach().float().requires_grad_() for n, w in weights.items()
+                        if master and w.requires_grad and w.dtype in (torch.bfloat16, torch.float16)}
+        self.params = {n: self.masters.get(n, w) for n, w in weights.items()}   # what AdamW and the projection move
+        groups = [{"params": [self.params[n]], "lr": lr * scale[n]} for n, w in weights.items() if w.requires_grad]
         if rest:
             groups.append({"params": list(rest), "lr": lr})
         # on the CPU, torch's AdamW with its update in C (adamw_native: the same bits, fewer passes)
@@ -174,30 +186,53 @@ class MaskedTraining:
         """`loss_and_grad()` computes the loss and its gradients (it must not call backward on a
         non-finite loss); then `before()` (e.g. gradients of an extra term, clipping), AdamW, the
         schedule, and `project()` (the prox, or pruned weights back to zero). A non-finite loss
-        raises NonFiniteLoss before any weight moves."""
+        raises NonFiniteLoss before any weight moves. With master copies, `before()` and
+        `project()` must act on `params` (the copies); the gradients are moved onto them before
+        `before()`, and the model's weights are refreshed from them after `project()`."""
         t0 = time.perf_counter()
         loss = loss_and_grad()
         value = float(loss)
         if not math.isfinite(value):
-            self.opt.zero_grad(set_to_none=True)
+            self.zero_grad()
             raise NonFiniteLoss(value)
         sync(self.devices)
         t1 = time.perf_counter()
+        self._grads_to_masters()
         extra = before() if before is not None else None
         self.opt.step()
         self.sched.step()
-        self.opt.zero_grad(set_to_none=True)
+        self.zero_grad()
         sync(self.devices)
         t2 = time.perf_counter()
         with torch.no_grad():
             project()
+            for n, m in self.masters.items():       # the model's weights: the copies, rounded
+                self.weights[n].data.copy_(m)
         sync(self.devices)
         return StepTimes(value, t1 - t0, t2 - t1, time.perf_counter() - t2, extra)
 
-    def release(self):
-        """Free the optimizer state in place (nothing big stays alive in a traceback)."""
+    def _grads_to_masters(self) -> None:
+        """Each master copy takes its weight's gradient in float32; the weight's own is freed at
+        once (one layer at a time, so at most one layer holds both)."""
+        for n, m in self.masters.items():
+            w = self.weights[n]
+            m.grad = None if w.grad is None else w.grad.float()
+            w.grad = None
+
+    def zero_grad(self) -> None:
         self.opt.zero_grad(set_to_none=True)
+        for n in self.masters:
+            self.weights[n].grad = None
+
+    def release(self):
+        """Free the optimizer state and the master copies in place (nothing big stays alive in a
+        traceback)."""
+        self.zero_grad()
         self.opt.state.clear()
+        for group in self.opt.param_groups:      # they hold the master copies too
+            group["params"] = []
+        self.masters.clear()
+        self.params.clear()
         if isinstance(self.opt, AdamW):
             self.opt._scratch = None
 

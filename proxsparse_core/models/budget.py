@@ -1,7 +1,9 @@
 """Will a learning run fit in memory? A rough estimate made before the first step.
 
 A run needs, on top of the loaded model: gradients and two AdamW states for every trained
-weight, the λ2 copy of W0 (when λ2 > 0 and it is not offloaded), the learner's CPU copy of W0,
+weight (on a bf16/fp16 model with master_weights fp32, a float32 copy of every prunable weight,
+its float32 gradient and float32 states: 16 bytes each), the λ2 copy of W0 (when λ2 > 0 and it
+is not offloaded), the learner's CPU copy of W0,
 the activations kept for the backward pass (about batch·ctx·layers·(8·hidden + 6·intermediate)
 values; with gradient checkpointing only each layer's input, plus one layer in full; with eager
 attention also the heads·ctx² attention weights per layer) and the logits (batch·ctx·vocab, plus
@@ -44,6 +46,11 @@ def _config_int(config, *names, default=0) -> int:
     return default
 
 
+def _master_copies(lm, cfg) -> bool:
+    """Does the learner keep float32 copies of the prunable weights (training.MaskedTraining)?"""
+    return cfg.master_weights == "fp32" and lm.dtype in (torch.bfloat16, torch.float16)
+
+
 def estimate_learning_memory(lm, cfg) -> MemoryEstimate:
     """Extra bytes a ProxSparse run with `cfg` needs on `lm`'s device (models.LoadedModel)."""
     model, config = lm.model, lm.model.config
@@ -53,7 +60,11 @@ def estimate_learning_memory(lm, cfg) -> MemoryEstimate:
     trained = every if cfg.train_all else prunable
     on_gpu = str(lm.device).startswith("cuda")
     w0_on_device = on_gpu and cfg.lambda2 > 0 and not cfg.w0_offload   # on the CPU, W0 is the learner's copy
-    weights_state = 3 * trained * el + (prunable * el if w0_on_device else 0)
+    # a bf16/fp16 model with master_weights fp32: per prunable weight its float32 copy, the copy's float32
+    # gradient and float32 moments (16 bytes at the update) instead of a gradient and moments in `el`
+    master = _master_copies(lm, cfg)
+    weights_state = ((16 if master else 3 * el) * prunable + 3 * (trained - prunable) * el
+                     + (prunable * el if w0_on_device else 0))
 
     emb = model.get_input_embeddings().weight
     hidden = _config_int(config, "hidden_size", "n_embd", "d_model", default=emb.shape[1])
@@ -98,5 +109,7 @@ def check_learning_memory(lm, cfg) -> MemoryEstimate:
             f"these settings need about {est.total / GiB:.1f} GiB more memory to learn than the "
             f"{free / GiB:.1f} GiB available on {lm.device} (activations {est.activations / GiB:.1f} GiB and "
             f"logits {est.logits / GiB:.1f} GiB for batch {cfg.batch} × ctx {cfg.ctx}, gradients and optimizer "
-            f"{est.weights_state / GiB:.1f} GiB): lower ctx or batch, or turn on gradient checkpointing")
+            f"{est.weights_state / GiB:.1f} GiB): lower ctx or batch, or turn on gradient checkpointing"
+            + (", or set master_weights off (float32 copies of bf16 weights: 10 more bytes per prunable weight)"
+               if _master_copies(lm, cfg) else ""))
     return est
