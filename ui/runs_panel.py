@@ -215,7 +215,7 @@ def status_markdown(job: Job) -> str:
     where = ("Its curves are in the **Learn** tab, " if job.state.get("learn") is not None
              else "Its fine-tuning curve is in the recovery chart of **Compare**, " if job.state.get("recovery")
              else "")
-    return (f"✅ **{esc(job.message)}**\n\n{where}its perplexity rows in **Compare**; it can be "
+    return (f"✓ **{esc(job.message)}**\n\n{where}its perplexity rows in **Compare**; it can be "
             f"compared, recovered and exported like any result.{notes}")
 
 
