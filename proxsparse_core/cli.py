@@ -420,14 +420,23 @@ def _recover_into(args, folder, rcfg, out: Path) -> int:
     from proxsparse_core.reopen import add_base_result
     from proxsparse_core.runs.folder import WEIGHTS_FILE, recover_command, save_weights
     from proxsparse_core.recovery.recover import recovered_name
+    from proxsparse_core.progress import eta_text
+    from proxsparse_core.results import DENSE
 
     ws = _load(folder.cfg)
 
-    def on_block(done, total):
+    def on_block(done, total):             # the base's own rebuild (a sparsegpt folder), before recovery
         print(f"{_bar(done, total)} weight update (OBS): block {done}/{total}", flush=True)
+    last = {}
 
-    def on_event(ev):
-        print(f"{_bar(ev.step, ev.total_steps)} {ev.line()}", flush=True)
+    def on_event(ev):                      # printed with its ETAs once the timeline has heard of the step
+        last["event"] = ev
+
+    def tell(p):
+        ev = last.get("event")
+        text = ev.line() if p.stage == "finetune" and ev is not None and ev.step == p.done else p.message
+        eta = eta_text(p)
+        print(f"{_bar(p.done, p.total) + ' ' if p.total > 0 else ''}{text}{'  · ' + eta if eta else ''}", flush=True)
     with _stop_on_ctrl_c("step") as stop:
         try:
             base, note = add_base_result(ws, folder, on_block, stop)
@@ -442,12 +451,13 @@ def _recover_into(args, folder, rcfg, out: Path) -> int:
         print(f"recovering {base} with {rcfg.method}: steps={rcfg.steps} lr={rcfg.lr} (relative to each "
               f"layer's rms(W0)) batch={rcfg.batch} seed={rcfg.seed} samples={samples} teacher={rcfg.teacher} "
               f"text={rcfg.text}", flush=True)
-        result = ws.recover(base, rcfg, on_event, stop, on_block, on_phase=lambda text: print(text, flush=True))
+        name = recovered_name(base)
+        timeline = ws.recovery_timeline(base, rcfg, tell, () if args.no_eval else (DENSE, base, name))
+        result = ws.recover(base, rcfg, on_event, stop, timeline=timeline)
     print(result.message)
     if result.pruning is None:
         print("nothing was recovered: nothing was saved", file=sys.stderr)
         return 1
-    name = recovered_name(base)
     # the weights first: whatever happens during verification and evaluation, they are kept
     save_masks(out / "masks.npz", result.pruning.masks)
     save_weights(out / WEIGHTS_FILE, result.pruning.weights, {"base_method": base, "method": name})
@@ -463,11 +473,13 @@ def _recover_into(args, folder, rcfg, out: Path) -> int:
                **{k: info[k] for k in ("obs", "finetune_steps", "finetune_samples", "scaffolding_left_out", "status",
                                        "message", "seconds")
                   if k in info}}
-    return _finish_recovery(ws, args, out, base, name, metrics)
+    return _finish_recovery(ws, args, out, base, name, metrics, timeline)
 
 
-def _finish_recovery(ws, args, out: Path, base: str, name: str, metrics: dict) -> int:
-    """Verify and evaluate a recovered result next to dense and its base; write metrics.json."""
+def _finish_recovery(ws, args, out: Path, base: str, name: str, metrics: dict, timeline=None) -> int:
+    """Verify and evaluate a recovered result next to dense and its base (the evaluation reports through
+    `timeline`, the recovery's: its ETA counted it from the start); write metrics.json, with the seconds
+    each stage took."""
     from proxsparse_core.runs.files import save_json
     from proxsparse_core.results import DENSE
 
@@ -477,11 +489,17 @@ def _finish_recovery(ws, args, out: Path, base: str, name: str, metrics: dict) -
                     "data": ws.data.source, "calibration_tokens": int(ws.data.calibration.numel()),
                     "held_out_tokens": int(ws.data.held_out.numel())})
     if not args.no_eval:
-        metrics["perplexity"] = {n: ws.perplexity(n) for n in (DENSE, base, name)}
+        metrics["perplexity"] = ws.score_recovery((DENSE, base, name), timeline)
         metrics["top1_agreement"] = {n: ws.agreement(n) for n in (base, name)}
         print("held-out perplexity: " + "  ".join(f"{k} {v:.3f}" for k, v in metrics["perplexity"].items()))
         print("same top-1 next token as dense: " + "  ".join(f"{k} {100 * v:.1f}%"
                                                             for k, v in metrics["top1_agreement"].items()))
+    if timeline is not None:
+        timeline.finish()
+        metrics["stage_seconds"] = timeline.seconds()
+        metrics["stage_work"] = {k: timeline.plan[k][0] * timeline.plan[k][1] for k in metrics["stage_seconds"]}
+        print("time by stage: " + ", ".join(f"{k} {v:.1f} s" for k, v in metrics["stage_seconds"].items())
+              + f" (total {sum(metrics['stage_seconds'].values()):.1f} s)")
     if args.prompt:
         _print_compare(ws, [DENSE, base, name], args)
     save_json(out / "metrics.json", metrics)

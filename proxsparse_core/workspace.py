@@ -21,7 +21,7 @@ from proxsparse_core.memo import ModelMemo, source_of
 from proxsparse_core.method.learner import LearnResult, ProxSparseLearner
 from proxsparse_core.sparsity.masks import Verification, masked, pruned_weights, snapshot, swapped, verify
 from proxsparse_core.models.loading import LoadedModel, load_model
-from proxsparse_core.progress import Progress
+from proxsparse_core.progress import Progress, Timeline
 from proxsparse_core.results import DENSE, LEARNED, Pruning, unique
 
 
@@ -108,23 +108,28 @@ class Workspace:
         return pruning
 
     def recover(self, name: str, rcfg, on_event=None, stop: threading.Event | None = None, progress=None,
-                on_phase=None):
+                on_phase=None, timeline: Timeline | None = None):
         """Recover the survivors of result `name` (recovery.py); the recovered model is stored as
-        `name + "+recovery"` when anything was recovered. Returns the RecoveryResult. `on_phase(text)`
-        hears (as a progress.Progress) of the steps before fine-tuning: the dense model writing fresh
-        text, and drawing the fine-tuning samples."""
+        `name + "+recovery"` when anything was recovered. Returns the RecoveryResult. Every stage —
+        the dense model writing fresh text or its chat turns, drawing the fine-tuning samples, the OBS
+        update, the teacher pass, fine-tuning — reports through `timeline` (recovery_timeline: each
+        report a progress.Progress with its count and ETAs); without one, through one made here that
+        tells `on_phase`. `progress(done, total)` hears of the OBS update's blocks too."""
         from proxsparse_core.recovery.recover import RecoveryResult, recover, recovered_name
         self._need()
         if name not in self.results:
             raise UserError(f"no pruning result named {name!r} to recover")
+        if timeline is None:
+            timeline = self.recovery_timeline(name, rcfg, on_phase)
         with self.lock:
             try:
-                tuning = self.tuning_samples(rcfg.samples, on_phase, rcfg.text, stop) if rcfg.method != "obs" else None
+                tuning = (self.tuning_samples(rcfg.samples, None, rcfg.text, stop, timeline)
+                          if rcfg.method != "obs" else None)
             except Stopped:
                 return RecoveryResult("stopped", "stopped while the fine-tuning text was prepared; nothing was "
                                       "recovered", None, [])
             res = recover(self.lm, self.data.calibration, self.results[name], name, self.originals, rcfg,
-                          on_event, stop, progress, tuning)
+                          on_event, stop, progress, tuning, timeline)
         if res.pruning is not None:     # a second recovery of one result never replaces the first
             if isinstance(self.results[name].info.get("config"), dict):      # the settings that made its mask
                 res.pruning.info.setdefault("config", self.results[name].info["config"])
@@ -132,19 +137,79 @@ class Workspace:
             self.add_result(res.name, res.pruning)
         return res
 
-    def tuning_samples(self, n: int, on_phase=None, text: int = 0, stop=None):
+    def recovery_timeline(self, name: str, rcfg, tell=None, evaluate=()) -> Timeline:
+        """The stages a recovery of result `name` with `rcfg` will go through, with the work each is
+        expected to take (recover.recovery_stages), as a progress.Timeline that tells `tell` every
+        report with its ETAs: writing text, drawing samples, the OBS update, the teacher pass, fine-tuning,
+        and the held-out perplexity of the results named in `evaluate` that are not scored yet (the caller
+        reports that stage, "perplexity", through the timeline: see `unscored`)."""
+        from proxsparse_core.data.selfgen import MAX_NEW
+        from proxsparse_core.recovery.recover import recovery_stages
+        self._need()
+        ctx = int(self.data.calibration.shape[1])
+        n = rcfg.samples or int(self.data.calibration.shape[0])
+        drawn = self._tuning is not None and self._tuning[0] == (rcfg.samples, rcfg.text)
+        turns = 0 if drawn else self._turns(rcfg.samples, rcfg.text)
+        held = self.data.held_out
+        windows = int(held.shape[0]) * len(self.unscored(evaluate))
+        stages = recovery_stages(self.lm, rcfg, tuple(self.data.calibration.shape), n, ctx,
+                                 turns * (MAX_NEW + ctx // 2) + ctx if turns else 0, 0 if drawn else rcfg.text,
+                                 windows, int(held.shape[1]) if held.dim() == 2 else 0)
+        return Timeline(stages, tell)
+
+    def score_recovery(self, names, timeline: Timeline | None = None, stop=None) -> dict:
+        """Held-out perplexity of `names` after a recovery (name → perplexity): those not scored yet
+        report stage "perplexity" (windows, over all of them) through the recovery's `timeline`, whose
+        ETA counted them from the start (recovery_timeline's `evaluate`)."""
+        todo = self.unscored(names)
+        for i, n in enumerate(todo):
+            progress = None
+            if timeline is not None:
+                progress = (lambda d, t, i=i, n=n: timeline.report(
+                    "perplexity", i * t + d, len(todo) * t,
+                    f"held-out perplexity of {n}: window {d}/{t} (result {i + 1} of {len(todo)})", "windows"))
+                progress(0, int(self.data.held_out.shape[0]))
+            self.perplexity(n, progress=progress, stop=stop)
+        return {n: self.perplexity(n, stop=stop) for n in names}
+
+    def unscored(self, names) -> list:
+        """Those of `names` whose held-out perplexity is not known yet (the dense model's: neither here
+        nor kept on disk), in order: the ones an evaluation will have to run."""
+        out = []
+        for n in dict.fromkeys(names):
+            if n in self.ppl:
+                continue
+            if n == DENSE and self.memo is not None and self._dense_score() is not None:
+                continue
+            out.append(n)
+        return out
+
+    def _turns(self, n: int, text: int = 0) -> int:
+        """How many of n fine-tuning samples are the model's own chat turns (tuning_samples)."""
+        from proxsparse_core.data.text import GENERATED_SOURCES
+        from proxsparse_core.models.chat_template import has_template
+        source = (self._data_key[0] or "builtin").strip()
+        return n // 2 if n and not text and source not in GENERATED_SOURCES and has_template(self.lm.tokenizer) else 0
+
+    def tuning_samples(self, n: int, on_phase=None, text: int = 0, stop=None, timeline: Timeline | None = None):
         """n calibration samples for recovery's fine-tuning, drawn from this run's calibration source
         and seed exactly as the run's own (0 or the run's count: the run's own samples). With `text`
         > 0, the dense model first writes that many tokens of fresh text (selfgen.fresh_ids, cached)
         and the samples are drawn over it and the source's text together (data.with_fresh_text). For a chat
         model whose samples would hold no chat turn (a file, the built-in text; n > 0, no fresh text), half of
         the n are the model's own chat turns (selfgen.chat_turns, cached; issue 28: without them it recited
-        its system prompt)."""
-        from proxsparse_core.data.text import GENERATED_SOURCES, calibration_only, special_prefix, with_fresh_text
-        from proxsparse_core.models.chat_template import has_template
+        its system prompt). Each stage reports through `timeline` when given (with ETAs), else to
+        `on_phase` (a progress.Progress)."""
+        from proxsparse_core.data.text import calibration_only, special_prefix, with_fresh_text
         own = self.data.calibration.shape[0]
         source = (self._data_key[0] or "builtin").strip()
-        turns = n // 2 if n and not text and source not in GENERATED_SOURCES and has_template(self.lm.tokenizer) else 0
+        turns = self._turns(n, text)
+
+        def say(stage, done, total, message, unit=""):
+            if timeline is not None:
+                timeline.report(stage, done, total, message, unit)
+            elif on_phase:
+                on_phase(Progress(stage, done, total, message, unit))
         if n in (0, own) and not text and not turns:
             return self.data.calibration
         key = (n, text)
@@ -158,15 +223,13 @@ class Workspace:
                 def tell(done, total):
                     if stop is not None and stop.is_set():
                         raise Stopped("stopped while the dense model wrote fresh text")
-                    if on_phase:
-                        on_phase(Progress("fresh-text", min(done, total), total,
-                                          f"the dense model writes fresh text for fine-tuning: {min(done, total):,} "
-                                          f"of {total:,} tokens (cached for this model and seed) …", "tokens"))
+                    say("fresh-text", min(done, total), total,
+                        f"the dense model writes fresh text for fine-tuning: {min(done, total):,} "
+                        f"of {total:,} tokens (cached for this model and seed) …", "tokens")
                 tell(0, text)
                 fresh = fresh_ids(self.lm.model, self.lm.tokenizer, text, seed, tell)
-            if on_phase:
-                on_phase(Progress("samples", 0, n, f"drawing {n:,} fine-tuning samples (for self-written text, the "
-                                  f"first time the model writes more of it: ≈ 1 min on a CPU) …", "samples"))
+            say("samples", 0, n, f"drawing {n:,} fine-tuning samples (for self-written text, the first time "
+                f"the model writes more of it: ≈ 1 min on a CPU) …", "samples")
             try:
                 samples = (calibration_only(self.lm.tokenizer, source, n - turns, ctx, seed, field, self.lm.model)
                            if fresh is None else with_fresh_text(self.lm.tokenizer, source, n, ctx, seed, field, fresh))
@@ -179,11 +242,11 @@ class Workspace:
                 def written(done, total):
                     if stop is not None and stop.is_set():
                         raise Stopped("stopped while the dense model wrote its chat turns")
-                    if on_phase:
-                        on_phase(Progress("chat-turns", min(done, total), total,
-                                          f"the dense model answers instructions for {turns:,} of the samples: "
-                                          f"{min(done, total):,} of {total:,} tokens (cached for this model and "
-                                          f"seed) …", "tokens"))
+                    say("chat-turns", min(done, total), total,
+                        f"the dense model answers instructions for {turns:,} of the samples: {min(done, total):,} "
+                        f"of {total:,} tokens (cached for this model and seed) …", "tokens")
+                say("chat-turns", 0, 0, f"the dense model answers instructions for {turns:,} of the samples "
+                    f"(cached for this model and seed) …", "tokens")
                 samples = torch.cat([samples, chat_turns(self.lm.model, self.lm.tokenizer, turns, ctx, seed,
                                                          special_prefix(self.lm.tokenizer), written)])
             self._tuning = (key, samples)

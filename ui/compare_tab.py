@@ -26,11 +26,12 @@ import torch
 
 from proxsparse_core.runs import curves as plots
 from proxsparse_core.errors import Stopped, UserError
-from proxsparse_core.progress import Progress, as_progress
+from proxsparse_core.progress import Progress, eta_text
 from proxsparse_core import measured
 from proxsparse_core.inference.evaluate import EXAMPLE_PROMPTS, GenerationSettings, first_divergence
 from proxsparse_core.baselines.oneshot import METHODS
-from proxsparse_core.recovery.recover import RECOVERY_LENGTHS, RECOVERY_METHODS, TEACHERS, RecoveryConfig, recovered_name
+from proxsparse_core.recovery.recover import (RECOVERY_LENGTHS, RECOVERY_METHODS, STAGE_TITLES, TEACHERS,
+                                              RecoveryConfig, recovered_name)
 from proxsparse_core.results import DENSE, LEARNED, RECOVERED, is_recovered, method_of, title
 
 from . import inputs, markdown
@@ -445,7 +446,7 @@ def attach_speedup(jobs: JobManager):
 # ---------------------------------------------------------------------------- recovery
 
 RECOVERY_LABELS = {"both": "both: weight update, then fine-tune",
-                   "obs": "weight update (OBS, seconds)",
+                   "obs": "weight update only (OBS, block by block)",
                    "finetune": "fine-tune by distillation from the dense model"}
 TEACHER_LABELS = {"stored": "stored: top-64 per position, read once (up to 20,000 samples)",
                   "live": "live: the dense model runs beside it, full distribution (any length)"}
@@ -476,9 +477,26 @@ def recoverable_choices(jobs: JobManager) -> list[tuple[str, str]]:
     return [(title(n), n) for n in jobs.ws.results if not is_recovered(n)]
 
 
+def _recovery_stages_line(job: Job) -> str:
+    """The recovery's stages in order, those done ticked, the running one in bold, the skipped ones
+    (text already cached) left out: what the ETA in all still counts."""
+    order, seen = job.state.get("stages") or [], job.state.get("seen") or []
+    current = job.progress.stage if job.progress is not None and job.active else None
+    parts = []
+    for stage in order:
+        if stage in seen and stage != current:
+            parts.append(f"✓ {esc(STAGE_TITLES.get(stage, stage))}")
+        elif stage == current:
+            parts.append(f"<b>{esc(STAGE_TITLES.get(stage, stage))}</b>")
+        elif not seen or order.index(stage) > max(order.index(s) for s in seen if s in order):
+            parts.append(esc(STAGE_TITLES.get(stage, stage)))
+    return " → ".join(parts)
+
+
 def recovery_progress_html(job: Job | None) -> str:
-    """Status badge, progress bar with ETA and the last distillation loss of a recovery job (its
-    typed progress: the stage's message and count; nothing is read from the words)."""
+    """Status badge, the stage's message with its count and ETAs (this stage; the whole recovery,
+    stages still to come and the perplexity after included), its own progress bar, the stages in order
+    and the last distillation loss of a recovery job (its typed progress: nothing is read from the words)."""
     if job is None:
         return ('<div class="ps-progress"><span class="ps-badge ps-idle">ready</span> Pick a result and '
                 'press <b>Recover</b>.</div>')
@@ -486,18 +504,21 @@ def recovery_progress_html(job: Job | None) -> str:
     ev = job.events[-1] if job.events else None
     share = job.state.get("share", 0.0)
     head = esc(p.message if p is not None else "starting …")
+    if job.active and p is not None:
+        eta = eta_text(p)
+        head += f" · {esc(eta)}" if eta else ""
     stats = ""
     if ev is not None:
         stats = (f"KL to the dense model {ev['lm_loss']:.4f} · {ev['tokens_per_s']:,.0f} tokens/s · "
-                 f"{ev['t_step']:.2f} s/step · elapsed {fmt_duration(ev['elapsed'])}")
-        if job.active and p is not None and p.stage == "finetune":
-            head += f" · ETA {fmt_duration(ev['eta'])}"
+                 f"{ev['t_step']:.2f} s/step · fine-tuning for {fmt_duration(ev['elapsed'])}")
     if job.active and job.stop.is_set():
         head += " · stopping after this step"
+    stages = _recovery_stages_line(job) if job.active else ""
     note = f'<div class="ps-note">{esc(job.message)}</div>' if job.message and not job.active else ""
     return (f'<div class="ps-progress"><div class="ps-head"><span class="ps-badge ps-{status}">{status}</span> '
             f'{head}</div><div class="ps-bar"><div style="width:{100 * share:.1f}%"></div></div>'
-            f'<div class="ps-stats">{stats}</div>{note}</div>')
+            + (f'<div class="ps-stats">stages: {stages}</div>' if stages else "")
+            + f'<div class="ps-stats">{stats}</div>{note}</div>')
 
 
 def recovery_config(method, steps, samples=RecoveryConfig.samples, batch=RecoveryConfig.batch,
@@ -545,15 +566,14 @@ def recovery_request(jobs: JobManager, name, method, steps, samples=RecoveryConf
 
 
 def start_recovery(jobs: JobManager, name: str, rcfg: RecoveryConfig) -> Job:
-    """Recover the survivors of result `name` (recovery.recover) as a job. Its progress is typed:
-    stage obs (blocks), fresh-text (tokens), samples, teacher, finetune (steps, with the learning
-    curve in `job.events`), perplexity (results), done. Stop ends it after the current step and
-    keeps the last good weights; the recovered result then gets its perplexity rows (skipped when
-    Stop was pressed). `job.result`: the recovered result's name, or None."""
+    """Recover the survivors of result `name` (recovery.recover) as a job. Its progress is typed, one
+    progress.Timeline over every stage (Workspace.recovery_timeline): fresh-text or chat-turns (tokens),
+    samples, obs (blocks), teacher (samples), finetune (steps, with the learning curve in `job.events`),
+    perplexity (held-out windows), done — each report with its count, the stage's ETA and the ETA of the
+    whole recovery. Stop ends it after the current step and keeps the last good weights; the recovered
+    result then gets its perplexity rows (skipped when Stop was pressed). `job.result`: the recovered
+    result's name, or None."""
     new = jobs.ws.unique_name(recovered_name(name))     # a second recovery of one result is a result of its own
-    fine = rcfg.method != "obs"
-    teacher_phase = ("the dense model reads the calibration samples (the teacher) …" if rcfg.teacher == "stored"
-                     else "fine-tuning starts (the dense model runs beside it on every batch) …")
 
     def work(job: Job):
         ws = jobs.ws
@@ -561,31 +581,23 @@ def start_recovery(jobs: JobManager, name: str, rcfg: RecoveryConfig) -> Job:
         def tell(progress: Progress):
             if progress.fraction is not None:
                 job.state["share"] = progress.fraction      # a stage without a count keeps the bar
+            if progress.stage not in job.state["seen"]:
+                job.state["seen"] = [*job.state["seen"], progress.stage]
             job.report(progress)
 
-        def on_block(d, t):
-            tell(Progress("obs", d, t, f"weight update (OBS): block {d}/{t}", "blocks"))
-            if d == t and fine:
-                tell(Progress("teacher", 0, 0, teacher_phase))
-
         def on_event(ev):
-            e = ev.to_dict()
-            job.events.append(e)
-            tell(Progress("finetune", e["step"], e["total_steps"],
-                          f"fine-tuning: step {e['step']} / {e['total_steps']}", "steps"))
+            job.events.append(ev.to_dict())
 
-        tell(Progress("obs", 0, 0, "weight update (OBS), layer by layer …", "blocks") if rcfg.method != "finetune"
-             else Progress("teacher", 0, 0, teacher_phase))
-        res = ws.recover(name, rcfg, on_event, job.stop, on_block,
-                         on_phase=lambda report: tell(as_progress(report, "preparing")))
+        timeline = ws.recovery_timeline(name, rcfg, tell, (DENSE, name, new))
+        job.state.update(stages=list(timeline.order), seen=[])
+        tell(Progress("starting", 0, 0, "starting …"))
+        res = ws.recover(name, rcfg, on_event, job.stop, timeline=timeline)
         message = res.message
         made = res.pruning is not None
         if made:
             jobs.verified[new] = ws.verify(new).ok
             try:
-                for i, n in enumerate((DENSE, name, new)):
-                    job.report(Progress("perplexity", i, 3, "measuring held-out perplexity …", "results"))
-                    ws.perplexity(n, stop=job.stop)
+                ws.score_recovery((DENSE, name, new), timeline, job.stop)
             except Stopped:
                 message += "; perplexity skipped (Stop): press Compute perplexities for its row"
             job.state["share"] = 1.0

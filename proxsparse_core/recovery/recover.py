@@ -26,6 +26,11 @@ system prompt (issue 28, bench/RESULTS.md).
 
 The result is a new `Pruning` with the same masks and updated weights; the model itself goes
 back to W0, like after every other method.
+
+Every stage reports its progress with a count (blocks, samples, steps) through a `progress.Timeline`
+built from `recovery_stages`: each stage's ETA from its own recent rate, and one ETA over the whole
+recovery that counts the stages still to come (issue 28: the OBS update took 5.7 min under a label that
+said seconds, the teacher pass ran 3.5 min with no count, the ETA swung 55:54 → 17:37).
 """
 from __future__ import annotations
 
@@ -39,6 +44,7 @@ import torch
 from proxsparse_core.data.selfgen import answer_weights
 from proxsparse_core.method.distill import distill_loss, full_kl, live_teacher_logits, teacher_targets
 from proxsparse_core.errors import Stopped, UserError
+from proxsparse_core.progress import RateMeter, Timeline
 from proxsparse_core.sparsity.masks import load_weights
 from proxsparse_core.results import RECOVERED as SUFFIX, Pruning
 from proxsparse_core.method.training import MaskedTraining, StepEvent, memory_in_use, run_steps, trainable
@@ -142,6 +148,78 @@ RECOVERY_LENGTHS = {"standard": {k: getattr(RecoveryConfig, k) for k in _KEYS},
                              "text": 1_000_000}}
 
 
+# What each stage of a recovery is expected to cost, in multiply-adds of the model: progress.Timeline
+# turns them into seconds at the speed measured so far (only their ratios matter; a stage's own ETA,
+# once it runs, comes from its own measured rate). The constants say what a multiply-add of a large
+# matrix product cannot: fitted to the stage times of the bundled model on 2 CPU cores
+# (bench/recovery_time.py prints each stage's seconds per unit of this work).
+GENERATE = 4.0      # a token the model writes (decoding, memory-bound) against a token of a batched forward
+VOCAB_OPS = 8.0     # per position and vocabulary entry: log-softmax with top-k, or the KL over the vocabulary
+ADAMW_OPS = 20.0    # per trainable weight and fine-tuning step: clipping, AdamW, the mask
+OBS_OPS = 1.0       # per calibration token and input column² of a layer (X·Xᵀ) and per weight · column (solve)
+
+
+STAGE_TITLES = {"fresh-text": "fresh text", "samples": "drawing samples", "chat-turns": "chat turns",
+                "obs": "weight update (OBS)", "teacher": "teacher pass", "finetune": "fine-tuning",
+                "perplexity": "held-out perplexity"}
+
+
+def forward_work(lm, tokens: int, ctx: int) -> float:
+    """Multiply-adds of one forward pass over `tokens` tokens in windows of `ctx` (logits included)."""
+    model = lm.model
+    cfg = getattr(model, "config", None)
+    hidden = getattr(cfg, "hidden_size", 0) or 0
+    layers = getattr(cfg, "num_hidden_layers", 0) or 0
+    head = model.get_output_embeddings()
+    head_w = getattr(head, "weight", None)
+    per_token = lm.prunable.n_params + (head_w.numel() if head_w is not None else 0) + 2 * ctx * hidden * layers
+    return float(tokens) * per_token
+
+
+def _vocab(lm) -> int:
+    head = lm.model.get_output_embeddings()
+    w = getattr(head, "weight", None)
+    return int(w.shape[0]) if w is not None else int(getattr(lm.model.config, "vocab_size", 0) or 0)
+
+
+def recovery_stages(lm, cfg: "RecoveryConfig", calibration_shape: tuple, tuning_rows: int, ctx: int,
+                    turn_tokens: int = 0, text: int = 0, eval_windows: int = 0, eval_ctx: int = 0) -> list:
+    """(stage, units, multiply-adds per unit) of every stage a recovery with `cfg` goes through, in order:
+    fresh-text (tokens), samples (no count), chat-turns (tokens), obs (blocks), teacher (samples, a stored
+    teacher), finetune (steps), perplexity (held-out windows: `eval_windows` of `eval_ctx` tokens, over
+    every result still to be scored). Stages that will not run are left out; a stage whose text turns out
+    cached never reports and counts nothing (Timeline)."""
+    from proxsparse_core.sparsity.prunable import find_decoder_blocks
+
+    vocab, fine = _vocab(lm), cfg.method != "obs"
+    out = []
+    if fine and text:
+        out.append(("fresh-text", text, GENERATE * forward_work(lm, 1, ctx)))
+    if fine:
+        out.append(("samples", 0, 0.0))
+    if fine and turn_tokens:
+        out.append(("chat-turns", turn_tokens, GENERATE * forward_work(lm, 1, ctx)))
+    if cfg.method != "finetune":
+        n_cal = calibration_shape[0] * calibration_shape[1]
+        blocks = max(1, len(find_decoder_blocks(lm.model)[1]))
+        solve = sum(OBS_OPS * (n_cal * w.shape[1] ** 2 + w.numel() * w.shape[1] + w.shape[1] ** 3)
+                    for w in (lm.prunable.modules[n].weight for n in lm.prunable.names))
+        body = 2.0 * n_cal * lm.prunable.n_params             # each block runs twice over the calibration
+        out.append(("obs", blocks, (body + solve) / blocks))
+    if fine:
+        rows = min(tuning_rows, cfg.steps * cfg.batch)
+        if cfg.teacher == "stored":
+            out.append(("teacher", rows, forward_work(lm, ctx, ctx) + VOCAB_OPS * ctx * vocab))
+        tokens = cfg.batch * ctx
+        step = 3 * forward_work(lm, tokens, ctx) + VOCAB_OPS * tokens * vocab + ADAMW_OPS * lm.prunable.n_params
+        if cfg.teacher == "live":
+            step += forward_work(lm, tokens, ctx) + VOCAB_OPS * tokens * vocab
+        out.append(("finetune", cfg.steps, step))
+    if eval_windows:
+        out.append(("perplexity", eval_windows, forward_work(lm, eval_ctx, eval_ctx) + VOCAB_OPS * eval_ctx * vocab))
+    return out
+
+
 @dataclass
 class RecoveryResult:
     status: str                   # finished | stopped | failed
@@ -160,11 +238,21 @@ def _masked(weights: dict, masks: dict) -> dict:
     return {n: w * masks[n].to(w.dtype) for n, w in weights.items()}
 
 
-def obs_update(lm, calibration: torch.Tensor, masks: dict, progress=None, stop=None) -> dict:
-    """Survivors re-solved layer by layer with the masks fixed (SparseGPT's update); CPU weights."""
+def obs_update(lm, calibration: torch.Tensor, masks: dict, progress=None, stop=None,
+               timeline: Timeline | None = None) -> dict:
+    """Survivors re-solved layer by layer with the masks fixed (SparseGPT's update); CPU weights.
+    `progress(done, total)` and `timeline` (stage obs) hear of every decoder block."""
     from proxsparse_core.baselines.oneshot import sparsegpt_layers
+    from proxsparse_core.sparsity.prunable import find_decoder_blocks
 
-    _, weights = sparsegpt_layers(lm, calibration, progress, stop, keep=masks)
+    def block(done, total):
+        if progress:
+            progress(done, total)
+        if timeline is not None:
+            timeline.report("obs", done, total, f"weight update (OBS): block {done}/{total}", "blocks")
+    if timeline is not None:
+        block(0, len(find_decoder_blocks(lm.model)[1]))
+    _, weights = sparsegpt_layers(lm, calibration, block, stop, keep=masks)
     return weights
 
 
@@ -172,11 +260,13 @@ class MaskedFinetuner:
     """Fine-tunes the survivors of a 2:4 model by distillation from the dense model (W0)."""
 
     def __init__(self, lm, cfg: RecoveryConfig, samples: torch.Tensor, masks: dict, originals: dict,
-                 on_event=None, stop: threading.Event | None = None, weights: torch.Tensor | None = None):
+                 on_event=None, stop: threading.Event | None = None, weights: torch.Tensor | None = None,
+                 timeline: Timeline | None = None):
         self.lm, self.cfg, self.samples, self.masks, self.originals = lm, cfg, samples, masks, originals
         self.weights = weights       # [n, ctx] loss weight per position (0: predicts chat scaffolding) or None
         self.on_event = on_event or (lambda e: None)
         self.stop = stop or threading.Event()
+        self.timeline = timeline     # hears the teacher pass (samples) and every step (progress.Timeline)
 
     def run(self, start: dict) -> tuple[dict, list, str, str]:
         """Train from the weights `start` (name → CPU weight, 2:4). Returns (weights, events,
@@ -223,7 +313,12 @@ class MaskedFinetuner:
         def weight_of(pos):
             return None if self.weights is None else self.weights[used[pos]].to(device)
         if cfg.teacher == "stored":
-            stored = teacher_targets(model, self.samples[used], stop=self.stop)   # the model is dense here
+            told = None
+            if self.timeline is not None:
+                told = self.timeline.counter("teacher", "samples", lambda d, t: (
+                    f"the dense model reads the {t:,} fine-tuning samples (the teacher): {d:,} of {t:,}"))
+                told(0, used.numel())
+            stored = teacher_targets(model, self.samples[used], stop=self.stop, progress=told)   # the model is dense
 
             def loss_and_grad(batch, pos):
                 loss = distill_loss(model, batch, *stored.batch(pos, device), weight_of(pos))
@@ -253,7 +348,11 @@ class MaskedFinetuner:
         """One fine-tuning step (clipped gradients, pruned weights back to exactly zero) and its event."""
         cfg, names = self.cfg, list(weights)
         hist = [0, 0, sum(m.numel() // 4 for m in self.masks.values()), 0, 0]   # 2:4 by construction
+        meter = RateMeter()          # the ETA of the steps: their recent median rate, the first step left out
         t_start = time.perf_counter()
+        meter.update(0, t_start)
+        if self.timeline is not None:
+            self.timeline.report("finetune", 0, cfg.steps, f"fine-tuning: step 0 / {cfg.steps} …", "steps")
 
         def project():
             for n in names:
@@ -268,25 +367,35 @@ class MaskedFinetuner:
             if step % max(1, cfg.steps // 20) == 0 or step == cfg.steps:
                 best["weights"] = {n: weights[n].detach().to("cpu", copy=True) for n in names}
                 best["step"] = step
-            elapsed = time.perf_counter() - t_start
-            t_step = time.perf_counter() - t0
+            now = time.perf_counter()
+            elapsed, t_step = now - t_start, now - t0
+            meter.update(step, now)
+            eta = meter.eta(cfg.steps - step)
             ev = StepEvent(step=step, total_steps=cfg.steps, lm_loss=times.loss, l2_term=0.0, loss=times.loss,
                            lr=training.lr_at(step), share_24=1.0, nnz_hist=hist, layer_share=None,
                            t_fwd_bwd=times.fwd_bwd, t_opt=times.opt + times.project, t_prox=0.0, t_step=t_step,
                            tokens_per_s=batch.numel() / max(t_step, 1e-9), mem_bytes=memory_in_use(device),
-                           elapsed=elapsed, eta=elapsed / step * (cfg.steps - step), objective="distill")
+                           elapsed=elapsed, eta=elapsed / step * (cfg.steps - step) if eta is None else eta,
+                           objective="distill")
             events.append(ev)
             self.on_event(ev)
+            if self.timeline is not None:
+                self.timeline.report("finetune", step, cfg.steps, f"fine-tuning: step {step} / {cfg.steps}", "steps")
         return one_step
 
 
 def recover(lm, calibration: torch.Tensor, base: Pruning, base_name: str, originals: dict,
             cfg: RecoveryConfig, on_event=None, stop: threading.Event | None = None,
-            progress=None, tuning: torch.Tensor | None = None) -> RecoveryResult:
+            progress=None, tuning: torch.Tensor | None = None, timeline: Timeline | None = None) -> RecoveryResult:
     """Recover the survivors of the result `base` (named `base_name`) with `cfg.method`. The OBS
     update reads `calibration` (the run's samples); fine-tuning reads `tuning` when given (more
-    samples of the same source, see RecoveryConfig.samples), else `calibration` too."""
+    samples of the same source, see RecoveryConfig.samples), else `calibration` too. `progress(done,
+    total)` hears of the OBS update's blocks; `timeline` (progress.Timeline, e.g. from
+    Workspace.recovery_timeline) of every stage with its ETAs: obs, teacher, finetune."""
     cfg.validate()
+    if timeline is None:
+        rows = (calibration if tuning is None else tuning).shape
+        timeline = Timeline(recovery_stages(lm, cfg, tuple(calibration.shape), rows[0], rows[1]))
     stop = stop or threading.Event()
     t0 = time.perf_counter()
     start = base.weights if base.weights is not None else _masked(originals, base.masks)
@@ -294,7 +403,7 @@ def recover(lm, calibration: torch.Tensor, base: Pruning, base_name: str, origin
     events, status, message = [], "finished", ""
     if cfg.method in ("obs", "both"):
         try:
-            start = obs_update(lm, calibration, base.masks, progress, stop)
+            start = obs_update(lm, calibration, base.masks, progress, stop, timeline)
         except Stopped:
             return RecoveryResult("stopped", "stopped during the weight update; nothing was recovered", None, [])
         info["obs"] = True
@@ -304,7 +413,7 @@ def recover(lm, calibration: torch.Tensor, base: Pruning, base_name: str, origin
         weights = answer_weights(samples, lm.tokenizer)     # a chat prompt's scaffolding is read, not taught
         if weights is not None:
             info["scaffolding_left_out"] = round(float((weights == 0).double().mean()), 4)
-        tuner = MaskedFinetuner(lm, cfg, samples, base.masks, originals, on_event, stop, weights)
+        tuner = MaskedFinetuner(lm, cfg, samples, base.masks, originals, on_event, stop, weights, timeline)
         try:
             start, events, status, ft_message = tuner.run(start)
         except Stopped as exc:
