@@ -164,8 +164,8 @@ def test_live_curves_honest_eta_phases_and_a_finished_run(tiny_app, browser):
     # the held-out loss of the 2:4 model if stopped now, against the dense model's
     page.wait_for_function(f"() => ({HELD})?.x?.length >= 3")
     names = page.evaluate("() => document.querySelector('#ps-loss .js-plotly-plot').data.map(t => t.name)")
-    assert {"training loss, per step", "training loss, smoothed", "dense model, held-out",
-            "2:4 model if stopped now, held-out"} <= set(names)
+    assert {"training loss, per step", "training loss, smoothed", "dense model, held-out probe (2 windows × 128 tokens)",
+            "2:4 model if stopped now, same probe"} <= set(names)
     axes = page.evaluate("() => { const l = document.querySelector('#ps-loss .js-plotly-plot').layout;"
                          " return [l.xaxis.title.text, l.yaxis.title.text]; }")
     assert axes == ["training step", "next-token loss (lower is better)"]
@@ -402,7 +402,8 @@ def bundled_app(tmp_path_factory, exports):
 
 def test_the_bundled_model_teaches_with_its_curves_and_renders_markdown(bundled_app, browser):
     page = open_page(browser, bundled_app)
-    assert page.locator("#ps-preset input").input_value().startswith("bundled-quality")   # it fits this model
+    from proxsparse_core.config import default_preset
+    assert page.locator("#ps-preset input").input_value().startswith(default_preset())   # it fits this model
     page.locator("#ps-preset input").click()
     page.get_by_role("option", name=re.compile("^quick-demo")).click()
     page.wait_for_function("() => document.querySelector('#ps-preset input').value.startsWith('quick-demo')")
@@ -415,7 +416,7 @@ def test_the_bundled_model_teaches_with_its_curves_and_renders_markdown(bundled_
                            timeout=900_000)
     held = page.evaluate(f"() => {HELD}.y")
     dense = page.evaluate("() => document.querySelector('#ps-loss .js-plotly-plot').data"
-                          ".find(t => t.name === 'dense model, held-out').y[0]")
+                          ".find(t => t.name.startsWith('dense model, held-out')).y[0]")
     assert len(held) >= 2 and held[-1] < held[0] and held[-1] > dense     # the gap to dense closes
     page.evaluate("() => window.scrollTo(0, 0)")
     shot(page, "18-bundled-model-gap-to-dense-closes.png")

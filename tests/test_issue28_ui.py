@@ -55,11 +55,13 @@ def test_ties_are_settled_without_changing_the_prox_cost():
 def test_the_app_opens_on_quick_demo_without_a_gpu_and_bundled_quality_with_one(monkeypatch):
     import gradio as gr
 
-    from proxsparse_core.config import default_preset
+    from proxsparse_core.config import CPU_PRESET, DEFAULT_PRESET, PRESETS, RunConfig, default_preset
     from ui.jobs import JobManager
     from ui.layout import build_app
 
-    assert default_preset(gpu=False) == "quick-demo" and default_preset(gpu=True) == "bundled-quality"
+    assert default_preset(gpu=False) == CPU_PRESET == "quick-demo"
+    on_gpu = default_preset(gpu=True)                # bundled-quality, or a GPU demo whose model is here
+    assert on_gpu in PRESETS and on_gpu != CPU_PRESET and DEFAULT_PRESET == "bundled-quality"
 
     def opened_on():
         demo = build_app(JobManager())
@@ -70,7 +72,7 @@ def test_the_app_opens_on_quick_demo_without_a_gpu_and_bundled_quality_with_one(
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert opened_on() == ("quick-demo", 45)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    assert opened_on() == ("bundled-quality", 300)
+    assert opened_on() == (on_gpu, RunConfig().with_preset(on_gpu).steps)
 
 
 def test_preset_labels_are_short_enough_to_show_whole():
@@ -222,3 +224,111 @@ def test_the_probe_size_the_chart_names_is_the_learners(tiny_lm):
         held = torch.zeros(windows, eval_ctx, dtype=torch.long)
         learner = ProxSparseLearner(tiny_lm, cfg, torch.zeros(4, ctx, dtype=torch.long), held_out=held)
         assert tuple(learner.held_out.shape) == probe_size(cfg, windows), (ctx, eval_ctx, windows)
+
+
+# ---------------------------------------------------------------------------- lecture mode
+
+@pytest.fixture(scope="module")
+def lecture_jobs(tmp_path_factory):
+    """A JobManager with a finished tiny run (its held-out perplexities measured)."""
+    import time
+
+    from proxsparse_core.config import RunConfig
+    from test_ui_tiny_model import save_tiny_model
+    from ui.jobs import JobManager
+
+    folder = save_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
+    jobs = JobManager()
+    cfg = RunConfig(model=str(folder), device="cpu", dtype="float32", samples=8, ctx=32, eval_ctx=32,
+                    eval_windows=4, steps=3, lambda1=0.5, lr=1e-2, layer_stats_every=1).validate()
+    job = jobs.start_learning(cfg, evaluate=True)
+    t0 = time.time()
+    while job.active and time.time() - t0 < 120:
+        time.sleep(0.05)
+    assert job.status == "finished"
+    return jobs
+
+
+def _last(frames):
+    frames = list(frames)
+    assert frames
+    return frames, frames[-1]
+
+
+def test_lecture_mode_answers_in_three_columns_with_their_scores(lecture_jobs):
+    """Issue 28 (lecture mode): dense, the 2:4 mask alone and the mask after recovery answer the
+    same prompt; over each column its perplexity and top-1 agreement as the table holds them; the
+    recovery column says when there is no recovered result and how to make one."""
+    import re
+    import time
+
+    from proxsparse_core.recovery.recover import RecoveryConfig
+    from proxsparse_core.results import DENSE, LEARNED, title
+    from ui import compare_tab, lecture
+
+    jobs = lecture_jobs
+    ws = jobs.ws
+    prompt = "What is the capital of France?"
+    frames, view = _last(lecture.generate_three(jobs, None, prompt, 12, True))
+    assert len(frames) > 3                                                   # streamed
+    dense_text = _plain(view.lec_dense)
+    assert dense_text and _plain(view.lec_mask) and "nothing to ask here" in view.lec_recovered
+    head = _plain(view.lec_head_recovered)
+    assert head.startswith("2:4 + recovery Not recovered yet: press Recover under Recover the surviving weights "
+                           "below (standard length"), head
+    assert f"perplexity {ws.ppl[DENSE]:.2f}" in _plain(view.lec_head_dense)        # from the table's values
+    ratio = ws.ppl[LEARNED] / ws.ppl[DENSE]
+    assert (f"perplexity {ws.ppl[LEARNED]:.2f} ({ratio:.2f}×) · same top-1 as dense "
+            f"{100 * ws.agreement(LEARNED):.1f}%") in _plain(view.lec_head_mask)
+
+    # the same dense answer as the Compare tab's pair (same generation code and settings)
+    pair = list(compare_tab.generate_pair(jobs, LEARNED, prompt, False, 0.7, 0.9, 12, True))[-1]
+    untagged = lambda html: re.sub(r"<[^>]+>", "", html)      # noqa: E731 - the Compare tab marks its own cut
+    assert untagged(pair.dense) == untagged(view.lec_dense)
+
+    # a recovered version of the mask answers in the third column; before its perplexity is known
+    # its head says "not measured yet"
+    job = compare_tab.start_recovery(jobs, LEARNED, RecoveryConfig(method="obs"))
+    t0 = time.time()
+    while job.active and time.time() - t0 < 120:
+        time.sleep(0.05)
+    assert job.status == "finished", job.message
+    new = lecture.recovered_of(jobs, LEARNED)
+    assert new is not None and new in ws.results
+    ws.ppl.pop(new, None)
+    ws.top1.pop(new, None)
+    getattr(ws, "agreed", {}).pop(new, None)
+    _, view = _last(lecture.generate_three(jobs, LEARNED, prompt, 12, True))
+    assert _plain(view.lec_recovered) and "nothing to ask" not in view.lec_recovered
+    head = _plain(view.lec_head_recovered)
+    assert head.startswith(title(new)) and "perplexity not measured yet · top-1 agreement not measured yet" in head
+    assert "Highlighted: where a 2:4 answer departs from the dense one" in view.lec_status
+
+
+def test_lecture_mode_is_refused_while_a_job_holds_the_machine(lecture_jobs, monkeypatch):
+    from ui import lecture
+    from ui.jobs import Busy
+
+    jobs = lecture_jobs
+    with jobs.claim("a test job"):
+        with pytest.raises(Busy, match="busy a test job"):
+            list(lecture.generate_three(jobs, None, "Hello", 4, True))
+    from proxsparse_core.errors import UserError
+    with pytest.raises(UserError, match="type a question"):
+        list(lecture.generate_three(jobs, None, "  ", 4, True))
+    with pytest.raises(UserError, match="no result named"):
+        list(lecture.generate_three(jobs, "nonsense", "Hello", 4, True))
+
+
+def test_lecture_mode_sits_at_the_top_of_the_compare_tab():
+    import gradio as gr
+
+    from ui.jobs import JobManager
+    from ui.layout import build_app
+
+    demo = build_app(JobManager())
+    ids = [b.elem_id for b in demo.blocks.values() if getattr(b, "elem_id", None)]
+    assert {"ps-lecture", "ps-lec-dense", "ps-lec-mask", "ps-lec-recovered", "ps-lec-head-recovered"} <= set(ids)
+    compare = next(b for b in demo.blocks.values() if isinstance(b, gr.Tab) and b.elem_id == "ps-tab-compare")
+    assert compare.children[0].elem_id == "ps-lecture"
+    assert "/lecture" in {f"/{d.api_name}" for d in demo.fns.values() if d.api_name}

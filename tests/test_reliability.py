@@ -326,7 +326,7 @@ def test_two_visitors_starting_runs_at_once(jobs, tiny_folder, monkeypatch):
     values = [cfg.to_dict()[n] for n in learn_tab.FORM]
     second_page = learn_tab.start_run(jobs, learn_tab.DATA_MODES[0], None, "", False, *values)
     frame = next(second_page)                      # visitor B watches A's run instead
-    assert "Another run is using the machine" in frame[0] and jobs.job is first
+    assert "A run is already using the machine" in frame[0] and jobs.job is first
     second_page.close()
     with pytest.raises(Busy):
         run_export(jobs, LEARNED, "x", False, False, threading.Event())

@@ -676,6 +676,8 @@ RECOVER = ["rec_choice", "rec_method", "rec_steps", "rec_samples", "rec_batch", 
 
 
 def build_compare_tab(jobs: JobManager, tab: gr.Tab, demo: gr.Blocks | None = None):
+    from .lecture import build_lecture          # here: the lecture mode uses this module's helpers
+    build_lecture(jobs, tab)                    # at the top: three answers side by side for a projector
     gr.Markdown("Same prompt, same decoding settings: the dense model first, then the 2:4 model. "
                 "Highlighted text starts where the two outputs first differ.")
     with gr.Row():
@@ -686,7 +688,9 @@ def build_compare_tab(jobs: JobManager, tab: gr.Tab, demo: gr.Blocks | None = No
         with gr.Column(scale=2):
             variant = gr.Dropdown(variant_choices(jobs), label="2:4 model", info="learned mask or a baseline",
                                   allow_custom_value=True)   # choices change as results arrive
-            with gr.Accordion("Decoding", open=False):
+            with gr.Accordion("Decoding", open=False):      # closed, with the length: the answers stay in view
+                max_new = gr.Slider(*GenerationSettings.LIMITS["max_new_tokens"], GenerationSettings.max_new_tokens,
+                                    step=1, label="Max new tokens")
                 sample = gr.Checkbox(False, label="Sample (off = greedy)")
                 temperature = gr.Slider(*GenerationSettings.LIMITS["temperature"], GenerationSettings.temperature,
                                         step=0.05, label="Temperature")
@@ -696,8 +700,6 @@ def build_compare_tab(jobs: JobManager, tab: gr.Tab, demo: gr.Blocks | None = No
                 block = gr.Checkbox(False, label="Block repeats", elem_id="ps-block-repeats",
                                     info=f"no {LOOP_GUARD} tokens in a row twice in one answer: stops the loops "
                                          "of small and 2:4 models under greedy decoding (off = plain greedy)")
-            max_new = gr.Slider(*GenerationSettings.LIMITS["max_new_tokens"], GenerationSettings.max_new_tokens,
-                                step=1, label="Max new tokens")
             with gr.Row():
                 go = gr.Button("Generate both", variant="primary", elem_id="ps-generate")
                 gen_stop = gr.Button("Stop", variant="stop", elem_id="ps-generate-stop", min_width=80)
@@ -829,6 +831,9 @@ def build_compare_tab(jobs: JobManager, tab: gr.Tab, demo: gr.Blocks | None = No
     # as sent (preprocess=False) and are checked in the handlers (ui.inputs).
     w.listen(go.click, on_generate, GENERATE, PairView, api_name="generate", concurrency_limit=None,
              show_progress="hidden", preprocess=False)
+    # the page scrolls the two answers into view (at 1280×720 they start near the bottom edge)
+    go.click(None, js="() => document.querySelector('.ps-outputs')?.scrollIntoView({block: 'nearest'})",
+             api_visibility="private")
     # progress is the note's per-row lines, never an overlay: rows stay visible as they arrive
     w.listen(table_btn.click, on_table, ["baselines"], TableView, api_name="perplexity", concurrency_limit=None,
              show_progress="hidden", preprocess=False)

@@ -438,12 +438,9 @@ def loss_chart(job: LearnJob | None, events: list[dict]):
     return plots.loss_figure(events, probe=probe_size(shown.cfg, windows), final=final)
 
 
-CHART_NOTE = ("**Reading the charts.** The training loss can *rise*: after every step the prox pulls each "
-              "group of 4 weights towards 2:4 (strength λ1), and the pull adds up step after step, so the "
-              "weights being trained fit the text worse as they become sparse. What counts is the green line, "
-              "the 2:4 model you would get if you stopped now. The dashed and green lines are a quick probe of "
-              "a few short held-out windows; the ◆ at the end are the final perplexities on all held-out "
-              "windows (the numbers in the card above), so their gap is the result.")
+CHART_NOTE = ("The training loss can *rise*: each step the prox (λ1) pulls every group of 4 further towards 2:4. "
+              "What improves is the green line, the 2:4 model if stopped now (a quick probe of short held-out "
+              "windows; ◆ final, all windows).")
 
 
 def follow(job: LearnJob, note: str = "", poll: float = POLL_S):
@@ -472,7 +469,7 @@ def start_run(jobs: JobManager, mode, upload, hf_spec, evaluate, *values, page: 
         running = jobs.job if jobs.learning else None
         if running is not None and not api:       # the page watches the other run live
             notify(message)                       # Start pressed again says so (trigger_mode "multiple")
-            yield render(running, "Another run is using the machine; you are watching it live.")
+            yield render(running, "A run is already using the machine; you are watching it live (Stop ends it).")
             frames = follow(running)
             next(frames, None)                    # the same state again: the note stays until the run moves
             yield from frames
@@ -643,9 +640,9 @@ def build_learn_tab(jobs: JobManager, demo: gr.Blocks, defaults: RunConfig, pres
                 start = gr.Button("Start", variant="primary", elem_id="ps-start")
                 stop = gr.Button("Stop", variant="stop", elem_id="ps-stop")
             # the preset first: it sets everything below, and its list opens downwards from here
-            preset_box = gr.Dropdown(preset_choices(), value=preset, label="Preset", elem_id="ps-preset",
-                                     info="the CPU demos for the bundled model, or the paper's settings for "
-                                          "7B–14B models (those need a GPU and a download)")
+            # no info line: the box sits in the upper half of a 720 px screen, so its list opens downwards
+            # (each option says CPU or GPU, the note under it the rest)
+            preset_box = gr.Dropdown(preset_choices(), value=preset, label="Preset", elem_id="ps-preset")
             note = gr.Markdown(preset_note(preset), elem_classes="ps-note")
             gr.Markdown("#### 1 · Model")
             add(MODEL[:1])
@@ -681,7 +678,7 @@ def build_learn_tab(jobs: JobManager, demo: gr.Blocks, defaults: RunConfig, pres
             gr.Markdown(CHART_NOTE, elem_classes="ps-note", elem_id="ps-chart-note")
             heatmap = gr.Plot(plots.layer_heatmap([], None), show_label=False, elem_id="ps-heatmap")
             info = gr.Markdown(elem_classes="ps-info", elem_id="ps-info")
-            log_box = gr.Textbox(label="Log (newest first)", lines=8, max_lines=8, autoscroll=False, interactive=False,
+            log_box = gr.Textbox(label="Log (newest first)", lines=5, max_lines=5, autoscroll=False, interactive=False,
                                  elem_id="ps-log")
 
     w = Widgets(start=start, stop=stop, model_info=model_info, mode=mode, upload=upload, last_upload=last_upload,

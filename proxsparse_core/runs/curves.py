@@ -114,12 +114,12 @@ def _final_marks(fig, final: dict, step: int):
 
     dense, pruned = final.get("dense"), final.get("pruned")
     where = f"{final['windows']} windows × {final['tokens']} tokens" if final.get("windows") else "all windows"
-    for name, ppl, colour in (("dense", dense, "#374151"), ("2:4", pruned, "#1b7837")):
+    for name, ppl, colour, place in (("dense", dense, "#374151", "bottom left"), ("2:4", pruned, "#1b7837", "top left")):
         if not ppl or ppl <= 0:
             continue
         extra = f" (×{ppl / dense:.2f})" if name == "2:4" and dense else ""
         fig.add_trace(go.Scatter(x=[step], y=[math.log(ppl)], mode="markers+text", text=[f"{ppl:.2f}{extra}"],
-                                 textposition="middle left", cliponaxis=False,
+                                 textposition=place, cliponaxis=False,
                                  name=f"final {name}: perplexity {ppl:.2f}{extra} = loss {math.log(ppl):.2f}, "
                                       f"{where}",
                                  marker=dict(symbol="diamond", size=11, color=colour, line=dict(color="#fff", width=1)),
