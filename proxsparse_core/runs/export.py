@@ -130,8 +130,8 @@ def export_result(ws, name: str, out, *, cfg: RunConfig | None = None, events=No
     if name not in ws.results:
         raise UserError(f"no pruning result named {name!r} to export")
     result, lm = ws.results[name], ws.lm
-    if cfg is None and result.info.get("config"):
-        cfg = RunConfig.from_dict(result.info["config"])
+    if cfg is None and result.info.get("config"):      # what made it, as it was (an uploaded text may be gone since)
+        cfg = RunConfig(**result.info["config"])
     with ws.lock, ws.variant(name):      # before anything slow: a wrong pattern is never exported
         check = verify(lm.prunable, result.masks, ws.originals, updated_ok=result.weights is not None)
     _check_verified(name, check)
