@@ -1,7 +1,7 @@
 """Time the held-out perplexity the Learn tab measures after the steps, for one model, on the bundled
 model with a preset's evaluation settings (its windows × tokens), on this machine's CPU.
 
-    python bench/eval_time.py                      # print the times of the dense model and of a 2:4 mask
+    python bench/eval_time.py                      # print the time of a 2:4 mask (--dense: of the dense model too)
     python bench/eval_time.py --record             # also write eval:bundled:cpu to bench/measured.json
 
 The app's ETA adds this time for every model still to be measured after the steps (the 2:4 mask,
@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT))
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--preset", default="quick-demo", help="whose evaluation settings (windows, tokens) to use")
+    ap.add_argument("--dense", action="store_true", help="time the dense model too (the memo off)")
     ap.add_argument("--record", action="store_true", help="write eval:bundled:cpu to bench/measured.json")
     args = ap.parse_args()
     os.environ["PROXSPARSE_MEMO"] = "0"            # the dense model measured, not read
@@ -41,23 +42,26 @@ def main():
     windows, tokens = ws.data.held_out.shape
     ws.prune("magnitude", cfg)
     times = {}
-    for name in (DENSE, "magnitude"):
+    load = os.getloadavg()[0]
+    for name in ((DENSE,) if args.dense else ()) + ("magnitude",):
         t0 = time.perf_counter()
         ws.perplexity(name)
         times[name] = time.perf_counter() - t0
         print(f"{name}: {windows} windows × {tokens} tokens in {times[name]:.1f} s (perplexity {ws.ppl[name]:.2f})")
+    load = max(load, os.getloadavg()[0])
+    print(f"load average of this machine: {load:.1f} (other work shares its {os.cpu_count()} cores)")
     if args.record:
-        record(times["magnitude"], windows, tokens, args)
+        record(times["magnitude"], windows, tokens, args, load)
 
 
-def record(seconds: float, windows: int, tokens: int, args) -> None:
+def record(seconds: float, windows: int, tokens: int, args, load: float) -> None:
     """Write the figure into bench/measured.json, keeping the file's format and its other figures."""
     path = ROOT / "bench" / "measured.json"
     data = json.loads(path.read_text(encoding="utf-8"))
     data["figures"]["eval:bundled:cpu"] = {
         "seconds": round(seconds, 1), "windows": windows, "tokens": tokens,
         "what": f"held-out perplexity of one 2:4 model after the steps ({windows} windows × {tokens} tokens, "
-                f"{args.preset}'s settings)",
+                f"{args.preset}'s settings; load average {load:.1f} from other work)",
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
         "machine": f"{os.cpu_count()} CPU cores", "command": f"python bench/eval_time.py --preset {args.preset}"}
     lines = [f'    {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}' for k, v in data["figures"].items()]

@@ -19,9 +19,27 @@ def test_every_recorded_figure_names_a_preset_or_recovery_length(tmp_path):
     for key, fig in data["figures"].items():
         kind, name, where = key.split(":")
         assert where in ("cpu", "gpu")
-        assert name in (PRESETS if kind == "learn" else RECOVERY_LENGTHS), key
+        if kind == "eval":                  # the held-out perplexity of one model, with the size it read
+            assert name == "bundled" and fig["windows"] > 0 and fig["tokens"] > 0, key
+        else:
+            assert name in (PRESETS if kind == "learn" else RECOVERY_LENGTHS), key
         for field in ("seconds", "date", "machine", "command"):
             assert field in fig, (key, field)
+
+
+def test_a_figure_scales_to_another_size_of_the_same_work(tmp_path, monkeypatch):
+    f = tmp_path / "measured.json"
+    f.write_text(json.dumps({"figures": {"eval:bundled:cpu": {"seconds": 60, "windows": 40, "tokens": 256,
+                                                              "date": "2030-01-02", "machine": "m", "command": "x"}}}))
+    monkeypatch.setattr(measured, "FILE", f)
+    measured.figures.cache_clear()
+    try:
+        assert measured.scaled("eval:bundled:cpu", windows=20, tokens=256) == 30
+        assert measured.scaled("eval:bundled:cpu", windows=40, tokens=128) == 30
+        assert measured.scaled("eval:bundled:cpu", windows=40, samples=3) is None    # not recorded with samples
+        assert measured.scaled("eval:bundled:gpu", windows=40) is None
+    finally:
+        measured.figures.cache_clear()
 
 
 def test_a_note_shows_the_recorded_time_and_nothing_when_there_is_none(tmp_path, monkeypatch):
