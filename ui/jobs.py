@@ -39,7 +39,7 @@ from typing import Any, Callable
 from proxsparse_core.config import RunConfig
 from proxsparse_core.errors import Stopped, UserError
 from proxsparse_core.progress import Progress
-from proxsparse_core.results import DENSE, LEARNED, RECOVERED, method_of, title
+from proxsparse_core.results import DENSE, LEARNED, method_of, title
 from proxsparse_core.workspace import Workspace
 
 log = logging.getLogger("proxsparse.ui")

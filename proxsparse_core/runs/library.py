@@ -35,11 +35,10 @@ from pathlib import Path
 
 from proxsparse_core.config import RunConfig, reproduce_command
 from proxsparse_core.errors import UserError
-from proxsparse_core.paths import runs_dir  # noqa: F401 - the default root, re-exported for callers
 from proxsparse_core.results import DENSE, RECOVERED, method_of, title
 from proxsparse_core.runs.files import (EVENTS_FILE, MASKS_FILE, MAX_EVENTS_BYTES, MAX_MASKS_BYTES,
                                         MAX_METRICS_BYTES, MAX_RECIPE_BYTES, METRICS_FILE, RECIPE_FILE,
-                                        _atomic_write, _read_at_most, check_regular, read_events,
+                                        _atomic_write, check_regular, read_events,
                                         read_json_file, read_metrics, read_recipe, save_json, save_masks,
                                         save_recipe, write_error)
 from proxsparse_core.runs.folder import WEIGHTS_FILE, RunFolder, check_weights, read_run, save_weights
