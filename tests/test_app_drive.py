@@ -10,7 +10,7 @@ from test_ui_tiny_model import save_tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
 PHASES = ["app start", "load model", "learn: live events", "re-attach", "stop", "learn", "perplexity table",
-          "generate", "recover", "speed-up", "export", "reload export"]
+          "generate", "recover", "answers", "speed-up", "export", "reload export"]
 
 
 def test_app_drive_smoke_every_phase_succeeds_and_the_export_reloads_as_2to4(tmp_path):

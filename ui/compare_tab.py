@@ -483,12 +483,13 @@ def _recovery_stages_line(job: Job) -> str:
     order, seen = job.state.get("stages") or [], job.state.get("seen") or []
     current = job.progress.stage if job.progress is not None and job.active else None
     parts = []
+    last_seen = max((order.index(s) for s in seen if s in order), default=-1)
     for stage in order:
         if stage in seen and stage != current:
             parts.append(f"✓ {esc(STAGE_TITLES.get(stage, stage))}")
         elif stage == current:
             parts.append(f"<b>{esc(STAGE_TITLES.get(stage, stage))}</b>")
-        elif not seen or order.index(stage) > max(order.index(s) for s in seen if s in order):
+        elif order.index(stage) > last_seen:
             parts.append(esc(STAGE_TITLES.get(stage, stage)))
     return " → ".join(parts)
 
