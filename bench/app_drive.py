@@ -229,7 +229,7 @@ def info_perplexity(info: str) -> dict:
 def drive(args, workdir: Path, on_phase=None) -> dict:
     from gradio_client import Client
     from proxsparse_core.recovery.recover import RECOVERY_LENGTHS, recovered_name
-    from proxsparse_core.results import LEARNED, title
+    from proxsparse_core.results import LEARNED, title, unique
 
     d = Drive(args, on_phase)
     cfg = run_config(args)
@@ -241,6 +241,10 @@ def drive(args, workdir: Path, on_phase=None) -> dict:
         log(f"app answers at {url} after {d.phases[-1]['seconds']:.1f} s")
         page = Client(url, verbose=False)
         state: dict = {}
+
+        def learned() -> str:
+            """The name of the mask the finished run learned (the stopped run's keeps its own)."""
+            return state.get("learned", LEARNED)
 
         def load():
             out = page.predict(cfg.model, cfg.device, cfg.dtype, False, "", api_name="/inspect_model")
@@ -299,6 +303,9 @@ def drive(args, workdir: Path, on_phase=None) -> dict:
                 raise RuntimeError(f"the mask is not verified: {final[5][:400]}")
             ppl = info_perplexity(final[5])
             d.summary["perplexity_after_learning"] = ppl
+            # the stopped run's mask stays a result of its own ("proxsparse"): this run's is the next name
+            stopped = any(p["phase"] == "stop" and p["ok"] for p in d.phases)
+            state["learned"] = unique(LEARNED, {LEARNED} if stopped else set())
             frames = job.outputs()
             last_live = next((f for f in reversed(frames) if live_figures(f)["tokens_per_s"]), final)
             return {"steps": step_of(final), "of": cfg.steps, "perplexity": ppl, "last_live": live_figures(last_live),
@@ -308,7 +315,7 @@ def drive(args, workdir: Path, on_phase=None) -> dict:
             job = page.submit(BASELINES, api_name="/perplexity")
             table, note = job.result(timeout=args.phase_timeout)
             rows = table_rows(table)
-            want = [title(n) for n in ["dense", LEARNED] + BASELINES]
+            want = [title(n) for n in ["dense", learned()] + BASELINES]
             missing = [w for w in want if w not in rows]
             if missing:
                 raise RuntimeError(f"rows missing from the table: {missing}; note: {note[:300]}")
@@ -321,7 +328,7 @@ def drive(args, workdir: Path, on_phase=None) -> dict:
                     "note": text_of(note).split(" (lower")[0][:300]}
 
         def generate():
-            dense, pruned, summary = page.predict(LEARNED, PROMPT, False, 0.7, 0.9, 8 if args.smoke else 48, True,
+            dense, pruned, summary = page.predict(learned(), PROMPT, False, 0.7, 0.9, 8 if args.smoke else 48, True,
                                                   False, api_name="/generate")
             if 'class="ps-gen"' not in pruned or "no 2:4 model" in pruned:
                 raise RuntimeError(f"no 2:4 answer: {pruned[:300]}")
@@ -332,14 +339,14 @@ def drive(args, workdir: Path, on_phase=None) -> dict:
             r = {**RECOVERY_LENGTHS[args.recover], **(SMOKE_RECOVERY if args.smoke else {})}
             if args.recover_steps:
                 r["steps"] = args.recover_steps
-            job = page.submit(LEARNED, "both", r["steps"], r["samples"], r["batch"], r["lr"], r["teacher"],
+            job = page.submit(learned(), "both", r["steps"], r["samples"], r["batch"], r["lr"], r["teacher"],
                               r["text"], api_name="/recover")
             progress, loss, table, variant = job.result(timeout=args.recover_timeout)
             status = BADGE.search(progress or "")
             if not status or status.group(1) != "finished":
                 raise RuntimeError(f"recovery ended: {text_of(progress)[:400]}")
             rows = table_rows(table)
-            name = title(recovered_name(LEARNED))
+            name = title(recovered_name(learned()))
             if name not in rows:
                 raise RuntimeError(f"no row for {name}: {list(rows)}")
             d.summary["perplexity_table"] = {k: {"ppl": r_["held-out perplexity"], "x_dense": r_["× dense"],
@@ -353,7 +360,7 @@ def drive(args, workdir: Path, on_phase=None) -> dict:
             """Greedy answers of dense, the mask alone and mask + recovery to the Compare tab's example
             prompts (48 new tokens, the chat template, no loop guard): the walk a presenter makes."""
             from proxsparse_core.inference.evaluate import EXAMPLE_PROMPTS
-            names = [LEARNED] + ([recovered_name(LEARNED)] if any(
+            names = [learned()] + ([recovered_name(learned())] if any(
                 p["phase"] == "recover" and p["ok"] for p in d.phases) else [])
             out = []
             for prompt in EXAMPLE_PROMPTS:
@@ -387,7 +394,8 @@ def drive(args, workdir: Path, on_phase=None) -> dict:
             return {"measured": True, "speedup_by_tokens": speeds, "note": said[:1500]}
 
         def export():
-            result = recovered_name(LEARNED) if any(p["phase"] == "recover" and p["ok"] for p in d.phases) else LEARNED
+            result = (recovered_name(learned()) if any(p["phase"] == "recover" and p["ok"] for p in d.phases)
+                      else learned())
             status, zip_path = page.submit(result, f"drive-{int(time.time())}", True, True,
                                            api_name="/export").result(timeout=args.phase_timeout)
             m = EXPORTED_TO.search(status or "")

@@ -35,14 +35,19 @@ def test_app_drive_smoke_every_phase_succeeds_and_the_export_reloads_as_2to4(tmp
     assert 0 < phases["stop"]["stopped_at_step"] < 100_000
     assert phases["learn"]["steps"] == phases["learn"]["of"] == 6
 
-    # every baseline has a row, and the recovered result joined the table
+    # every baseline has a row, the stopped run's mask kept its own beside the finished run's, and the
+    # recovered result (of the finished run's mask) joined the table
     table = summary["perplexity_table"]
-    assert len(table) == 7 and all(row["ppl"] > 1 for row in table.values())
+    assert len(table) == 8 and all(row["ppl"] > 1 for row in table.values())
+    assert "ProxSparse (learned 2:4)" in table and "ProxSparse (learned 2:4) · run 2" in table
+    assert "ProxSparse · run 2 + recovery (weights updated)" in table
     assert phases["recover"]["verified"] == "✓"
     assert phases["speed-up"]["measured"] is False and "CUDA" in phases["speed-up"]["note"]
 
     # the exported folder reloads with plain transformers and every decoder linear layer is 2:4
-    assert phases["export"]["result"] == "proxsparse+recovery" and phases["export"]["zip"]
+    assert phases["export"]["result"] == "proxsparse#2+recovery" and phases["export"]["zip"]
+    answers = summary["answers"]
+    assert len(answers) == 4 and all(a["dense"] and a["proxsparse#2"] and a["proxsparse#2+recovery"] for a in answers)
     reload = phases["reload export"]
     assert reload["layers_2to4"] == 14 and reload["zero_weights"] > 0
     assert (Path(phases["export"]["folder"]) / "config.json").is_file()
