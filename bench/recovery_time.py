@@ -111,13 +111,13 @@ def main():
         sys.exit(f"recover failed (exit {rc})")
     metrics = json.loads((out / "metrics.json").read_text())
     stages, work = metrics.get("stage_seconds", {}), metrics.get("stage_work", {})
-    before = round(min((t for t, _ in etas), default=0.0), 1)
+    before = round(next((t for t, text in lines if text.startswith("[")), 0.0), 1)
     # how honest the "ETA … in all" was: printed against the time that was really left, once 10 % in
     ratios = [eta / (total - t) for t, eta in etas if t >= 0.1 * total and total - t >= 30]
     result = {
         "command": "python -m proxsparse_core " + " ".join(command).replace(str(tmp), "$TMP"),
         "seconds": round(total, 1), "stage_seconds": stages,
-        "before_first_stage_s": before,      # interpreter, model load, base result: before any ETA line
+        "before_first_stage_s": before,      # interpreter, model load, base result: before the first stage
         "seconds_per_gmac": {k: round(stages[k] / (work[k] / 1e9), 4) for k in stages if work.get(k)},
         "eta_in_all_over_actual": {"first_at_s": round(etas[0][0], 1) if etas else None,
                                    "first_s": etas[0][1] if etas else None,

@@ -148,15 +148,18 @@ RECOVERY_LENGTHS = {"standard": {k: getattr(RecoveryConfig, k) for k in _KEYS},
                              "text": 1_000_000}}
 
 
-# What each stage of a recovery is expected to cost, in multiply-adds of the model: progress.Timeline
-# turns them into seconds at the speed measured so far (only their ratios matter; a stage's own ETA,
-# once it runs, comes from its own measured rate). The constants say what a multiply-add of a large
-# matrix product cannot: fitted to the stage times of the bundled model on 2 CPU cores
-# (bench/recovery_time.py prints each stage's seconds per unit of this work).
-GENERATE = 4.0      # a token the model writes (decoding, memory-bound) against a token of a batched forward
+# What each stage of a recovery is expected to cost, in multiply-adds of the model, each stage's count
+# weighted by how much slower than a batched forward pass (the held-out perplexity) it goes per
+# multiply-add: progress.Timeline turns the work into seconds at the speed measured so far (only ratios
+# matter; a stage's own ETA, once it runs, comes from its own measured rate). EFFORT was fitted to the
+# stage times of the bundled model on 2 shared CPU cores (bench/recovery_time.py prints each stage's
+# seconds per unit of work; bench/RESULTS.md section 3): decoding one token at a time, SparseGPT's column
+# loop, the teacher's log-softmax and top-k over 49,152 words and one-sample training steps use a CPU
+# far less well than a batched forward pass. Fresh text (large batches, for a GPU) was not measured: it
+# takes the chat turns' figure until it runs.
+EFFORT = {"fresh-text": 90.0, "chat-turns": 90.0, "obs": 11.0, "teacher": 7.0, "finetune": 15.0, "perplexity": 1.0}
 VOCAB_OPS = 8.0     # per position and vocabulary entry: log-softmax with top-k, or the KL over the vocabulary
 ADAMW_OPS = 20.0    # per trainable weight and fine-tuning step: clipping, AdamW, the mask
-OBS_OPS = 1.0       # per calibration token and input column² of a layer (X·Xᵀ) and per weight · column (solve)
 
 
 STAGE_TITLES = {"fresh-text": "fresh text", "samples": "drawing samples", "chat-turns": "chat turns",
@@ -184,7 +187,7 @@ def _vocab(lm) -> int:
 
 def recovery_stages(lm, cfg: "RecoveryConfig", calibration_shape: tuple, tuning_rows: int, ctx: int,
                     turn_tokens: int = 0, text: int = 0, eval_windows: int = 0, eval_ctx: int = 0) -> list:
-    """(stage, units, multiply-adds per unit) of every stage a recovery with `cfg` goes through, in order:
+    """(stage, units, work per unit: multiply-adds × EFFORT) of every stage a recovery with `cfg` goes through, in order:
     fresh-text (tokens), samples (no count), chat-turns (tokens), obs (blocks), teacher (samples, a stored
     teacher), finetune (steps), perplexity (held-out windows: `eval_windows` of `eval_ctx` tokens, over
     every result still to be scored). Stages that will not run are left out; a stage whose text turns out
@@ -193,30 +196,33 @@ def recovery_stages(lm, cfg: "RecoveryConfig", calibration_shape: tuple, tuning_
 
     vocab, fine = _vocab(lm), cfg.method != "obs"
     out = []
+
+    def stage(name, units, work):
+        out.append((name, units, EFFORT[name] * work))
     if fine and text:
-        out.append(("fresh-text", text, GENERATE * forward_work(lm, 1, ctx)))
+        stage("fresh-text", text, forward_work(lm, 1, ctx))
     if fine:
         out.append(("samples", 0, 0.0))
     if fine and turn_tokens:
-        out.append(("chat-turns", turn_tokens, GENERATE * forward_work(lm, 1, ctx)))
+        stage("chat-turns", turn_tokens, forward_work(lm, 1, ctx))
     if cfg.method != "finetune":
         n_cal = calibration_shape[0] * calibration_shape[1]
         blocks = max(1, len(find_decoder_blocks(lm.model)[1]))
-        solve = sum(OBS_OPS * (n_cal * w.shape[1] ** 2 + w.numel() * w.shape[1] + w.shape[1] ** 3)
+        solve = sum(n_cal * w.shape[1] ** 2 + w.numel() * w.shape[1] + w.shape[1] ** 3    # X·Xᵀ, the solve
                     for w in (lm.prunable.modules[n].weight for n in lm.prunable.names))
         body = 2.0 * n_cal * lm.prunable.n_params             # each block runs twice over the calibration
-        out.append(("obs", blocks, (body + solve) / blocks))
+        stage("obs", blocks, (body + solve) / blocks)
     if fine:
         rows = min(tuning_rows, cfg.steps * cfg.batch)
         if cfg.teacher == "stored":
-            out.append(("teacher", rows, forward_work(lm, ctx, ctx) + VOCAB_OPS * ctx * vocab))
+            stage("teacher", rows, forward_work(lm, ctx, ctx) + VOCAB_OPS * ctx * vocab)
         tokens = cfg.batch * ctx
         step = 3 * forward_work(lm, tokens, ctx) + VOCAB_OPS * tokens * vocab + ADAMW_OPS * lm.prunable.n_params
         if cfg.teacher == "live":
             step += forward_work(lm, tokens, ctx) + VOCAB_OPS * tokens * vocab
-        out.append(("finetune", cfg.steps, step))
+        stage("finetune", cfg.steps, step)
     if eval_windows:
-        out.append(("perplexity", eval_windows, forward_work(lm, eval_ctx, eval_ctx) + VOCAB_OPS * eval_ctx * vocab))
+        stage("perplexity", eval_windows, forward_work(lm, eval_ctx, eval_ctx) + VOCAB_OPS * eval_ctx * vocab)
     return out
 
 
