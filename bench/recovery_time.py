@@ -151,6 +151,9 @@ def record(key: str, result: dict, args) -> None:
                 f"{'before: cached' if args.warm_text else 'first, as on a first use'}, OBS update, teacher, "
                 f"fine-tuning, held-out perplexity); by stage: {stages}",
         "date": result["date"][:10], "machine": machine,
+        **({"note_seconds": round(result["stage_seconds"]["chat-turns"]),
+            "note": "the model writing its chat turns, the first time only (cached after)"}
+           if not args.warm_text and result["stage_seconds"].get("chat-turns") else {}),
         "command": "python bench/recovery_time.py" + (" --warm-text" if args.warm_text else "")
                    + f" ({result['command']})"}
     lines = [f'    {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}' for k, v in data["figures"].items()]

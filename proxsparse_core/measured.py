@@ -39,11 +39,17 @@ def duration(seconds: float) -> str:
 
 
 def describe(key: str) -> str:
-    """'measured 3.8 min on 2 CPU cores, 2026-12-05', or '' when nothing was recorded."""
+    """'measured 3.8 min on 2 CPU cores, 2026-12-05', or '' when nothing was recorded; a figure's
+    optional "note_seconds" (a part of it, e.g. text written only the first time) adds
+    '; <note> <duration> of it' with its "note" words."""
     f = figures().get(key)
     if not f or not isinstance(f.get("seconds"), (int, float)) or isinstance(f.get("seconds"), bool):
         return ""
-    return f"measured {duration(float(f['seconds']))} on {f.get('machine', '?')}, {f.get('date', '?')}"
+    text = f"measured {duration(float(f['seconds']))} on {f.get('machine', '?')}, {f.get('date', '?')}"
+    part, note = f.get("note_seconds"), f.get("note")
+    if isinstance(part, (int, float)) and not isinstance(part, bool) and isinstance(note, str) and note:
+        text += f"; {duration(float(part))} of it {note}"
+    return text
 
 
 def seconds(key: str) -> float | None:

@@ -56,3 +56,18 @@ def test_a_note_shows_the_recorded_time_and_nothing_when_there_is_none(tmp_path,
         assert measured.describe("learn:quick-demo:cpu") == ""
     finally:
         measured.figures.cache_clear()
+
+
+def test_a_recovery_figure_names_the_part_a_first_use_spends_writing_text(tmp_path, monkeypatch):
+    f = tmp_path / "measured.json"
+    f.write_text(json.dumps({"figures": {"recover:standard:cpu": {
+        "seconds": 3000, "date": "2030-01-02", "machine": "2 CPU cores, shared (load average 4.1–7.9)",
+        "command": "x", "note_seconds": 900, "note": "the model writing its chat turns, the first time only"}}}))
+    monkeypatch.setattr(measured, "FILE", f)
+    measured.figures.cache_clear()
+    try:
+        assert measured.describe("recover:standard:cpu") == (
+            "measured 50.0 min on 2 CPU cores, shared (load average 4.1–7.9), 2030-01-02; 15.0 min of it the "
+            "model writing its chat turns, the first time only")
+    finally:
+        measured.figures.cache_clear()
