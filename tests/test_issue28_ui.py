@@ -130,6 +130,10 @@ def test_the_eta_covers_the_held_out_perplexity_after_the_steps(measured_eval):
     dense.start()
     dense.end()                                             # the dense score was read from the memo
     assert "ETA 2:05: steps 1:40 + held-out perplexity ≈ 0:25" in progress_html(job)
+    again = _job(eval_windows=20, eval_ctx=256)             # the app measured the dense model before
+    again.state["dense_measured"] = True
+    again.events.append(_event(5, 45, eta=100.0))
+    assert "ETA 2:05: steps 1:40 + held-out perplexity ≈ 0:25" in progress_html(again)
     other = _job(model="some/model", eval_windows=20)        # no time was measured for this model
     other.events.append(_event(5, 45, eta=100.0))
     assert "ETA 1:40 for the steps, then held-out perplexity (its time is not measured" in progress_html(other)

@@ -510,6 +510,7 @@ class JobManager:
         job.say(f"loading {job.cfg.model} and tokenising the calibration data …")
         lm = self.ensure_loaded(job.cfg)
         job.named(self.ws.unique_name(LEARNED))       # a new run never replaces an earlier result
+        job.state["dense_measured"] = DENSE in self.ws.ppl    # then its perplexity phase takes no time (the ETA)
         data = self.ws.data
         job.layer_names = list(lm.prunable.names)
         job.model_info = lm.describe()

@@ -29,7 +29,7 @@ from proxsparse_core.models.loading import BUNDLED, BUNDLED_LABEL
 
 from . import inputs
 from .feedback import esc, explain, fail, fmt_bytes, fmt_duration, guarded, in_request, notify
-from .jobs import Busy, JobManager, LearnJob, watch
+from .jobs import Busy, JobManager, LearnJob, perplexity_phase, watch
 from .widgets import SKIP, Widgets
 
 FORM = [f.name for f in fields(RunConfig) if f.name != "data"]   # data has its own three widgets
@@ -248,12 +248,13 @@ def _on_gpu(job: LearnJob) -> bool:
 
 def evaluation_seconds(job: LearnJob) -> float | None:
     """How long the held-out perplexity after the steps still takes: for each model still to be
-    measured (the dense model's phase is instant when its score was kept from an earlier run, and
-    counted until then), the running phase's own pace once it has one, else the time measured for
-    one model of the bundled model on this kind of machine (bench/measured.json, eval:bundled:…)
-    scaled to this run's windows × tokens. 0 when nothing is left; None when no time was measured
-    for this model here."""
-    left = [p for p in job.phases if p.unit == "windows" and p.state in ("waiting", "running")]
+    measured (not the dense model when this app measured it before on these windows; a score read
+    from the memo after a restart is counted until its instant phase has run), the running phase's
+    own pace once it has one, else the time measured for one model of the bundled model on this kind
+    of machine (bench/measured.json, eval:bundled:…) scaled to this run's windows × tokens. 0 when
+    nothing is left; None when no time was measured for this model here."""
+    known = perplexity_phase(DENSE) if job.state.get("dense_measured") else None
+    left = [p for p in job.phases if p.unit == "windows" and p.state in ("waiting", "running") and p.name != known]
     total = 0.0
     for p in left:
         if p.state == "running" and p.done and p.total:
@@ -639,9 +640,8 @@ def build_learn_tab(jobs: JobManager, demo: gr.Blocks, defaults: RunConfig, pres
             with gr.Row(elem_classes="ps-actions"):     # sticky: reachable however far the form scrolls
                 start = gr.Button("Start", variant="primary", elem_id="ps-start")
                 stop = gr.Button("Stop", variant="stop", elem_id="ps-stop")
-            # the preset first: it sets everything below, and its list opens downwards from here
-            # no info line: the box sits in the upper half of a 720 px screen, so its list opens downwards
-            # (each option says CPU or GPU, the note under it the rest)
+            # the preset first: it sets everything below. No info line, so at 1280×720 the box stays in the
+            # upper half of the screen and its list opens downwards (each option says CPU or GPU, the note the rest)
             preset_box = gr.Dropdown(preset_choices(), value=preset, label="Preset", elem_id="ps-preset")
             note = gr.Markdown(preset_note(preset), elem_classes="ps-note")
             gr.Markdown("#### 1 · Model")
