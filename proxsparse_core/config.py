@@ -248,8 +248,10 @@ def _preset(model, note, gpu: bool = False, **settings):
     return {"note": note, "gpu": gpu, "settings": ({"model": model} if model else {}) | settings}
 
 
+# The published 7B–14B recipes learn on the model's bf16 weights (master_weights off): float32 copies
+# would add ~10 bytes per prunable weight, and a 7B run would no longer fit one 80 GB GPU (docs/gpu.md).
 _PAPER = dict(samples=400, ctx=4096, steps=400, batch=1, warmup=0.1, grad_ckpt=True, lambda_scale="none",
-              lr_schedule="constant", loss="lm")
+              lr_schedule="constant", loss="lm", master_weights="off")
 
 # Scale-free settings: λ1 and lr are shares of each layer's own weight scale rms(W0), so they mean
 # the same on any model; the loss is self-distillation on half built-in, half self-written text,

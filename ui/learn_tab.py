@@ -52,7 +52,7 @@ LABELS = {
     "lambda1": "λ1 · 2:4 regulariser", "lambda2": "λ2 · frozen-weight regulariser", "eps": "ε (λ2 term)",
     "lr": "Learning rate", "steps": "Steps", "batch": "Batch size", "warmup": "Warm-up share",
     "seed": "Seed", "grad_ckpt": "Gradient checkpointing", "train_all": "Train all parameters",
-    "w0_offload": "Keep W0 on the CPU", "layer_stats_every": "Per-layer stats every N steps",
+    "w0_offload": "Keep W0 on the CPU", "master_weights": "float32 master weights (bf16/fp16 models)", "layer_stats_every": "Per-layer stats every N steps",
     "lambda_scale": "λ1 / lr scaling", "lr_schedule": "Learning-rate schedule", "loss": "Training objective",
     "score": "What ranks weights in a group",
 }
