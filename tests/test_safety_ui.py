@@ -207,7 +207,8 @@ BAD_START = [   # (setting, value, message)
     ("model", 5, "Model must be text, got 5"),
     ("model", "m" * 5000, "Model is 5,000 characters long; the limit is 1,000"),
     ("evaluate", "false", "Measure held-out perplexity after learning must be true or false, got 'false'"),
-    ("mode", "everything", "Calibration data must be one of: built-in text, upload a file, HF dataset; "
+    ("mode", "everything", "Calibration data must be one of: built-in text, upload a file, HF dataset, "
+                           "built-in + the model's own text; "
                            "got 'everything'"),
 ]
 

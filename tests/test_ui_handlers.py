@@ -6,7 +6,7 @@ import gradio as gr
 import pytest
 
 from proxsparse_core.results import title
-from proxsparse_core.config import RunConfig
+from proxsparse_core.config import PRESETS, RunConfig
 from proxsparse_core.errors import UserError
 from test_ui_tiny_model import save_tiny_model
 from ui import compare_tab, explain_tab, learn_tab
@@ -58,6 +58,7 @@ def test_form_becomes_a_validated_config(tiny_dir):
 
 def test_data_widgets_map_to_a_data_source(tmp_path):
     assert learn_tab.data_source(learn_tab.DATA_MODES[0], None, "") == "builtin"
+    assert learn_tab.data_source(learn_tab.DATA_MODES[3], None, "") == "mix"
     assert learn_tab.data_source(learn_tab.DATA_MODES[2], None, "wikitext:raw") == "hf:wikitext:raw"
     f = tmp_path / "mine.txt"
     assert learn_tab.data_source(learn_tab.DATA_MODES[1], str(f), "") == str(f)
@@ -521,3 +522,16 @@ def test_two_runs_in_a_row_do_not_keep_the_first_runs_tensors(tiny_dir):
         del now, kept, first_masks
     finally:
         gc.enable()
+
+
+def test_a_preset_sets_its_data_mode_so_the_app_learns_what_the_cli_learns():
+    """bundled-quality (data mix: built-in + the model's own text) sets the data mode the CLI preset
+    uses; quick-demo sets the built-in text; the form's config then has the preset's data."""
+    values = {n: getattr(RunConfig(), n) for n in learn_tab.FORM}
+    form = learn_tab.preset_form("bundled-quality", values)
+    assert form["mode"] == learn_tab.DATA_MODES[3]
+    cfg = learn_tab.config_from_form({n: form[n] for n in learn_tab.FORM}, learn_tab.data_source(form["mode"], None, ""))
+    assert cfg == RunConfig(**{**cfg.to_dict(), **PRESETS["bundled-quality"]["settings"]})
+    assert learn_tab.matching_preset(cfg) == "bundled-quality"
+    assert learn_tab.preset_form("quick-demo", values)["mode"] == learn_tab.DATA_MODES[0]
+    assert learn_tab.preset_form(learn_tab.CUSTOM, values)["mode"] is learn_tab.SKIP

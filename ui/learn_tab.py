@@ -33,7 +33,8 @@ from .jobs import Busy, JobManager, LearnJob, perplexity_phase, watch
 from .widgets import SKIP, Widgets
 
 FORM = [f.name for f in fields(RunConfig) if f.name != "data"]   # data has its own three widgets
-DATA_MODES = ["built-in text", "upload a file", "HF dataset"]
+DATA_MODES = ["built-in text", "upload a file", "HF dataset", "built-in + the model's own text"]
+MODE_OF_DATA = {"builtin": DATA_MODES[0], "mix": DATA_MODES[3]}   # data settings a preset may name
 KEEP_ON_PRESET = ("device", "dtype", "device_map", "max_memory", "trust_remote_code", "data_field")
 POLL_S = 0.5
 CUSTOM = "custom"            # the preset box when the settings are the user's own (or fit no preset)
@@ -78,6 +79,8 @@ def data_source(mode: str, upload, hf_spec: str) -> str:
         if not spec:
             raise UserError("type an HF dataset, e.g. hf:wikitext:wikitext-2-raw-v1:train:text")
         return spec if spec.startswith("hf:") else "hf:" + spec
+    if mode == DATA_MODES[3]:
+        return "mix"        # half the built-in text, half text the model wrote itself (cached per model and seed)
     return "builtin"
 
 
@@ -126,9 +129,11 @@ def preset_values(name: str, current: dict) -> tuple[list, str]:
 
 
 def preset_form(name: str, values: dict) -> dict:
-    """The Preset dropdown changed: the form's new values and the preset's note, by widget name."""
+    """The Preset dropdown changed: the form's new values, its data mode (built-in text, or built-in +
+    the model's own text) and the preset's note, by widget name."""
     new, text = preset_values(name, values)
-    return {**dict(zip(FORM, new)), "preset_note": text}
+    mode = MODE_OF_DATA.get(PRESETS[name]["settings"].get("data"), SKIP) if name in PRESETS else SKIP
+    return {**dict(zip(FORM, new)), "mode": mode, "preset_note": text}
 
 
 def preset_note(name: str) -> str:
@@ -510,8 +515,8 @@ def last_run_form(jobs: JobManager) -> dict:
     cfg = jobs.job.cfg
     values = {n: getattr(cfg, n) for n in FORM}
     values["model"] = gr.update(choices=model_choices(cfg.model), value=cfg.model)
-    if cfg.data == "builtin":
-        values["mode"] = DATA_MODES[0]
+    if cfg.data in MODE_OF_DATA:
+        values["mode"] = MODE_OF_DATA[cfg.data]
     elif cfg.data.startswith("hf:"):
         values.update(mode=DATA_MODES[2], hf_spec=cfg.data)
     else:   # an uploaded file: offered again while it still exists
@@ -652,7 +657,7 @@ def build_learn_tab(jobs: JobManager, demo: gr.Blocks, defaults: RunConfig, pres
                 inspect_btn = gr.Button("Inspect model", size="sm", variant="secondary")
             model_info = gr.Markdown(elem_classes="ps-info")
             gr.Markdown("#### 2 · Calibration data")
-            mode = gr.Radio(DATA_MODES, value=DATA_MODES[0], label="Text", show_label=False,
+            mode = gr.Radio(DATA_MODES, value=MODE_OF_DATA.get(defaults.data, DATA_MODES[0]), label="Text", show_label=False,
                             info=f"built-in: Python's own documentation (offline); {held_out_words()} is held out "
                                  f"for perplexity, never learned from")
             upload = gr.File(label=f".txt or .jsonl file (at most {inputs.MAX_UPLOAD_MB} MB)", type="filepath",
@@ -720,7 +725,7 @@ def build_learn_tab(jobs: JobManager, demo: gr.Blocks, defaults: RunConfig, pres
              show_progress="hidden")
     w.listen(stop.click, on_stop, [], [], api_name="stop", queue=False)
     w.listen(mode.change, on_mode, ["mode"], ["upload", "hf_spec"], api_visibility="private", queue=False)
-    w.listen(preset_box.input, on_preset, ["preset"] + FORM, FORM + ["preset_note"], api_visibility="private")
+    w.listen(preset_box.input, on_preset, ["preset"] + FORM, FORM + ["mode", "preset_note"], api_visibility="private")
     w.listen(widgets["model"].input, on_model, ["model", "preset"], PresetView,
              api_visibility="private", queue=False)
     # an edited setting clears a message about the old one (Start checks everything again)
