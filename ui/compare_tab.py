@@ -17,11 +17,9 @@ read their widgets by name and answer with views (ui.widgets).
 """
 from __future__ import annotations
 
-import re
 from typing import Any, NamedTuple
 
 import gradio as gr
-import pandas as pd
 import torch
 
 from proxsparse_core.runs import curves as plots
@@ -32,58 +30,18 @@ from proxsparse_core.inference.evaluate import EXAMPLE_PROMPTS, GenerationSettin
 from proxsparse_core.baselines.oneshot import METHODS
 from proxsparse_core.recovery.recover import (RECOVERY_LENGTHS, RECOVERY_METHODS, STAGE_TITLES, TEACHERS,
                                               RecoveryConfig, recovered_name)
-from proxsparse_core.results import DENSE, LEARNED, RECOVERED, is_recovered, method_of, title
+from proxsparse_core.results import DENSE, LEARNED, is_recovered, method_of, title
 
-from . import inputs, markdown
+from . import inputs
+from .answers import (COLUMNS, LOOP_GUARD, MAX_PROMPT, answer_panel as _panel, _plain_md, baseline_methods,  # noqa: F401
+                      perplexity_table, settings_from_form, unknown_result, variant_choices)
 from .feedback import esc, fmt_duration, notify
 from .jobs import POLL_S, Job, JobManager, in_worker, watch
+from .lecture import build_lecture
 from .widgets import SKIP, Widgets
-
-MAX_PROMPT = 4000            # characters; a page or API request with more is refused at once
-
-COLUMNS = ["method", "held-out perplexity", "× dense", "same top-1 as dense", "weights", "2:4 verified"]
-
-
-def baseline_methods() -> list[str]:
-    """The one-shot methods of the registry (proxsparse_core.baselines.oneshot.METHODS)."""
-    return list(METHODS)
-
-
-def variant_choices(jobs: JobManager) -> list[tuple[str, str]]:
-    return [(title(n), n) for n in jobs.ws.results]
-
-
-def unknown_result(jobs: JobManager, name: str) -> str:
-    """The message for a result name that is not one of the workspace's results."""
-    names = list(jobs.ws.results)
-    have = (f"the results are: {', '.join(names)}" if names else
-            "there is no 2:4 result yet: learn a mask in the Learn tab (or compute a baseline) first")
-    return f"no result named {inputs.shown(name)}; {have}"
 
 
 # ---------------------------------------------------------------------------- generation
-
-LOOP_GUARD = 4                # "Block repeats": no 4 tokens in a row twice in one answer
-
-
-def settings_from_form(sample, temperature, top_p, max_new_tokens, chat, block_repeats=False) -> GenerationSettings:
-    sample = inputs.flag("Sample (off = greedy)", sample)
-    guard = LOOP_GUARD if inputs.flag("Block repeats", block_repeats) else 0
-    limits = GenerationSettings.LIMITS
-    t = inputs.number("Temperature", temperature, *limits["temperature"])
-    p = inputs.number("Top-p", top_p, *limits["top_p"])
-    n = inputs.whole("Max new tokens", max_new_tokens, *limits["max_new_tokens"])
-    chat = inputs.flag("Use the model's chat template", chat)
-    return GenerationSettings(max_new_tokens=n, do_sample=sample, temperature=t, top_p=p, chat=chat,
-                              no_repeat_ngram=guard).validate()
-
-
-def _panel(text: str, cut: int | None, streaming: bool, empty: str = "…") -> str:
-    """Generated text rendered as (safe) Markdown, the part after the first divergence highlighted
-    (`empty` stands in for no text)."""
-    body = markdown.render(text, cut if cut is not None and cut < len(text) else None)
-    cursor = '<span class="ps-cursor">▍</span>' if streaming else ""
-    return f'<div class="ps-gen">{body or f"<span class=ps-muted>{empty}</span>"}{cursor}</div>'
 
 
 class PairView(NamedTuple):
@@ -124,11 +82,6 @@ def render_pair(dense: str, pruned: str, variant: str | None, streaming: str | N
     return PairView(_panel(dense, dense_cut, streaming == DENSE),
                     _panel(pruned, cut, streaming == "pruned", "(no text)" if done else "…")
                     if variant else '<div class="ps-gen ps-muted">no 2:4 model to show yet</div>', summary)
-
-
-def _plain_md(text: str) -> str:
-    """`text` shown literally in Markdown (it may quote a model's chat template)."""
-    return esc(re.sub(r"([][\\`*_{}()#+!|~-])", r"\\\1", text))
 
 
 def generate_pair(jobs: JobManager, variant, prompt, sample, temperature, top_p, max_new_tokens, chat,
@@ -176,31 +129,6 @@ def generate_pair(jobs: JobManager, variant, prompt, sample, temperature, top_p,
 
 
 # ---------------------------------------------------------------------------- perplexity
-
-def perplexity_table(jobs: JobManager) -> pd.DataFrame:
-    """Rows for every result with a known perplexity: dense first, then learned, then baselines."""
-    ws = jobs.ws
-    rank = {m: i for i, m in enumerate([DENSE, LEARNED] + baseline_methods())}
-    made = list(ws.results)
-
-    def place(n):      # by method, each result (in the order made) followed by its recoveries
-        root = n.split(RECOVERED)[0]
-        order = made.index(root) if root in made else len(made)
-        return rank.get(method_of(root), len(rank)), order, n.count(RECOVERED), n
-    names = sorted(ws.ppl, key=place)
-    rows = []
-    dense = ws.ppl.get(DENSE)
-    for n in names:
-        r = ws.results.get(n)
-        weights = "original" if n == DENSE else ("updated by recovery" if is_recovered(n) else
-                                                 "updated" if r is not None and r.weights is not None
-                                                 else "original × mask")
-        same = (f"{100 * ws.agreement(n):.1f}%" if n in ws.top1 and DENSE in ws.top1 else
-                f"{100 * ws.agreed[n]:.1f}%" if n in ws.agreed else "")     # as a saved run recorded it
-        rows.append([title(n), round(ws.ppl[n], 3),
-                     f"{ws.ppl[n] / dense:.2f}×" if dense else "", same, weights,
-                     "—" if n == DENSE else {True: "✓", False: "✗"}.get(jobs.verified.get(n), "?")])
-    return pd.DataFrame(rows, columns=COLUMNS)
 
 
 def compute_perplexities(jobs: JobManager, methods, progress=None, on_row=None, on_task=None):
@@ -677,7 +605,6 @@ RECOVER = ["rec_choice", "rec_method", "rec_steps", "rec_samples", "rec_batch", 
 
 
 def build_compare_tab(jobs: JobManager, tab: gr.Tab, demo: gr.Blocks | None = None):
-    from .lecture import build_lecture          # here: the lecture mode uses this module's helpers
     build_lecture(jobs, tab)                    # at the top: three answers side by side for a projector
     gr.Markdown("Same prompt, same decoding settings: the dense model first, then the 2:4 model. "
                 "Highlighted text starts where the two outputs first differ.")

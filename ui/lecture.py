@@ -2,13 +2,13 @@
 recovery answer one prompt side by side, in three columns sized for a projector (1280×720).
 
 Over each column stand its held-out perplexity and its top-1 agreement with the dense model, read
-from the perplexity table (compare_tab.perplexity_table: measured in this tab or after learning,
+from the perplexity table (answers.perplexity_table: measured in this tab or after learning,
 or recorded by a saved run); nothing is measured here, and a number not in the table reads "not
 measured yet". The recovery column is the newest recovered version of the chosen mask; when there
 is none it says so, and how to make one.
 
-compare_tab.build_compare_tab builds it at the top of the tab (importing this module there, as it
-uses the tab's helpers). Generation is the Compare tab's: the same checked settings (compare_tab.settings_from_form, greedy
+compare_tab.build_compare_tab builds it at the top of the tab; both draw with ui/answers.py.
+Generation is the Compare tab's: the same checked settings (answers.settings_from_form, greedy
 decoding, the same for all three), the same answer panels (safe Markdown; where an answer departs
 from the dense one is highlighted), the workspace's `generate_stream`, and one request that holds
 the machine under the one-at-a-time rule (jobs.claim: busy while a job runs); any Stop ends it
@@ -27,8 +27,8 @@ from proxsparse_core.inference.evaluate import EXAMPLE_PROMPTS, GenerationSettin
 from proxsparse_core.results import DENSE, LEARNED, RECOVERED, title
 
 from . import inputs
-from .compare_tab import (LOOP_GUARD, MAX_PROMPT, _panel, _plain_md, perplexity_table, settings_from_form,
-                          unknown_result)
+from .answers import (LOOP_GUARD, MAX_PROMPT, _plain_md, answer_panel as _panel, perplexity_table,
+                      settings_from_form, unknown_result)
 from .feedback import esc, notify
 from .jobs import JobManager, in_worker
 from .widgets import SKIP, Widgets
