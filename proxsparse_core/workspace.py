@@ -187,7 +187,7 @@ class Workspace:
     def _turns(self, n: int, text: int = 0) -> int:
         """How many of n fine-tuning samples are the model's own chat turns (tuning_samples)."""
         from proxsparse_core.data.text import GENERATED_SOURCES
-        from proxsparse_core.models.chat_template import has_template
+        from proxsparse_core.chat.template import has_template
         source = (self._data_key[0] or "builtin").strip()
         return n // 2 if n and not text and source not in GENERATED_SOURCES and has_template(self.lm.tokenizer) else 0
 

@@ -7,7 +7,7 @@ import time
 import pytest
 import torch
 
-from proxsparse_core.models import chat_template
+from proxsparse_core.chat import template as chat_template
 from proxsparse_core.inference import evaluate
 from proxsparse_core.data import selfgen
 from proxsparse_core.errors import Stopped, UserError

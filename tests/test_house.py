@@ -72,3 +72,25 @@ def test_model_cards_name_a_public_path_that_works():
                               "model_label": "m", "base_model": "m", "perplexity": {}, "mask_stats": {}},
                              "proxsparse")
     assert "from proxsparse_core.export import load_with_masks" in card
+
+
+def test_the_core_stands_on_at_most_eight_floors():
+    """Rooms are the core's folders and its top-level modules; a room's floor is one above the highest
+    room it imports (at the top or inside a function). The core reads top-down in at most 8 floors."""
+    def room(module: str) -> str:
+        return ".".join(module.split(".")[:2])
+    graph: dict = {}
+    for p in PKG.rglob("*.py"):
+        r = room(_module(p))
+        if r == "proxsparse_core.__main__":     # the entry point (`python -m proxsparse_core`), like app.py
+            continue
+        graph.setdefault(r, set()).update(room(d) for d in _imports(p) if room(d) != r and d != "proxsparse_core")
+    floors: dict = {}
+
+    def floor(r):
+        if r not in floors:
+            floors[r] = 1 + max((floor(d) for d in graph.get(r, ()) if d in graph), default=0)
+        return floors[r]
+    top = max(floor(r) for r in graph)
+    assert top <= 8, sorted(floors.items(), key=lambda kv: -kv[1])
+    assert floors["proxsparse_core.chat"] <= 2 and floors["proxsparse_core.errors"] == 1

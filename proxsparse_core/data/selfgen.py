@@ -62,7 +62,7 @@ FRESH_MAX_TOKENS = 50_000_000
 def _prompt_ids(tokenizer, texts: list[str]) -> dict[str, list[int]]:
     """Each instruction's ids: in the model's chat template when it has one (all of them in one
     bounded render, chat_template.py), else the text and a newline."""
-    from proxsparse_core.models import chat_template
+    from proxsparse_core.chat import template as chat_template
 
     texts = list(dict.fromkeys(texts))
     if chat_template.has_template(tokenizer):
@@ -201,7 +201,7 @@ def scaffold(tokenizer) -> tuple[list[int], list[int]] | None:
     for SmolLM2 the system prompt and the user's tag, then the end of the turn and the assistant's tag —
     read as the longest common prefix and suffix of its renders of PROMPTS. None without a template or
     when it cannot be rendered (then nothing is left out)."""
-    from proxsparse_core.models import chat_template
+    from proxsparse_core.chat import template as chat_template
 
     if not chat_template.has_template(tokenizer):
         return None

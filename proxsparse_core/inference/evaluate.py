@@ -107,7 +107,7 @@ def _encode(tokenizer, prompt: str, s: GenerationSettings) -> torch.Tensor:
     """The prompt's ids: in the model's chat template (rendered within a bound, chat_template.py;
     Stop ends it), or, when the template fails or runs past the bound, the plain prompt, with a
     line in `s.notes` saying so."""
-    from proxsparse_core.models import chat_template
+    from proxsparse_core.chat import template as chat_template
 
     if s.chat and chat_template.has_template(tokenizer):
         try:

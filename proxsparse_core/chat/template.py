@@ -2,7 +2,7 @@
 
 Its one job: turn chat messages into prompt token ids exactly as the tokenizer's
 `apply_chat_template` would, except that the template runs in a separate worker process
-(chat_template_worker.py, transformers' own `render_jinja_template`) that this module kills
+(worker.py, transformers' own `render_jinja_template`) that this module kills
 when the template runs past `DEADLINE_S`, when `stop` is set (checked every `POLL_S`), or on
 Ctrl-C. A template that loops for ever, computes `9**(9**9)` (one C-level operation no Python
 code can interrupt), builds a huge string or tries a sandbox escape therefore ends in one
@@ -35,7 +35,7 @@ POLL_S = 0.1              # how often the wait looks at `stop`
 EXTRA_CHARS = 16_384      # characters a template may add to one conversation's own text
 MAX_REMEMBERED = 32       # templates that ran past the bound, answered at once when asked again
 
-WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chat_template_worker.py")
+WORKER = os.path.join(os.path.dirname(os.path.abspath(__file__)), "worker.py")
 
 
 class TemplateProblem(UserError):
