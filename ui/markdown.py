@@ -12,6 +12,8 @@ text is marked from that offset on, inside whatever block it sits in.
 """
 from __future__ import annotations
 
+import itertools
+
 import html
 import re
 
@@ -45,13 +47,20 @@ class _Renderer:
         return "".join(out)
 
 
+def _fenced(lines: list[str], offsets: list[int], i: int, r: _Renderer) -> tuple[str, int]:
+    """The code block whose opening fence is line i: its HTML and the line after its closing fence."""
+    body, i = [], i + 1
+    while i < len(lines) and not FENCE.match(lines[i]):
+        body.append(r.text(lines[i], offsets[i]))
+        i += 1
+    return "<pre><code>" + "\n".join(body) + "</code></pre>", i + 1
+
+
 def render(text: str, cut: int | None = None) -> str:
     """HTML for `text`, everything from character `cut` on inside <mark class="ps-diff">."""
     r = _Renderer(cut)
-    lines, offsets, at = text.split("\n"), [], 0
-    for line in lines:
-        offsets.append(at)
-        at += len(line) + 1
+    lines = text.split("\n")
+    offsets = list(itertools.accumulate((len(x) + 1 for x in lines[:-1]), initial=0))   # where each line starts
     out: list[str] = []
     para: list[str] = []
     items: list[str] = []
@@ -81,12 +90,8 @@ def render(text: str, cut: int | None = None) -> str:
         line, off = lines[i], offsets[i]
         if FENCE.match(line):
             close()
-            body, i = [], i + 1
-            while i < len(lines) and not FENCE.match(lines[i]):
-                body.append(r.text(lines[i], offsets[i]))
-                i += 1
-            out.append("<pre><code>" + "\n".join(body) + "</code></pre>")
-            i += 1                           # past the closing fence (if there is one)
+            html, i = _fenced(lines, offsets, i, r)
+            out.append(html)
             continue
         item = ITEM.match(line)
         heading = HEADING.match(line)
