@@ -10,9 +10,9 @@ stage and every stage still to come).
 
 A task of several stages of very different speeds (recovery: the model writing text, the OBS update
 block by block, the teacher pass, fine-tuning steps, the evaluation) gets its ETAs from a `Timeline`:
-each stage's own ETA from a `RateMeter` (the median speed of its recent units, the first one — the
-warm-up — left out), the stages to come from the work each is expected to take at the speed measured
-so far.
+each stage's own ETA from a `RateMeter` (the mean of the middle half of its recent rates, the first
+interval — the warm-up — left out), the stages to come from the work each is expected to take at the
+speed measured so far.
 """
 from __future__ import annotations
 
@@ -91,18 +91,23 @@ class RateMeter:
     """Seconds per unit of one stage, from its recent progress: an ETA that holds still.
 
     The first interval (the warm-up: first allocations, caches, compiled kernels; the first fine-tuning
-    step on a CPU can take several times the next) is left out once a second one exists, and the rate
-    is the interquartile mean, weighted by units, of the last `window` intervals' seconds per unit (the
-    mean of their middle half): a few slow or fast intervals move it little, and a lasting change of
-    speed (a machine that got busier) takes over within about window/2 intervals. With only the warm-up
-    interval seen, the rate is unknown (None): no ETA is better than the warm-up's (issue 28: 55:54, then
-    17:37, for the same recovery); `provisional` keeps the warm-up's rate for a caller that has nothing
-    else (the first stage of a task, see Timeline)."""
+    step on a CPU can take several times the next) is left out once a second one exists. The rate is the
+    typical one — the interquartile mean, weighted by units, of the last `window` intervals' seconds per
+    unit (the mean of their middle half): a few slow or fast intervals move it little, and a lasting
+    change of speed (a machine that got busier) takes over within about window/2 intervals — times the
+    stall factor of the stage so far: its mean rate over the interquartile mean of the same (up to
+    10 × window) intervals, between 1 and 3. On a shared machine most steps take their typical time and a
+    few stall for many times that (a 0.8 s step, then one of 30 s); the typical rate alone then promised
+    about 0.6 of the time it took (bench/RESULTS.md, section 3). With only the warm-up interval seen, the
+    rate is unknown (None): no ETA is better than the warm-up's (issue 28: 55:54, then 17:37, for the
+    same recovery); `provisional` keeps the warm-up's rate for a caller that has nothing else (the first
+    stage of a task, see Timeline)."""
 
     def __init__(self, window: int = 30):
         self.window = window
         self._last: tuple[float, float] | None = None     # (time, done) of the last report
         self._recent: deque = deque(maxlen=window)        # (seconds per unit, units) after the first interval
+        self._long: deque = deque(maxlen=10 * window)     # the same, further back: for the stall factor
         self._after_warmup: tuple[float, float] | None = None   # (time, done) at the end of the first interval
         self.provisional: float | None = None     # the warm-up interval's seconds per unit: only for want of better
         self.intervals = 0
@@ -118,6 +123,7 @@ class RateMeter:
         self.intervals += 1
         if self.intervals > 1:
             self._recent.append(((now - t0) / (done - d0), done - d0))
+            self._long.append(self._recent[-1])
         else:
             self._after_warmup = (now, done)
             self.provisional = (now - t0) / (done - d0)
@@ -130,17 +136,30 @@ class RateMeter:
             return 0.0, 0.0
         return self._last[0] - self._after_warmup[0], self._last[1] - self._after_warmup[1]
 
-    @property
-    def seconds_per_unit(self) -> float | None:
-        if not self._recent:
-            return None
-        ordered = sorted(self._recent)
+    @staticmethod
+    def _middle_mean(intervals) -> float:
+        """Interquartile mean of (seconds per unit, units) pairs, weighted by units."""
+        ordered = sorted(intervals)
         weight = sum(w for _, w in ordered)
         lo, hi, seen, total, counted = weight / 4, 3 * weight / 4, 0.0, 0.0, 0.0
         for rate, w in ordered:          # the part of each interval's weight inside the middle half
             part = max(0.0, min(seen + w, hi) - max(seen, lo))
             total, counted, seen = total + rate * part, counted + part, seen + w
         return total / counted if counted > 0 else ordered[len(ordered) // 2][0]
+
+    @property
+    def stall_factor(self) -> float:
+        if not self._long:
+            return 1.0
+        mean = sum(r * w for r, w in self._long) / sum(w for _, w in self._long)
+        typical = self._middle_mean(self._long)
+        return min(3.0, max(1.0, mean / typical)) if typical > 0 else 1.0
+
+    @property
+    def seconds_per_unit(self) -> float | None:
+        if not self._recent:
+            return None
+        return self._middle_mean(self._recent) * self.stall_factor
 
     def eta(self, left: float) -> float | None:
         rate = self.seconds_per_unit

@@ -229,7 +229,7 @@ class Workspace:
                 tell(0, text)
                 fresh = fresh_ids(self.lm.model, self.lm.tokenizer, text, seed, tell)
             say("samples", 0, n, f"drawing {n:,} fine-tuning samples (for self-written text, the first time "
-                f"the model writes more of it: ≈ 1 min on a CPU) …", "samples")
+                f"the model writes more of it) …", "samples")
             try:
                 samples = (calibration_only(self.lm.tokenizer, source, n - turns, ctx, seed, field, self.lm.model)
                            if fresh is None else with_fresh_text(self.lm.tokenizer, source, n, ctx, seed, field, fresh))

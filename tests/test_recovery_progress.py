@@ -85,6 +85,24 @@ def test_the_eta_of_steps_follows_a_machine_that_got_busier():
         assert left / 1.2 <= eta <= left * 1.2, (step, eta, left)
 
 
+def test_the_eta_of_steps_counts_the_stalls_of_a_shared_machine():
+    """As measured on 2 shared cores (bench/RESULTS.md 3): steps of 0.78 s, and now and then one of
+    25-33 s while another job takes the cores. The typical rate alone promised ~0.6 of the time left."""
+    times = [3.0] + [25.0 if k % 50 == 0 else 0.78 for k in range(2, 301)]
+    meter, typical_only = RateMeter(), []
+    meter.update(0, 0.0)
+    now = 0.0
+    for step, t in enumerate(times, 1):
+        now += t
+        meter.update(step, now)
+        left, steps_left = sum(times[step:]), len(times) - step
+        if step >= 60 and steps_left >= 100:            # (stalls are few: judged over many steps)
+            eta = meter.eta(steps_left)
+            assert left / 1.5 <= eta <= left * 1.5, (step, eta, left)
+            typical_only.append(RateMeter._middle_mean(meter._recent) * steps_left / left)
+    assert max(typical_only) < 0.7                     # what the typical rate alone said
+
+
 def test_a_rate_meter_counts_nothing_for_a_repeated_report():
     meter = RateMeter()
     meter.update(0, 0.0)

@@ -151,13 +151,14 @@ RECOVERY_LENGTHS = {"standard": {k: getattr(RecoveryConfig, k) for k in _KEYS},
 # What each stage of a recovery is expected to cost, in multiply-adds of the model, each stage's count
 # weighted by how much slower than a batched forward pass (the held-out perplexity) it goes per
 # multiply-add: progress.Timeline turns the work into seconds at the speed measured so far (only ratios
-# matter; a stage's own ETA, once it runs, comes from its own measured rate). EFFORT was fitted to the
-# stage times of the bundled model on 2 shared CPU cores (bench/recovery_time.py prints each stage's
-# seconds per unit of work; bench/RESULTS.md section 3): decoding one token at a time, SparseGPT's column
-# loop, the teacher's log-softmax and top-k over 49,152 words and one-sample training steps use a CPU
-# far less well than a batched forward pass. Fresh text (large batches, for a GPU) was not measured: it
-# takes the chat turns' figure until it runs.
-EFFORT = {"fresh-text": 90.0, "chat-turns": 90.0, "obs": 11.0, "teacher": 7.0, "finetune": 15.0, "perplexity": 1.0}
+# matter; a stage's own ETA, once it runs, comes from its own measured rate). EFFORT: each stage's
+# fastest time per multiply-add over two recoveries of the bundled model on 2 shared CPU cores
+# (bench/recovery_time.py, bench/RESULTS.md section 3), over the forward pass's: on that machine a stage
+# ran up to 14x slower while other jobs took the cores, so the least disturbed run of each stage says
+# most about the stages' proportions. Decoding one token at a time costs 3.5x a batched forward pass per
+# multiply-add, a one-sample training step 1.5x; OBS and the teacher about the same. Fresh text (large
+# batches, for a GPU) was not measured: it takes the chat turns' figure until it runs.
+EFFORT = {"fresh-text": 3.5, "chat-turns": 3.5, "obs": 0.9, "teacher": 0.8, "finetune": 1.5, "perplexity": 1.0}
 VOCAB_OPS = 8.0     # per position and vocabulary entry: log-softmax with top-k, or the KL over the vocabulary
 ADAMW_OPS = 20.0    # per trainable weight and fine-tuning step: clipping, AdamW, the mask
 
