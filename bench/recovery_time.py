@@ -22,6 +22,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -71,6 +72,7 @@ def main():
     ap.add_argument("--record", action="store_true",
                     help="write the time to bench/measured.json (recover:<length>:cpu) with date, machine, command")
     ap.add_argument("--out", help="also write the figures as JSON here")
+    ap.add_argument("--keep", action="store_true", help="keep the base and recovered run folders (≈ 0.4 GB)")
     args = ap.parse_args()
     if args.record and (args.steps or args.samples):
         sys.exit("--record times a named length as it is: no --steps or --samples")
@@ -134,6 +136,10 @@ def main():
         Path(args.out).write_text(json.dumps(result, indent=1))
     if args.record:
         record(f"recover:{args.length}:cpu", result, args)
+    if args.keep:
+        print(f"kept {tmp}")
+    else:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def record(key: str, result: dict, args) -> None:
