@@ -60,7 +60,7 @@ EXPORTED_TO = re.compile(r"to `([^`]+)`")
 BASELINES = ["magnitude", "wanda", "sparsegpt", "sparsegpt-maskonly"]
 PROMPT = "What is the capital of France?"
 # --smoke: a tiny run that takes seconds on a CPU (the CI test drives a tiny random model with it)
-SMOKE = dict(samples=8, ctx=32, eval_ctx=32, eval_windows=4, layer_stats_every=2, steps=6)
+SMOKE = dict(samples=8, ctx=32, eval_ctx=32, eval_windows=4, layer_stats_every=2, steps=6, data="builtin")
 SMOKE_RECOVERY = dict(steps=4, samples=0, batch=1, text=0)
 
 
@@ -203,10 +203,12 @@ def run_config(args):
 
 
 def start_args(cfg, evaluate: bool = True, **change) -> list:
-    """/start's inputs: data mode, upload, HF dataset, evaluate, then the form (ui.learn_tab.FORM)."""
-    from ui.learn_tab import DATA_MODES, FORM
+    """/start's inputs: data mode (the preset's: built-in text, or built-in + the model's own text),
+    upload, HF dataset, evaluate, then the form (ui.learn_tab.FORM)."""
+    from ui.learn_tab import DATA_MODES, FORM, MODE_OF_DATA
 
-    return [DATA_MODES[0], None, "", evaluate] + [change.get(n, getattr(cfg, n)) for n in FORM]
+    return ([MODE_OF_DATA.get(cfg.data, DATA_MODES[0]), None, "", evaluate]
+            + [change.get(n, getattr(cfg, n)) for n in FORM])
 
 
 def live_figures(frame) -> dict:

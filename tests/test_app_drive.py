@@ -51,3 +51,20 @@ def test_app_drive_smoke_every_phase_succeeds_and_the_export_reloads_as_2to4(tmp
     reload = phases["reload export"]
     assert reload["layers_2to4"] == 14 and reload["zero_weights"] > 0
     assert (Path(phases["export"]["folder"]) / "config.json").is_file()
+
+
+def test_app_drive_smoke_on_the_bundled_model(tmp_path):
+    """The same driver on the real bundled model (SmolLM2-135M) on the CPU, a few steps (--smoke): every
+    phase succeeds, every baseline gets a row, and the recovered export reloads with its 210 layers 2:4."""
+    out = tmp_path / "drive.json"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    proc = subprocess.run([sys.executable, "bench/app_drive.py", "--device", "cpu", "--smoke", "--out", str(out),
+                           "--workdir", str(tmp_path / "work")],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    summary = json.loads(out.read_text())
+    assert [p["phase"] for p in summary["phases"]] == PHASES and summary["ok"]
+    assert "SmolLM2-135M" in summary["model"] and summary["settings"]["model"].startswith("bundled")
+    assert len(summary["perplexity_table"]) == 8
+    reload = {p["phase"]: p for p in summary["phases"]}["reload export"]
+    assert reload["layers_2to4"] == 210 and reload["zero_weights"] > 0
