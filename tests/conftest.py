@@ -62,3 +62,19 @@ def tiny_lm():
     model = make_tiny_llama()
     return LoadedModel(model, TinyTokenizer(), "tiny", "tiny-llama", "cpu", torch.float32,
                        find_prunable(model), 512)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    """Stop any job a failed test left running (e.g. a 100,000-step run whose test failed before its
+    Stop): a job thread still inside torch when the interpreter exits aborts the process (SIGABRT),
+    which would turn one failed test into a crashed run."""
+    import gc
+    import sys
+    jobs_module = sys.modules.get("ui.jobs")
+    if jobs_module is None:
+        return
+    for manager in [o for o in gc.get_objects() if isinstance(o, jobs_module.JobManager)]:
+        job = manager.job
+        if job is not None and job.thread is not None and job.thread.is_alive():
+            job.stop.set()
+            job.thread.join(30)

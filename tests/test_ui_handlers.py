@@ -132,7 +132,7 @@ def test_stop_ends_within_a_step_keeps_a_mask_and_second_start_is_refused(tiny_d
     second = learn_tab.start_run(jobs, learn_tab.DATA_MODES[0], None, "", False, *form_values(tiny_cfg(tiny_dir)))
     with pytest.warns(UserWarning, match="busy learning"):          # the toast
         first = next(second)
-    assert "Another run" in first[0] and "running" in first[0]
+    assert "already using the machine" in first[0] and "running" in first[0]
     second.close()
     steps_at_stop = len(job.events)
     assert jobs.stop().startswith("stopping")
