@@ -73,7 +73,7 @@ def pytest_sessionfinish(session, exitstatus):
     jobs_module = sys.modules.get("ui.jobs")
     if jobs_module is None:
         return
-    for manager in [o for o in gc.get_objects() if isinstance(o, jobs_module.JobManager)]:
+    for manager in [o for o in gc.get_objects() if type(o) is jobs_module.JobManager]:
         job = manager.job
         if job is not None and job.thread is not None and job.thread.is_alive():
             job.stop.set()
