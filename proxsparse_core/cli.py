@@ -384,11 +384,12 @@ def cmd_eval(args) -> int:
 
 def cmd_export(args) -> int:
     from proxsparse_core.reopen import export_run
+    from proxsparse_core.workspace import Workspace
 
     _remote_code_flag(args)
     overrides = {k: getattr(args, k) for k in ("device", "dtype", "trust_remote_code") if hasattr(args, k)}
     with _stop_on_ctrl_c("export", "stopping the export … (nothing will be left half-written)") as stop:
-        res = export_run(args.run, args.out, overwrite=args.overwrite, evaluate=not args.no_eval,
+        res = export_run(args.run, args.out, Workspace(), overwrite=args.overwrite, evaluate=not args.no_eval,
                          overrides=overrides, stop=stop, progress=lambda t: print(t, flush=True))
     print(res.summary())
     ppl = res.metrics.get("perplexity") or {}
@@ -466,7 +467,7 @@ def _recover_into(args, folder, rcfg, out: Path) -> int:
     save_json(out / "recipe.json", {
         **folder.recipe, "method": name, "base_method": base, "base_run": str(folder.path),
         "base_command": folder.recipe.get("command"), "recovery": rcfg.to_dict(),
-        "command": recover_command(folder.path, rcfg, out),
+        "command": recover_command(folder.path, rcfg.to_dict(), out),
         "weights": f"{WEIGHTS_FILE} holds the prunable layers' weights after recovery; masks.npz gives "
                    f"the 2:4 pattern (the weights are not the original weights × mask)"})
     info = result.pruning.info

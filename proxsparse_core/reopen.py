@@ -22,7 +22,6 @@ from proxsparse_core.runs.library import OpenedRun, export_weights, recorded_sco
 from proxsparse_core.runs.folder import (RECOVERY_INFO, WEIGHTS_FILE, RunFolder, _old_metrics, check_out_apart,
                                          load_weights_file, read_run)
 from proxsparse_core.sparsity.masks import check_masks_match
-from proxsparse_core.workspace import Workspace
 
 
 def add_base_result(ws, folder: RunFolder, progress=None, stop=None, name: str | None = None) -> tuple[str, str]:
@@ -106,14 +105,15 @@ def restore_scores(ws, opened: OpenedRun, name: str) -> str:
     return "perplexity rows restored from its metrics.json"
 
 
-def export_run(run, out, *, overwrite: bool = False, evaluate: bool = True,
+def export_run(run, out, ws, *, overwrite: bool = False, evaluate: bool = True,
                overrides: dict | None = None, stop: threading.Event | None = None,
                progress: Callable[[str], None] | None = None) -> ExportResult:
     """Export a run folder written by `learn`, `prune` or `recover` (recipe.json + masks.npz
     [+ weights.safetensors, events.jsonl, metrics.json]): reload the model and data named in the
     recipe and export the result the folder holds under its method's name (W0 · mask, SparseGPT's updated weights rebuilt from the recipe, or a recover folder's
     recovered weights). The folder is read by runs.folder.read_run, the one run-folder reader;
-    `out` must lie outside it (and must not hold it: an export replaces its folder)."""
+    `out` must lie outside it (and must not hold it: an export replaces its folder). `ws` is the
+    empty Workspace the model is loaded into (given by the caller, so this module stands below it)."""
     say = progress or (lambda t: None)
     run, out = Path(run).expanduser(), Path(out).expanduser()
     if not run.is_dir():
@@ -123,7 +123,6 @@ def export_run(run, out, *, overwrite: bool = False, evaluate: bool = True,
     _check_target(out, overwrite)           # fail before the slow model load
     folder = read_run(run, overrides)
     events = read_events(run) if folder.method == LEARNED or folder.recovered else None
-    ws = Workspace()
     say(f"loading {folder.cfg.model} …")
     ws.load(folder.cfg)
 

@@ -179,12 +179,13 @@ def check_weights(label: str, weights: dict, prunable, masks: dict) -> dict:
     return weights
 
 
-def recover_command(run, rcfg, out) -> str:
-    """The `recover` command that remakes a recover folder from its base run folder."""
-    return shlex.join(["python", "-m", "proxsparse_core", "recover", "--run", str(run), "--method", rcfg.method,
-                       "--steps", str(rcfg.steps), "--lr", str(rcfg.lr), "--batch", str(rcfg.batch),
-                       "--seed", str(rcfg.seed), "--samples", str(rcfg.samples), "--teacher", rcfg.teacher,
-                       "--text", str(rcfg.text), "--out", str(out)])
+def recover_command(run, rec: dict, out) -> str:
+    """The `recover` command that remakes a recover folder from its base run folder; `rec` is the
+    recovery's settings as recorded (RecoveryConfig.to_dict()). KeyError where one is missing."""
+    return shlex.join(["python", "-m", "proxsparse_core", "recover", "--run", str(run), "--method", rec["method"],
+                       "--steps", str(rec["steps"]), "--lr", str(rec["lr"]), "--batch", str(rec["batch"]),
+                       "--seed", str(rec["seed"]), "--samples", str(rec["samples"]), "--teacher", rec["teacher"],
+                       "--text", str(rec["text"]), "--out", str(out)])
 
 
 def recovery_summary(info: dict) -> str:

@@ -206,7 +206,6 @@ def save_run(root, ws, name: str, *, cfg=None, events=None, metrics: dict | None
 
 def _save_recovered(tmp: Path, ws, name: str, settings: RunConfig, base_run, extra: dict):
     """recipe.json and weights.safetensors of a recovered result, as `recover --out` writes them."""
-    from proxsparse_core.recovery.recover import RecoveryConfig
     from proxsparse_core.runs.folder import recover_command
 
     pruning = ws.results[name]
@@ -224,8 +223,8 @@ def _save_recovered(tmp: Path, ws, name: str, settings: RunConfig, base_run, ext
     if base_run is not None:
         recipe["base_run"] = str(base_run)
         try:
-            recipe["command"] = recover_command(base_run, RecoveryConfig(**rec), "RUN_FOLDER")
-        except TypeError:
+            recipe["command"] = recover_command(base_run, rec, "RUN_FOLDER")
+        except KeyError:                 # settings recorded by an older version: no command
             pass
     save_json(tmp / RECIPE_FILE, recipe)
 
