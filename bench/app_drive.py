@@ -51,6 +51,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from proxsparse_core import measured  # noqa: E402
+
 STEP = re.compile(r"step <b>(\d+) / (\d+)</b>")
 BADGE = re.compile(r'ps-badge ps-(\w+)')
 PEAK = re.compile(r"(GPU peak|process) memory ([\d.]+ [KMGT]?i?B)")
@@ -460,16 +462,6 @@ def reload_export(folder: Path, args) -> dict:
             "device": str(next(model.parameters()).device), "zero_weights": zeros}
 
 
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def environment(args) -> dict:
     import gradio
     import gradio_client
@@ -482,7 +474,7 @@ def environment(args) -> dict:
                                 text=True, timeout=10).stdout.strip() or None
     except OSError:
         commit = None
-    return {"device_name": gpu or cpu_name(), "cuda": torch.version.cuda,
+    return {"device_name": gpu or measured.cpu_name(), "cuda": torch.version.cuda,
             "cpu_count": os.cpu_count(), "python": platform.python_version(), "torch": torch.__version__,
             "transformers": transformers.__version__, "gradio": gradio.__version__,
             "gradio_client": gradio_client.__version__, "commit": commit}

@@ -8,8 +8,6 @@ until the run (steps, mask, verification, held-out perplexity) is finished in th
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import socket
 import subprocess
@@ -19,6 +17,10 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from proxsparse_core import measured  # noqa: E402
+
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"]
 
@@ -82,17 +84,10 @@ def main():
 
 def record(key: str, seconds: float, args) -> None:
     """Write the figure into bench/measured.json, keeping the file's format and its other figures."""
-    path = ROOT / "bench" / "measured.json"
-    data = json.loads(path.read_text(encoding="utf-8"))
     command = f"python bench/demo_time.py --preset {args.preset}" + (" --cold" if args.cold else "")
-    data["figures"][key] = {"seconds": round(seconds), "what": "Start to held-out perplexity in the page"
-                            + (", first run (empty memo)" if args.cold else ""),
-                            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-                            "machine": f"{os.cpu_count()} CPU cores", "command": command}
-    lines = [f'    {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}' for k, v in data["figures"].items()]
-    text = ('{\n  "about": ' + json.dumps(data["about"], ensure_ascii=False) + ',\n  "figures": {\n'
-            + ",\n".join(lines) + "\n  }\n}\n")
-    path.write_text(text, encoding="utf-8")
+    path = measured.record(key, {"seconds": round(seconds), "what": "Start to held-out perplexity in the page"
+                                 + (", first run (empty memo)" if args.cold else ""),
+                                 "machine": f"{os.cpu_count()} CPU cores", "command": command})
     print(f"recorded {key}: {round(seconds)} s in {path.relative_to(ROOT)}")
 
 

@@ -12,8 +12,6 @@ learned mask is; the dense model is measured with the memo off (PROXSPARSE_MEMO=
 from __future__ import annotations
 
 import argparse
-import datetime
-import json
 import os
 import sys
 import time
@@ -22,6 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from proxsparse_core import measured  # noqa: E402
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -56,18 +55,11 @@ def main():
 
 def record(seconds: float, windows: int, tokens: int, args, load: float) -> None:
     """Write the figure into bench/measured.json, keeping the file's format and its other figures."""
-    path = ROOT / "bench" / "measured.json"
-    data = json.loads(path.read_text(encoding="utf-8"))
-    data["figures"]["eval:bundled:cpu"] = {
+    path = measured.record("eval:bundled:cpu", {
         "seconds": round(seconds, 1), "windows": windows, "tokens": tokens,
         "what": f"held-out perplexity of one 2:4 model after the steps ({windows} windows × {tokens} tokens, "
                 f"{args.preset}'s settings; load average {load:.1f} from other work)",
-        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"),
-        "machine": f"{os.cpu_count()} CPU cores", "command": f"python bench/eval_time.py --preset {args.preset}"}
-    lines = [f'    {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}' for k, v in data["figures"].items()]
-    text = ('{\n  "about": ' + json.dumps(data["about"], ensure_ascii=False) + ',\n  "figures": {\n'
-            + ",\n".join(lines) + "\n  }\n}\n")
-    path.write_text(text, encoding="utf-8")
+        "machine": f"{os.cpu_count()} CPU cores", "command": f"python bench/eval_time.py --preset {args.preset}"})
     print(f"recorded eval:bundled:cpu: {seconds:.1f} s in {path.relative_to(ROOT)}")
 
 

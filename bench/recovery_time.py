@@ -20,7 +20,6 @@ import argparse
 import datetime
 import json
 import os
-import platform
 import re
 import shutil
 import subprocess
@@ -31,17 +30,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from proxsparse_core import measured  # noqa: E402
+
 ETA = re.compile(r"ETA (?:(\d+):)?(\d+):(\d\d) in all")
-
-
-def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def seconds_of(m: re.Match) -> int:
@@ -127,7 +120,7 @@ def main():
                                    "max_after_10pct": round(max(ratios), 2) if ratios else None},
         "load_average": {"min": round(min(loads), 2), "max": round(max(loads), 2),
                          "mean": round(sum(loads) / len(loads), 2)},
-        "cpu": f"{os.cpu_count()} cores, {cpu_name()}", "chat_turns_cached_before": args.warm_text,
+        "cpu": f"{os.cpu_count()} cores, {measured.cpu_name()}", "chat_turns_cached_before": args.warm_text,
         "perplexity": metrics.get("perplexity"), "date": datetime.datetime.now(datetime.timezone.utc)
         .strftime("%Y-%m-%d %H:%M UTC"),
     }
@@ -144,14 +137,12 @@ def main():
 
 def record(key: str, result: dict, args) -> None:
     """Write the figure into bench/measured.json, keeping the file's format and its other figures."""
-    path = ROOT / "bench" / "measured.json"
-    data = json.loads(path.read_text(encoding="utf-8"))
     load = result["load_average"]
     shared = load["max"] >= 0.5
     machine = f"{os.cpu_count()} CPU cores" + (f", shared (load average {load['min']:.1f}–{load['max']:.1f})"
                                                if shared else "")
     stages = ", ".join(f"{k} {v:.0f} s" for k, v in result["stage_seconds"].items())
-    data["figures"][key] = {
+    path = measured.record(key, {
         "seconds": round(result["seconds"]),
         "what": f"the whole recover command after quick-demo (model load, the model's chat turns written "
                 f"{'before: cached' if args.warm_text else 'first, as on a first use'}, OBS update, teacher, "
@@ -161,11 +152,7 @@ def record(key: str, result: dict, args) -> None:
             "note": "the model writing its chat turns, the first time only (cached after)"}
            if not args.warm_text and result["stage_seconds"].get("chat-turns") else {}),
         "command": "python bench/recovery_time.py" + (" --warm-text" if args.warm_text else "")
-                   + f" ({result['command']})"}
-    lines = [f'    {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}' for k, v in data["figures"].items()]
-    text = ('{\n  "about": ' + json.dumps(data["about"], ensure_ascii=False) + ',\n  "figures": {\n'
-            + ",\n".join(lines) + "\n  }\n}\n")
-    path.write_text(text, encoding="utf-8")
+                   + f" ({result['command']})"})
     print(f"recorded {key}: {round(result['seconds'])} s in {path.relative_to(ROOT)}")
 
 

@@ -71,3 +71,32 @@ def scaled(key: str, **size: float) -> float | None:
             return None
         base *= value / ref
     return base
+
+
+def record(key: str, figure: dict) -> Path:
+    """Write one figure into bench/measured.json (what the bench scripts' --record does), in the
+    file's own format (one figure a line) and keeping every other figure; the date is added when
+    the figure has none. Returns the file."""
+    import datetime
+
+    data = json.loads(FILE.read_text(encoding="utf-8"))
+    figure.setdefault("date", datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d"))
+    data["figures"][key] = figure
+    lines = [f"    {json.dumps(k)}: {json.dumps(v, ensure_ascii=False)}" for k, v in data["figures"].items()]
+    FILE.write_text('{\n  "about": ' + json.dumps(data["about"], ensure_ascii=False) + ',\n  "figures": {\n'
+                    + ",\n".join(lines) + "\n  }\n}\n", encoding="utf-8")
+    figures.cache_clear()
+    return FILE
+
+
+def cpu_name() -> str:
+    """This machine's processor, as the bench scripts name it next to a figure."""
+    import platform
+
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

@@ -217,15 +217,20 @@ class Workspace:
             _, field, _, ctx, seed = self._data_key[:5]
             n = n or own
             fresh = None
+
+            def writing(stage: str, what: str):
+                """A (done, total) callback for text the dense model writes: it reports the tokens
+                written so far and ends the writing (Stopped) when Stop was pressed."""
+                def tell(done, total):
+                    if stop is not None and stop.is_set():
+                        raise Stopped(f"stopped while the dense model wrote {what.split(':')[0]}")
+                    say(stage, min(done, total), total, f"the dense model writes {what}: {min(done, total):,} "
+                        f"of {total:,} tokens (cached for this model and seed) …", "tokens")
+                return tell
             if text:
                 from proxsparse_core.data.selfgen import fresh_ids
 
-                def tell(done, total):
-                    if stop is not None and stop.is_set():
-                        raise Stopped("stopped while the dense model wrote fresh text")
-                    say("fresh-text", min(done, total), total,
-                        f"the dense model writes fresh text for fine-tuning: {min(done, total):,} "
-                        f"of {total:,} tokens (cached for this model and seed) …", "tokens")
+                tell = writing("fresh-text", "fresh text for fine-tuning")
                 tell(0, text)
                 fresh = fresh_ids(self.lm.model, self.lm.tokenizer, text, seed, tell)
             say("samples", 0, n, f"drawing {n:,} fine-tuning samples (for self-written text, the first time "
@@ -239,12 +244,7 @@ class Workspace:
             if turns:
                 from proxsparse_core.data.selfgen import chat_turns
 
-                def written(done, total):
-                    if stop is not None and stop.is_set():
-                        raise Stopped("stopped while the dense model wrote its chat turns")
-                    say("chat-turns", min(done, total), total,
-                        f"the dense model answers instructions for {turns:,} of the samples: {min(done, total):,} "
-                        f"of {total:,} tokens (cached for this model and seed) …", "tokens")
+                written = writing("chat-turns", f"its chat turns: answers to instructions for {turns:,} of the samples")
                 say("chat-turns", 0, 0, f"the dense model answers instructions for {turns:,} of the samples "
                     f"(cached for this model and seed) …", "tokens")
                 samples = torch.cat([samples, chat_turns(self.lm.model, self.lm.tokenizer, turns, ctx, seed,

@@ -71,3 +71,20 @@ def test_a_recovery_figure_names_the_part_a_first_use_spends_writing_text(tmp_pa
             "model writing its chat turns, the first time only")
     finally:
         measured.figures.cache_clear()
+
+
+def test_record_writes_one_figure_and_keeps_the_others(tmp_path, monkeypatch):
+    """measured.record (the bench scripts' --record): the new figure is read back, with a date, and
+    every other figure and the file's one-figure-per-line format stay."""
+    import json
+    from proxsparse_core import measured
+    f = tmp_path / "measured.json"
+    f.write_text('{\n  "about": "x",\n  "figures": {\n    "a": {"seconds": 1}\n  }\n}\n')
+    monkeypatch.setattr(measured, "FILE", f)
+    measured.figures.cache_clear()
+    measured.record("b", {"seconds": 2.5, "machine": "2 CPU cores"})
+    data = json.loads(f.read_text())
+    assert data["figures"]["a"] == {"seconds": 1} and data["figures"]["b"]["seconds"] == 2.5
+    assert len(data["figures"]["b"]["date"]) == 10 and measured.seconds("b") == 2.5
+    assert f.read_text().count("\n") == 7                   # one line per figure
+    measured.figures.cache_clear()
