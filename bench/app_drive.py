@@ -81,7 +81,8 @@ def running_app(workdir: Path, args: list[str], timeout: float = 180):
     """`python app.py --port <free> *args`; yields (url, log path) once it answers; stops it after."""
     port = free_port()
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
-           "PROXSPARSE_EXPORTS": str(workdir / "exports"), "PYTHONUNBUFFERED": "1"}
+           "PROXSPARSE_EXPORTS": str(workdir / "exports"), "PROXSPARSE_RUNS": str(workdir / "runs"),
+           "PYTHONUNBUFFERED": "1"}
     log_path = workdir / "app.log"
     out = open(log_path, "w+")
     proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), *args], cwd=ROOT, env=env,
@@ -495,7 +496,7 @@ def main(argv=None):
     ap.add_argument("--recover-steps", type=int, default=0, help="fine-tuning steps (default: the length's)")
     ap.add_argument("--smoke", action="store_true", help="tiny settings: seconds on a CPU")
     ap.add_argument("--out", default="", help="write the JSON summary here")
-    ap.add_argument("--workdir", default="", help="app log and exports (default: a temporary folder)")
+    ap.add_argument("--workdir", default="", help="app log, exports and saved runs (default: a temporary folder)")
     ap.add_argument("--phase-timeout", type=float, default=900)
     ap.add_argument("--learn-timeout", type=float, default=3600)
     ap.add_argument("--recover-timeout", type=float, default=7200)

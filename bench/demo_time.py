@@ -44,7 +44,9 @@ def main():
     cold = tempfile.TemporaryDirectory(prefix="demo-time-memo-") if args.cold else None
     if cold is not None:
         env["PROXSPARSE_MEMO_DIR"] = cold.name
-    app = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), "--preset", args.preset],
+    runs = tempfile.TemporaryDirectory(prefix="demo-time-runs-")     # the timed run is not added to your saved runs
+    app = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), "--preset", args.preset,
+                            "--runs-dir", runs.name],
                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         with sync_playwright() as pw:
@@ -78,6 +80,7 @@ def main():
         app.wait(30)
         if cold is not None:
             cold.cleanup()
+        runs.cleanup()
     if args.record:
         record(f"learn:{args.preset}:cpu", seconds, args)
 
