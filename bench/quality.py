@@ -177,7 +177,11 @@ def _recovered(ws: Workspace, name: str, label: str, job: dict) -> list[dict]:
         default = RecoveryConfig(method=rc.method, steps=rc.steps, seed=rc.seed)
         steps += "".join(f", {k} {getattr(rc, k)}" for k in ("lr", "samples", "batch", "teacher", "text")
                          if getattr(rc, k) != getattr(default, k))
-        row = _row(ws, recovered_name(name), f"{label} + recovery ({rc.method}{steps})", time.perf_counter() - t0)
+        start = res.pruning.info.get("start", "")
+        title = (f"{label} + recovery ({rc.method}{steps}, from {start})" if rc.method != "obs" or start != "learned"
+                 else f"{label}: learned weights × mask (nothing recovered)")
+        row = _row(ws, recovered_name(name), title, time.perf_counter() - t0)
+        row["start"] = start
         row["recovery_loss"] = res.events[-1].lm_loss if res.events else None
         row["recovery_status"] = f"{res.status}: {res.message}"
         print(f"[{label} recovery] row: {json.dumps(row)}", flush=True)     # kept in the log even if cut off later
@@ -335,7 +339,13 @@ def main():
     p.add_argument("--recover-until", type=float, default=0.0, help="Unix time at which a recovery still "
                    "running is stopped (its last good weights are scored, the row says 'stopped'); for runs "
                    "on a machine lent for a limited time")
+    p.add_argument("--table", nargs="*", default=None, help="print the table of rows already written (JSON-lines "
+                                                             "files of --out) and stop")
     args = p.parse_args()
+    if args.table is not None:
+        rows = [json.loads(line) for f in args.table for line in open(f) if line.strip()]
+        return print("\n".join(markdown(rows, RunConfig(), shlex.join(["python", "bench/quality.py", *sys.argv[1:]]))
+                                .splitlines()[5:]))     # the rows' own runs said the date, machine and settings
 
     base = RunConfig(device=args.device, eval_windows=0)
     if args.preset:

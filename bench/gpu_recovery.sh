@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Issue 30: does the learned mask keep its edge after recovery? Recovery against recovery, on one GPU.
+#
+# For each model and seed, two processes of bench/quality.py (float32, the same calibration tokens, every
+# row scored on the built-in held-out text and three held-out texts of other domains):
+#   <model>_prox_s<seed>  ProxSparse (the model's preset), then from its mask:
+#                         the learned weights × mask (nothing recovered),
+#                         `standard` recovery as published: OBS update from W0, then 300 fine-tuning steps,
+#                         `standard` recovery from the learned weights: 300 fine-tuning steps, no OBS;
+#   <model>_sgpt_s<seed>  dense, SparseGPT (and its mask on W0), then
+#                         `standard` recovery: OBS update + 300 fine-tuning steps on 300 samples,
+#                         the same with the tokens matched: 600 steps on 600 samples — as many as ProxSparse's
+#                         learning (300 steps of one 128-token sample) and its recovery (300) read together.
+# Models: the bundled SmolLM2-135M (llama; preset bundled-quality) and, with QWEN=FOLDER, a second
+# architecture from a local folder (qwen2; preset scale-free), e.g. the GPU demo's model (bench/demo_model.py).
+#   RES=/tmp/r30 QWEN=/tmp/demo-model bash bench/gpu_recovery.sh
+#   SMOKE=1 RES=/tmp/r30s bash bench/gpu_recovery.sh          # a few steps of each, on the CPU
+# Rows go to $RES/*.jsonl, logs to $RES/*.log; `python bench/quality.py --table $RES/*.jsonl` prints them as one table.
+set -u
+RES=${RES:-/tmp/r30}; QWEN=${QWEN:-}; SEEDS=${SEEDS:-"0 1"}; MAXJOBS=${MAXJOBS:-8}
+mkdir -p "$RES"
+export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
+DEV=cuda; WIN=40; REC=300; STEPS=""; N=""
+if [ -n "${SMOKE:-}" ]; then DEV=cpu; WIN=2; REC=3; STEPS="steps=3 eval_windows=2"; N=12; MAXJOBS=1; SEEDS=0; fi
+H="--heldout bench/texts/legal.txt bench/texts/mldocs.txt bench/texts/manual.txt --heldout-windows $WIN"
+SMALL=""; [ -n "${SMOKE:-}" ] && SMALL=":samples=8"
+PROX_REC="obs:start=learned,both:$REC:start=w0$SMALL,finetune:$REC:start=learned$SMALL"
+MATCHED=$((2 * REC)); [ -n "${SMOKE:-}" ] && MATCHED_SAMPLES=16 || MATCHED_SAMPLES=$MATCHED
+SGPT_REC="both:$REC$SMALL,both:$MATCHED:samples=$MATCHED_SAMPLES"
+models="bundled:smollm2-135m=bundled-quality"; [ -n "$QWEN" ] && models="$models $QWEN=scale-free"
+settings() {   # settings MODEL SEED: the base settings of every process of that model and seed
+  echo "model=$1 seed=$2 dtype=float32 eval_windows=0 $STEPS ${N:+samples=$N}"
+}
+# 0. the model's own calibration text (data mix) for every model and seed, made once before the processes
+#    that share it start: the largest amount any of them reads (matched recovery: 600 samples)
+for ms in $models; do m=${ms%=*}; for s in $SEEDS; do
+  python3 -c "
+from proxsparse_core.config import RunConfig; from proxsparse_core.workspace import Workspace
+Workspace().load(RunConfig(model='$m', device='$DEV', dtype='float32', data='mix', samples=$MATCHED_SAMPLES, ctx=128, seed=$s))" \
+    > "$RES/pregen_$(basename "$m")_s$s.log" 2>&1 &
+done; done
+wait
+echo "pregen done $(date +%T)"
+for s in $SEEDS; do for ms in $models; do
+  m=${ms%=*}; preset=${ms#*=}; tag=$( [ "$preset" = bundled-quality ] && echo smol || echo second )
+  while [ "$(jobs -rp | wc -l)" -ge "$MAXJOBS" ]; do sleep 2; done
+  python3 bench/quality.py --device $DEV --preset $preset --set "$(settings "$m" "$s")" --baselines "" $H \
+    --recover "$PROX_REC" --out "$RES/${tag}_prox_s$s.jsonl" > "$RES/${tag}_prox_s$s.log" 2>&1 &
+  while [ "$(jobs -rp | wc -l)" -ge "$MAXJOBS" ]; do sleep 2; done
+  python3 bench/quality.py --device $DEV --preset $preset --set "$(settings "$m" "$s")" --baselines sparsegpt \
+    --no-proxsparse $H --recover "$SGPT_REC" --out "$RES/${tag}_sgpt_s$s.jsonl" > "$RES/${tag}_sgpt_s$s.log" 2>&1 &
+done; done
+wait
+echo "all done $(date +%T)"
