@@ -27,7 +27,8 @@ SMALL=""; [ -n "${SMOKE:-}" ] && SMALL=":samples=8"
 PROX_REC="obs:start=learned,both:$REC:start=w0$SMALL,finetune:$REC:start=learned$SMALL"
 MATCHED=$((2 * REC)); [ -n "${SMOKE:-}" ] && MATCHED_SAMPLES=16 || MATCHED_SAMPLES=$MATCHED
 SGPT_REC="both:$REC$SMALL,both:$MATCHED:samples=$MATCHED_SAMPLES"
-models="bundled:smollm2-135m=bundled-quality"; [ -n "$QWEN" ] && models="$models $QWEN=scale-free"
+models="bundled:smollm2-135m=bundled-quality"; [ "${SMOL:-1}" = 0 ] && models=""   # SMOL=0: the second model alone
+[ -n "$QWEN" ] && models="$models $QWEN=scale-free"
 settings() {   # settings MODEL SEED: the base settings of every process of that model and seed
   echo "model=$1 seed=$2 dtype=float32 eval_windows=0 $STEPS ${N:+samples=$N}"
 }
