@@ -3,10 +3,9 @@
 #
 # For each model and seed, two processes of bench/quality.py (float32, the same calibration tokens, every
 # row scored on the built-in held-out text and three held-out texts of other domains):
-#   <model>_prox_s<seed>  ProxSparse (the model's preset), then from its mask:
-#                         the learned weights × mask (nothing recovered),
-#                         `standard` recovery as published: OBS update from W0, then 300 fine-tuning steps,
-#                         `standard` recovery from the learned weights: 300 fine-tuning steps, no OBS;
+#   <model>_prox_s<seed>  ProxSparse (the model's preset), then from its mask (W0 · mask, as published):
+#                         `standard` recovery: OBS update, then 300 fine-tuning steps on 300 samples,
+#                         the fine-tuning alone (no OBS update);
 #   <model>_sgpt_s<seed>  dense, SparseGPT (and its mask on W0), then
 #                         `standard` recovery: OBS update + 300 fine-tuning steps on 300 samples,
 #                         the same with the tokens matched: 600 steps on 600 samples — as many as ProxSparse's
@@ -15,7 +14,8 @@
 # architecture from a local folder (qwen2; preset scale-free), e.g. the GPU demo's model (bench/demo_model.py).
 #   RES=/tmp/r30 QWEN=/tmp/demo-model bash bench/gpu_recovery.sh
 #   SMOKE=1 RES=/tmp/r30s bash bench/gpu_recovery.sh          # a few steps of each, on the CPU
-# Rows go to $RES/*.jsonl, logs to $RES/*.log; `python bench/quality.py --table $RES/*.jsonl` prints them as one table.
+# Recovery from the learned weights instead of W0 · mask (worse on every text: bench/RESULTS.md section 1a) was
+# measured with commit b5e9d51 of this script. Rows go to $RES/*.jsonl, logs to $RES/*.log; `python bench/quality.py --table $RES/*.jsonl` prints them as one table.
 set -u
 RES=${RES:-/tmp/r30}; QWEN=${QWEN:-}; SEEDS=${SEEDS:-"0 1"}; MAXJOBS=${MAXJOBS:-8}
 mkdir -p "$RES"
@@ -24,7 +24,7 @@ DEV=cuda; WIN=40; REC=300; STEPS=""; N=""
 if [ -n "${SMOKE:-}" ]; then DEV=cpu; WIN=2; REC=3; STEPS="steps=3 eval_windows=2"; N=12; MAXJOBS=1; SEEDS=0; fi
 H="--heldout bench/texts/legal.txt bench/texts/mldocs.txt bench/texts/manual.txt --heldout-windows $WIN"
 SMALL=""; [ -n "${SMOKE:-}" ] && SMALL=":samples=8"
-PROX_REC="obs:start=learned,both:$REC:start=w0$SMALL,finetune:$REC:start=learned$SMALL"
+PROX_REC="both:$REC$SMALL,finetune:$REC$SMALL"
 MATCHED=$((2 * REC)); [ -n "${SMOKE:-}" ] && MATCHED_SAMPLES=16 || MATCHED_SAMPLES=$MATCHED
 SGPT_REC="both:$REC$SMALL,both:$MATCHED:samples=$MATCHED_SAMPLES"
 models="bundled:smollm2-135m=bundled-quality"; [ "${SMOL:-1}" = 0 ] && models=""   # SMOL=0: the second model alone

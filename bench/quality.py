@@ -177,11 +177,7 @@ def _recovered(ws: Workspace, name: str, label: str, job: dict) -> list[dict]:
         default = RecoveryConfig(method=rc.method, steps=rc.steps, seed=rc.seed)
         steps += "".join(f", {k} {getattr(rc, k)}" for k in ("lr", "samples", "batch", "teacher", "text")
                          if getattr(rc, k) != getattr(default, k))
-        start = res.pruning.info.get("start", "")
-        title = (f"{label} + recovery ({rc.method}{steps}, from {start})" if rc.method != "obs" or start != "learned"
-                 else f"{label}: learned weights × mask (nothing recovered)")
-        row = _row(ws, recovered_name(name), title, time.perf_counter() - t0)
-        row["start"] = start
+        row = _row(ws, recovered_name(name), f"{label} + recovery ({rc.method}{steps})", time.perf_counter() - t0)
         row["recovery_loss"] = res.events[-1].lm_loss if res.events else None
         row["recovery_status"] = f"{res.status}: {res.message}"
         print(f"[{label} recovery] row: {json.dumps(row)}", flush=True)     # kept in the log even if cut off later

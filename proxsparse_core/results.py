@@ -24,14 +24,11 @@ TITLES = {
 
 @dataclass
 class Pruning:
-    """One 2:4 result: masks, and updated weights only for methods that change weights. `learned`:
-    a learned mask's weights at the end of learning, times the mask — not the result itself (that is
-    W0 · mask, the published method) but where its recovery starts (recovery.py, start "learned")."""
+    """One 2:4 result: masks, and updated weights only for methods that change weights."""
     method: str
     masks: dict
     weights: dict | None = None
     info: dict = field(default_factory=dict)
-    learned: dict | None = None
 
     @property
     def updates_weights(self) -> bool:

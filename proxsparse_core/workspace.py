@@ -87,8 +87,7 @@ class Workspace:
         if result.steps_done > 0:
             self.results[name] = Pruning(LEARNED, result.masks, None,
                                          {"status": result.status, "steps": result.steps_done,
-                                          "message": result.message, "config": cfg.to_dict()},
-                                         learned=result.learned)
+                                          "message": result.message, "config": cfg.to_dict()})
             self.ppl.pop(name, None)
             self.top1.pop(name, None)
             self.agreed.pop(name, None)
@@ -145,7 +144,7 @@ class Workspace:
         and the held-out perplexity of the results named in `evaluate` that are not scored yet (the caller
         reports that stage, "perplexity", through the timeline: see `unscored`)."""
         from proxsparse_core.data.selfgen import MAX_NEW
-        from proxsparse_core.recovery.recover import recovery_stages, runs_obs
+        from proxsparse_core.recovery.recover import recovery_stages
         self._need()
         ctx = int(self.data.calibration.shape[1])
         n = rcfg.samples or int(self.data.calibration.shape[0])
@@ -155,8 +154,7 @@ class Workspace:
         windows = int(held.shape[0]) * len(self.unscored(evaluate))
         stages = recovery_stages(self.lm, rcfg, tuple(self.data.calibration.shape), n, ctx,
                                  turns * (MAX_NEW + ctx // 2) + ctx if turns else 0, 0 if drawn else rcfg.text,
-                                 windows, int(held.shape[1]) if held.dim() == 2 else 0,
-                                 obs=runs_obs(rcfg, self.results[name]) if name in self.results else None)
+                                 windows, int(held.shape[1]) if held.dim() == 2 else 0)
         return Timeline(stages, tell)
 
     def score_recovery(self, names, timeline: Timeline | None = None, stop=None) -> dict:

@@ -54,8 +54,6 @@ class LearnResult:
     name: str = ""               # the workspace result it became (Workspace.learn), if any
     master_weights: str = "none"   # "fp32": AdamW and the prox moved float32 copies of bf16/fp16 weights;
                                    # "none": the model's own weights (a float32 model, or master_weights off)
-    learned: dict | None = None    # name → the learned weights at the end, times the mask (CPU, the model's
-                                   # dtype): where recovery starts by default (recovery.py, start "learned")
 
 
 @torch.no_grad()
@@ -243,8 +241,6 @@ class ProxSparseLearner:
                 status, message, done, events = self._loop(weights, originals, prunable_ids, device, scratch)
                 master = "fp32" if scratch["training"].masters else "none"
                 masks, share = self._extract(weights, scratch.get("cols"))
-                learned = ({n: (weights[n].detach() * masks[n].to(weights[n].device)).to("cpu", copy=True)
-                            for n in self.names} if done else None)
         finally:
             self._release(scratch)
             if others:
@@ -260,8 +256,7 @@ class ProxSparseLearner:
                 torch.cuda.empty_cache()
         if status == "finished":
             message = f"finished {done} steps; {100 * share:.1f}% of groups were already 2:4"
-        return LearnResult(status, message, done, masks, self.names, events, share, master_weights=master,
-                           learned=learned)
+        return LearnResult(status, message, done, masks, self.names, events, share, master_weights=master)
 
     def _extract(self, weights: dict, cols: dict | None) -> tuple[dict, float]:
         """The mask from the learned weights, and the share of groups that were already 2:4."""

@@ -51,7 +51,6 @@ from proxsparse_core.method.training import MaskedTraining, StepEvent, memory_in
 
 RECOVERY_METHODS = ("obs", "finetune", "both")
 TEACHERS = ("stored", "live")
-STARTS = ("learned", "w0")
 MAX_STORED = 20_000           # samples a stored teacher may keep (≈ 50 KB each at 128 tokens, top-64)
 LIVE_CHUNK_TOKENS = 8192      # the live teacher's batch runs in chunks of about this many tokens
 
@@ -69,7 +68,6 @@ class RecoveryConfig:
     #                               samples at lr 2e-3 against the run's own seen twice: bench/RESULTS.md
     teacher: str = "stored"       # stored (top-64 per position, read once) | live (W0 run every step, full KL)
     text: int = field(default=0, metadata={"lo": 0, "hi": 50_000_000})   # tokens of fresh text (0 = none)
-    start: str = "learned"        # learned (a learned mask's own weights at the end of learning) | w0
 
     HELP = {"method": "obs (weight update with the mask fixed), finetune (masked distillation from the "
                       "dense model) or both",
@@ -87,11 +85,7 @@ class RecoveryConfig:
             "text": "tokens of fresh text the dense model writes for fine-tuning in large batches (half answers "
                     "to varied instructions, half free text from the start-of-text token; cached per model and "
                     "seed); fine-tuning samples are then drawn over it and the run's calibration text together "
-                    "(it replaces the model's own text of data mix). 0 = none. A GPU job for large amounts",
-            "start": "where the survivors start: learned (a ProxSparse mask learned in this session starts from its "
-                     "weights at the end of learning, times the mask, and skips the OBS update, which would "
-                     "re-solve them from W0; any other result starts as with w0) or w0 (W0 · mask, or the "
-                     "result's own updated weights, as published)"}
+                    "(it replaces the model's own text of data mix). 0 = none. A GPU job for large amounts"}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -108,8 +102,6 @@ class RecoveryConfig:
             raise UserError(f"recovery method must be one of {', '.join(RECOVERY_METHODS)}; got {self.method!r}")
         if not isinstance(self.teacher, str) or self.teacher not in TEACHERS:
             raise UserError(f"recovery teacher must be one of {', '.join(TEACHERS)}; got {self.teacher!r}")
-        if not isinstance(self.start, str) or self.start not in STARTS:
-            raise UserError(f"recovery start must be one of {', '.join(STARTS)}; got {self.start!r}")
         for f in fields(self):              # bounds are declared once, on the field (see `bounds`)
             if "hi" not in f.metadata or f.name == "lr":
                 continue
@@ -195,14 +187,12 @@ def _vocab(lm) -> int:
 
 
 def recovery_stages(lm, cfg: "RecoveryConfig", calibration_shape: tuple, tuning_rows: int, ctx: int,
-                    turn_tokens: int = 0, text: int = 0, eval_windows: int = 0, eval_ctx: int = 0,
-                    obs: bool | None = None) -> list:
+                    turn_tokens: int = 0, text: int = 0, eval_windows: int = 0, eval_ctx: int = 0) -> list:
     """(stage, units, work per unit: multiply-adds × EFFORT) of every stage a recovery with `cfg` goes through, in order:
     fresh-text (tokens), samples (no count), chat-turns (tokens), obs (blocks), teacher (samples, a stored
     teacher), finetune (steps), perplexity (held-out windows: `eval_windows` of `eval_ctx` tokens, over
-    every result still to be scored). Stages that will not run are left out (`obs`: whether the OBS
-    update runs, see `runs_obs`; by default as `cfg.method` says); a stage whose text turns out cached never
-    reports and counts nothing (Timeline)."""
+    every result still to be scored). Stages that will not run are left out; a stage whose text turns out
+    cached never reports and counts nothing (Timeline)."""
     from proxsparse_core.sparsity.prunable import find_decoder_blocks
 
     vocab, fine = _vocab(lm), cfg.method != "obs"
@@ -216,7 +206,7 @@ def recovery_stages(lm, cfg: "RecoveryConfig", calibration_shape: tuple, tuning_
         out.append(("samples", 0, 0.0))
     if fine and turn_tokens:
         stage("chat-turns", turn_tokens, forward_work(lm, 1, ctx))
-    if cfg.method != "finetune" if obs is None else obs:
+    if cfg.method != "finetune":
         n_cal = calibration_shape[0] * calibration_shape[1]
         blocks = max(1, len(find_decoder_blocks(lm.model)[1]))
         solve = sum(n_cal * w.shape[1] ** 2 + w.numel() * w.shape[1] + w.shape[1] ** 3    # X·Xᵀ, the solve
@@ -244,17 +234,6 @@ class RecoveryResult:
     pruning: Pruning | None       # None only when nothing was recovered (stopped before any work)
     events: list
     name: str = ""                # the workspace result it became (Workspace.recover), if any
-
-
-def starts_learned(cfg: RecoveryConfig, base: Pruning) -> bool:
-    """Does this recovery of `base` start from the learned weights (start "learned" and a result that has them)?"""
-    return cfg.start == "learned" and base.learned is not None
-
-
-def runs_obs(cfg: RecoveryConfig, base: Pruning) -> bool:
-    """Does this recovery run the OBS update? Not when it starts from the learned weights: OBS re-solves the
-    survivors from W0 and would throw them away."""
-    return cfg.method in ("obs", "both") and not starts_learned(cfg, base)
 
 
 def recovered_name(base: str) -> str:
@@ -423,21 +402,13 @@ def recover(lm, calibration: torch.Tensor, base: Pruning, base_name: str, origin
     cfg.validate()
     if timeline is None:
         rows = (calibration if tuning is None else tuning).shape
-        timeline = Timeline(recovery_stages(lm, cfg, tuple(calibration.shape), rows[0], rows[1],
-                                            obs=runs_obs(cfg, base)))
+        timeline = Timeline(recovery_stages(lm, cfg, tuple(calibration.shape), rows[0], rows[1]))
     stop = stop or threading.Event()
     t0 = time.perf_counter()
-    learned = starts_learned(cfg, base)
-    if learned:
-        start = base.learned
-    else:
-        start = base.weights if base.weights is not None else _masked(originals, base.masks)
-    info = {"base": base_name, "base_method": base.method, "recovery": cfg.to_dict(),
-            "start": "learned" if learned else ("w0" if base.weights is None else "own")}
+    start = base.weights if base.weights is not None else _masked(originals, base.masks)
+    info = {"base": base_name, "base_method": base.method, "recovery": cfg.to_dict()}
     events, status, message = [], "finished", ""
-    if learned:
-        message = "started from the learned weights"
-    if runs_obs(cfg, base):
+    if cfg.method in ("obs", "both"):
         try:
             start = obs_update(lm, calibration, base.masks, progress, stop, timeline)
         except Stopped:
