@@ -91,3 +91,21 @@ def perplexity_table(jobs: JobManager) -> pd.DataFrame:
                      f"{ws.ppl[n] / dense:.2f}×" if dense else "", same, weights,
                      "—" if n == DENSE else {True: "✓", False: "✗"}.get(jobs.verified.get(n), "?")])
     return pd.DataFrame(rows, columns=COLUMNS)
+
+
+def like_with_like(jobs: JobManager) -> str:
+    """A line under the perplexity table when it sets a recovered row beside results that were not
+    recovered: recovery changes the surviving weights, so a recovered row is fairly compared only with
+    other recovered rows (SparseGPT's one-shot update is not a recovery). Empty when nothing needs saying."""
+    ws = jobs.ws
+    scored = [n for n in ws.ppl if n != DENSE]
+    recovered = [n for n in scored if is_recovered(n)]
+    roots = {n.split(RECOVERED)[0] for n in recovered}
+    alone = [n for n in scored if not is_recovered(n) and n not in roots and method_of(n) != "sparsegpt-maskonly"]
+    if not recovered or not alone:
+        return ""
+    names = ", ".join(f"**{esc(title(n))}**" for n in alone)
+    return (f"⚖ Compare recovered rows only with recovered rows: {names} "
+            f"{'was' if len(alone) == 1 else 'were'} not recovered. To compare like with like, recover "
+            f"{'it' if len(alone) == 1 else 'each'} with the same settings (Recover, below).")
+

@@ -34,7 +34,7 @@ from proxsparse_core.results import DENSE, LEARNED, is_recovered, method_of, tit
 
 from . import inputs
 from .answers import (COLUMNS, LOOP_GUARD, MAX_PROMPT, answer_panel as _panel, _plain_md, baseline_methods,  # noqa: F401
-                      perplexity_table, settings_from_form, unknown_result, variant_choices)
+                      like_with_like, perplexity_table, settings_from_form, unknown_result, variant_choices)
 from .feedback import esc, fmt_duration, notify
 from .jobs import POLL_S, Job, JobManager, in_worker, watch
 from .lecture import build_lecture
@@ -233,7 +233,8 @@ def table_view(jobs: JobManager, job: Job, table=None, live: bool | None = None)
         return TableView(perplexity_table(jobs) if table is None else table, head + tasks)
     if job.status == "failed":
         return TableView(perplexity_table(jobs), f"⚠ {esc(job.message)}\n\n{tasks}")
-    return TableView(perplexity_table(jobs), job.message + "\n\n" + tasks)
+    fair = like_with_like(jobs)
+    return TableView(perplexity_table(jobs), job.message + ("\n\n" + fair if fair else "") + "\n\n" + tasks)
 
 
 def follow_perplexities(jobs: JobManager, job: Job, shown: int = 0, poll: float = POLL_S):
@@ -547,6 +548,7 @@ class RecoveryView(NamedTuple):
     rec_loss: Any = SKIP
     table: Any = SKIP
     variant: Any = SKIP
+    table_note: Any = SKIP
 
 
 def recovery_view(jobs: JobManager, job: Job, choose: bool = True) -> RecoveryView:
@@ -555,7 +557,7 @@ def recovery_view(jobs: JobManager, job: Job, choose: bool = True) -> RecoveryVi
         return view
     choices = variant_choices(jobs)
     made = job.result is not None and job.result in jobs.ws.results
-    return view._replace(table=perplexity_table(jobs),
+    return view._replace(table=perplexity_table(jobs), table_note=like_with_like(jobs) or SKIP,
                          variant=gr.update(choices=choices, value=job.result) if made and choose
                          else gr.update(choices=choices))
 
