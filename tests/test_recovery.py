@@ -476,7 +476,7 @@ def test_compare_tab_recovers_a_result_and_shows_its_row(tiny_folder):
     with pytest.raises(UserError, match="Recovery length must be one of"):
         compare_tab.recovery_length("forever")
     updates = list(compare_tab.recover_result(jobs, LEARNED, "both", 4.0, 3.0, 2.0))
-    progress, fig, table, variant = updates[-1]
+    progress, fig, table, variant, _ = updates[-1]
     new = LEARNED + "+recovery"
     assert new in jobs.ws.results and jobs.verified[new] is True
     assert jobs.ws.results[new].info["finetune_samples"] == 3          # the samples widget reaches recovery
@@ -509,7 +509,7 @@ def test_compare_tab_stop_keeps_the_recovered_weights_so_far(tiny_folder):
         fig = final[1]
         if fig.data and len(fig.data[0].x) >= 1:      # the first step is on the chart: press Stop
             jobs.eval_stop.set()
-    progress, fig, table, variant = final
+    progress, fig, table, variant, _ = final
     new = LEARNED + "+recovery"
     steps = len(fig.data[0].x)
     assert "stopped" in progress and "perplexity skipped" in progress and 1 <= steps < 200
