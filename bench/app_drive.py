@@ -346,7 +346,7 @@ def drive(args, workdir: Path, on_phase=None) -> dict:
                 r["steps"] = args.recover_steps
             job = page.submit(learned(), "both", r["steps"], r["samples"], r["batch"], r["lr"], r["teacher"],
                               r["text"], api_name="/recover")
-            progress, loss, table, variant = job.result(timeout=args.recover_timeout)
+            progress, loss, table, variant = job.result(timeout=args.recover_timeout)[:4]   # then the table note
             status = BADGE.search(progress or "")
             if not status or status.group(1) != "finished":
                 raise RuntimeError(f"recovery ended: {text_of(progress)[:400]}")
