@@ -285,7 +285,7 @@ def cmd_learn(args) -> int:
         print(result.message)
         metrics = {"method": LEARNED, "status": result.status, "message": result.message,
                    "steps": result.steps_done, "learned_share_24": result.learned_share_24,
-                   "master_weights": result.master_weights}
+                   "master_weights": result.master_weights, "autocast": result.autocast}
         if result.steps_done == 0:
             save_events(out / "events.jsonl", result.events)
             save_json(out / "metrics.json", {**metrics, "complete": False, "incomplete": "no step finished: no mask"})

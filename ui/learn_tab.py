@@ -54,6 +54,7 @@ LABELS = {
     "lr": "Learning rate", "steps": "Steps", "batch": "Batch size", "warmup": "Warm-up share",
     "seed": "Seed", "grad_ckpt": "Gradient checkpointing", "train_all": "Train all parameters",
     "w0_offload": "Keep W0 on the CPU", "master_weights": "float32 master weights (bf16/fp16 models)", "layer_stats_every": "Per-layer stats every N steps",
+    "cpu_autocast": "bf16 products when learning on a CPU that has them",
     "lambda_scale": "λ1 / lr scaling", "lr_schedule": "Learning-rate schedule", "loss": "Training objective",
     "score": "What ranks weights in a group",
 }

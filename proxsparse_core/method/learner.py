@@ -38,8 +38,8 @@ from proxsparse_core.sparsity.masks import clean_and_count, extract_masks, mask_
 from proxsparse_core.method import prox_native
 from proxsparse_core.method.prox import FAST_TOL, MAX_SWEEPS, prox_2to4_, triton_kernels
 from proxsparse_core.sparsity.scores import ChannelNorms, channel_weights, ranking
-from proxsparse_core.method.training import (MaskedTraining, StepEvent, eta_seconds, memory_by_device, memory_in_use,  # noqa: F401
-                       run_steps, trainable)
+from proxsparse_core.method.training import (MaskedTraining, StepEvent, autocast_context, eta_seconds,  # noqa: F401
+                                             learning_autocast, memory_by_device, memory_in_use, run_steps, trainable)
 
 
 @dataclass
@@ -54,6 +54,7 @@ class LearnResult:
     name: str = ""               # the workspace result it became (Workspace.learn), if any
     master_weights: str = "none"   # "fp32": AdamW and the prox moved float32 copies of bf16/fp16 weights;
                                    # "none": the model's own weights (a float32 model, or master_weights off)
+    autocast: str = "off"          # "bf16": the forward passes ran under bfloat16 autocast (cpu_autocast)
 
 
 @torch.no_grad()
@@ -240,6 +241,7 @@ class ProxSparseLearner:
             with trainable(model, prunable, originals, trained, cfg.grad_ckpt):
                 status, message, done, events = self._loop(weights, originals, prunable_ids, device, scratch)
                 master = "fp32" if scratch["training"].masters else "none"
+                autocast = scratch.get("autocast", "off")
                 masks, share = self._extract(weights, scratch.get("cols"))
         finally:
             self._release(scratch)
@@ -256,7 +258,8 @@ class ProxSparseLearner:
                 torch.cuda.empty_cache()
         if status == "finished":
             message = f"finished {done} steps; {100 * share:.1f}% of groups were already 2:4"
-        return LearnResult(status, message, done, masks, self.names, events, share, master_weights=master)
+        return LearnResult(status, message, done, masks, self.names, events, share, master_weights=master,
+                           autocast=autocast)
 
     def _extract(self, weights: dict, cols: dict | None) -> tuple[dict, float]:
         """The mask from the learned weights, and the share of groups that were already 2:4."""
@@ -381,9 +384,10 @@ class ProxSparseLearner:
         for d in devices:
             if d.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats(torch.device(d))
+        scratch["autocast"] = learning_autocast(cfg.cpu_autocast, device, next(iter(weights.values())).dtype)
         held = _HeldOut(self, originals, plan.cols, device)
         groups = sum(w.numel() // 4 for w in weights.values())
-        run = _Run(training.params, plan, training, held, device, devices, groups)
+        run = _Run(training.params, plan, training, held, device, devices, groups, autocast=scratch["autocast"])
         model.train()
         return run
 
@@ -397,20 +401,23 @@ class ProxSparseLearner:
         rows = {}
         l2_term = None if plan.w0 is None else (lambda: frozen_weight_term_(
             run.weights, plan.w0, cfg.lambda2, cfg.eps, plan.scale if cfg.lambda_scale == "layer" else None))
-        times = run.training.step(self._loss_and_grad(batch, picked, plan, run.device),
+        times = run.training.step(self._loss_and_grad(batch, picked, plan, run.device, run.autocast),
                                   lambda: rows.update(self._prox_all(run.weights, plan)), l2_term)
         self._report(run, step, times, rows, batch.numel(), t0)
 
-    def _loss_and_grad(self, batch: torch.Tensor, picked: torch.Tensor, plan: _Plan, device: str):
+    def _loss_and_grad(self, batch: torch.Tensor, picked: torch.Tensor, plan: _Plan, device: str,
+                       autocast: str = "off"):
         """The step's loss (KL to the teacher, or the LM loss) with its gradients; no backward
-        through a non-finite loss."""
+        through a non-finite loss. `autocast` "bf16": the forward pass under bfloat16 autocast."""
         model = self.lm.model
 
         def loss_and_grad():
-            if plan.teacher is not None:
-                loss = distill_loss(model, batch, *plan.teacher.batch(plan.slot[picked], device))
-            else:
-                loss = model(input_ids=batch, labels=batch).loss
+            with autocast_context(autocast):
+                if plan.teacher is not None:
+                    loss = distill_loss(model, batch, *plan.teacher.batch(plan.slot[picked], device))
+                else:
+                    loss = model(input_ids=batch, labels=batch).loss
+            loss = loss.float()
             if torch.isfinite(loss):
                 loss.backward()
             return loss.detach()
@@ -455,6 +462,7 @@ class _Run:
     device: str                          # the input device
     devices: list                        # every device a layer lives on (and the input device)
     total_groups: int
+    autocast: str = "off"                # "bf16": forward passes under bfloat16 autocast (learning_autocast)
     events: list = field(default_factory=list)
     step_times: list = field(default_factory=list)      # per step, without the held-out measurement
     t_start: float = field(default_factory=time.perf_counter)
