@@ -29,7 +29,10 @@ def test_recovered_rows_are_flagged_until_every_row_is_recovered(tiny_dir, tmp_p
     note = compare_tab.like_with_like(jobs)
     assert "SparseGPT" in note and "not recovered" in note and "ProxSparse" not in note
     view = compare_tab.recovery_view(jobs, job)
-    assert view.table_note == note                               # shown under the table when the recovery ends
+    assert view.table_note.endswith(note)                        # shown under the table when the recovery ends,
+    assert "held-out windows" in view.table_note                 # after the table's own note
     assert note in compare_tab.table_view(jobs, table).table_note
-    wait(compare_tab.start_recovery(jobs, "sparsegpt", rcfg))
+    last = compare_tab.start_recovery(jobs, "sparsegpt", rcfg)
+    wait(last)
     assert compare_tab.like_with_like(jobs) == ""               # recovery against recovery: nothing to flag
+    assert "⚖" not in compare_tab.recovery_view(jobs, last).table_note     # and the old line is gone

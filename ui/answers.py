@@ -108,4 +108,3 @@ def like_with_like(jobs: JobManager) -> str:
     return (f"⚖ Compare recovered rows only with recovered rows: {names} "
             f"{'was' if len(alone) == 1 else 'were'} not recovered. To compare like with like, recover "
             f"{'it' if len(alone) == 1 else 'each'} with the same settings (Recover, below).")
-

@@ -557,7 +557,10 @@ def recovery_view(jobs: JobManager, job: Job, choose: bool = True) -> RecoveryVi
         return view
     choices = variant_choices(jobs)
     made = job.result is not None and job.result in jobs.ws.results
-    return view._replace(table=perplexity_table(jobs), table_note=like_with_like(jobs) or SKIP,
+    table_job = jobs.last("perplexity")     # the table's own note (windows, tokens), then the like-with-like line
+    fair = like_with_like(jobs)
+    note = "\n\n".join(x for x in ((table_job.message if table_job is not None else ""), fair) if x)
+    return view._replace(table=perplexity_table(jobs), table_note=note,
                          variant=gr.update(choices=choices, value=job.result) if made and choose
                          else gr.update(choices=choices))
 
