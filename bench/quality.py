@@ -193,7 +193,7 @@ def _scores(ws: Workspace, name: str) -> dict:
     """{text: [perplexity, agreement with dense]} on the built-in held-out part and every extra text."""
     out = {"builtin": [ws.perplexity(name), ws.agreement(name) if name != DENSE else 1.0]}
     for text, windows in EXTRA.items():
-        with ws.lock, ws.variant(name):
+        with ws.lock, ws.variant(name), ws.scoring_products():     # as the built-in text's score
             s = score(ws.lm.model, windows)
         if name == DENSE:
             _DENSE_TOP1[text] = s.top1

@@ -250,6 +250,7 @@ def _finish(ws, args, out: Path, name: str, metrics: dict, uses_data: bool = Tru
         metrics.update({"verification": str(check), "verified": check.ok})
         if not args.no_eval:
             metrics["perplexity"] = {DENSE: ws.perplexity(DENSE), name: ws.perplexity(name)}
+            metrics["perplexity_products"] = "bfloat16" if ws.scoring == "bf16" else "model dtype"
             print("held-out perplexity: " + "  ".join(f"{k} {v:.3f}" for k, v in metrics["perplexity"].items()))
         if args.prompt:
             _print_compare(ws, [DENSE, name], args)
@@ -492,6 +493,7 @@ def _finish_recovery(ws, args, out: Path, base: str, name: str, metrics: dict, t
                     "held_out_tokens": int(ws.data.held_out.numel())})
     if not args.no_eval:
         metrics["perplexity"] = ws.score_recovery((DENSE, base, name), timeline)
+        metrics["perplexity_products"] = "bfloat16" if ws.scoring == "bf16" else "model dtype"
         metrics["top1_agreement"] = {n: ws.agreement(n) for n in (base, name)}
         print("held-out perplexity: " + "  ".join(f"{k} {v:.3f}" for k, v in metrics["perplexity"].items()))
         print("same top-1 next token as dense: " + "  ".join(f"{k} {100 * v:.1f}%"

@@ -106,9 +106,9 @@ class RunConfig:
                                       "or off (the model's own weights: less memory, but updates below bf16's "
                                       "resolution are lost)", choices=("fp32", "off"))
     cpu_autocast: str = _f("auto", "auto (on a CPU that multiplies bfloat16 natively, AVX512-BF16 or AMX, learning's "
-                                    "forward and backward passes of a float32 model run their matrix products in "
-                                    "bfloat16: several times faster there; weights, AdamW, the prox and every "
-                                    "perplexity stay float32) or off (float32 products throughout)",
+                                    "forward and backward passes and the held-out perplexity of a float32 model run "
+                                    "their matrix products in bfloat16: several times faster there; weights, AdamW, "
+                                    "the prox and the mask stay float32) or off (float32 products throughout)",
                            choices=("auto", "off"))
     layer_stats_every: int = _f(5, "emit per-layer 2:4 shares every N steps", lo=1, hi=1_000_000)
 

@@ -9,6 +9,12 @@ from proxsparse_core.errors import UserError
 from proxsparse_core.method import training
 from proxsparse_core.method.learner import ProxSparseLearner
 from proxsparse_core.sparsity.masks import snapshot
+from test_ui_tiny_model import save_tiny_model
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("models") / "tiny")
 
 
 @pytest.mark.parametrize("native", [True, False])
@@ -65,3 +71,25 @@ def test_setting_off_keeps_every_forward_pass_float32(tiny_lm, monkeypatch):
     res, seen, _, _ = _run(tiny_lm, monkeypatch, "off")
     assert res.status == "finished" and res.autocast == "off"
     assert seen and not any(seen)
+
+
+def test_held_out_scores_use_bf16_products_only_where_learning_does(tiny_dir, monkeypatch):
+    """The workspace scores with bf16 products under the same rule; switching the setting drops the
+    scores of the other precision instead of mixing them in one table."""
+    from proxsparse_core.workspace import Workspace
+    monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: True)
+    seen = []
+    ws = Workspace()
+    base = dict(model=str(tiny_dir), device="cpu", dtype="float32", samples=4, ctx=32, eval_ctx=32, eval_windows=2)
+    ws.load(RunConfig(**base))
+    assert ws.scoring == "bf16"
+    hook = ws.lm.model.register_forward_pre_hook(lambda m, a: seen.append(torch.is_autocast_enabled("cpu")))
+    bf16 = ws.perplexity("dense")
+    assert seen and all(seen)
+    ws.load(RunConfig(**base, cpu_autocast="off"))
+    assert ws.scoring == "off" and "dense" not in ws.ppl        # the bf16 score is not kept
+    seen.clear()
+    fp32 = ws.perplexity("dense")
+    hook.remove()
+    assert seen and not any(seen)
+    assert abs(bf16 - fp32) / fp32 < 0.05                      # the same perplexity, to bf16's precision

@@ -89,7 +89,8 @@ def _measured(cfg):
     lm = load_model(cfg.model, "cpu", "float32")
     ws = Workspace()
     ws.load(cfg)
-    return score(lm.model, ws.data.held_out)
+    with ws.scoring_products():        # the products every workspace score uses here
+        return score(lm.model, ws.data.held_out)
 
 
 def test_a_second_workspace_reads_the_dense_score_norms_and_held_out_loss(folders, counted):
