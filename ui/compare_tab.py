@@ -172,7 +172,8 @@ def compute_perplexities(jobs: JobManager, methods, progress=None, on_row=None, 
     data = ws.data
     return perplexity_table(jobs), (f"{done_msg}. {data.held_out.shape[0]} held-out windows × "
                                     f"{data.held_out.shape[1]} tokens of {data.source}; the same token ids "
-                                    f"for every row (lower is better).")
+                                    f"for every row (lower is better)"
+                                    + ("; bf16 matrix products on this CPU." if ws.scoring == "bf16" else "."))
 
 
 TASK_MARK = {"waiting": "·", "pruning": "▶", "perplexity": "▶", "done": "✓"}
