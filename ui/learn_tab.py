@@ -36,7 +36,9 @@ FORM = [f.name for f in fields(RunConfig) if f.name != "data"]   # data has its 
 DATA_MODES = ["built-in text", "upload a file", "HF dataset", "built-in + the model's own text"]
 MODE_OF_DATA = {"builtin": DATA_MODES[0], "mix": DATA_MODES[3]}   # data settings a preset may name
 KEEP_ON_PRESET = ("device", "dtype", "device_map", "max_memory", "trust_remote_code", "data_field")
-POLL_S = 0.5
+POLL_S = 1.0                 # the live Learn tab redraws at most once a second: each frame redraws three charts
+                             # in the browser, and twice a second took a 2-core laptop's time from the learning
+                             # itself (bench/RESULTS.md 3d)
 CUSTOM = "custom"            # the preset box when the settings are the user's own (or fit no preset)
 GPU_PRESETS = {k for k, v in PRESETS.items() if v["gpu"]}     # made for a GPU: the demo model, 7B–14B
 
