@@ -14,8 +14,9 @@
 # architecture from a local folder (qwen2; preset scale-free), e.g. the GPU demo's model (bench/demo_model.py).
 #   RES=/tmp/r30 QWEN=/tmp/demo-model bash bench/gpu_recovery.sh
 #   SMOKE=1 RES=/tmp/r30s bash bench/gpu_recovery.sh          # a few steps of each, on the CPU
-# Recovery from the learned weights instead of W0 · mask (worse on every text: bench/RESULTS.md section 1a) was
-# measured with commit b5e9d51 of this script. Rows go to $RES/*.jsonl, logs to $RES/*.log; `python bench/quality.py --table $RES/*.jsonl` prints them as one table.
+# Recovery from the learned weights instead of W0 · mask (worse on every text: bench/RESULTS.md section 1a)
+# was measured with commit b5e9d51 of this script.
+# Rows go to $RES/*.jsonl, logs to $RES/*.log; `python bench/quality.py --table $RES/*.jsonl` prints them.
 set -u
 RES=${RES:-/tmp/r30}; QWEN=${QWEN:-}; SEEDS=${SEEDS:-"0 1"}; MAXJOBS=${MAXJOBS:-8}
 mkdir -p "$RES"
