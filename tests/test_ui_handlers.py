@@ -1,5 +1,6 @@
 """The app's handlers as plain functions: no server, no browser, a tiny model folder."""
 import math
+import re
 import time
 
 import gradio as gr
@@ -535,3 +536,14 @@ def test_a_preset_sets_its_data_mode_so_the_app_learns_what_the_cli_learns():
     assert learn_tab.matching_preset(cfg) == "bundled-quality"
     assert learn_tab.preset_form("quick-demo", values)["mode"] == learn_tab.DATA_MODES[0]
     assert learn_tab.preset_form(learn_tab.CUSTOM, values)["mode"] is learn_tab.SKIP
+
+
+def test_a_generation_ends_with_the_tokens_per_second_of_both_sides(finished):
+    """Issue 31: the Compare tab says how fast dense and 2:4 generated (new tokens over the seconds
+    from the request to the last token), counted with the model's tokenizer."""
+    jobs, _ = finished
+    _, _, summary = list(compare_tab.generate_pair(jobs, LEARNED, "hello", False, 0.7, 0.9, 6, False))[-1]
+    rates = re.findall(r"(dense|2:4) ([0-9.]+) tokens/s", summary)
+    assert [side for side, _ in rates] == ["dense", "2:4"] and all(float(r) > 0 for _, r in rates)
+    assert compare_tab.speed_line({}) == "" and compare_tab.speed_line({"dense": (0, 1.0)}) == ""
+    assert "dense 5.0 tokens/s" in compare_tab.speed_line({"dense": (10, 2.0)})

@@ -17,6 +17,8 @@ read their widgets by name and answer with views (ui.widgets).
 """
 from __future__ import annotations
 
+import time
+
 from typing import Any, NamedTuple
 
 import gradio as gr
@@ -96,6 +98,7 @@ def generate_pair(jobs: JobManager, variant, prompt, sample, temperature, top_p,
     settings = settings_from_form(sample, temperature, top_p, max_new_tokens, chat, block_repeats)
     chosen: list = [None]         # the result shown on the right, decided once the machine is ours
     stopped = []
+    rates: dict = {}              # side → new tokens per second, request to last token (prefill included)
 
     def work(emit):
         with jobs.claim("generating text"):       # busy first: a running job may be making results
@@ -111,8 +114,10 @@ def generate_pair(jobs: JobManager, variant, prompt, sample, temperature, top_p,
             try:
                 for side, name in ((DENSE, DENSE), ("pruned", variant)):
                     if name is not None and not stop.is_set():
+                        t0, text = time.perf_counter(), ""
                         for text in jobs.ws.generate_stream(name, prompt, settings):
                             emit((side, text))
+                        rates[side] = (count_tokens(jobs.ws.lm.tokenizer, text), time.perf_counter() - t0)
             except Stopped:                         # Stop while the chat template was rendered
                 pass
             if stop.is_set():
@@ -125,7 +130,24 @@ def generate_pair(jobs: JobManager, variant, prompt, sample, temperature, top_p,
     dense, pruned, summary = render_pair(texts[DENSE], texts["pruned"], chosen[0])
     summary = "⏹ **Stopped**: the text above is what was generated before Stop." if stopped else summary
     notes = "".join(f"⚠ {_plain_md(n)}.\n\n" for n in settings.notes)      # e.g. the chat template failed
-    yield PairView(dense, pruned, notes + summary)
+    yield PairView(dense, pruned, notes + summary + speed_line(rates))
+
+
+def count_tokens(tokenizer, text: str) -> int:
+    """New tokens in a generated text (its own tokens, no special ones)."""
+    return len(tokenizer(text, add_special_tokens=False).input_ids) if text else 0
+
+
+def speed_line(rates: dict) -> str:
+    """"dense 31.2 tokens/s · 2:4 30.9 tokens/s" from side → (new tokens, seconds from the request to the
+    last token), with a word on why they match where the 2:4 model runs as a dense one."""
+    parts = [f"{label} {n / s:.1f} tokens/s" for side, label in ((DENSE, "dense"), ("pruned", "2:4"))
+             if side in rates for n, s in [rates[side]] if n and s > 0]
+    if not parts:
+        return ""
+    same = ("; the 2:4 model generates as a dense one (its zeros are multiplied too), so the two differ only "
+            "by noise and answer length" if len(parts) == 2 else "")
+    return f"\n\n⏱ {' · '.join(parts)} (new tokens ÷ seconds from the request to the last token{same})."
 
 
 # ---------------------------------------------------------------------------- perplexity
