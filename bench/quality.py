@@ -30,7 +30,6 @@ import argparse
 import itertools
 import json
 import os
-import platform
 import re
 import shlex
 import subprocess
@@ -42,6 +41,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from proxsparse_core import measured  # noqa: E402
 from proxsparse_core.config import RunConfig  # noqa: E402
 from proxsparse_core.data.text import heldout_windows, special_prefix, tokenize  # noqa: E402
 from proxsparse_core.inference.evaluate import EXAMPLE_PROMPTS, GenerationSettings, agreement, score  # noqa: E402
@@ -270,15 +270,9 @@ def run_workers(args, jobs: list[dict]) -> None:
 
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
     import torch
+
+    cpu = measured.cpu_name() or "unknown CPU"
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return f"{os.cpu_count()} CPU cores ({cpu}){gpu}, torch {torch.__version__}"
 

@@ -19,7 +19,7 @@ from proxsparse_core.inference.evaluate import GenerationSettings, Score, agreem
 from proxsparse_core.inference import evaluate
 from proxsparse_core.memo import ModelMemo, source_of
 from proxsparse_core.method.learner import LearnResult, ProxSparseLearner
-from proxsparse_core.method.training import autocast_context, learning_autocast
+from proxsparse_core.method.training import autocast_context, autocast_mode
 from proxsparse_core.sparsity.masks import Verification, masked, pruned_weights, snapshot, swapped, verify
 from proxsparse_core.models.loading import LoadedModel, load_model
 from proxsparse_core.progress import Progress, Timeline
@@ -66,7 +66,7 @@ class Workspace:
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
-        scoring = learning_autocast(cfg.cpu_autocast, str(lm.model.get_input_embeddings().weight.device), lm.dtype)
+        scoring = autocast_mode(cfg.cpu_autocast, str(lm.model.get_input_embeddings().weight.device), lm.dtype)
         if data is not self.data or scoring != self.scoring:    # scores of another precision are not kept
             self.data, self.ppl, self.top1, self._data_key, self._tuning = data, {}, {}, dkey, None
             self.agreed = {}

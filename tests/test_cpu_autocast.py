@@ -21,11 +21,11 @@ def tiny_dir(tmp_path_factory):
 def test_autocast_only_for_float32_models_on_a_cpu_with_native_bf16(monkeypatch, native):
     monkeypatch.setattr(training, "cpu_has_native_bf16", lambda: native)
     on = "bf16" if native else "off"
-    assert training.learning_autocast("auto", "cpu", torch.float32) == on
-    assert training.learning_autocast("off", "cpu", torch.float32) == "off"
-    assert training.learning_autocast("auto", "cpu", torch.bfloat16) == "off"
-    assert training.learning_autocast("auto", "cuda", torch.float32) == "off"
-    assert training.learning_autocast("auto", "cuda:0", torch.float32) == "off"
+    assert training.autocast_mode("auto", "cpu", torch.float32) == on
+    assert training.autocast_mode("off", "cpu", torch.float32) == "off"
+    assert training.autocast_mode("auto", "cpu", torch.bfloat16) == "off"
+    assert training.autocast_mode("auto", "cuda", torch.float32) == "off"
+    assert training.autocast_mode("auto", "cuda:0", torch.float32) == "off"
 
 
 def test_cpu_autocast_takes_auto_or_off():

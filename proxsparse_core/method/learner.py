@@ -39,7 +39,7 @@ from proxsparse_core.method import prox_native
 from proxsparse_core.method.prox import FAST_TOL, MAX_SWEEPS, prox_2to4_, triton_kernels
 from proxsparse_core.sparsity.scores import ChannelNorms, channel_weights, ranking
 from proxsparse_core.method.training import (MaskedTraining, StepEvent, autocast_context, eta_seconds,  # noqa: F401
-                                             learning_autocast, memory_by_device, memory_in_use, run_steps, trainable)
+                                             autocast_mode, memory_by_device, memory_in_use, run_steps, trainable)
 
 
 @dataclass
@@ -384,7 +384,7 @@ class ProxSparseLearner:
         for d in devices:
             if d.startswith("cuda"):
                 torch.cuda.reset_peak_memory_stats(torch.device(d))
-        scratch["autocast"] = learning_autocast(cfg.cpu_autocast, device, next(iter(weights.values())).dtype)
+        scratch["autocast"] = autocast_mode(cfg.cpu_autocast, device, next(iter(weights.values())).dtype)
         held = _HeldOut(self, originals, plan.cols, device)
         groups = sum(w.numel() // 4 for w in weights.values())
         run = _Run(training.params, plan, training, held, device, devices, groups, autocast=scratch["autocast"])
@@ -462,7 +462,7 @@ class _Run:
     device: str                          # the input device
     devices: list                        # every device a layer lives on (and the input device)
     total_groups: int
-    autocast: str = "off"                # "bf16": forward passes under bfloat16 autocast (learning_autocast)
+    autocast: str = "off"                # "bf16": forward passes under bfloat16 autocast (autocast_mode)
     events: list = field(default_factory=list)
     step_times: list = field(default_factory=list)      # per step, without the held-out measurement
     t_start: float = field(default_factory=time.perf_counter)

@@ -17,6 +17,7 @@ one `StepEvent` per step, stop cleanly between steps, and give the model back ex
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import statistics
@@ -31,9 +32,11 @@ from proxsparse_core.method.adamw_native import AdamW
 from proxsparse_core.sparsity.masks import load_weights
 
 
+@functools.cache
 def cpu_has_native_bf16() -> bool:
     """Does this CPU multiply bfloat16 natively (AVX512-BF16 or AMX)? There bf16 matrix products run
-    several times faster than float32 ones (bench/RESULTS.md); elsewhere they are emulated and slower."""
+    several times faster than float32 ones (bench/RESULTS.md); elsewhere they are emulated and slower.
+    Read once per process."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
@@ -42,15 +45,15 @@ def cpu_has_native_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def learning_autocast(setting: str, device: str, dtype: torch.dtype) -> str:
-    """"bf16" when learning's forward passes should run under bfloat16 autocast (RunConfig.cpu_autocast
-    "auto", a float32 model on a CPU with native bf16), else "off"."""
+def autocast_mode(setting: str, device: str, dtype: torch.dtype) -> str:
+    """"bf16" when a model's forward passes (learning's and the held-out scores') run under bfloat16
+    autocast: RunConfig.cpu_autocast "auto", a float32 model on a CPU with native bf16; else "off"."""
     on = setting == "auto" and device == "cpu" and dtype == torch.float32 and cpu_has_native_bf16()
     return "bf16" if on else "off"
 
 
 def autocast_context(mode: str):
-    """The context a forward pass runs in for `mode` ("bf16" or "off", learning_autocast)."""
+    """The context a forward pass runs in for `mode` ("bf16" or "off", autocast_mode)."""
     return torch.autocast("cpu", dtype=torch.bfloat16) if mode == "bf16" else contextlib.nullcontext()
 
 
