@@ -78,17 +78,17 @@ def per_product(shapes, tokens, copies: int, quick: bool) -> list[dict]:
     for (o, i) in shapes:
         ws = [random_24_weight(o, i, seed=s) for s in range(copies)]
         packed = [d24.pack_24(w) for w in ws]
-        sem = torch.zeros(o // 16 + 1, dtype=torch.int32, device="cuda")
-        cfgs = d24.candidate_configs(o, i)
-        if quick:
-            cfgs = cfgs[:1]
+        sem = torch.zeros(o // 4 + 1, dtype=torch.int32, device="cuda")
         for t in tokens:
+            cfgs = d24.candidate_configs(o, i, t)
+            if quick:                          # the default of each kind
+                cfgs = [cfgs[0]] + [c for c in cfgs if c.kind == "fma"][:1]
             x = torch.randn(t, i, device="cuda", dtype=torch.bfloat16)
             dense_ms = graph_call_ms([lambda w=w: F.linear(x, w) for w in ws])
             ref = x.float() @ ws[0].float().t()
             dense = F.linear(x, ws[0])
             timings = {}
-            for cfg in cfgs + [d24.Config(**{**cfgs[0].__dict__, "asm": False})]:
+            for cfg in cfgs + ([] if quick else [d24.Config(**{**cfgs[0].__dict__, "asm": False})]):
                 try:
                     y = d24.mm24(x, *packed[0], i, None, cfg, sem)
                     err = _err(y, dense.float())

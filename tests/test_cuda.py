@@ -262,8 +262,8 @@ def _decode24():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_decode24_kernel_matches_dense(dtype):
-    """Every configuration the dispatcher may pick, 1/3/7/16 tokens, odd sizes, with a bias: as
-    accurate against float32 as the dense bf16/fp16 product."""
+    """Every configuration the dispatcher may pick (mma at 1/3/7/16 tokens, fma at 1), odd sizes,
+    with a bias: as accurate against float32 as the dense bf16/fp16 product."""
     from proxsparse_core.inference.sparse24 import random_24_weight
     d24 = _decode24()
     for o, i in [(4096, 4096), (11008, 4096), (4096, 11008), (37, 132), (200, 576)]:
@@ -275,7 +275,9 @@ def test_decode24_kernel_matches_dense(dtype):
             x = torch.randn(t, i, device="cuda", dtype=dtype)
             ref = x.float() @ w.float().t() + b.float()
             dense_err = float((F_linear(x, w, b).float() - ref).norm() / ref.norm())
-            for cfg in d24.candidate_configs(o, i) + [d24.Config(bk=64, asm=False)]:
+            cfgs = d24.candidate_configs(o, i, t) + [d24.Config(bk=64, asm=False)]
+            assert any(c.kind == "fma" for c in cfgs) == (t <= d24.FMA_MAX_TOKENS)
+            for cfg in cfgs:
                 y = d24.mm24(x, values, meta, i, b, cfg)
                 err = float((y.float() - ref).norm() / ref.norm())
                 assert err <= 2 * dense_err + 1e-4, (o, i, t, str(cfg), err, dense_err)
@@ -285,12 +287,13 @@ def F_linear(x, w, b=None):
     return torch.nn.functional.linear(x, w, b)
 
 
-def test_decode24_split_counters_are_reset_and_graph_capturable():
+@pytest.mark.parametrize("kind", ["mma", "fma"])
+def test_decode24_split_counters_are_reset_and_graph_capturable(kind):
     from proxsparse_core.inference.sparse24 import random_24_weight
     d24 = _decode24()
     w = random_24_weight(4096, 11008)
     layer = d24.Decode24Linear(w)
-    cfg = d24.Config(split=4)
+    cfg = d24.Config(split=4) if kind == "mma" else d24.Config(bn=4, bk=512, split=4, warps=4, kind="fma")
     x = torch.randn(1, 11008, device="cuda", dtype=torch.bfloat16)
     first = layer.kernel(x, cfg)
     assert int(layer.sem.abs().sum()) == 0

@@ -72,7 +72,7 @@ def test_codes_and_selectors_agree():
 def test_dispatcher_takes_dense_where_the_kernel_is_slower(monkeypatch):
     layer = d24.Decode24Linear(weight_24(32, 128, dtype=torch.float16), measure=True)
     monkeypatch.setattr(d24, "_CHOICES", {})
-    monkeypatch.setattr(d24, "candidate_configs", lambda n, k: [d24.Config(bk=64), d24.Config(bk=128)])
+    monkeypatch.setattr(d24, "candidate_configs", lambda n, k, tokens=16: [d24.Config(bk=64), d24.Config(bk=128)])
     monkeypatch.setattr(layer, "kernel", lambda x, cfg: cfg)
     speed = {"dense": 1.0, 64: 0.9, 128: 2.0}
     monkeypatch.setattr(d24, "_bench", lambda fn: speed["dense"] if not isinstance(fn(), d24.Config) else speed[fn().bk])
@@ -120,29 +120,39 @@ triton_interp.install()
 from proxsparse_core.inference import decode24 as d24
 from test_decode24 import weight_24
 worst = 0.0
-for n, k in [(48, 200), (16, 64), (37, 132), (70, 256)]:
+for n, k in [(48, 200), (16, 64), (37, 132), (70, 256), (16, 256)]:
     w = weight_24(n, k, seed=n, dtype=torch.float16)
     values, meta = d24.pack_24(w)
     bias = torch.randn(n).half()
-    for t in (1, 3, 7, 16):
+    for t in (1, 3, 4, 7, 16):
         x = torch.randn(t, k).half()
-        for cfg in (d24.Config(bk=64), d24.Config(bn=32, bk=64, split=2, warps=2),
-                    d24.Config(bn=16, bk=64, split=3)):
+        cfgs = [d24.Config(bk=64), d24.Config(bn=32, bk=64, split=2, warps=2), d24.Config(bn=16, bk=64, split=3)]
+        if t <= d24.FMA_MAX_TOKENS:
+            cfgs += [d24.Config(bn=4, bk=64, kind="fma"), d24.Config(bn=8, bk=128, split=2, warps=2, kind="fma"),
+                     d24.Config(bn=16, bk=512, split=3, kind="fma")]
+        for cfg in cfgs:
             for b in (None, bias):
                 y = d24.mm24(x, values, meta, k, b, cfg)
                 ref = x.float() @ w.float().t() + (0 if b is None else b.float())
                 err = float((y.float() - ref).norm() / ref.norm())
                 assert y.shape == (t, n) and y.dtype == torch.float16
                 worst = max(worst, err)
+# one token whose row starts off an 8-byte boundary (the fma kernel reads int64 words of four)
+w = weight_24(16, 256, seed=5, dtype=torch.float16)
+values, meta = d24.pack_24(w)
+x = torch.randn(1, 259).half()[:, 1:257]
+y = d24.mm24(x, values, meta, 256, None, d24.Config(bn=4, bk=64, kind="fma"))
+ref = x.float() @ w.float().t()
+worst = max(worst, float((y.float() - ref).norm() / ref.norm()))
 assert worst < 2e-3, worst
 print("OK", worst)
 """
 
 
 def test_kernel_in_interpreter_matches_dense_product():
-    """Every configuration kind (one share, split shares reduced by the last one, 1/2/4 warps) on odd
-    sizes (rows not a multiple of the block, inputs not a multiple of 64) at 1/3/7/16 tokens, with
-    and without bias: relative error to the float32 product of the same 2:4 weight < 2e-3 (float16
+    """Both kernels (mma at 1/3/4/7/16 tokens, fma at 1), every configuration kind (one share,
+    split shares reduced by the last one, 1/2/4 warps) on odd sizes (rows not a multiple of the
+    block, inputs not a multiple of 64), with and without bias: relative error to the float32 product of the same 2:4 weight < 2e-3 (float16
     output rounding). The interpreter runs the plain-Triton expansion (no PTX) and float16:
     Triton 3.6's interpreter gets bfloat16 products wrong."""
     pytest.importorskip("triton")
@@ -161,3 +171,16 @@ def test_generation_speed_reports_both_sides_and_restores():
     assert r.dense_ms > 0 and r.sparse_ms > 0 and r.speedup > 0
     assert r.shared == 4                     # on a CPU both sides run the same dense products
     assert all("_decode24" not in prunable.modules[n].__dict__ for n in prunable.names)
+
+
+def test_candidates_offer_the_fma_kernel_only_where_it_serves():
+    """The CUDA-core kernel is a candidate up to FMA_MAX_TOKENS tokens and refuses more."""
+    for t in (1, 2, 4, 16):
+        cfgs = d24.candidate_configs(4096, 11008, t)
+        fma = [c for c in cfgs if c.kind == "fma"]
+        assert bool(fma) == (t <= d24.FMA_MAX_TOKENS)
+        assert all(c.serves(t) for c in cfgs) and cfgs[0].kind == ("fma" if fma else "mma")
+    w = weight_24(8, 64)
+    values, meta = d24.pack_24(w)
+    with pytest.raises(ValueError, match="fma"):
+        d24.mm24(torch.zeros(2, 64), values, meta, 64, config=d24.Config(kind="fma"))

@@ -8,14 +8,21 @@ once and multiplies it by a Triton kernel that reads only the packed form:
 
 * ``values`` [out, Kp/2]: the two kept values of every group of 4 (a group with fewer than two
   non-zeros keeps zeros), in the weight's dtype (bf16/fp16); Kp is the input size rounded up to 64;
-* ``meta`` [out, Kp/8] uint8: per group a nibble p0 | p1 << 2 (the positions, p0 < p1), two groups
-  per byte, the even group in the low nibble.
+* ``meta`` [out, Kp/32] int32: per group a 4-bit code of its two positions (see ``_CODE``), eight
+  groups per word, the first group in the lowest nibble.
 
-Each program takes BN output rows and a share of the input dimension (SPLIT shares), expands a
-BN × BK tile of the weight in registers (two selects per value) and multiplies it with the
-activation tile on tensor cores (tokens padded to 16), accumulating in float32. With SPLIT > 1 the
-shares write float32 partial sums and the last one to finish (an atomic counter per row block,
-reset by that program) adds them in a fixed order, so the result does not depend on timing.
+Two kernels read this form; each program takes BN output rows and a share of the input dimension
+(SPLIT shares):
+
+* ``mma`` expands a BN × BK tile of the weight in registers and multiplies it with the activation
+  tile on tensor cores (tokens padded to 16), for 1–16 tokens;
+* ``fma``, for one token (what batch-1 generation multiplies), never expands the weight: each
+  kept value multiplies the activation at its position, picked from the group's four by two
+  selects, on the CUDA cores.
+
+Both accumulate in float32. With SPLIT > 1 the shares write float32 partial sums and the last one
+to finish (an atomic counter per row block, reset by that program) adds them in a fixed order, so
+the result does not depend on timing.
 
 `Decode24Linear` runs this kernel where it is faster than the dense product of the same layer on
 this GPU — measured once per shape and token count (do_bench, caches flushed, as in generation where
@@ -34,7 +41,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-MAX_TOKENS = 16          # the kernel pads tokens to one 16-wide tensor-core tile
+MAX_TOKENS = 16          # the mma kernel pads tokens to one 16-wide tensor-core tile
+FMA_MAX_TOKENS = 1       # the fma kernel serves one token (at 2 and 4 it lost to mma: bench/RESULTS.md)
 K_ALIGN = 64             # packed input size is a multiple of this (zeros appended)
 TOKEN_BUCKETS = (1, 2, 4, 8, 16)
 DTYPES = (torch.float16, torch.bfloat16)
@@ -107,20 +115,28 @@ def unpack_24(values: torch.Tensor, meta: torch.Tensor, in_features: int) -> tor
 @dataclass(frozen=True)
 class Config:
     bn: int = 16            # output rows per program
-    bk: int = 256           # input columns per step
+    bk: int = 256           # input columns per step (fma: 4 × the groups per step)
     split: int = 1          # programs sharing one row block's input dimension
     warps: int = 1
     stages: int = 3
-    asm: bool = True        # expand groups with prmt (PTX); False: plain Triton selects
+    asm: bool = True        # mma: expand groups with prmt (PTX); False: plain Triton selects
+    kind: str = "mma"       # mma (tensor cores, ≤ 16 tokens) | fma (CUDA cores, ≤ FMA_MAX_TOKENS)
 
     def __str__(self):
+        if self.kind == "fma":
+            return f"fma·BN{self.bn}·BK{self.bk}·S{self.split}·W{self.warps}·P{self.stages}"
         return f"BN{self.bn}·BK{self.bk}·S{self.split}·W{self.warps}·P{self.stages}" + ("" if self.asm else "·sel")
 
+    def serves(self, tokens: int) -> bool:
+        return tokens <= (FMA_MAX_TOKENS if self.kind == "fma" else MAX_TOKENS)
 
-def candidate_configs(n: int, k: int) -> list[Config]:
-    """The configurations tried per shape (the first is the default without a measurement): 16, 32
-    or 64 rows per program (1, 2, 4 warps), 128 or 256 input columns per step, the input dimension
-    shared by 1–8 programs (more programs, more loads in flight)."""
+
+def candidate_configs(n: int, k: int, tokens: int = MAX_TOKENS) -> list[Config]:
+    """The configurations tried per shape and token count (the first is the default without a
+    measurement). fma (one token, listed first): 4–16 rows per program, 4 or 8 rows a thread, 512
+    columns per step, 1–4 shares. mma: 16, 32 or 64 rows per program (1, 2, 4 warps), 128 or 256
+    input columns per step, the input dimension shared by 1–8 programs (more programs, more loads
+    in flight)."""
     kp = _round_up(k, K_ALIGN)
     out = []
     for bk, bn, warps, splits in ((128, 16, 1, (1, 2, 4, 8)), (128, 32, 2, (1, 2, 4, 8)),
@@ -134,13 +150,21 @@ def candidate_configs(n: int, k: int) -> list[Config]:
     out = list(dict.fromkeys(out))
     # the default: enough programs for a large GPU without splitting short inputs
     default = next((c for c in out if c.bn == 16 and c.split == (4 if k >= 2048 else 1)), out[0])
-    return [default] + [c for c in out if c != default]
+    out = [default] + [c for c in out if c != default]
+    if tokens <= FMA_MAX_TOKENS:
+        # a warp's threads span 128 groups of a row; each thread holds bn / warps rows, which share
+        # every activation word it loads
+        fma = [Config(bn=bn, bk=512, split=split, warps=warps, stages=1, kind="fma")
+               for bn, warps, split in ((4, 1, 2), (4, 1, 1), (4, 1, 4), (8, 2, 1), (8, 2, 2),
+                                        (8, 1, 2), (16, 4, 1), (16, 4, 2), (16, 2, 2))]
+        out = fma + out
+    return out
 
 
-def _kernel():
-    """The Triton kernel (decode24_triton.py, imported on first use)."""
-    from proxsparse_core.inference.decode24_triton import mm24
-    return mm24
+def _kernel(kind: str):
+    """The Triton kernel of that kind (decode24_triton.py, imported on first use)."""
+    from proxsparse_core.inference import decode24_triton
+    return decode24_triton.gemv24 if kind == "fma" else decode24_triton.mm24
 
 
 def _interpreted() -> bool:
@@ -155,30 +179,50 @@ def mm24(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, in_features:
     `sem` (int32 zeros, ≥ row blocks) is the split counter buffer; it is left zeroed."""
     import triton
     t, k = x.shape
-    if t > MAX_TOKENS or k != in_features:
-        raise ValueError(f"mm24 takes [≤{MAX_TOKENS}, {in_features}] inputs, got {tuple(x.shape)}")
+    n = values.shape[0]
+    cfg = config or candidate_configs(n, k, t)[0]
+    if not cfg.serves(t) or k != in_features:
+        limit = FMA_MAX_TOKENS if cfg.kind == "fma" else MAX_TOKENS
+        raise ValueError(f"mm24 ({cfg.kind}) takes [≤{limit}, {in_features}] inputs, got {tuple(x.shape)}")
     if x.stride(1) != 1:
         x = x.contiguous()
-    n = values.shape[0]
-    cfg = config or candidate_configs(n, k)[0]
+    tp = 1 if cfg.kind == "fma" else MAX_TOKENS
     y = torch.empty(t, n, dtype=x.dtype, device=x.device)
     blocks = triton.cdiv(n, cfg.bn)
     if cfg.split > 1:
-        ws = torch.empty(cfg.split, MAX_TOKENS, n, dtype=torch.float32, device=x.device)
+        ws = torch.empty(cfg.split, tp, n, dtype=torch.float32, device=x.device)
         if sem is None or sem.numel() < blocks:
             sem = torch.zeros(blocks, dtype=torch.int32, device=x.device)
     else:
         ws = sem = y                          # unused
     words = values.view(torch.int32)
-    if (4 * words.shape[1]) % cfg.bk:
-        raise ValueError(f"{cfg} does not divide the packed input size {4 * words.shape[1]}")
+    args = (x, words, meta, bias if bias is not None else y, y, ws, sem, t, n, k,
+            words.shape[1], meta.shape[1], x.stride(0), y.stride(0))
     ctx = torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext()
     with ctx:
-        _kernel()[(blocks, cfg.split)](
-            x, words, meta, bias if bias is not None else y, y, ws, sem, t, n, k,
-            words.shape[1], meta.shape[1], x.stride(0), y.stride(0),
-            HAS_BIAS=bias is not None, BN=cfg.bn, BK=cfg.bk, TP=MAX_TOKENS, SPLIT=cfg.split,
+        if cfg.kind == "fma":
+            return _fma(x, words, meta, bias, y, ws, sem, cfg, blocks)
+        if (4 * words.shape[1]) % cfg.bk:
+            raise ValueError(f"{cfg} does not divide the packed input size {4 * words.shape[1]}")
+        _kernel("mma")[(blocks, cfg.split)](
+            *args, HAS_BIAS=bias is not None, BN=cfg.bn, BK=cfg.bk, TP=MAX_TOKENS, SPLIT=cfg.split,
             ASM=cfg.asm and not _interpreted(), num_warps=cfg.warps, num_stages=cfg.stages)
+    return y
+
+
+def _fma(x, words, meta, bias, y, ws, sem, cfg: Config, blocks: int) -> torch.Tensor:
+    """Launch the fma kernel (one token): activations read as int64 words of four (one per group)."""
+    k = x.shape[1]
+    n, kg = words.shape
+    x = x.reshape(k)                              # one row, contiguous (mm24 made it so)
+    if x.data_ptr() % 8:                          # whole int64 words
+        x = x.clone()
+    bg = cfg.bk // 4
+    even = n % cfg.bn == 0 and kg == k // 4 and kg % (bg * cfg.split) == 0
+    _kernel("fma")[(blocks, cfg.split)](
+        x.view(torch.int64), words, meta, bias if bias is not None else y, y, ws, sem, n, k, kg, meta.shape[1],
+        HAS_BIAS=bias is not None, BN=cfg.bn, BG=bg, SPLIT=cfg.split, BF16=x.dtype == torch.bfloat16,
+        EVEN=even, num_warps=cfg.warps, num_stages=cfg.stages)
     return y
 
 
@@ -218,7 +262,7 @@ def choose(layer: "Decode24Linear", tokens: int, margin: float = 1.2) -> Choice:
     x = torch.randn(b, layer.in_features, device=layer.values.device, dtype=layer.values.dtype)
     dense_ms = _bench(lambda: F.linear(x, layer.weight, layer.bias))
     best, best_ms = None, float("inf")
-    for cfg in candidate_configs(layer.out_features, layer.in_features):
+    for cfg in candidate_configs(layer.out_features, layer.in_features, b):
         try:
             ms = _bench(lambda: layer.kernel(x, cfg))
         except Exception:                    # a configuration this GPU cannot run: skip it
@@ -245,7 +289,7 @@ class Decode24Linear(torch.nn.Module):
         values, meta = pack_24(weight)
         self.register_buffer("values", values, persistent=False)
         self.register_buffer("meta", meta, persistent=False)
-        self.register_buffer("sem", torch.zeros(-(-self.out_features // 16), dtype=torch.int32,
+        self.register_buffer("sem", torch.zeros(-(-self.out_features // 4), dtype=torch.int32,
                                                 device=weight.device), persistent=False)
         self.measure = measure
 
