@@ -6,6 +6,8 @@ variant is swapped in only while it is evaluated.
 """
 from __future__ import annotations
 
+import contextlib
+
 import gc
 import threading
 
@@ -41,6 +43,7 @@ class Workspace:
         self.memo: ModelMemo | None = None       # the loaded model's dense results kept on disk (memo.py)
         self.lock = threading.RLock()            # one heavy job at a time on this model
         self.scoring = "off"                     # "bf16": held-out scores with bf16 products (cpu_autocast)
+        self.last_decoding = None                # the last 2:4 generation's use of the kernels (decoding)
 
     # ------------------------------------------------------------------ loading
     def load(self, cfg: RunConfig) -> LoadedModel:
@@ -347,10 +350,27 @@ class Workspace:
 
     def generate(self, name: str, prompt: str, settings: GenerationSettings | None = None) -> str:
         self._need()
-        with self.lock, self.variant(name):
+        with self.lock, self.variant(name), self.decoding(name):
             return generate(self.lm.model, self.lm.tokenizer, prompt, settings)
 
     def generate_stream(self, name: str, prompt: str, settings: GenerationSettings | None = None):
         self._need()
-        with self.lock, self.variant(name):
+        with self.lock, self.variant(name), self.decoding(name):
             yield from generate_stream(self.lm.model, self.lm.tokenizer, prompt, settings)
+
+    def decoding(self, name: str):
+        """Context manager around a generation with `name`'s weights: a 2:4 result on a CUDA model
+        generates through the 2:4 kernels (decode24.fast_generation: the one-token kernel where it
+        was measured faster than dense, dense elsewhere); the dense model, or any model off CUDA,
+        as it is. What it did is kept in `last_decoding` (a FastGeneration, or None)."""
+        self.last_decoding = None
+        if name == DENSE or not str(self.lm.device).startswith("cuda"):
+            return contextlib.nullcontext()
+        from proxsparse_core.inference.decode24 import fast_generation
+
+        @contextlib.contextmanager
+        def run():
+            with fast_generation(self.lm.model, self.lm.prunable) as fast:
+                yield fast
+            self.last_decoding = fast
+        return run()

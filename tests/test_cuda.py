@@ -340,3 +340,48 @@ def test_use_24_kernels_on_a_model():
         assert d24.restore_dense(model) == len(done)
         assert torch.equal(model(input_ids=ids[:, -1:]).logits.float(), dense)
     d24._CHOICES.clear()
+
+
+def test_an_export_loads_for_fast_generation_in_one_call(tmp_path):
+    """load_for_generation: the folder on the GPU in bf16 with every 2:4 linear converted; one-token
+    products then run on the fma kernel (forced here, whatever this GPU measured), generate() works
+    through it, the next-token logits match the dense product's, and fast_generation restores."""
+    from conftest import make_tiny_llama
+    from test_export import word_tokenizer
+    from proxsparse_core.sparsity.masks import apply_masks, extract_masks
+    from proxsparse_core.sparsity.prunable import find_prunable
+    d24 = _decode24()
+    model = make_tiny_llama(hidden=512, inter=1024)
+    prunable = find_prunable(model)
+    apply_masks(prunable, extract_masks(prunable))
+    model.save_pretrained(tmp_path)
+    word_tokenizer().save_pretrained(tmp_path)
+    loaded, tok, done = d24.load_for_generation(str(tmp_path))
+    names = find_prunable(loaded).names
+    assert done == names and next(loaded.parameters()).dtype == torch.bfloat16
+    fma = d24.Config(bn=4, bk=512, split=2, warps=1, stages=1, kind="fma")
+    for m in loaded.modules():
+        lin = m.__dict__.get("_decode24")
+        if lin is not None:
+            d24._CHOICES[lin._key(1)] = d24.Choice(fma)
+    calls = []
+    real = d24.mm24
+    d24.mm24 = lambda *a, **k: calls.append(k.get("config", a[5] if len(a) > 5 else None)) or real(*a, **k)
+    try:
+        ids = torch.randint(2, 256, (1, 12), device="cuda")
+        with torch.no_grad():
+            out = loaded.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False)
+            sparse = loaded(input_ids=ids[:, -1:]).logits.float()
+    finally:
+        d24.mm24 = real
+    assert out.shape[1] == 18 and calls.count(fma) == 6 * len(names)   # 5 new tokens after the prompt's, + 1
+    assert d24.restore_dense(loaded) == len(names)
+    with torch.no_grad():
+        dense = loaded(input_ids=ids[:, -1:]).logits.float()
+    assert float((sparse - dense).norm() / dense.norm()) <= 2e-2
+    with d24.fast_generation(loaded) as fast:
+        with torch.no_grad():
+            loaded(input_ids=ids[:, -1:])
+    assert fast.converted == names and fast.kernel_layers == len(names)
+    assert all("_decode24" not in m.__dict__ for m in loaded.modules())
+    d24._CHOICES.clear()

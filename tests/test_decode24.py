@@ -184,3 +184,28 @@ def test_candidates_offer_the_fma_kernel_only_where_it_serves():
     values, meta = d24.pack_24(w)
     with pytest.raises(ValueError, match="fma"):
         d24.mm24(torch.zeros(2, 64), values, meta, 64, config=d24.Config(kind="fma"))
+
+
+def test_load_for_generation_in_one_call_and_fast_generation_restores(tmp_path):
+    """An export folder loads with its tokenizer in one call; on a CPU (or without Triton) nothing is
+    converted and the model generates as the dense one; fast_generation always restores the model."""
+    from test_export import word_tokenizer
+    model = make_tiny_llama(seed=6)
+    prunable = find_prunable(model)
+    apply_masks(prunable, extract_masks(prunable))
+    model.save_pretrained(tmp_path / "export")
+    word_tokenizer().save_pretrained(tmp_path / "export")
+    loaded, tok, done = d24.load_for_generation(str(tmp_path / "export"), device="cpu", dtype=torch.float32)
+    assert done == [] and tok.eos_token == "[EOS]"
+    ids = torch.randint(2, 256, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+    with d24.fast_generation(model, prunable) as fast:
+        assert fast.triton == d24.triton_available() and fast.converted == []
+        assert len(fast.skipped) == (len(prunable.names) if fast.triton else 0)   # CPU weights: not taken
+    assert fast.kernel_layers == 0
+    with pytest.raises(RuntimeError, match="boom"):
+        with d24.fast_generation(model, prunable):
+            d24.use_24_kernels(model, prunable, accept=lambda w: True)     # as if converted on a GPU
+            raise RuntimeError("boom")
+    assert all("_decode24" not in prunable.modules[n].__dict__ for n in prunable.names)

@@ -549,5 +549,14 @@ def test_a_generation_ends_with_the_tokens_per_second_of_both_sides_on_a_gpu(fin
     summary = ask()
     rates = re.findall(r"(dense|2:4) ([0-9.]+) tokens/s", summary)
     assert [side for side, _ in rates] == ["dense", "2:4"] and all(float(r) > 0 for _, r in rates)
+    assert "the 2:4 model generated as a dense one" in summary   # CPU weights: no layer took the kernel
     assert compare_tab.speed_line({}) == "" and compare_tab.speed_line({"dense": (0, 1.0)}) == ""
     assert "dense 5.0 tokens/s" in compare_tab.speed_line({"dense": (10, 2.0)})
+    from proxsparse_core.inference.decode24 import FastGeneration
+    both = {"dense": (10, 2.0), "pruned": (10, 1.0)}
+    ran = FastGeneration(triton=True, converted=["a", "b", "c"], skipped=["d"], kernel_layers=3)
+    assert "2:4 10.0 tokens/s" in compare_tab.speed_line(both, ran) and "ran 3 of its 4 pruned layers on the 2:4 kernel" \
+        in compare_tab.speed_line(both, ran)
+    assert "not installed" in compare_tab.speed_line(both, FastGeneration(triton=False))
+    assert "takes bf16/fp16" in compare_tab.speed_line(both, FastGeneration(triton=True, skipped=["a"]))
+    assert "no layer was faster" in compare_tab.speed_line(both, FastGeneration(triton=True, converted=["a"]))

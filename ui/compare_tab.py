@@ -99,6 +99,7 @@ def generate_pair(jobs: JobManager, variant, prompt, sample, temperature, top_p,
     chosen: list = [None]         # the result shown on the right, decided once the machine is ours
     stopped = []
     rates: dict = {}              # side → (tokens, seconds) decoded after its first streamed piece
+    kernels: list = [None]        # how the 2:4 side used the 2:4 kernels (Workspace.last_decoding)
 
     def work(emit):
         with jobs.claim("generating text"):       # busy first: a running job may be making results
@@ -122,6 +123,8 @@ def generate_pair(jobs: JobManager, variant, prompt, sample, temperature, top_p,
                             tok = jobs.ws.lm.tokenizer
                             rates[side] = (count_tokens(tok, text) - count_tokens(tok, first[0]),
                                            time.perf_counter() - first[1])
+                        if side == "pruned":
+                            kernels[0] = jobs.ws.last_decoding
             except Stopped:                         # Stop while the chat template was rendered
                 pass
             if stop.is_set():
@@ -135,7 +138,7 @@ def generate_pair(jobs: JobManager, variant, prompt, sample, temperature, top_p,
     summary = "⏹ **Stopped**: the text above is what was generated before Stop." if stopped else summary
     notes = "".join(f"⚠ {_plain_md(n)}.\n\n" for n in settings.notes)      # e.g. the chat template failed
     device = str(jobs.ws.lm.device) if jobs.ws.lm is not None else ""
-    yield PairView(dense, pruned, notes + summary + (speed_line(rates) if device.startswith("cuda") else ""))
+    yield PairView(dense, pruned, notes + summary + (speed_line(rates, kernels[0]) if device.startswith("cuda") else ""))
 
 
 def count_tokens(tokenizer, text: str) -> int:
@@ -143,17 +146,33 @@ def count_tokens(tokenizer, text: str) -> int:
     return len(tokenizer(text, add_special_tokens=False).input_ids) if text else 0
 
 
-def speed_line(rates: dict) -> str:
-    """"dense 31.2 tokens/s · 2:4 30.9 tokens/s" from side → (tokens, seconds) decoded after the first
-    streamed piece (the prompt's prefill and the first token's start-up left out). Shown on a GPU only: on a
-    CPU the two sides share the cores with whatever else runs (a run folder being written, the browser),
-    which made the same computation look far faster on one side (bench/RESULTS.md 3d)."""
+def speed_line(rates: dict, kernels=None) -> str:
+    """"dense 31.2 tokens/s · 2:4 40.9 tokens/s" from side → (tokens, seconds) decoded after the first
+    streamed piece (the prompt's prefill and the first token's start-up left out), and how the 2:4
+    side ran: `kernels` (decode24.FastGeneration) counts its layers that ran one-token products on
+    the 2:4 kernel; with none, it generated as a dense model (zeros multiplied too). Shown on a GPU
+    only: on a CPU the two sides share the cores with whatever else runs (a run folder being
+    written, the browser), which made the same computation look far faster on one side
+    (bench/RESULTS.md 3d)."""
     parts = [f"{label} {n / s:.1f} tokens/s" for side, label in ((DENSE, "dense"), ("pruned", "2:4"))
              if side in rates for n, s in [rates[side]] if n and s > 0]
     if not parts:
         return ""
-    same = "; the 2:4 model generates as a dense one here: its zeros are multiplied too" if len(parts) == 2 else ""
-    return f"\n\n⏱ {' · '.join(parts)} (decoding, after the first token{same})."
+    how = ""
+    if "pruned" in rates:
+        used = kernels.kernel_layers if kernels is not None else 0
+        if used:
+            how = (f"; the 2:4 model ran {used} of its {len(kernels.converted) + len(kernels.skipped)} "
+                   "pruned layers on the 2:4 kernel (the others were not faster there)")
+        else:
+            if kernels is None or not kernels.triton:
+                why = "Triton, which the 2:4 kernel needs, is not installed"
+            elif not kernels.converted:
+                why = "the 2:4 kernel takes bf16/fp16 weights and these are not"
+            else:
+                why = "no layer was faster on the 2:4 kernel"
+            how = f"; the 2:4 model generated as a dense one, zeros multiplied too: {why}"
+    return f"\n\n⏱ {' · '.join(parts)} (decoding, after the first token{how})."
 
 
 # ---------------------------------------------------------------------------- perplexity

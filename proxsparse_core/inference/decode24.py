@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -133,10 +133,10 @@ class Config:
 
 def candidate_configs(n: int, k: int, tokens: int = MAX_TOKENS) -> list[Config]:
     """The configurations tried per shape and token count (the first is the default without a
-    measurement). fma (one token, listed first): 4–16 rows per program, 4 or 8 rows a thread, 512
-    columns per step, 1–4 shares. mma: 16, 32 or 64 rows per program (1, 2, 4 warps), 128 or 256
-    input columns per step, the input dimension shared by 1–8 programs (more programs, more loads
-    in flight)."""
+    measurement). One token: fma, 4–16 rows per program, 4 or 8 rows a thread, 512 columns per
+    step, 1–4 shares. More: mma, 16, 32 or 64 rows per program (1, 2, 4 warps), 128 or 256 input
+    columns per step, the input dimension shared by 1–8 programs (more programs, more loads in
+    flight)."""
     kp = _round_up(k, K_ALIGN)
     out = []
     for bk, bn, warps, splits in ((128, 16, 1, (1, 2, 4, 8)), (128, 32, 2, (1, 2, 4, 8)),
@@ -152,12 +152,12 @@ def candidate_configs(n: int, k: int, tokens: int = MAX_TOKENS) -> list[Config]:
     default = next((c for c in out if c.bn == 16 and c.split == (4 if k >= 2048 else 1)), out[0])
     out = [default] + [c for c in out if c != default]
     if tokens <= FMA_MAX_TOKENS:
-        # a warp's threads span 128 groups of a row; each thread holds bn / warps rows, which share
+        # one token: fma only (mma measured 0.98–1.04× dense there, fma 1.45–1.51×: bench/RESULTS.md).
+        # A warp's threads span 128 groups of a row; each thread holds bn / warps rows, which share
         # every activation word it loads
-        fma = [Config(bn=bn, bk=512, split=split, warps=warps, stages=1, kind="fma")
-               for bn, warps, split in ((4, 1, 2), (4, 1, 1), (4, 1, 4), (8, 2, 1), (8, 2, 2),
-                                        (8, 1, 2), (16, 4, 1), (16, 4, 2), (16, 2, 2))]
-        out = fma + out
+        return [Config(bn=bn, bk=512, split=split, warps=warps, stages=1, kind="fma")
+                for bn, warps, split in ((4, 1, 2), (4, 1, 1), (4, 1, 4), (8, 2, 1), (8, 2, 2),
+                                         (8, 1, 2), (16, 4, 1), (16, 4, 2), (16, 2, 2))]
     return out
 
 
@@ -177,13 +177,13 @@ def mm24(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, in_features:
          sem: torch.Tensor | None = None) -> torch.Tensor:
     """y = x·Wᵀ (+ bias) for x [T, in] (T ≤ MAX_TOKENS, contiguous rows) and a packed 2:4 W.
     `sem` (int32 zeros, ≥ row blocks) is the split counter buffer; it is left zeroed."""
-    import triton
     t, k = x.shape
     n = values.shape[0]
     cfg = config or candidate_configs(n, k, t)[0]
     if not cfg.serves(t) or k != in_features:
         limit = FMA_MAX_TOKENS if cfg.kind == "fma" else MAX_TOKENS
         raise ValueError(f"mm24 ({cfg.kind}) takes [≤{limit}, {in_features}] inputs, got {tuple(x.shape)}")
+    import triton
     if x.stride(1) != 1:
         x = x.contiguous()
     tp = 1 if cfg.kind == "fma" else MAX_TOKENS
@@ -255,8 +255,7 @@ def choose(layer: "Decode24Linear", tokens: int, margin: float = 1.2) -> Choice:
     timed with flushed caches flatter the kernel against the back-to-back calls of a real decoding
     step (a CUDA graph of a whole model), see bench/RESULTS.md, so a small lead is not trusted."""
     b = bucket(tokens)
-    key = (layer.out_features, layer.in_features, b, layer.values.dtype, layer.values.device,
-           layer.bias is not None)
+    key = layer._key(tokens)
     if key in _CHOICES:
         return _CHOICES[key]
     x = torch.randn(b, layer.in_features, device=layer.values.device, dtype=layer.values.dtype)
@@ -296,13 +295,20 @@ class Decode24Linear(torch.nn.Module):
     def kernel(self, x2: torch.Tensor, config: Config | None = None) -> torch.Tensor:
         return mm24(x2, self.values, self.meta, self.in_features, self.bias, config, self.sem)
 
+    def _key(self, tokens: int) -> tuple:
+        return (self.out_features, self.in_features, bucket(tokens), self.values.dtype, self.values.device,
+                self.bias is not None)
+
+    def chosen(self, tokens: int) -> Config | None:
+        """The configuration already chosen for this many rows (None: dense, or not measured yet)."""
+        choice = _CHOICES.get(self._key(tokens))
+        return choice.config if choice is not None else None
+
     def path(self, tokens: int) -> Config | None:
         """The kernel configuration for this many rows, or None for the dense product."""
         if tokens > MAX_TOKENS or tokens == 0 or not self.values.is_cuda or not triton_available():
             return None
-        b = bucket(tokens)
-        key = (self.out_features, self.in_features, b, self.values.dtype, self.values.device,
-               self.bias is not None)
+        key = self._key(tokens)
         if key in _CHOICES:
             return _CHOICES[key].config
         if not self.measure or torch.cuda.is_current_stream_capturing():
@@ -345,6 +351,46 @@ def use_24_kernels(model, prunable=None, measure: bool = True,
         lin.forward = mod.forward
         done.append(name)
     return done, skipped
+
+
+@contextlib.contextmanager
+def fast_generation(model, prunable=None):
+    """`with fast_generation(model) as fast:` the model's 2:4 linears run through the 2:4 kernels
+    inside (use_24_kernels), their own forward again after (restore_dense), however the block ends.
+    `fast.converted` / `fast.skipped` name the layers; `fast.kernel_layers` is, once the block has
+    ended, how many converted layers ran one-token products on the kernel (the others were measured
+    slower there and stayed dense). Nothing is converted off CUDA or without Triton."""
+    fast = FastGeneration(triton=triton_available())
+    if fast.triton:
+        fast.converted, fast.skipped = use_24_kernels(model, prunable)
+    try:
+        yield fast
+    finally:
+        layers = [m.__dict__["_decode24"] for m in model.modules() if "_decode24" in m.__dict__]
+        fast.kernel_layers = sum(1 for layer in layers if layer.chosen(1) is not None)
+        restore_dense(model)
+
+
+@dataclass
+class FastGeneration:
+    triton: bool = False
+    converted: list = field(default_factory=list)
+    skipped: list = field(default_factory=list)
+    kernel_layers: int = 0
+
+
+def load_for_generation(folder: str, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
+                        trust_remote_code: bool = False):
+    """One call: an exported 2:4 model (any folder `from_pretrained` reads) and its tokenizer, on
+    `device` in `dtype`, its 2:4 linears switched to the 2:4 kernels (use_24_kernels: the one-token
+    kernel where it was measured faster, dense elsewhere). Returns (model, tokenizer, converted
+    layer names). On a CPU, or without Triton, the model runs dense and none are converted."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+    model = model.to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    done = use_24_kernels(model)[0] if triton_available() else []
+    return model, tokenizer, done
 
 
 def restore_dense(model) -> int:
