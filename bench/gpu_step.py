@@ -4,8 +4,9 @@ Random-initialised Llama-2-7B shapes (hidden 4096, MLP 11008, 32 layers, 32 head
 bf16, context 4096, batch 1, gradient checkpointing, fused AdamW, only the prunable weights
 trained (the same parameters in every variant). Variants:
 
-  adamw        plain fine-tuning step: fwd+bwd, AdamW (what the network costs by itself)
-  prox         ProxSparseLearner, λ2 off
+  adamw        plain fine-tuning step: fwd+bwd, AdamW on the bf16 weights (what the network costs by itself)
+  prox         ProxSparseLearner, λ2 off, on the bf16 weights (master_weights off, as the 7B–14B presets)
+  prox_fp32    the same with float32 master copies (master_weights fp32, the default for small models)
   prox_l2      ProxSparseLearner, λ2 on, W0 copy on the GPU
   prox_l2_off  ProxSparseLearner, λ2 on, W0 kept in pinned CPU memory (w0_offload)
 
@@ -92,9 +93,10 @@ def adamw_steps(lm: LoadedModel, samples: torch.Tensor, steps: int, lr: float, d
 
 
 def prox_steps(lm: LoadedModel, samples: torch.Tensor, steps: int, lr: float, lam2: float,
-               offload: bool) -> dict:
+               offload: bool, master: str = "off") -> dict:
     cfg = RunConfig(lambda1=0.25, lambda2=lam2, eps=0.5, lr=lr, steps=steps, batch=1, warmup=0.1,
-                    grad_ckpt=True, w0_offload=offload, layer_stats_every=1, ctx=samples.shape[1])
+                    grad_ckpt=True, w0_offload=offload, layer_stats_every=1, ctx=samples.shape[1],
+                    master_weights=master)
     t0 = time.perf_counter()
     res = ProxSparseLearner(lm, cfg, samples).run()
     wall = time.perf_counter() - t0
@@ -136,7 +138,7 @@ def main():
             r = adamw_steps(lm, samples, args.steps, args.lr, dev)
         else:
             r = prox_steps(lm, samples, args.steps, args.lr, lam2=0.25 if "l2" in v else 0.0,
-                           offload=v.endswith("_off"))
+                           offload=v.endswith("_off"), master="fp32" if v.endswith("fp32") else "off")
         rows[v] = r
         base = rows.get("adamw", {}).get("step_s")
         r["ratio_to_adamw"] = r["step_s"] / base if base else None
