@@ -334,9 +334,12 @@ def _what_and_use(metrics: dict, artefacts: str, source: str) -> list[str]:
         "model = AutoModelForCausalLM.from_pretrained('path/to/this/folder')",
         "tokenizer = AutoTokenizer.from_pretrained('path/to/this/folder')", "```", "",
         "The weights are stored dense (zeros included), so the files are as large as the original model. "
-        "A speed-up needs semi-structured sparse kernels, e.g. "
-        "`torch.sparse.to_sparse_semi_structured` on an NVIDIA GPU (compute capability ≥ 8.0); on "
-        "small matrices those kernels can be slower than dense.",
+        "A speed-up needs 2:4 kernels on an NVIDIA GPU: with ProxSparse Studio installed, "
+        "`from proxsparse_core.inference.decode24 import load_for_generation` then "
+        "`model, tokenizer, _ = load_for_generation('path/to/this/folder')` loads it for token-by-token "
+        "generation that reads only the kept weights (where that is faster than dense); "
+        "`torch.sparse.to_sparse_semi_structured` serves long prompts, and on small matrices it can be "
+        "slower than dense.",
         "", "## Re-create from the original model and the mask file", "",
         f"`{artefacts}/masks.npz` holds the masks alone (1 bit per weight). With the original model:", "",
         "```python", "from proxsparse_core.export import load_with_masks",
