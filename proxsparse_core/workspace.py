@@ -7,7 +7,6 @@ variant is swapped in only while it is evaluated.
 from __future__ import annotations
 
 import contextlib
-
 import gc
 import threading
 

@@ -137,6 +137,13 @@ def candidate_configs(n: int, k: int, tokens: int = MAX_TOKENS) -> list[Config]:
     step, 1–4 shares. More: mma, 16, 32 or 64 rows per program (1, 2, 4 warps), 128 or 256 input
     columns per step, the input dimension shared by 1–8 programs (more programs, more loads in
     flight)."""
+    if tokens <= FMA_MAX_TOKENS:
+        # one token: fma only (mma was no faster than dense there, fma was: bench/RESULTS.md 2a′).
+        # A warp's threads span 128 groups of a row; each thread holds bn / warps rows, which share
+        # every activation word it loads
+        return [Config(bn=bn, bk=512, split=split, warps=warps, stages=1, kind="fma")
+                for bn, warps, split in ((4, 1, 2), (4, 1, 1), (4, 1, 4), (8, 2, 1), (8, 2, 2),
+                                         (8, 1, 2), (16, 4, 1), (16, 4, 2), (16, 2, 2))]
     kp = _round_up(k, K_ALIGN)
     out = []
     for bk, bn, warps, splits in ((128, 16, 1, (1, 2, 4, 8)), (128, 32, 2, (1, 2, 4, 8)),
@@ -150,15 +157,7 @@ def candidate_configs(n: int, k: int, tokens: int = MAX_TOKENS) -> list[Config]:
     out = list(dict.fromkeys(out))
     # the default: enough programs for a large GPU without splitting short inputs
     default = next((c for c in out if c.bn == 16 and c.split == (4 if k >= 2048 else 1)), out[0])
-    out = [default] + [c for c in out if c != default]
-    if tokens <= FMA_MAX_TOKENS:
-        # one token: fma only (mma measured 0.98–1.04× dense there, fma 1.45–1.51×: bench/RESULTS.md).
-        # A warp's threads span 128 groups of a row; each thread holds bn / warps rows, which share
-        # every activation word it loads
-        return [Config(bn=bn, bk=512, split=split, warps=warps, stages=1, kind="fma")
-                for bn, warps, split in ((4, 1, 2), (4, 1, 1), (4, 1, 4), (8, 2, 1), (8, 2, 2),
-                                         (8, 1, 2), (16, 4, 1), (16, 4, 2), (16, 2, 2))]
-    return out
+    return [default] + [c for c in out if c != default]
 
 
 def _kernel(kind: str):
