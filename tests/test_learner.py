@@ -334,3 +334,40 @@ def test_channel_norms_are_read_from_the_samples_the_run_reads(tiny_lm, monkeypa
     assert len(passes) == (0 if loss == "distill" else 1)
     for n in tiny_lm.prunable.names:
         assert torch.allclose(seen["cols"][n], want[n], rtol=1e-4), n
+
+
+def test_obs_channel_weights_are_the_norms_for_uncorrelated_inputs_and_smaller_for_copies():
+    """Score "obs": a_j = 1/sqrt([(H + δI)⁻¹]_jj). With orthogonal input channels that is ‖X_j‖
+    (up to the dampening); a channel another one copies costs less to drop (the copy makes up
+    for it), so its weight falls well below its norm, while a lone channel's stays."""
+    from proxsparse_core.sparsity.scores import InputNorms
+
+    lin = torch.nn.Linear(4, 2)
+    norms = InputNorms(lin, gram=True)
+    x = torch.diag(torch.tensor([3.0, 1.0, 2.0, 0.5]))           # orthogonal channels
+    norms.add_batch(x)
+    assert torch.allclose(norms.obs_weights(damp=0.0), norms.sq.sqrt(), rtol=1e-5)
+    copies = InputNorms(lin, gram=True)
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(64, 3, generator=g)
+    copies.add_batch(torch.cat([z, z[:, :1] + 0.01 * torch.randn(64, 1, generator=g)], 1))   # 3 ≈ copy of 0
+    a, norm = copies.obs_weights(), copies.sq.sqrt()
+    assert a[0] < 0.2 * norm[0] and a[3] < 0.2 * norm[3]
+    assert a[1] > 0.9 * norm[1] and a[2] > 0.9 * norm[2]
+
+
+def test_obs_score_learns_a_24_mask_in_its_own_coordinates_and_needs_distillation(tiny_lm, monkeypatch):
+    from proxsparse_core.errors import UserError
+
+    seen = _spy_on_the_mask(monkeypatch)
+    res = _run(tiny_lm, score="obs", loss="distill", lr=1e-2, lambda1=0.05, lambda_scale="layer", steps=8)
+    assert res.status == "finished" and seen["cols"] is not None
+    differ = 0
+    for n in tiny_lm.prunable.names:
+        w = seen["w"][n]
+        assert torch.equal(res.masks[n], mask_2to4(w, w.abs() * seen["cols"][n].unsqueeze(0)))
+        assert int((res.masks[n].view(-1, 4).sum(1) != 2).sum()) == 0
+        differ += int((res.masks[n] != mask_2to4(w)).sum())
+    assert differ > 0
+    with pytest.raises(UserError, match="distill"):
+        _run(tiny_lm, score="obs", loss="lm", steps=2)
