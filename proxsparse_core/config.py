@@ -89,10 +89,8 @@ class RunConfig:
                            choices=("none", "layer"))
     score: str = _f("weight", "what decides which 2 of every 4 weights go: weight (published: the regulariser "
                               "and the mask rank |W|) or activation (they rank |W|·‖X‖, Wanda's score: each weight "
-                              "scaled by the dense model's calibration activation norm of its input channel) or obs "
-                              "(|W|/sqrt([H⁻¹]jj), SparseGPT's saliency: what a weight costs once the others "
-                              "make up for it; needs loss distill)",
-                    choices=("weight", "activation", "obs"))
+                              "scaled by the dense model's calibration activation norm of its input channel)",
+                    choices=("weight", "activation"))
     warmup: float = _f(0.1, "share of steps with linear learning-rate warm-up", lo=0, hi=0.99)
     lr_schedule: str = _f("constant", "learning rate after the warm-up: constant (published) or cosine "
                                       "(decays towards 0 by the last step, so the mask settles before it is read)",

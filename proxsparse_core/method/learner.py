@@ -31,7 +31,6 @@ from typing import Callable
 import torch
 
 from proxsparse_core.config import RunConfig
-from proxsparse_core.errors import UserError
 from proxsparse_core.memo import source_of
 from proxsparse_core.method.distill import distill_loss, teacher_targets
 from proxsparse_core.sparsity import masks_native, scores
@@ -300,18 +299,14 @@ class ProxSparseLearner:
         used = order[:min(self.samples.shape[0], cfg.steps * cfg.batch)]    # the samples the run reads
         # score "activation": the regulariser acts on W·diag(a), a_j the dense model's ‖X_j‖ over the
         # samples the run reads (scores.py), recorded during the teacher's pass when there is one
-        activation = cfg.score in ("activation", "obs")
+        activation = cfg.score == "activation"
         teacher = cols = slot = None
         if cfg.loss == "distill":   # the dense model's distributions, read once before any weight moves
-            with ChannelNorms(self.lm.prunable, gram=cfg.score == "obs") if activation \
-                    else contextlib.nullcontext() as norms:
+            with ChannelNorms(self.lm.prunable) if activation else contextlib.nullcontext() as norms:
                 teacher = teacher_targets(model, self.samples[used], stop=self.stop)
             slot = torch.full((self.samples.shape[0],), -1, dtype=torch.long)
             slot[used] = torch.arange(used.numel())
             cols = norms.weights() if activation else None
-        elif cfg.score == "obs":
-            raise UserError("score obs reads the inputs' Gram matrices during the teacher's pass: use it with "
-                            "loss distill")
         elif activation:
             picked = self.samples[used[:NORM_SAMPLES]]
             cols = self._dense_fact("channel-norms", (picked, source_of(scores.channel_weights, ChannelNorms,

@@ -20,34 +20,18 @@ import torch
 
 from proxsparse_core.errors import Stopped
 
-OBS_DAMP = 0.01     # SparseGPT's dampening of H, as a share of its mean diagonal
 MIN_WEIGHT = 1e-2   # a channel's weight a_j never goes below this share of its layer's rms: dividing by
                     # a dead channel's 0 would blow its weights up on the way back from W·diag(a)
 
 
 class InputNorms:
-    """Running Σ x_j² per input channel j of one linear layer (Wanda's activation statistic); with
-    `gram`, the whole Σ x xᵀ (score "obs")."""
+    """Running Σ x_j² per input channel j of one linear layer (Wanda's activation statistic)."""
 
-    def __init__(self, layer: torch.nn.Linear, gram: bool = False):
-        d = layer.weight.shape[1]
-        self.sq = torch.zeros(d, device=layer.weight.device, dtype=torch.float32)
-        self.gram = torch.zeros(d, d, device=layer.weight.device, dtype=torch.float32) if gram else None
+    def __init__(self, layer: torch.nn.Linear):
+        self.sq = torch.zeros(layer.weight.shape[1], device=layer.weight.device, dtype=torch.float32)
 
     def add_batch(self, x: torch.Tensor):
-        x = x.reshape(-1, x.shape[-1]).float()
-        self.sq += x.pow(2).sum(0)
-        if self.gram is not None:
-            self.gram += x.t() @ x
-
-    def obs_weights(self, damp: float = OBS_DAMP) -> torch.Tensor:
-        """a_j = 1 / sqrt([(H + δI)⁻¹]_jj), H = Σ x xᵀ, δ = damp · mean diag H: the input-channel
-        factor of SparseGPT's saliency w² / [H⁻¹]_jj (what removing w costs once the other weights of
-        the row have made up for it). With uncorrelated inputs it is ‖X_j‖, Wanda's factor."""
-        h = self.gram.double()
-        h = h + damp * h.diagonal().mean().clamp_min(1e-30) * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
-        inv_diag = torch.cholesky_inverse(torch.linalg.cholesky(h)).diagonal()
-        return inv_diag.clamp_min(1e-300).rsqrt().float()
+        self.sq += x.reshape(-1, x.shape[-1]).float().pow(2).sum(0)
 
 
 def wanda_score(weight: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
@@ -60,9 +44,9 @@ class ChannelNorms:
     inputs to Σ x_j² of every prunable layer; `norms.weights()` turns them into channel weights. So
     a pass the caller makes anyway (the distillation teacher's) reads them at no extra cost."""
 
-    def __init__(self, prunable, gram: bool = False):
+    def __init__(self, prunable):
         self.prunable = prunable
-        self.norms = {n: InputNorms(prunable.modules[n], gram) for n in prunable.names}
+        self.norms = {n: InputNorms(prunable.modules[n]) for n in prunable.names}
         self.handles = []
 
     def __enter__(self):
@@ -76,11 +60,11 @@ class ChannelNorms:
         self.handles = []
 
     def weights(self) -> dict[str, torch.Tensor]:
-        """a_j = ‖X_j‖₂ per prunable layer (with `gram`: InputNorms.obs_weights), scaled to rms 1 and
-        floored at MIN_WEIGHT (float32, on each layer's device)."""
+        """a_j = ‖X_j‖₂ per prunable layer, scaled to rms 1 and floored at MIN_WEIGHT (float32, on
+        each layer's device)."""
         out = {}
         for n, c in self.norms.items():
-            a = c.obs_weights() if c.gram is not None else c.sq.sqrt()
+            a = c.sq.sqrt()
             a = a / a.pow(2).mean().sqrt().clamp_min(1e-30)
             out[n] = a.clamp_min(MIN_WEIGHT)
         return out
