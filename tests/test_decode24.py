@@ -153,8 +153,9 @@ def test_kernel_in_interpreter_matches_dense_product():
     """Both kernels (mma at 1/3/4/7/16 tokens, fma at 1), every configuration kind (one share,
     split shares reduced by the last one, 1/2/4 warps) on odd sizes (rows not a multiple of the
     block, inputs not a multiple of 64), with and without bias, and a row off an 8-byte boundary:
-    relative error to the float32 product of the same 2:4 weight < 2e-3 (float16 output rounding). The interpreter runs the plain-Triton expansion (no PTX) and float16:
-    Triton 3.6's interpreter gets bfloat16 products wrong."""
+    relative error to the float32 product of the same 2:4 weight < 2e-3 (float16 output rounding).
+    The interpreter runs the plain-Triton expansion (no PTX) and float16: Triton 3.6's interpreter
+    gets bfloat16 products wrong."""
     pytest.importorskip("triton")
     env = dict(os.environ, TRITON_INTERPRET="1", PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")] + sys.path))
     res = subprocess.run([sys.executable, "-c", _INTERPRETED], env=env, capture_output=True, text=True,
