@@ -560,3 +560,4 @@ def test_a_generation_ends_with_the_tokens_per_second_of_both_sides_on_a_gpu(fin
     assert "not installed" in compare_tab.speed_line(both, FastGeneration(triton=False))
     assert "takes bf16/fp16" in compare_tab.speed_line(both, FastGeneration(triton=True, skipped=["a"]))
     assert "no layer was faster" in compare_tab.speed_line(both, FastGeneration(triton=True, converted=["a"]))
+    assert "kernel" not in compare_tab.speed_line(both, None)      # an answer cut short: nothing claimed

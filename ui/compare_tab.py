@@ -159,13 +159,13 @@ def speed_line(rates: dict, kernels=None) -> str:
     if not parts:
         return ""
     how = ""
-    if "pruned" in rates:
-        used = kernels.kernel_layers if kernels is not None else 0
-        if used:
-            how = (f"; the 2:4 model ran {used} of its {len(kernels.converted) + len(kernels.skipped)} "
-                   "pruned layers on the 2:4 kernel (the others were not faster there)")
+    if "pruned" in rates and kernels is not None:    # None: the 2:4 answer did not run to its end
+        if kernels.kernel_layers:
+            how = (f"; the 2:4 model ran {kernels.kernel_layers} of its "
+                   f"{len(kernels.converted) + len(kernels.skipped)} pruned layers on the 2:4 kernel (the others "
+                   "were not faster there)")
         else:
-            if kernels is None or not kernels.triton:
+            if not kernels.triton:
                 why = "Triton, which the 2:4 kernel needs, is not installed"
             elif not kernels.converted:
                 why = "the 2:4 kernel takes bf16/fp16 weights and these are not"
