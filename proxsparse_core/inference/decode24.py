@@ -372,6 +372,8 @@ def fast_generation(model, prunable=None):
 
 @dataclass
 class FastGeneration:
+    """What one fast_generation block did: whether Triton was there, the layers converted and skipped,
+    and (once it ended) how many converted layers ran one-token products on the kernel."""
     triton: bool = False
     converted: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
