@@ -357,19 +357,17 @@ class Workspace:
         with self.lock, self.variant(name), self.decoding(name):
             yield from generate_stream(self.lm.model, self.lm.tokenizer, prompt, settings)
 
+    @contextlib.contextmanager
     def decoding(self, name: str):
-        """Context manager around a generation with `name`'s weights: a 2:4 result on a CUDA model
-        generates through the 2:4 kernels (decode24.fast_generation: the one-token kernel where it
-        was measured faster than dense, dense elsewhere); the dense model, or any model off CUDA,
-        as it is. What it did is kept in `last_decoding` (a FastGeneration, or None)."""
+        """Around a generation with `name`'s weights: a 2:4 result on a CUDA model generates through
+        the 2:4 kernels (decode24.fast_generation: the one-token kernel where it was measured faster
+        than dense, dense elsewhere); the dense model, or any model off CUDA, as it is. What a
+        generation that ran to its end did is kept in `last_decoding` (a FastGeneration, or None)."""
         self.last_decoding = None
         if name == DENSE or not str(self.lm.device).startswith("cuda"):
-            return contextlib.nullcontext()
+            yield None
+            return
         from proxsparse_core.inference.decode24 import fast_generation
-
-        @contextlib.contextmanager
-        def run():
-            with fast_generation(self.lm.model, self.lm.prunable) as fast:
-                yield fast
-            self.last_decoding = fast
-        return run()
+        with fast_generation(self.lm.model, self.lm.prunable) as fast:
+            yield fast
+        self.last_decoding = fast

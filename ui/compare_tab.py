@@ -98,8 +98,9 @@ def generate_pair(jobs: JobManager, variant, prompt, sample, temperature, top_p,
     settings = settings_from_form(sample, temperature, top_p, max_new_tokens, chat, block_repeats)
     chosen: list = [None]         # the result shown on the right, decided once the machine is ours
     stopped = []
-    rates: dict = {}              # side → (tokens, seconds) decoded after its first streamed piece
+    rates: dict = {}              # on a GPU: side → (tokens, seconds) decoded after its first streamed piece
     kernels: list = [None]        # how the 2:4 side used the 2:4 kernels (Workspace.last_decoding)
+    gpu: list = [False]           # speeds are measured and shown on a GPU only (speed_line)
 
     def work(emit):
         with jobs.claim("generating text"):       # busy first: a running job may be making results
@@ -112,6 +113,7 @@ def generate_pair(jobs: JobManager, variant, prompt, sample, temperature, top_p,
             variant = chosen[0]
             settings.stop = stop = jobs.eval_stop     # this request's own: a Stop pressed before does not count
             jobs.ensure_loaded()
+            gpu[0] = str(jobs.ws.lm.device).startswith("cuda")
             try:
                 for side, name in ((DENSE, DENSE), ("pruned", variant)):
                     if name is not None and not stop.is_set():
@@ -119,7 +121,7 @@ def generate_pair(jobs: JobManager, variant, prompt, sample, temperature, top_p,
                         for text in jobs.ws.generate_stream(name, prompt, settings):
                             emit((side, text))
                             first = first or (text, time.perf_counter())
-                        if first is not None:      # decoding speed: the tokens after the first piece
+                        if gpu[0] and first is not None:      # decoding speed: the tokens after the first piece
                             tok = jobs.ws.lm.tokenizer
                             rates[side] = (count_tokens(tok, text) - count_tokens(tok, first[0]),
                                            time.perf_counter() - first[1])
@@ -137,8 +139,7 @@ def generate_pair(jobs: JobManager, variant, prompt, sample, temperature, top_p,
     dense, pruned, summary = render_pair(texts[DENSE], texts["pruned"], chosen[0])
     summary = "⏹ **Stopped**: the text above is what was generated before Stop." if stopped else summary
     notes = "".join(f"⚠ {_plain_md(n)}.\n\n" for n in settings.notes)      # e.g. the chat template failed
-    device = str(jobs.ws.lm.device) if jobs.ws.lm is not None else ""
-    yield PairView(dense, pruned, notes + summary + (speed_line(rates, kernels[0]) if device.startswith("cuda") else ""))
+    yield PairView(dense, pruned, notes + summary + speed_line(rates, kernels[0]))
 
 
 def count_tokens(tokenizer, text: str) -> int:
