@@ -175,10 +175,11 @@ def test_live_curves_honest_eta_phases_and_a_finished_run(tiny_app, browser):
     assert "RUNNING" in progress(page).upper()
     shot(page, "08-learning-live-held-out-curve.png")
 
-    # after the last step: each phase with its own progress
+    # after the last step: each phase with its own progress (a phase is drawn as it begins, however
+    # short; looked for every 50 ms, not only when the browser paints)
     phases = page.wait_for_function(
         "() => document.querySelector('#ps-progress .ps-ph-running')?.innerText.includes('windows')"
-        " && document.querySelector('#ps-progress').innerText").json_value()
+        " && document.querySelector('#ps-progress').innerText", polling=50).json_value()
     steps_done = time.time()
     shot(page, "09-phases-after-the-last-step.png")
     assert "✓ extracting the mask" in phases and "✓ verifying the 2:4 pattern" in phases

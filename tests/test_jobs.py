@@ -13,7 +13,7 @@ from proxsparse_core.results import LEARNED, title
 from test_ui_handlers import tiny_cfg, wait
 from test_ui_tiny_model import save_tiny_model
 from ui import compare_tab, export_tab, learn_tab
-from ui.jobs import Busy, JobManager
+from ui.jobs import Busy, JobManager, perplexity_phase, watch
 from ui.widgets import SKIP, Widgets
 
 
@@ -54,6 +54,27 @@ def long_recovery(jobs):
     """A fine-tuning recovery far too long to finish in a test (it is stopped)."""
     name, rcfg = compare_tab.recovery_request(jobs, LEARNED, "finetune", 5000, 0, 1)
     return compare_tab.start_recovery(jobs, name, rcfg)
+
+
+# ---------------------------------------------------------------------------- watching a job
+
+def test_a_page_sees_each_phase_begin_and_the_end_at_once_however_seldom_it_polls(jobs, tiny_dir):
+    """A page polls a running job seldom (the Learn tab once a second); a phase shorter than that
+    was never drawn running (CI once waited 5 minutes for it). Now a phase's start and the job's end
+    wake every watcher at once: with a poll of a minute, the run is followed in seconds."""
+    undo = slow_forward(jobs.ws.lm.model, 0.15)      # 16 windows: 4 forward passes, 0.6 s a phase
+    try:
+        job = jobs.start_learning(tiny_cfg(tiny_dir, eval_windows=16), evaluate=True)
+        t0, seen = time.time(), []
+        for j in watch(job, poll=60):
+            p = j.current_phase
+            seen.append((p.name, p.done, p.total) if p else j.status)
+        took = time.time() - t0
+    finally:
+        undo()
+    assert job.status == "finished" and seen[-1] == "finished", seen
+    assert (perplexity_phase(job.name), 0, 16) in seen, seen       # drawn as it began, with its count
+    assert took < 30, (took, seen)
 
 
 # ---------------------------------------------------------------------------- typed progress

@@ -78,6 +78,8 @@ class Job:
     stop: threading.Event = field(default_factory=threading.Event)
     state: dict = field(default_factory=dict)        # what else a kind's page shows (e.g. per-row tasks)
     changes: int = field(default=0, repr=False)
+    milestones: int = field(default=0, repr=False)   # parts begun: each is drawn at once (watch)
+    wake: threading.Condition = field(default_factory=threading.Condition, repr=False)
     thread: threading.Thread | None = field(default=None, repr=False)
 
     @property
@@ -87,6 +89,14 @@ class Job:
     def touch(self):
         """Mark a change a page should draw."""
         self.changes += 1
+
+    def milestone(self):
+        """Mark a change every page draws at once rather than at its next poll (a phase begins, the
+        job ends): a phase shorter than the poll would otherwise never be seen running."""
+        with self.wake:
+            self.milestones += 1
+            self.changes += 1
+            self.wake.notify_all()
 
     def report(self, progress: Progress):
         self.progress = progress
@@ -106,17 +116,19 @@ class Job:
 
 
 def watch(job: Job, poll: float = POLL_S):
-    """Yield `job` whenever it changed, until it ends (its final state included)."""
+    """Yield `job` whenever it changed, until it ends (its final state included): at most once per
+    `poll` seconds, and at once when a part of it begins (`Job.milestone`)."""
     seen = None
     while True:
-        active = job.active
+        active, began = job.active, job.milestones
         version = job.version()
         if version != seen:
             seen = version
             yield job
         if not active:
             return
-        time.sleep(poll)
+        with job.wake:
+            job.wake.wait_for(lambda: job.milestones != began, timeout=poll)
 
 
 @dataclass
@@ -187,6 +199,15 @@ class LearnJob(Job):
 
     def phase(self, name: str) -> Phase:
         return next(p for p in self.phases if p.name == name)
+
+    def begin(self, name: str, total: int = 0) -> Phase:
+        """Start the phase `name` (with its count when known) and have every page draw it at once."""
+        phase = self.phase(name)
+        if total:
+            phase.progress(0, total)
+        phase.start()
+        self.milestone()
+        return phase
 
     @property
     def current_phase(self) -> Phase | None:
@@ -370,7 +391,7 @@ class JobManager:
                     self.current = None
                 self._release()
                 job.status = final          # only now: a page that sees it ended finds the machine free
-                job.touch()
+                job.milestone()             # drawn at once
         # Some objects of a finished job sit in reference cycles (e.g. frames kept by an exception
         # caught while a model loaded) and would hold its tensors until Python's next full
         # collection, which may come only after the next job has allocated its own: collect now.
@@ -501,7 +522,7 @@ class JobManager:
         job.say(ev.line())
         if ev.step >= ev.total_steps:          # the learner reads the mask out right after the last step
             job.status = "finishing"
-            job.phase(EXTRACT).start()
+            job.begin(EXTRACT)
 
     def _learn(self, job: LearnJob) -> str:
         """The learning job's work (its thread): load, learn, verify, measure; returns its status."""
@@ -525,12 +546,11 @@ class JobManager:
         job.say(result.message)
         extract = job.phase(EXTRACT)
         if extract.state == "waiting":     # stopped early: the mask was read out all the same
-            extract.start()
+            job.begin(EXTRACT)
         extract.end("done" if result.steps_done else "skipped")
         if result.steps_done:
             job.status = "finishing"
-            verify = job.phase(VERIFY)
-            verify.start()
+            verify = job.begin(VERIFY)
             check = self.ws.verify(job.name)
             verify.end()
             self.verified[job.name] = check.ok
@@ -552,8 +572,7 @@ class JobManager:
     def _evaluate(self, job: LearnJob):
         try:
             for name in (DENSE, job.name):
-                phase = job.phase(perplexity_phase(name))
-                phase.start()
+                phase = job.begin(perplexity_phase(name), total=self.ws.data.held_out.shape[0])
                 job.say(f"held-out perplexity of {name} …")
                 job.perplexity[name] = self.ws.perplexity(name, stop=job.eval_stop, progress=phase.progress)
                 phase.end()
