@@ -90,6 +90,50 @@ def test_native_equals_pytorch_schedule_bit_for_bit(dtype, lam):
 
 
 @needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_runs_of_dense_groups_read_in_place_equal_the_pytorch_schedule(dtype, weighted):
+    """While learning, every group the prox sees has ≥ 3 non-zeros (AdamW moves the zeros it made),
+    so the C kernel solves runs of 32 consecutive groups where they lie. Matrices of dense groups,
+    a few 2:4 ones sprinkled in (a run that must be gathered instead), narrow rows (a run wraps
+    around several rows, where column weights a restart) and wide ones: bit for bit the PyTorch
+    schedule, the counts included — one matrix at a time and all layers in one call."""
+    g = torch.Generator().manual_seed(21)
+    shapes = [(40, 16), (24, 200), (9, 1024)]            # 16 and 200 columns: runs of 128 values wrap
+    lam = 0.7
+    ws, cols, wants, hists = [], [], [], []
+    for r, c in shapes:
+        w = torch.randn(r, c, generator=g) * 0.3
+        w.view(-1, 4)[torch.randperm(r * c // 4, generator=g)[:5], 2:] = 0     # 5 groups already 2:4
+        w = w.to(dtype)
+        a = torch.rand(c, generator=g) * 3 + 0.01 if weighted else None
+        v = w.float() * a if weighted else w.float()
+        grid = None if dtype == torch.float32 or weighted else dtype     # with a: the prox of v in float32
+        out = prox._prox_cols(v.view(-1, 4), lam, grid=grid).view(r, c)
+        hists.append(count_nonzeros(out.view(-1, 4)))
+        wants.append((out / a).to(dtype) if weighted else out.to(dtype))
+        ws.append(w)
+        cols.append(a)
+    if not weighted:                                      # one matrix at a time (prox_2to4_ / prox_groups)
+        for w, want, hist in zip(ws, wants, hists):
+            if dtype == torch.float16:
+                got = prox.prox_groups(w.view(-1, 4), lam).view(w.shape)
+            else:
+                got, h = w.clone(), torch.zeros(5, dtype=torch.long)
+                prox.prox_2to4_(got, lam, hist=h)
+                assert torch.equal(h, hist)
+            assert torch.equal(got, want), int((got != want).sum())
+    if dtype == torch.float16:                            # the one-call path stores float32 or bfloat16
+        return
+    ours = [w.clone() for w in ws]
+    assert prox_native.layers_supported(ours, cols if weighted else None)
+    got = prox_native.prox_layers_(ours, [lam] * len(ours), FAST_TOL, MAX_SWEEPS, cols if weighted else None)
+    assert torch.equal(got, torch.stack(hists))
+    for mine, want in zip(ours, wants):
+        assert torch.equal(mine, want), int((mine != want).sum())
+
+
+@needs_native
 @pytest.mark.parametrize("dtype,lam", [(torch.float32, 2.0), (torch.float32, 20.0),
                                        (torch.bfloat16, 2.0), (torch.bfloat16, 20.0)])
 def test_fast_never_worse_than_reference_on_adversarial_groups(dtype, lam):

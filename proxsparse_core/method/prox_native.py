@@ -9,7 +9,9 @@ CPU), and runs in place on float32 or bfloat16 weights.
 
 What it does for each group of 4 (same mathematics and stopping rule as prox.py):
   * groups with ≤ 2 non-zeros are their own prox and are skipped (learning makes most groups so);
-  * the other groups are processed 32 at a time, one group per SIMD lane: sort |z| by a 5-comparator
+  * the other groups are processed 32 at a time, one group per SIMD lane (32 consecutive groups that
+    all need it, as every group does while learning, are read and written where they lie; others are
+    gathered one by one; bench/cpu_prox_step.py compares the two): sort |z| by a 5-comparator
     network, run Gauss-Seidel sweeps of keep-3 and keep-4 until *that lane* moves by no more than
     tol·max|z| (a converged lane is frozen, so a group's result never depends on its neighbours),
     pick the best of keep-2/3/4, restore order and signs, write back in the weight's dtype;
@@ -226,13 +228,79 @@ static void flush(const layer_t *t, const int64_t *gi, float z[4][L], int n, flo
     }
 }
 
+/* The 32 consecutive groups i .. i+31 of one layer as one block, read and written in place with
+   loops that vectorise (no gathering group by group): when every one of them has >= 3 non-zeros (of
+   v = w·a with column weights, and lam > 0), the usual case while learning, since AdamW moves the
+   zeros the prox made. Each lane's result depends on its own group only, and every value is computed
+   by the same expressions as in flush(), so the result is bit for bit the per-group path's. Returns 0,
+   having written nothing, when some group has <= 2 non-zeros. */
+static int run32(const layer_t *t, int64_t i, float tol, int max_sweeps, int64_t *h) {
+    float z[4][L], av[4 * L];
+    const float *ap = 0;
+    const int64_t e0 = 4 * i;
+    if (t->a) {
+        const int64_t c0 = e0 % t->cols;
+        if (!(t->lam > 0.f)) return 0;
+        if (c0 + 4 * L <= t->cols) ap = t->a + c0;
+        else {                                       /* the run wraps around a row's end */
+            int64_t c = c0;
+            for (int e = 0; e < 4 * L; e++) { av[e] = t->a[c]; if (++c == t->cols) c = 0; }
+            ap = av;
+        }
+    }
+    if (t->bf) {
+        const uint16_t *w = (const uint16_t *)t->w + e0;
+        if (ap) { for (int l = 0; l < L; l++) for (int k = 0; k < 4; k++) z[k][l] = from_bf16(w[4 * l + k]) * ap[4 * l + k]; }
+        else    { for (int l = 0; l < L; l++) for (int k = 0; k < 4; k++) z[k][l] = from_bf16(w[4 * l + k]); }
+    } else {
+        const float *w = (const float *)t->w + e0;
+        if (ap) { for (int l = 0; l < L; l++) for (int k = 0; k < 4; k++) z[k][l] = w[4 * l + k] * ap[4 * l + k]; }
+        else    { for (int l = 0; l < L; l++) for (int k = 0; k < 4; k++) z[k][l] = w[4 * l + k]; }
+    }
+    int sparse = 0;
+    for (int l = 0; l < L; l++)
+        sparse |= (z[0][l] != 0.f) + (z[1][l] != 0.f) + (z[2][l] != 0.f) + (z[3][l] != 0.f) <= 2;
+    if (sparse) return 0;
+    block(z, L, t->lam, tol, max_sweeps, t->grid);
+    int nz[L];
+    if (t->bf) {
+        uint16_t *w = (uint16_t *)t->w + e0;
+        for (int l = 0; l < L; l++) {
+            int c = 0;
+            for (int k = 0; k < 4; k++) {
+                uint16_t b = to_bf16(ap ? z[k][l] / ap[4 * l + k] : z[k][l]);
+                w[4 * l + k] = b;
+                c += ap ? z[k][l] != 0.f : (b & 0x7fffu) != 0;
+            }
+            nz[l] = c;
+        }
+    } else {
+        float *w = (float *)t->w + e0;
+        for (int l = 0; l < L; l++) {
+            int c = 0;
+            for (int k = 0; k < 4; k++) {
+                w[4 * l + k] = ap ? z[k][l] / ap[4 * l + k] : z[k][l];
+                c += z[k][l] != 0.f;
+            }
+            nz[l] = c;
+        }
+    }
+    for (int l = 0; l < L; l++) h[nz[l]]++;
+    return 1;
+}
+
 /* groups [g0, g1) of one layer: those with <= 2 non-zeros are their own prox (with a, only the
-   round trip w·a / a is stored), the others are gathered 32 at a time and solved */
+   round trip w·a / a is stored), the others are gathered 32 at a time and solved; runs of 32 that
+   need no gathering go through run32 (after a run that did, the next 32 groups are gathered) */
 static void range(const layer_t *t, int64_t g0, int64_t g1, float tol, int max_sweeps, int64_t *h) {
-    int64_t gi[L];
+    int64_t gi[L], retry = g0;
     float z[4][L];
     int n = 0;
     for (int64_t i = g0; i < g1; i++) {
+        if (n == 0 && i >= retry && i + L <= g1) {
+            if (run32(t, i, tol, max_sweeps, h)) { i += L - 1; continue; }
+            retry = i + L;
+        }
         float v[4];
         int nz = 0;
         if (t->a) {
