@@ -8,10 +8,11 @@ headers), built by native.py (cached under the ProxSparse cache folder, keyed by
 CPU), and runs in place on float32 or bfloat16 weights.
 
 What it does for each group of 4 (same mathematics and stopping rule as prox.py):
-  * groups with ≤ 2 non-zeros are their own prox and are skipped (learning makes most groups so);
+  * groups with ≤ 2 non-zeros are their own prox and are skipped (the prox makes most groups so, but
+    while learning AdamW moves their zeros before the next step: there every group needs the prox);
   * the other groups are processed 32 at a time, one group per SIMD lane (32 consecutive groups that
-    all need it, as every group does while learning, are read and written where they lie; others are
-    gathered one by one; bench/cpu_prox_step.py compares the two): sort |z| by a 5-comparator
+    all need it are read and written where they lie, others are gathered one by one;
+    bench/cpu_prox_step.py compares the two): sort |z| by a 5-comparator
     network, run Gauss-Seidel sweeps of keep-3 and keep-4 until *that lane* moves by no more than
     tol·max|z| (a converged lane is frozen, so a group's result never depends on its neighbours),
     pick the best of keep-2/3/4, restore order and signs, write back in the weight's dtype;
