@@ -4,6 +4,7 @@ until the run (steps, mask, verification, held-out perplexity) is finished in th
     python bench/demo_time.py --preset quick-demo            # as a second run: the memo as it is
     python bench/demo_time.py --preset quick-demo --cold     # a first run: an empty memo (memo.py)
     python bench/demo_time.py --preset quick-demo --record   # also write the time to bench/measured.json
+    python bench/demo_time.py --cpu-autocast off             # float32 products, as on a CPU without native bf16
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ sys.path.insert(0, str(ROOT))
 
 from proxsparse_core import measured  # noqa: E402
 
+AUTOCAST_LABEL = "bf16 products when learning on a CPU that has them"    # ui/learn_tab.py LABELS
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
         "--disable-sync", "--no-first-run"]
 
@@ -32,6 +34,9 @@ def main():
     ap.add_argument("--screenshot", default="test-output/demo-time.png")
     ap.add_argument("--cold", action="store_true",
                     help="start the app with an empty memo of dense results, as on a machine's first run")
+    ap.add_argument("--cpu-autocast", choices=("auto", "off"), default="auto",
+                    help="the Learn tab's setting before Start: off runs the float32 path a CPU without native "
+                         "bf16 runs (on one that has it, auto uses bf16 products)")
     ap.add_argument("--record", action="store_true",
                     help="write the time to bench/measured.json (learn:<preset>:cpu), with date, machine, command")
     args = ap.parse_args()
@@ -62,6 +67,14 @@ def main():
                         raise
                     time.sleep(1)
             page.wait_for_selector("#ps-start")
+            if args.cpu_autocast != "auto":
+                page.get_by_text("Advanced", exact=True).click()
+                page.get_by_label(AUTOCAST_LABEL, exact=True).click()
+                page.get_by_role("option", name=args.cpu_autocast, exact=True).click()
+                page.wait_for_function("([l, v]) => [...document.querySelectorAll('input')].some("
+                                       "i => i.getAttribute('aria-label') === l && i.value === v)",
+                                       arg=[AUTOCAST_LABEL, args.cpu_autocast])
+                page.evaluate("() => window.scrollTo(0, 0)")
             t0 = time.perf_counter()
             page.click("#ps-start")
             page.wait_for_function("() => /finished|stopped|failed/i.test(document.querySelector('#ps-progress')"
@@ -72,7 +85,8 @@ def main():
             page.screenshot(path=args.screenshot, full_page=False)
             info = page.inner_text("#ps-info")
             print(f"{args.preset}: Start → finished with perplexity in the page: {seconds:.0f} s"
-                  + (" (empty memo: a first run)" if args.cold else ""))
+                  + (" (empty memo: a first run)" if args.cold else "")
+                  + (f" (cpu_autocast {args.cpu_autocast})" if args.cpu_autocast != "auto" else ""))
             print(info[:600])
             browser.close()
     finally:
@@ -82,12 +96,13 @@ def main():
             cold.cleanup()
         runs.cleanup()
     if args.record:
-        record(f"learn:{args.preset}:cpu", seconds, args)
+        record(f"learn:{args.preset}:cpu" + ("-float32" if args.cpu_autocast == "off" else ""), seconds, args)
 
 
 def record(key: str, seconds: float, args) -> None:
     """Write the figure into bench/measured.json, keeping the file's format and its other figures."""
-    command = f"python bench/demo_time.py --preset {args.preset}" + (" --cold" if args.cold else "")
+    command = (f"python bench/demo_time.py --preset {args.preset}" + (" --cold" if args.cold else "")
+               + (f" --cpu-autocast {args.cpu_autocast}" if args.cpu_autocast != "auto" else ""))
     path = measured.record(key, {"seconds": round(seconds), "what": "Start to held-out perplexity in the page"
                                  + (", first run (empty memo)" if args.cold else ""),
                                  "machine": f"{os.cpu_count()} CPU cores", "command": command})
