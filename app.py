@@ -111,7 +111,7 @@ def _stop_on_sigterm():
 
 def run(argv=None):
     args = parse_args(argv)
-    from proxsparse_core.config import PRESETS, RunConfig, default_preset
+    from proxsparse_core.config import BUNDLED, PRESETS, RunConfig, default_preset
     from ui.jobs import JobManager
     from ui.layout import build_app, launch
 
@@ -130,8 +130,10 @@ def run(argv=None):
         # Learn tab shows "custom" rather than a preset that does not fit
         defaults = (RunConfig().with_preset(preset) if args.preset else RunConfig())
         defaults.model = args.model
-    demo = build_app(JobManager(allow_remote_code=args.allow_remote_code, runs_dir=args.runs_dir), defaults=defaults,
-                     preset=preset)
+    jobs = JobManager(allow_remote_code=args.allow_remote_code, runs_dir=args.runs_dir)
+    if defaults.model == BUNDLED:
+        jobs.preload(defaults)      # the bundled model is read while the page opens: the first Start learns at once
+    demo = build_app(jobs, defaults=defaults, preset=preset)
     _stop_on_sigterm()
     try:
         launch(demo, host=host, port=port, share=args.share)

@@ -77,6 +77,40 @@ def test_a_page_sees_each_phase_begin_and_the_end_at_once_however_seldom_it_poll
     assert took < 30, (took, seen)
 
 
+def test_a_start_during_the_preload_waits_for_it_and_loads_nothing_again(tiny_dir, monkeypatch):
+    """The app preloads its preselected model at start; a Start meanwhile waits for that load (its
+    status says loading) and learns on the same model: one load in all."""
+    from proxsparse_core import workspace
+
+    loads, real = [], workspace.load_model
+
+    def slow_load(*a, **k):
+        loads.append(a[0])
+        time.sleep(0.5)
+        return real(*a, **k)
+    monkeypatch.setattr(workspace, "load_model", slow_load)
+    jobs = JobManager()
+    cfg = tiny_cfg(tiny_dir)
+    thread = jobs.preload(cfg)
+    job = jobs.start_learning(cfg, evaluate=False)
+    until(lambda: loads)
+    assert thread.is_alive() and job.status in ("starting", "running", "loading")
+    wait(job)
+    thread.join(5)
+    assert job.status == "finished" and loads == [str(tiny_dir)], (job.status, job.message, loads)
+    assert LEARNED in jobs.ws.results
+
+
+def test_a_failed_preload_is_said_by_the_job_that_needs_the_model(tmp_path):
+    jobs = JobManager()
+    cfg = tiny_cfg(tmp_path)                              # an empty folder: no model there
+    jobs.preload(cfg).join(30)
+    assert jobs.ws.lm is None
+    job = jobs.start_learning(cfg, evaluate=False)
+    wait(job)
+    assert job.status == "failed" and str(tmp_path) in job.message, job.message
+
+
 # ---------------------------------------------------------------------------- typed progress
 
 def test_progress_is_its_message_and_carries_typed_fields():

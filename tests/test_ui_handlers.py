@@ -411,6 +411,48 @@ def test_finished_run_shows_each_phase_after_the_steps_and_the_held_out_curve(fi
     assert "groups with 0/1/2/3/4 non-zeros" in "\n".join(job.log)
 
 
+def test_live_frames_send_only_what_changed_and_the_last_frame_whole(finished):
+    """A page following a run is sent a chart, the log or the info only when it changed (each redraw
+    takes a 2-core machine's time from the learning): the heatmap when new per-layer shares arrive,
+    no chart while the perplexity is measured; the first frame and the last (an API client reads
+    it) carry everything."""
+    from ui.jobs import LearnJob
+    from ui.widgets import SKIP
+
+    _, done = finished
+    assert all(e.get("layer_share") for e in done.events)          # layer_stats_every=1
+    job = LearnJob(99, cfg=done.cfg, evaluate=True)
+    job.status, job.layer_names = "running", done.layer_names
+    job.events = [dict(done.events[0])]
+    job.say("step 1")
+    parts = ("loss_plot", "sparsity_plot", "heatmap", "log", "info")
+    sent = {}
+    first = learn_tab.render(job, sent=sent)
+    assert not any(v is SKIP for v in first)
+    again = learn_tab.render(job, sent=sent)
+    assert again.progress is not SKIP and all(getattr(again, n) is SKIP for n in parts)
+    job.events.append(dict(done.events[1], layer_share=None))     # a step without per-layer shares
+    job.say("step 2")
+    step = learn_tab.render(job, sent=sent)
+    assert step.heatmap is SKIP and step.info is SKIP
+    assert all(getattr(step, n) is not SKIP for n in ("loss_plot", "sparsity_plot", "log"))
+    job.events.append(dict(done.events[2]))                       # with shares: the heatmap too
+    assert learn_tab.render(job, sent=sent).heatmap is not SKIP
+    job.status = "evaluating"                                     # measuring: the phases move, no chart
+    job.begin(job.phases[2].name, total=4)
+    learn_tab.render(job, sent=sent)                              # (its window count names the probe)
+    job.phases[2].progress(2, 4)
+    measuring = learn_tab.render(job, sent=sent)
+    assert "2 / 4 windows" in measuring.progress
+    assert all(getattr(measuring, n) is SKIP for n in ("loss_plot", "sparsity_plot", "heatmap"))
+    job.perplexity = dict(done.perplexity)                        # the ◆ final perplexities: the loss chart
+    assert learn_tab.render(job, sent=sent).loss_plot is not SKIP
+    # follow(): the frame after the job has ended is whole, even when nothing changed
+    job.status = "finished"
+    frames = list(learn_tab.follow(job, poll=0.01))
+    assert frames and not any(v is SKIP for v in frames[-1])
+
+
 def test_a_running_phase_shows_its_own_progress(tiny_dir):
     from ui.jobs import LearnJob
 

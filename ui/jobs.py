@@ -284,6 +284,7 @@ class JobManager:
         self.warned: dict[str, float] = {}     # model → when Start warned it needs a GPU (Start again goes ahead)
         self._short_stop = threading.Event()   # Stop for a short request (generation) that holds the machine
         self._busy = threading.Lock()
+        self._loading = threading.Lock()       # one model load at a time (a preload, then whoever needs it)
         self._ids = itertools.count(1)
 
     # ------------------------------------------------------------------ the one-at-a-time guard
@@ -428,12 +429,34 @@ class JobManager:
         """Load the model and data (of `cfg`, else of the last run, else the defaults). Call it
         while holding the guard."""
         cfg = self.check_remote_code(cfg or self.cfg or RunConfig())
-        before = self.ws.lm
-        lm = self.ws.load(cfg)
-        if lm is not before:                   # a new model starts without results
-            self.verified, self.curves, self.saved, self.own = {}, {}, {}, set()
+        lm = self._load(cfg)
         self.cfg = cfg
         return lm
+
+    def _load(self, cfg: RunConfig):
+        with self._loading:                    # waits for a preload still under way
+            before = self.ws.lm
+            lm = self.ws.load(cfg)
+            if lm is not before:               # a new model starts without results
+                self.verified, self.curves, self.saved, self.own = {}, {}, {}, set()
+            return lm
+
+    def preload(self, cfg: RunConfig) -> threading.Thread:
+        """Load `cfg`'s model and data in a thread of their own, holding nothing but the loading lock:
+        the app does so at start for the preselected bundled model, so that the first Start learns at
+        once instead of loading first. Whatever needs the model meanwhile (a Start, a generation)
+        waits for it. A failure is only logged: the first job that needs the model loads it again and
+        says what went wrong."""
+        cfg = self.check_remote_code(cfg)
+
+        def work():
+            try:
+                self._load(cfg)
+            except Exception:  # noqa: BLE001 - said again, to the page, by the job that needs the model
+                log.warning("preloading %s failed", cfg.model, exc_info=True)
+        thread = threading.Thread(target=work, daemon=True, name="preload")
+        thread.start()
+        return thread
 
     # ------------------------------------------------------------------ saved runs
     @property

@@ -415,14 +415,36 @@ class LearnView(NamedTuple):
     info: Any = SKIP
 
 
-def render(job: LearnJob | None, note: str = "") -> LearnView:
-    """Everything the Learn tab shows for a job: progress, three charts, log, info."""
+def render(job: LearnJob | None, note: str = "", sent: dict | None = None) -> LearnView:
+    """Everything the Learn tab shows for a job: progress, three charts, log, info. With `sent` (what
+    this page was last sent, kept by `follow`), a chart, the log or the info that has not changed
+    since is SKIP: neither built again nor drawn again in the browser (the heatmap changes every few
+    steps, no chart while the perplexity is measured; on a 2-core machine every redraw is taken from
+    the learning)."""
     shown = job.shown if job else None     # a failed Start keeps the last run's curves on screen
     events = list(shown.events) if shown else []
     layer_names = shown.layer_names if shown else []
-    return LearnView(progress_html(job, note), loss_chart(job, events), plots.sparsity_figure(events),
-                     plots.layer_heatmap(layer_names, _last_layer_share(events)),
-                     "\n".join(reversed(job.log[-200:])) if job else "", info_markdown(job))
+    run = id(shown), len(events)
+
+    def part(name: str, key, build):
+        if sent is None:
+            return build()
+        if name in sent and sent[name] == key:
+            return SKIP
+        sent[name] = key
+        return build()
+
+    final = tuple(sorted(shown.perplexity.items())) if shown else ()
+    totals = tuple(p.total for p in shown.phases) if shown else ()
+    shares = next((i for i in range(len(events) - 1, -1, -1) if events[i].get("layer_share")), None)
+    log = "\n".join(reversed(job.log[-200:])) if job else ""
+    info = info_markdown(job)
+    return LearnView(progress_html(job, note),
+                     part("loss", (run, final, totals), lambda: loss_chart(job, events)),
+                     part("sparsity", run, lambda: plots.sparsity_figure(events)),
+                     part("heatmap", (id(shown), len(layer_names), shares),
+                          lambda: plots.layer_heatmap(layer_names, _last_layer_share(events))),
+                     part("log", log, lambda: log), part("info", info, lambda: info))
 
 
 def probe_size(cfg: RunConfig, windows: int | None = None) -> tuple[int, int]:
@@ -453,9 +475,11 @@ CHART_NOTE = ("The training loss can *rise*: each step the prox (λ1) pulls ever
 
 
 def follow(job: LearnJob, note: str = "", poll: float = POLL_S):
-    """Yield render(job) whenever it changes, until the job ends (the final state included)."""
+    """Yield render(job) whenever it changes, until the job ends: the first frame and the last one
+    whole (an API client reads the last), the others with only what changed."""
+    sent: dict = {}
     for _ in watch(job, poll):
-        yield render(job, note)
+        yield render(job, note, sent if job.active else None)
 
 
 def start_run(jobs: JobManager, mode, upload, hf_spec, evaluate, *values, page: bool = False):
