@@ -347,27 +347,31 @@ class Workspace:
         with self.lock, self.variant(name):
             return verify(self.lm.prunable, r.masks, self.originals, updated_ok=r.weights is not None)
 
-    def generate(self, name: str, prompt: str, settings: GenerationSettings | None = None) -> str:
+    def generate(self, name: str, prompt: str, settings: GenerationSettings | None = None,
+                 measuring=None) -> str:
+        """`measuring(done, total)` hears of the 2:4 kernels measured first on a GPU (decoding)."""
         self._need()
-        with self.lock, self.variant(name), self.decoding(name):
+        with self.lock, self.variant(name), self.decoding(name, measuring):
             return generate(self.lm.model, self.lm.tokenizer, prompt, settings)
 
-    def generate_stream(self, name: str, prompt: str, settings: GenerationSettings | None = None):
+    def generate_stream(self, name: str, prompt: str, settings: GenerationSettings | None = None,
+                        measuring=None):
         self._need()
-        with self.lock, self.variant(name), self.decoding(name):
+        with self.lock, self.variant(name), self.decoding(name, measuring):
             yield from generate_stream(self.lm.model, self.lm.tokenizer, prompt, settings)
 
     @contextlib.contextmanager
-    def decoding(self, name: str):
+    def decoding(self, name: str, measuring=None):
         """Around a generation with `name`'s weights: a 2:4 result on a CUDA model generates through
         the 2:4 kernels (decode24.fast_generation: the one-token kernel where it was measured faster
-        than dense, dense elsewhere); the dense model, or any model off CUDA, as it is. What a
+        than dense, dense elsewhere; layer shapes this GPU has not measured yet are measured first,
+        `measuring(done, total)` after each); the dense model, or any model off CUDA, as it is. What a
         generation that ran to its end did is kept in `last_decoding` (a FastGeneration, or None)."""
         self.last_decoding = None
         if name == DENSE or not str(self.lm.device).startswith("cuda"):
             yield None
             return
         from proxsparse_core.inference.decode24 import fast_generation
-        with fast_generation(self.lm.model, self.lm.prunable) as fast:
+        with fast_generation(self.lm.model, self.lm.prunable, measuring) as fast:
             yield fast
         self.last_decoding = fast

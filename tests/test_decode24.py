@@ -112,6 +112,35 @@ def test_use_24_kernels_converts_24_layers_and_restores(monkeypatch):
     assert d24.use_24_kernels(model)[0] == []           # default check: CUDA fp16/bf16 2:4 weights only
 
 
+def test_shapes_are_measured_up_front_once_each_with_progress(monkeypatch):
+    """fast_generation measures every converted layer shape without a choice before the block runs
+    (so a generation never stops between two tokens to compile and time kernels), one layer per
+    shape, with progress; a second block measures nothing."""
+    model = make_tiny_llama(seed=3)
+    prunable = find_prunable(model)
+    apply_masks(prunable, extract_masks(prunable))
+    monkeypatch.setattr(d24, "_CHOICES", {})
+    timed = []
+
+    def choose(layer, tokens, margin=1.2):
+        timed.append((layer.out_features, layer.in_features, tokens))
+        d24._CHOICES[layer._key(tokens)] = d24.Choice(None, 1.0, 2.0)
+        return d24._CHOICES[layer._key(tokens)]
+    monkeypatch.setattr(d24, "choose", choose)
+    monkeypatch.setattr(d24, "triton_available", lambda: True)
+    real = d24.use_24_kernels
+    monkeypatch.setattr(d24, "use_24_kernels", lambda m, p=None: real(m, p, accept=lambda w: True))
+    shapes = {tuple(prunable.modules[n].weight.shape) for n in prunable.names}
+    seen = []
+    with d24.fast_generation(model, prunable, lambda d, t: seen.append((d, t))) as fast:
+        assert sorted(timed) == sorted((o, i, 1) for o, i in shapes)     # each shape once, at one token
+        assert fast.measured == len(shapes) and seen == [(k + 1, len(shapes)) for k in range(len(shapes))]
+    with d24.fast_generation(model, prunable, lambda d, t: seen.append((d, t))) as again:
+        assert again.measured == 0
+    assert len(timed) == len(shapes) and len(seen) == len(shapes)
+    assert not any("_decode24" in m.__dict__ for m in model.modules())   # restored both times
+
+
 _INTERPRETED = """
 import sys, torch
 sys.path.insert(0, "tests")

@@ -530,6 +530,37 @@ def test_a_gpu_preset_is_held_back_once_on_a_cpu_only_machine():
     assert learn_tab.gpu_warning(JobManager(), RunConfig().with_preset("quick-demo")) is None
 
 
+def test_the_2to4_kernels_measured_before_an_answer_are_said_and_left_out_of_its_speed(finished, monkeypatch):
+    """On a GPU, the first 2:4 answer waits while the kernels are measured for each layer shape:
+    the Compare tab and the lecture mode say so with a count, and the 2:4 side's tokens/s (counted
+    from its first streamed piece) does not include that wait."""
+    from proxsparse_core.inference import decode24
+    from ui import lecture
+
+    jobs, _ = finished
+    monkeypatch.setattr(jobs.ws.lm, "device", "cuda:0")       # said to be on a GPU
+    monkeypatch.setattr(decode24, "triton_available", lambda: True)
+    monkeypatch.setattr(decode24, "use_24_kernels", lambda model, prunable=None: (["a", "b"], []))
+
+    def measure(model, tokens=1, progress=None):              # three shapes, 0.5 s each
+        for k in range(3):
+            time.sleep(0.5)
+            progress(k + 1, 3)
+        return 3
+    monkeypatch.setattr(decode24, "measure", measure)
+    monkeypatch.setattr(decode24, "restore_dense", lambda model: 0)
+    frames = list(compare_tab.generate_pair(jobs, LEARNED, "hello", False, 0.7, 0.9, 24, False))
+    notes = [f[2] for f in frames if isinstance(f[2], str) and "Measuring the 2:4 kernels" in f[2]]
+    assert ["1 of 3" in notes[0], "3 of 3" in notes[-1], len(notes)] == [True, True, 3]
+    summary = frames[-1][2]
+    assert "Measuring" not in summary
+    rate = float(re.search(r"2:4 ([0-9.]+) tokens/s", summary).group(1))
+    assert rate > 16, summary          # 1.5 s of measuring in it would put 24 tokens under 16 tokens/s
+    views = list(lecture.generate_three(jobs, LEARNED, "hello", 24, False))
+    said = [v.lec_status for v in views if isinstance(v.lec_status, str) and "Measuring" in v.lec_status]
+    assert said and "3 of 3" in said[-1] and "Measuring" not in views[-1].lec_status
+
+
 def test_two_runs_in_a_row_do_not_keep_the_first_runs_tensors(tiny_dir):
     """What a finished run no longer needs is freed at once: its optimizer moments, its copies of
     W0; only its result's masks stay (a second run is a result of its own, issue 28 item 4).

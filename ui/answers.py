@@ -22,6 +22,13 @@ MAX_PROMPT = 4000            # characters; a page or API request with more is re
 COLUMNS = ["method", "held-out perplexity", "× dense", "same top-1 as dense", "weights", "2:4 verified"]
 
 
+def measuring_note(done: int, total: int) -> str:
+    """Said while a GPU measures the 2:4 kernels for a 2:4 model's layer shapes before its first
+    answer (Workspace.decoding): the pause has a reason and an end."""
+    return (f"⏱ Measuring the 2:4 kernels on this GPU before the 2:4 model answers: {done} of {total} layer "
+            "shapes (once per shape and GPU; later answers start at once).")
+
+
 def baseline_methods() -> list[str]:
     """The one-shot methods of the registry (proxsparse_core.baselines.oneshot.METHODS)."""
     return list(METHODS)

@@ -36,7 +36,8 @@ from proxsparse_core.results import DENSE, LEARNED, is_recovered, method_of, tit
 
 from . import inputs
 from .answers import (COLUMNS, LOOP_GUARD, MAX_PROMPT, answer_panel as _panel, _plain_md, baseline_methods,  # noqa: F401
-                      like_with_like, perplexity_table, settings_from_form, unknown_result, variant_choices)
+                      like_with_like, measuring_note, perplexity_table, settings_from_form, unknown_result,
+                      variant_choices)
 from .feedback import esc, fmt_duration, notify
 from .jobs import POLL_S, Job, JobManager, in_worker, watch
 from .lecture import build_lecture
@@ -118,7 +119,8 @@ def generate_pair(jobs: JobManager, variant, prompt, sample, temperature, top_p,
                 for side, name in ((DENSE, DENSE), ("pruned", variant)):
                     if name is not None and not stop.is_set():
                         first, text = None, ""
-                        for text in jobs.ws.generate_stream(name, prompt, settings):
+                        measuring = (lambda d, t: emit(("measuring", (d, t)))) if side == "pruned" else None
+                        for text in jobs.ws.generate_stream(name, prompt, settings, measuring):
                             emit((side, text))
                             first = first or (text, time.perf_counter())
                         if gpu[0] and first is not None:      # decoding speed: the tokens after the first piece
@@ -134,6 +136,9 @@ def generate_pair(jobs: JobManager, variant, prompt, sample, temperature, top_p,
 
     texts = {DENSE: "", "pruned": ""}
     for side, text in in_worker(work):
+        if side == "measuring":            # a GPU measures the 2:4 kernels before the 2:4 answer
+            yield PairView(summary=measuring_note(*text))
+            continue
         texts[side] = text
         yield render_pair(texts[DENSE], texts["pruned"], chosen[0], streaming=side)
     dense, pruned, summary = render_pair(texts[DENSE], texts["pruned"], chosen[0])

@@ -27,8 +27,8 @@ from proxsparse_core.inference.evaluate import EXAMPLE_PROMPTS, GenerationSettin
 from proxsparse_core.results import DENSE, LEARNED, RECOVERED, title
 
 from . import inputs
-from .answers import (LOOP_GUARD, MAX_PROMPT, _plain_md, answer_panel as _panel, perplexity_table,
-                      settings_from_form, unknown_result)
+from .answers import (LOOP_GUARD, MAX_PROMPT, _plain_md, answer_panel as _panel, measuring_note,
+                      perplexity_table, settings_from_form, unknown_result)
 from .feedback import esc, notify
 from .jobs import JobManager, in_worker
 from .widgets import SKIP, Widgets
@@ -186,7 +186,8 @@ def generate_three(jobs: JobManager, base, prompt, max_new_tokens, chat, block_r
             try:
                 for side in SIDES:
                     if names[side] is not None and not stop.is_set():
-                        for text in jobs.ws.generate_stream(names[side], prompt, settings):
+                        measuring = lambda d, t: emit(("measuring", (d, t)))        # noqa: E731
+                        for text in jobs.ws.generate_stream(names[side], prompt, settings, measuring):
                             emit((side, text))
             except Stopped:                           # Stop while the chat template was rendered
                 pass
@@ -198,6 +199,9 @@ def generate_three(jobs: JobManager, base, prompt, max_new_tokens, chat, block_r
         if item is None:                              # the machine is ours: heads and empty panels
             yield LectureView(**heads(jobs, names["base"]), **panels(names, texts, "dense"),
                               lec_status="", lec_base=gr.update(choices=base_choices(jobs), value=names["base"]))
+            continue
+        if item[0] == "measuring":                    # a GPU measures the 2:4 kernels before a 2:4 answer
+            yield LectureView(lec_status=measuring_note(*item[1]))
             continue
         side, texts[side] = item
         yield LectureView(**panels(names, texts, side))

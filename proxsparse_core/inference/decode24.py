@@ -352,10 +352,29 @@ def use_24_kernels(model, prunable=None, measure: bool = True,
     return done, skipped
 
 
+def measure(model, tokens: int = 1, progress=None) -> int:
+    """Choose now, kernel or dense, for every layer shape of `model`'s converted 2:4 linears that has
+    no choice yet at `tokens` rows (`choose`: each configuration compiled and timed against dense,
+    seconds per shape on first use), calling `progress(done, total)` after each shape. A generation
+    that follows never stops between two tokens to measure. Returns how many shapes were measured."""
+    todo: dict = {}
+    for m in model.modules():
+        layer = m.__dict__.get("_decode24")
+        if layer is not None and layer.measure and layer._key(tokens) not in _CHOICES:
+            todo.setdefault(layer._key(tokens), layer)
+    for i, layer in enumerate(todo.values()):
+        choose(layer, tokens)
+        if progress is not None:
+            progress(i + 1, len(todo))
+    return len(todo)
+
+
 @contextlib.contextmanager
-def fast_generation(model, prunable=None):
+def fast_generation(model, prunable=None, progress=None):
     """`with fast_generation(model) as fast:` the model's 2:4 linears run through the 2:4 kernels
     inside (use_24_kernels), their own forward again after (restore_dense), however the block ends.
+    The one-token choices are measured on entering (`measure`, `progress(done, total)` per layer
+    shape; `fast.measured` shapes), so that a generation's tokens/s never counts them.
     `fast.converted` / `fast.skipped` name the layers; `fast.kernel_layers` is, once the block has
     ended, how many converted layers ran one-token products on the kernel (the others were measured
     slower there and stayed dense). Nothing is converted off CUDA or without Triton."""
@@ -363,6 +382,8 @@ def fast_generation(model, prunable=None):
     if fast.triton:
         fast.converted, fast.skipped = use_24_kernels(model, prunable)
     try:
+        if fast.converted:
+            fast.measured = measure(model, 1, progress)
         yield fast
     finally:
         layers = [m.__dict__["_decode24"] for m in model.modules() if "_decode24" in m.__dict__]
@@ -373,11 +394,13 @@ def fast_generation(model, prunable=None):
 @dataclass
 class FastGeneration:
     """What one fast_generation block did: whether Triton was there, the layers converted and skipped,
-    and (once it ended) how many converted layers ran one-token products on the kernel."""
+    the layer shapes it measured first, and (once it ended) how many converted layers ran one-token
+    products on the kernel."""
     triton: bool = False
     converted: list = field(default_factory=list)
     skipped: list = field(default_factory=list)
     kernel_layers: int = 0
+    measured: int = 0            # layer shapes measured on entering (first use of a shape on this GPU)
 
 
 def load_for_generation(folder: str, device: str = "cuda", dtype: torch.dtype = torch.bfloat16,
