@@ -126,8 +126,11 @@ def _print_compare(ws, names, args):
     from proxsparse_core.inference.evaluate import GenerationSettings
     s = GenerationSettings(max_new_tokens=args.max_new_tokens, no_repeat_ngram=args.no_repeat_ngram)
     told = False
+
+    def measuring(done: int, total: int):       # on a GPU, before the first 2:4 answer: once per layer shape
+        print(f"measuring the 2:4 kernels on this GPU: {done} of {total} layer shapes", file=sys.stderr)
     for n in names:
-        text = ws.generate(n, args.prompt, s)
+        text = ws.generate(n, args.prompt, s, measuring)
         if s.notes and not told:       # e.g. the chat template failed: said once, on stderr
             print(f"note: {s.notes[0]}", file=sys.stderr)
             told = True

@@ -86,3 +86,24 @@ def test_every_preset_is_a_valid_config_and_is_listed(capsys):
         if name.startswith(("llama", "mistral", "qwen", "openllama")):
             assert (cfg.lambda_scale, cfg.lr_schedule, cfg.steps, cfg.ctx in (2048, 4096)) == ("none", "constant", 400, True)
     assert RunConfig().with_preset("bundled-quality").lr_schedule == "cosine"
+
+
+def test_cli_says_on_stderr_when_a_gpu_measures_the_2to4_kernels_before_an_answer(capsys):
+    """On a GPU the first 2:4 answer waits while the 2:4 kernels are measured per layer shape
+    (Workspace.decoding); `--prompt` says so on stderr, and stdout keeps the answers alone."""
+    import argparse
+
+    from proxsparse_core import cli
+
+    class Workspace:
+        def generate(self, name, prompt, settings, measuring=None):
+            if name != "dense":
+                measuring(1, 2)
+                measuring(2, 2)
+            return f"{name} says hi"
+
+    cli._print_compare(Workspace(), ["dense", "proxsparse"],
+                       argparse.Namespace(prompt="hi", max_new_tokens=4, no_repeat_ngram=0))
+    out = capsys.readouterr()
+    assert out.out.splitlines() == ["--- dense: 'dense says hi'", "--- proxsparse: 'proxsparse says hi'"]
+    assert "measuring the 2:4 kernels on this GPU: 2 of 2 layer shapes" in out.err
