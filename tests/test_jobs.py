@@ -111,6 +111,78 @@ def test_a_failed_preload_is_said_by_the_job_that_needs_the_model(tmp_path):
     assert job.status == "failed" and str(tmp_path) in job.message, job.message
 
 
+def _in_a_long_lived_thread(fn) -> int:
+    """Run fn in a thread that stays alive afterwards, as Gradio's worker threads do; how many native
+    threads (not started by Python) have appeared since and stay while it lives: the pools of threads
+    fn started and ended go within moments, the pool of a thread that lives stays."""
+    import os
+
+    def tids() -> set:
+        return {int(t) for t in os.listdir("/proc/self/task")}
+
+    before, ran, hold = tids(), threading.Event(), threading.Event()
+    failure = []
+
+    def run():
+        try:
+            fn()
+        except BaseException as exc:  # noqa: BLE001
+            failure.append(exc)
+        ran.set()
+        hold.wait()
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    ran.wait(60)
+
+    def new() -> int:
+        return len(tids() - before - {th.native_id for th in threading.enumerate()})
+    stays, t0 = new(), time.time()
+    while stays and time.time() - t0 < 3:
+        time.sleep(0.05)
+        stays = min(stays, new())
+    hold.set()
+    t.join()
+    if failure:
+        raise failure[0]
+    return stays
+
+
+def _parallel_work():
+    import torch
+    torch.ones(1 << 22).add_(1)          # far above ATen's grain size: an OpenMP parallel region
+
+
+@pytest.mark.skipif(not __import__("os").path.isdir("/proc/self/task"), reason="counts threads in /proc")
+def test_model_work_of_a_handler_leaves_no_openmp_pool_in_gradios_long_lived_threads(monkeypatch):
+    """OpenMP keeps a pool of worker threads for every thread that ran parallel work while that thread
+    lives; with more pool threads than cores it stops spinning between parallel regions, and every
+    later learning step was slower after "Inspect model" ran in a Gradio worker thread. Handlers that
+    load a model or read whole layers run that work in a thread of their own (off_thread)."""
+    import torch
+
+    from ui import explain_tab
+    from ui.jobs import off_thread
+
+    if torch.get_num_threads() < 2:
+        pytest.skip("one OpenMP thread: no pool to keep")
+    assert _in_a_long_lived_thread(_parallel_work) >= 1          # the control: a pool while it lives
+    assert _in_a_long_lived_thread(lambda: off_thread(_parallel_work)) == 0
+
+    class Loaded:
+        def describe(self):
+            return "a model"
+
+    jobs = JobManager()
+    monkeypatch.setattr(jobs, "ensure_loaded", lambda cfg: (_parallel_work(), Loaded())[1])
+    said = []
+    assert _in_a_long_lived_thread(lambda: said.append(
+        learn_tab.inspect_model(jobs, "bundled:smollm2-135m", "cpu", "float32", False, ""))) == 0
+    assert said == ["**Model** · a model"]
+    monkeypatch.setattr(explain_tab, "_read", lambda name, jobs=None: (_parallel_work(), torch.randn(64, 64))[1])
+    monkeypatch.setattr(explain_tab, "_learned", lambda jobs: None)
+    assert _in_a_long_lived_thread(lambda: explain_tab.weight_block(jobs, "any.weight")) == 0
+
+
 # ---------------------------------------------------------------------------- typed progress
 
 def test_progress_is_its_message_and_carries_typed_fields():
@@ -253,13 +325,22 @@ def test_the_typed_progress_of_an_export_reaches_the_page_without_reading_its_wo
     assert "Exported" in summary and zip_path.endswith("typed-artefacts.zip")
 
 
-def test_recovery_progress_is_typed_from_obs_blocks_to_fine_tuning_steps(jobs):
+def test_recovery_progress_is_typed_from_obs_blocks_to_fine_tuning_steps(jobs, monkeypatch):
+    """Every report, not only those a page happens to poll (3 fine-tuning steps of a tiny model
+    can pass between two polls)."""
+    from ui.jobs import Job
+
     stages = []
+    real = Job.report
+
+    def report(self, progress):
+        if not stages or stages[-1] != progress.stage:
+            stages.append(progress.stage)
+        real(self, progress)
+    monkeypatch.setattr(Job, "report", report)
     job = compare_tab.start_recovery(jobs, *compare_tab.recovery_request(jobs, LEARNED, "both", 3, 0, 1))
-    for _ in compare_tab.follow_recovery(jobs, job, poll=0.01):
-        if job.progress is not None and (not stages or stages[-1] != job.progress.stage):
-            stages.append(job.progress.stage)
-    assert job.status == "finished" and stages[-1] == "done"
+    frames = list(compare_tab.follow_recovery(jobs, job, poll=0.01))
+    assert frames and job.status == "finished" and stages[-1] == "done"
     assert {"obs", "finetune"} <= set(stages) and stages.index("obs") < stages.index("finetune")
     assert job.result == LEARNED + "+recovery" and job.state["share"] == 1.0
 

@@ -242,6 +242,30 @@ def release_free_memory():
         pass
 
 
+def off_thread(fn, *args, **kwargs):
+    """`fn(*args, **kwargs)` in a short-lived thread of its own: its result, or its exception raised
+    here. For a handler that runs model work (loading a model, reading every layer's weights) in
+    Gradio's long-lived worker threads otherwise: torch on the CPU parallelises through OpenMP,
+    which keeps a pool of worker threads for every thread that ran parallel work, for as long as
+    that thread lives, and once the pools hold more threads than there are cores it stops spinning
+    between parallel regions: every later learning step was slower after "Inspect model" (bench/
+    RESULTS.md 3e). A thread that ends takes its pool with it, as job threads and `in_worker` do."""
+    out: list = []
+    failure: list[BaseException] = []
+
+    def run():
+        try:
+            out.append(fn(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
+            failure.append(exc)
+    thread = threading.Thread(target=run, daemon=True, name="ui-model-work")
+    thread.start()
+    thread.join()
+    if failure:
+        raise failure[0]
+    return out[0]
+
+
 def in_worker(work):
     """Run `work(emit)` in a daemon thread and yield whatever it emits; its exception is
     re-raised here. For a short streamed request (generation): Gradio may run each step of a

@@ -29,7 +29,7 @@ from proxsparse_core.models.loading import BUNDLED, BUNDLED_LABEL
 
 from . import inputs
 from .feedback import esc, explain, fail, fmt_bytes, fmt_duration, guarded, in_request, notify
-from .jobs import Busy, JobManager, LearnJob, perplexity_phase, watch
+from .jobs import Busy, JobManager, LearnJob, off_thread, perplexity_phase, watch
 from .widgets import SKIP, Widgets
 
 FORM = [f.name for f in fields(RunConfig) if f.name != "data"]   # data has its own three widgets
@@ -614,7 +614,7 @@ def inspect_model(jobs: JobManager, model, device, dtype, trust_remote_code, dev
                   device_map=inputs.text(LABELS["device_map"], device_map).strip())
     cfg = jobs.check_remote_code(RunConfig(**{**(jobs.cfg or RunConfig()).to_dict(), **chosen}))
     with jobs.claim("loading a model"):
-        lm = jobs.ensure_loaded(cfg)
+        lm = off_thread(jobs.ensure_loaded, cfg)        # not in Gradio's long-lived thread (off_thread)
     return f"**Model** · {esc(lm.describe())}"
 
 
