@@ -347,6 +347,11 @@ class Workspace:
         with self.lock, self.variant(name):
             return verify(self.lm.prunable, r.masks, self.originals, updated_ok=r.weights is not None)
 
+    @property
+    def on_cuda(self) -> bool:
+        """The loaded model is on a CUDA device (where 2:4 generation runs through the 2:4 kernels)."""
+        return self.lm is not None and str(self.lm.device).startswith("cuda")
+
     def generate(self, name: str, prompt: str, settings: GenerationSettings | None = None,
                  measuring=None) -> str:
         """`measuring(done, total)` hears of the 2:4 kernels measured first on a GPU (decoding)."""
@@ -368,7 +373,7 @@ class Workspace:
         `measuring(done, total)` after each); the dense model, or any model off CUDA, as it is. What a
         generation that ran to its end did is kept in `last_decoding` (a FastGeneration, or None)."""
         self.last_decoding = None
-        if name == DENSE or not str(self.lm.device).startswith("cuda"):
+        if name == DENSE or not self.on_cuda:
             yield None
             return
         from proxsparse_core.inference.decode24 import fast_generation

@@ -114,7 +114,7 @@ def generate_pair(jobs: JobManager, variant, prompt, sample, temperature, top_p,
             variant = chosen[0]
             settings.stop = stop = jobs.eval_stop     # this request's own: a Stop pressed before does not count
             jobs.ensure_loaded()
-            gpu[0] = str(jobs.ws.lm.device).startswith("cuda")
+            gpu[0] = jobs.ws.on_cuda
             try:
                 for side, name in ((DENSE, DENSE), ("pruned", variant)):
                     if name is not None and not stop.is_set():

@@ -250,20 +250,7 @@ def off_thread(fn, *args, **kwargs):
     that thread lives, and once the pools hold more threads than there are cores it stops spinning
     between parallel regions: every later learning step was slower after "Inspect model" (bench/
     RESULTS.md 3e). A thread that ends takes its pool with it, as job threads and `in_worker` do."""
-    out: list = []
-    failure: list[BaseException] = []
-
-    def run():
-        try:
-            out.append(fn(*args, **kwargs))
-        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller
-            failure.append(exc)
-    thread = threading.Thread(target=run, daemon=True, name="ui-model-work")
-    thread.start()
-    thread.join()
-    if failure:
-        raise failure[0]
-    return out[0]
+    return list(in_worker(lambda emit: emit(fn(*args, **kwargs))))[0]
 
 
 def in_worker(work):
