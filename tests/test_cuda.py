@@ -385,3 +385,34 @@ def test_an_export_loads_for_fast_generation_in_one_call(tmp_path):
     assert fast.converted == names and fast.kernel_layers == len(names)
     assert all("_decode24" not in m.__dict__ for m in loaded.modules())
     d24._CHOICES.clear()
+
+
+def test_a_workspace_measures_the_2to4_kernels_before_its_first_answer_only(tmp_path):
+    """Workspace.generate on a GPU, end to end with the real measurement: the first 2:4 answer first
+    times every layer shape (measuring(done, total) counts up to the number of shapes), generates
+    through the converted linears, and a second answer measures nothing; the model is dense again
+    after each answer and the dense answer is untouched."""
+    from test_export import save_tiny_model, tiny_cfg
+    from proxsparse_core.inference import decode24 as d24
+    from proxsparse_core.inference.evaluate import GenerationSettings
+    from proxsparse_core.workspace import Workspace
+
+    folder = save_tiny_model(tmp_path / "tiny", hidden=256, heads=4, kv_heads=2, inter=512)
+    ws = Workspace()
+    assert ws.learn(tiny_cfg(folder, device="cuda", dtype="bfloat16")).status == "finished"
+    assert ws.on_cuda
+    d24._CHOICES.clear()
+    shapes = {tuple(ws.lm.prunable.modules[n].weight.shape) for n in ws.lm.prunable.names}
+    heard = []
+    settings = GenerationSettings(max_new_tokens=8)
+    first = ws.generate("proxsparse", "the object", settings, measuring=lambda d, t: heard.append((d, t)))
+    fast = ws.last_decoding
+    assert isinstance(first, str) and fast is not None
+    assert heard == [(k + 1, len(shapes)) for k in range(len(shapes))] and fast.measured == len(shapes)
+    assert fast.converted == ws.lm.prunable.names and not fast.skipped
+    assert not any("_decode24" in m.__dict__ for m in ws.lm.model.modules())      # dense again
+    again = []
+    second = ws.generate("proxsparse", "the object", settings, measuring=lambda d, t: again.append((d, t)))
+    assert second == first and again == [] and ws.last_decoding.measured == 0
+    assert ws.generate("dense", "the object", settings) is not None and ws.last_decoding is None
+    d24._CHOICES.clear()
