@@ -229,12 +229,11 @@ static void flush(const layer_t *t, const int64_t *gi, float z[4][L], int n, flo
     }
 }
 
-/* The 32 consecutive groups i .. i+31 of one layer as one block, read and written in place with
-   loops that vectorise (no gathering group by group): when every one of them has >= 3 non-zeros (of
+/* The 32 consecutive groups i .. i+31 of one layer as one block, read in place with loops that
+   vectorise (no gathering group by group): when every one of them has >= 3 non-zeros (of
    v = w·a with column weights, and lam > 0), the usual case while learning, since AdamW moves the
-   zeros the prox made. Each lane's result depends on its own group only, and every value is computed
-   by the same expressions as in flush(), so the result is bit for bit the per-group path's. Returns 0,
-   having written nothing, when some group has <= 2 non-zeros. */
+   zeros the prox made. The block is then solved and stored by flush(), so the result is bit for bit
+   the per-group path's. Returns 0, having written nothing, when some group has <= 2 non-zeros. */
 static int run32(const layer_t *t, int64_t i, float tol, int max_sweeps, int64_t *h) {
     float z[4][L], av[4 * L];
     const float *ap = 0;
@@ -262,31 +261,9 @@ static int run32(const layer_t *t, int64_t i, float tol, int max_sweeps, int64_t
     for (int l = 0; l < L; l++)
         sparse |= (z[0][l] != 0.f) + (z[1][l] != 0.f) + (z[2][l] != 0.f) + (z[3][l] != 0.f) <= 2;
     if (sparse) return 0;
-    block(z, L, t->lam, tol, max_sweeps, t->grid);
-    int nz[L];
-    if (t->bf) {
-        uint16_t *w = (uint16_t *)t->w + e0;
-        for (int l = 0; l < L; l++) {
-            int c = 0;
-            for (int k = 0; k < 4; k++) {
-                uint16_t b = to_bf16(ap ? z[k][l] / ap[4 * l + k] : z[k][l]);
-                w[4 * l + k] = b;
-                c += ap ? z[k][l] != 0.f : (b & 0x7fffu) != 0;
-            }
-            nz[l] = c;
-        }
-    } else {
-        float *w = (float *)t->w + e0;
-        for (int l = 0; l < L; l++) {
-            int c = 0;
-            for (int k = 0; k < 4; k++) {
-                w[4 * l + k] = ap ? z[k][l] / ap[4 * l + k] : z[k][l];
-                c += z[k][l] != 0.f;
-            }
-            nz[l] = c;
-        }
-    }
-    for (int l = 0; l < L; l++) h[nz[l]]++;
+    int64_t gi[L];
+    for (int l = 0; l < L; l++) gi[l] = i + l;
+    flush(t, gi, z, L, tol, max_sweeps, h);      /* solved and stored as a gathered block is */
     return 1;
 }
 
