@@ -269,6 +269,10 @@ def drive(args, workdir: Path, on_phase=None) -> dict:
                 return badge(o) == "running" and step_of(o) >= (3 if args.smoke else 10)
             frame = wait_for(job, live, args.phase_timeout, "first run: live events")
             fig = live_figures(frame)
+            # the page sends a chart only when it changed (the heatmap when new per-layer shares arrive):
+            # each chart must have been drawn by some frame of this run, not all by the newest one
+            drawn = [live_figures(o)["charts"] for o in job.outputs()]
+            fig["charts"] = [any(c[i] for c in drawn) for i in range(3)]
             if not all(fig["charts"]) or "ETA" not in frame[0] or fig["tokens_per_s"] is None:
                 raise RuntimeError(f"live frame without charts, ETA or rates: {fig}")
             state["live"] = frame
