@@ -93,7 +93,8 @@ def test_learn_stop_compare_through_the_api(app):
     url, model = app
     page = Client(url, verbose=False)
     run = page.submit(*start_args(model, steps=100_000), api_name="/start")
-    live = wait_for(run, lambda o: step_of(o) >= 3)
+    # a frame sends the loss chart only when new steps arrived since the last one: wait for one that does
+    live = wait_for(run, lambda o: step_of(o) >= 3 and isinstance(o[1], dict) and o[1].get("type") == "plotly")
     assert "running" in live[0] and "ETA" in live[0] and "tokens/s" in live[0]
     loss_plot = live[1]
     assert loss_plot["type"] == "plotly" and "training loss" in loss_plot["plot"]
