@@ -113,6 +113,7 @@ def run_job(ws: Workspace, cfg: RunConfig, job: dict) -> list[dict]:
 
 RECOVER: list[RecoveryConfig] = []   # set from --recover
 RECOVER_UNTIL = 0.0                  # --recover-until (Unix time; 0 = no deadline)
+BARRIER: tuple = ()                  # --recover-barrier DIR N: wait for N processes before each recovery
 ANSWERS = 0                          # new tokens per example answer (--answers; 0 = none)
 GUARD = 0                            # --guard: also answer with no repeated n-gram of this length
 # prompts no calibration or fine-tuning text contains (neither the app's examples nor selfgen's
@@ -157,6 +158,8 @@ def _recovered(ws: Workspace, name: str, label: str, job: dict) -> list[dict]:
         return []
     rows = []
     for rc in RECOVER:
+        if BARRIER:
+            wait_for_others(*BARRIER, f"{label}:{rc.method}")
         t0 = time.perf_counter()
         def log(ev, every=max(1, rc.steps // 10)):
             if ev.step % every == 0:
@@ -183,6 +186,18 @@ def _recovered(ws: Workspace, name: str, label: str, job: dict) -> list[dict]:
         print(f"[{label} recovery] row: {json.dumps(row)}", flush=True)     # kept in the log even if cut off later
         rows.append(row)
     return rows
+
+
+def wait_for_others(folder: str, n: int, what: str) -> None:
+    """--recover-barrier: say this process is ready to recover (a file in `folder`), then wait until `n`
+    processes are (or the --recover-until deadline passes), so that recoveries sharing one GPU and one
+    deadline start together and are cut at about the same step, whatever each did before (learning a
+    mask takes longer than SparseGPT)."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
+    (Path(folder) / f"{os.getpid()}-{time.time_ns()}").write_text(what)
+    while len(list(Path(folder).iterdir())) < n and (not RECOVER_UNTIL or time.time() < RECOVER_UNTIL):
+        time.sleep(0.5)
+    print(f"[{what}] recovery starts with {len(list(Path(folder).iterdir()))} of {n} processes ready", flush=True)
 
 
 EXTRA: dict = {}        # held-out text name → windows (set in run_shard from --heldout)
@@ -231,9 +246,10 @@ def run_shard(args, base: RunConfig, jobs: list[dict]):
     for path in args.heldout:
         ids = tokenize(ws.lm.tokenizer, Path(path).read_text())
         EXTRA[Path(path).stem] = heldout_windows(ids, base.eval_ctx, args.heldout_windows, prefix)
-    global RECOVER, ANSWERS, RECOVER_UNTIL, GUARD
+    global RECOVER, ANSWERS, RECOVER_UNTIL, GUARD, BARRIER
     RECOVER = parse_recover(args.recover, args.recover_steps, args.recover_lr, base.seed)
     RECOVER_UNTIL = args.recover_until
+    BARRIER = (args.recover_barrier[0], int(args.recover_barrier[1])) if args.recover_barrier else ()
     ANSWERS, GUARD = args.answers, args.guard
     if args.more_prompts:
         PROMPTS_ASKED.extend(MORE_PROMPTS)
@@ -329,6 +345,9 @@ def main():
     p.add_argument("--recover-until", type=float, default=0.0, help="Unix time at which a recovery still "
                    "running is stopped (its last good weights are scored, the row says 'stopped'); for runs "
                    "on a machine lent for a limited time")
+    p.add_argument("--recover-barrier", nargs=2, metavar=("DIR", "N"), default=None,
+                   help="wait before each recovery until N processes given the same DIR are ready (recoveries "
+                        "that share a GPU and --recover-until then start together and stop at about the same step)")
     p.add_argument("--table", nargs="*", default=None, help="print the table of rows already written (JSON-lines "
                                                              "files of --out) and stop")
     args = p.parse_args()
