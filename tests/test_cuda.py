@@ -391,7 +391,7 @@ def test_a_workspace_measures_the_2to4_kernels_before_its_first_answer_only(tmp_
     """Workspace.generate on a GPU, end to end with the real measurement: the first 2:4 answer first
     times every layer shape (measuring(done, total) counts up to the number of shapes), generates
     through the converted linears, and a second answer measures nothing; the model is dense again
-    after each answer and the dense answer is untouched."""
+    after each answer, and the dense model answers without the kernels."""
     from test_export import save_tiny_model, tiny_cfg
     from proxsparse_core.inference import decode24 as d24
     from proxsparse_core.inference.evaluate import GenerationSettings
