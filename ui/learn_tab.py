@@ -342,9 +342,8 @@ def progress_html(job: LearnJob | None, note: str = "") -> str:
     stats = ""
     if job.events:
         last = job.events[-1]
-        on_gpu = str(job.cfg.device).startswith("cuda") or "cuda" in job.model_info
         stats = (f"{_rate(job.events):.2f} steps/s · {last['tokens_per_s']:,.0f} tokens/s · "
-                 f"{'GPU peak' if on_gpu else 'process'} memory {fmt_bytes(last['mem_bytes'])} · "
+                 f"{'GPU peak' if _on_gpu(job) else 'process'} memory {fmt_bytes(last['mem_bytes'])} · "
                  f"per step: fwd+bwd {last['t_fwd_bwd']:.2f}s, AdamW {last['t_opt']:.2f}s, prox {last['t_prox']:.2f}s")
     warn = ""
     if job.active:
