@@ -189,3 +189,23 @@ def test_opening_while_a_run_learns_is_refused_at_once(tiny_dir, cli_run, tmp_pa
     finally:
         jobs.stop()
         wait(job)
+
+
+def test_the_run_picker_follows_the_newest_run_unless_the_user_picked_one(cli_run, tmp_path):
+    """Built when the page was, the picker's value used to stay on the run that was newest then: after a
+    new run, Open opened an older one while the table showed the new one on top. Opening the tab now
+    picks the newest run; Refresh keeps the user's pick while it is still listed."""
+    import os
+    import shutil
+
+    jobs = JobManager(runs_dir=tmp_path / "runs")
+    old = shutil.copytree(cli_run, jobs.runs_dir / "20260101-000000-proxsparse")
+    os.utime(old / "recipe.json", (1, 1))                                                # saved long ago
+    assert runs_panel.list_update(jobs)["runs_choice"]["value"] == str(old)
+    new = shutil.copytree(cli_run, jobs.runs_dir / "20260102-000000-proxsparse")       # a run saved since
+    assert [p for _, p in runs_panel.run_choices(jobs)] == [str(new), str(old)]
+    assert runs_panel.list_update(jobs)["runs_choice"]["value"] == str(new)              # the tab opened
+    assert runs_panel.list_update(jobs, str(old))["runs_choice"]["value"] == str(old)    # Refresh, old picked
+    shutil.rmtree(old)
+    assert runs_panel.list_update(jobs, str(old))["runs_choice"]["value"] == str(new)    # gone: the newest
+    assert runs_panel.list_update(jobs, ["not", "a", "path"])["runs_choice"]["value"] == str(new)

@@ -70,6 +70,17 @@ def run_choices(jobs: JobManager) -> list[tuple[str, str]]:
     return [(f"{r.path.name} · {r.title}", str(r.path)) for r in list_runs(jobs.runs_dir) if not r.problem]
 
 
+def list_update(jobs: JobManager, current: str | None = None) -> dict:
+    """The list, its note and the run picker, read again. The picker keeps `current` while that run is
+    still listed, else shows the newest run: a value chosen when the page was built would otherwise stay
+    on a run that was newest then, and Open would open it while the table shows newer ones above."""
+    choices = run_choices(jobs)
+    paths = [p for _, p in choices]
+    value = current if current in paths else (paths[0] if paths else None)
+    return {"runs_table": runs_frame(jobs), "runs_choice": gr.update(choices=choices, value=value),
+            "runs_note": list_note(jobs)}
+
+
 def list_note(jobs: JobManager) -> str:
     return f"Run folders are saved in `{esc(str(jobs.runs_dir))}` (`app.py --runs-dir`, or `$PROXSPARSE_RUNS`)."
 
@@ -301,9 +312,11 @@ def build_runs_panel(jobs: JobManager, tab: gr.Tab | None = None, demo: gr.Block
         if v["runs_zip"]:
             yield from shown(stream_open(jobs, upload=v["runs_zip"]))
 
-    def on_list(v, page):
-        return {"runs_table": runs_frame(jobs), "runs_choice": gr.update(choices=run_choices(jobs)),
-                "runs_note": list_note(jobs)}
+    def on_refresh(v, page):                   # the user's pick stays while it is listed
+        return list_update(jobs, v["runs_choice"])
+
+    def on_tab(v, page):                       # the tab opened: the newest run is picked
+        return list_update(jobs)
 
     # heavy, but no queue of their own: the job manager answers "busy" at once while another job runs
     w.listen(open_btn.click, on_open, ["runs_choice"], outputs, api_name="open_run", concurrency_limit=None,
@@ -312,10 +325,10 @@ def build_runs_panel(jobs: JobManager, tab: gr.Tab | None = None, demo: gr.Block
              concurrency_limit=None, show_progress="hidden", preprocess=False)
     w.listen(upload.upload, on_upload, ["runs_zip"], outputs, api_name="open_zip", concurrency_limit=None,
              show_progress="hidden", preprocess=False)
-    w.listen(refresh.click, on_list, [], ["runs_table", "runs_choice", "runs_note"], api_name="list_runs",
-             queue=False)
+    w.listen(refresh.click, on_refresh, ["runs_choice"], ["runs_table", "runs_choice", "runs_note"],
+             api_name="list_runs", queue=False)
     if tab is not None:
-        w.listen(tab.select, on_list, [], ["runs_table", "runs_choice", "runs_note"], api_visibility="private",
+        w.listen(tab.select, on_tab, [], ["runs_table", "runs_choice", "runs_note"], api_visibility="private",
                  queue=False)
     if demo is not None:
         w.listen(demo.load, lambda v, page: shown(attach_open(jobs), ["runs_status"]), [], ["runs_status"],
