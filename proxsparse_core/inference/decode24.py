@@ -120,13 +120,12 @@ class Config:
     warps: int = 1
     stages: int = 3
     asm: bool = True        # mma: expand groups with prmt (PTX); False: plain Triton selects
-    kind: str = "mma"       # mma | mma4 (tensor cores, ≤ 16 tokens) | fma (CUDA cores, ≤ FMA_MAX_TOKENS)
+    kind: str = "mma"       # mma (tensor cores, ≤ 16 tokens) | fma (CUDA cores, ≤ FMA_MAX_TOKENS)
 
     def __str__(self):
         if self.kind == "fma":
             return f"fma·BN{self.bn}·BK{self.bk}·S{self.split}·W{self.warps}·P{self.stages}"
-        tag = "mma4·" if self.kind == "mma4" else ""
-        return f"{tag}BN{self.bn}·BK{self.bk}·S{self.split}·W{self.warps}·P{self.stages}" + ("" if self.asm else "·sel")
+        return f"BN{self.bn}·BK{self.bk}·S{self.split}·W{self.warps}·P{self.stages}" + ("" if self.asm else "·sel")
 
     def serves(self, tokens: int) -> bool:
         return tokens <= (FMA_MAX_TOKENS if self.kind == "fma" else MAX_TOKENS)
@@ -155,14 +154,6 @@ def candidate_configs(n: int, k: int, tokens: int = MAX_TOKENS) -> list[Config]:
         for split in splits:
             if split == 1 or (blocks * split <= 8192 and k // split >= 512):
                 out.append(Config(bn=bn, bk=bk, split=split, warps=warps))
-    for bk, bn, warps, splits in ((128, 16, 1, (1, 2, 4, 8)), (256, 32, 2, (1, 2, 4)), (256, 64, 4, (1, 2, 4, 8)),
-                                  (128, 64, 4, (2, 4, 8)), (256, 128, 4, (2, 4, 8)), (512, 64, 4, (1, 2, 4))):
-        if kp % bk:
-            bk = next(b for b in (256, 128, 64) if kp % b == 0)
-        blocks = -(-n // bn)
-        for split in splits:
-            if split == 1 or (blocks * split <= 8192 and k // split >= 512):
-                out.append(Config(bn=bn, bk=bk, split=split, warps=warps, kind="mma4"))
     out = list(dict.fromkeys(out))
     # the default: enough programs for a large GPU without splitting short inputs
     default = next((c for c in out if c.bn == 16 and c.split == (4 if k >= 2048 else 1)), out[0])
@@ -172,7 +163,7 @@ def candidate_configs(n: int, k: int, tokens: int = MAX_TOKENS) -> list[Config]:
 def _kernel(kind: str):
     """The Triton kernel of that kind (decode24_triton.py, imported on first use)."""
     from proxsparse_core.inference import decode24_triton
-    return {"fma": decode24_triton.gemv24, "mma4": decode24_triton.mm24w}.get(kind, decode24_triton.mm24)
+    return decode24_triton.gemv24 if kind == "fma" else decode24_triton.mm24
 
 
 def _interpreted() -> bool:
@@ -212,7 +203,7 @@ def mm24(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, in_features:
             return _fma(x, words, meta, bias, y, ws, sem, cfg, blocks)
         if (4 * words.shape[1]) % cfg.bk:
             raise ValueError(f"{cfg} does not divide the packed input size {4 * words.shape[1]}")
-        _kernel(cfg.kind)[(blocks, cfg.split)](
+        _kernel("mma")[(blocks, cfg.split)](
             *args, HAS_BIAS=bias is not None, BN=cfg.bn, BK=cfg.bk, TP=MAX_TOKENS, SPLIT=cfg.split,
             ASM=cfg.asm and not _interpreted(), num_warps=cfg.warps, num_stages=cfg.stages)
     return y

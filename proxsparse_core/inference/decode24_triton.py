@@ -73,49 +73,6 @@ def mm24(x_ptr, v_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, sem_ptr, T, N, K, KW, KM, st
 
 
 @triton.jit
-def mm24w(x_ptr, v_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, sem_ptr, T, N, K, KW, KM, stride_x, stride_y,
-          HAS_BIAS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, TP: tl.constexpr,
-          SPLIT: tl.constexpr, ASM: tl.constexpr):
-    """mm24 with the weight as the left operand and no join: the four outputs of each group stay
-    four [BN, BK/4] tiles, each multiplied by its own strided [BK/4, TP] slice of the activations
-    (positions 0, 1, 2, 3 of every group). Every tile of the weight is elementwise from its loads,
-    so the compiler may build it directly in the layout the tensor cores read."""
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
-    BG: tl.constexpr = BK // 4
-    rn = pid_n * BN + tl.arange(0, BN)
-    nmask = rn < N
-    rt = tl.arange(0, TP)
-    tmask = rt < T
-    rg = tl.arange(0, BG)
-    steps = tl.cdiv(K, BK)
-    per = tl.cdiv(steps, SPLIT)
-    k_lo = pid_s * per * BK
-    acc = tl.zeros([BN, TP], dtype=tl.float32)
-    v_row = v_ptr + rn[:, None].to(tl.int64) * KW
-    m_row = m_ptr + rn[:, None].to(tl.int64) * KM
-    shift = (4 * (rg % 8))[None, :]
-    x_col = x_ptr + rt[None, :] * stride_x
-    for k0 in range(k_lo, k_lo + per * BK, BK):
-        inside = k0 < 4 * KW
-        g = k0 // 4 + rg
-        wmask = nmask[:, None] & inside
-        vw = tl.load(v_row + g[None, :], mask=wmask, other=0)
-        mw = tl.load(m_row + (g // 8)[None, :], mask=wmask, other=0)
-        code = (mw >> shift) & 15
-        d0, d1, d2, d3 = expand(vw, code, x_ptr.dtype.element_ty, ASM)
-        kk = k0 + 4 * rg
-        xp = x_col + kk[:, None]
-        xm = tmask[None, :] & (kk < K)[:, None]
-        acc = tl.dot(d0, tl.load(xp, mask=xm, other=0.0), acc)
-        acc = tl.dot(d1, tl.load(xp + 1, mask=xm, other=0.0), acc)
-        acc = tl.dot(d2, tl.load(xp + 2, mask=xm, other=0.0), acc)
-        acc = tl.dot(d3, tl.load(xp + 3, mask=xm, other=0.0), acc)
-    finish(tl.trans(acc), rn, nmask, rt, tmask, pid_n, pid_s, N, b_ptr, y_ptr, ws_ptr, sem_ptr, stride_y,
-           HAS_BIAS, BN, TP, SPLIT)
-
-
-@triton.jit
 def finish(acc, rn, nmask, rt, tmask, pid_n, pid_s, N, b_ptr, y_ptr, ws_ptr, sem_ptr, stride_y,
            HAS_BIAS: tl.constexpr, BN: tl.constexpr, TP: tl.constexpr, SPLIT: tl.constexpr):
     """Store a program's [TP, BN] float32 sums: directly (one share), or as a partial sum that the
