@@ -55,9 +55,10 @@ COLUMNS = ["saved run", "result", "model", "steps", "held-out perplexity", "× d
 
 # ---------------------------------------------------------------------------- the list
 
-def runs_frame(jobs: JobManager) -> pd.DataFrame:
+def runs_frame(jobs: JobManager, runs: list | None = None) -> pd.DataFrame:
+    """The table of saved runs; `runs` is a listing already read (list_runs), else it is read now."""
     rows = []
-    for r in list_runs(jobs.runs_dir):
+    for r in list_runs(jobs.runs_dir) if runs is None else runs:
         steps = "" if r.steps is None else f"{r.steps}" + (f" ({r.status})" if r.status == "stopped" else "")
         rows.append([r.path.name, r.title if not r.problem else f"⚠ {r.problem}", r.model, steps,
                      "" if r.perplexity is None else round(r.perplexity, 3),
@@ -66,18 +67,21 @@ def runs_frame(jobs: JobManager) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=COLUMNS)
 
 
-def run_choices(jobs: JobManager) -> list[tuple[str, str]]:
-    return [(f"{r.path.name} · {r.title}", str(r.path)) for r in list_runs(jobs.runs_dir) if not r.problem]
+def run_choices(jobs: JobManager, runs: list | None = None) -> list[tuple[str, str]]:
+    return [(f"{r.path.name} · {r.title}", str(r.path))
+            for r in (list_runs(jobs.runs_dir) if runs is None else runs) if not r.problem]
 
 
 def list_update(jobs: JobManager, current: str | None = None) -> dict:
     """The list, its note and the run picker, read again. The picker keeps `current` while that run is
     still listed, else shows the newest run: a value chosen when the page was built would otherwise stay
-    on a run that was newest then, and Open would open it while the table shows newer ones above."""
-    choices = run_choices(jobs)
+    on a run that was newest then, and Open would open it while the table shows newer ones above.
+    The folders are read once for both, so the table and the picker list the same runs."""
+    runs = list_runs(jobs.runs_dir)
+    choices = run_choices(jobs, runs)
     paths = [p for _, p in choices]
     value = current if current in paths else (paths[0] if paths else None)
-    return {"runs_table": runs_frame(jobs), "runs_choice": gr.update(choices=choices, value=value),
+    return {"runs_table": runs_frame(jobs, runs), "runs_choice": gr.update(choices=choices, value=value),
             "runs_note": list_note(jobs)}
 
 
@@ -233,7 +237,8 @@ def status_markdown(job: Job) -> str:
 def open_view(jobs: JobManager, job: Job) -> OpenView:
     if job.active:
         return OpenView(runs_status=status_markdown(job))
-    view = OpenView(status_markdown(job), runs_frame(jobs), gr.update(choices=run_choices(jobs)))
+    runs = list_runs(jobs.runs_dir)
+    view = OpenView(status_markdown(job), runs_frame(jobs, runs), gr.update(choices=run_choices(jobs, runs)))
     learned = job.state.get("learn")
     if learned is not None and learned is jobs.job:          # the Learn tab shows it (unless a run started since)
         view = view._replace(**render(learned)._asdict())
@@ -275,10 +280,11 @@ def build_runs_panel(jobs: JobManager, tab: gr.Tab | None = None, demo: gr.Block
     to an opening; `learn` and `compare` (those tabs' widgets) show an opened run's curves at once."""
     gr.Markdown(LABELS["intro"])
     note = gr.Markdown(list_note(jobs), elem_id="ps-runs-where")
-    table = gr.Dataframe(runs_frame(jobs), headers=COLUMNS, interactive=False, elem_id="ps-runs-table",
+    runs = list_runs(jobs.runs_dir)
+    table = gr.Dataframe(runs_frame(jobs, runs), headers=COLUMNS, interactive=False, elem_id="ps-runs-table",
                          label=LABELS["table"])
     with gr.Row():
-        choice = gr.Dropdown(run_choices(jobs), label=LABELS["choice"], allow_custom_value=True, scale=4,
+        choice = gr.Dropdown(run_choices(jobs, runs), label=LABELS["choice"], allow_custom_value=True, scale=4,
                              elem_id="ps-runs-choice")
         with gr.Column(scale=1, min_width=160):
             open_btn = gr.Button(LABELS["open"], variant="primary", elem_id="ps-runs-open")
