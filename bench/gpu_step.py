@@ -9,6 +9,12 @@ trained (the same parameters in every variant). Variants:
   prox_fp32    the same with float32 master copies (master_weights fp32, the default for small models)
   prox_l2      ProxSparseLearner, λ2 on, W0 copy on the GPU
   prox_l2_off  ProxSparseLearner, λ2 on, W0 kept in pinned CPU memory (w0_offload)
+  adamw_prox   a prototype, not the learner: the adamw loop, then the prox (λ 0.25) on every prunable
+               weight after each AdamW step, in line (should cost what `prox` costs)
+  adamw_prox_overlap   the same prox launched on a second CUDA stream, layer by layer; the next step's
+               forward waits for each layer's prox just before that layer runs (forward pre-hooks), so
+               the prox of later layers runs beside the forward of earlier ones. Step time: from one
+               step's start to the next one's, the prox counted where it really ends
 
 The ProxSparse variants run the project's real learner (proxsparse_core.method.learner), so its step
 events give the fwd+bwd / optimizer / prox split and the peak memory. Reported: median step time
@@ -92,6 +98,79 @@ def adamw_steps(lm: LoadedModel, samples: torch.Tensor, steps: int, lr: float, d
                 opt_s=statistics.median(op[1:]), prox_s=0.0, peak_gib=peak / 2**30)
 
 
+def adamw_prox_steps(lm: LoadedModel, samples: torch.Tensor, steps: int, lr: float, dev: str,
+                     overlap: bool, lam: float = 0.25) -> dict:
+    """The adamw loop with the prox after each AdamW step (see the module doc: adamw_prox*)."""
+    from proxsparse_core.method.prox import prox_2to4_
+    model = lm.model
+    mods = list(lm.prunable.modules.values())
+    ids = {id(m.weight) for m in mods}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in ids)
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.train()
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=dev == "cuda")
+    overlap = overlap and dev == "cuda"
+    side = torch.cuda.Stream() if overlap else None
+    ready: dict = {}
+    hooks = []
+    if overlap:
+        def wait_for_prox(mod, args):
+            ev = ready.pop(id(mod), None)
+            if ev is not None:
+                torch.cuda.current_stream().wait_event(ev)
+        hooks = [m.register_forward_pre_hook(wait_for_prox) for m in mods]
+    hist = [torch.zeros(5, dtype=torch.long, device=dev) for _ in mods]
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    starts, fb, op, px = [], [], [], []
+    for s in range(steps):
+        batch = samples[s % samples.shape[0]].unsqueeze(0).to(dev)
+        _sync(dev)
+        t0 = time.perf_counter()
+        starts.append(t0)
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        _sync(dev)
+        t1 = time.perf_counter()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        _sync(dev)
+        t2 = time.perf_counter()
+        if overlap:
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                for m, h in zip(mods, hist):
+                    prox_2to4_(m.weight.data, lam, hist=h)
+                    ev = torch.cuda.Event()
+                    ev.record(side)
+                    ready[id(m)] = ev
+        else:
+            for m, h in zip(mods, hist):
+                prox_2to4_(m.weight.data, lam, hist=h)
+            _sync(dev)
+        t3 = time.perf_counter()
+        fb.append(t1 - t0); op.append(t2 - t1); px.append(t3 - t2)
+    if overlap:
+        torch.cuda.current_stream().wait_stream(side)
+    _sync(dev)
+    starts.append(time.perf_counter())
+    for h in hooks:
+        h.remove()
+    counts = torch.stack(hist).sum(0).tolist()
+    peak = memory_in_use(dev)
+    del opt
+    model.gradient_checkpointing_disable()
+    model.eval()
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+    times = [b - a for a, b in zip(starts, starts[1:])]
+    return dict(step_s=statistics.median(times[1:]), fwd_bwd_s=statistics.median(fb[1:]),
+                opt_s=statistics.median(op[1:]), prox_s=statistics.median(px[1:]), peak_gib=peak / 2**30,
+                groups_0_to_4=counts, overlap=overlap)
+
+
 def prox_steps(lm: LoadedModel, samples: torch.Tensor, steps: int, lr: float, lam2: float,
                offload: bool, master: str = "off") -> dict:
     cfg = RunConfig(lambda1=0.25, lambda2=lam2, eps=0.5, lr=lr, steps=steps, batch=1, warmup=0.1,
@@ -136,6 +215,8 @@ def main():
     for v in args.variants.split(","):
         if v == "adamw":
             r = adamw_steps(lm, samples, args.steps, args.lr, dev)
+        elif v.startswith("adamw_prox"):
+            r = adamw_prox_steps(lm, samples, args.steps, args.lr, dev, overlap=v.endswith("overlap"))
         else:
             r = prox_steps(lm, samples, args.steps, args.lr, lam2=0.25 if "l2" in v else 0.0,
                            offload=v.endswith("_off"), master="fp32" if v.endswith("fp32") else "off")

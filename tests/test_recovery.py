@@ -101,6 +101,66 @@ def test_obs_with_sparsegpts_mask_gives_sparsegpts_weights_bit_for_bit(setup):
         assert torch.equal(rebuilt[n], w), n
 
 
+def _toy_pair(seed=0, rows=8, cols=16, tokens=400):
+    """A layer W0 and inputs: x_dense, and x = x_dense plus an upstream error."""
+    g = torch.Generator().manual_seed(seed)
+    lin = torch.nn.Linear(cols, rows, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(rows, cols, generator=g))
+    xd = torch.randn(tokens, cols, generator=g)
+    return lin, xd, xd + 0.3 * torch.randn(tokens, cols, generator=g)
+
+
+@pytest.mark.parametrize("share", [0.3, 1.0])
+def test_obs_with_a_dense_share_solves_its_least_squares_problem(share):
+    """add_pair + prune(dense_share=α) with every weight kept is the least-squares fit of
+    W0·(x + α(x_dense − x)) from x; with a 2:4 mask its target error is below plain OBS's."""
+    from proxsparse_core.baselines.sparsegpt import SparseGPTLayer
+    lin, xd, x = _toy_pair()
+    w0 = lin.weight.detach().clone()
+    pair = SparseGPTLayer(lin)
+    for i in range(0, x.shape[0], 100):
+        pair.add_pair(x[i:i + 100], xd[i:i + 100])
+    target = (x + share * (xd - x)) @ w0.t()
+    full, _ = pair.prune(damp=1e-9, keep=torch.ones_like(w0, dtype=torch.bool), dense_share=share)
+    ls = torch.linalg.lstsq(x, target).solution.t()
+    assert torch.allclose(full, ls, atol=1e-4, rtol=1e-4)
+    mask = mask_2to4(w0)
+    err = lambda w: float((target - x @ w.t()).pow(2).sum())                  # noqa: E731
+    plain = SparseGPTLayer(lin)
+    plain.add_batch(x)
+    w_plain, _ = plain.prune(keep=mask)
+    w_share, keep = pair.prune(keep=mask, dense_share=share)
+    assert torch.equal(keep, mask) and int((w_share[~mask] != 0).sum()) == 0
+    assert err(w_share) < err(w_plain)
+    # share 0, or identical inputs: exactly the plain update
+    w_zero, _ = pair.prune(keep=mask, dense_share=0.0)
+    assert torch.allclose(w_zero, w_plain, atol=1e-5)
+    same = SparseGPTLayer(lin)
+    same.add_pair(xd, xd)
+    w_same, _ = same.prune(keep=mask, dense_share=share)
+    ref = SparseGPTLayer(lin)
+    ref.add_batch(xd)
+    assert torch.allclose(w_same, ref.prune(keep=mask)[0], atol=1e-5)
+
+
+def test_obs_with_a_dense_share_keeps_the_mask_restores_w0_and_moves_the_update(setup):
+    lm, calibration, originals, base = setup
+    plain = obs_update(lm, calibration, base.masks)
+    shared = obs_update(lm, calibration, base.masks, dense_share=0.3)
+    assert _dense_again(lm, originals)
+    moved = 0
+    for n in lm.prunable.names:
+        assert int((shared[n][~base.masks[n]] != 0).sum()) == 0, n
+        assert torch.isfinite(shared[n]).all()
+        moved += int(not torch.allclose(shared[n], plain[n]))
+        if ".layers.0." in n and n.endswith(("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")):
+            assert torch.allclose(shared[n], plain[n], atol=1e-5), n          # block 0's inputs: no error yet
+    assert moved > 0
+    again = obs_update(lm, calibration, base.masks, dense_share=0.3)
+    assert all(torch.equal(again[n], shared[n]) for n in shared)             # deterministic
+
+
 def test_distillation_loss_is_zero_for_the_dense_model_and_positive_when_pruned(setup):
     lm, calibration, originals, base = setup
     teacher = teacher_targets(lm.model, calibration)
@@ -147,7 +207,9 @@ def test_stop_before_any_step_recovers_nothing(setup):
                                              (dict(lr=float("nan")), "learning rate"), (dict(batch=True), "batch"),
                                              (dict(teacher="oracle"), "recovery teacher must be one of stored, live"),
                                              (dict(teacher=["live"]), "recovery teacher"), (dict(text=-1), "text"),
-                                             (dict(text="1M"), "text"),
+                                             (dict(text="1M"), "text"), (dict(obs_dense=1.5), "obs_dense"),
+                                             (dict(obs_dense="0.3"), "obs_dense"), (dict(obs_dense=True), "obs_dense"),
+                                             (dict(obs_dense=float("nan")), "obs_dense"),
                                              (dict(steps=1000, batch=128, samples=128_000), "use teacher live")])
 def test_bad_recovery_settings_are_one_line(settings, needle):
     with pytest.raises(UserError, match=needle):
@@ -286,6 +348,33 @@ def test_cli_deep_recovery_records_a_command_that_remakes_it_bit_for_bit(tiny_fo
     assert main([*argv[3:], "--no-eval"]) == 0
     first, second = _prunable_of(rec), _prunable_of(again)
     assert all(torch.equal(first[n], second[n]) for n in first)
+
+
+def test_cli_obs_dense_is_recorded_and_its_command_remakes_it_bit_for_bit(tiny_folder, tmp_path, capsys):
+    import shlex
+
+    from proxsparse_core.cli import main
+    from proxsparse_core.runs.folder import recover_command
+
+    run, rec, again, plain = (tmp_path / d for d in ("run", "rec", "again", "plain"))
+    assert main(["prune", "--model", str(tiny_folder), *FLAGS, "--method", "wanda", "--out", str(run),
+                 "--no-eval"]) == 0
+    assert main(["recover", "--run", str(run), "--method", "obs", "--obs-dense", "0.3", "--out", str(rec),
+                 "--no-eval"]) == 0
+    assert main(["recover", "--run", str(run), "--method", "obs", "--obs-dense", "0", "--out", str(plain),
+                 "--no-eval"]) == 0
+    recipe = json.loads((rec / "recipe.json").read_text())
+    assert recipe["recovery"]["obs_dense"] == 0.3
+    argv = shlex.split(recipe["command"])
+    assert argv[argv.index("--obs-dense") + 1] == "0.3"
+    argv[argv.index("--out") + 1] = str(again)
+    assert main([*argv[3:], "--no-eval"]) == 0
+    first, second, zero = _prunable_of(rec), _prunable_of(again), _prunable_of(plain)
+    assert all(torch.equal(first[n], second[n]) for n in first)
+    assert any(not torch.equal(first[n], zero[n]) for n in first)          # the setting reached the update
+    old = {k: v for k, v in recipe["recovery"].items() if k != "obs_dense"}  # a recipe from before the setting
+    assert "--obs-dense 0.0" in recover_command(run, old, again)
+    assert RecoveryConfig.from_dict(old).obs_dense == 0.0
 
 
 def test_fine_tuning_reads_more_samples_of_the_runs_source(tiny_folder, monkeypatch):

@@ -84,11 +84,13 @@ def _run_block(block, entries):
 
 @torch.no_grad()
 def layer_by_layer(lm, calibration: torch.Tensor, make_collector, finish_layer,
-                progress: Progress, stop: threading.Event | None, batch: int = 8):
+                progress: Progress, stop: threading.Event | None, batch: int = 8, dense_targets: bool = False):
     """Walk the decoder block by block: collect statistics of every prunable layer of a block
     from its inputs (`make_collector(layer)` returns an object with add_batch), prune them
     (`finish_layer(name, collector)` returns the weight to install), then move on with the
-    pruned block's outputs. The caller restores W0."""
+    pruned block's outputs. The caller restores W0. `dense_targets`: the dense model runs beside
+    it, block by block, and each layer's collector gets `add_pair(x, x_dense)` — its inputs and the
+    dense model's at the same positions — instead of add_batch."""
     model, prunable = lm.model, lm.prunable
     path, blocks = find_decoder_blocks(model)
     use_cache = getattr(model.config, "use_cache", None)
@@ -97,19 +99,23 @@ def layer_by_layer(lm, calibration: torch.Tensor, make_collector, finish_layer,
     model.eval()
     try:
         entries = _first_block_inputs(model, blocks, calibration, batch)
+        dense = entries if dense_targets else None
         for b, block in enumerate(blocks):
             if stop is not None and stop.is_set():
                 raise Stopped("pruning stopped by the user")
             names = [n for n in prunable.names if n.startswith(f"{path}.{b}.")]
             collectors = {n: make_collector(prunable.modules[n]) for n in names}
-            handles = [prunable.modules[n].register_forward_hook(
-                lambda m, args, out, c=collectors[n]: c.add_batch(args[0].detach()))
-                for n in names]
-            try:
-                _run_block(block, entries)
-            finally:
-                for h in handles:
-                    h.remove()
+            if dense_targets:
+                dense = _collect_pairs(block, entries, dense, names, prunable, collectors)
+            else:
+                handles = [prunable.modules[n].register_forward_hook(
+                    lambda m, args, out, c=collectors[n]: c.add_batch(args[0].detach()))
+                    for n in names]
+                try:
+                    _run_block(block, entries)
+                finally:
+                    for h in handles:
+                        h.remove()
             for n in names:
                 prunable.modules[n].weight.data.copy_(finish_layer(n, collectors[n]))
             del collectors
@@ -119,6 +125,30 @@ def layer_by_layer(lm, calibration: torch.Tensor, make_collector, finish_layer,
     finally:
         model.config.use_cache = use_cache
         model.train(was_training)
+
+
+def _collect_pairs(block, entries, dense, names, prunable, collectors):
+    """One block, still dense, batch by batch: its dense-path inputs (`dense`) through it with every
+    layer's input kept, then the pruned path's (`entries`), each layer's collector folding in both;
+    returns the dense path's outputs (the next block's dense inputs)."""
+    kept = {}
+    out = []
+    for (hidden, kwargs), dense_entry in zip(entries, dense):
+        handles = [prunable.modules[n].register_forward_hook(
+            lambda m, args, o, n=n: kept.__setitem__(n, args[0].detach())) for n in names]
+        try:
+            out += _run_block(block, [dense_entry])
+        finally:
+            for h in handles:
+                h.remove()
+        handles = [prunable.modules[n].register_forward_hook(
+            lambda m, args, o, n=n: collectors[n].add_pair(args[0].detach(), kept[n])) for n in names]
+        try:
+            _run_block(block, [(hidden, kwargs)])
+        finally:
+            for h in handles:
+                h.remove()
+    return out
 
 
 def _info(method: str, calibration: torch.Tensor, t0: float, **extra) -> dict:
@@ -164,19 +194,24 @@ def prune_wanda(lm, calibration: torch.Tensor, progress: Progress = None,
     return Pruning("wanda", masks, None, _info("wanda", calibration, t0))
 
 
-def sparsegpt_layers(lm, calibration, progress=None, stop=None, keep: dict | None = None) -> tuple[dict, dict]:
+def sparsegpt_layers(lm, calibration, progress=None, stop=None, keep: dict | None = None,
+                     dense_share: float = 0.0) -> tuple[dict, dict]:
     """SparseGPT over every prunable layer, block by block: (masks, updated weights), on the CPU.
-    With `keep` (name → mask) the masks are given and only the weight update runs."""
+    With `keep` (name → mask) the masks are given and only the weight update runs. `dense_share` α
+    > 0: the dense model runs beside it and every layer reconstructs W0·(x + α(x_dense − x)) — a
+    share α of the way from its own outputs on the pruned model's inputs x to the dense model's
+    outputs, so it also makes up for part of the error of the layers before it (SparseGPTLayer.prune;
+    0 is published SparseGPT)."""
     originals = snapshot(lm.prunable)
     masks, weights = {}, {}
 
     def finish(name, layer: SparseGPTLayer):
-        w, keep_mask = layer.prune(keep=None if keep is None else keep[name])
+        w, keep_mask = layer.prune(keep=None if keep is None else keep[name], dense_share=dense_share)
         masks[name], weights[name] = keep_mask.cpu(), w.cpu()
         return w
 
     try:
-        layer_by_layer(lm, calibration, SparseGPTLayer, finish, progress, stop)
+        layer_by_layer(lm, calibration, SparseGPTLayer, finish, progress, stop, dense_targets=dense_share > 0)
     finally:
         load_weights(lm.prunable, originals)
     return masks, weights

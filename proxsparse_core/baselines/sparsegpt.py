@@ -26,6 +26,7 @@ class SparseGPTLayer:
         self.layer = layer
         cols = layer.weight.shape[1]
         self.H = torch.zeros(cols, cols, device=layer.weight.device, dtype=torch.float32)
+        self.M = None   # with add_pair: 2/n Σ x_dense x_pruned^T, the dense model's inputs against the pruned one's
         self.n = 0   # calibration tokens seen
 
     @torch.no_grad()
@@ -39,13 +40,30 @@ class SparseGPTLayer:
         self.H.addmm_(x.t(), x)
 
     @torch.no_grad()
+    def add_pair(self, x: torch.Tensor, x_dense: torch.Tensor):
+        """Fold in inputs x (from the model pruned so far) with the dense model's inputs at the same
+        positions: then `prune` reconstructs the *dense* model's outputs W0·x_dense from x, so
+        that the layer also makes up for the error the layers before it left (see prune)."""
+        x = x.reshape(-1, x.shape[-1]).float()
+        xd = x_dense.reshape(-1, x_dense.shape[-1]).float()
+        t = x.shape[0]
+        if self.M is None:
+            self.M = torch.zeros_like(self.H)
+        self.M.mul_(self.n / (self.n + t))
+        self.add_batch(x)
+        f = (2 / self.n) ** 0.5
+        self.M.addmm_((xd * f).t(), x * f)
+
+    @torch.no_grad()
     def prune(self, damp: float = DAMP, block: int = BLOCK,
-              keep: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+              keep: torch.Tensor | None = None, dense_share: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (updated weight, keep mask), both shaped like the weight; the layer is unchanged.
 
         Exactly 2 of every 4 consecutive input columns are kept in each row: SparseGPT's choice,
         or the given `keep` mask (then only the weight update runs: the optimal-brain-surgeon
-        reconstruction of the layer's outputs with that mask held fixed, used for recovery)."""
+        reconstruction of the layer's outputs with that mask held fixed, used for recovery).
+        After add_pair, the target is W0·(x + dense_share·(x_dense − x)): 0 is the layer's own
+        outputs on its inputs (SparseGPT), 1 the dense model's outputs."""
         W = self.layer.weight.detach().float().clone()
         rows, cols = W.shape
         H = self.H.clone()
@@ -53,8 +71,17 @@ class SparseGPTLayer:
         H[dead, dead] = 1.0
         W[:, dead] = 0.0
         H.diagonal().add_(damp * H.diagonal().mean())
+        L = torch.linalg.cholesky(H)
+        if self.M is not None and dense_share:
+            # the target T = Xa·W0ᵀ with Xa = X + α(Xd − X) (α: dense_share): min ‖T − X·Ŵᵀ‖² =
+            # ‖X·(W' − Ŵ)ᵀ‖² + const, W' = W0·Ma·H⁻¹ (Ma = Xaᵀ X = H + α(M − H)) the best dense weight
+            # for these inputs, written W0 + α·W0·(M − H)·H⁻¹ (W' = W0 when α = 0 or Xd = X). The OBS
+            # sweep below then prunes W' instead of W0
+            w0 = self.layer.weight.detach().float()
+            W += dense_share * torch.cholesky_solve((self.M - self.H).t() @ w0.t(), L).t()
+            W[:, dead] = 0.0
         # Upper Cholesky factor of H⁻¹: row i holds the OBS update of column i onto columns > i.
-        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+        Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
         fixed = keep is not None
         pruned = (~keep.to(W.device, torch.bool)) if fixed else torch.zeros_like(W, dtype=torch.bool)
         for i1 in range(0, cols, block):

@@ -68,6 +68,8 @@ class RecoveryConfig:
     #                               samples at lr 2e-3 against the run's own seen twice: bench/RESULTS.md
     teacher: str = "stored"       # stored (top-64 per position, read once) | live (W0 run every step, full KL)
     text: int = field(default=0, metadata={"lo": 0, "hi": 50_000_000})   # tokens of fresh text (0 = none)
+    obs_dense: float = field(default=0.0, metadata={"lo": 0.0, "hi": 1.0})
+    #                               how far the OBS update's targets move towards the dense model's outputs
 
     HELP = {"method": "obs (weight update with the mask fixed), finetune (masked distillation from the "
                       "dense model) or both",
@@ -82,6 +84,10 @@ class RecoveryConfig:
             "teacher": "stored (the dense model's top-64 next-token log-probabilities per position, read once "
                        "before training; up to 20,000 samples) or live (the dense weights run on every batch: "
                        "the full distribution, no storage, any number of samples)",
+            "obs_dense": "the OBS update's target, from 0 (each layer keeps its own outputs on the inputs the "
+                         "pruned layers before it give: SparseGPT's update) to 1 (the dense model's outputs: "
+                         "the layer also makes up for the error of the layers before it); in between, that share "
+                         "of the way",
             "text": "tokens of fresh text the dense model writes for fine-tuning in large batches (half answers "
                     "to varied instructions, half free text from the start-of-text token; cached per model and "
                     "seed); fine-tuning samples are then drawn over it and the run's calibration text together "
@@ -103,7 +109,7 @@ class RecoveryConfig:
         if not isinstance(self.teacher, str) or self.teacher not in TEACHERS:
             raise UserError(f"recovery teacher must be one of {', '.join(TEACHERS)}; got {self.teacher!r}")
         for f in fields(self):              # bounds are declared once, on the field (see `bounds`)
-            if "hi" not in f.metadata or f.name == "lr":
+            if "hi" not in f.metadata or f.name in ("lr", "obs_dense"):
                 continue
             name, (lo, hi, _) = f.name, self.bounds(f.name)
             v = getattr(self, name)
@@ -116,6 +122,11 @@ class RecoveryConfig:
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) \
                 or not lo < self.lr <= hi:
             raise UserError(f"recovery learning rate must be a number in ({lo}, {hi}]; got {self.lr!r}")
+        lo, hi, _ = self.bounds("obs_dense")
+        v = self.obs_dense
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
+            raise UserError(f"recovery obs_dense must be a number from {lo:g} to {hi:g}; got {v!r}")
+        self.obs_dense = float(v)
         reads = min(self.samples or MAX_STORED, self.steps * self.batch)
         if self.method != "obs" and self.teacher == "stored" and reads > MAX_STORED:
             raise UserError(f"a stored teacher keeps the dense model's top-64 log-probabilities of every sample "
@@ -131,7 +142,7 @@ class RecoveryConfig:
         unknown = set(d) - names
         if unknown:
             raise UserError(f"unknown recovery setting(s): {', '.join(sorted(map(str, unknown)))}")
-        return cls(**d).validate()
+        return cls(**{"obs_dense": 0.0, **d}).validate()     # recorded before obs_dense existed: 0
 
 
 # How long fine-tuning runs (one registry: the CLI's --length, the Compare tab's Length radio and the
@@ -246,9 +257,11 @@ def _masked(weights: dict, masks: dict) -> dict:
 
 
 def obs_update(lm, calibration: torch.Tensor, masks: dict, progress=None, stop=None,
-               timeline: Timeline | None = None) -> dict:
+               timeline: Timeline | None = None, dense_share: float = 0.0) -> dict:
     """Survivors re-solved layer by layer with the masks fixed (SparseGPT's update); CPU weights.
-    `progress(done, total)` and `timeline` (stage obs) hear of every decoder block."""
+    `progress(done, total)` and `timeline` (stage obs) hear of every decoder block. `dense_share`:
+    how far each layer's target moves from its own outputs towards the dense model's
+    (oneshot.sparsegpt_layers)."""
     from proxsparse_core.baselines.oneshot import sparsegpt_layers
     from proxsparse_core.sparsity.prunable import find_decoder_blocks
 
@@ -259,7 +272,7 @@ def obs_update(lm, calibration: torch.Tensor, masks: dict, progress=None, stop=N
             timeline.report("obs", done, total, f"weight update (OBS): block {done}/{total}", "blocks")
     if timeline is not None:
         block(0, len(find_decoder_blocks(lm.model)[1]))
-    _, weights = sparsegpt_layers(lm, calibration, block, stop, keep=masks)
+    _, weights = sparsegpt_layers(lm, calibration, block, stop, keep=masks, dense_share=dense_share)
     return weights
 
 
@@ -410,7 +423,7 @@ def recover(lm, calibration: torch.Tensor, base: Pruning, base_name: str, origin
     events, status, message = [], "finished", ""
     if cfg.method in ("obs", "both"):
         try:
-            start = obs_update(lm, calibration, base.masks, progress, stop, timeline)
+            start = obs_update(lm, calibration, base.masks, progress, stop, timeline, cfg.obs_dense)
         except Stopped:
             return RecoveryResult("stopped", "stopped during the weight update; nothing was recovered", None, [])
         info["obs"] = True

@@ -185,21 +185,25 @@ def recover_command(run, rec: dict, out) -> str:
     return shlex.join(["python", "-m", "proxsparse_core", "recover", "--run", str(run), "--method", rec["method"],
                        "--steps", str(rec["steps"]), "--lr", str(rec["lr"]), "--batch", str(rec["batch"]),
                        "--seed", str(rec["seed"]), "--samples", str(rec["samples"]), "--teacher", rec["teacher"],
-                       "--text", str(rec["text"]), "--out", str(out)])
+                       "--text", str(rec["text"]), "--obs-dense", str(rec.get("obs_dense", 0.0)),
+                       "--out", str(out)])
 
 
 def recovery_summary(info: dict) -> str:
     """One sentence for reports and model cards: how a recovered result's survivors were changed."""
     steps = []
+    rec = info.get("recovery") if isinstance(info.get("recovery"), dict) else {}
     if info.get("obs"):
+        share = rec.get("obs_dense")
+        toward = (f", each layer aiming {share:.0%} of the way from its own outputs to the dense model's"
+                  if isinstance(share, float) and 0 < share <= 1 else "")
         steps.append("the optimal-brain-surgeon update layer by layer (SparseGPT's update with the "
-                     "mask held fixed)")
+                     f"mask held fixed{toward})")
     def count(key):   # info may come from a run folder's metrics.json: only whole numbers are shown
         v = info.get(key)
         return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
     if count("finetune_steps"):
         on = f" on {count('finetune_samples')} calibration samples" if count("finetune_samples") else ""
-        rec = info.get("recovery") if isinstance(info.get("recovery"), dict) else {}
         text = rec.get("text")
         if isinstance(text, int) and not isinstance(text, bool) and text > 0:
             on += f" (drawn over the calibration text and {text:,} tokens of fresh text the dense model wrote)"
