@@ -62,45 +62,11 @@ def build(layers: int, ctx: int, hidden: int, inter: int, vocab: int, dev: str):
     return model.eval()
 
 
-def adamw_steps(lm: LoadedModel, samples: torch.Tensor, steps: int, lr: float, dev: str) -> dict:
-    """Plain fine-tuning of the same parameters with the same settings, no prox, no stats."""
-    model = lm.model
-    ids = {id(m.weight) for m in lm.prunable.modules.values()}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in ids)
-    params = [p for p in model.parameters() if p.requires_grad]
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    model.train()
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=dev == "cuda")
-    if dev == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    times, fb, op = [], [], []
-    for s in range(steps):
-        batch = samples[s % samples.shape[0]].unsqueeze(0).to(dev)
-        _sync(dev)
-        t0 = time.perf_counter()
-        loss = model(input_ids=batch, labels=batch).loss
-        loss.backward()
-        _sync(dev)
-        t1 = time.perf_counter()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        _sync(dev)
-        t2 = time.perf_counter()
-        times.append(t2 - t0); fb.append(t1 - t0); op.append(t2 - t1)
-    peak = memory_in_use(dev)
-    del opt
-    model.gradient_checkpointing_disable()
-    model.eval()
-    if dev == "cuda":
-        torch.cuda.empty_cache()
-    return dict(step_s=statistics.median(times[1:]), fwd_bwd_s=statistics.median(fb[1:]),
-                opt_s=statistics.median(op[1:]), prox_s=0.0, peak_gib=peak / 2**30)
-
-
-def adamw_prox_steps(lm: LoadedModel, samples: torch.Tensor, steps: int, lr: float, dev: str,
-                     overlap: bool, lam: float = 0.25) -> dict:
-    """The adamw loop with the prox after each AdamW step (see the module doc: adamw_prox*)."""
+def adamw_steps(lm: LoadedModel, samples: torch.Tensor, steps: int, lr: float, dev: str,
+                prox: str = "", lam: float = 0.25) -> dict:
+    """Plain fine-tuning of the prunable weights, no stats; with `prox` "inline" or "overlap" the
+    prox after each AdamW step (see the module doc: adamw, adamw_prox*). Step time: from one step's
+    start to the next one's."""
     from proxsparse_core.method.prox import prox_2to4_
     model = lm.model
     mods = list(lm.prunable.modules.values())
@@ -111,7 +77,7 @@ def adamw_prox_steps(lm: LoadedModel, samples: torch.Tensor, steps: int, lr: flo
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=dev == "cuda")
-    overlap = overlap and dev == "cuda"
+    overlap = prox == "overlap" and dev == "cuda"
     side = torch.cuda.Stream() if overlap else None
     ready: dict = {}
     hooks = []
@@ -146,7 +112,7 @@ def adamw_prox_steps(lm: LoadedModel, samples: torch.Tensor, steps: int, lr: flo
                     ev = torch.cuda.Event()
                     ev.record(side)
                     ready[id(m)] = ev
-        else:
+        elif prox:
             for m, h in zip(mods, hist):
                 prox_2to4_(m.weight.data, lam, hist=h)
             _sync(dev)
@@ -166,9 +132,9 @@ def adamw_prox_steps(lm: LoadedModel, samples: torch.Tensor, steps: int, lr: flo
     if dev == "cuda":
         torch.cuda.empty_cache()
     times = [b - a for a, b in zip(starts, starts[1:])]
-    return dict(step_s=statistics.median(times[1:]), fwd_bwd_s=statistics.median(fb[1:]),
-                opt_s=statistics.median(op[1:]), prox_s=statistics.median(px[1:]), peak_gib=peak / 2**30,
-                groups_0_to_4=counts, overlap=overlap)
+    out = dict(step_s=statistics.median(times[1:]), fwd_bwd_s=statistics.median(fb[1:]),
+               opt_s=statistics.median(op[1:]), prox_s=statistics.median(px[1:]), peak_gib=peak / 2**30)
+    return {**out, "groups_0_to_4": counts, "overlap": overlap} if prox else {**out, "prox_s": 0.0}
 
 
 def prox_steps(lm: LoadedModel, samples: torch.Tensor, steps: int, lr: float, lam2: float,
@@ -216,7 +182,7 @@ def main():
         if v == "adamw":
             r = adamw_steps(lm, samples, args.steps, args.lr, dev)
         elif v.startswith("adamw_prox"):
-            r = adamw_prox_steps(lm, samples, args.steps, args.lr, dev, overlap=v.endswith("overlap"))
+            r = adamw_steps(lm, samples, args.steps, args.lr, dev, prox="overlap" if v.endswith("overlap") else "inline")
         else:
             r = prox_steps(lm, samples, args.steps, args.lr, lam2=0.25 if "l2" in v else 0.0,
                            offload=v.endswith("_off"), master="fp32" if v.endswith("fp32") else "off")
