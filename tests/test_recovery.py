@@ -616,6 +616,11 @@ def test_recovery_summary_names_steps_and_samples_and_shows_only_whole_numbers()
     # values read back from a run folder's metrics.json may be anything
     bad = recovery_summary({"base_method": "wanda", "obs": True, "finetune_steps": "<b>9</b>", "finetune_samples": True})
     assert "<b>" not in bad and "True" not in bad and "fine-tuning" not in bad
+    assert "dense model's" not in good
+    aimed = recovery_summary({"base_method": "wanda", "obs": True, "recovery": {"obs_dense": 0.3}})
+    assert "aiming 30% of the way from its own outputs to the dense model's" in aimed
+    odd = recovery_summary({"base_method": "wanda", "obs": True, "recovery": {"obs_dense": "<i>1</i>"}})
+    assert "<i>" not in odd and "aiming" not in odd
 
 
 def test_compare_tab_warns_that_a_recovery_with_fresh_text_is_a_gpu_job_on_a_cpu(tiny_folder, tmp_path, monkeypatch):
