@@ -56,14 +56,14 @@ class SparseGPTLayer:
 
     @torch.no_grad()
     def prune(self, damp: float = DAMP, block: int = BLOCK,
-              keep: torch.Tensor | None = None, dense_share: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+              keep: torch.Tensor | None = None, dense_share: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
         """Return (updated weight, keep mask), both shaped like the weight; the layer is unchanged.
 
         Exactly 2 of every 4 consecutive input columns are kept in each row: SparseGPT's choice,
         or the given `keep` mask (then only the weight update runs: the optimal-brain-surgeon
         reconstruction of the layer's outputs with that mask held fixed, used for recovery).
-        After add_pair, the target is W0·(x + dense_share·(x_dense − x)): 0 is the layer's own
-        outputs on its inputs (SparseGPT), 1 the dense model's outputs."""
+        After add_pair, the target is W0·(x + dense_share·(x_dense − x)): 0 (the default) is the
+        layer's own outputs on its inputs (SparseGPT), 1 the dense model's outputs."""
         W = self.layer.weight.detach().float().clone()
         rows, cols = W.shape
         H = self.H.clone()
