@@ -161,6 +161,38 @@ def test_obs_with_a_dense_share_keeps_the_mask_restores_w0_and_moves_the_update(
     assert all(torch.equal(again[n], shared[n]) for n in shared)             # deterministic
 
 
+@pytest.mark.parametrize("arch", ["qwen2", "opt", "phi"])
+def test_obs_with_a_dense_share_runs_on_other_architectures(arch):
+    """The dense path beside the pruned one uses each architecture's own blocks (their keyword
+    arguments, biases, attention): the mask stays exact, W0 comes back, and only layers past the
+    first block move (in the first block both paths see the same inputs)."""
+    from transformers import OPTConfig, OPTForCausalLM, PhiConfig, PhiForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    from conftest import TinyTokenizer
+    from proxsparse_core.models.loading import LoadedModel
+    from proxsparse_core.sparsity.prunable import find_prunable
+    torch.manual_seed(0)
+    cfg, cls = {"qwen2": (Qwen2Config(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2), Qwen2ForCausalLM),
+                "opt": (OPTConfig(vocab_size=256, hidden_size=64, ffn_dim=128, num_hidden_layers=2,
+                                  num_attention_heads=4, word_embed_proj_dim=64), OPTForCausalLM),
+                "phi": (PhiConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                  num_attention_heads=4), PhiForCausalLM)}[arch]
+    model = cls(cfg).eval()
+    lm = LoadedModel(model, TinyTokenizer(), arch, arch, "cpu", torch.float32, find_prunable(model), 512)
+    originals = snapshot(lm.prunable)
+    masks = {n: mask_2to4(w) for n, w in originals.items()}
+    calibration = torch.randint(2, 256, (8, 32))
+    plain = obs_update(lm, calibration, masks)
+    shared = obs_update(lm, calibration, masks, dense_share=0.3)
+    assert _dense_again(lm, originals)
+    moved = {n for n in plain if not torch.allclose(plain[n], shared[n])}
+    for n, w in shared.items():
+        assert torch.isfinite(w).all() and int((w[~masks[n]] != 0).sum()) == 0, n
+    first = [n for n in plain if ".0." in n]
+    assert first and moved and not moved & set(first)
+
+
 def test_distillation_loss_is_zero_for_the_dense_model_and_positive_when_pruned(setup):
     lm, calibration, originals, base = setup
     teacher = teacher_targets(lm.model, calibration)
