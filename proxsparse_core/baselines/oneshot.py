@@ -20,6 +20,7 @@ writing its function and one ``Method`` entry.
 """
 from __future__ import annotations
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass
@@ -108,14 +109,8 @@ def layer_by_layer(lm, calibration: torch.Tensor, make_collector, finish_layer,
             if dense_targets:
                 dense = _collect_pairs(block, entries, dense, names, prunable, collectors)
             else:
-                handles = [prunable.modules[n].register_forward_hook(
-                    lambda m, args, out, c=collectors[n]: c.add_batch(args[0].detach()))
-                    for n in names]
-                try:
+                with _inputs_to(prunable, names, lambda n, x: collectors[n].add_batch(x)):
                     _run_block(block, entries)
-                finally:
-                    for h in handles:
-                        h.remove()
             for n in names:
                 prunable.modules[n].weight.data.copy_(finish_layer(n, collectors[n]))
             del collectors
@@ -127,27 +122,28 @@ def layer_by_layer(lm, calibration: torch.Tensor, make_collector, finish_layer,
         model.train(was_training)
 
 
+@contextlib.contextmanager
+def _inputs_to(prunable, names, take):
+    """While open, every forward of the layers `names` hands its input to `take(name, x)`."""
+    handles = [prunable.modules[n].register_forward_hook(lambda m, args, out, n=n: take(n, args[0].detach()))
+               for n in names]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def _collect_pairs(block, entries, dense, names, prunable, collectors):
     """One block, still dense, batch by batch: its dense-path inputs (`dense`) through it with every
     layer's input kept, then the pruned path's (`entries`), each layer's collector folding in both;
     returns the dense path's outputs (the next block's dense inputs)."""
-    kept = {}
-    out = []
-    for (hidden, kwargs), dense_entry in zip(entries, dense):
-        handles = [prunable.modules[n].register_forward_hook(
-            lambda m, args, o, n=n: kept.__setitem__(n, args[0].detach())) for n in names]
-        try:
+    kept, out = {}, []
+    for entry, dense_entry in zip(entries, dense):
+        with _inputs_to(prunable, names, kept.__setitem__):
             out += _run_block(block, [dense_entry])
-        finally:
-            for h in handles:
-                h.remove()
-        handles = [prunable.modules[n].register_forward_hook(
-            lambda m, args, o, n=n: collectors[n].add_pair(args[0].detach(), kept[n])) for n in names]
-        try:
-            _run_block(block, [(hidden, kwargs)])
-        finally:
-            for h in handles:
-                h.remove()
+        with _inputs_to(prunable, names, lambda n, x: collectors[n].add_pair(x, kept[n])):
+            _run_block(block, [entry])
     return out
 
 

@@ -93,6 +93,8 @@ class RecoveryConfig:
                     "seed); fine-tuning samples are then drawn over it and the run's calibration text together "
                     "(it replaces the model's own text of data mix). 0 = none. A GPU job for large amounts"}
 
+    TITLES = {"lr": "learning rate"}       # names in messages, where the field's own name says less
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -109,24 +111,22 @@ class RecoveryConfig:
         if not isinstance(self.teacher, str) or self.teacher not in TEACHERS:
             raise UserError(f"recovery teacher must be one of {', '.join(TEACHERS)}; got {self.teacher!r}")
         for f in fields(self):              # bounds are declared once, on the field (see `bounds`)
-            if "hi" not in f.metadata or f.name in ("lr", "obs_dense"):
+            if "hi" not in f.metadata:
                 continue
-            name, (lo, hi, _) = f.name, self.bounds(f.name)
+            name, (lo, hi, lo_open) = f.name, self.bounds(f.name)
             v = getattr(self, name)
+            if isinstance(f.default, float):                # a number: lr, obs_dense
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
+                        or not (lo < v if lo_open else lo <= v) or v > hi:
+                    span = f"in ({lo:g}, {hi:g}]" if lo_open else f"from {lo:g} to {hi:g}"
+                    raise UserError(f"recovery {self.TITLES.get(name, name)} must be a number {span}; got {v!r}")
+                setattr(self, name, float(v))
+                continue
             if isinstance(v, float) and v.is_integer():
                 v = int(v)
                 setattr(self, name, v)
             if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
                 raise UserError(f"recovery {name} must be a whole number from {lo} to {hi}; got {v!r}")
-        lo, hi, _ = self.bounds("lr")
-        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not math.isfinite(self.lr) \
-                or not lo < self.lr <= hi:
-            raise UserError(f"recovery learning rate must be a number in ({lo}, {hi}]; got {self.lr!r}")
-        lo, hi, _ = self.bounds("obs_dense")
-        v = self.obs_dense
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not lo <= v <= hi:
-            raise UserError(f"recovery obs_dense must be a number from {lo:g} to {hi:g}; got {v!r}")
-        self.obs_dense = float(v)
         reads = min(self.samples or MAX_STORED, self.steps * self.batch)
         if self.method != "obs" and self.teacher == "stored" and reads > MAX_STORED:
             raise UserError(f"a stored teacher keeps the dense model's top-64 log-probabilities of every sample "
