@@ -9,7 +9,7 @@ through 6 weight copies, median of replays); results in bench/RESULTS.md, sectio
             product and its layout without any expansion (a wrong result; a ceiling)
   prefetch  `full` with the next step's loads issued before this step's expansion
   gemvT     a multi-token CUDA-core kernel, the accumulator kept as the whole tile (2–8 tokens)
-With MAIN2D=1 (measured in no run yet): the loop on 2-D tiles, values as [rows, columns/4] int32 words or as
+With MAIN2D=1: the loop on 2-D tiles, values as [rows, columns/4] int32 words or as
 the bf16 [rows, columns/2] tile split into each group's pair (mm2d's docstring).
 
     python3 bench/decode24_diag.py                  # CUDA; writes diag.json under $OUT (default .)
@@ -324,8 +324,13 @@ def main2d():
             row = dict(shape=f"{o}x{i}", tokens=t, dense_us=round(1e3 * graph_call_ms([lambda w=w: F.linear(x, w) for w in ws]), 1))
             ref = x.float() @ ws[0].float().t()
             for cfg in (d24.Config(bn=32, bk=128, split=4, warps=2), d24.Config(bn=64, bk=128, split=4, warps=4),
-                        d24.Config(bn=64, bk=256, split=4, warps=4)):
+                        d24.Config(bn=64, bk=256, split=4, warps=4), d24.Config(bn=32, bk=128, split=4, warps=2, stages=1),
+                        d24.Config(bn=64, bk=128, split=8, warps=4, stages=2), d24.Config(bn=16, bk=128, split=2, warps=1)):
                 sem = torch.zeros(o, dtype=torch.int32, device="cuda")
+                try:
+                    row[f"{cfg}:nojoin"] = round(1e3 * graph_call_ms([lambda p=p: run(x, p[0], p[1], y, cfg, 3) for p in packed]), 1)
+                except Exception as e:
+                    row[f"{cfg}:nojoin"] = type(e).__name__
                 try:
                     row[f"{cfg}:shipped"] = round(1e3 * graph_call_ms([lambda p=p: d24.mm24(x, *p, i, None, cfg, sem) for p in packed]), 1)
                 except Exception as e:
@@ -340,6 +345,7 @@ def main2d():
                         row[f"{cfg}:{name}"] = f"{type(e).__name__}: {str(e)[:60]}"
             res.append(row)
             print(json.dumps(row), flush=True)
+    json.dump(res, open(os.path.join(os.environ.get("OUT", "."), "diag2d.json"), "w"), indent=1)
 
 
 main2d() if os.environ.get("MAIN2D") and not INTERP else main()
