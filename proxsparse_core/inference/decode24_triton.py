@@ -51,20 +51,21 @@ def mm24(x_ptr, v_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, sem_ptr, T, N, K, KW, KM, st
     per = tl.cdiv(steps, SPLIT)
     k_lo = pid_s * per * BK               # steps past K load nothing (masked)
     acc = tl.zeros([TP, BN], dtype=tl.float32)
-    # [BN, BK/32, 8]: row, meta word, group within the word
-    j8 = tl.arange(0, BK // 32)
-    j = tl.arange(0, 8)
-    v_off = rn[:, None, None].to(tl.int64) * KW + (j8[None, :, None] * 8 + j[None, None, :])
-    m_off = rn[:, None].to(tl.int64) * KM + j8[None, :]
-    shift = (4 * j)[None, None, :]
+    # 2-D tiles [BN, BK/4]: row, group (one int32 word of values each); a group's meta nibble comes
+    # from its word of 8, loaded once as [BN, BK/32] and broadcast. (3-D [BN, BK/32, 8] tiles of
+    # the same words made the join into [BN, BK] costly: bench/RESULTS.md 2a⁗.)
+    rw = tl.arange(0, BK // 4)
+    v_off = rn[:, None].to(tl.int64) * KW + rw[None, :]
+    m_off = rn[:, None].to(tl.int64) * KM + tl.arange(0, BK // 32)[None, :]
+    shift = (4 * (rw % 8))[None, :]
     x_row = x_ptr + rt[:, None] * stride_x
     for k0 in range(k_lo, k_lo + per * BK, BK):
         inside = k0 < 4 * KW                  # BK divides the packed size: whole tiles
-        vw = tl.load(v_ptr + v_off + k0 // 4, mask=nmask[:, None, None] & inside, other=0)
+        vw = tl.load(v_ptr + v_off + k0 // 4, mask=nmask[:, None] & inside, other=0)
         mw = tl.load(m_ptr + m_off + k0 // 32, mask=nmask[:, None] & inside, other=0)
         kk = k0 + tl.arange(0, BK)
         x = tl.load(x_row + kk[None, :], mask=tmask[:, None] & (kk < K)[None, :], other=0.0)
-        code = (mw[:, :, None] >> shift) & 15
+        code = (tl.reshape(tl.broadcast_to(mw[:, :, None], [BN, BK // 32, 8]), [BN, BK // 4]) >> shift) & 15
         d0, d1, d2, d3 = expand(vw, code, x_ptr.dtype.element_ty, ASM)
         w = tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), [BN, BK])
         acc = tl.dot(x, tl.trans(w), acc)
