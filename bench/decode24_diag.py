@@ -162,7 +162,7 @@ def mm2d(x_ptr, v_ptr, m_ptr, y_ptr, T, N, K, KW, KM, stride_x, BN: tl.constexpr
     """2-D tiles: values as [BN, BK/4] int32 words (MODE 11, 12) or [BN, BK/2] bf16 (MODE 13), meta
     [BN, BK/32] broadcast to the groups. 10: 3-D loads as mm24, summed elementwise (reduced at the end);
     11: 2-D loads, summed elementwise; 12: 2-D loads, prmt expansion, join, dot; 13: bf16 loads split
-    into the pair, expansion by selects, join, dot."""
+    into the pair, expansion by selects, join, dot; 14: as 12 with the weight as the dot's left operand."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     rn = pid_n * BN + tl.arange(0, BN)
@@ -173,6 +173,7 @@ def mm2d(x_ptr, v_ptr, m_ptr, y_ptr, T, N, K, KW, KM, stride_x, BN: tl.constexpr
     per = tl.cdiv(steps, SPLIT)
     k_lo = pid_s * per * BK
     acc = tl.zeros([TP, BN], dtype=tl.float32)
+    accT = tl.zeros([BN, TP], dtype=tl.float32)
     acc2 = tl.zeros([BN, BK // 4], dtype=tl.int32)
     acc3 = tl.zeros([BN, BK // 32, 8], dtype=tl.int32)
     rw = tl.arange(0, BK // 4)
@@ -212,6 +213,10 @@ def mm2d(x_ptr, v_ptr, m_ptr, y_ptr, T, N, K, KW, KM, stride_x, BN: tl.constexpr
                 vw = tl.load(v_ptr + v_off + k0 // 4, mask=nmask[:, None] & inside, other=0)
                 if MODE == 11:
                     acc2 += vw ^ code
+                elif MODE == 14:         # the weight as the left operand: [BN, BK] · [BK, TP]
+                    d0, d1, d2, d3 = expand(vw, code, x_ptr.dtype.element_ty, ASM)
+                    w = tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), [BN, BK])
+                    accT = tl.dot(w, tl.trans(x), accT)
                 else:
                     d0, d1, d2, d3 = expand(vw, code, x_ptr.dtype.element_ty, ASM)
                     w = tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), [BN, BK])
@@ -221,6 +226,8 @@ def mm2d(x_ptr, v_ptr, m_ptr, y_ptr, T, N, K, KW, KM, stride_x, BN: tl.constexpr
         acc += tl.sum(tl.sum(acc3, axis=2), axis=1).to(tl.float32)[None, :] * 1e-30
     if MODE == 11:
         acc += tl.sum(acc2, axis=1).to(tl.float32)[None, :] * 1e-30
+    if MODE == 14:
+        acc = tl.trans(accT)
     out = y_ptr + rt[:, None] * N + rn[None, :]
     tl.atomic_add(out, acc, mask=tmask[:, None] & nmask[None, :])
 
@@ -260,7 +267,7 @@ def main():
             y.zero_(); run(x, vals, meta, y, d24.Config(bn=16, bk=64, split=2), mode); print("mode", mode, "ran")
         y.zero_(); run(x, vals, meta, y, d24.Config(bn=16, bk=64, split=2), 4)
         print("prefetch err", float((y - ref).norm() / ref.norm()))
-        for mode in (12, 13):
+        for mode in (12, 13, 14):
             y.zero_(); run2d(x, vals, meta, y, d24.Config(bn=16, bk=64, split=2), mode)
             print("2d mode", mode, "err", float((y - ref).norm() / ref.norm()))
         for mode in (10, 11):
@@ -311,6 +318,18 @@ def main():
     json.dump(res, open(os.path.join(os.environ.get("OUT", "."), "diag.json"), "w"), indent=1)
 
 
+C = d24.Config
+CONFIGS2D = [C(bn=32, bk=128, split=4, warps=2), C(bn=64, bk=128, split=4, warps=4), C(bn=64, bk=256, split=4, warps=4),
+             C(bn=32, bk=128, split=4, warps=2, stages=1), C(bn=64, bk=128, split=8, warps=4, stages=2),
+             C(bn=16, bk=128, split=2, warps=1)]
+MODES2D = [(10, "loads3"), (11, "loads2"), (12, "full2"), (13, "full2s")]
+if os.environ.get("MAIN2D") == "2":      # the second round: the left-operand product, more shapes of program
+    CONFIGS2D = [C(bn=16, bk=128, split=2, warps=1), C(bn=32, bk=128, split=4, warps=2), C(bn=64, bk=128, split=4, warps=4),
+                 C(bn=64, bk=128, split=2, warps=4), C(bn=128, bk=128, split=2, warps=4), C(bn=128, bk=128, split=4, warps=8),
+                 C(bn=64, bk=64, split=4, warps=4), C(bn=32, bk=256, split=2, warps=2), C(bn=16, bk=128, split=4, warps=1, stages=2)]
+    MODES2D = [(12, "full2"), (14, "full2T")]
+
+
 def main2d():
     sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
     from decode24 import graph_call_ms
@@ -323,9 +342,7 @@ def main2d():
             y = torch.zeros(t, o, device="cuda", dtype=torch.float32)
             row = dict(shape=f"{o}x{i}", tokens=t, dense_us=round(1e3 * graph_call_ms([lambda w=w: F.linear(x, w) for w in ws]), 1))
             ref = x.float() @ ws[0].float().t()
-            for cfg in (d24.Config(bn=32, bk=128, split=4, warps=2), d24.Config(bn=64, bk=128, split=4, warps=4),
-                        d24.Config(bn=64, bk=256, split=4, warps=4), d24.Config(bn=32, bk=128, split=4, warps=2, stages=1),
-                        d24.Config(bn=64, bk=128, split=8, warps=4, stages=2), d24.Config(bn=16, bk=128, split=2, warps=1)):
+            for cfg in CONFIGS2D:
                 sem = torch.zeros(o, dtype=torch.int32, device="cuda")
                 try:
                     row[f"{cfg}:nojoin"] = round(1e3 * graph_call_ms([lambda p=p: run(x, p[0], p[1], y, cfg, 3) for p in packed]), 1)
@@ -335,7 +352,7 @@ def main2d():
                     row[f"{cfg}:shipped"] = round(1e3 * graph_call_ms([lambda p=p: d24.mm24(x, *p, i, None, cfg, sem) for p in packed]), 1)
                 except Exception as e:
                     row[f"{cfg}:shipped"] = type(e).__name__
-                for mode, name in ((10, "loads3"), (11, "loads2"), (12, "full2"), (13, "full2s")):
+                for mode, name in MODES2D:
                     try:
                         y.zero_(); run2d(x, *packed[0], y, cfg, mode)
                         err = float((y - ref).norm() / ref.norm()) if mode >= 12 else None
