@@ -1,16 +1,18 @@
 """Diagnosis, not part of the product: where does the 2–16-token `mma` kernel (decode24_triton.mm24) spend
 its time? Variants of its loop on the same packed weights, timed like bench/decode24.py (CUDA graphs cycling
-through 6 weight copies, median of replays); results in bench/RESULTS.md, section 2a‴.
+through 6 weight copies, median of replays); results in bench/RESULTS.md, sections 2a‴ and 2a⁗. "shipped" rows time mm24 as it is
+now (2-D tiles since 2026-12-07); the variants below keep the 3-D tiles it had before.
 
-  full      the loop as shipped (prmt expansion, join, tensor-core product)
+  full      the loop on 3-D tiles [rows, meta words, 8] (prmt expansion, join, tensor-core product)
   loads     the same loads (values as [rows, meta words, 8] int32, meta, activations), summed cheaply
   expand    loads, expansion and join, summed without the product
   nojoin    the values read as a plain [rows, columns/2] tile and multiplied by half the activations: the
             product and its layout without any expansion (a wrong result; a ceiling)
   prefetch  `full` with the next step's loads issued before this step's expansion
   gemvT     a multi-token CUDA-core kernel, the accumulator kept as the whole tile (2–8 tokens)
-With MAIN2D=1: the loop on 2-D tiles, values as [rows, columns/4] int32 words or as
-the bf16 [rows, columns/2] tile split into each group's pair (mm2d's docstring).
+With MAIN2D=1: the loop on 2-D tiles, values as [rows, columns/4] int32 words (what mm24 adopted) or as
+the bf16 [rows, columns/2] tile split into each group's pair (mm2d's docstring). MAIN2D=2 (not measured yet):
+the 2-D loop with the weight as the dot's left operand, over more program shapes.
 
     python3 bench/decode24_diag.py                  # CUDA; writes diag.json under $OUT (default .)
     TRITON_INTERPRET=1 python3 bench/decode24_diag.py   # CPU: every variant checked against the dense product
