@@ -215,14 +215,13 @@ def mm2d(x_ptr, v_ptr, m_ptr, y_ptr, T, N, K, KW, KM, stride_x, BN: tl.constexpr
                 vw = tl.load(v_ptr + v_off + k0 // 4, mask=nmask[:, None] & inside, other=0)
                 if MODE == 11:
                     acc2 += vw ^ code
-                elif MODE == 14:         # the weight as the left operand: [BN, BK] · [BK, TP]
-                    d0, d1, d2, d3 = expand(vw, code, x_ptr.dtype.element_ty, ASM)
-                    w = tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), [BN, BK])
-                    accT = tl.dot(w, tl.trans(x), accT)
                 else:
                     d0, d1, d2, d3 = expand(vw, code, x_ptr.dtype.element_ty, ASM)
                     w = tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), [BN, BK])
-                    acc = tl.dot(x, tl.trans(w), acc)
+                    if MODE == 14:       # the weight as the left operand: [BN, BK] · [BK, TP]
+                        accT = tl.dot(w, tl.trans(x), accT)
+                    else:
+                        acc = tl.dot(x, tl.trans(w), acc)
         acc += tl.sum(x.to(tl.float32), axis=1)[:, None] * 1e-30 if MODE < 12 else 0.0
     if MODE == 10:
         acc += tl.sum(tl.sum(acc3, axis=2), axis=1).to(tl.float32)[None, :] * 1e-30
