@@ -54,6 +54,16 @@ static inline uint16_t to_bf16(float f) {            /* round to nearest even, l
 }
 static inline float ld(const void *w, int bf, int64_t i) { return bf ? from_bf16(((const uint16_t *)w)[i]) : ((const float *)w)[i]; }
 static inline void st(void *w, int bf, int64_t i, float x) { if (bf) ((uint16_t *)w)[i] = to_bf16(x); else ((float *)w)[i] = x; }
+/* c ? x : y as a select of bits: the compiler then blends lanes instead of storing under a mask,
+   which is slow on some AVX2 CPUs */
+static inline float sel(int c, float x, float y) {
+    uint32_t a, b, m = -(uint32_t)(c != 0), r;
+    float f;
+    memcpy(&a, &x, 4); memcpy(&b, &y, 4);
+    r = (a & m) | (b & ~m);
+    memcpy(&f, &r, 4);
+    return f;
+}
 static inline float fmax0(float x) { return x > 0.f ? x : 0.f; }
 
 /* Output grids (grid 1: bfloat16, grid 2: float16) for magnitudes x >= 0: the largest grid value
@@ -127,8 +137,8 @@ static void block(float z[4][L], int n, float lam, float tol, int max_sweeps, in
             t = m3 - q3; t = t < 0 ? -t : t; d = d > t ? d : t;
             t = m4 - q4; t = t < 0 ? -t : t; d = d > t ? d : t;
             int on = act[l] > 0.f;
-            u1[l] = on ? n1 : p1; u2[l] = on ? n2 : p2; u3[l] = on ? n3 : p3;
-            v1[l] = on ? m1 : q1; v2[l] = on ? m2 : q2; v3[l] = on ? m3 : q3; v4[l] = on ? m4 : q4;
+            u1[l] = sel(on, n1, p1); u2[l] = sel(on, n2, p2); u3[l] = sel(on, n3, p3);
+            v1[l] = sel(on, m1, q1); v2[l] = sel(on, m2, q2); v3[l] = sel(on, m3, q3); v4[l] = sel(on, m4, q4);
             act[l] = (on && d > tol * a[0][l]) ? 1.f : 0.f;
             pending |= act[l] > 0.f;
         }
