@@ -1,5 +1,5 @@
 """The CPU prox of one real learning step: as built, without reading runs of 32 groups in place,
-and built as before its per-lane loops vectorised on AVX2.
+and (optionally) as an earlier commit built it.
 
 While learning, AdamW moves every weight, zeros included, so every group the prox sees has ≥ 3
 non-zeros; the C kernel (method/prox_native.py) then reads and writes runs of 32 consecutive groups
@@ -9,19 +9,19 @@ prunable matrix, its λ1 and column weights), and times the one-call prox of it:
 
   in place   the kernel as it is
   gathered   the same source without the run32 path (every group gathered one by one, as before)
-  trapping   the same source built as before 2026-12-07: with trapping floating-point math (the
-             compiler then keeps the Gauss-Seidel sweep's branches, and on a CPU without AVX-512
-             runs it one lane at a time) and its per-lane selects written as conditionals
+  REV        with --vs REV: the kernel source and compiler flags of commit REV (read with git show)
 
 alternating, `--rounds` times each, on the same input; the results must be bit-identical.
 
-    python bench/cpu_prox_step.py [--preset quick-demo] [--step 20] [--rounds 7]
+    python bench/cpu_prox_step.py [--preset quick-demo] [--step 20] [--rounds 7] [--vs fe1aec2]
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import os
 import re
+import subprocess
 import statistics
 import sys
 import threading
@@ -43,12 +43,15 @@ RUN32_CALL = """        if (n == 0 && i >= retry && i + L <= g1) {
 """
 
 
-def trapping_build():
-    """The kernel as built before 2026-12-07 (see the docstring)."""
-    source = re.sub(r"sel\(on, (\w+), (\w+)\)", r"on ? \1 : \2", prox_native._SOURCE)
-    flags = [f for f in native.FLAGS if f != "-fno-trapping-math"]
-    lib = native.Library("prox24_trapping", source, prox_native._setup)
-    lib.lib = native.build("prox24_trapping", source, flags)
+def build_at(rev: str) -> native.Library:
+    """The prox kernel as commit `rev` built it: its C source and its compiler flags."""
+    def show(path):
+        return subprocess.run(["git", "show", f"{rev}:{path}"], capture_output=True, text=True, check=True,
+                              cwd=os.path.join(os.path.dirname(__file__), "..")).stdout
+    source = re.search(r'_SOURCE = r"""(.*?)"""', show("proxsparse_core/method/prox_native.py"), re.S).group(1)
+    flags = ast.literal_eval(re.search(r"FLAGS = (\[.*?\])", show("proxsparse_core/native.py"), re.S).group(1))
+    lib = native.Library(f"prox24_{rev}", source, prox_native._setup)
+    lib.lib = native.build(f"prox24_{rev}", source, flags)
     lib.setup(lib.lib)
     return lib
 
@@ -91,16 +94,18 @@ def main():
     ap.add_argument("--preset", default="quick-demo")
     ap.add_argument("--step", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--vs", metavar="REV", help="also time the kernel of this earlier commit")
     args = ap.parse_args()
     assert RUN32_CALL in prox_native._SOURCE, "the run32 call in range() changed: update RUN32_CALL"
     in_place = prox_native._LIB
     gathered = native.Library("prox24_gathered", prox_native._SOURCE.replace(RUN32_CALL, ""), prox_native._setup)
-    trapping = trapping_build()
     inp = step_input(args.preset, args.step)
     groups = sum(w.numel() for w in inp["w"]) // 4
     print(f"{args.preset}, the prox input of step {args.step}: {len(inp['w'])} matrices, {groups:,} groups, "
           f"{torch.get_num_threads()} threads", flush=True)
-    libs = {"in place": in_place, "gathered": gathered, "trapping": trapping}
+    libs = {"in place": in_place, "gathered": gathered}
+    if args.vs:
+        libs[args.vs] = build_at(args.vs)
     times = {k: [] for k in libs}
     same = True
     for _ in range(args.rounds):
@@ -108,14 +113,14 @@ def main():
         for k, lib in libs.items():
             t, out[k] = timed(lib, inp)
             times[k].append(t)
-        same = same and all(torch.equal(x, y) for k in ("gathered", "trapping")
+        same = same and all(torch.equal(x, y) for k in libs if k != "in place"
                             for x, y in zip(out["in place"], out[k]))
     prox_native._LIB = in_place
     med = {k: statistics.median(v) for k, v in times.items()}
     for k, v in times.items():
         print(f"  {k:9} median {med[k] * 1000:.1f} ms  (min {min(v) * 1000:.1f}, max {max(v) * 1000:.1f})")
-    print(f"gathered / in place: {med['gathered'] / med['in place']:.2f}×; trapping / in place: "
-          f"{med['trapping'] / med['in place']:.2f}×; results bit-identical: {same}")
+    ratios = "; ".join(f"{k} / in place: {med[k] / med['in place']:.2f}×" for k in libs if k != "in place")
+    print(f"{ratios}; results bit-identical: {same}")
 
 
 if __name__ == "__main__":

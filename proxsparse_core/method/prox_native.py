@@ -108,7 +108,7 @@ static void block(float z[4][L], int n, float lam, float tol, int max_sweeps, in
         for (int l = 0; l < L; l++) {
             int s = a[p][l] < a[q][l];
             float ap = a[p][l], aq = a[q][l], ip = ix[p][l], iq = ix[q][l];
-            a[p][l] = s ? aq : ap; a[q][l] = s ? ap : aq; ix[p][l] = s ? iq : ip; ix[q][l] = s ? ip : iq;
+            a[p][l] = sel(s, aq, ap); a[q][l] = sel(s, ap, aq); ix[p][l] = sel(s, iq, ip); ix[q][l] = sel(s, ip, iq);
         }
     }
     int pending = 0;
@@ -155,13 +155,14 @@ static void block(float z[4][L], int n, float lam, float tol, int max_sweeps, in
         for (int l = 0; l < L; l++) {
             float o = obj3(u1[l], u2[l], u3[l], a[0][l], a[1][l], a[2][l], a[3][l], lam);
             int t = o < best[l];
-            best[l] = t ? o : best[l]; w0[l] = t ? u1[l] : w0[l]; w1[l] = t ? u2[l] : w1[l]; w2[l] = t ? u3[l] : w2[l];
+            best[l] = sel(t, o, best[l]); w0[l] = sel(t, u1[l], w0[l]); w1[l] = sel(t, u2[l], w1[l]);
+            w2[l] = sel(t, u3[l], w2[l]);
         }
         for (int l = 0; l < L; l++) {
             float o = obj4(v1[l], v2[l], v3[l], v4[l], a[0][l], a[1][l], a[2][l], a[3][l], lam);
             int t = o < best[l];
-            best[l] = t ? o : best[l]; w0[l] = t ? v1[l] : w0[l]; w1[l] = t ? v2[l] : w1[l];
-            w2[l] = t ? v3[l] : w2[l]; w3[l] = t ? v4[l] : w3[l];
+            best[l] = sel(t, o, best[l]); w0[l] = sel(t, v1[l], w0[l]); w1[l] = sel(t, v2[l], w1[l]);
+            w2[l] = sel(t, v3[l], w2[l]); w3[l] = sel(t, v4[l], w3[l]);
         }
     } else {
         /* (x - a)^2 of each rounding, computed once: the same values obj3/obj4 would compute */
@@ -210,11 +211,12 @@ static void block(float z[4][L], int n, float lam, float tol, int max_sweeps, in
                 w2[l] = t ? x3 : w2[l]; w3[l] = t ? x4 : w3[l];
             }
     }
-    for (int l = 0; l < L; l++)
-        for (int j = 0; j < 4; j++) {         /* back to original position j (selects, no scatter) */
-            float m = ix[0][l] == j ? w0[l] : (ix[1][l] == j ? w1[l] : (ix[2][l] == j ? w2[l] : w3[l]));
+    for (int j = 0; j < 4; j++)               /* back to original position j (selects, no scatter) */
+        for (int l = 0; l < L; l++) {
+            float fj = (float)j;
+            float m = sel(ix[0][l] == fj, w0[l], sel(ix[1][l] == fj, w1[l], sel(ix[2][l] == fj, w2[l], w3[l])));
             float zj = z[j][l];
-            z[j][l] = zj > 0 ? m : (zj < 0 ? -m : 0.f);
+            z[j][l] = sel(zj > 0, m, sel(zj < 0, -m, 0.f));
         }
 }
 
@@ -222,19 +224,28 @@ static void block(float z[4][L], int n, float lam, float tol, int max_sweeps, in
    the prox then works on v = w·a (float32, rounded as written), and w = v / a is stored back. */
 typedef struct { void *w; int bf; int grid; const float *a; int64_t cols; float lam; } layer_t;
 
-/* prox the gathered block, write it back and count the non-zeros of the result (of v with a) */
-static void flush(const layer_t *t, const int64_t *gi, float z[4][L], int n, float tol, int max_sweeps,
-                  int64_t *h) {
+/* prox the gathered block, write it back and count the non-zeros of the result (of v with a;
+   ca[k][l]: the column weight of entry k of lane l, when the layer has them) */
+static void flush(const layer_t *t, const int64_t *gi, float z[4][L], const float ca[4][L], int n, float tol,
+                  int max_sweeps, int64_t *h) {
     block(z, n, t->lam, tol, max_sweeps, t->grid);
+    if (t->a) {
+        int cnt[L];
+        for (int l = 0; l < L; l++)
+            cnt[l] = (z[0][l] != 0.f) + (z[1][l] != 0.f) + (z[2][l] != 0.f) + (z[3][l] != 0.f);
+        for (int k = 0; k < 4; k++)           /* w = v / a, lanes side by side (lanes >= n: unused) */
+            for (int l = 0; l < L; l++) z[k][l] = z[k][l] / ca[k][l];
+        for (int l = 0; l < n; l++) {
+            int64_t base = 4 * gi[l];
+            for (int k = 0; k < 4; k++) st(t->w, t->bf, base + k, z[k][l]);
+            h[cnt[l]]++;
+        }
+        return;
+    }
     for (int l = 0; l < n; l++) {
         int c = 0;
         int64_t base = 4 * gi[l];
-        if (t->a) {
-            const float *a = t->a + base % t->cols;
-            for (int k = 0; k < 4; k++) { c += z[k][l] != 0.f; st(t->w, t->bf, base + k, z[k][l] / a[k]); }
-        } else {
-            for (int k = 0; k < 4; k++) { st(t->w, t->bf, base + k, z[k][l]); c += ld(t->w, t->bf, base + k) != 0.f; }
-        }
+        for (int k = 0; k < 4; k++) { st(t->w, t->bf, base + k, z[k][l]); c += ld(t->w, t->bf, base + k) != 0.f; }
         h[c]++;
     }
 }
@@ -245,7 +256,7 @@ static void flush(const layer_t *t, const int64_t *gi, float z[4][L], int n, flo
    zeros the prox made. The block is then solved and stored by flush(), so the result is bit for bit
    the per-group path's. Returns 0, having written nothing, when some group has <= 2 non-zeros. */
 static int run32(const layer_t *t, int64_t i, float tol, int max_sweeps, int64_t *h) {
-    float z[4][L], av[4 * L];
+    float z[4][L], av[4 * L], ca[4][L];
     const float *ap = 0;
     const int64_t e0 = 4 * i;
     if (t->a) {
@@ -273,7 +284,8 @@ static int run32(const layer_t *t, int64_t i, float tol, int max_sweeps, int64_t
     if (sparse) return 0;
     int64_t gi[L];
     for (int l = 0; l < L; l++) gi[l] = i + l;
-    flush(t, gi, z, L, tol, max_sweeps, h);      /* solved and stored as a gathered block is */
+    if (ap) for (int l = 0; l < L; l++) for (int k = 0; k < 4; k++) ca[k][l] = ap[4 * l + k];
+    flush(t, gi, z, ca, L, tol, max_sweeps, h);      /* solved and stored as a gathered block is */
     return 1;
 }
 
@@ -282,17 +294,19 @@ static int run32(const layer_t *t, int64_t i, float tol, int max_sweeps, int64_t
    need no gathering go through run32 (after a run that did, the next 32 groups are gathered) */
 static void range(const layer_t *t, int64_t g0, int64_t g1, float tol, int max_sweeps, int64_t *h) {
     int64_t gi[L], retry = g0;
-    float z[4][L];
+    float z[4][L], ca[4][L];
     int n = 0;
+    for (int k = 0; k < 4; k++) for (int l = 0; l < L; l++) ca[k][l] = 1.f;
     for (int64_t i = g0; i < g1; i++) {
         if (n == 0 && i >= retry && i + L <= g1) {
             if (run32(t, i, tol, max_sweeps, h)) { i += L - 1; continue; }
             retry = i + L;
         }
         float v[4];
+        const float *a = 0;
         int nz = 0;
         if (t->a) {
-            const float *a = t->a + (4 * i) % t->cols;
+            a = t->a + (4 * i) % t->cols;
             for (int k = 0; k < 4; k++) { v[k] = ld(t->w, t->bf, 4 * i + k) * a[k]; nz += v[k] != 0.f; }
             if (nz <= 2 || !(t->lam > 0.f)) {
                 for (int k = 0; k < 4; k++) st(t->w, t->bf, 4 * i + k, v[k] / a[k]);
@@ -305,9 +319,10 @@ static void range(const layer_t *t, int64_t g0, int64_t g1, float tol, int max_s
         }
         gi[n] = i;
         for (int k = 0; k < 4; k++) z[k][n] = v[k];
-        if (++n == L) { flush(t, gi, z, n, tol, max_sweeps, h); n = 0; }
+        if (a) for (int k = 0; k < 4; k++) ca[k][n] = a[k];
+        if (++n == L) { flush(t, gi, z, ca, n, tol, max_sweeps, h); n = 0; }
     }
-    if (n) flush(t, gi, z, n, tol, max_sweeps, h);
+    if (n) flush(t, gi, z, ca, n, tol, max_sweeps, h);
 }
 
 /* In place on g groups of 4 (float32 if bf == 0, bfloat16 if bf == 1); grid: the result's number
