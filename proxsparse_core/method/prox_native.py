@@ -185,8 +185,8 @@ static void block(float z[4][L], int n, float lam, float tol, int max_sweeps, in
                 float d1 = c & 1 ? dh[0][l] : dl[0][l], d2 = c & 2 ? dh[1][l] : dl[1][l], d3 = c & 4 ? dh[2][l] : dl[2][l];
                 float o = 0.5f * (d1 + d2 + d3 + a[3][l] * a[3][l]) + lam * (x1 * x2 * x3);
                 int t = o < best[l];
-                best[l] = t ? o : best[l]; w0[l] = t ? x1 : w0[l]; w1[l] = t ? x2 : w1[l];
-                w2[l] = t ? x3 : w2[l]; w3[l] = t ? 0.f : w3[l];
+                best[l] = sel(t, o, best[l]); w0[l] = sel(t, x1, w0[l]); w1[l] = sel(t, x2, w1[l]);
+                w2[l] = sel(t, x3, w2[l]); w3[l] = sel(t, 0.f, w3[l]);
             }
         for (int l = 0; l < L; l++) {
             lo[0][l] = grid_lo(v1[l], keep, f16); hi[0][l] = grid_hi(lo[0][l], v1[l], step, f16);
@@ -207,8 +207,8 @@ static void block(float z[4][L], int n, float lam, float tol, int max_sweeps, in
                 float d3 = c & 4 ? dh[2][l] : dl[2][l], d4 = c & 8 ? dh[3][l] : dl[3][l];
                 float o = 0.5f * (d1 + d2 + d3 + d4) + lam * (x1 * x2 * (x3 + x4) + x3 * x4 * (x1 + x2));
                 int t = o < best[l];
-                best[l] = t ? o : best[l]; w0[l] = t ? x1 : w0[l]; w1[l] = t ? x2 : w1[l];
-                w2[l] = t ? x3 : w2[l]; w3[l] = t ? x4 : w3[l];
+                best[l] = sel(t, o, best[l]); w0[l] = sel(t, x1, w0[l]); w1[l] = sel(t, x2, w1[l]);
+                w2[l] = sel(t, x3, w2[l]); w3[l] = sel(t, x4, w3[l]);
             }
     }
     for (int j = 0; j < 4; j++)               /* back to original position j (selects, no scatter) */
