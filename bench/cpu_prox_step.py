@@ -21,8 +21,8 @@ import argparse
 import ast
 import os
 import re
-import subprocess
 import statistics
+import subprocess
 import sys
 import threading
 import time
