@@ -155,7 +155,8 @@ for n, k in [(48, 200), (16, 64), (37, 132), (70, 256), (16, 256)]:
     bias = torch.randn(n).half()
     for t in (1, 3, 4, 7, 16):
         x = torch.randn(t, k).half()
-        cfgs = [d24.Config(bk=64), d24.Config(bn=32, bk=64, split=2, warps=2), d24.Config(bn=16, bk=64, split=3)]
+        cfgs = [d24.Config(bk=64), d24.Config(bn=32, bk=64, split=2, warps=2), d24.Config(bn=16, bk=64, split=3),
+                d24.Config(bn=32, bk=64, split=2, warps=2, left=True), d24.Config(bn=16, bk=64, left=True)]
         if t <= d24.FMA_MAX_TOKENS:
             cfgs += [d24.Config(bn=4, bk=64, kind="fma"), d24.Config(bn=8, bk=128, split=2, warps=2, kind="fma"),
                      d24.Config(bn=16, bk=512, split=3, kind="fma")]
@@ -180,8 +181,9 @@ print("OK", worst)
 
 def test_kernel_in_interpreter_matches_dense_product():
     """Both kernels (mma at 1/3/4/7/16 tokens, fma at 1), every configuration kind (one share,
-    split shares reduced by the last one, 1/2/4 warps) on odd sizes (rows not a multiple of the
-    block, inputs not a multiple of 64), with and without bias, and a row off an 8-byte boundary:
+    split shares reduced by the last one, 1/2/4 warps, the weight as either operand) on odd sizes
+    (rows not a multiple of the block, inputs not a multiple of 64), with and without bias, and a row
+    off an 8-byte boundary:
     relative error to the float32 product of the same 2:4 weight < 2e-3 (float16 output rounding).
     The interpreter runs the plain-Triton expansion (no PTX) and float16: Triton 3.6's interpreter
     gets bfloat16 products wrong."""

@@ -120,12 +120,14 @@ class Config:
     warps: int = 1
     stages: int = 3
     asm: bool = True        # mma: expand groups with prmt (PTX); False: plain Triton selects
+    left: bool = False      # mma: the weight tile as the product's left operand
     kind: str = "mma"       # mma (tensor cores, ≤ 16 tokens) | fma (CUDA cores, ≤ FMA_MAX_TOKENS)
 
     def __str__(self):
         if self.kind == "fma":
             return f"fma·BN{self.bn}·BK{self.bk}·S{self.split}·W{self.warps}·P{self.stages}"
-        return f"BN{self.bn}·BK{self.bk}·S{self.split}·W{self.warps}·P{self.stages}" + ("" if self.asm else "·sel")
+        return (f"BN{self.bn}·BK{self.bk}·S{self.split}·W{self.warps}·P{self.stages}" + ("" if self.asm else "·sel")
+                + ("·L" if self.left else ""))
 
     def serves(self, tokens: int) -> bool:
         return tokens <= (FMA_MAX_TOKENS if self.kind == "fma" else MAX_TOKENS)
@@ -136,7 +138,7 @@ def candidate_configs(n: int, k: int, tokens: int = MAX_TOKENS) -> list[Config]:
     measurement). One token: fma, 4–16 rows per program, 4 or 8 rows a thread, 512 columns per
     step, 1–4 shares. More: mma, 16, 32 or 64 rows per program (1, 2, 4 warps), 128 or 256 input
     columns per step, the input dimension shared by 1–8 programs (more programs, more loads in
-    flight)."""
+    flight); and 32–128 rows per program with the weight as the product's left operand."""
     if tokens <= FMA_MAX_TOKENS:
         # one token: fma only (mma was no faster than dense there, fma was: bench/RESULTS.md 2a′).
         # A warp's threads span 128 groups of a row; each thread holds bn / warps rows, which share
@@ -154,6 +156,13 @@ def candidate_configs(n: int, k: int, tokens: int = MAX_TOKENS) -> list[Config]:
         for split in splits:
             if split == 1 or (blocks * split <= 8192 and k // split >= 512):
                 out.append(Config(bn=bn, bk=bk, split=split, warps=warps))
+    # the weight as the left operand: 32–128 rows per program (bench/RESULTS.md 2a⁵)
+    for bn, warps, splits in ((32, 2, (2, 4)), (64, 4, (2, 4, 8)), (128, 4, (2, 4)), (128, 8, (2, 4))):
+        bk = 128 if kp % 128 == 0 else 64
+        blocks = -(-n // bn)
+        for split in splits:
+            if blocks * split <= 8192 and k // split >= 512:
+                out.append(Config(bn=bn, bk=bk, split=split, warps=warps, left=True))
     out = list(dict.fromkeys(out))
     # the default: enough programs for a large GPU without splitting short inputs
     default = next((c for c in out if c.bn == 16 and c.split == (4 if k >= 2048 else 1)), out[0])
@@ -205,7 +214,7 @@ def mm24(x: torch.Tensor, values: torch.Tensor, meta: torch.Tensor, in_features:
             raise ValueError(f"{cfg} does not divide the packed input size {4 * words.shape[1]}")
         _kernel("mma")[(blocks, cfg.split)](
             *args, HAS_BIAS=bias is not None, BN=cfg.bn, BK=cfg.bk, TP=MAX_TOKENS, SPLIT=cfg.split,
-            ASM=cfg.asm and not _interpreted(), num_warps=cfg.warps, num_stages=cfg.stages)
+            ASM=cfg.asm and not _interpreted(), LEFT=cfg.left, num_warps=cfg.warps, num_stages=cfg.stages)
     return y
 
 

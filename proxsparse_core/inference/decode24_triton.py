@@ -40,7 +40,9 @@ def expand(vw, code, dtype: tl.constexpr, ASM: tl.constexpr):
 @triton.jit
 def mm24(x_ptr, v_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, sem_ptr, T, N, K, KW, KM, stride_x, stride_y,
          HAS_BIAS: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, TP: tl.constexpr,
-         SPLIT: tl.constexpr, ASM: tl.constexpr):
+         SPLIT: tl.constexpr, ASM: tl.constexpr, LEFT: tl.constexpr):
+    """LEFT: the expanded weight is the product's left operand ([BN, BK]·[BK, TP]); on Hopper its
+    tile can then stay in registers instead of passing through shared memory (bench/RESULTS.md 2a⁵)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
     rn = pid_n * BN + tl.arange(0, BN)
@@ -50,7 +52,10 @@ def mm24(x_ptr, v_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, sem_ptr, T, N, K, KW, KM, st
     steps = tl.cdiv(K, BK)
     per = tl.cdiv(steps, SPLIT)
     k_lo = pid_s * per * BK               # steps past K load nothing (masked)
-    acc = tl.zeros([TP, BN], dtype=tl.float32)
+    if LEFT:
+        acc = tl.zeros([BN, TP], dtype=tl.float32)
+    else:
+        acc = tl.zeros([TP, BN], dtype=tl.float32)
     # 2-D tiles [BN, BK/4]: row, group (one int32 word of values each); a group's meta nibble comes
     # from its word of 8, loaded once as [BN, BK/32] and broadcast. (3-D [BN, BK/32, 8] tiles of
     # the same words made the join into [BN, BK] costly: bench/RESULTS.md 2a⁗.)
@@ -68,7 +73,12 @@ def mm24(x_ptr, v_ptr, m_ptr, b_ptr, y_ptr, ws_ptr, sem_ptr, T, N, K, KW, KM, st
         code = (tl.reshape(tl.broadcast_to(mw[:, :, None], [BN, BK // 32, 8]), [BN, BK // 4]) >> shift) & 15
         d0, d1, d2, d3 = expand(vw, code, x_ptr.dtype.element_ty, ASM)
         w = tl.reshape(tl.join(tl.join(d0, d2), tl.join(d1, d3)), [BN, BK])
-        acc = tl.dot(x, tl.trans(w), acc)
+        if LEFT:
+            acc = tl.dot(w, tl.trans(x), acc)
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+    if LEFT:
+        acc = tl.trans(acc)
     finish(acc, rn, nmask, rt, tmask, pid_n, pid_s, N, b_ptr, y_ptr, ws_ptr, sem_ptr, stride_y,
            HAS_BIAS, BN, TP, SPLIT)
 
