@@ -1,7 +1,8 @@
 """Diagnosis, not part of the product: where does the 2–16-token `mma` kernel (decode24_triton.mm24) spend
 its time? Variants of its loop on the same packed weights, timed like bench/decode24.py (CUDA graphs cycling
-through 6 weight copies, median of replays); results in bench/RESULTS.md, sections 2a‴ and 2a⁗. "shipped" rows time mm24 as it is
-now (2-D tiles since 2026-12-07); the variants below keep the 3-D tiles it had before.
+through 6 weight copies, median of replays); results in bench/RESULTS.md, sections 2a‴, 2a⁗ and 2a⁵.
+"shipped" rows time mm24 as it is now (2-D tiles since 2026-12-07); the variants below keep the 3-D tiles
+it had before.
 
   full      the loop on 3-D tiles [rows, meta words, 8] (prmt expansion, join, tensor-core product)
   loads     the same loads (values as [rows, meta words, 8] int32, meta, activations), summed cheaply
@@ -11,7 +12,7 @@ now (2-D tiles since 2026-12-07); the variants below keep the 3-D tiles it had b
   prefetch  `full` with the next step's loads issued before this step's expansion
   gemvT     a multi-token CUDA-core kernel, the accumulator kept as the whole tile (2–8 tokens)
 With MAIN2D=1: the loop on 2-D tiles, values as [rows, columns/4] int32 words (what mm24 adopted) or as
-the bf16 [rows, columns/2] tile split into each group's pair (mm2d's docstring). MAIN2D=2 (not measured yet):
+the bf16 [rows, columns/2] tile split into each group's pair (mm2d's docstring). MAIN2D=2 (bench/RESULTS.md 2a⁵):
 the 2-D loop with the weight as the dot's left operand, over more program shapes.
 
     python3 bench/decode24_diag.py                  # CUDA; writes diag.json under $OUT (default .)
