@@ -157,15 +157,20 @@ def candidate_configs(n: int, k: int, tokens: int = MAX_TOKENS) -> list[Config]:
             if split == 1 or (blocks * split <= 8192 and k // split >= 512):
                 out.append(Config(bn=bn, bk=bk, split=split, warps=warps))
     # the weight as the left operand: 32–128 rows per program (bench/RESULTS.md 2a⁵)
-    for bn, warps, splits in ((32, 2, (2, 4)), (64, 4, (2, 4, 8)), (128, 4, (2, 4)), (128, 8, (2, 4))):
-        bk = 128 if kp % 128 == 0 else 64
+    for bk, bn, warps, splits in ((128, 32, 2, (2, 4)), (128, 64, 4, (2, 4, 8)), (256, 64, 4, (4,)),
+                                  (128, 128, 4, (2, 4)), (128, 128, 8, (2, 4))):
+        if kp % bk:
+            bk = 128 if kp % 128 == 0 else 64
         blocks = -(-n // bn)
         for split in splits:
             if blocks * split <= 8192 and k // split >= 512:
                 out.append(Config(bn=bn, bk=bk, split=split, warps=warps, left=True))
     out = list(dict.fromkeys(out))
-    # the default: enough programs for a large GPU without splitting short inputs
-    default = next((c for c in out if c.bn == 16 and c.split == (4 if k >= 2048 else 1)), out[0])
+    # the default: on long inputs the left-operand tile closest to the best on all three 7B
+    # shapes (bench/RESULTS.md 2a⁵); otherwise enough programs for a large GPU without splitting short inputs
+    left = [c for c in out if c.left and c.bn == 64 and c.split == 4]
+    default = max(left, key=lambda c: c.bk) if left and k >= 2048 else \
+        next((c for c in out if c.bn == 16 and c.split == (4 if k >= 2048 else 1)), out[0])
     return [default] + [c for c in out if c != default]
 
 
