@@ -409,7 +409,7 @@ def cmd_recover(args) -> int:
 
     settings = dict(RECOVERY_LENGTHS[args.length]) if args.length else {}
     settings.update({k: getattr(args, k) for k in ("steps", "lr", "batch", "seed", "samples", "teacher", "text",
-                                                   "obs_dense") if getattr(args, k) is not None})
+                                                   "obs_dense", "obs_damp") if getattr(args, k) is not None})
     rcfg = RecoveryConfig(method=args.method, **settings).validate()
     overrides = {k: getattr(args, k) for k in ("device", "dtype") if hasattr(args, k)}
     check_out_apart(args.run, args.out)
@@ -608,7 +608,7 @@ def _recover_parser(sub):
                        f"the sample passes of standard, deep {round(_passes('deep') / _passes('standard'))}x with "
                        "the live teacher and fresh text); a flag given too wins")
     for flag, kind in (("steps", int), ("lr", float), ("batch", int), ("seed", int), ("samples", int),
-                       ("text", int), ("obs_dense", float)):
+                       ("text", int), ("obs_dense", float), ("obs_damp", float)):
         rec.add_argument(f"--{flag.replace('_', '-')}", type=kind, default=None, metavar=flag.upper(),
                          help=f"{RecoveryConfig.HELP[flag]} (default: {getattr(RecoveryConfig, flag)})")
     rec.add_argument("--teacher", choices=TEACHERS, default=None,

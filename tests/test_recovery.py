@@ -242,6 +242,8 @@ def test_stop_before_any_step_recovers_nothing(setup):
                                              (dict(text="1M"), "text"), (dict(obs_dense=1.5), "obs_dense"),
                                              (dict(obs_dense="0.3"), "obs_dense"), (dict(obs_dense=True), "obs_dense"),
                                              (dict(obs_dense=float("nan")), "obs_dense"),
+                                             (dict(obs_damp=0), "obs_damp"), (dict(obs_damp=11.0), "obs_damp"),
+                                             (dict(obs_damp="0.1"), "obs_damp"), (dict(obs_damp=True), "obs_damp"),
                                              (dict(steps=1000, batch=128, samples=128_000), "use teacher live")])
 def test_bad_recovery_settings_are_one_line(settings, needle):
     with pytest.raises(UserError, match=needle):
@@ -382,31 +384,34 @@ def test_cli_deep_recovery_records_a_command_that_remakes_it_bit_for_bit(tiny_fo
     assert all(torch.equal(first[n], second[n]) for n in first)
 
 
-def test_cli_obs_dense_is_recorded_and_its_command_remakes_it_bit_for_bit(tiny_folder, tmp_path, capsys):
+@pytest.mark.parametrize("name,value,plain,before", [("obs_dense", "0.3", "0", 0.0), ("obs_damp", "0.1", "0.01", 0.01)])
+def test_cli_obs_setting_is_recorded_and_its_command_remakes_it_bit_for_bit(tiny_folder, tmp_path, name, value, plain,
+                                                                            before):
+    """An OBS setting given to `recover` changes the update, is recorded in the recipe, and the recorded
+    command remakes the weights bit for bit; a recipe from before the setting reads as its old value."""
     import shlex
 
     from proxsparse_core.cli import main
     from proxsparse_core.runs.folder import recover_command
 
-    run, rec, again, plain = (tmp_path / d for d in ("run", "rec", "again", "plain"))
+    flag = "--" + name.replace("_", "-")
+    run, rec, again, other = (tmp_path / d for d in ("run", "rec", "again", "other"))
     assert main(["prune", "--model", str(tiny_folder), *FLAGS, "--method", "wanda", "--out", str(run),
                  "--no-eval"]) == 0
-    assert main(["recover", "--run", str(run), "--method", "obs", "--obs-dense", "0.3", "--out", str(rec),
-                 "--no-eval"]) == 0
-    assert main(["recover", "--run", str(run), "--method", "obs", "--obs-dense", "0", "--out", str(plain),
-                 "--no-eval"]) == 0
+    assert main(["recover", "--run", str(run), "--method", "obs", flag, value, "--out", str(rec), "--no-eval"]) == 0
+    assert main(["recover", "--run", str(run), "--method", "obs", flag, plain, "--out", str(other), "--no-eval"]) == 0
     recipe = json.loads((rec / "recipe.json").read_text())
-    assert recipe["recovery"]["obs_dense"] == 0.3
+    assert recipe["recovery"][name] == float(value)
     argv = shlex.split(recipe["command"])
-    assert argv[argv.index("--obs-dense") + 1] == "0.3"
+    assert argv[argv.index(flag) + 1] == value
     argv[argv.index("--out") + 1] = str(again)
     assert main([*argv[3:], "--no-eval"]) == 0
-    first, second, zero = _prunable_of(rec), _prunable_of(again), _prunable_of(plain)
+    first, second, base = _prunable_of(rec), _prunable_of(again), _prunable_of(other)
     assert all(torch.equal(first[n], second[n]) for n in first)
-    assert any(not torch.equal(first[n], zero[n]) for n in first)          # the setting reached the update
-    old = {k: v for k, v in recipe["recovery"].items() if k != "obs_dense"}  # a recipe from before the setting
-    assert "--obs-dense 0.0" in recover_command(run, old, again)
-    assert RecoveryConfig.from_dict(old).obs_dense == 0.0
+    assert any(not torch.equal(first[n], base[n]) for n in first)          # the setting reached the update
+    old = {k: v for k, v in recipe["recovery"].items() if k != name}       # a recipe from before the setting
+    assert f"{flag} {before}" in recover_command(run, old, again)
+    assert getattr(RecoveryConfig.from_dict(old), name) == before
 
 
 def test_fine_tuning_reads_more_samples_of_the_runs_source(tiny_folder, monkeypatch):
@@ -653,6 +658,10 @@ def test_recovery_summary_names_steps_and_samples_and_shows_only_whole_numbers()
     assert "aiming 30% of the way from its own outputs to the dense model's" in aimed
     odd = recovery_summary({"base_method": "wanda", "obs": True, "recovery": {"obs_dense": "<i>1</i>"}})
     assert "<i>" not in odd and "aiming" not in odd
+    damped = recovery_summary({"base_method": "wanda", "obs": True, "recovery": {"obs_damp": 0.1}})
+    assert "damping 10% of the mean Hessian diagonal (SparseGPT's: 1%)" in damped
+    assert "damping" not in recovery_summary({"base_method": "wanda", "obs": True, "recovery": {"obs_damp": 0.01}})
+    assert "damping" not in recovery_summary({"base_method": "wanda", "obs": True, "recovery": {"obs_damp": "9"}})
 
 
 def test_compare_tab_warns_that_a_recovery_with_fresh_text_is_a_gpu_job_on_a_cpu(tiny_folder, tmp_path, monkeypatch):

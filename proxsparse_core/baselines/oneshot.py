@@ -33,7 +33,7 @@ from proxsparse_core.sparsity.masks import load_weights, mask_2to4, snapshot
 from proxsparse_core.sparsity.prunable import find_decoder_blocks
 from proxsparse_core.results import TITLES, Pruning
 from proxsparse_core.sparsity.scores import InputNorms, wanda_score
-from proxsparse_core.baselines.sparsegpt import SparseGPTLayer
+from proxsparse_core.baselines.sparsegpt import DAMP, SparseGPTLayer
 
 Progress = Callable[[int, int], None] | None
 
@@ -191,18 +191,19 @@ def prune_wanda(lm, calibration: torch.Tensor, progress: Progress = None,
 
 
 def sparsegpt_layers(lm, calibration, progress=None, stop=None, keep: dict | None = None,
-                     dense_share: float = 0.0) -> tuple[dict, dict]:
+                     dense_share: float = 0.0, damp: float = DAMP) -> tuple[dict, dict]:
     """SparseGPT over every prunable layer, block by block: (masks, updated weights), on the CPU.
     With `keep` (name → mask) the masks are given and only the weight update runs. `dense_share` α
     > 0: the dense model runs beside it and every layer reconstructs W0·(x + α(x_dense − x)) — a
     share α of the way from its own outputs on the pruned model's inputs x to the dense model's
     outputs, so it also makes up for part of the error of the layers before it (SparseGPTLayer.prune;
-    0 is published SparseGPT)."""
+    0 is published SparseGPT). `damp`: the share of the mean Hessian diagonal added to its diagonal
+    (SparseGPT's 1 % by default)."""
     originals = snapshot(lm.prunable)
     masks, weights = {}, {}
 
     def finish(name, layer: SparseGPTLayer):
-        w, keep_mask = layer.prune(keep=None if keep is None else keep[name], dense_share=dense_share)
+        w, keep_mask = layer.prune(damp, keep=None if keep is None else keep[name], dense_share=dense_share)
         masks[name], weights[name] = keep_mask.cpu(), w.cpu()
         return w
 

@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass, field, fields
 
 import torch
 
+from proxsparse_core.baselines.sparsegpt import DAMP
 from proxsparse_core.data.selfgen import answer_weights
 from proxsparse_core.method.distill import distill_loss, full_kl, live_teacher_logits, teacher_targets
 from proxsparse_core.errors import Stopped, UserError
@@ -70,6 +71,8 @@ class RecoveryConfig:
     text: int = field(default=0, metadata={"lo": 0, "hi": 50_000_000})   # tokens of fresh text (0 = none)
     obs_dense: float = field(default=0.0, metadata={"lo": 0.0, "hi": 1.0})
     #                               how far the OBS update's targets move towards the dense model's outputs
+    obs_damp: float = field(default=DAMP, metadata={"lo": 0.0, "hi": 10.0, "lo_open": True})
+    #                               the OBS update's damping (SparseGPT's 1 %; measured: bench/RESULTS.md 1e, 1f)
 
     HELP = {"method": "obs (weight update with the mask fixed), finetune (masked distillation from the "
                       "dense model) or both",
@@ -88,6 +91,8 @@ class RecoveryConfig:
                          "pruned layers before it give: SparseGPT's update) to 1 (the dense model's outputs: "
                          "the layer also makes up for the error of the layers before it); in between, that share "
                          "of the way",
+            "obs_damp": "the OBS update's damping: the share of the mean of each layer's input Hessian diagonal added "
+                        "to its diagonal (0.01 is SparseGPT's); larger keeps the update smaller and steadier",
             "text": "tokens of fresh text the dense model writes for fine-tuning in large batches (half answers "
                     "to varied instructions, half free text from the start-of-text token; cached per model and "
                     "seed); fine-tuning samples are then drawn over it and the run's calibration text together "
@@ -115,7 +120,7 @@ class RecoveryConfig:
                 continue
             name, (lo, hi, lo_open) = f.name, self.bounds(f.name)
             v = getattr(self, name)
-            if isinstance(f.default, float):                # a number: lr, obs_dense
+            if isinstance(f.default, float):                # a number: lr, obs_dense, obs_damp
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) \
                         or not (lo < v if lo_open else lo <= v) or v > hi:
                     span = f"in ({lo:g}, {hi:g}]" if lo_open else f"from {lo:g} to {hi:g}"
@@ -142,7 +147,8 @@ class RecoveryConfig:
         unknown = set(d) - names
         if unknown:
             raise UserError(f"unknown recovery setting(s): {', '.join(sorted(map(str, unknown)))}")
-        return cls(**{"obs_dense": 0.0, **d}).validate()     # recorded before obs_dense existed: 0
+        # settings recorded before obs_dense / obs_damp existed ran with 0 / SparseGPT's 1 %
+        return cls(**{"obs_dense": 0.0, "obs_damp": DAMP, **d}).validate()
 
 
 # How long fine-tuning runs (one registry: the CLI's --length, the Compare tab's Length radio and the
@@ -257,11 +263,11 @@ def _masked(weights: dict, masks: dict) -> dict:
 
 
 def obs_update(lm, calibration: torch.Tensor, masks: dict, progress=None, stop=None,
-               timeline: Timeline | None = None, dense_share: float = 0.0) -> dict:
+               timeline: Timeline | None = None, dense_share: float = 0.0, damp: float = DAMP) -> dict:
     """Survivors re-solved layer by layer with the masks fixed (SparseGPT's update); CPU weights.
     `progress(done, total)` and `timeline` (stage obs) hear of every decoder block. `dense_share`:
     how far each layer's target moves from its own outputs towards the dense model's
-    (oneshot.sparsegpt_layers)."""
+    (oneshot.sparsegpt_layers); `damp`: the share of the mean Hessian diagonal added to its diagonal."""
     from proxsparse_core.baselines.oneshot import sparsegpt_layers
     from proxsparse_core.sparsity.prunable import find_decoder_blocks
 
@@ -272,7 +278,7 @@ def obs_update(lm, calibration: torch.Tensor, masks: dict, progress=None, stop=N
             timeline.report("obs", done, total, f"weight update (OBS): block {done}/{total}", "blocks")
     if timeline is not None:
         block(0, len(find_decoder_blocks(lm.model)[1]))
-    _, weights = sparsegpt_layers(lm, calibration, block, stop, keep=masks, dense_share=dense_share)
+    _, weights = sparsegpt_layers(lm, calibration, block, stop, keep=masks, dense_share=dense_share, damp=damp)
     return weights
 
 
@@ -423,7 +429,7 @@ def recover(lm, calibration: torch.Tensor, base: Pruning, base_name: str, origin
     events, status, message = [], "finished", ""
     if cfg.method in ("obs", "both"):
         try:
-            start = obs_update(lm, calibration, base.masks, progress, stop, timeline, cfg.obs_dense)
+            start = obs_update(lm, calibration, base.masks, progress, stop, timeline, cfg.obs_dense, cfg.obs_damp)
         except Stopped:
             return RecoveryResult("stopped", "stopped during the weight update; nothing was recovered", None, [])
         info["obs"] = True

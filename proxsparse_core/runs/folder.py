@@ -182,21 +182,27 @@ def check_weights(label: str, weights: dict, prunable, masks: dict) -> dict:
 def recover_command(run, rec: dict, out) -> str:
     """The `recover` command that remakes a recover folder from its base run folder; `rec` is the
     recovery's settings as recorded (RecoveryConfig.to_dict()). KeyError where one is missing."""
+    from proxsparse_core.baselines.sparsegpt import DAMP
     return shlex.join(["python", "-m", "proxsparse_core", "recover", "--run", str(run), "--method", rec["method"],
                        "--steps", str(rec["steps"]), "--lr", str(rec["lr"]), "--batch", str(rec["batch"]),
                        "--seed", str(rec["seed"]), "--samples", str(rec["samples"]), "--teacher", rec["teacher"],
                        "--text", str(rec["text"]), "--obs-dense", str(rec.get("obs_dense", 0.0)),
+                       "--obs-damp", str(rec.get("obs_damp", DAMP)),
                        "--out", str(out)])
 
 
 def recovery_summary(info: dict) -> str:
     """One sentence for reports and model cards: how a recovered result's survivors were changed."""
+    from proxsparse_core.baselines.sparsegpt import DAMP
     steps = []
     rec = info.get("recovery") if isinstance(info.get("recovery"), dict) else {}
     if info.get("obs"):
         share = rec.get("obs_dense")
         toward = (f", each layer aiming {share:.0%} of the way from its own outputs to the dense model's"
                   if isinstance(share, float) and 0 < share <= 1 else "")
+        damp = rec.get("obs_damp")
+        if isinstance(damp, float) and 0 < damp <= 10 and damp != DAMP:
+            toward += f", damping {damp:.0%} of the mean Hessian diagonal (SparseGPT's: {DAMP:.0%})"
         steps.append("the optimal-brain-surgeon update layer by layer (SparseGPT's update with the "
                      f"mask held fixed{toward})")
     def count(key):   # info may come from a run folder's metrics.json: only whole numbers are shown
