@@ -1,4 +1,10 @@
-"""Throwaway (not committed): more program shapes for the left-operand mm24 at 2 and 16 tokens."""
+"""Diagnosis, not part of the product: 36 program shapes of the 2-16-token kernel with the weight as the
+product's left operand (decode24.Config(left=True)), at 2 and 16 tokens on the three 7B shapes, timed like
+bench/decode24.py (CUDA graphs cycling through 6 weight copies, median of replays); prints the five best per
+cell and writes left_sweep.json under $OUT (default .). What it found is in bench/RESULTS.md 2a⁵.
+
+    OUT=/some/dir python3 bench/decode24_left_sweep.py      # CUDA only
+"""
 import os, sys, json
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
