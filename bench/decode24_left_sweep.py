@@ -1,4 +1,4 @@
-"""Diagnosis, not part of the product: 36 program shapes of the 2-16-token kernel with the weight as the
+"""Diagnosis, not part of the product: up to 36 program shapes of the 2-16-token kernel with the weight as the
 product's left operand (decode24.Config(left=True)), at 2 and 16 tokens on the three 7B shapes, timed like
 bench/decode24.py (CUDA graphs cycling through 6 weight copies, median of replays); prints the five best per
 cell and writes left_sweep.json under $OUT (default .). What it found is in bench/RESULTS.md 2a⁵.
