@@ -148,23 +148,19 @@ def candidate_configs(n: int, k: int, tokens: int = MAX_TOKENS) -> list[Config]:
                                          (8, 1, 2), (16, 4, 1), (16, 4, 2), (16, 2, 2))]
     kp = _round_up(k, K_ALIGN)
     out = []
-    for bk, bn, warps, splits in ((128, 16, 1, (1, 2, 4, 8)), (128, 32, 2, (1, 2, 4, 8)),
-                                  (128, 64, 4, (2, 4, 8)), (256, 32, 2, (1, 2, 4))):
+    # (columns a step, rows per program, warps, shares, the weight as the product's left operand:
+    # bench/RESULTS.md 2a⁵)
+    for bk, bn, warps, splits, left in ((128, 16, 1, (1, 2, 4, 8), False), (128, 32, 2, (1, 2, 4, 8), False),
+                                        (128, 64, 4, (2, 4, 8), False), (256, 32, 2, (1, 2, 4), False),
+                                        (128, 32, 2, (2, 4), True), (128, 64, 4, (2, 4, 8), True),
+                                        (256, 64, 4, (4,), True), (128, 128, 4, (2, 4), True),
+                                        (128, 128, 8, (2, 4), True)):
         if kp % bk:
             bk = next(b for b in (256, 128, 64) if kp % b == 0)
         blocks = -(-n // bn)
         for split in splits:
             if split == 1 or (blocks * split <= 8192 and k // split >= 512):
-                out.append(Config(bn=bn, bk=bk, split=split, warps=warps))
-    # the weight as the left operand: 32–128 rows per program (bench/RESULTS.md 2a⁵)
-    for bk, bn, warps, splits in ((128, 32, 2, (2, 4)), (128, 64, 4, (2, 4, 8)), (256, 64, 4, (4,)),
-                                  (128, 128, 4, (2, 4)), (128, 128, 8, (2, 4))):
-        if kp % bk:
-            bk = 128 if kp % 128 == 0 else 64
-        blocks = -(-n // bn)
-        for split in splits:
-            if blocks * split <= 8192 and k // split >= 512:
-                out.append(Config(bn=bn, bk=bk, split=split, warps=warps, left=True))
+                out.append(Config(bn=bn, bk=bk, split=split, warps=warps, left=left))
     out = list(dict.fromkeys(out))
     # the default: on long inputs the left-operand tile closest to the best on all three 7B
     # shapes (bench/RESULTS.md 2a⁵); otherwise enough programs for a large GPU without splitting short inputs
