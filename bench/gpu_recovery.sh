@@ -16,6 +16,8 @@
 #   SMOKE=1 RES=/tmp/r30s bash bench/gpu_recovery.sh          # a few steps of each, on the CPU
 # Recovery from the learned weights instead of W0 · mask (worse on every text: bench/RESULTS.md section 1a)
 # was measured with commit b5e9d51 of this script.
+# PROX_REC / SGPT_REC replace the two processes' recovery items (e.g. "both:300,both:300:obs_damp=0.1"; with
+# them PREGEN=300 writes no more of the model's own text than they read).
 # Rows go to $RES/*.jsonl, logs to $RES/*.log; `python bench/quality.py --table $RES/*.jsonl` prints them.
 set -u
 RES=${RES:-/tmp/r30}; QWEN=${QWEN:-}; SEEDS=${SEEDS:-"0 1"}; MAXJOBS=${MAXJOBS:-8}
@@ -25,9 +27,10 @@ DEV=cuda; WIN=40; REC=300; STEPS=""; N=""
 if [ -n "${SMOKE:-}" ]; then DEV=cpu; WIN=2; REC=3; STEPS="steps=3 eval_windows=2"; N=12; MAXJOBS=1; SEEDS=0; fi
 H="--heldout bench/texts/legal.txt bench/texts/mldocs.txt bench/texts/manual.txt --heldout-windows $WIN"
 SMALL=""; [ -n "${SMOKE:-}" ] && SMALL=":samples=8"
-PROX_REC="both:$REC$SMALL,finetune:$REC$SMALL"
+PROX_REC=${PROX_REC:-"both:$REC$SMALL,finetune:$REC$SMALL"}
 MATCHED=$((2 * REC)); [ -n "${SMOKE:-}" ] && MATCHED_SAMPLES=16 || MATCHED_SAMPLES=$MATCHED
-SGPT_REC="both:$REC$SMALL,both:$MATCHED:samples=$MATCHED_SAMPLES"
+SGPT_REC=${SGPT_REC:-"both:$REC$SMALL,both:$MATCHED:samples=$MATCHED_SAMPLES"}
+PREGEN=${PREGEN:-$MATCHED_SAMPLES}   # samples of the model's own text written before the processes start
 models="bundled:smollm2-135m=bundled-quality"; [ "${SMOL:-1}" = 0 ] && models=""   # SMOL=0: the second model alone
 [ -n "$QWEN" ] && models="$models $QWEN=scale-free"
 settings() {   # settings MODEL SEED: the base settings of every process of that model and seed
@@ -38,7 +41,7 @@ settings() {   # settings MODEL SEED: the base settings of every process of that
 for ms in $models; do m=${ms%=*}; for s in $SEEDS; do
   python3 -c "
 from proxsparse_core.config import RunConfig; from proxsparse_core.workspace import Workspace
-Workspace().load(RunConfig(model='$m', device='$DEV', dtype='float32', data='mix', samples=$MATCHED_SAMPLES, ctx=128, seed=$s))" \
+Workspace().load(RunConfig(model='$m', device='$DEV', dtype='float32', data='mix', samples=$PREGEN, ctx=128, seed=$s))" \
     > "$RES/pregen_$(basename "$m")_s$s.log" 2>&1 &
 done; done
 wait

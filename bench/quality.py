@@ -178,9 +178,11 @@ def _recovered(ws: Workspace, name: str, label: str, job: dict) -> list[dict]:
             continue
         steps = f", {rc.steps} steps" if rc.method != "obs" else ""
         default = RecoveryConfig(method=rc.method, steps=rc.steps, seed=rc.seed)
-        steps += "".join(f", {k} {getattr(rc, k)}" for k in ("lr", "samples", "batch", "teacher", "text")
+        steps += "".join(f", {k} {getattr(rc, k)}" for k in ("lr", "samples", "batch", "teacher", "text",
+                                                                 "obs_dense", "obs_damp")
                          if getattr(rc, k) != getattr(default, k))
         row = _row(ws, recovered_name(name), f"{label} + recovery ({rc.method}{steps})", time.perf_counter() - t0)
+        row["recovery"] = rc.to_dict()
         row["recovery_loss"] = res.events[-1].lm_loss if res.events else None
         row["recovery_status"] = f"{res.status}: {res.message}"
         print(f"[{label} recovery] row: {json.dumps(row)}", flush=True)     # kept in the log even if cut off later
