@@ -422,6 +422,7 @@ def cmd_recover(args) -> int:
 
 
 def _recover_into(args, folder, rcfg, out: Path) -> int:
+    from proxsparse_core.baselines.sparsegpt import DAMP
     from proxsparse_core.runs.files import save_events, save_json, save_masks
     from proxsparse_core.reopen import add_base_result
     from proxsparse_core.runs.folder import WEIGHTS_FILE, recover_command, save_weights
@@ -450,9 +451,9 @@ def _recover_into(args, folder, rcfg, out: Path) -> int:
             print("stopped by the user: nothing was saved", file=sys.stderr)
             return 1
         print(note)
-        if base == "sparsegpt" and rcfg.method == "obs":
+        if base == "sparsegpt" and rcfg.method == "obs" and rcfg.obs_damp == DAMP and rcfg.obs_dense == 0:
             print("note: SparseGPT's weights already are the OBS update with its mask, so --method obs "
-                  "gives them back unchanged; finetune or both change them")
+                  f"--obs-damp {DAMP} gives them back unchanged; finetune or both change them")
         samples = rcfg.samples or "the run's own"
         print(f"recovering {base} with {rcfg.method}: steps={rcfg.steps} lr={rcfg.lr} (relative to each "
               f"layer's rms(W0)) batch={rcfg.batch} seed={rcfg.seed} samples={samples} teacher={rcfg.teacher} "

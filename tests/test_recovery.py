@@ -551,20 +551,30 @@ def test_cli_learn_recover_export_round_trips_bit_for_bit(tiny_folder, tmp_path,
 
 
 def test_cli_recovers_a_sparsegpt_run_from_its_real_weights(tiny_folder, tmp_path, capsys):
+    """A sparsegpt folder (mask only) is recovered from SparseGPT's real weights: `obs` at SparseGPT's own
+    damping gives them back bit for bit; recovery's default damping (OBS_DAMP) re-solves them."""
+    from proxsparse_core.baselines.sparsegpt import DAMP
     from proxsparse_core.cli import main
+    from proxsparse_core.recovery.recover import OBS_DAMP
     from proxsparse_core.workspace import Workspace
 
-    run, rec = tmp_path / "sgpt", tmp_path / "rec"
+    assert OBS_DAMP != DAMP and RecoveryConfig().obs_damp == OBS_DAMP
+    run, rec, damped = tmp_path / "sgpt", tmp_path / "rec", tmp_path / "damped"
     assert main(["prune", "--method", "sparsegpt", "--model", str(tiny_folder), *FLAGS, "--out", str(run),
                  "--no-eval"]) == 0
-    assert main(["recover", "--run", str(run), "--method", "obs", "--out", str(rec), "--no-eval"]) == 0
+    assert main(["recover", "--run", str(run), "--method", "obs", "--obs-damp", str(DAMP), "--out", str(rec),
+                 "--no-eval"]) == 0
     out = capsys.readouterr().out
     assert "rebuilt as the OBS update" in out and "gives them back unchanged" in out
+    assert main(["recover", "--run", str(run), "--method", "obs", "--out", str(damped), "--no-eval"]) == 0
+    assert "gives them back unchanged" not in capsys.readouterr().out
     ws = Workspace()
     sgpt = ws.prune("sparsegpt", tiny_cfg(tiny_folder, eval_windows=2))
-    weights = _prunable_of(rec)
+    weights, other = _prunable_of(rec), _prunable_of(damped)
     for n, w in sgpt.weights.items():
         assert torch.equal(weights[n], w), n
+    assert any(not torch.equal(other[n], w) for n, w in sgpt.weights.items())
+    assert json.loads((damped / "recipe.json").read_text())["recovery"]["obs_damp"] == OBS_DAMP
 
 
 # ----------------------------------------------------------------------------- the Compare tab

@@ -10,8 +10,9 @@ SparseGPT runs: masks.npz holds only SparseGPT's mask, not its updated weights. 
 layer-by-layer optimal-brain-surgeon update with that mask, which `recovery.obs_update` computes
 with the very same arithmetic (SparseGPT with its mask given instead of chosen; a test checks it
 bit for bit) from the recipe's calibration samples. So the base result is rebuilt exactly, never
-approximated by W0 · mask. (Recovering a SparseGPT result with `obs` alone therefore gives its
-own weights back; `finetune` or `both` change them.)
+approximated by W0 · mask. (Recovering a SparseGPT result with `obs` alone at SparseGPT's own
+damping, `--obs-damp 0.01`, therefore gives its own weights back; recovery's default damping,
+`finetune` and `both` change them.)
 """
 from __future__ import annotations
 
