@@ -98,8 +98,7 @@ class RecoveryConfig:
                          "the layer also makes up for the error of the layers before it); in between, that share "
                          "of the way",
             "obs_damp": "the OBS update's damping: the share of the mean of each layer's input Hessian diagonal added "
-                        "to its diagonal (0.01 is SparseGPT's own, 0.1 recovery's default); larger keeps the update "
-                        "smaller and steadier",
+                        f"to its diagonal ({DAMP:g} is SparseGPT's own); larger keeps the update smaller and steadier",
             "text": "tokens of fresh text the dense model writes for fine-tuning in large batches (half answers "
                     "to varied instructions, half free text from the start-of-text token; cached per model and "
                     "seed); fine-tuning samples are then drawn over it and the run's calibration text together "
