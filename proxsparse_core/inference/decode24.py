@@ -420,7 +420,9 @@ def load_for_generation(folder: str, device: str = "cuda", dtype: torch.dtype = 
     kernel where it was measured faster, dense elsewhere). Returns (model, tokenizer, converted
     layer names). On a CPU, or without Triton, the model runs dense and none are converted."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from proxsparse_core.sparsity.prunable import linearise_conv1d
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype, trust_remote_code=trust_remote_code)
+    linearise_conv1d(model)                  # GPT-2's Conv1D layers, as the studio pruned them
     model = model.to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
     done = use_24_kernels(model)[0] if triton_available() else []

@@ -19,7 +19,7 @@ import torch
 from proxsparse_core.config import BUNDLED, DTYPES, check_device  # noqa: F401 - BUNDLED is read from here too
 from proxsparse_core.errors import UserError
 from proxsparse_core.paths import cache_dir
-from proxsparse_core.sparsity.prunable import PrunableSet, find_prunable
+from proxsparse_core.sparsity.prunable import PrunableSet, find_prunable, linearise_conv1d
 
 MAX_SOURCE_CHARS = 1000        # a model id or folder path
 BUNDLED_LABEL = "SmolLM2-135M-Instruct (bundled, offline)"
@@ -176,8 +176,10 @@ class LoadedModel:
 
     def describe(self) -> str:
         n = sum(p.numel() for p in self.model.parameters())
+        note = self.prunable.coverage_note()
         return (f"{self.label}: {n / 1e6:.0f} M parameters on {self.device} in "
-                f"{str(self.dtype).replace('torch.', '')}; {self.prunable.summary()}")
+                f"{str(self.dtype).replace('torch.', '')}; {self.prunable.summary()}"
+                + (f". Note: {note}" if note else ""))
 
 
 # ---------------------------------------------------------------------------- what went wrong
@@ -468,6 +470,7 @@ def load_model(source: str = BUNDLED, device: str = "auto", dtype: str = "auto",
     dt = pick_dtype(dtype, dev)
     source, where = _resolve(source)
     model, tokenizer = _from_pretrained(source, where, dt, trust_remote_code)
+    linearise_conv1d(model)               # GPT-2's Conv1D layers become nn.Linear (saved back as Conv1D)
     if device_map:
         from proxsparse_core.config import parse_max_memory
         from proxsparse_core.models.placement import split_over_devices

@@ -32,6 +32,7 @@ from proxsparse_core.config import RunConfig
 from proxsparse_core.errors import Stopped, UserError
 from proxsparse_core.progress import Progress
 from proxsparse_core.sparsity.masks import apply_masks, mask_stats, verify
+from proxsparse_core.sparsity.prunable import hf_state_dict
 from proxsparse_core.runs.report import environment, model_card, write_report
 from proxsparse_core.results import DENSE, method_of
 
@@ -145,7 +146,7 @@ def export_result(ws, name: str, out, *, cfg: RunConfig | None = None, events=No
         _stopped(stop)
         say("model", steps - 2, "writing the pruned model …")
         with ws.lock, ws.variant(name):
-            lm.model.save_pretrained(tmp)
+            lm.model.save_pretrained(tmp, state_dict=hf_state_dict(lm.model))   # Conv1D layers as they were
         lm.tokenizer.save_pretrained(tmp)
         _stopped(stop)
         say("artefacts", steps - 1, "writing masks, recipe and report …")
@@ -298,11 +299,21 @@ def _metrics(ws, name: str, check, recipe: dict | None) -> dict:
             **info, "verified": check.ok, "verification": str(check),
             "weights_updated": result.weights is not None,
             "skipped_layers": [f"{n} ({why})" for n, why in lm.prunable.skipped],
+            "left_dense": _left_dense(lm.prunable),
             "mask_stats": mask_stats(result.masks), "perplexity": dict(ws.ppl),
             "data": ws.data.source if ws.data else None,
             "calibration_tokens": int(ws.data.calibration.numel()) if ws.data else None,
             "held_out_tokens": int(ws.data.held_out.numel()) if ws.data else None,
             "recipe": recipe, "environment": environment()}
+
+
+def _left_dense(prunable) -> dict | None:
+    """The decoder blocks' weights that no mask covers (prunable.PrunableSet.left_dense), or None."""
+    tensors = prunable.largest_dense()
+    if not tensors:
+        return None
+    return {"weights": prunable.n_left_dense, "share_of_block_weights": round(prunable.dense_share, 4),
+            "tensors": [n for n, _ in tensors]}
 
 
 def bundle(folder, dest) -> Path:

@@ -317,6 +317,18 @@ def _front_matter(source: str) -> list[str]:
             + ([f"base_model: {source}"] if is_hub_id else []) + ["---"])
 
 
+def _left_dense_lines(left) -> list[str]:
+    """The card's warning about weights in the decoder blocks that no mask covers (none: no line)."""
+    if not isinstance(left, dict) or not left.get("tensors"):
+        return []
+    names = [str(n) for n in left["tensors"]]
+    shown = ", ".join(f"`{n}`" for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
+    share = left.get("share_of_block_weights")
+    share = f" ({share:.0%} of the decoder blocks' weights)" if isinstance(share, (int, float)) else ""
+    return ["", f"**Not 2:4:** {len(names)} weight tensors inside the decoder blocks{share} are not linear "
+                f"layers this studio prunes and are stored as they were: {shown}."]
+
+
 def _what_and_use(metrics: dict, artefacts: str, source: str) -> list[str]:
     """What the model is (the verified 2:4 pattern, whose weights survive) and how to load it."""
     method = metrics.get("method") or "proxsparse"
@@ -329,6 +341,7 @@ def _what_and_use(metrics: dict, artefacts: str, source: str) -> list[str]:
         f"Every prunable linear layer of the decoder blocks ({metrics.get('mask_stats', {}).get('layers', '?')} "
         "layers) keeps at most 2 non-zero weights in every group of 4 consecutive input weights, "
         "the pattern NVIDIA sparse tensor cores accelerate. Embeddings, `lm_head` and norms are dense.",
+        *_left_dense_lines(metrics.get("left_dense")),
         "", kept, "", "## Use", "", "```python",
         "from transformers import AutoModelForCausalLM, AutoTokenizer",
         "model = AutoModelForCausalLM.from_pretrained('path/to/this/folder')",

@@ -1,0 +1,121 @@
+"""Architectures whose weights are not all plain nn.Linear layers: GPT-2's Conv1D layers are pruned
+like linear layers and exported in their own layout; a mixture-of-experts model's fused expert tensors,
+which the studio does not prune, are named wherever a result claims 2:4 (load line, export card,
+metrics) instead of passing silently as a 2:4 model."""
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+
+from test_export import word_tokenizer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+FLAGS = ["--device", "cpu", "--dtype", "float32", "--samples", "8", "--ctx", "32", "--eval-ctx", "32",
+         "--eval-windows", "2", "--lambda1", "0.5", "--lr", "0.001"]
+
+
+def _save(model, folder):
+    model.config.pad_token_id = 0
+    model.save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def gpt2_folder(tmp_path_factory):
+    from transformers import GPT2Config, GPT2LMHeadModel
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=256, n_embd=64, n_layer=2, n_head=4, n_positions=128)
+    return _save(GPT2LMHeadModel(cfg).eval(), tmp_path_factory.mktemp("gpt2") / "gpt2")
+
+
+@pytest.fixture(scope="module")
+def moe_folder(tmp_path_factory):
+    from transformers import MixtralConfig, MixtralForCausalLM
+    torch.manual_seed(0)
+    cfg = MixtralConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2,
+                        max_position_embeddings=128)
+    return _save(MixtralForCausalLM(cfg).eval(), tmp_path_factory.mktemp("moe") / "mixtral")
+
+
+def test_conv1d_layers_become_linear_layers_that_compute_the_same_and_save_back_as_they_were(gpt2_folder):
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    from proxsparse_core.sparsity.prunable import find_prunable, hf_state_dict, linearise_conv1d
+
+    original = AutoModelForCausalLM.from_pretrained(gpt2_folder).eval()
+    assert not find_prunable(original).names and find_prunable(original).coverage_note()  # Conv1D: said, not pruned
+    model = AutoModelForCausalLM.from_pretrained(gpt2_folder).eval()
+    assert hf_state_dict(model) is None
+    swapped = linearise_conv1d(model)
+    assert len(swapped) == 8 and not any(isinstance(m, Conv1D) for m in model.modules())
+    prunable = find_prunable(model)
+    assert prunable.names == swapped and not prunable.left_dense
+    assert prunable.modules["transformer.h.0.mlp.c_fc"].weight.shape == (256, 64)      # [out, in]
+    ids = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, original(ids).logits, rtol=1e-5, atol=1e-5)
+    saved, before = hf_state_dict(model), original.state_dict()
+    assert set(saved) == set(before)
+    for k, v in before.items():
+        assert saved[k].shape == v.shape and torch.equal(saved[k], v), k
+
+
+def test_a_gpt2_model_is_learned_exported_and_loads_with_transformers_as_the_pruned_model(gpt2_folder, tmp_path,
+                                                                                            capsys):
+    from transformers import AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    from proxsparse_core.cli import main
+    from proxsparse_core.export import load_with_masks
+
+    run, out = tmp_path / "run", tmp_path / "export"
+    assert main(["learn", "--model", str(gpt2_folder), *FLAGS, "--steps", "3", "--out", str(run)]) == 0
+    assert "8 prunable linear layers" in capsys.readouterr().out
+    assert main(["export", "--run", str(run), "--out", str(out)]) == 0
+    exported = AutoModelForCausalLM.from_pretrained(out).eval()
+    convs = {n: m for n, m in exported.named_modules() if isinstance(m, Conv1D)}
+    assert len(convs) == 8
+    for n, m in convs.items():                  # 2:4 along the input dimension: dim 0 of Conv1D's [in, out]
+        groups = m.weight.t().reshape(-1, 4)
+        assert int((groups != 0).sum(1).max()) == 2, n
+    lm = load_with_masks(str(gpt2_folder), run / "masks.npz", device="cpu", dtype="float32")
+    ids = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, lm.model(ids).logits, rtol=1e-5, atol=1e-5)
+    metrics = json.loads((out / "proxsparse" / "metrics.json").read_text())
+    assert metrics["verified"] is True and metrics["left_dense"] is None
+
+
+def test_fused_expert_tensors_are_named_as_dense_on_loading_and_in_the_export(moe_folder, tmp_path, capsys):
+    from proxsparse_core.cli import main
+
+    run, out = tmp_path / "run", tmp_path / "export"
+    assert main(["learn", "--model", str(moe_folder), *FLAGS, "--steps", "2", "--no-eval", "--out", str(run)]) == 0
+    said = capsys.readouterr().out
+    assert "Note: 2:4 covers only the 8 prunable linear layers" in said
+    assert "mlp.experts.gate_up_proj" in said and "stay dense" in said
+    assert main(["export", "--run", str(run), "--out", str(out), "--no-eval"]) == 0
+    metrics = json.loads((out / "proxsparse" / "metrics.json").read_text())
+    left = metrics["left_dense"]
+    assert left["share_of_block_weights"] > 0.5
+    assert "model.layers.0.mlp.experts.gate_up_proj" in left["tensors"] and len(left["tensors"]) == 6
+    card = (out / "README.md").read_text()
+    assert "**Not 2:4:** 6 weight tensors" in card and "experts" in card
+
+
+def test_a_model_of_linear_layers_only_gets_no_dense_note(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from proxsparse_core.sparsity.prunable import find_prunable
+
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    p = find_prunable(model)
+    assert len(p.names) == 14 and not p.left_dense and p.dense_share == 0 and p.coverage_note() == ""
