@@ -26,6 +26,7 @@ from proxsparse_core.errors import Stopped, UserError
 from proxsparse_core.models.loading import allow_remote_code, remote_code_allowed
 
 EXIT_USAGE = 2
+TRACEBACK_ENV = "PROXSPARSE_TRACEBACK"   # =1: an unforeseen failure shows its traceback
 
 
 class _Parser(argparse.ArgumentParser):
@@ -642,16 +643,29 @@ def main(argv=None) -> int:
         return EXIT_USAGE
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
+            return _unforeseen(args, exc)
         print(f"error: the disk is full ({exc.filename or 'writing a run file'}); free some space and run "
               f"the command again", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("aborted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001 - a failure nobody foresaw is one line too (the traceback on request)
+        return _unforeseen(args, exc)
     finally:
         restore()
         allow_remote_code(gate)         # a --trust-remote-code flag lasts for its own command only
+
+
+def _unforeseen(args, exc: Exception) -> int:
+    """A failure no check foresaw (a model the studio does not handle, a file it cannot write): one
+    line, exit status 1; with PROXSPARSE_TRACEBACK=1 the exception itself, traceback and all."""
+    if os.environ.get(TRACEBACK_ENV) == "1":
+        raise exc
+    first = (str(exc).strip().splitlines() or [""])[0][:300]
+    print(f"error: `{args.cmd}` failed: {type(exc).__name__}: {first} — a model, file or setting the studio "
+          f"does not handle ({TRACEBACK_ENV}=1 shows where it failed)", file=sys.stderr)
+    return 1
 
 
 def main_entry():

@@ -4,6 +4,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("PROXSPARSE_TRACEBACK", "1")    # a failing test shows where; the CLI says one line without it
 # the memo of dense results (proxsparse_core/memo.py) of this session, never the user's; each test
 # gets an empty one of its own (own_memo below)
 os.environ["PROXSPARSE_MEMO_DIR"] = __import__("tempfile").mkdtemp(prefix="proxsparse-test-memo-")

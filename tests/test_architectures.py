@@ -15,7 +15,8 @@ from test_export import word_tokenizer
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 FLAGS = ["--device", "cpu", "--dtype", "float32", "--samples", "8", "--ctx", "32", "--eval-ctx", "32",
-         "--eval-windows", "2", "--lambda1", "0.5", "--lr", "0.001"]
+         "--eval-windows", "2"]
+LEARN = [*FLAGS, "--lambda1", "0.5", "--lr", "0.001"]
 
 
 def _save(model, folder):
@@ -76,7 +77,7 @@ def test_a_gpt2_model_is_learned_exported_and_loads_with_transformers_as_the_pru
     from proxsparse_core.export import load_with_masks
 
     run, out = tmp_path / "run", tmp_path / "export"
-    assert main(["learn", "--model", str(gpt2_folder), *FLAGS, "--steps", "3", "--out", str(run)]) == 0
+    assert main(["learn", "--model", str(gpt2_folder), *LEARN, "--steps", "3", "--out", str(run)]) == 0
     assert "8 prunable linear layers" in capsys.readouterr().out
     assert main(["export", "--run", str(run), "--out", str(out)]) == 0
     exported = AutoModelForCausalLM.from_pretrained(out).eval()
@@ -97,7 +98,7 @@ def test_fused_expert_tensors_are_named_as_dense_on_loading_and_in_the_export(mo
     from proxsparse_core.cli import main
 
     run, out = tmp_path / "run", tmp_path / "export"
-    assert main(["learn", "--model", str(moe_folder), *FLAGS, "--steps", "2", "--no-eval", "--out", str(run)]) == 0
+    assert main(["learn", "--model", str(moe_folder), *LEARN, "--steps", "2", "--no-eval", "--out", str(run)]) == 0
     said = capsys.readouterr().out
     assert "Note: 2:4 covers only the 8 prunable linear layers" in said
     assert "mlp.experts.gate_up_proj" in said and "stay dense" in said
@@ -119,3 +120,41 @@ def test_a_model_of_linear_layers_only_gets_no_dense_note(tmp_path):
                                          num_attention_heads=4, num_key_value_heads=2))
     p = find_prunable(model)
     assert len(p.names) == 14 and not p.left_dense and p.dense_share == 0 and p.coverage_note() == ""
+
+
+def test_blocks_that_take_their_arguments_by_position_are_pruned_block_by_block(tmp_path, capsys):
+    """RecurrentGemma calls each block with position ids and the mask as positional arguments: SparseGPT
+    (which runs the model block by block) must hand them on, then recovery's OBS update too."""
+    from transformers import RecurrentGemmaConfig, RecurrentGemmaForCausalLM
+
+    from proxsparse_core.cli import main
+
+    torch.manual_seed(0)
+    cfg = RecurrentGemmaConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                               num_attention_heads=4, num_key_value_heads=1, lru_width=64, head_dim=16)
+    folder = _save(RecurrentGemmaForCausalLM(cfg).eval(), tmp_path / "rg")
+    run, rec = tmp_path / "sgpt", tmp_path / "rec"
+    assert main(["prune", "--method", "sparsegpt", "--model", str(folder), *FLAGS, "--out", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "every pruned weight is zero" in out and "sparsegpt" in out
+    assert main(["recover", "--run", str(run), "--method", "obs", "--out", str(rec), "--no-eval"]) == 0
+    assert (rec / "weights.safetensors").is_file()
+
+
+def test_a_failure_nobody_foresaw_is_one_line_on_the_cli(gpt2_folder, tmp_path, monkeypatch, capsys):
+    from proxsparse_core.baselines import oneshot
+    from proxsparse_core.cli import TRACEBACK_ENV, main
+
+    def broken(*a, **k):
+        raise TypeError("Block.forward() missing 2 required positional arguments\nsecond line")
+
+    monkeypatch.setattr(oneshot, "_run_block", broken)
+    monkeypatch.delenv(TRACEBACK_ENV, raising=False)
+    assert main(["prune", "--method", "wanda", "--model", str(gpt2_folder), *FLAGS,
+                 "--out", str(tmp_path / "w")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: `prune` failed: TypeError: Block.forward() missing 2 required positional")
+    assert "Traceback" not in err and "second line" not in err and len(err.strip().splitlines()) == 1
+    monkeypatch.setenv(TRACEBACK_ENV, "1")
+    with pytest.raises(TypeError):
+        main(["prune", "--method", "wanda", "--model", str(gpt2_folder), *FLAGS, "--out", str(tmp_path / "w2")])

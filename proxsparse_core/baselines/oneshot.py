@@ -53,11 +53,16 @@ def _move(x, device):
 
 
 def _first_block_inputs(model, blocks, calibration: torch.Tensor, batch: int):
-    """Hidden states and keyword arguments entering block 0, one entry per calibration batch."""
+    """What enters block 0, one entry per calibration batch: (hidden states, the other positional
+    arguments, the keyword arguments). Most models pass everything but the hidden states by keyword;
+    some (RecurrentGemma) pass position ids and the mask positionally, some the hidden states by keyword."""
     entries = []
 
     def hook(module, args, kwargs):
-        entries.append((args[0].detach(), {k: v for k, v in kwargs.items() if k != "hidden_states"}))
+        kwargs = dict(kwargs)
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kwargs.pop("hidden_states", None)
+        entries.append((hidden.detach(), tuple(args[1:]), kwargs))
         raise _Captured
 
     handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
@@ -77,9 +82,9 @@ def _run_block(block, entries):
     """Outputs of `block` for every captured entry (same structure, hidden states replaced)."""
     device = next(block.parameters()).device
     out = []
-    for hidden, kwargs in entries:
-        y = block(hidden.to(device), **_move(kwargs, device))
-        out.append((y[0] if isinstance(y, tuple) else y, kwargs))
+    for hidden, args, kwargs in entries:
+        y = block(hidden.to(device), *_move(args, device), **_move(kwargs, device))
+        out.append((y[0] if isinstance(y, tuple) else y, args, kwargs))
     return out
 
 
