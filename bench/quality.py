@@ -37,6 +37,7 @@ import sys
 import threading
 import time
 from collections import Counter
+from dataclasses import asdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -148,7 +149,9 @@ def parse_recover(spec: str, steps: int, lr: float, seed: int) -> list[RecoveryC
                 d["steps"] = int(part)
             else:
                 d[key] = type(getattr(RecoveryConfig, key))(value)      # lr 0.002, samples 300, batch 8
-        out.append(RecoveryConfig.from_dict(d))
+        # today's defaults for what the item leaves out (from_dict alone reads a missing obs_damp as an
+        # old recipe's 1 %)
+        out.append(RecoveryConfig.from_dict({**asdict(RecoveryConfig()), **d}))
     return out
 
 
