@@ -158,3 +158,34 @@ def test_a_failure_nobody_foresaw_is_one_line_on_the_cli(gpt2_folder, tmp_path, 
     monkeypatch.setenv(TRACEBACK_ENV, "1")
     with pytest.raises(TypeError):
         main(["prune", "--method", "wanda", "--model", str(gpt2_folder), *FLAGS, "--out", str(tmp_path / "w2")])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_a_gpt2_model_learns_on_the_gpu_and_its_export_generates_through_the_24_kernels(tmp_path, capsys):
+    """On CUDA: GPT-2's Conv1D layers learn through the Triton prox like any linear layer, and the export
+    (Conv1D again on disk) comes back from load_for_generation with all 8 as 2:4 kernels whose next-token
+    logits match the dense product's."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from proxsparse_core.cli import main
+    from proxsparse_core.inference import decode24 as d24
+    from proxsparse_core.sparsity.prunable import find_prunable
+
+    torch.manual_seed(0)
+    folder = _save(GPT2LMHeadModel(GPT2Config(vocab_size=256, n_embd=512, n_layer=2, n_head=8, n_positions=128)),
+                   tmp_path / "gpt2")
+    run, out = tmp_path / "run", tmp_path / "export"
+    assert main(["learn", "--model", str(folder), "--device", "cuda", "--dtype", "bfloat16", "--samples", "8",
+                 "--ctx", "32", "--eval-ctx", "32", "--eval-windows", "2", "--steps", "3", "--out", str(run)]) == 0
+    assert "every survivor equals W0" in capsys.readouterr().out
+    assert main(["export", "--run", str(run), "--out", str(out), "--no-eval"]) == 0
+    loaded, _, done = d24.load_for_generation(str(out))
+    assert done == find_prunable(loaded).names and len(done) == 8
+    ids = torch.randint(2, 256, (1, 12), device="cuda")
+    with torch.no_grad():
+        gen = loaded.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)
+        sparse = loaded(input_ids=ids).logits[:, -1].float()
+        d24.restore_dense(loaded)
+        dense = loaded(input_ids=ids).logits[:, -1].float()
+    assert gen.shape[1] == 16
+    assert float((sparse - dense).norm() / dense.norm()) <= 2e-2
