@@ -32,7 +32,8 @@ from proxsparse_core.paths import cache_dir
 
 FORMAT = 1                      # bump when what an entry holds changes
 MAX_ENTRY_BYTES = 256 * 2**20   # larger values are computed each time rather than kept
-MAX_ENTRIES = 64                # per kind: the oldest go first
+MAX_ENTRIES = 1024              # per kind, and at most MAX_KIND_BYTES: the least recently used go first
+MAX_KIND_BYTES = 128 * 2**20
 _CHUNK = 16 * 2**20             # bytes of a tensor hashed at a time (a GPU tensor is copied in pieces)
 
 
@@ -197,6 +198,10 @@ def load(kind: str, key: str):
         return None
     if not isinstance(entry, dict) or entry.get("format") != FORMAT or entry.get("key") != key:
         return None
+    try:
+        os.utime(path)                  # read now: the last to go when the kind is trimmed
+    except OSError:
+        pass
     return entry.get("value")
 
 
@@ -226,20 +231,27 @@ def save(kind: str, key: str, value) -> None:
 
 
 def _trim(kind_folder: Path) -> None:
-    """Keep the newest MAX_ENTRIES of a kind: the memo never grows without bound."""
-    entries = [p for p in kind_folder.glob("*.pt") if not p.name.startswith(".")]
-    if len(entries) <= MAX_ENTRIES:
-        return
-    def age(p):
+    """Keep the most recently written or read entries of a kind, at most MAX_ENTRIES of them and
+    MAX_KIND_BYTES together (the newest always stays): the memo never grows without bound, and trying
+    other models does not push out the values of the one shown every day."""
+    sized = []
+    for p in kind_folder.glob("*.pt"):
+        if p.name.startswith("."):
+            continue
         try:
-            return p.stat().st_mtime
+            st = p.stat()
         except OSError:
-            return 0.0
-    for old in sorted(entries, key=age)[:len(entries) - MAX_ENTRIES]:
-        try:
-            old.unlink()
-        except OSError:
-            pass
+            continue
+        sized.append((st.st_mtime, st.st_size, p))
+    sized.sort(key=lambda x: -x[0])
+    total = 0
+    for i, (_, size, p) in enumerate(sized):
+        total += size
+        if i and (i >= MAX_ENTRIES or total > MAX_KIND_BYTES):
+            try:
+                p.unlink()
+            except OSError:
+                pass
 
 
 def cached(kind: str, key: str, compute: Callable[[], object]):

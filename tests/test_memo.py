@@ -225,3 +225,23 @@ def test_the_memo_keeps_the_newest_entries_of_each_kind(monkeypatch):
     memo.save("kind", "k5", {"v": 5})
     assert sorted(p.stem for p in (memo.folder() / "kind").glob("*.pt")) == ["k3", "k4", "k5"]
     assert memo.load("kind", "k5") == {"v": 5} and memo.load("kind", "k0") is None
+
+
+def test_a_read_keeps_an_entry_and_a_kind_stays_within_its_bytes(monkeypatch):
+    """Trimming drops the least recently *used* entry (a read counts), so the values of the model shown
+    every day outlive a round of trying other models; and a kind never holds more than its bytes."""
+    import os
+    import time
+
+    monkeypatch.setattr(memo, "MAX_ENTRIES", 3)
+    for i in range(3):
+        memo.save("lru", f"k{i}", {"v": i})
+        os.utime(memo.folder() / "lru" / f"k{i}.pt", (time.time() - 100 + i, time.time() - 100 + i))
+    assert memo.load("lru", "k0") == {"v": 0}          # the oldest written, read just now
+    memo.save("lru", "k3", {"v": 3})
+    assert sorted(p.stem for p in (memo.folder() / "lru").glob("*.pt")) == ["k0", "k2", "k3"]
+    monkeypatch.setattr(memo, "MAX_ENTRIES", 100)
+    size = (memo.folder() / "lru" / "k3.pt").stat().st_size
+    monkeypatch.setattr(memo, "MAX_KIND_BYTES", 2 * size + size // 2)
+    memo.save("lru", "k4", {"v": 4})
+    assert sorted(p.stem for p in (memo.folder() / "lru").glob("*.pt")) == ["k3", "k4"]
