@@ -90,8 +90,11 @@ def make(name: str, folder: Path, tokenizer) -> str:
 
 def _cli(*args) -> tuple[bool, str]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PROXSPARSE_TRACEBACK": "0"}
-    p = subprocess.run([sys.executable, "-m", "proxsparse_core", *args], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=900)
+    try:
+        p = subprocess.run([sys.executable, "-m", "proxsparse_core", *args], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=900)
+    except subprocess.TimeoutExpired:
+        return False, "still running after 900 s (stopped)"      # a row, not the end of the sweep
     errors = [line for line in (p.stderr + p.stdout).splitlines() if line.startswith(("error:", "Traceback"))]
     return p.returncode == 0, (errors[0] if errors else (p.stderr.strip().splitlines() or [""])[-1])[:200]
 
@@ -113,8 +116,7 @@ def probe(name: str, out: Path, tokenizer) -> dict:
         ok, line = _cli(*args)
         if not ok:
             return {**row, "failed": step, "why": line}
-    code = ("import transformers, sys; transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1]); "
-            "print('ok')")
+    code = "import transformers, sys; transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1])"
     p = subprocess.run([sys.executable, "-c", code, str(runs / "export")], capture_output=True, text=True)
     if p.returncode:
         return {**row, "failed": "load export", "why": (p.stderr.strip().splitlines() or [""])[-1][:200]}
