@@ -4,8 +4,10 @@ crash or claim 2:4 where it is not?
 For each architecture a random model of a few million weights (the bundled model's tokenizer) is saved
 as a local folder, then the CLI runs, each step in its own process, as a user would:
 learn (3 steps) → prune --method sparsegpt → recover --method both (3 steps) → export → the export loaded
-with `transformers`. A row says which step failed (with the CLI's one error line), and the share of the
-decoder blocks' weights that no mask covers (`left_dense` in the export's metrics.json).
+with `transformers`. A row says which step failed (with the CLI's one error line), the share of the
+decoder blocks' weights that no mask covers (`left_dense` in the export's metrics.json), and the share
+that is 2:4 in the export as plain `transformers` loads it (counted on the tensors, not taken from the
+studio's word).
 
     python bench/architectures.py                       # every architecture below, 2 at a time
     python bench/architectures.py gpt2 mixtral          # some of them
@@ -64,6 +66,10 @@ ARCHS = {
     "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM", dict(BASE, moe_intermediate_size=64, num_experts=4,
                                                                 head_dim=16, **MOE)),
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(BASE, num_experts=4, **MOE)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM", dict(BASE, moe_intermediate_size=64, num_experts=4,
+                                                                shared_expert_intermediate_size=64, **MOE)),
+    "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM", dict(BASE, num_local_experts=4, **MOE)),
+    "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(BASE, num_local_experts=4, head_dim=16, **MOE)),
     "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
                     dict(BASE, num_key_value_heads=4, moe_intermediate_size=64, n_routed_experts=4,
                          n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=32,
@@ -116,14 +122,32 @@ def probe(name: str, out: Path, tokenizer) -> dict:
         ok, line = _cli(*args)
         if not ok:
             return {**row, "failed": step, "why": line}
-    code = "import transformers, sys; transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1])"
-    p = subprocess.run([sys.executable, "-c", code, str(runs / "export")], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-c", SHARE_24, str(runs / "export")], capture_output=True, text=True,
+                       cwd=ROOT)
     if p.returncode:
         return {**row, "failed": "load export", "why": (p.stderr.strip().splitlines() or [""])[-1][:200]}
     metrics = json.loads((runs / "export" / "proxsparse" / "metrics.json").read_text())
     left = metrics.get("left_dense") or {}
     return {**row, "failed": "", "layers": metrics.get("mask_stats", {}).get("layers"),
-            "left_dense_share": left.get("share_of_block_weights", 0.0)}
+            "left_dense_share": left.get("share_of_block_weights", 0.0),
+            "share_24": float(p.stdout.split()[-1])}
+
+
+# run on the export, loaded with plain transformers: the share of the decoder blocks' weight matrices
+# (≥ 2-D) that are 2:4 along one of their last two dimensions (a fused expert tensor [experts, out, in] along
+# its inputs, a Conv1D [in, out] along its first)
+SHARE_24 = """
+import sys, transformers
+from proxsparse_core.sparsity.prunable import find_decoder_blocks
+def is24(t):
+    return t.shape[-1] % 4 == 0 and bool(((t.reshape(-1, 4) != 0).sum(-1) <= 2).all())
+_, blocks = find_decoder_blocks(transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1]))
+total = sparse = 0
+for p in (p for b in blocks for p in b.parameters() if p.dim() >= 2):
+    total += p.numel()
+    sparse += p.numel() if is24(p.detach()) or is24(p.detach().transpose(-1, -2).contiguous()) else 0
+print(sparse / total)
+"""
 
 
 def main():
@@ -142,12 +166,12 @@ def main():
     out = Path(args.out or tempfile.mkdtemp(prefix="ps-arch-"))
     with ThreadPoolExecutor(args.jobs) as pool:
         rows = list(pool.map(lambda n: probe(n, out, tokenizer), args.names or list(ARCHS)))
-    print("| architecture | result | prunable layers | share of the blocks' weights left dense |")
-    print("|---|---|---:|---:|")
+    print("| architecture | result | prunable layers | blocks' weights left dense (metrics) | 2:4 in the export |")
+    print("|---|---|---:|---:|---:|")
     for r in rows:
         result = "every step ran" if not r["failed"] else f"**{r['failed']} failed**: {r['why']}"
-        print(f"| {r['architecture']} | {result} | {r.get('layers', '')} | "
-              f"{'' if r['failed'] else format(r['left_dense_share'], '.0%')} |")
+        shares = ("", "") if r["failed"] else (format(r["left_dense_share"], ".1%"), format(r["share_24"], ".1%"))
+        print(f"| {r['architecture']} | {result} | {r.get('layers', '')} | {shares[0]} | {shares[1]} |")
     return 1 if any(r["failed"] for r in rows) else 0
 
 

@@ -1,7 +1,7 @@
-"""Architectures whose weights are not all plain nn.Linear layers: GPT-2's Conv1D layers are pruned
-like linear layers and exported in their own layout; a mixture-of-experts model's fused expert tensors,
-which the studio does not prune, are named wherever a result claims 2:4 (load line, export card,
-metrics) instead of passing silently as a 2:4 model."""
+"""Architectures whose weights are not all plain nn.Linear layers: GPT-2's Conv1D layers and a
+mixture-of-experts model's fused expert tensors are pruned like linear layers and exported in their
+own layout; tensors the studio cannot prune are named wherever a result claims 2:4 (load line, export
+card, metrics) instead of passing silently as a 2:4 model."""
 from __future__ import annotations
 
 import json
@@ -94,21 +94,96 @@ def test_a_gpt2_model_is_learned_exported_and_loads_with_transformers_as_the_pru
     assert metrics["verified"] is True and metrics["left_dense"] is None
 
 
-def test_fused_expert_tensors_are_named_as_dense_on_loading_and_in_the_export(moe_folder, tmp_path, capsys):
-    from proxsparse_core.cli import main
+def test_fused_experts_become_one_linear_layer_per_expert_that_computes_the_same_and_folds_back(moe_folder):
+    from transformers import AutoModelForCausalLM
 
-    run, out = tmp_path / "run", tmp_path / "export"
-    assert main(["learn", "--model", str(moe_folder), *LEARN, "--steps", "2", "--no-eval", "--out", str(run)]) == 0
+    from proxsparse_core.sparsity.experts import UnfusedExperts
+    from proxsparse_core.sparsity.prunable import find_prunable, hf_state_dict, linearise
+
+    original = AutoModelForCausalLM.from_pretrained(moe_folder).eval()
+    assert find_prunable(original).dense_share > 0.8          # fused: only attention would be pruned
+    model = AutoModelForCausalLM.from_pretrained(moe_folder).eval()
+    assert linearise(model) == ["model.layers.0.mlp.experts", "model.layers.1.mlp.experts"]
+    assert isinstance(model.model.layers[0].mlp.experts, UnfusedExperts)
+    prunable = find_prunable(model)
+    assert len(prunable.names) == 8 + 2 * 2 * 4                # attention + (gate_up, down) × 4 experts × 2 blocks
+    assert "model.layers.1.mlp.experts.gate_up.3" in prunable.names
+    assert prunable.modules["model.layers.1.mlp.experts.down.3"].weight.shape == (64, 128)   # [out, in]
+    assert [n for n, _ in prunable.left_dense] == ["model.layers.0.mlp.gate.weight", "model.layers.1.mlp.gate.weight"]
+    assert prunable.coverage_note() == ""                      # the routers are 0.2 % of the blocks
+    ids = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, original(ids).logits, rtol=1e-5, atol=1e-5)
+    saved, before = hf_state_dict(model), original.state_dict()
+    assert set(saved) == set(before)
+    for k, v in before.items():
+        assert saved[k].shape == v.shape and torch.equal(saved[k], v), k
+
+
+def test_an_experts_module_the_probe_does_not_accept_stays_fused_and_is_named_dense(moe_folder):
+    from transformers import AutoModelForCausalLM
+
+    from proxsparse_core.sparsity.prunable import find_prunable, linearise
+
+    model = AutoModelForCausalLM.from_pretrained(moe_folder).eval()
+    model.model.layers[1].mlp.experts.is_transposed = True     # says a layout its own forward does not use
+    assert linearise(model) == ["model.layers.0.mlp.experts"]
+    assert hasattr(model.model.layers[1].mlp.experts, "gate_up_proj")
+    p = find_prunable(model)
+    assert "model.layers.1.mlp.experts.gate_up_proj" in [n for n, _ in p.left_dense]
+    assert "stay dense" in p.coverage_note()
+
+
+def test_a_moe_model_is_learned_recovered_and_exported_with_every_expert_24(moe_folder, tmp_path, capsys):
+    from transformers import AutoModelForCausalLM
+
+    from proxsparse_core.cli import main
+    from proxsparse_core.export import load_with_masks
+
+    run, rec, out = tmp_path / "run", tmp_path / "rec", tmp_path / "export"
+    assert main(["learn", "--model", str(moe_folder), *LEARN, "--steps", "3", "--no-eval", "--out", str(run)]) == 0
     said = capsys.readouterr().out
-    assert "Note: 2:4 covers only the 8 prunable linear layers" in said
-    assert "mlp.experts.gate_up_proj" in said and "stay dense" in said
-    assert main(["export", "--run", str(run), "--out", str(out), "--no-eval"]) == 0
+    assert "24 prunable linear layers" in said and "Note:" not in said
+    lm = load_with_masks(str(moe_folder), run / "masks.npz", device="cpu", dtype="float32")
+    assert main(["recover", "--run", str(run), "--method", "both", "--steps", "2", "--samples", "8",
+                 "--out", str(rec)]) == 0
+    assert main(["export", "--run", str(rec), "--out", str(out), "--no-eval"]) == 0
+    exported = AutoModelForCausalLM.from_pretrained(out).eval()
+    for i in range(2):
+        experts = exported.model.layers[i].mlp.experts
+        for fused in (experts.gate_up_proj, experts.down_proj):     # [experts, out, in]: 2:4 along the inputs
+            assert int((fused.detach().reshape(-1, 4) != 0).sum(1).max()) == 2
+        kept = experts.gate_up_proj.detach() != 0                    # recovery kept the learned mask exactly
+        mask = lm.model.model.layers[i].mlp.experts
+        assert torch.equal(kept, torch.stack([m.weight.detach() != 0 for m in mask.gate_up]))
     metrics = json.loads((out / "proxsparse" / "metrics.json").read_text())
-    left = metrics["left_dense"]
-    assert left["share_of_block_weights"] > 0.5
-    assert "model.layers.0.mlp.experts.gate_up_proj" in left["tensors"] and len(left["tensors"]) == 6
-    card = (out / "README.md").read_text()
-    assert "**Not 2:4:** 6 weight tensors" in card and "experts" in card
+    assert metrics["verified"] is True and metrics["left_dense"]["share_of_block_weights"] < 0.01
+    card = (out / "README.md").read_text()          # the routers, and nothing else, are named as dense
+    assert "**Not 2:4:** 2 weight tensors inside the decoder blocks (0.2% of" in card
+    assert "mlp.gate.weight" in card and "experts" not in card.split("**Not 2:4:**")[1]
+
+
+def test_an_expert_the_router_never_chose_is_pruned_by_magnitude_with_no_update():
+    from proxsparse_core.baselines.sparsegpt import SparseGPTLayer
+    from proxsparse_core.sparsity.masks import mask_2to4
+    from proxsparse_core.sparsity.scores import ChannelNorms, wanda_score
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(16, 8, bias=False)
+    w = layer.weight.detach()
+    by_magnitude = mask_2to4(w)
+    updated, kept = SparseGPTLayer(layer).prune()               # no add_batch: it read no token
+    assert torch.equal(kept, by_magnitude) and torch.equal(updated, w * by_magnitude)
+    given = mask_2to4(torch.rand_like(w))
+    updated, kept = SparseGPTLayer(layer).prune(keep=given)
+    assert torch.equal(kept, given) and torch.equal(updated, w * given)
+    assert wanda_score(w, torch.zeros(16)) is None              # ranked by |W|, not by 0 · |W|
+    assert wanda_score(w, torch.ones(16)) is not None
+
+    class One:
+        names, modules = ["x"], {"x": layer}
+    norms = ChannelNorms(One())
+    assert torch.equal(norms.weights()["x"], torch.ones(16))
 
 
 def test_a_model_of_linear_layers_only_gets_no_dense_note(tmp_path):

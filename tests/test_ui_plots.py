@@ -68,3 +68,14 @@ def test_layer_heatmap_is_projection_by_block():
     # names without a block index fall back to one row in model order
     odd = plots.layer_heatmap(["a", "b"], [0.25, 0.5]).data[0]
     assert list(odd.z[0]) == [25.0, 50.0]
+
+
+def test_layer_heatmap_shows_the_experts_of_a_block_as_one_cell_per_projection():
+    names = [f"model.layers.{b}.self_attn.q_proj" for b in range(2)] + [
+        f"model.layers.{b}.mlp.experts.{p}.{e}" for b in range(2) for p in ("gate_up", "down") for e in range(4)]
+    share = [0.5, 0.6] + [i / 20 for i in range(16)]
+    hm = plots.layer_heatmap(names, share).data[0]
+    assert list(hm.y) == ["q_proj", "gate_up (experts)", "down (experts)"] and list(hm.x) == ["0", "1"]
+    assert hm.z[1][0] == pytest.approx(100 * sum(share[2:6]) / 4)       # block 0's four gate_up experts
+    assert hm.z[2][1] == pytest.approx(100 * sum(share[14:18]) / 4)
+    assert hm.text[2][1] == "model.layers.1.mlp.experts.down.* (mean of 4 experts)"

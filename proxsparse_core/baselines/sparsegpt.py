@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import torch
 
+from proxsparse_core.sparsity.masks import mask_2to4
+
 DAMP = 0.01          # dampening: 1 % of the mean Hessian diagonal added to the diagonal
 BLOCK = 128          # columns per lazy-update block (a multiple of 4)
 
@@ -65,6 +67,9 @@ class SparseGPTLayer:
         After add_pair, the target is W0·(x + dense_share·(x_dense − x)): 0 (the default) is the
         layer's own outputs on its inputs (SparseGPT), 1 the dense model's outputs."""
         W = self.layer.weight.detach().float().clone()
+        if self.n == 0:     # read no input (an expert the router never chose): no update, |W| decides
+            kept = mask_2to4(W) if keep is None else keep.to(W.device, torch.bool)
+            return (W * kept).to(self.layer.weight.dtype), kept
         rows, cols = W.shape
         H = self.H.clone()
         dead = H.diagonal() == 0           # inputs that were always zero: nothing to preserve

@@ -19,7 +19,7 @@ import torch
 from proxsparse_core.config import BUNDLED, DTYPES, check_device  # noqa: F401 - BUNDLED is read from here too
 from proxsparse_core.errors import UserError
 from proxsparse_core.paths import cache_dir
-from proxsparse_core.sparsity.prunable import PrunableSet, find_prunable, linearise_conv1d
+from proxsparse_core.sparsity.prunable import PrunableSet, find_prunable, linearise
 
 MAX_SOURCE_CHARS = 1000        # a model id or folder path
 BUNDLED_LABEL = "SmolLM2-135M-Instruct (bundled, offline)"
@@ -470,7 +470,7 @@ def load_model(source: str = BUNDLED, device: str = "auto", dtype: str = "auto",
     dt = pick_dtype(dtype, dev)
     source, where = _resolve(source)
     model, tokenizer = _from_pretrained(source, where, dt, trust_remote_code)
-    linearise_conv1d(model)               # GPT-2's Conv1D layers become nn.Linear (saved back as Conv1D)
+    linearise(model)         # Conv1D layers and fused experts become nn.Linear (saved back as they were)
     if device_map:
         from proxsparse_core.config import parse_max_memory
         from proxsparse_core.models.placement import split_over_devices

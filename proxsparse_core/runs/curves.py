@@ -156,19 +156,23 @@ _BLOCK = re.compile(r"\.(\d+)\.(.+)$")
 
 
 def _grid(layer_names: list[str]):
-    """(row labels, column labels, cell of each layer) when names look like <blocks>.<i>.<path>."""
+    """(row labels, column labels, cell of each layer) when names look like <blocks>.<i>.<path>. The
+    experts of a mixture-of-experts block (<path> ending in an expert number, e.g. experts.down.7)
+    share one cell per projection: the heatmap shows their mean."""
     cells, kinds, rows = [], [], []
     for n in layer_names:
         m = _BLOCK.search(n)
         if m is None:
             return None
-        kind = m.group(2).split(".")[-1]
+        parts = m.group(2).split(".")
+        kind = f"{parts[-2]} (experts)" if parts[-1].isdigit() and len(parts) > 1 else parts[-1]
         cells.append((int(m.group(1)), kind))
         if kind not in kinds:
             kinds.append(kind)
         if int(m.group(1)) not in rows:
             rows.append(int(m.group(1)))
-    if len(set(cells)) != len(cells):
+    shared = [c for c in set(cells) if cells.count(c) > 1]
+    if any(not k.endswith("(experts)") for _, k in shared):
         return None
     return sorted(rows), kinds, cells
 
@@ -190,11 +194,16 @@ def layer_heatmap(layer_names: list[str], layer_share: list[float] | None):
         x, y = list(range(len(layer_names))), ["layers"]
     else:
         blocks, kinds, cells = grid
+        total, count, label = {}, {}, {}
+        for name, cell, s in zip(layer_names, cells, layer_share):
+            total[cell] = total.get(cell, 0.0) + 100 * s
+            count[cell] = count.get(cell, 0) + 1
+            label[cell] = name if count[cell] == 1 else f"{name.rpartition('.')[0]}.* (mean of {count[cell]} experts)"
         z = [[None] * len(blocks) for _ in kinds]
         text = [[""] * len(blocks) for _ in kinds]
-        for name, (b, k), s in zip(layer_names, cells, layer_share):
-            z[kinds.index(k)][blocks.index(b)] = 100 * s
-            text[kinds.index(k)][blocks.index(b)] = name
+        for (b, k), n in count.items():
+            z[kinds.index(k)][blocks.index(b)] = total[(b, k)] / n
+            text[kinds.index(k)][blocks.index(b)] = label[(b, k)]
         x, y = [str(b) for b in blocks], kinds
     # colours span the observed range (in steps of 5%), so late in a run, when every layer is
     # above 90%, the layers that lag behind still stand out

@@ -324,7 +324,10 @@ def _left_dense_lines(left) -> list[str]:
     names = [str(n) for n in left["tensors"]]
     shown = ", ".join(f"`{n}`" for n in names[:3]) + (f" and {len(names) - 3} more" if len(names) > 3 else "")
     share = left.get("share_of_block_weights")
-    share = f" ({share:.0%} of the decoder blocks' weights)" if isinstance(share, (int, float)) else ""
+    if isinstance(share, (int, float)) and not isinstance(share, bool):
+        share = f" ({share:.{0 if share >= 0.01 else 1}%} of the decoder blocks' weights)"
+    else:
+        share = ""
     return ["", f"**Not 2:4:** {len(names)} weight tensors inside the decoder blocks{share} are not linear "
                 f"layers this studio prunes and are stored as they were: {shown}."]
 

@@ -9,8 +9,11 @@ Two kinds of weight need a word:
   nn.Linear holding the transpose, once, right after loading; from then on they are pruned like any
   other linear layer (groups of 4 along the input dimension, masks [out, in]). `hf_state_dict` turns
   them back for `save_pretrained`, so an export loads with `transformers` as the original did.
-* Weights in the blocks that are neither a linear layer nor a norm — the fused expert tensors of a
-  mixture-of-experts model ([experts, out, in]), for instance — are not pruned. They are listed in
+* The fused expert tensors of a mixture-of-experts model ([experts, out, in]) become one nn.Linear
+  per expert and projection (experts.py: `unfuse_experts`, checked against the fused forward on a
+  probe), and `hf_state_dict` fuses them back for `save_pretrained`. `linearise` does both swaps.
+* Weights in the blocks that are still neither a linear layer nor a norm (an experts layout the
+  probe did not accept, a router's matrix) are not pruned. They are listed in
   `PrunableSet.left_dense`, and `summary()` / `coverage_note()` say how much of the blocks stays
   dense, so no result claims 2:4 where it is not.
 """
@@ -20,6 +23,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
+
+from proxsparse_core.sparsity.experts import UnfusedExperts, unfuse_experts
 
 CONV1D_FLAG = "hf_conv1d"      # set on an nn.Linear that was a Conv1D: saved back in Conv1D's layout
 NOTE_SHARE = 0.01              # coverage_note speaks when this share of the blocks' weights stays dense
@@ -144,13 +149,29 @@ def linearise_conv1d(model: nn.Module) -> list[str]:
     return done
 
 
+def linearise(model: nn.Module) -> list[str]:
+    """Every swap that makes a model's block weights nn.Linear layers, once, right after loading:
+    Conv1D layers (linearise_conv1d) and fused experts (experts.unfuse_experts). Returns the
+    qualified names of the modules swapped."""
+    done = linearise_conv1d(model)
+    try:
+        path, blocks = find_decoder_blocks(model)
+    except ValueError:
+        return done
+    return done + unfuse_experts(model, [(f"{path}.{i}", b) for i, b in enumerate(blocks)])
+
+
 def hf_state_dict(model: nn.Module) -> dict | None:
-    """The state dict `save_pretrained` should write when some layers were Conv1D (their weights back
-    in Conv1D's [in, out] layout, contiguous); None when none was, so the model saves itself."""
+    """The state dict `save_pretrained` should write when some layers were swapped by `linearise`
+    (Conv1D weights back in their [in, out] layout, experts fused again); None when none was, so the
+    model saves itself."""
     flagged = [n for n, m in model.named_modules() if getattr(m, CONV1D_FLAG, False)]
-    if not flagged:
+    unfused = [(n, m) for n, m in model.named_modules() if isinstance(m, UnfusedExperts)]
+    if not flagged and not unfused:
         return None
     sd = model.state_dict()
     for n in flagged:
         sd[f"{n}.weight"] = sd[f"{n}.weight"].t().contiguous()
+    for n, m in unfused:
+        m.fold_into(sd, n)
     return sd

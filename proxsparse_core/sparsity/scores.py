@@ -34,9 +34,10 @@ class InputNorms:
         self.sq += x.reshape(-1, x.shape[-1]).float().pow(2).sum(0)
 
 
-def wanda_score(weight: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor:
-    """|W_ij| · ‖X_j‖₂ — a weight matters more when its input channel carries large values."""
-    return ranking(weight, sq_norms.sqrt())
+def wanda_score(weight: torch.Tensor, sq_norms: torch.Tensor) -> torch.Tensor | None:
+    """|W_ij| · ‖X_j‖₂ — a weight matters more when its input channel carries large values. None
+    (rank by |W|) for a layer that read no input at all: an expert the router never chose."""
+    return ranking(weight, sq_norms.sqrt()) if bool(sq_norms.any()) else None
 
 
 class ChannelNorms:
@@ -64,6 +65,9 @@ class ChannelNorms:
         each layer's device)."""
         out = {}
         for n, c in self.norms.items():
+            if not bool(c.sq.any()):        # read nothing (an expert the router never chose): |W| alone
+                out[n] = torch.ones_like(c.sq)
+                continue
             a = c.sq.sqrt()
             a = a / a.pow(2).mean().sqrt().clamp_min(1e-30)
             out[n] = a.clamp_min(MIN_WEIGHT)
