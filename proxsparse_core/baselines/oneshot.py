@@ -30,6 +30,7 @@ import torch
 
 from proxsparse_core.errors import Stopped
 from proxsparse_core.sparsity.masks import load_weights, mask_2to4, snapshot
+from proxsparse_core.sparsity.experts import routed_linears
 from proxsparse_core.sparsity.prunable import find_decoder_blocks
 from proxsparse_core.results import TITLES, Pruning
 from proxsparse_core.sparsity.scores import InputNorms, wanda_score
@@ -142,12 +143,19 @@ def _inputs_to(prunable, names, take):
 def _collect_pairs(block, entries, dense, names, prunable, collectors):
     """One block, still dense, batch by batch: its dense-path inputs (`dense`) through it with every
     layer's input kept, then the pruned path's (`entries`), each layer's collector folding in both;
-    returns the dense path's outputs (the next block's dense inputs)."""
+    returns the dense path's outputs (the next block's dense inputs). An expert of a mixture-of-experts
+    block sees other tokens on the two paths (the router may choose differently), so it keeps its own
+    outputs as the target (pairs each input with itself)."""
+    routed = routed_linears(block)
     kept, out = {}, []
+
+    def pair(n, x):
+        own = id(prunable.modules[n]) in routed
+        collectors[n].add_pair(x, x if own else kept[n])
     for entry, dense_entry in zip(entries, dense):
         with _inputs_to(prunable, names, kept.__setitem__):
             out += _run_block(block, [dense_entry])
-        with _inputs_to(prunable, names, lambda n, x: collectors[n].add_pair(x, kept[n])):
+        with _inputs_to(prunable, names, pair):
             _run_block(block, [entry])
     return out
 

@@ -106,6 +106,12 @@ class UnfusedExperts(nn.Module):
             sd[f"{prefix}.{key[len(prefix) + 7:]}"] = sd.pop(key)
 
 
+def routed_linears(module: nn.Module) -> set[int]:
+    """id() of every expert nn.Linear inside `module`: layers that see only the tokens routed to them."""
+    return {id(lin) for m in module.modules() if isinstance(m, UnfusedExperts)
+            for lin in (*getattr(m, m.names[1]), *m.down)}
+
+
 @torch.no_grad()
 def _agrees(fused: nn.Module, unfused: UnfusedExperts, hidden: int) -> bool:
     """Do both compute the same on a random routed probe (within the dtype's rounding)?"""

@@ -2,7 +2,7 @@
 dimension is divisible by 4 — found by walking the model, not by a list of names, so new
 architectures work. Embeddings, lm_head and norms are never pruned.
 
-Two kinds of weight need a word:
+Three kinds of weight need a word:
 
 * GPT-2-style `Conv1D` layers (GPT-2, DistilGPT2, OpenAI GPT) are linear layers stored the other
   way round, [in, out]. `linearise_conv1d` swaps each one inside the decoder blocks for an
