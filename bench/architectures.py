@@ -70,6 +70,8 @@ ARCHS = {
                                                                 shared_expert_intermediate_size=64, **MOE)),
     "granitemoe": ("GraniteMoeConfig", "GraniteMoeForCausalLM", dict(BASE, num_local_experts=4, **MOE)),
     "gpt_oss": ("GptOssConfig", "GptOssForCausalLM", dict(BASE, num_local_experts=4, head_dim=16, **MOE)),
+    "llama4": ("Llama4TextConfig", "Llama4ForCausalLM", dict(BASE, num_local_experts=4, head_dim=16,
+                                                             intermediate_size_mlp=128, num_experts_per_tok=1)),
     "deepseek_v3": ("DeepseekV3Config", "DeepseekV3ForCausalLM",
                     dict(BASE, num_key_value_heads=4, moe_intermediate_size=64, n_routed_experts=4,
                          n_shared_experts=1, first_k_dense_replace=1, kv_lora_rank=16, q_lora_rank=32,

@@ -120,6 +120,39 @@ def test_fused_experts_become_one_linear_layer_per_expert_that_computes_the_same
         assert saved[k].shape == v.shape and torch.equal(saved[k], v), k
 
 
+@pytest.mark.parametrize("arch", ["gpt_oss", "llama4"])
+def test_other_experts_layouts_unfuse_to_the_same_logits_and_fold_back_bit_for_bit(arch):
+    """GPT-OSS: experts stored transposed, with biases and its own gate function; Llama 4: no layout
+    flags, one stacked input [experts × tokens, hidden] scaled by the router."""
+    import transformers
+
+    from proxsparse_core.sparsity.prunable import find_prunable, hf_state_dict, linearise
+
+    common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=16, num_local_experts=4, max_position_embeddings=128)
+    if arch == "gpt_oss":
+        model = transformers.GptOssForCausalLM(transformers.GptOssConfig(**common, num_experts_per_tok=2))
+    else:
+        model = transformers.Llama4ForCausalLM(transformers.Llama4TextConfig(**common, intermediate_size_mlp=128,
+                                                                             num_experts_per_tok=1))
+    torch.manual_seed(0)
+    for name, p in model.named_parameters():
+        if "experts" in name:                  # Llama 4 starts gate_up_proj at zeros: make every weight count
+            torch.nn.init.normal_(p, std=0.05)
+    model.eval()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    ids = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        reference = model(ids).logits
+    assert len(linearise(model)) == 2
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference, rtol=1e-5, atol=1e-5)
+    prunable = find_prunable(model)
+    assert sum(".experts." in n for n in prunable.names) == 2 * 2 * 4 and prunable.dense_share < 0.01
+    saved = hf_state_dict(model)
+    assert set(saved) == set(before) and all(torch.equal(saved[k], v) for k, v in before.items())
+
+
 def test_an_experts_module_the_probe_does_not_accept_stays_fused_and_is_named_dense(moe_folder):
     from transformers import AutoModelForCausalLM
 

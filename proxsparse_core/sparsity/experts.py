@@ -9,6 +9,10 @@ blocks' weights stayed dense.
 `unfuse_experts` swaps each such module, right after loading, for `UnfusedExperts`: one nn.Linear
 per expert and projection (`…experts.gate_up.3`, `…experts.down.3`), computing the same thing
 token by token (each expert reads only the tokens routed to it, as the fused module's loop does).
+Llama 4's experts have no such flags and take one stacked input instead, [experts × tokens, hidden],
+every token scaled by its router score (0 where the router did not choose that expert), with
+`gate_up_proj` stored [experts, hidden, 2·inner]: the same swap serves them ("stacked" mode), each
+expert reading its slice of the stack.
 From then on every expert is a linear layer like any other: ProxSparse learns its mask, and the
 hooks of Wanda, SparseGPT and the OBS update see exactly the inputs the router sends it. Each swap is
 checked first on a random probe against the fused module's own forward; a module it does not match
@@ -26,11 +30,18 @@ PROBE_TOKENS = 16
 _PROJ = {True: ("gate_up_proj", "gate_up"), False: ("up_proj", "up")}   # has_gate → (fused name, ours)
 
 
+def _stacked(m: nn.Module) -> bool:
+    """Llama 4's layout: no `use_experts_implementation` flags, a stacked input (module docstring)."""
+    return not hasattr(m, "has_gate") and hasattr(m, "act_fn")
+
+
 def _fused_layout(m: nn.Module) -> bool:
     """A module in transformers' fused-experts layout (see module docstring)."""
-    if not all(hasattr(m, a) for a in ("has_gate", "has_bias", "is_transposed", "num_experts")):
+    if not hasattr(m, "num_experts"):
         return False
-    proj = getattr(m, _PROJ[bool(m.has_gate)][0], None)
+    if not _stacked(m) and not all(hasattr(m, a) for a in ("has_gate", "has_bias", "is_transposed")):
+        return False
+    proj = getattr(m, _PROJ[bool(getattr(m, "has_gate", True))][0], None)
     down = getattr(m, "down_proj", None)
     return (isinstance(proj, nn.Parameter) and isinstance(down, nn.Parameter) and proj.dim() == 3
             and down.dim() == 3 and proj.shape[0] == down.shape[0] == m.num_experts
@@ -53,10 +64,12 @@ class UnfusedExperts(nn.Module):
 
     def __init__(self, fused: nn.Module):
         super().__init__()
-        gate = bool(fused.has_gate)
+        self.stacked = _stacked(fused)
+        gate = self.stacked or bool(fused.has_gate)
         fused_name, ours = _PROJ[gate]
         self.names = (fused_name, ours)
-        self.transposed, self.has_bias = bool(fused.is_transposed), bool(fused.has_bias)
+        self.transposed = self.stacked or bool(fused.is_transposed)
+        self.has_bias = not self.stacked and bool(fused.has_bias)
         self.num_experts = int(fused.num_experts)
         proj, down = getattr(fused, fused_name), fused.down_proj
         pb = getattr(fused, f"{fused_name}_bias", None) if self.has_bias else None
@@ -75,20 +88,31 @@ class UnfusedExperts(nn.Module):
             if n in self.shell._parameters:
                 delattr(self.shell, n)
 
-    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
-                top_k_weights: torch.Tensor) -> torch.Tensor:
-        shell, first = self.shell, getattr(self, self.names[1])
+    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        shell = self.shell
+        h = getattr(self, self.names[1])[e](x)
+        if self.stacked:
+            gate, up = h.chunk(2, dim=-1)
+            h = up * shell.act_fn(gate)
+        else:
+            h = shell._apply_gate(h) if shell.has_gate else shell.act_fn(h)
+        y = self.down[e](h)
+        if getattr(shell, "has_post_expert_norm", False):
+            y = shell.post_expert_norm(y)
+        return y
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor | None = None,
+                top_k_weights: torch.Tensor | None = None) -> torch.Tensor:
+        if self.stacked:                     # [experts × tokens, hidden]: expert e reads slice e
+            x = hidden_states.view(self.num_experts, -1, hidden_states.shape[-1])
+            return torch.stack([self._expert(e, x[e]) for e in range(self.num_experts)]).view(
+                -1, hidden_states.shape[-1])
         out = torch.zeros_like(hidden_states)
         for e in torch.unique(top_k_index).tolist():
             if not 0 <= e < self.num_experts:          # expert-parallel sentinels: no expert here
                 continue
             token, slot = torch.where(top_k_index == e)
-            h = first[e](hidden_states[token])
-            h = shell._apply_gate(h) if shell.has_gate else shell.act_fn(h)
-            y = self.down[e](h)
-            if getattr(shell, "has_post_expert_norm", False):
-                y = shell.post_expert_norm(y)
-            y = y * top_k_weights[token, slot, None]
+            y = self._expert(e, hidden_states[token]) * top_k_weights[token, slot, None]
             out.index_add_(0, token, y.to(out.dtype))
         return out
 
@@ -121,8 +145,10 @@ def _agrees(fused: nn.Module, unfused: UnfusedExperts, hidden: int) -> bool:
     x = torch.randn(PROBE_TOKENS, hidden, generator=g).to(p.device, p.dtype)
     idx = torch.rand(PROBE_TOKENS, unfused.num_experts, generator=g).argsort(-1)[:, :k].to(p.device)
     w = torch.rand(PROBE_TOKENS, k, generator=g).softmax(-1).to(p.device, p.dtype)
+    if unfused.stacked:
+        x = torch.randn(PROBE_TOKENS * unfused.num_experts, hidden, generator=g).to(p.device, p.dtype)
     try:
-        a, b = fused(x, idx, w), unfused(x, idx, w)
+        a, b = (fused(x), unfused(x)) if unfused.stacked else (fused(x, idx, w), unfused(x, idx, w))
     except Exception:                   # another signature or layout: leave the module as it is
         return False
     if not isinstance(a, torch.Tensor) or a.shape != b.shape:
@@ -139,10 +165,9 @@ def unfuse_experts(model: nn.Module, blocks: list[tuple[str, nn.Module]]) -> lis
         for sub, m in list(block.named_modules()):
             if not sub or not _fused_layout(m):
                 continue
-            fused_name, _ = _PROJ[bool(m.has_gate)]
-            w = getattr(m, fused_name)
-            hidden = w.shape[1] if m.is_transposed else w.shape[2]
             unfused = UnfusedExperts(m)
+            w = getattr(m, unfused.names[0])
+            hidden = w.shape[1] if unfused.transposed else w.shape[2]
             if not _agrees(m, unfused, hidden):
                 continue
             unfused.release_fused()

@@ -81,8 +81,8 @@ class PrunableSet:
         kinds = ", ".join(n for n, _ in self.largest_dense()[:2])
         return (f"2:4 covers only the {len(self.names)} prunable linear layers: {self.dense_share:.0%} of the "
                 f"decoder blocks' weights ({self.n_left_dense / 1e6:.1f} M, e.g. {kinds}) are in tensors it does "
-                "not prune (for example a mixture-of-experts model's fused expert weights, or a layer whose "
-                "input dimension is not divisible by 4) and stay dense in every result and export")
+                "not prune (for example fused expert weights in a layout the studio does not know, or a layer "
+                "whose input dimension is not divisible by 4) and stay dense in every result and export")
 
 
 def find_decoder_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
