@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -194,6 +195,48 @@ def test_a_moe_model_is_learned_recovered_and_exported_with_every_expert_24(moe_
     card = (out / "README.md").read_text()          # the routers, and nothing else, are named as dense
     assert "**Not 2:4:** 2 weight tensors inside the decoder blocks (0.2% of" in card
     assert "mlp.gate.weight" in card and "experts" not in card.split("**Not 2:4:**")[1]
+
+
+def test_a_moe_checkpoint_in_the_hubs_per_expert_layout_exports_in_that_layout_with_every_expert_24(moe_folder,
+                                                                                                    tmp_path):
+    """Mixtral checkpoints on the Hub store each expert as w1 / w2 / w3 matrices, which transformers fuses on
+    loading; the export goes back through save_pretrained's own reverse conversion."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModelForCausalLM
+
+    from proxsparse_core.cli import main
+    from proxsparse_core.export import load_with_masks
+
+    legacy = tmp_path / "legacy"
+    shutil.copytree(moe_folder, legacy)
+    fused, split = load_file(legacy / "model.safetensors"), {}
+    for k, v in fused.items():
+        block = k.partition(".mlp.")[0]
+        if k.endswith(".mlp.experts.gate_up_proj"):           # [experts, 2·inner, hidden] = [w1; w3] per expert
+            for e in range(v.shape[0]):
+                gate, up = v[e].chunk(2)
+                split[f"{block}.block_sparse_moe.experts.{e}.w1.weight"] = gate.contiguous()
+                split[f"{block}.block_sparse_moe.experts.{e}.w3.weight"] = up.contiguous()
+        elif k.endswith(".mlp.experts.down_proj"):
+            for e in range(v.shape[0]):
+                split[f"{block}.block_sparse_moe.experts.{e}.w2.weight"] = v[e].contiguous()
+        else:
+            split[k.replace(".mlp.gate.", ".block_sparse_moe.gate.")] = v
+    save_file(split, legacy / "model.safetensors", metadata={"format": "pt"})
+
+    run, out = tmp_path / "run", tmp_path / "export"
+    assert main(["learn", "--model", str(legacy), *LEARN, "--steps", "2", "--no-eval", "--out", str(run)]) == 0
+    assert main(["export", "--run", str(run), "--out", str(out), "--no-eval"]) == 0
+    saved = load_file(out / "model.safetensors")
+    assert "model.layers.0.block_sparse_moe.experts.3.w2.weight" in saved and not any("gate_up" in k for k in saved)
+    for k, v in saved.items():
+        if ".experts." in k:
+            assert int((v.reshape(-1, 4) != 0).sum(1).max()) == 2, k
+    exported = AutoModelForCausalLM.from_pretrained(out).eval()
+    lm = load_with_masks(str(legacy), run / "masks.npz", device="cpu", dtype="float32")
+    ids = torch.randint(0, 256, (2, 24))
+    with torch.no_grad():
+        torch.testing.assert_close(exported(ids).logits, lm.model(ids).logits, rtol=1e-5, atol=1e-5)
 
 
 def test_an_expert_the_router_never_chose_is_pruned_by_magnitude_with_no_update():
