@@ -348,3 +348,21 @@ def test_report_ticks_are_round_and_steps_whole():
     import re
     xs = re.findall(r'text-anchor="middle">([^<]+)</text>', svg)
     assert "1.5" not in xs and {"1", "2", "3"} <= set(xs)
+
+
+def test_the_report_is_written_without_plotly_with_its_svg_charts(monkeypatch):
+    """The core runs where only torch and transformers are installed (a GPU machine): no interactive
+    charts then, the SVG learning curves still there."""
+    import importlib.util
+    import sys
+
+    from proxsparse_core.runs.report import report_html
+
+    events = [{"step": s, "total_steps": 3, "loss": 3.0 - 0.1 * s, "lm_loss": 3.0 - 0.1 * s, "share_24": 0.2 * s,
+               "nnz_hist": [0, 0, s, 1, 3 - s], "lr": 0.01} for s in (1, 2, 3)]
+    if importlib.util.find_spec("plotly") is not None:
+        assert "Interactive charts" in report_html({"perplexity": {}}, events, {"loss": "<svg id='loss'></svg>"})
+    monkeypatch.setitem(sys.modules, "plotly", None)             # as if it were not installed
+    monkeypatch.setitem(sys.modules, "plotly.graph_objects", None)
+    without = report_html({"perplexity": {}}, events, {"loss": "<svg id='loss'></svg>"})
+    assert "Interactive charts" not in without and "<svg id='loss'>" in without

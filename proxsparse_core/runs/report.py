@@ -190,11 +190,16 @@ def sparsity_svg(events: list[dict]) -> str:
 
 
 def _interactive_plots(events: list[dict]) -> str:
-    """The app's plotly charts as HTML fragments (plotly.js embedded once, so it works offline)."""
+    """The app's plotly charts as HTML fragments (plotly.js embedded once, so it works offline); ""
+    where plotly is not installed (the core alone, e.g. on a GPU machine: the SVG charts stand)."""
     from proxsparse_core.runs.curves import loss_figure, sparsity_figure
 
+    try:
+        figures = (loss_figure(events), sparsity_figure(events))
+    except ImportError:
+        return ""
     parts = []
-    for i, fig in enumerate((loss_figure(events), sparsity_figure(events))):
+    for i, fig in enumerate(figures):
         parts.append(fig.to_html(full_html=False, include_plotlyjs=(i == 0)))
     return "\n".join(parts)
 
@@ -290,8 +295,9 @@ def report_html(metrics: dict, events: list[dict], svgs: dict[str, str], interac
     if svgs:
         parts.append('<section class="charts"><h2>Learning curves</h2>'
                      + "".join(svgs[k] for k in ("loss", "sparsity") if k in svgs) + "</section>")
-    if interactive and events:
-        parts += ["<section><h2>Interactive charts</h2>", _interactive_plots(events), "</section>"]
+    charts = _interactive_plots(events) if interactive and events else ""
+    if charts:
+        parts += ["<section><h2>Interactive charts</h2>", charts, "</section>"]
     recipe = metrics.get("recipe")
     if recipe:
         config = recipe.get("config") or {}
