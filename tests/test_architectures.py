@@ -45,6 +45,21 @@ def moe_folder(tmp_path_factory):
     return _save(MixtralForCausalLM(cfg).eval(), tmp_path_factory.mktemp("moe") / "mixtral")
 
 
+def _same_logits_and_saved_back_as_before(model, before: dict, reference, ids=None):
+    """`model` (its layers swapped by linearise) computes what `reference` (the original model, or its logits on
+    `ids`) does, and hf_state_dict gives back the original state dict `before`, bit for bit."""
+    from proxsparse_core.sparsity.prunable import hf_state_dict
+
+    ids = torch.randint(0, 256, (2, 24)) if ids is None else ids
+    with torch.no_grad():
+        expected = reference if isinstance(reference, torch.Tensor) else reference(ids).logits
+        torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    saved = hf_state_dict(model)
+    assert set(saved) == set(before)
+    for k, v in before.items():
+        assert saved[k].shape == v.shape and torch.equal(saved[k], v), k
+
+
 def test_conv1d_layers_become_linear_layers_that_compute_the_same_and_save_back_as_they_were(gpt2_folder):
     from transformers import AutoModelForCausalLM
     from transformers.pytorch_utils import Conv1D
@@ -60,13 +75,7 @@ def test_conv1d_layers_become_linear_layers_that_compute_the_same_and_save_back_
     prunable = find_prunable(model)
     assert prunable.names == swapped and not prunable.left_dense
     assert prunable.modules["transformer.h.0.mlp.c_fc"].weight.shape == (256, 64)      # [out, in]
-    ids = torch.randint(0, 256, (2, 24))
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, original(ids).logits, rtol=1e-5, atol=1e-5)
-    saved, before = hf_state_dict(model), original.state_dict()
-    assert set(saved) == set(before)
-    for k, v in before.items():
-        assert saved[k].shape == v.shape and torch.equal(saved[k], v), k
+    _same_logits_and_saved_back_as_before(model, original.state_dict(), original)
 
 
 def test_a_gpt2_model_is_learned_exported_and_loads_with_transformers_as_the_pruned_model(gpt2_folder, tmp_path,
@@ -99,7 +108,7 @@ def test_fused_experts_become_one_linear_layer_per_expert_that_computes_the_same
     from transformers import AutoModelForCausalLM
 
     from proxsparse_core.sparsity.experts import UnfusedExperts
-    from proxsparse_core.sparsity.prunable import find_prunable, hf_state_dict, linearise
+    from proxsparse_core.sparsity.prunable import find_prunable, linearise
 
     original = AutoModelForCausalLM.from_pretrained(moe_folder).eval()
     assert find_prunable(original).dense_share > 0.8          # fused: only attention would be pruned
@@ -112,13 +121,7 @@ def test_fused_experts_become_one_linear_layer_per_expert_that_computes_the_same
     assert prunable.modules["model.layers.1.mlp.experts.down.3"].weight.shape == (64, 128)   # [out, in]
     assert [n for n, _ in prunable.left_dense] == ["model.layers.0.mlp.gate.weight", "model.layers.1.mlp.gate.weight"]
     assert prunable.coverage_note() == ""                      # the routers are 0.2 % of the blocks
-    ids = torch.randint(0, 256, (2, 24))
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, original(ids).logits, rtol=1e-5, atol=1e-5)
-    saved, before = hf_state_dict(model), original.state_dict()
-    assert set(saved) == set(before)
-    for k, v in before.items():
-        assert saved[k].shape == v.shape and torch.equal(saved[k], v), k
+    _same_logits_and_saved_back_as_before(model, original.state_dict(), original)
 
 
 @pytest.mark.parametrize("arch", ["gpt_oss", "llama4"])
@@ -127,7 +130,7 @@ def test_other_experts_layouts_unfuse_to_the_same_logits_and_fold_back_bit_for_b
     flags, one stacked input [experts × tokens, hidden] scaled by the router."""
     import transformers
 
-    from proxsparse_core.sparsity.prunable import find_prunable, hf_state_dict, linearise
+    from proxsparse_core.sparsity.prunable import find_prunable, linearise
 
     common = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, head_dim=16, num_local_experts=4, max_position_embeddings=128)
@@ -146,12 +149,9 @@ def test_other_experts_layouts_unfuse_to_the_same_logits_and_fold_back_bit_for_b
     with torch.no_grad():
         reference = model(ids).logits
     assert len(linearise(model)) == 2
-    with torch.no_grad():
-        torch.testing.assert_close(model(ids).logits, reference, rtol=1e-5, atol=1e-5)
     prunable = find_prunable(model)
     assert sum(".experts." in n for n in prunable.names) == 2 * 2 * 4 and prunable.dense_share < 0.01
-    saved = hf_state_dict(model)
-    assert set(saved) == set(before) and all(torch.equal(saved[k], v) for k, v in before.items())
+    _same_logits_and_saved_back_as_before(model, before, reference, ids)
 
 
 def test_an_experts_module_the_probe_does_not_accept_stays_fused_and_is_named_dense(moe_folder):
