@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections import Counter
 
 NNZ_COLOURS = ["#1b7837", "#5aae61", "#a6dba0", "#f4a582", "#bababa"]  # 0,1,2 kept-2 greens; 3 orange; 4 grey
 NNZ_LABELS = ["0 non-zeros", "1 non-zero", "2 non-zeros", "3 non-zeros", "4 non-zeros"]
@@ -171,8 +172,7 @@ def _grid(layer_names: list[str]):
             kinds.append(kind)
         if int(m.group(1)) not in rows:
             rows.append(int(m.group(1)))
-    shared = [c for c in set(cells) if cells.count(c) > 1]
-    if any(not k.endswith("(experts)") for _, k in shared):
+    if any(n > 1 and not k.endswith("(experts)") for (_, k), n in Counter(cells).items()):
         return None
     return sorted(rows), kinds, cells
 

@@ -157,7 +157,7 @@ def _agrees(fused: nn.Module, unfused: UnfusedExperts, hidden: int) -> bool:
     return bool(torch.isfinite(a).all()) and float((a - b).abs().max()) <= tol * max(float(a.abs().max()), 1e-6)
 
 
-def unfuse_experts(model: nn.Module, blocks: list[tuple[str, nn.Module]]) -> list[str]:
+def unfuse_experts(blocks: list[tuple[str, nn.Module]]) -> list[str]:
     """Swap every fused-experts module inside `blocks` ((qualified name, block)) for UnfusedExperts,
     where a probe shows both compute the same. Returns the qualified names swapped."""
     done = []

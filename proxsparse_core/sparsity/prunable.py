@@ -158,7 +158,7 @@ def linearise(model: nn.Module) -> list[str]:
         path, blocks = find_decoder_blocks(model)
     except ValueError:
         return done
-    return done + unfuse_experts(model, [(f"{path}.{i}", b) for i, b in enumerate(blocks)])
+    return done + unfuse_experts([(f"{path}.{i}", b) for i, b in enumerate(blocks)])
 
 
 def hf_state_dict(model: nn.Module) -> dict | None:
