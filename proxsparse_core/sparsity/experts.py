@@ -13,6 +13,7 @@ Llama 4's experts have no such flags and take one stacked input instead, [expert
 every token scaled by its router score (0 where the router did not choose that expert), with
 `gate_up_proj` stored [experts, hidden, 2·inner]: the same swap serves them ("stacked" mode), each
 expert reading its slice of the stack.
+
 From then on every expert is a linear layer like any other: ProxSparse learns its mask, and the
 hooks of Wanda, SparseGPT and the OBS update see exactly the inputs the router sends it. Each swap is
 checked first on a random probe against the fused module's own forward; a module it does not match
@@ -48,7 +49,9 @@ def _fused_layout(m: nn.Module) -> bool:
             and proj.device.type != "meta")
 
 
-def _linear(w: torch.Tensor, b: torch.Tensor | None, transposed: bool, requires_grad: bool) -> nn.Linear:
+def linear_of(w: torch.Tensor, b: torch.Tensor | None, transposed: bool, requires_grad: bool) -> nn.Linear:
+    """The nn.Linear (same device and dtype) computing x·wᵀ + b, or x·w + b when `transposed` (w stored
+    [in, out], as a Conv1D's or a transposed expert's)."""
     w = w.t() if transposed else w                       # nn.Linear holds [out, in]
     lin = nn.Linear(w.shape[1], w.shape[0], bias=b is not None, device=w.device, dtype=w.dtype)
     with torch.no_grad():
@@ -76,9 +79,9 @@ class UnfusedExperts(nn.Module):
         db = getattr(fused, "down_proj_bias", None) if self.has_bias else None
         grad = proj.requires_grad
         self.add_module(ours, nn.ModuleList(
-            _linear(proj[e], None if pb is None else pb[e], self.transposed, grad) for e in range(self.num_experts)))
+            linear_of(proj[e], None if pb is None else pb[e], self.transposed, grad) for e in range(self.num_experts)))
         self.down = nn.ModuleList(
-            _linear(down[e], None if db is None else db[e], self.transposed, grad) for e in range(self.num_experts))
+            linear_of(down[e], None if db is None else db[e], self.transposed, grad) for e in range(self.num_experts))
         self.shell = fused
 
     def release_fused(self):
@@ -142,11 +145,10 @@ def _agrees(fused: nn.Module, unfused: UnfusedExperts, hidden: int) -> bool:
     p = next(fused.parameters())
     g = torch.Generator().manual_seed(0)
     k = min(2, unfused.num_experts)
-    x = torch.randn(PROBE_TOKENS, hidden, generator=g).to(p.device, p.dtype)
+    rows = PROBE_TOKENS * (unfused.num_experts if unfused.stacked else 1)
+    x = torch.randn(rows, hidden, generator=g).to(p.device, p.dtype)
     idx = torch.rand(PROBE_TOKENS, unfused.num_experts, generator=g).argsort(-1)[:, :k].to(p.device)
     w = torch.rand(PROBE_TOKENS, k, generator=g).softmax(-1).to(p.device, p.dtype)
-    if unfused.stacked:
-        x = torch.randn(PROBE_TOKENS * unfused.num_experts, hidden, generator=g).to(p.device, p.dtype)
     try:
         a, b = (fused(x), unfused(x)) if unfused.stacked else (fused(x, idx, w), unfused(x, idx, w))
     except Exception:                   # another signature or layout: leave the module as it is

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from proxsparse_core.sparsity.experts import UnfusedExperts, unfuse_experts
+from proxsparse_core.sparsity.experts import UnfusedExperts, linear_of, unfuse_experts
 
 CONV1D_FLAG = "hf_conv1d"      # set on an nn.Linear that was a Conv1D: saved back in Conv1D's layout
 NOTE_SHARE = 0.01              # coverage_note speaks when this share of the blocks' weights stays dense
@@ -136,12 +136,7 @@ def linearise_conv1d(model: nn.Module) -> list[str]:
         for sub, m in list(block.named_modules()):
             if not sub or not _is_conv1d(m):
                 continue
-            w = m.weight
-            lin = nn.Linear(w.shape[0], w.shape[1], bias=m.bias is not None, device=w.device, dtype=w.dtype)
-            lin.weight.copy_(w.t())
-            if m.bias is not None:
-                lin.bias.copy_(m.bias)
-            lin.requires_grad_(w.requires_grad)
+            lin = linear_of(m.weight, m.bias, transposed=True, requires_grad=m.weight.requires_grad)
             setattr(lin, CONV1D_FLAG, True)
             parent = block.get_submodule(sub.rpartition(".")[0]) if "." in sub else block
             setattr(parent, sub.rpartition(".")[2], lin)
