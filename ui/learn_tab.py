@@ -157,7 +157,7 @@ def _on_disk(name: str) -> bool:
     return os.path.isdir(os.path.expanduser(preset_model(name) or ""))
 
 
-PRESET_WORDS = {"quick-demo": "short · CPU, offline", "bundled-quality": "best · offline"}
+PRESET_WORDS = {"quick-demo": "short · CPU, offline", "bundled-quality": "best on a GPU"}
 
 
 def preset_label(name: str) -> str:
