@@ -8,9 +8,11 @@
 #                         the fine-tuning alone (no OBS update);
 #   <model>_sgpt_s<seed>  dense, SparseGPT (and its mask on W0), then
 #                         `standard` recovery: OBS update + 300 fine-tuning steps on 300 samples,
-#                         the same with the tokens matched: 600 steps on 600 samples — as many as ProxSparse's
-#                         learning (300 steps of one 128-token sample) and its recovery (300) read together.
-# Models: the bundled SmolLM2-135M (llama; preset bundled-quality) and, with QWEN=FOLDER, a second
+#                         the same with 600 steps on 600 samples (as many as a 300-step, one-sample
+#                         ProxSparse run and its recovery read together: `scale-free`'s budget);
+#                         SparseGPT is calibrated on the preset's samples, the same as ProxSparse's.
+# Models: the bundled SmolLM2-135M (llama; preset bundled-quality: 600 steps × 8 samples from 2,400 since
+# bench/RESULTS.md 1i, 300 × 1 from 150 before) and, with QWEN=FOLDER, a second
 # architecture from a local folder (qwen2; preset scale-free), e.g. the GPU demo's model (bench/demo_model.py).
 #   RES=/tmp/r30 QWEN=/tmp/demo-model bash bench/gpu_recovery.sh
 #   SMOKE=1 RES=/tmp/r30s bash bench/gpu_recovery.sh          # a few steps of each, on the CPU
@@ -18,8 +20,8 @@
 # was measured with commit b5e9d51 of this script.
 # PROX_REC / SGPT_REC replace the two processes' recovery items (e.g. "both:300,both:300:obs_damp=0.1"; with
 # them PREGEN=300 writes no more of the model's own text than they read). PROX_SET / SGPT_SET add settings to
-# the two processes (e.g. PROX_SET="steps=1200 samples=600" SGPT_SET="samples=600": a 4x learning budget, and
-# SparseGPT calibrated on the same 600 samples); TAG is added to their file names.
+# the two processes (e.g. PROX_SET="steps=300 batch=1 samples=150" SGPT_SET="samples=150": the smaller budget of
+# 1g, SparseGPT calibrated on the same 150 samples); TAG is added to their file names.
 # Rows go to $RES/*.jsonl, logs to $RES/*.log; `python bench/quality.py --table $RES/*.jsonl` prints them.
 set -u
 RES=${RES:-/tmp/r30}; QWEN=${QWEN:-}; SEEDS=${SEEDS:-"0 1"}; MAXJOBS=${MAXJOBS:-8}
@@ -33,7 +35,9 @@ SMALL=""; [ -n "${SMOKE:-}" ] && SMALL=":samples=8"
 PROX_REC=${PROX_REC:-"both:$REC$SMALL,finetune:$REC$SMALL"}
 MATCHED=$((2 * REC)); [ -n "${SMOKE:-}" ] && MATCHED_SAMPLES=16 || MATCHED_SAMPLES=$MATCHED
 SGPT_REC=${SGPT_REC:-"both:$REC$SMALL,both:$MATCHED:samples=$MATCHED_SAMPLES"}
-PREGEN=${PREGEN:-$MATCHED_SAMPLES}   # samples of the model's own text written before the processes start
+# samples of the model's own text written before the processes start: the most any process reads (the
+# bundled model's preset calibrates on 2,400)
+PREGEN=${PREGEN:-$( [ -n "${SMOKE:-}" ] || [ "${SMOL:-1}" = 0 ] && echo $MATCHED_SAMPLES || echo 2400 )}
 models="bundled:smollm2-135m=bundled-quality"; [ "${SMOL:-1}" = 0 ] && models=""   # SMOL=0: the second model alone
 [ -n "$QWEN" ] && models="$models $QWEN=scale-free"
 settings() {   # settings MODEL SEED: the base settings of every process of that model and seed
