@@ -62,7 +62,7 @@ EXPORTED_TO = re.compile(r"to `([^`]+)`")
 BASELINES = ["magnitude", "wanda", "sparsegpt", "sparsegpt-maskonly"]
 PROMPT = "What is the capital of France?"
 # --smoke: a tiny run that takes seconds on a CPU (the CI test drives a tiny random model with it)
-SMOKE = dict(samples=8, ctx=32, eval_ctx=32, eval_windows=4, layer_stats_every=2, steps=6, data="builtin")
+SMOKE = dict(samples=8, ctx=32, eval_ctx=32, eval_windows=4, layer_stats_every=2, steps=6, batch=1, data="builtin")
 SMOKE_RECOVERY = dict(steps=4, samples=0, batch=1, text=0)
 
 

@@ -37,6 +37,7 @@ from dataclasses import KW_ONLY, dataclass, field
 from typing import Any, Callable
 
 from proxsparse_core.config import RunConfig
+from proxsparse_core.data.text import GENERATED_SOURCES
 from proxsparse_core.errors import Stopped, UserError
 from proxsparse_core.progress import Progress
 from proxsparse_core.results import DENSE, LEARNED, method_of, title
@@ -457,8 +458,12 @@ class JobManager:
         the app does so at start for the preselected bundled model, so that the first Start learns at
         once instead of loading first. Whatever needs the model meanwhile (a Start, a generation)
         waits for it. A failure is only logged: the first job that needs the model loads it again and
-        says what went wrong."""
+        says what went wrong. Calibration text the model must write itself (data mix or generated) is
+        not written here: on a CPU that can take far longer than loading (bundled-quality reads 2,400
+        samples), so the preload takes the built-in text and the first Start writes the rest."""
         cfg = self.check_remote_code(cfg)
+        if cfg.data in GENERATED_SOURCES:
+            cfg = RunConfig(**{**cfg.to_dict(), "data": "builtin"})
 
         def work():
             try:
