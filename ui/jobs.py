@@ -567,7 +567,9 @@ class JobManager:
         """The learning job's work (its thread): load, learn, verify, measure; returns its status."""
         job.status = "loading"
         job.say(f"$ {job.cfg.cli_command()}")
-        job.say(f"loading {job.cfg.model} and tokenising the calibration data …")
+        job.say(f"loading {job.cfg.model} and tokenising the calibration data …"
+                + (" (the first run of a model and seed also has the model write its own calibration text: "
+                   "minutes on a GPU, longer on a CPU; cached after)" if job.cfg.data in GENERATED_SOURCES else ""))
         lm = self.ensure_loaded(job.cfg)
         job.named(self.ws.unique_name(LEARNED))       # a new run never replaces an earlier result
         job.state["dense_measured"] = DENSE in self.ws.ppl    # then its perplexity phase takes no time (the ETA)
