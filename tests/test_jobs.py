@@ -103,8 +103,8 @@ def test_a_start_during_the_preload_waits_for_it_and_loads_nothing_again(tiny_di
 
 def test_the_preload_leaves_writing_the_models_own_text_to_the_first_start(tiny_dir, monkeypatch):
     """A preset on data `mix` (bundled-quality: 2,400 samples, half written by the model) preloads the
-    model on the built-in text: writing the rest took the preload over 14 minutes on 2 CPU cores, holding
-    the loading lock every Start waits for."""
+    model on the built-in text: writing the rest on a CPU kept the preload going far longer than a
+    load, holding the loading lock that every Start waits for (the CI test of app_drive ran out of time)."""
     from proxsparse_core.data import selfgen
 
     written = []
