@@ -273,8 +273,8 @@ _SCALE_FREE = dict(samples=150, ctx=128, steps=300, batch=1, lambda1=0.01, lambd
 # `bundled-quality` reads 16× the tokens: 600 steps of 8 samples drawn from 2,400 (each seen twice). With
 # the same `standard` recovery for both and SparseGPT calibrated on the same 2,400 samples, this is the
 # first setting measured whose recovered result is ahead of SparseGPT's on most texts (issue 30,
-# bench/RESULTS.md); with 300 steps of one sample it was behind on nearly all. Made for a GPU: on a CPU
-# the steps alone take hours (quick-demo is the CPU demo).
+# bench/RESULTS.md); with 300 steps of one sample it was behind on nearly all. Made for a GPU (its
+# CPU time per step: bench/RESULTS.md 1i); quick-demo is the CPU demo.
 _LARGE_BUDGET = dict(samples=2400, steps=600, batch=8)
 
 # the preset the app opens on (default_preset): on a GPU the bundled model's best measured setting
