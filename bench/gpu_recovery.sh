@@ -19,13 +19,13 @@
 # Recovery from the learned weights instead of W0 · mask (worse on every text: bench/RESULTS.md section 1a)
 # was measured with commit b5e9d51 of this script.
 # PROX_REC / SGPT_REC replace the two processes' recovery items (e.g. "both:300,both:300:obs_damp=0.1"; with
-# them PREGEN=300 writes no more of the model's own text than they read). PROX_SET / SGPT_SET add settings to
+# them PREGEN=300 writes no more of the model's own text than they read). METHODS=prox (or sgpt) runs one half. PROX_SET / SGPT_SET add settings to
 # the two processes (e.g. PROX_SET="steps=300 batch=1 samples=150" SGPT_SET="samples=150": the smaller budget of
 # 1g, SparseGPT calibrated on the same 150 samples); TAG is added to their file names.
 # Rows go to $RES/*.jsonl, logs to $RES/*.log; `python bench/quality.py --table $RES/*.jsonl` prints them.
 set -u
 RES=${RES:-/tmp/r30}; QWEN=${QWEN:-}; SEEDS=${SEEDS:-"0 1"}; MAXJOBS=${MAXJOBS:-8}
-PROX_SET=${PROX_SET:-}; SGPT_SET=${SGPT_SET:-}; TAG=${TAG:-}
+PROX_SET=${PROX_SET:-}; SGPT_SET=${SGPT_SET:-}; TAG=${TAG:-}; METHODS=${METHODS:-"prox sgpt"}
 mkdir -p "$RES"
 export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS=${OMP_NUM_THREADS:-2}
 DEV=cuda; WIN=40; REC=300; STEPS=""; N=""
@@ -55,12 +55,14 @@ wait
 echo "pregen done $(date +%T)"
 for s in $SEEDS; do for ms in $models; do
   m=${ms%=*}; preset=${ms#*=}; tag=$( [ "$preset" = bundled-quality ] && echo smol || echo second )
+  case " $METHODS " in *" prox "*)
   while [ "$(jobs -rp | wc -l)" -ge "$MAXJOBS" ]; do sleep 2; done
   python3 bench/quality.py --device $DEV --preset $preset --set "$(settings "$m" "$s") $PROX_SET" --baselines "" $H \
-    --recover "$PROX_REC" --out "$RES/${tag}_prox${TAG}_s$s.jsonl" > "$RES/${tag}_prox${TAG}_s$s.log" 2>&1 &
+    --recover "$PROX_REC" --out "$RES/${tag}_prox${TAG}_s$s.jsonl" > "$RES/${tag}_prox${TAG}_s$s.log" 2>&1 & ;; esac
+  case " $METHODS " in *" sgpt "*)
   while [ "$(jobs -rp | wc -l)" -ge "$MAXJOBS" ]; do sleep 2; done
   python3 bench/quality.py --device $DEV --preset $preset --set "$(settings "$m" "$s") $SGPT_SET" --baselines sparsegpt \
-    --no-proxsparse $H --recover "$SGPT_REC" --out "$RES/${tag}_sgpt${TAG}_s$s.jsonl" > "$RES/${tag}_sgpt${TAG}_s$s.log" 2>&1 &
+    --no-proxsparse $H --recover "$SGPT_REC" --out "$RES/${tag}_sgpt${TAG}_s$s.jsonl" > "$RES/${tag}_sgpt${TAG}_s$s.log" 2>&1 & ;; esac
 done; done
 wait
 echo "all done $(date +%T)"
