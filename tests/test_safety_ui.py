@@ -266,6 +266,29 @@ def test_bad_values_in_other_endpoints_name_the_widget(live, api, change, messag
     assert jobs.activity is None
 
 
+@pytest.mark.parametrize("value", [{"path": "/etc/passwd", "meta": {"_type": "gradio.FileData"}}, "/etc/passwd",
+                                   {"path": "/etc/passwd"}, 5, [1]], ids=["record-not-uploaded", "path", "no-meta",
+                                                                         "number", "list"])
+def test_a_file_field_that_is_no_upload_is_refused_in_one_line(live, tiny_dir, value):
+    """Gradio reads file fields before any handler runs; what it cannot read (or refuses: a path
+    not uploaded through this server) used to reach the client as {"error": null}."""
+    url, jobs = live
+    for api, data in (("open_zip", [value]), ("start", start_args(tiny_cfg(tiny_dir), mode="upload a file", upload=value))):
+        event, out = http_call(url, api, data)
+        assert event == "error" and "must be empty or the record of a file uploaded to this server" in out["error"], out
+        assert "file field “" in out["error"], out      # names the widget by its label
+    assert jobs.activity is None
+
+
+def test_too_few_values_are_refused_in_one_line(live):
+    url, jobs = live
+    event, out = http_call(url, "open_zip", [])
+    assert event == "error" and out["error"] == "this endpoint takes 1 value; the request sent 0", out
+    event, out = http_call(url, "start", [None, None])
+    assert event == "error" and out["error"].endswith("values; the request sent 2"), out
+    assert jobs.activity is None
+
+
 def page_event(url: str, api: str, data: list, timeout: float = 60) -> list[dict]:
     """Fire an event as the page's own widget does (the browser sends the id of the widget that
     triggered it); returns the messages the page receives."""

@@ -10,6 +10,10 @@ every other exception, which is how API clients used to get `{"error": null}`). 
 the page would also cover the outputs with an "Error" pane until dismissed, hiding results
 such as the perplexity table; hence the two paths. Outside a request (tests, scripts) a
 handler warns, as in the page.
+
+Some requests fail inside Gradio before any handler runs: a file field that is not the record of
+a file uploaded to this server, or fewer values than the endpoint takes. `readable_requests`
+turns those into one line too.
 """
 from __future__ import annotations
 
@@ -21,6 +25,8 @@ import logging
 import gradio as gr
 
 from proxsparse_core.errors import UserError
+
+from .inputs import shown
 
 log = logging.getLogger("proxsparse.ui")
 
@@ -83,6 +89,42 @@ def guarded(n_outputs: int):
                 return fail(explain(exc), skip, page)
         return plain
     return wrap
+
+
+def readable_requests(demo: gr.Blocks) -> gr.Blocks:
+    """Make a request Gradio cannot read fail with one line naming what is wrong, instead of
+    `{"error": null}` for its client and a stack trace in the server log. Gradio reads an event's
+    values (checks their number, stores uploaded files, validates file records) in
+    `Blocks.preprocess_data` before the handler, even with preprocess=False; this wraps that one
+    method of `demo`. Gradio's own refusals stay in force (a path that was not uploaded through this
+    server is never read); only their message changes."""
+    read = demo.preprocess_data
+
+    @functools.wraps(read)
+    async def checked(block_fn, inputs, *args, **kwargs):
+        try:
+            return await read(block_fn, inputs, *args, **kwargs)
+        except gr.Error:
+            raise
+        except Exception as exc:  # noqa: BLE001
+            raise gr.Error(_unreadable(block_fn.inputs, inputs, exc), print_exception=False) from None
+
+    demo.preprocess_data = checked
+    return demo
+
+
+def _unreadable(widgets: list, values, exc: Exception) -> str:
+    wanted = len(widgets)
+    if not isinstance(values, list) or len(values) < wanted:
+        got = len(values) if isinstance(values, list) else shown(values)
+        return f"this endpoint takes {wanted} value{'s' * (wanted != 1)}; the request sent {got}"
+    files = [f"“{w.label}”" if w.label else "the file" for w in widgets if isinstance(w, gr.File)]
+    if files:
+        log.warning("unreadable file field: %s: %s", type(exc).__name__, str(exc).splitlines()[0])
+        return (f"the file field {' / '.join(files)} must be empty or the record of a file uploaded to this "
+                f"server (gradio_client: handle_file(path)); the request's value could not be read")
+    log.warning("unreadable request", exc_info=exc)
+    return f"the request's values could not be read ({type(exc).__name__}); nothing was started"
 
 
 def esc(text) -> str:

@@ -14,6 +14,7 @@ from proxsparse_core.config import RunConfig, default_preset
 
 from .compare_tab import build_compare_tab
 from .explain_tab import build_explain_tab
+from .feedback import readable_requests
 from .inputs import MAX_UPLOAD_MB
 from .export_tab import build_export_tab
 from .jobs import JobManager
@@ -71,7 +72,7 @@ def build_app(jobs: JobManager | None = None, defaults: RunConfig | None = None,
             with gr.Tab(RUNS_LABELS["tab"], id="runs", elem_id="ps-tab-runs") as runs:
                 build_runs_panel(jobs, runs, demo, learn, compared)
     demo.jobs = jobs
-    return demo
+    return readable_requests(demo)
 
 
 def launch(demo: gr.Blocks, host: str = "127.0.0.1", port: int | None = 7860, share: bool = False, **kw):
