@@ -274,7 +274,9 @@ _SCALE_FREE = dict(samples=150, ctx=128, steps=300, batch=1, lambda1=0.01, lambd
 # the same `standard` recovery for both and SparseGPT calibrated on the same 2,400 samples, this is the
 # first setting measured whose recovered result is ahead of SparseGPT's on most texts (issue 30,
 # bench/RESULTS.md); with 300 steps of one sample it was behind on nearly all. Made for a GPU (its
-# CPU time per step: bench/RESULTS.md 1i); quick-demo is the CPU demo.
+# CPU time per step: bench/RESULTS.md 1i); quick-demo is the CPU demo. `scale-free` (any model) keeps 300
+# steps of one sample: on the second architecture measured, this budget helped SparseGPT's 2,400-sample
+# calibration more than ProxSparse's recovered result (bench/RESULTS.md 1j).
 _LARGE_BUDGET = dict(samples=2400, steps=600, batch=8)
 
 # the preset the app opens on (default_preset): on a GPU the bundled model's best measured setting
