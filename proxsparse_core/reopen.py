@@ -5,7 +5,8 @@ A learn or prune folder gives its mask on the original weights; a SparseGPT fold
 mask, so its updated weights are rebuilt as the OBS update with that mask on the recipe's
 calibration samples (SparseGPT's own arithmetic, deterministic); a recover folder gives its
 recovered weights (weights.safetensors). `export_run` is reopen + export in one call. `open_saved` puts a run or export
-folder the app lists (runs/library.py reads it) in a workspace under a name of its own.
+folder the app lists (runs/library.py reads it) in a workspace under a name of its own; `mask_of_recovered`
+adds a recovered result's mask on the original weights when nothing else holds it.
 """
 from __future__ import annotations
 
@@ -15,13 +16,13 @@ from typing import Callable
 
 from proxsparse_core.errors import Stopped, UserError
 from proxsparse_core.recovery.recover import obs_update
-from proxsparse_core.results import DENSE, LEARNED, Pruning, tagged
+from proxsparse_core.results import DENSE, LEARNED, RECOVERED, Pruning, is_recovered, tagged
 from proxsparse_core.runs.export import ExportResult, _check_target, clean_stale, export_result
 from proxsparse_core.runs.files import read_events
 from proxsparse_core.runs.library import OpenedRun, export_weights, recorded_scores
 from proxsparse_core.runs.folder import (RECOVERY_INFO, WEIGHTS_FILE, RunFolder, _old_metrics, check_out_apart,
                                          load_weights_file, read_run)
-from proxsparse_core.sparsity.masks import check_masks_match
+from proxsparse_core.sparsity.masks import check_masks_match, same_masks
 
 
 def add_base_result(ws, folder: RunFolder, progress=None, stop=None, name: str | None = None) -> tuple[str, str]:
@@ -90,6 +91,24 @@ def open_saved(ws, opened: OpenedRun, progress=None, stop=None) -> tuple[str, st
                  and isinstance(v, (str, int, float, bool))})
     ws.add_result(name, Pruning(folder.method, folder.masks, weights, info))
     return name, f"the {folder.method} result with the updated weights of the export's model files"
+
+
+def mask_of_recovered(ws, name: str, tag: str) -> tuple[str, bool] | None:
+    """For the recovered result `name`: the result holding its mask on the original weights (what the
+    mask alone does, the middle column of a lecture), added under its base method tagged with `tag`
+    when the workspace has none (a recovered run or export opened on its own, e.g. on another
+    machine). Returns (that result's name, whether it was added), or None when `name` is not a
+    recovered result."""
+    rec = ws.results[name]
+    if not is_recovered(name) or rec.weights is None:
+        return None
+    for other, res in ws.results.items():
+        if not is_recovered(other) and res.weights is None and same_masks(res.masks, rec.masks):
+            return other, False
+    method = rec.info.get("base_method") or name.split(RECOVERED)[0]
+    base = ws.unique_name(tagged(method, tag) if tag else method)
+    ws.add_result(base, Pruning(method, rec.masks, None, {"config": rec.info.get("config"), "mask_of": name}))
+    return base, True
 
 
 def restore_scores(ws, opened: OpenedRun, name: str) -> str:

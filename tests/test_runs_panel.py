@@ -209,3 +209,32 @@ def test_the_run_picker_follows_the_newest_run_unless_the_user_picked_one(cli_ru
     shutil.rmtree(old)
     assert runs_panel.list_update(jobs, str(old))["runs_choice"]["value"] == str(new)    # gone: the newest
     assert runs_panel.list_update(jobs, ["not", "a", "path"])["runs_choice"]["value"] == str(new)
+
+
+def test_a_recovered_run_opened_on_its_own_gives_the_lecture_all_three_columns(cli_run, tmp_path):
+    """A lecture prepared elsewhere: only the recover folder is copied over. Opening it also puts its
+    mask on the original weights in place (once), so lecture mode shows dense, mask only and
+    recovered; opened beside the run it recovered, that run's mask is used and nothing is added."""
+    from ui import lecture
+
+    rec = tmp_path / "rec"
+    assert cli.main(["recover", "--run", str(cli_run), "--method", "obs", "--out", str(rec), "--no-eval"]) == 0
+    jobs = JobManager(runs_dir=tmp_path / "runs")
+    final = list(runs_panel.stream_open(jobs, str(rec)))[-1]
+    assert "Opened" in final.runs_status, final.runs_status
+    recovered = "proxsparse+recovery#rec"
+    names = list(jobs.ws.results)
+    assert recovered in names and len(names) == 2, names
+    mask_only = next(n for n in names if n != recovered)
+    assert jobs.ws.results[mask_only].weights is None and jobs.verified[mask_only]
+    assert same(jobs.ws.results[mask_only].masks, jobs.ws.results[recovered].masks)
+    assert lecture.columns(jobs, lecture.check_base(jobs, None)) == {"dense": DENSE, "mask": mask_only,
+                                                                       "recovered": recovered}
+    list(runs_panel.stream_open(jobs, str(rec)))                     # opened again: nothing new
+    assert list(jobs.ws.results) == names
+
+    beside = JobManager(runs_dir=tmp_path / "runs2")
+    list(runs_panel.stream_open(beside, str(cli_run)))
+    list(runs_panel.stream_open(beside, str(rec)))
+    assert list(beside.ws.results) == ["proxsparse#demo", recovered]          # the run it recovered is the mask
+    assert lecture.recovered_of(beside, "proxsparse#demo") == recovered

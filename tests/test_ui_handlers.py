@@ -634,3 +634,21 @@ def test_a_generation_ends_with_the_tokens_per_second_of_both_sides_on_a_gpu(fin
     assert "takes bf16/fp16" in compare_tab.speed_line(both, FastGeneration(triton=True, skipped=["a"]))
     assert "no layer was faster" in compare_tab.speed_line(both, FastGeneration(triton=True, converted=["a"]))
     assert "kernel" not in compare_tab.speed_line(both, None)      # an answer cut short: nothing claimed
+
+
+def test_an_export_of_updated_weights_says_the_zip_cannot_carry_them(tmp_path):
+    """The download zip holds masks, recipe and report; a recovered (or SparseGPT) result's weights
+    travel only with the export folder, and the summary says so (reopening the zip elsewhere names
+    the missing weights)."""
+    from types import SimpleNamespace
+
+    from ui.export_tab import summary_markdown
+
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 10)
+    base = {"result": "ProxSparse + recovery", "verified": True, "verification": "all groups are 2:4"}
+    said = {}
+    for updated in (True, False):
+        res = SimpleNamespace(folder=tmp_path, files=["model.safetensors"], metrics={**base, "weights_updated": updated})
+        said[updated] = summary_markdown(res)
+    assert "copy the whole folder" in said[True] and "not the updated weights" in said[True]
+    assert "copy the whole folder" not in said[False]

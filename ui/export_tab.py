@@ -196,6 +196,10 @@ def summary_markdown(res) -> str:
     lines += ["Load it with `AutoModelForCausalLM.from_pretrained(\"" + str(res.folder) + "\")`; "
               "`proxsparse/masks.npz` re-creates it from the original model "
               "(`proxsparse_core.export.load_with_masks`)."]
+    if m.get("weights_updated"):
+        lines += ["", "The zip below holds the masks, recipe and report, not the updated weights: to show this "
+                      "result on another machine, copy the whole folder and open it there (Saved runs → Open "
+                      "folder)."]
     return "\n".join(lines)
 
 

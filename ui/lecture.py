@@ -25,6 +25,7 @@ from proxsparse_core import measured
 from proxsparse_core.errors import Stopped, UserError
 from proxsparse_core.inference.evaluate import EXAMPLE_PROMPTS, GenerationSettings, first_divergence
 from proxsparse_core.results import DENSE, LEARNED, RECOVERED, title
+from proxsparse_core.sparsity.masks import same_masks
 
 from . import inputs
 from .answers import (LOOP_GUARD, MAX_PROMPT, _plain_md, answer_panel as _panel, measuring_note,
@@ -53,10 +54,15 @@ def default_base(jobs: JobManager) -> str | None:
 
 
 def recovered_of(jobs: JobManager, base: str | None) -> str | None:
-    """The newest recovered version of result `base` ("proxsparse+recovery", "…+recovery#2"), if any."""
-    if base is None:
+    """The newest recovered version of result `base` ("proxsparse+recovery", "…+recovery#2"), if any;
+    failing that, the newest recovered result with the very mask of `base` (a recovered run opened
+    from a folder is named after the folder, not after the result it recovered)."""
+    results = dict(jobs.ws.results)
+    if base is None or base not in results:
         return None
-    found = [n for n in list(jobs.ws.results) if RECOVERED in n and n.split(RECOVERED)[0] == base]
+    found = [n for n in results if RECOVERED in n and n.split(RECOVERED)[0] == base]
+    if not found and results[base].weights is None:
+        found = [n for n in results if RECOVERED in n and same_masks(results[n].masks, results[base].masks)]
     return found[-1] if found else None
 
 

@@ -22,7 +22,7 @@ from proxsparse_core.config import RunConfig
 from proxsparse_core.errors import UserError
 from proxsparse_core.method.learner import LearnResult
 from proxsparse_core.progress import Progress
-from proxsparse_core.reopen import open_saved, restore_scores
+from proxsparse_core.reopen import mask_of_recovered, open_saved, restore_scores
 from proxsparse_core.results import DENSE, LEARNED, is_recovered, method_of, title
 from proxsparse_core.runs.curves import loss_figure
 from proxsparse_core.runs.library import extract_zip, list_runs, read_saved
@@ -187,6 +187,12 @@ def start_open(jobs: JobManager, path=None, upload=None) -> Job:
         job.say(restore_scores(ws, opened, name) if cfg is opened.folder.cfg else
                 "no perplexity rows restored: they were measured on its own calibration text")
         jobs.saved[name] = opened.path
+        if is_recovered(name):       # opened on its own: its mask alone answers in the lecture's middle column
+            found = mask_of_recovered(ws, name, opened.tag)
+            if found and found[1]:
+                jobs.verified[found[0]] = ws.verify(found[0]).ok
+                jobs.saved[found[0]] = opened.path          # read from that folder; nothing new is written
+                job.say(f"its mask on the original weights is {title(found[0])} too (mask only, for comparison)")
         if opened.events:
             jobs.curves[name] = list(opened.events)
             if method_of(name) == LEARNED:

@@ -68,6 +68,12 @@ def clean_and_count(weights: dict) -> torch.Tensor:
     return hist
 
 
+def same_masks(a: dict, b: dict) -> bool:
+    """True when two results hold one 2:4 pattern: the same layers, every mask equal (e.g. a recovered
+    result and the mask it recovered, whatever their names)."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def snapshot(prunable: PrunableSet) -> dict[str, torch.Tensor]:
     """A CPU copy of the prunable weights (the original W0 before learning changes them)."""
     return {n: prunable.modules[n].weight.detach().to("cpu", copy=True) for n in prunable.names}
