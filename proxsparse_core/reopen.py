@@ -111,6 +111,18 @@ def mask_of_recovered(ws, name: str, tag: str) -> tuple[str, bool] | None:
     return base, True
 
 
+def restore_mask_scores(ws, opened: OpenedRun, base: str) -> None:
+    """The perplexity a recovered run's metrics.json recorded for the mask it recovered (an export's
+    report and a `recover` folder's metrics hold every row of their session; "X+recovery" recovered
+    "X"), put back for the mask-only result `base` (mask_of_recovered), on the very windows `ws` holds."""
+    result = opened.metrics.get("result")
+    result = result if isinstance(result, str) else opened.folder.method
+    if RECOVERED in result:
+        mine, _, agree, _ = recorded_scores(opened, ws, keys=[result.split(RECOVERED)[0]])
+        if mine is not None:
+            ws.restore_score(base, mine, agree)
+
+
 def restore_scores(ws, opened: OpenedRun, name: str) -> str:
     """Put the held-out perplexities (and top-1 agreement) a saved run recorded into `ws` for the
     result `name` and for dense — only when they were measured on the very windows `ws` holds

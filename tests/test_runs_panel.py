@@ -218,7 +218,7 @@ def test_a_recovered_run_opened_on_its_own_gives_the_lecture_all_three_columns(c
     from ui import lecture
 
     rec = tmp_path / "rec"
-    assert cli.main(["recover", "--run", str(cli_run), "--method", "obs", "--out", str(rec), "--no-eval"]) == 0
+    assert cli.main(["recover", "--run", str(cli_run), "--method", "obs", "--out", str(rec)]) == 0
     jobs = JobManager(runs_dir=tmp_path / "runs")
     final = list(runs_panel.stream_open(jobs, str(rec)))[-1]
     assert "Opened" in final.runs_status, final.runs_status
@@ -228,6 +228,8 @@ def test_a_recovered_run_opened_on_its_own_gives_the_lecture_all_three_columns(c
     mask_only = next(n for n in names if n != recovered)
     assert jobs.ws.results[mask_only].weights is None and jobs.verified[mask_only]
     assert same(jobs.ws.results[mask_only].masks, jobs.ws.results[recovered].masks)
+    recorded = json.loads((rec / "metrics.json").read_text())          # the mask's row, as the run measured it
+    assert jobs.ws.ppl[mask_only] == recorded["perplexity"][LEARNED] != jobs.ws.ppl[recovered]
     assert lecture.columns(jobs, lecture.check_base(jobs, None)) == {"dense": DENSE, "mask": mask_only,
                                                                        "recovered": recovered}
     list(runs_panel.stream_open(jobs, str(rec)))                     # opened again: nothing new

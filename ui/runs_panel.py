@@ -22,7 +22,7 @@ from proxsparse_core.config import RunConfig
 from proxsparse_core.errors import UserError
 from proxsparse_core.method.learner import LearnResult
 from proxsparse_core.progress import Progress
-from proxsparse_core.reopen import mask_of_recovered, open_saved, restore_scores
+from proxsparse_core.reopen import mask_of_recovered, open_saved, restore_mask_scores, restore_scores
 from proxsparse_core.results import DENSE, LEARNED, is_recovered, method_of, title
 from proxsparse_core.runs.curves import loss_figure
 from proxsparse_core.runs.library import extract_zip, list_runs, read_saved
@@ -192,6 +192,8 @@ def start_open(jobs: JobManager, path=None, upload=None) -> Job:
             if found and found[1]:
                 jobs.verified[found[0]] = ws.verify(found[0]).ok
                 jobs.saved[found[0]] = opened.path          # read from that folder; nothing new is written
+                if cfg is opened.folder.cfg:
+                    restore_mask_scores(ws, opened, found[0])
                 job.say(f"its mask on the original weights is {title(found[0])} too (mask only, for comparison)")
         if opened.events:
             jobs.curves[name] = list(opened.events)

@@ -454,22 +454,25 @@ def export_weights(folder, prunable, masks: dict) -> dict:
     return check_weights("the export's model weights", weights, prunable, masks)
 
 
-def recorded_scores(opened: OpenedRun, ws) -> tuple[float | None, float | None, float | None, str]:
+def recorded_scores(opened: OpenedRun, ws, keys: list[str] | None = None) -> tuple[float | None, float | None,
+                                                                               float | None, str]:
     """(its perplexity, the dense perplexity, its top-1 agreement, why not) as the run's metrics.json
     recorded them — only when they were measured on the very held-out windows `ws` holds (same text
-    source, same number of tokens); numbers a file holds are checked (finite, positive)."""
+    source, same number of tokens); numbers a file holds are checked (finite, positive). `keys`: the
+    names to read instead of the run's own result (e.g. the mask a recovered result recovered)."""
     m = opened.metrics
     ppl = m.get("perplexity") if isinstance(m.get("perplexity"), dict) else {}
     if not ppl:
         return None, None, None, "it recorded no held-out perplexity"
     if ws.data is None or m.get("held_out_tokens") != int(ws.data.held_out.numel()) or m.get("data") != ws.data.source:
         return None, None, None, "it measured perplexity on other held-out text than this one"
-    keys = [k for k in (opened.folder.method, m.get("result")) if isinstance(k, str)]
+    own = not keys
+    keys = keys or [k for k in (opened.folder.method, m.get("result")) if isinstance(k, str)]
     mine = next((_number(ppl.get(k), 1.0) for k in keys if _number(ppl.get(k), 1.0) is not None), None)
     agree_table = m.get("top1_agreement") if isinstance(m.get("top1_agreement"), dict) else {}
     agree = next((_number(agree_table.get(k), 0.0, 1.0) for k in keys
                   if _number(agree_table.get(k), 0.0, 1.0) is not None), None)
-    if agree is None:
+    if agree is None and own:          # the exported result's own agreement, never another row's
         agree = _number(m.get("top1_agreement_with_dense"), 0.0, 1.0)
     return mine, _number(ppl.get(DENSE), 1.0), agree, ""
 
