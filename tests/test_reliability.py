@@ -127,7 +127,8 @@ def test_layers_not_divisible_by_4_are_skipped_and_listed(tmp_path):
 
 # ----------------------------------------------------------------------------- data
 @pytest.mark.parametrize("kind,message", [("empty", "is empty"), ("binary", "looks binary"),
-                                          ("huge", "the limit is 200 MiB"), ("latin1", "not UTF-8")])
+                                          ("huge", "the limit is 200 MiB"), ("latin1", "not UTF-8"),
+                                          ("utf16", "is UTF-16 text; save it as UTF-8")])
 def test_bad_uploaded_text(tiny_folder, tmp_path, capsys, kind, message):
     f = tmp_path / "upload.txt"
     if kind == "empty":
@@ -136,6 +137,8 @@ def test_bad_uploaded_text(tiny_folder, tmp_path, capsys, kind, message):
         f.write_bytes(b"\x7fELF\x00\x01\x02" * 100)
     elif kind == "latin1":
         f.write_bytes("caf\xe9 na\xefve\n\n".encode("latin-1") * 50)
+    elif kind == "utf16":                          # what Windows Notepad saves as "Unicode"
+        f.write_text("hello world\n\n" * 500, encoding="utf-16")
     else:
         with open(f, "wb") as h:                   # sparse: no disk space used
             h.truncate(201 * 2**20)

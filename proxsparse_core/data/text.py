@@ -78,6 +78,10 @@ def _read_file(path: Path, field: str) -> list[str]:
         raise UserError(f"data file {path.name!r} is {size / 2**20:.0f} MiB; the limit is "
                         f"{MAX_FILE_BYTES // 2**20} MiB (calibration needs far less text)")
     raw = path.read_bytes()
+    for bom, name in ((b"\xff\xfe\x00\x00", "UTF-32"), (b"\x00\x00\xfe\xff", "UTF-32"),
+                      (b"\xff\xfe", "UTF-16"), (b"\xfe\xff", "UTF-16")):
+        if raw.startswith(bom):
+            raise UserError(f"data file {path.name!r} is {name} text; save it as UTF-8 (.txt or .jsonl)")
     if b"\x00" in raw[:8192]:
         raise UserError(f"data file {path.name!r} looks binary; give UTF-8 text (.txt or .jsonl)")
     try:
