@@ -437,20 +437,26 @@ def drive(args, workdir: Path, on_phase=None) -> dict:
 
 def reload_export(folder: Path, args) -> dict:
     """The exported folder with plain transformers: every linear layer of the decoder blocks is 2:4
-    (at most 2 non-zeros in each group of 4 along the input), and a forward pass gives finite logits."""
+    (at most 2 non-zeros in each group of 4 along the input; GPT-2's Conv1D holds its weight as
+    [in, out]), and a forward pass gives finite logits."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.pytorch_utils import Conv1D
+
+    from proxsparse_core.sparsity.prunable import find_decoder_blocks
 
     device = "cuda" if args.device in ("auto", "cuda") and torch.cuda.is_available() else \
         ("cpu" if args.device == "auto" else args.device)
     model = AutoModelForCausalLM.from_pretrained(str(folder)).to(device).eval()
     tok = AutoTokenizer.from_pretrained(str(folder))
-    blocks = model.get_decoder().layers
+    _, blocks = find_decoder_blocks(model)
     checked, bad, zeros = 0, [], 0
     for i, block in enumerate(blocks):
         for name, mod in block.named_modules():
-            if isinstance(mod, torch.nn.Linear) and mod.in_features % 4 == 0:
-                w = mod.weight.detach()
+            if isinstance(mod, (torch.nn.Linear, Conv1D)):
+                w = mod.weight.detach() if isinstance(mod, torch.nn.Linear) else mod.weight.detach().t()
+                if w.shape[1] % 4:
+                    continue
                 nz = (w.reshape(w.shape[0], -1, 4) != 0).sum(-1)
                 checked += 1
                 zeros += int((w == 0).sum())
