@@ -19,9 +19,10 @@
 # Recovery from the learned weights instead of W0 · mask (worse on every text: bench/RESULTS.md section 1a)
 # was measured with commit b5e9d51 of this script.
 # PROX_REC / SGPT_REC replace the two processes' recovery items (e.g. "both:300,both:300:obs_damp=0.1"; with
-# them PREGEN=300 writes no more of the model's own text than they read). METHODS=prox (or sgpt) runs one half. PROX_SET / SGPT_SET add settings to
+# them PREGEN=300 writes no more of the model's own text than they read). PROX_SET / SGPT_SET add settings to
 # the two processes (e.g. PROX_SET="steps=300 batch=1 samples=150" SGPT_SET="samples=150": the smaller budget of
-# 1g, SparseGPT calibrated on the same 150 samples); TAG is added to their file names.
+# 1g, SparseGPT calibrated on the same 150 samples); TAG is added to their file names. METHODS=prox (or sgpt)
+# runs one half of each pair.
 # Rows go to $RES/*.jsonl, logs to $RES/*.log; `python bench/quality.py --table $RES/*.jsonl` prints them.
 set -u
 RES=${RES:-/tmp/r30}; QWEN=${QWEN:-}; SEEDS=${SEEDS:-"0 1"}; MAXJOBS=${MAXJOBS:-8}

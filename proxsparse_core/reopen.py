@@ -107,7 +107,7 @@ def mask_of_recovered(ws, name: str, tag: str) -> tuple[str, bool] | None:
             return other, False
     method = rec.info.get("base_method") or name.split(RECOVERED)[0]
     base = ws.unique_name(tagged(method, tag) if tag else method)
-    ws.add_result(base, Pruning(method, rec.masks, None, {"config": rec.info.get("config"), "mask_of": name}))
+    ws.add_result(base, Pruning(method, rec.masks, None, {"config": rec.info.get("config")}))
     return base, True
 
 
