@@ -88,6 +88,7 @@ def main():
                   + (" (empty memo: a first run)" if args.cold else "")
                   + (f" (cpu_autocast {args.cpu_autocast})" if args.cpu_autocast != "auto" else ""))
             print(info[:600])
+            print(split(Path(runs.name), seconds))
             browser.close()
     finally:
         app.terminate()
@@ -97,6 +98,26 @@ def main():
         runs.cleanup()
     if args.record:
         record(f"learn:{args.preset}:cpu" + ("-float32" if args.cpu_autocast == "off" else ""), seconds, args)
+
+
+def split(runs: Path, seconds: float) -> str:
+    """Where the time went, from the saved run's events: the learner's steps (median parts) and the rest
+    (loading, the first step's one-off costs, the mask, verification, held-out perplexity, the page)."""
+    import json
+    import statistics
+
+    found = sorted(runs.glob("*/events.jsonl"))
+    if not found:
+        return "(no saved run to split the time by)"
+    events = [json.loads(line) for line in found[-1].read_text().splitlines() if line.strip()]
+    steps = [e for e in events if isinstance(e.get("step"), int) and "t_step" in e]
+    if not steps:
+        return "(the saved run has no step events)"
+    med = {k: statistics.median(e[k] for e in steps) for k in ("t_fwd_bwd", "t_opt", "t_prox", "t_step")}
+    learned = steps[-1]["elapsed"]
+    return (f"split: {len(steps)} steps in {learned:.1f} s of the learner (first step {steps[0]['t_step']:.1f} s; "
+            f"median step {med['t_step']:.2f} s = fwd+bwd {med['t_fwd_bwd']:.2f} + AdamW {med['t_opt']:.2f} + prox "
+            f"{med['t_prox']:.2f}); the other {seconds - learned:.1f} s: start, mask, verification, perplexity, page")
 
 
 def record(key: str, seconds: float, args) -> None:
