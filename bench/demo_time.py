@@ -38,7 +38,8 @@ def main():
                     help="the Learn tab's setting before Start: off runs the float32 path a CPU without native "
                          "bf16 runs (on one that has it, auto uses bf16 products)")
     ap.add_argument("--record", action="store_true",
-                    help="write the time to bench/measured.json (learn:<preset>:cpu), with date, machine, command")
+                    help="write the time to bench/measured.json (learn:<preset>:cpu, or learn:<preset>:cpu-float32 "
+                         "for a run on float32 products), with date, machine, command")
     args = ap.parse_args()
     from playwright.sync_api import sync_playwright
 
@@ -97,7 +98,10 @@ def main():
             cold.cleanup()
         runs.cleanup()
     if args.record:
-        record(f"learn:{args.preset}:cpu" + ("-float32" if args.cpu_autocast == "off" else ""), seconds, args)
+        from proxsparse_core.method.training import cpu_has_native_bf16
+
+        float32 = args.cpu_autocast == "off" or not cpu_has_native_bf16()    # the products the run used
+        record(f"learn:{args.preset}:cpu" + ("-float32" if float32 else ""), seconds, args, float32)
 
 
 def split(runs: Path, seconds: float) -> str:
@@ -120,13 +124,14 @@ def split(runs: Path, seconds: float) -> str:
             f"{med['t_prox']:.2f}); the other {seconds - learned:.1f} s: start, mask, verification, perplexity, page")
 
 
-def record(key: str, seconds: float, args) -> None:
+def record(key: str, seconds: float, args, float32: bool) -> None:
     """Write the figure into bench/measured.json, keeping the file's format and its other figures."""
     command = (f"python bench/demo_time.py --preset {args.preset}" + (" --cold" if args.cold else "")
                + (f" --cpu-autocast {args.cpu_autocast}" if args.cpu_autocast != "auto" else ""))
     path = measured.record(key, {"seconds": round(seconds), "what": "Start to held-out perplexity in the page"
                                  + (", first run (empty memo)" if args.cold else ""),
-                                 "machine": f"{os.cpu_count()} CPU cores", "command": command})
+                                 "machine": f"{os.cpu_count()} CPU cores ({measured.cpu_name()}; "
+                                 + ("float32 products)" if float32 else "bf16 products)"), "command": command})
     print(f"recorded {key}: {round(seconds)} s in {path.relative_to(ROOT)}")
 
 

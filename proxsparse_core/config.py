@@ -353,10 +353,16 @@ PRESETS: dict[str, dict] = {
 }
 
 
-def preset_note(name: str, gpu: bool = False) -> str:
-    """A preset's note with its measured time on this kind of machine (bench/measured.json), if any."""
+def preset_note(name: str, gpu: bool = False, native_bf16: bool | None = None) -> str:
+    """A preset's note with its measured time on this kind of machine (bench/measured.json), if any.
+    On a CPU without native bf16 (`native_bf16` None: this one's) the figure measured on such a CPU
+    (`learn:<preset>:cpu-float32`: float32 products, about twice the time) comes first."""
     from proxsparse_core.measured import describe
+    from proxsparse_core.method.training import cpu_has_native_bf16
 
     note = PRESETS[name]["note"]
-    when = describe(f"learn:{name}:{'gpu' if gpu else 'cpu'}")
+    keys = [f"learn:{name}:gpu"] if gpu else [f"learn:{name}:cpu"]
+    if not gpu and not (cpu_has_native_bf16() if native_bf16 is None else native_bf16):
+        keys.insert(0, f"learn:{name}:cpu-float32")
+    when = next((w for w in map(describe, keys) if w), "")
     return f"{note}. Time: {when} (bench/RESULTS.md)" if when else note

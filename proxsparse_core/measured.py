@@ -3,7 +3,8 @@ write (`bench/measured.json`: seconds, what was timed, date, machine, command).
 
 Code, presets and labels never carry a measured number of their own: they ask `describe(key)`,
 which says "measured 3.8 min on 2 CPU cores, 2026-12-05" or nothing when the file or the figure
-is missing (an installed package without bench/). Keys are `learn:<preset>:<cpu|gpu>`,
+is missing (an installed package without bench/). Keys are `learn:<preset>:<cpu|gpu>` (and
+`learn:<preset>:cpu-float32`, measured on a CPU without native bf16, which such a CPU is shown),
 `recover:<length>:<cpu|gpu>` and `eval:bundled:<cpu|gpu>` (held-out perplexity of one model after
 learning, with the windows and tokens it read, which `scaled` scales to another run's).
 """

@@ -18,7 +18,7 @@ def test_every_recorded_figure_names_a_preset_or_recovery_length(tmp_path):
     data = json.loads(measured.FILE.read_text())
     for key, fig in data["figures"].items():
         kind, name, where = key.split(":")
-        assert where in ("cpu", "gpu")
+        assert where in ("cpu", "gpu") or (kind == "learn" and where == "cpu-float32"), key
         if kind == "eval":                  # the held-out perplexity of one model, with the size it read
             assert name == "bundled" and fig["windows"] > 0 and fig["tokens"] > 0, key
         else:
@@ -49,11 +49,32 @@ def test_a_note_shows_the_recorded_time_and_nothing_when_there_is_none(tmp_path,
     monkeypatch.setattr(measured, "FILE", f)
     measured.figures.cache_clear()
     try:
-        assert preset_note("quick-demo").endswith("Time: measured 95 s on a laptop, 2030-01-02 (bench/RESULTS.md)")
+        assert preset_note("quick-demo", native_bf16=True).endswith(
+            "Time: measured 95 s on a laptop, 2030-01-02 (bench/RESULTS.md)")
+        assert preset_note("quick-demo", native_bf16=False).endswith("measured 95 s on a laptop, 2030-01-02 "
+                                                                     "(bench/RESULTS.md)")  # no float32 figure
         assert preset_note("quick-demo", gpu=True) == PRESETS["quick-demo"]["note"]
         f.write_text("[not json")
         measured.figures.cache_clear()
         assert measured.describe("learn:quick-demo:cpu") == ""
+    finally:
+        measured.figures.cache_clear()
+
+
+def test_a_cpu_without_native_bf16_is_shown_the_time_measured_on_such_a_cpu(tmp_path, monkeypatch):
+    f = tmp_path / "measured.json"
+    f.write_text(json.dumps({"figures": {
+        "learn:quick-demo:cpu": {"seconds": 50, "date": "2030-01-02", "machine": "a bf16 laptop", "command": "x"},
+        "learn:quick-demo:cpu-float32": {"seconds": 125, "date": "2030-01-03", "machine": "an AVX2 laptop",
+                                         "command": "x"}}}))
+    monkeypatch.setattr(measured, "FILE", f)
+    measured.figures.cache_clear()
+    try:
+        assert preset_note("quick-demo", native_bf16=True).endswith("measured 50 s on a bf16 laptop, 2030-01-02 "
+                                                                    "(bench/RESULTS.md)")
+        assert preset_note("quick-demo", native_bf16=False).endswith("measured 2.1 min on an AVX2 laptop, "
+                                                                     "2030-01-03 (bench/RESULTS.md)")
+        assert "bf16 laptop" not in preset_note("quick-demo", native_bf16=False)
     finally:
         measured.figures.cache_clear()
 
