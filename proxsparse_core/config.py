@@ -356,7 +356,7 @@ PRESETS: dict[str, dict] = {
 def preset_note(name: str, gpu: bool = False, native_bf16: bool | None = None) -> str:
     """A preset's note with its measured time on this kind of machine (bench/measured.json), if any.
     On a CPU without native bf16 (`native_bf16` None: this one's) the figure measured on such a CPU
-    (`learn:<preset>:cpu-float32`: float32 products, about twice the time) comes first."""
+    (`learn:<preset>:cpu-float32`: float32 products, slower) comes first."""
     from proxsparse_core.measured import describe
     from proxsparse_core.method.training import cpu_has_native_bf16
 
