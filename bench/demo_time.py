@@ -98,7 +98,7 @@ def main():
             cold.cleanup()
         runs.cleanup()
     if args.record:
-        from proxsparse_core.method.training import cpu_has_native_bf16
+        from proxsparse_core.native import cpu_has_native_bf16
 
         float32 = args.cpu_autocast == "off" or not cpu_has_native_bf16()    # the products the run used
         record(f"learn:{args.preset}:cpu" + ("-float32" if float32 else ""), seconds, args, float32)

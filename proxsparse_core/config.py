@@ -358,7 +358,7 @@ def preset_note(name: str, gpu: bool = False, native_bf16: bool | None = None) -
     On a CPU without native bf16 (`native_bf16` None: this one's) the figure measured on such a CPU
     (`learn:<preset>:cpu-float32`: float32 products, slower) comes first."""
     from proxsparse_core.measured import describe
-    from proxsparse_core.method.training import cpu_has_native_bf16
+    from proxsparse_core.native import cpu_has_native_bf16
 
     note = PRESETS[name]["note"]
     keys = [f"learn:{name}:gpu"] if gpu else [f"learn:{name}:cpu"]

@@ -8,10 +8,14 @@ them, which is what lets the prox's per-lane loops vectorise on AVX2 CPUs; the a
 rounding are unchanged, bench/RESULTS.md 3f), and the library is cached under the cache
 folder keyed by its source, the flags and the CPU. Two processes building at once never see half
 a file. Callers fall back to PyTorch when no compiler is found or `PROXSPARSE_NATIVE=0`.
+
+Also here: what this CPU does natively that the kernels and torch's products depend on
+(`cpu_has_native_bf16`).
 """
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import shutil
@@ -54,6 +58,19 @@ def build(name: str, source: str, flags=FLAGS) -> ctypes.CDLL:
                 raise RuntimeError(f"{cc} failed: {res.stderr.strip()[:300]}")
             os.replace(out, target)   # atomic: concurrent builders never see half a file
     return ctypes.CDLL(str(target))
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Does this CPU multiply bfloat16 natively (AVX512-BF16 or AMX)? There bf16 matrix products run
+    several times faster than float32 ones (bench/RESULTS.md); elsewhere they are emulated and slower.
+    Read once per process."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:          # not Linux: no way to tell cheaply, so no
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def switched_on() -> bool:

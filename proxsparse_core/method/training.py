@@ -17,7 +17,6 @@ one `StepEvent` per step, stop cleanly between steps, and give the model back ex
 from __future__ import annotations
 
 import contextlib
-import functools
 import math
 import os
 import statistics
@@ -29,20 +28,8 @@ from typing import Callable
 import torch
 
 from proxsparse_core.method.adamw_native import AdamW
+from proxsparse_core.native import cpu_has_native_bf16
 from proxsparse_core.sparsity.masks import load_weights
-
-
-@functools.cache
-def cpu_has_native_bf16() -> bool:
-    """Does this CPU multiply bfloat16 natively (AVX512-BF16 or AMX)? There bf16 matrix products run
-    several times faster than float32 ones (bench/RESULTS.md); elsewhere they are emulated and slower.
-    Read once per process."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:          # not Linux: no way to tell cheaply, so no
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def autocast_mode(setting: str, device: str, dtype: torch.dtype) -> str:
