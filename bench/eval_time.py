@@ -4,10 +4,10 @@ model with a preset's evaluation settings (its windows × tokens), on this machi
     python bench/eval_time.py                      # print the time of a 2:4 mask (--dense: of the dense model too)
     python bench/eval_time.py --record             # also write eval:bundled:cpu to bench/measured.json
 
-The app's ETA adds this time for every model still to be measured after the steps (the 2:4 mask,
-and the dense model unless its score was kept), scaled to the run's windows × tokens
-(learn_tab.evaluation_seconds). The 2:4 model is magnitude's mask on W0, written in place as the
-learned mask is; the dense model is measured with the memo off (PROXSPARSE_MEMO=0).
+The app's ETA estimates this time from the run's own pace (progress.scoring_seconds); this script
+measures it, to check that estimate on a machine (bench/RESULTS.md 3g). The 2:4 model is magnitude's
+mask on W0, written in place as the learned mask is; the dense model is measured with the memo off
+(PROXSPARSE_MEMO=0).
 """
 from __future__ import annotations
 

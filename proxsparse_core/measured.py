@@ -6,7 +6,8 @@ which says "measured 3.8 min on 2 CPU cores, 2026-12-05" or nothing when the fil
 is missing (an installed package without bench/). Keys are `learn:<preset>:<cpu|gpu>` (and
 `learn:<preset>:cpu-float32`, measured on a CPU without native bf16, which such a CPU is shown),
 `recover:<length>:<cpu|gpu>` and `eval:bundled:<cpu|gpu>` (held-out perplexity of one model after
-learning, with the windows and tokens it read, which `scaled` scales to another run's).
+learning, with the windows and tokens it read: bench/eval_time.py's record; the Learn tab's ETA
+estimates that part from the run's own pace instead, progress.scoring_seconds).
 """
 from __future__ import annotations
 
@@ -57,21 +58,6 @@ def seconds(key: str) -> float | None:
     f = figures().get(key)
     v = f.get("seconds") if f else None
     return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
-
-
-def scaled(key: str, **size: float) -> float | None:
-    """A figure's seconds scaled in proportion to another size of the same work: for a figure
-    recorded with windows=40, tokens=256, `scaled(key, windows=8, tokens=256)` is a fifth of it.
-    None when the figure, or one of the sizes it should be scaled by, was not recorded."""
-    base, f = seconds(key), figures().get(key) or {}
-    if base is None:
-        return None
-    for name, value in size.items():
-        ref = f.get(name)
-        if not isinstance(ref, (int, float)) or isinstance(ref, bool) or ref <= 0:
-            return None
-        base *= value / ref
-    return base
 
 
 def record(key: str, figure: dict) -> Path:

@@ -16,6 +16,7 @@ speed measured so far.
 """
 from __future__ import annotations
 
+import statistics
 import time
 from collections import deque
 from typing import Callable, Iterable
@@ -283,6 +284,24 @@ class Timeline:
         """Each stage that ran: its measured seconds (the running one: so far), in order."""
         now = self.clock()
         return {s: round(self.end_of.get(s, now) - self.start_of[s], 2) for s in self.order if s in self.start_of}
+
+
+# A forward pass's share of a learning step's forward + backward: the backward computes two products
+# (the input's gradient and the weight's) for every product of the forward.
+FORWARD_SHARE = 1 / 3
+
+
+def scoring_seconds(step_seconds: Iterable[float], tokens_per_step: int, windows: int,
+                    window_tokens: int) -> float | None:
+    """How long scoring `windows` held-out windows of `window_tokens` tokens takes at the pace of the
+    learning steps: the median forward + backward time of the last 10 timed steps (the first left out
+    when others exist: its one-off costs), per token, times FORWARD_SHARE. On the machine and model
+    that run, whatever they are; None before a step was timed."""
+    times = [t for t in step_seconds if isinstance(t, (int, float)) and t > 0]
+    times = (times[1:] or times)[-10:]
+    if not times or tokens_per_step <= 0 or windows <= 0 or window_tokens <= 0:
+        return None
+    return statistics.median(times) / tokens_per_step * FORWARD_SHARE * windows * window_tokens
 
 
 def as_progress(report, stage: str = "") -> Progress:

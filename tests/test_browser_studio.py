@@ -157,8 +157,8 @@ def test_live_curves_honest_eta_phases_and_a_finished_run(tiny_app, browser):
     page.click("#ps-start")
     page.wait_for_function(f"() => {STEP_JS} >= 10 && document.querySelector('#ps-progress').innerText.includes('/ 120')")
     text = progress(page)
-    eta = re.search(r"ETA (\d+):(\d\d) for the steps", text)
-    assert eta, text
+    eta = re.search(r"ETA \d+:\d\d: steps (\d+):(\d\d) \+ held-out perplexity ≈ \d+:\d\d", text)
+    assert eta, text                         # the steps' part and the perplexity's after them, at this run's pace
     eta_s, eta_at, eta_step = 60 * int(eta.group(1)) + int(eta.group(2)), time.time(), step(page)
 
     # the held-out loss of the 2:4 model if stopped now, against the dense model's

@@ -101,45 +101,39 @@ def _job(**cfg):
     return job
 
 
-@pytest.fixture
-def measured_eval(tmp_path, monkeypatch):
-    """bench/measured.json with one evaluation time: 50 s for 40 windows × 256 tokens on the CPU."""
-    import json
-
-    from proxsparse_core import measured
-
-    f = tmp_path / "measured.json"
-    f.write_text(json.dumps({"figures": {"eval:bundled:cpu": {
-        "seconds": 50, "windows": 40, "tokens": 256, "date": "2030-01-02", "machine": "2 CPU cores", "command": "x"}}}))
-    monkeypatch.setattr(measured, "FILE", f)
-    measured.figures.cache_clear()
-    yield
-    measured.figures.cache_clear()
-
-
-def test_the_eta_covers_the_held_out_perplexity_after_the_steps(measured_eval):
+def test_the_eta_covers_the_held_out_perplexity_after_the_steps():
     """Issue 28 (7): the ETA said the steps only, not the ~100 s of evaluation after them. The
-    evaluation time comes from bench/measured.json, scaled to the run's windows × tokens."""
+    evaluation is estimated from the run's own pace, for any model: a forward pass per token at a
+    third of a step's forward + backward (progress.scoring_seconds), times the windows × tokens."""
     from ui.learn_tab import progress_html
 
-    job = _job(eval_windows=20, eval_ctx=256)               # half the recorded windows: 25 s per model
-    job.events.append(_event(5, 45, eta=100.0))
+    def paced(**cfg):      # 1.5 s per step of 1 × 128 tokens: 20 windows × 256 tokens take 20 s per model
+        job = _job(eval_windows=20, eval_ctx=256, batch=1, ctx=128, **cfg)
+        job.events.append({**_event(1, 45, eta=200.0), "t_fwd_bwd": 9.0})     # the first step: left out
+        job.events.append({**_event(5, 45, eta=100.0), "t_fwd_bwd": 1.5})
+        return job
+
+    job = paced()
     text = progress_html(job)
-    assert "ETA 2:30: steps 1:40 + held-out perplexity ≈ 0:50" in text        # dense and 2:4 still to measure
+    assert "ETA 2:20: steps 1:40 + held-out perplexity ≈ 0:40" in text        # dense and 2:4 still to measure
     dense = job.phases[2]
     dense.start()
     dense.end()                                             # the dense score was read from the memo
-    assert "ETA 2:05: steps 1:40 + held-out perplexity ≈ 0:25" in progress_html(job)
-    again = _job(eval_windows=20, eval_ctx=256)             # the app measured the dense model before
+    assert "ETA 2:00: steps 1:40 + held-out perplexity ≈ 0:20" in progress_html(job)
+    again = paced()                                         # the app measured the dense model before
     again.state["dense_measured"] = True
-    again.events.append(_event(5, 45, eta=100.0))
-    assert "ETA 2:05: steps 1:40 + held-out perplexity ≈ 0:25" in progress_html(again)
-    other = _job(model="some/model", eval_windows=20)        # no time was measured for this model
-    other.events.append(_event(5, 45, eta=100.0))
-    assert "ETA 1:40 for the steps, then held-out perplexity (its time is not measured" in progress_html(other)
+    assert "ETA 2:00: steps 1:40 + held-out perplexity ≈ 0:20" in progress_html(again)
+    other = paced(model="some/model")                       # any model: the same pace, the same estimate
+    assert "ETA 2:20: steps 1:40 + held-out perplexity ≈ 0:40" in progress_html(other)
+    slower = paced()
+    slower.events.append({**_event(6, 45, eta=100.0), "t_fwd_bwd": 3.0})       # median 2.25 s: 30 s per model
+    assert "steps 1:40 + held-out perplexity ≈ 1:00" in progress_html(slower)
+    unknown = _job(eval_windows=0)                          # all windows: their number is known when scored
+    unknown.events.append(_event(5, 45, eta=100.0))
+    assert "ETA 1:40 for the steps, then held-out perplexity" in progress_html(unknown)
 
 
-def test_a_run_far_longer_than_a_lecture_says_so_and_steps_have_bounds(measured_eval):
+def test_a_run_far_longer_than_a_lecture_says_so_and_steps_have_bounds():
     """Issue 28 (8): 1,000,000 steps were accepted silently (ETA 469 h). The number is refused by
     the bound RunConfig declares; an ETA of hours within the bounds is said plainly."""
     from proxsparse_core.config import RunConfig

@@ -27,21 +27,6 @@ def test_every_recorded_figure_names_a_preset_or_recovery_length(tmp_path):
             assert field in fig, (key, field)
 
 
-def test_a_figure_scales_to_another_size_of_the_same_work(tmp_path, monkeypatch):
-    f = tmp_path / "measured.json"
-    f.write_text(json.dumps({"figures": {"eval:bundled:cpu": {"seconds": 60, "windows": 40, "tokens": 256,
-                                                              "date": "2030-01-02", "machine": "m", "command": "x"}}}))
-    monkeypatch.setattr(measured, "FILE", f)
-    measured.figures.cache_clear()
-    try:
-        assert measured.scaled("eval:bundled:cpu", windows=20, tokens=256) == 30
-        assert measured.scaled("eval:bundled:cpu", windows=40, tokens=128) == 30
-        assert measured.scaled("eval:bundled:cpu", windows=40, samples=3) is None    # not recorded with samples
-        assert measured.scaled("eval:bundled:gpu", windows=40) is None
-    finally:
-        measured.figures.cache_clear()
-
-
 def test_a_note_shows_the_recorded_time_and_nothing_when_there_is_none(tmp_path, monkeypatch):
     f = tmp_path / "measured.json"
     f.write_text(json.dumps({"figures": {"learn:quick-demo:cpu": {"seconds": 95, "date": "2030-01-02",

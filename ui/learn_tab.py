@@ -19,13 +19,13 @@ import gradio as gr
 import torch
 
 from proxsparse_core.runs import curves as plots
-from proxsparse_core import measured
 from proxsparse_core.config import PRESETS, RunConfig, default_preset, preset_note as measured_note
 from proxsparse_core.data.text import HELD_OUT_SHARE
 from proxsparse_core.method.learner import HELDOUT_WINDOWS
 from proxsparse_core.results import DENSE
 from proxsparse_core.errors import SettingError, UserError
 from proxsparse_core.models.loading import BUNDLED, BUNDLED_LABEL
+from proxsparse_core.progress import scoring_seconds
 
 from . import inputs
 from .feedback import esc, explain, fail, fmt_bytes, fmt_duration, guarded, in_request, notify
@@ -258,9 +258,9 @@ def evaluation_seconds(job: LearnJob) -> float | None:
     """How long the held-out perplexity after the steps still takes: for each model still to be
     measured (not the dense model when this app measured it before on these windows; a score read
     from the memo after a restart is counted until its instant phase has run), the running phase's
-    own pace once it has one, else the time measured for one model of the bundled model on this kind
-    of machine (bench/measured.json, eval:bundled:…) scaled to this run's windows × tokens. 0 when
-    nothing is left; None when no time was measured for this model here."""
+    own pace once it has one, else the learning steps' pace (progress.scoring_seconds: a forward pass
+    per token at a third of a step's forward + backward) for this run's windows × tokens. 0 when
+    nothing is left; None when no step was timed yet or the number of windows is not known yet."""
     known = perplexity_phase(DENSE) if job.state.get("dense_measured") else None
     left = [p for p in job.phases if p.unit == "windows" and p.state in ("waiting", "running") and p.name != known]
     total = 0.0
@@ -268,11 +268,8 @@ def evaluation_seconds(job: LearnJob) -> float | None:
         if p.state == "running" and p.done and p.total:
             total += (time.time() - p.started) * (p.total - p.done) / p.done
             continue
-        if job.cfg.model != BUNDLED:
-            return None
-        windows = p.total or job.cfg.eval_windows
-        per = measured.scaled(f"eval:bundled:{'gpu' if _on_gpu(job) else 'cpu'}", windows=windows,
-                              tokens=job.cfg.eval_ctx) if windows else None
+        per = scoring_seconds((e.get("t_fwd_bwd") for e in job.events), job.cfg.batch * job.cfg.ctx,
+                              p.total or job.cfg.eval_windows, job.cfg.eval_ctx)
         if per is None:
             return None
         total += per
@@ -286,8 +283,7 @@ def eta_words(job: LearnJob, steps_left: float) -> tuple[str, float]:
         return f" · ETA {fmt_duration(steps_left)}", steps_left
     after = evaluation_seconds(job)
     if after is None:
-        return (f" · ETA {fmt_duration(steps_left)} for the steps, then held-out perplexity (its time is not "
-                f"measured for this model here)"), steps_left
+        return f" · ETA {fmt_duration(steps_left)} for the steps, then held-out perplexity", steps_left
     total = steps_left + after
     return (f" · ETA {fmt_duration(total)}: steps {fmt_duration(steps_left)} + held-out perplexity "
             f"≈ {fmt_duration(after)}"), total
