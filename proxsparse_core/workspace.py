@@ -320,6 +320,13 @@ class Workspace:
         bf16 = ("bf16 products",) if self.scoring == "bf16" else ()
         return (self.data.held_out, source_of(evaluate.score, Score)) + bf16
 
+    def dense_score_known(self) -> bool:
+        """The dense model's held-out score is known without measuring it: measured in this session, or
+        kept on disk for this model and these windows (then its perplexity phase takes no time)."""
+        if self.lm is None or self.data is None:
+            return False
+        return DENSE in self.ppl or self._dense_score() is not None
+
     def _dense_score(self, progress=None) -> Score | None:
         """The dense model's score on these windows as kept on disk, or None."""
         if self.memo is None:

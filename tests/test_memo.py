@@ -96,12 +96,17 @@ def _measured(cfg):
 def test_a_second_workspace_reads_the_dense_score_norms_and_held_out_loss(folders, counted):
     a, _ = folders
     first, events, events2 = Workspace(), [], []
+    first.load(_cfg(a))
+    assert not first.dense_score_known()                  # never measured: its phase will take time
     first.learn(_cfg(a), events.append)
     p1 = first.perplexity(DENSE)
     assert counted == {"score": 1, "norms": 1}
     assert first.memo.hits == 0
 
     second = Workspace()                 # a second run, or the app started again
+    second.load(_cfg(a))
+    assert second.dense_score_known() and not Workspace().dense_score_known()   # kept on disk; nothing loaded
+    second.memo.hits = 0
     second.learn(_cfg(a), events2.append)
     p2 = second.perplexity(DENSE)
     assert counted == {"score": 1, "norms": 1}            # nothing of the dense model measured again

@@ -572,7 +572,7 @@ class JobManager:
                    "minutes on a GPU, longer on a CPU; cached after)" if job.cfg.data in GENERATED_SOURCES else ""))
         lm = self.ensure_loaded(job.cfg)
         job.named(self.ws.unique_name(LEARNED))       # a new run never replaces an earlier result
-        job.state["dense_measured"] = DENSE in self.ws.ppl    # then its perplexity phase takes no time (the ETA)
+        job.state["dense_measured"] = self.ws.dense_score_known()    # then its perplexity phase takes no time (ETA)
         data = self.ws.data
         job.layer_names = list(lm.prunable.names)
         job.model_info = lm.describe()
